@@ -1,0 +1,56 @@
+# e2a: `make up` installs, builds and starts the server; `make test` runs every test.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+CACHE   ?= /var/cache/e2a
+E2A_URL ?= http://127.0.0.1:8080
+export PATH := /usr/local/go/bin:$(PATH)
+
+.PHONY: up deps venv build envd runsc templates serve stop test test-unit test-guest test-e2e bench openapi clean
+
+up: build templates
+	@$(BIN)/e2a admin bootstrap
+	@scripts/start-server.sh
+
+deps:
+	scripts/install-deps.sh
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+build: deps venv envd runsc
+
+envd:
+	cd guest && CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o ../build/envd .
+
+runsc:
+	E2A_CACHE_DIR=$(CACHE) scripts/build-runsc.sh
+
+templates: venv
+	$(BIN)/e2a admin build-templates
+
+serve: build templates
+	$(BIN)/e2a serve
+
+stop:
+	scripts/stop-server.sh
+
+openapi: venv
+	$(BIN)/python -m e2a.api.openapi > docs/openapi.json
+
+test: build templates
+	cd guest && go test ./...
+	$(BIN)/python -m pytest -q -n 2 tests
+
+test-unit: venv
+	$(BIN)/python -m pytest -q tests/unit
+
+bench: build templates
+	$(BIN)/python bench/sandboxes.py
+
+clean:
+	rm -rf build

@@ -1,0 +1,73 @@
+"""The FastAPI application: routes, error shape, and the sandbox manager's lifetime."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from fastapi import FastAPI
+
+from e2a import __version__
+from e2a.api import errors, proxy, sandboxes
+from e2a.config import Settings
+from e2a.sandboxes.manager import Manager
+from e2a.store import db as store
+
+log = logging.getLogger("e2a")
+
+
+class JsonByDefault:
+    """`curl -d '{...}'` sends JSON labelled as a form; every JSON route here reads it as JSON.
+
+    Only POST bodies without a type or with curl's default form type are relabelled; the port
+    proxy passes requests to the sandbox untouched.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and "/ports/" not in scope["path"]:
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            ctype = dict(scope["headers"]).get(b"content-type", b"")
+            if ctype in (b"", b"application/x-www-form-urlencoded"):
+                scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -> FastAPI:
+    """`with_runtime=False` builds the app without touching the host (for the OpenAPI document)."""
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = store.make_engine(settings.database_url)
+        await store.migrate(engine)
+        app.state.sessions = store.sessionmaker(engine)
+        app.state.manager = Manager(settings, app.state.sessions)
+        await app.state.manager.start()
+        log.info("e2a %s serving on %s:%s", __version__, settings.host, settings.port)
+        try:
+            yield
+        finally:
+            await app.state.manager.stop()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="e2a",
+        version=__version__,
+        description="Disposable, gVisor-isolated Linux sandboxes for AI agents.",
+        lifespan=lifespan if with_runtime else None,
+    )
+    app.state.settings = settings
+    app.add_middleware(JsonByDefault)
+    errors.install(app)
+    app.include_router(sandboxes.router)
+    app.include_router(proxy.router)
+
+    @app.get("/health", tags=["service"])
+    async def health() -> dict:
+        return {"status": "ok", "version": __version__}
+
+    return app

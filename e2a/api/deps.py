@@ -1,0 +1,59 @@
+"""Request-scoped helpers: the database session, the caller (by API key), their sandbox."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from e2a import auth
+from e2a.api.errors import ApiError
+from e2a.sandboxes.manager import Live, Manager
+from e2a.store.models import Sandbox, User
+
+
+async def db_session(request: Request) -> AsyncIterator[AsyncSession]:
+    async with request.app.state.sessions() as db:
+        yield db
+
+
+def manager(request: Request) -> Manager:
+    return request.app.state.manager
+
+
+def bearer(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+async def user_from_header(db: AsyncSession, header: str | None) -> User:
+    key = bearer(header)
+    if key is None:
+        raise ApiError(401, "unauthorized", "missing API key: send Authorization: Bearer e2a_live_...")
+    user = await auth.user_for_key(db, key)
+    if user is None:
+        raise ApiError(401, "unauthorized", "invalid or revoked API key")
+    return user
+
+
+async def current_user(request: Request, db: AsyncSession = Depends(db_session)) -> User:
+    return await user_from_header(db, request.headers.get("authorization"))
+
+
+async def owned_sandbox(db: AsyncSession, user: User, sandbox_id: str) -> Sandbox:
+    row = await db.get(Sandbox, sandbox_id) if len(sandbox_id) <= 32 else None
+    # Someone else's sandbox is indistinguishable from one that does not exist.
+    if row is None or row.user_id != user.id:
+        raise ApiError(404, "sandbox_not_found", f"no sandbox {sandbox_id!r}", "vm_id")
+    return row
+
+
+def running(mgr: Manager, row: Sandbox) -> Live:
+    live = mgr.live.get(row.id)
+    if row.state != "running" or live is None or live.destroying:
+        raise ApiError(409, "sandbox_not_running", f"sandbox {row.id} is {row.state}", "vm_id")
+    live.touch()
+    return live

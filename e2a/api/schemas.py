@@ -1,0 +1,114 @@
+"""Request and response bodies of the sandbox API (field names as the hosted e2a.bot documents)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_LIFETIME = 7200
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# Set by e2a itself inside every sandbox; a request may not override them.
+RESERVED_ENV = {"HOME", "USER", "LOGNAME", "SHELL", "PWD", "HOSTNAME"}
+RESERVED_ENV_PREFIXES = ("E2A_",)
+
+
+def reserved_env_key(key: str) -> bool:
+    return key.upper() in RESERVED_ENV or key.upper().startswith(RESERVED_ENV_PREFIXES)
+
+
+class CreateSandbox(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    template: str = Field(max_length=64)
+    env_vars: dict[Annotated[str, Field(max_length=128)], Annotated[str, Field(max_length=32768)]] = Field(
+        default_factory=dict, max_length=100)
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] = Field(
+        default_factory=dict, max_length=50)
+    idle_timeout_seconds: int = Field(default=60, ge=1, le=MAX_LIFETIME)
+    max_lifetime_seconds: int = Field(default=MAX_LIFETIME, ge=1, le=MAX_LIFETIME)
+    internet: bool = True
+    # Agents arrive with a later release: accepted here so that the documented codes can be given.
+    agent: str | None = Field(default=None, max_length=64)
+    llm_key: str | None = Field(default=None, max_length=4096)
+    task: str | None = Field(default=None, max_length=100_000)
+    model: str | None = Field(default=None, max_length=128)
+
+    @field_validator("env_vars")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not ENV_NAME.match(key):
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+            if "\x00" in value:
+                raise ValueError(f"the value of {key} contains a NUL byte")
+        return v
+
+
+class SandboxOut(BaseModel):
+    vm_id: str
+    state: str
+    template: str
+    vcpu: int
+    cpu_fraction: float
+    memory_mib: int
+    internet: bool
+    metadata: dict[str, str]
+    idle_timeout_seconds: int
+    max_lifetime_seconds: int
+    created_at: datetime
+    expires_at: datetime
+    destroyed_at: datetime | None = None
+
+
+class CommandRequest(BaseModel):
+    """Shape of POST /commands (documented in docs/protocol.md); checked here, run by envd."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cmd: str | None = Field(default=None, max_length=1_000_000)
+    argv: list[Annotated[str, Field(max_length=100_000)]] | None = Field(default=None, min_length=1,
+                                                                       max_length=10_000)
+    env: dict[Annotated[str, Field(max_length=128)], Annotated[str, Field(max_length=32768)]] = Field(
+        default_factory=dict, max_length=100)
+    cwd: str | None = Field(default=None, max_length=4096)
+    user: str | None = Field(default=None, max_length=32, pattern=r"^[a-z_][a-z0-9_-]*$")
+    stdin: str | None = Field(default=None, max_length=10_000_000)
+    keep_stdin: bool = False
+    timeout: float | None = Field(default=None, ge=0, le=86400)
+    background: bool = False
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not ENV_NAME.match(key):
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+            if "\x00" in value:
+                raise ValueError(f"the value of {key} contains a NUL byte")
+        return v
+
+
+class StdinRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    data: str = Field(default="", max_length=10_000_000)
+    eof: bool = False
+
+
+class SignalRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    signal: str | int
+
+
+class MkdirRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(min_length=1, max_length=4096)
+    parents: bool = True
+
+
+class RenameRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    from_: str = Field(alias="from", min_length=1, max_length=4096)
+    to: str = Field(min_length=1, max_length=4096)

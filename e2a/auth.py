@@ -1,0 +1,60 @@
+"""Users and API keys: keys are shown once and stored only as a sha256 hash."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import string
+from datetime import datetime, timezone
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from e2a.ids import new_id
+from e2a.store.models import ApiKey, User
+
+KEY_PREFIX = "e2a_live_"
+_KEY_ALPHABET = string.ascii_letters + string.digits
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+async def create_user(db: AsyncSession, email: str, is_admin: bool = False) -> User:
+    user = User(id=new_id("usr"), email=email, is_admin=is_admin, created_at=now())
+    db.add(user)
+    await db.flush()
+    return user
+
+
+async def create_key(db: AsyncSession, user_id: str) -> tuple[ApiKey, str]:
+    """Returns the row and the secret, which is never stored and never shown again."""
+    secret = KEY_PREFIX + "".join(secrets.choice(_KEY_ALPHABET) for _ in range(32))
+    row = ApiKey(
+        id=new_id("key"),
+        user_id=user_id,
+        prefix=secret[: len(KEY_PREFIX) + 4],
+        key_hash=hash_key(secret),
+        revoked=False,
+        plan_tier="free",
+        created_at=now(),
+    )
+    db.add(row)
+    await db.flush()
+    return row, secret
+
+
+async def user_for_key(db: AsyncSession, key: str) -> User | None:
+    if not key.startswith(KEY_PREFIX) or len(key) > 128:
+        return None
+    row = (
+        await db.execute(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+    ).scalar_one_or_none()
+    if row is None or row.revoked:
+        return None
+    return await db.get(User, row.user_id)

@@ -1,0 +1,454 @@
+"""The ``e2a`` command line: ``main`` is the root click group.
+
+Client-side commands (``sandbox``, ``files``) live here and talk to the server through ``e2a.sdk``.
+Server-side commands are attached by their own modules: ``main.add_command(serve)`` and
+``admin.add_command(...)`` (see the ADMIN section at the bottom).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+from functools import cached_property
+from typing import Any
+
+import click
+import httpx
+
+from e2a.sdk import E2A, AsyncE2A, E2AError, Sandbox
+
+
+# ====================================================================== root group and shared helpers
+
+
+class _Main(click.Group):
+    """Turns SDK and connection errors from any subcommand into ``error: <code>: <message>`` + exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except E2AError as e:
+            _fail(e.code, e.message)
+        except httpx.TransportError as e:
+            url = ctx.obj.url if isinstance(ctx.obj, _State) else "?"
+            _fail("connection_error", f"cannot reach the e2a server at {url}: {e}")
+
+
+def _fail(code: str, message: str) -> None:
+    click.echo(f"error: {code}: {message}", err=True)
+    sys.exit(1)
+
+
+class _State:
+    """Per-invocation settings; the API client is created on first use so that ``--help`` and the
+    server-side commands work without an API key."""
+
+    def __init__(self, url: str | None, api_key: str | None):
+        self.url, self.api_key = url, api_key
+
+    @cached_property
+    def client(self) -> E2A:
+        return E2A(self.url, self.api_key)
+
+    def async_client(self) -> AsyncE2A:
+        return AsyncE2A(self.url, self.api_key)
+
+
+@click.group(cls=_Main)
+@click.option("--url", envvar="E2A_URL", help="Server URL [env E2A_URL; default http://127.0.0.1:8080].")
+@click.option("--api-key", envvar="E2A_API_KEY", help="API key [env E2A_API_KEY].")
+@click.pass_context
+def main(ctx: click.Context, url: str | None, api_key: str | None) -> None:
+    """e2a: self-hosted sandboxes for AI agents."""
+    state = ctx.obj = _State(url, api_key)
+    ctx.call_on_close(lambda: state.__dict__.get("client") and state.client.close())
+
+
+def _client(ctx: click.Context) -> E2A:
+    return ctx.find_object(_State).client
+
+
+def _key_values(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str] | None:
+    """click callback: ``("A=1", "B=x=y")`` -> ``{"A": "1", "B": "x=y"}``."""
+    out: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", ctx=ctx, param=param)
+        out[key] = value
+    return out or None
+
+
+def _print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _console():
+    from rich.console import Console  # rich is only needed for tables; keep startup light
+
+    return Console()
+
+
+# ====================================================================== sandbox
+
+
+@main.group()
+def sandbox() -> None:
+    """Create, inspect and use sandboxes."""
+
+
+@sandbox.command("create")
+@click.argument("template", default="standard")
+@click.option("--env", "env_vars", multiple=True, callback=_key_values, metavar="K=V",
+              help="Environment variable for every command (repeatable).")
+@click.option("--metadata", multiple=True, callback=_key_values, metavar="K=V", help="Metadata tag (repeatable).")
+@click.option("--idle-timeout", type=int, help="Destroy after this many idle seconds.")
+@click.option("--max-lifetime", type=int, help="Destroy after this many seconds in total.")
+@click.option("--internet/--no-internet", default=None, help="Allow outbound internet (server default if unset).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole sandbox as JSON.")
+@click.pass_context
+def sandbox_create(ctx, template, env_vars, metadata, idle_timeout, max_lifetime, internet, as_json):
+    """Create a sandbox from TEMPLATE (default: standard) and print its id."""
+    sb = _client(ctx).create_sandbox(template, env_vars=env_vars, metadata=metadata,
+                                     idle_timeout_seconds=idle_timeout, max_lifetime_seconds=max_lifetime,
+                                     internet=internet)
+    _print_json(sb.to_dict()) if as_json else click.echo(sb.vm_id)
+
+
+@sandbox.command("ls")
+@click.option("--state", help="Only sandboxes in this state (e.g. running).")
+@click.option("--metadata", multiple=True, callback=_key_values, metavar="K=V", help="Only with this tag.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def sandbox_ls(ctx, state, metadata, as_json):
+    """List your sandboxes."""
+    boxes = _client(ctx).list_sandboxes(state=state, metadata=metadata)
+    if as_json:
+        return _print_json([b.to_dict() for b in boxes])
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for col in ("VM ID", "STATE", "TEMPLATE", "CPU", "MEM MiB", "CREATED", "EXPIRES", "METADATA"):
+        table.add_column(col)
+    for b in boxes:
+        meta = ",".join(f"{k}={v}" for k, v in (b.metadata or {}).items())
+        table.add_row(b.vm_id, b.state, b.template, _cpu(b), str(b.memory_mib or ""),
+                      b.created_at or "", b.expires_at or "", meta)
+    _console().print(table)
+
+
+def _cpu(b: Sandbox) -> str:
+    return f"{b.cpu_fraction:g}" if b.cpu_fraction else str(b.vcpu or "")
+
+
+@sandbox.command("get")
+@click.argument("vm_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def sandbox_get(ctx, vm_id, as_json):
+    """Show one sandbox."""
+    data = _client(ctx).get_sandbox(vm_id).to_dict()
+    if as_json:
+        return _print_json(data)
+    for key, value in data.items():
+        click.echo(f"{key + ':':<22} {json.dumps(value) if isinstance(value, dict) else value}")
+
+
+@sandbox.command("kill")
+@click.argument("vm_id")
+@click.pass_context
+def sandbox_kill(ctx, vm_id):
+    """Destroy a sandbox."""
+    sb = _client(ctx).kill(vm_id)
+    click.echo(f"{sb.vm_id} {sb.state}")
+
+
+@sandbox.command("keepalive")
+@click.argument("vm_id")
+@click.pass_context
+def sandbox_keepalive(ctx, vm_id):
+    """Reset a sandbox's idle timer."""
+    sb = _client(ctx).keepalive(vm_id)
+    click.echo(f"{sb.vm_id} expires_at={sb.expires_at}")
+
+
+@sandbox.command("logs")
+@click.argument("vm_id")
+@click.pass_context
+def sandbox_logs(ctx, vm_id):
+    """Print the sandbox's log (host and envd lines, by time)."""
+    for line in _client(ctx).logs(vm_id):
+        click.echo(f"{line.ts} {line.source:<5} {line.message}")
+
+
+@sandbox.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("vm_id")
+@click.option("--cwd", help="Working directory (default: the user's home).")
+@click.option("--user", help="user (default) or root.")
+@click.option("--env", multiple=True, callback=_key_values, metavar="K=V", help="Extra environment (repeatable).")
+@click.option("--timeout", type=float, help="Kill the command after this many seconds.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_context
+def sandbox_exec(ctx, vm_id, cwd, user, env, timeout, command):
+    """Run COMMAND in the sandbox and exit with its exit code:
+
+    \b
+      e2a sandbox exec ID -- 'ls -l | wc -l'   (one argument: a bash command line)
+      e2a sandbox exec ID -- ls -l /tmp        (several: exec'd directly, no shell)
+
+    Output streams to stdout/stderr as it is produced. When stdin is not a terminal it is
+    forwarded to the command (as UTF-8 text). Ctrl-C sends SIGINT to the command and exits 130.
+    """
+    client = _client(ctx)
+    cmd: Any = command[0] if len(command) == 1 else list(command)
+    forward = not sys.stdin.isatty()
+    events = client.stream(vm_id, cmd, env=env, cwd=cwd, user=user, timeout=timeout, keep_stdin=forward or None)
+    pid = None
+    try:
+        for ev in events:
+            if ev.type == "start":
+                pid = ev.pid
+                if forward:
+                    threading.Thread(target=_forward_stdin, args=(client, vm_id, pid), daemon=True).start()
+            elif ev.type in ("stdout", "stderr"):
+                out = sys.stdout if ev.type == "stdout" else sys.stderr
+                out.write(ev.data or "")
+                out.flush()
+            elif ev.type == "dropped":
+                click.echo(f"e2a: {ev.bytes} bytes of earlier output were dropped", err=True)
+            elif ev.type == "exit":
+                if ev.timed_out:
+                    click.echo(f"e2a: command timed out after {timeout}s", err=True)
+                ctx.exit(ev.exit_code if ev.exit_code is not None else 1)
+    except KeyboardInterrupt:
+        if pid is not None:
+            with contextlib.suppress(E2AError, httpx.HTTPError):
+                client.send_signal(vm_id, pid, "SIGINT")
+        ctx.exit(130)
+    _fail("stream_ended", "the connection closed before the command exited")
+
+
+def _forward_stdin(client: E2A, vm_id: str, pid: int) -> None:
+    """Copy our stdin to the remote command as it arrives (read1: don't wait for a full buffer)."""
+    stream = sys.stdin.buffer
+    read = getattr(stream, "read1", stream.read)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # keeps split UTF-8 sequences whole
+    try:
+        while chunk := read(1 << 16):
+            if text := decoder.decode(chunk):
+                client.send_stdin(vm_id, pid, text)
+        client.send_stdin(vm_id, pid, decoder.decode(b"", final=True), eof=True)
+    except (E2AError, httpx.HTTPError, OSError, ValueError, RuntimeError):
+        pass  # the command exited (or we are exiting and the client is closed): nothing to forward to
+
+
+# ---------------------------------------------------------------------- shell (PTY over WebSocket)
+
+
+@sandbox.command("shell")
+@click.argument("vm_id")
+@click.option("--user", help="user (default) or root.")
+@click.option("--cwd", help="Starting directory.")
+@click.pass_context
+def sandbox_shell(ctx, vm_id, user, cwd):
+    """Open an interactive shell in the sandbox; exits with the shell's exit code."""
+    state = ctx.find_object(_State)
+    ctx.exit(asyncio.run(_shell(state, vm_id, user, cwd)))
+
+
+@contextlib.contextmanager
+def _raw_terminal(fd: int):
+    """Raw mode so every key (Ctrl-C, arrows, ...) goes to the remote shell; always restored."""
+    if not os.isatty(fd):
+        yield
+        return
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
+async def _shell(state: _State, vm_id: str, user: str | None, cwd: str | None) -> int:
+    fd_in, fd_out = sys.stdin.fileno(), sys.stdout.fileno()
+    cols, rows = shutil.get_terminal_size()
+    loop = asyncio.get_running_loop()
+    keys: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def on_input() -> None:
+        data = os.read(fd_in, 1 << 16)
+        keys.put_nowait(data)
+        if not data:  # EOF (piped stdin): stop watching, the shell decides when to end
+            loop.remove_reader(fd_in)
+
+    async with state.async_client() as client, client.pty(vm_id, cols, rows, user, cwd) as ws:
+
+        async def send_keys() -> None:
+            while data := await keys.get():
+                await ws.send(data)  # bytes -> binary frame = keyboard input
+
+        def on_resize() -> None:
+            c, r = shutil.get_terminal_size()
+            loop.create_task(ws.send(json.dumps({"type": "resize", "cols": c, "rows": r})))
+
+        sys.stdout.flush()
+        exit_code = None
+        with _raw_terminal(fd_in):
+            loop.add_reader(fd_in, on_input)
+            loop.add_signal_handler(signal.SIGWINCH, on_resize)
+            sender = asyncio.create_task(send_keys())
+            try:
+                async for msg in ws:
+                    if isinstance(msg, bytes):
+                        _write_all(fd_out, msg)
+                    else:
+                        ctl = json.loads(msg)
+                        if ctl.get("type") == "exit":
+                            exit_code = int(ctl.get("exit_code", 0))
+            except Exception as e:  # a dropped connection must still restore the terminal first
+                from websockets.exceptions import ConnectionClosed
+
+                if not isinstance(e, ConnectionClosed):
+                    raise
+            finally:
+                sender.cancel()
+                loop.remove_signal_handler(signal.SIGWINCH)
+                loop.remove_reader(fd_in)
+    if exit_code is None:
+        click.echo("e2a: connection closed before the shell exited", err=True)
+        return 255
+    return exit_code
+
+
+# ====================================================================== files
+
+
+@main.group()
+def files() -> None:
+    """Copy and manage files inside a sandbox."""
+
+
+@files.command("put")
+@click.argument("vm_id")
+@click.argument("local", type=click.Path(dir_okay=False, allow_dash=True))
+@click.argument("remote")
+@click.option("--mode", help="Octal file mode, e.g. 0755.")
+@click.option("--user", help="Owner (default: user).")
+@click.pass_context
+def files_put(ctx, vm_id, local, remote, mode, user):
+    """Upload LOCAL (a file, or - for stdin) to REMOTE, streamed."""
+    import pathlib
+
+    src: Any = sys.stdin.buffer if local == "-" else pathlib.Path(local)
+    res = _client(ctx).files.write(vm_id, remote, src, mode=mode, user=user)
+    click.echo(f"{res.get('path', remote)} ({res.get('size', '?')} bytes)")
+
+
+@files.command("get")
+@click.argument("vm_id")
+@click.argument("remote")
+@click.argument("local", required=False, type=click.Path(dir_okay=False, allow_dash=True))
+@click.pass_context
+def files_get(ctx, vm_id, remote, local):
+    """Download REMOTE to LOCAL (default: its base name here; - for stdout), streamed."""
+    local = local or os.path.basename(remote.rstrip("/")) or "download"
+    dest: Any = sys.stdout.buffer if local == "-" else local
+    n = _client(ctx).files.read_to(vm_id, remote, dest)
+    if local != "-":
+        click.echo(f"{local} ({n} bytes)", err=True)
+
+
+@files.command("ls")
+@click.argument("vm_id")
+@click.argument("path", default=".")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def files_ls(ctx, vm_id, path, as_json):
+    """List a directory (default: the home directory)."""
+    entries = _client(ctx).files.list(vm_id, path)
+    if as_json:
+        return _print_json([e.__dict__ for e in entries])
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for col, justify in (("MODE", "left"), ("TYPE", "left"), ("SIZE", "right"), ("MTIME", "left"), ("NAME", "left")):
+        table.add_column(col, justify=justify)
+    for e in entries:
+        table.add_row(e.mode, e.type, str(e.size), e.mtime or "", e.name + ("/" if e.type == "dir" else ""))
+    _console().print(table)
+
+
+@files.command("stat")
+@click.argument("vm_id")
+@click.argument("path")
+@click.pass_context
+def files_stat(ctx, vm_id, path):
+    """Show one file's metadata as JSON."""
+    _print_json(_client(ctx).files.stat(vm_id, path).__dict__)
+
+
+@files.command("rm")
+@click.argument("vm_id")
+@click.argument("path")
+@click.option("-r", "--recursive", is_flag=True, help="Remove a directory and its contents.")
+@click.pass_context
+def files_rm(ctx, vm_id, path, recursive):
+    """Remove a file or directory."""
+    _client(ctx).files.remove(vm_id, path, recursive=recursive)
+
+
+@files.command("mkdir")
+@click.argument("vm_id")
+@click.argument("path")
+@click.option("--parents/--no-parents", default=True, help="Create missing parents (default).")
+@click.pass_context
+def files_mkdir(ctx, vm_id, path, parents):
+    """Create a directory."""
+    click.echo(_client(ctx).files.mkdir(vm_id, path, parents=parents).path)
+
+
+@files.command("mv")
+@click.argument("vm_id")
+@click.argument("src")
+@click.argument("dst")
+@click.pass_context
+def files_mv(ctx, vm_id, src, dst):
+    """Rename or move SRC to DST."""
+    click.echo(_client(ctx).files.rename(vm_id, src, dst).path)
+
+
+# ====================================================================== ADMIN (server side)
+# Intentionally empty here: the server package attaches its commands, e.g.
+#     from e2a.cli import admin, main
+#     admin.add_command(create_user)      # e2a admin create-user ...
+#     main.add_command(serve)             # e2a serve
+# Nothing above needs the server's dependencies, so the client CLI stays light.
+
+
+@main.group()
+def admin() -> None:
+    """Administer the e2a server (runs on the host)."""
+
+
+# Attaches `serve` and the `admin` commands; imported last because it uses `main` and `admin`.
+from e2a import server_cli  # noqa: E402,F401
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The isolation driver: one gVisor sandbox (runsc, an OCI bundle) per e2a sandbox.
+
+The template's rootfs is shared and read-only; runsc's rootfs overlay puts this sandbox's writes in
+a filestore inside the sandbox's own directory, removed with it. CPU and memory limits go into the
+OCI spec's cgroup resources, which runsc applies on the host (cgroup v1 or v2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from e2a import proc
+
+ENVD_PORT = 49983
+ENVD_PATH = "/.e2a/envd"
+
+# Docker's default set: enough for envd (root in the sandbox) to run commands as other users and
+# to chown the files it writes; gVisor, not these bits, is the boundary to the host.
+_CAPS = [
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+]
+
+
+@dataclass
+class SandboxSpec:
+    runtime_id: str         # runsc container id (also the cgroup leaf name)
+    bundle_dir: Path        # holds config.json, the overlay filestore and the console log
+    rootfs: Path            # the template image, read-only
+    netns_path: str
+    envd_binary: Path
+    envd_token: str
+    memory_mib: int
+    cpu_quota_us: int
+    platform: str
+    resolv_conf: Path
+    cgroup_parent: str
+
+
+def oci_config(spec: SandboxSpec) -> dict:
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "user": {"uid": 0, "gid": 0},
+            "args": [ENVD_PATH, "--listen", f"0.0.0.0:{ENVD_PORT}"],
+            "env": [
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                f"E2A_ENVD_TOKEN={spec.envd_token}",
+            ],
+            "cwd": "/",
+            "capabilities": {k: _CAPS for k in ("bounding", "effective", "permitted")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 65536}],
+            "noNewPrivileges": False,
+        },
+        "root": {"path": str(spec.rootfs), "readonly": False},
+        "hostname": "sandbox",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "nodev", "mode=1777", "size=64m"]},
+            {"destination": ENVD_PATH, "type": "bind", "source": str(spec.envd_binary),
+             "options": ["bind", "ro"]},
+            {"destination": "/etc/resolv.conf", "type": "bind", "source": str(spec.resolv_conf),
+             "options": ["bind", "ro"]},
+        ],
+        "linux": {
+            "cgroupsPath": f"{spec.cgroup_parent}/{spec.runtime_id}",
+            "resources": {
+                "memory": {"limit": spec.memory_mib * 1024 * 1024},
+                "cpu": {"quota": spec.cpu_quota_us, "period": 100_000},
+            },
+            "namespaces": [
+                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+                {"type": "network", "path": spec.netns_path},
+            ],
+        },
+    }
+
+
+class Runsc:
+    def __init__(self, binary: str, state_root: Path):
+        self.binary = binary
+        self.root = state_root
+
+    def _base(self, platform: str | None = None) -> list[str]:
+        args = [self.binary, "--root", str(self.root)]
+        if platform:
+            args += ["--platform", platform]
+        return args
+
+    async def start(self, spec: SandboxSpec) -> None:
+        """Create and start the sandbox; returns once its init (envd) runs."""
+        spec.bundle_dir.mkdir(parents=True, exist_ok=True)
+        (spec.bundle_dir / "config.json").write_text(json.dumps(oci_config(spec)))
+        console = os.open(spec.bundle_dir / "console.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                          0o600)
+        try:
+            args = self._base(spec.platform) + [
+                "--overlay2", f"root:dir={spec.bundle_dir}",
+                # nproc inside = the CPU quota rounded up, not the host's cores.
+                "--cpu-num-from-quota",
+                "run", "--detach", "--bundle", str(spec.bundle_dir), spec.runtime_id,
+            ]
+            # The sandbox inherits the console fd as its stdout/stderr (envd's own log).
+            p = await asyncio.create_subprocess_exec(
+                *args, stdin=asyncio.subprocess.DEVNULL, stdout=console, stderr=console)
+            code = await asyncio.wait_for(p.wait(), 60)
+        finally:
+            os.close(console)
+        if code != 0:
+            tail = (spec.bundle_dir / "console.log").read_text(errors="replace")[-800:]
+            raise proc.CommandFailed(args, code, tail)
+
+    async def delete(self, runtime_id: str) -> None:
+        """Kill every process of the sandbox and remove runsc's state and cgroup for it."""
+        await proc.run(self._base() + ["delete", "--force", runtime_id], check=False, timeout=30)
+
+    async def list(self) -> list[dict]:
+        out = await proc.run(self._base() + ["list", "--format=json"], check=False)
+        try:
+            data = json.loads(out or "[]")
+        except json.JSONDecodeError:
+            return []
+        return data or []
+
+    async def state(self, runtime_id: str) -> dict | None:
+        try:
+            return json.loads(await proc.run(self._base() + ["state", runtime_id]))
+        except (proc.CommandFailed, json.JSONDecodeError):
+            return None

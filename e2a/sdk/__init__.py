@@ -1,0 +1,18 @@
+"""Python SDK for e2a sandboxes.
+
+    from e2a.sdk import E2A
+    with E2A() as client:                      # E2A_URL / E2A_API_KEY from the environment
+        with client.create_sandbox("standard") as sb:   # destroyed when the block ends
+            print(sb.run("echo hi").stdout)
+            sb.files.write("data.txt", b"hello")
+
+``AsyncE2A`` has the same methods as coroutines / async iterators.
+"""
+
+from .async_client import AsyncE2A, AsyncFiles
+from .client import E2A, Files
+from .errors import E2AError
+from .models import CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, Sandbox
+
+__all__ = ["E2A", "AsyncE2A", "Files", "AsyncFiles", "E2AError", "Sandbox", "CommandEvent",
+           "CommandResult", "CommandInfo", "FileEntry", "LogLine"]

@@ -1,0 +1,267 @@
+"""Everything the sync and async clients share: configuration, the request shape of every API call,
+response parsing and command-output collection. The clients only add the I/O."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import httpx
+
+from .errors import E2AError
+from .models import CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+CHUNK = 1 << 20  # upload/download piece size: bounded memory whatever the file size
+
+# Plain API calls are quick. Command streams last as long as the command, so they get no read
+# timeout; file transfers allow long pauses (a big tar being built server-side) but not forever.
+DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+STREAM_TIMEOUT = httpx.Timeout(None, connect=10.0)
+TRANSFER_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
+
+
+def resolve_config(base_url: str | None, api_key: str | None) -> tuple[str, str]:
+    """Fill base URL and API key from ``E2A_URL`` / ``E2A_API_KEY`` when not given."""
+    base_url = (base_url or os.environ.get("E2A_URL") or DEFAULT_URL).rstrip("/")
+    api_key = api_key or os.environ.get("E2A_API_KEY")
+    if not api_key:
+        raise E2AError(0, "missing_api_key", "no API key: set the E2A_API_KEY environment variable (or pass api_key=)")
+    return base_url, api_key
+
+
+def auth_headers(api_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}", "User-Agent": "e2a-python-sdk"}
+
+
+def ws_url(base_url: str, path: str, params: dict[str, Any]) -> str:
+    """http(s)://host/base + path?params  ->  ws(s)://host/base + path?params."""
+    parts = urlsplit(base_url)
+    scheme = "wss" if parts.scheme == "https" else "ws"
+    query = urlencode({k: v for k, v in params.items() if v is not None})
+    return urlunsplit((scheme, parts.netloc, parts.path + path, query, ""))
+
+
+def sandbox_id(sb: Any) -> str:
+    """Methods take a vm_id or a Sandbox."""
+    return sb if isinstance(sb, str) else sb.vm_id
+
+
+@dataclass
+class Call:
+    """The shape of one request, and how to turn its JSON answer into a result."""
+
+    method: str
+    path: str
+    params: dict[str, Any] | None = None
+    json: Any = None
+    parse: Callable[[Any], Any] | None = None
+    timeout: httpx.Timeout = field(default_factory=lambda: DEFAULT_TIMEOUT)
+
+    def result(self, resp: httpx.Response) -> Any:
+        data = resp.json() if resp.content else None  # 204s have no body
+        return self.parse(data) if self.parse else data
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    # Omitted fields take the server's defaults; sending null would be ambiguous.
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _sb(vm_id: str) -> str:
+    return f"/v1/sandboxes/{vm_id}"
+
+
+# ---------------------------------------------------------------- sandboxes
+
+
+def create_sandbox(template: str, env_vars=None, metadata=None, idle_timeout_seconds=None,
+                   max_lifetime_seconds=None, internet=None) -> Call:
+    body = _drop_none(dict(template=template, env_vars=env_vars, metadata=metadata,
+                           idle_timeout_seconds=idle_timeout_seconds,
+                           max_lifetime_seconds=max_lifetime_seconds, internet=internet))
+    return Call("POST", "/v1/sandboxes", json=body)
+
+
+def list_sandboxes(state: str | None = None, metadata: dict[str, str] | None = None) -> Call:
+    params = _drop_none({"state": state})
+    params.update({f"metadata.{k}": v for k, v in (metadata or {}).items()})
+    return Call("GET", "/v1/sandboxes", params=params)
+
+
+def get_sandbox(vm_id: str) -> Call:
+    return Call("GET", _sb(vm_id))
+
+
+def kill(vm_id: str) -> Call:
+    return Call("DELETE", _sb(vm_id))
+
+
+def keepalive(vm_id: str) -> Call:
+    return Call("POST", _sb(vm_id) + "/keepalive")
+
+
+def logs(vm_id: str) -> Call:
+    return Call("GET", _sb(vm_id) + "/logs", parse=lambda d: [LogLine.from_dict(x) for x in d["lines"]])
+
+
+# ---------------------------------------------------------------- commands
+
+
+def command(vm_id: str, cmd: str | list[str] | None = None, *, argv: list[str] | None = None,
+            env: dict[str, str] | None = None, cwd: str | None = None, user: str | None = None,
+            stdin: str | bytes | None = None, keep_stdin: bool | None = None, timeout: float | None = None,
+            background: bool = False) -> Call:
+    """POST /commands. ``cmd`` may be a shell string or, for convenience, an argv list."""
+    if isinstance(cmd, (list, tuple)):
+        cmd, argv = None, list(cmd)
+    if (cmd is None) == (argv is None):
+        raise E2AError(0, "invalid_command", "give exactly one of cmd (a shell string) or argv (a list)", "cmd")
+    if isinstance(stdin, bytes):
+        stdin = stdin.decode()
+    body = _drop_none(dict(cmd=cmd, argv=argv, env=env, cwd=cwd, user=user, stdin=stdin,
+                           keep_stdin=keep_stdin or None, timeout=timeout, background=background or None))
+    if background:
+        return Call("POST", _sb(vm_id) + "/commands", json=body, parse=lambda d: int(d["pid"]))
+    return Call("POST", _sb(vm_id) + "/commands", json=body, timeout=STREAM_TIMEOUT)
+
+
+def reconnect(vm_id: str, pid: int) -> Call:
+    return Call("GET", f"{_sb(vm_id)}/commands/{int(pid)}", timeout=STREAM_TIMEOUT)
+
+
+def list_commands(vm_id: str) -> Call:
+    return Call("GET", _sb(vm_id) + "/commands",
+                parse=lambda d: [CommandInfo.from_dict(x) for x in d["commands"]])
+
+
+def send_stdin(vm_id: str, pid: int, data: str | bytes = "", eof: bool = False) -> Call:
+    if isinstance(data, bytes):
+        data = data.decode()
+    return Call("POST", f"{_sb(vm_id)}/commands/{int(pid)}/stdin", json={"data": data, "eof": eof})
+
+
+def send_signal(vm_id: str, pid: int, signal: str | int = "SIGTERM") -> Call:
+    return Call("POST", f"{_sb(vm_id)}/commands/{int(pid)}/signal", json={"signal": signal})
+
+
+def parse_event(line: str) -> CommandEvent | None:
+    line = line.strip()
+    return CommandEvent.from_dict(json.loads(line)) if line else None
+
+
+class Collector:
+    """Accumulates a command stream into a CommandResult, calling the output callbacks on the way.
+
+    ``feed`` returns what the callback returned, so the async client can await coroutine callbacks.
+    """
+
+    def __init__(self, on_stdout: Callable | None = None, on_stderr: Callable | None = None):
+        self._cb = {"stdout": on_stdout, "stderr": on_stderr}
+        self._out: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self.pid: int | None = None
+        self.exit: CommandEvent | None = None
+
+    def feed(self, ev: CommandEvent) -> Any:
+        if ev.type == "start":
+            self.pid = ev.pid
+        elif ev.type == "exit":
+            self.exit = ev
+        elif ev.type in self._out:
+            self._out[ev.type].append(ev.data or "")
+            cb = self._cb[ev.type]
+            return cb(ev.data or "") if cb else None
+        return None
+
+    def result(self) -> CommandResult:
+        if self.exit is None:
+            raise E2AError(0, "stream_ended", f"command stream ended before the exit event (pid {self.pid}); "
+                                              "use reconnect() to resume it")
+        return CommandResult(exit_code=int(self.exit.exit_code if self.exit.exit_code is not None else -1),
+                             stdout="".join(self._out["stdout"]), stderr="".join(self._out["stderr"]),
+                             signal=self.exit.signal, timed_out=bool(self.exit.timed_out), pid=self.pid)
+
+
+# ---------------------------------------------------------------- files
+
+
+def _path_params(path: str, **extra: Any) -> dict[str, Any]:
+    return _drop_none({"path": path, **extra})
+
+
+def read_file(vm_id: str, path: str) -> Call:
+    return Call("GET", _sb(vm_id) + "/files", params=_path_params(path), timeout=TRANSFER_TIMEOUT)
+
+
+def write_file(vm_id: str, path: str, mode: str | int | None = None, user: str | None = None) -> Call:
+    if isinstance(mode, int):
+        mode = f"{mode:04o}"  # 0o644 -> "0644", the form the server expects
+    return Call("PUT", _sb(vm_id) + "/files", params=_path_params(path, mode=mode, user=user),
+                timeout=TRANSFER_TIMEOUT)
+
+
+def list_files(vm_id: str, path: str = ".") -> Call:
+    return Call("GET", _sb(vm_id) + "/files/list", params=_path_params(path),
+                parse=lambda d: [FileEntry.from_dict(x) for x in d["entries"]])
+
+
+def stat(vm_id: str, path: str) -> Call:
+    return Call("GET", _sb(vm_id) + "/files/stat", params=_path_params(path), parse=FileEntry.from_dict)
+
+
+def remove(vm_id: str, path: str, recursive: bool = False) -> Call:
+    return Call("DELETE", _sb(vm_id) + "/files", params=_path_params(path, recursive="true" if recursive else None))
+
+
+def mkdir(vm_id: str, path: str, parents: bool = True) -> Call:
+    return Call("POST", _sb(vm_id) + "/files/mkdir", json={"path": path, "parents": parents},
+                parse=FileEntry.from_dict)
+
+
+def rename(vm_id: str, src: str, dst: str) -> Call:
+    return Call("POST", _sb(vm_id) + "/files/rename", json={"from": src, "to": dst}, parse=FileEntry.from_dict)
+
+
+def download_tar(vm_id: str, path: str) -> Call:
+    return Call("GET", _sb(vm_id) + "/files/tar", params=_path_params(path), timeout=TRANSFER_TIMEOUT)
+
+
+def upload_tar(vm_id: str, path: str) -> Call:
+    return Call("PUT", _sb(vm_id) + "/files/tar", params=_path_params(path), timeout=TRANSFER_TIMEOUT)
+
+
+# ---------------------------------------------------------------- PTY
+
+
+def pty_params(cols: int = 80, rows: int = 24, user: str | None = None, cwd: str | None = None) -> dict[str, Any]:
+    return _drop_none({"cols": cols, "rows": rows, "user": user, "cwd": cwd})
+
+
+def pty_path(vm_id: str) -> str:
+    return _sb(vm_id) + "/pty"
+
+
+# ---------------------------------------------------------------- upload bodies
+
+
+def body_length(data: Any) -> int | None:
+    """Content-Length when it is known without reading (bytes, a local path); else None -> chunked."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return len(data)
+    if isinstance(data, str):
+        return len(data.encode())
+    if isinstance(data, os.PathLike):
+        return os.path.getsize(data)
+    return None
+
+
+def iter_file(f: Any, chunk: int = CHUNK):
+    """Read a binary file object piece by piece, so uploads never hold the whole file in memory."""
+    while True:
+        piece = f.read(chunk)
+        if not piece:
+            return
+        yield piece

@@ -1,0 +1,214 @@
+"""Asynchronous client (httpx.AsyncClient), the mirror of ``client.E2A``. Request shapes live in
+``_core``; only the I/O differs. Output callbacks may be plain functions or coroutine functions."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import pathlib
+from typing import Any, AsyncIterator, BinaryIO, Callable
+
+import httpx
+
+from . import _core as api
+from ._body import Body, async_body, open_dest
+from ._core import Call, Collector, parse_event, sandbox_id
+from .errors import E2AError, check, error_from_response
+from .models import CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, Sandbox
+
+
+class AsyncE2A:
+    """Async twin of ``E2A``: same methods, awaited; streams are async iterators."""
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
+                 transport: httpx.AsyncBaseTransport | None = None):
+        self.base_url, self.api_key = api.resolve_config(base_url, api_key)
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=api.auth_headers(self.api_key),
+                                       timeout=api.DEFAULT_TIMEOUT, transport=transport)
+        self.files = AsyncFiles(self)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> "AsyncE2A":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------ plumbing
+
+    async def _call(self, c: Call, content: Any = None, headers: dict[str, str] | None = None) -> Any:
+        resp = await self._http.request(c.method, c.path, params=c.params, json=c.json, content=content,
+                                        headers=headers, timeout=c.timeout)
+        return c.result(check(resp))
+
+    @contextlib.asynccontextmanager
+    async def _stream(self, c: Call) -> AsyncIterator[httpx.Response]:
+        async with self._http.stream(c.method, c.path, params=c.params, json=c.json, timeout=c.timeout) as resp:
+            if resp.is_error:
+                await resp.aread()
+                raise error_from_response(resp)
+            yield resp
+
+    async def _events(self, c: Call) -> AsyncIterator[CommandEvent]:
+        async with self._stream(c) as resp:
+            async for line in resp.aiter_lines():
+                if ev := parse_event(line):
+                    yield ev
+
+    async def _collect(self, events: AsyncIterator[CommandEvent], on_stdout, on_stderr) -> CommandResult:
+        col = Collector(on_stdout, on_stderr)
+        async for ev in events:
+            ret = col.feed(ev)
+            if inspect.isawaitable(ret):
+                await ret
+        return col.result()
+
+    def _sandbox(self, data: dict) -> Sandbox:
+        return Sandbox.from_dict(data, self)
+
+    # ------------------------------------------------------------ sandboxes
+
+    async def create_sandbox(self, template: str = "standard", *, env_vars: dict[str, str] | None = None,
+                             metadata: dict[str, str] | None = None, idle_timeout_seconds: int | None = None,
+                             max_lifetime_seconds: int | None = None, internet: bool | None = None) -> Sandbox:
+        return self._sandbox(await self._call(api.create_sandbox(
+            template, env_vars, metadata, idle_timeout_seconds, max_lifetime_seconds, internet)))
+
+    async def list_sandboxes(self, state: str | None = None, metadata: dict[str, str] | None = None) -> list[Sandbox]:
+        return [self._sandbox(d) for d in await self._call(api.list_sandboxes(state, metadata))]
+
+    async def get_sandbox(self, vm_id: str) -> Sandbox:
+        return self._sandbox(await self._call(api.get_sandbox(sandbox_id(vm_id))))
+
+    async def kill(self, vm_id: str) -> Sandbox:
+        return self._sandbox(await self._call(api.kill(sandbox_id(vm_id))))
+
+    async def keepalive(self, vm_id: str) -> Sandbox:
+        return self._sandbox(await self._call(api.keepalive(sandbox_id(vm_id))))
+
+    async def logs(self, vm_id: str) -> list[LogLine]:
+        return await self._call(api.logs(sandbox_id(vm_id)))
+
+    # ------------------------------------------------------------ commands
+
+    def stream(self, vm_id: str, cmd: str | list[str] | None = None, **opts: Any) -> AsyncIterator[CommandEvent]:
+        """``async for ev in client.stream(id, "make")``: events as they arrive (see ``E2A.stream``)."""
+        return self._events(api.command(sandbox_id(vm_id), cmd, **opts))
+
+    async def run(self, vm_id: str, cmd: str | list[str] | None = None, *, argv: list[str] | None = None,
+                  env: dict[str, str] | None = None, cwd: str | None = None, user: str | None = None,
+                  stdin: str | bytes | None = None, timeout: float | None = None,
+                  on_stdout: Callable[[str], Any] | None = None, on_stderr: Callable[[str], Any] | None = None,
+                  ) -> CommandResult:
+        events = self.stream(vm_id, cmd, argv=argv, env=env, cwd=cwd, user=user, stdin=stdin, timeout=timeout)
+        return await self._collect(events, on_stdout, on_stderr)
+
+    async def run_background(self, vm_id: str, cmd: str | list[str] | None = None, **opts: Any) -> int:
+        return await self._call(api.command(sandbox_id(vm_id), cmd, background=True, **opts))
+
+    async def list_commands(self, vm_id: str) -> list[CommandInfo]:
+        return await self._call(api.list_commands(sandbox_id(vm_id)))
+
+    def reconnect(self, vm_id: str, pid: int) -> AsyncIterator[CommandEvent]:
+        return self._events(api.reconnect(sandbox_id(vm_id), pid))
+
+    async def wait(self, vm_id: str, pid: int, *, on_stdout: Callable | None = None,
+                   on_stderr: Callable | None = None) -> CommandResult:
+        return await self._collect(self.reconnect(vm_id, pid), on_stdout, on_stderr)
+
+    async def send_stdin(self, vm_id: str, pid: int, data: str | bytes = "", eof: bool = False) -> None:
+        await self._call(api.send_stdin(sandbox_id(vm_id), pid, data, eof))
+
+    async def send_signal(self, vm_id: str, pid: int, signal: str | int = "SIGTERM") -> None:
+        await self._call(api.send_signal(sandbox_id(vm_id), pid, signal))
+
+    # ------------------------------------------------------------ PTY
+
+    @contextlib.asynccontextmanager
+    async def pty(self, vm_id: str, cols: int = 80, rows: int = 24, user: str | None = None,
+                  cwd: str | None = None):
+        """An interactive shell as a ``websockets`` connection (protocol: docs/protocol.md, PTY).
+
+        Send bytes for keyboard input and ``json.dumps({"type": "resize", ...})`` text to resize;
+        receive bytes of terminal output, and a text ``{"type": "exit", "exit_code": N}`` at the end.
+        """
+        from websockets.asyncio.client import connect  # imported here: only the PTY needs it
+        from websockets.exceptions import InvalidStatus
+
+        url = api.ws_url(self.base_url, api.pty_path(sandbox_id(vm_id)), api.pty_params(cols, rows, user, cwd))
+        try:
+            ws = await connect(url, additional_headers=api.auth_headers(self.api_key),
+                               max_size=None, open_timeout=30)
+        except InvalidStatus as e:  # the upgrade was refused: surface the server's error JSON
+            r = e.response
+            raise error_from_response(httpx.Response(r.status_code, content=r.body or b"")) from None
+        async with ws:
+            yield ws
+
+
+class AsyncFiles:
+    """File operations of ``AsyncE2A``: ``await client.files.<op>(vm_id, ...)``. All transfers stream."""
+
+    def __init__(self, client: AsyncE2A):
+        self._c = client
+
+    async def read_bytes(self, vm_id: str, path: str) -> bytes:
+        async with self._c._stream(api.read_file(sandbox_id(vm_id), path)) as resp:
+            return await resp.aread()
+
+    async def read_text(self, vm_id: str, path: str, encoding: str = "utf-8") -> str:
+        return (await self.read_bytes(vm_id, path)).decode(encoding)
+
+    async def read_to(self, vm_id: str, path: str, dest: str | os.PathLike | BinaryIO) -> int:
+        return await self._download(api.read_file(sandbox_id(vm_id), path), dest)
+
+    async def write(self, vm_id: str, path: str, data: Body, *, mode: str | int | None = None,
+                    user: str | None = None) -> dict:
+        with async_body(data) as (content, headers):
+            return await self._c._call(api.write_file(sandbox_id(vm_id), path, mode, user), content, headers)
+
+    async def list(self, vm_id: str, path: str = ".") -> list[FileEntry]:
+        return await self._c._call(api.list_files(sandbox_id(vm_id), path))
+
+    async def stat(self, vm_id: str, path: str) -> FileEntry:
+        return await self._c._call(api.stat(sandbox_id(vm_id), path))
+
+    async def exists(self, vm_id: str, path: str) -> bool:
+        try:
+            await self.stat(vm_id, path)
+            return True
+        except E2AError as e:
+            if e.code == "not_found":
+                return False
+            raise
+
+    async def remove(self, vm_id: str, path: str, recursive: bool = False) -> None:
+        await self._c._call(api.remove(sandbox_id(vm_id), path, recursive))
+
+    async def mkdir(self, vm_id: str, path: str, parents: bool = True) -> FileEntry:
+        return await self._c._call(api.mkdir(sandbox_id(vm_id), path, parents))
+
+    async def rename(self, vm_id: str, src: str, dst: str) -> FileEntry:
+        return await self._c._call(api.rename(sandbox_id(vm_id), src, dst))
+
+    async def download_tar(self, vm_id: str, path: str, dest: str | os.PathLike | BinaryIO) -> int:
+        return await self._download(api.download_tar(sandbox_id(vm_id), path), dest)
+
+    async def upload_tar(self, vm_id: str, tar: Body, path: str) -> dict:
+        if isinstance(tar, str):  # unlike write(), a str here can only mean a local tar file
+            tar = pathlib.Path(tar)
+        with async_body(tar) as (content, headers):
+            return await self._c._call(api.upload_tar(sandbox_id(vm_id), path), content, headers)
+
+    async def _download(self, c: Call, dest: str | os.PathLike | BinaryIO) -> int:
+        # Local writes are small and buffered; doing them inline keeps this simple.
+        n = 0
+        async with self._c._stream(c) as resp:
+            with open_dest(dest) as f:
+                async for piece in resp.aiter_bytes(api.CHUNK):
+                    f.write(piece)
+                    n += len(piece)
+        return n

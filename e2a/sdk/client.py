@@ -1,0 +1,202 @@
+"""Synchronous client (httpx.Client). Request shapes live in ``_core``; this module only does I/O."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+from typing import Any, BinaryIO, Callable, Iterator
+
+import httpx
+
+from . import _core as api
+from ._body import Body, open_dest, sync_body
+from ._core import Call, Collector, parse_event, sandbox_id
+from .errors import E2AError, check, error_from_response
+from .models import CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, Sandbox
+
+
+class E2A:
+    """``E2A(base_url=None, api_key=None)``; defaults come from ``E2A_URL`` and ``E2A_API_KEY``.
+
+    Every per-sandbox method takes a vm_id (or a Sandbox) first. File operations live under
+    ``client.files``; the Sandbox objects returned carry bound shortcuts (``sb.run(...)``).
+    """
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
+                 transport: httpx.BaseTransport | None = None):
+        self.base_url, self.api_key = api.resolve_config(base_url, api_key)
+        self._http = httpx.Client(base_url=self.base_url, headers=api.auth_headers(self.api_key),
+                                  timeout=api.DEFAULT_TIMEOUT, transport=transport)
+        self.files = Files(self)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "E2A":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ plumbing
+
+    def _call(self, c: Call, content: Any = None, headers: dict[str, str] | None = None) -> Any:
+        resp = self._http.request(c.method, c.path, params=c.params, json=c.json, content=content,
+                                  headers=headers, timeout=c.timeout)
+        return c.result(check(resp))
+
+    @contextlib.contextmanager
+    def _stream(self, c: Call) -> Iterator[httpx.Response]:
+        with self._http.stream(c.method, c.path, params=c.params, json=c.json, timeout=c.timeout) as resp:
+            if resp.is_error:
+                resp.read()
+                raise error_from_response(resp)
+            yield resp
+
+    def _events(self, c: Call) -> Iterator[CommandEvent]:
+        with self._stream(c) as resp:
+            for line in resp.iter_lines():
+                if ev := parse_event(line):
+                    yield ev
+
+    def _sandbox(self, data: dict) -> Sandbox:
+        return Sandbox.from_dict(data, self)
+
+    # ------------------------------------------------------------ sandboxes
+
+    def create_sandbox(self, template: str = "standard", *, env_vars: dict[str, str] | None = None,
+                       metadata: dict[str, str] | None = None, idle_timeout_seconds: int | None = None,
+                       max_lifetime_seconds: int | None = None, internet: bool | None = None) -> Sandbox:
+        return self._sandbox(self._call(api.create_sandbox(
+            template, env_vars, metadata, idle_timeout_seconds, max_lifetime_seconds, internet)))
+
+    def list_sandboxes(self, state: str | None = None, metadata: dict[str, str] | None = None) -> list[Sandbox]:
+        return [self._sandbox(d) for d in self._call(api.list_sandboxes(state, metadata))]
+
+    def get_sandbox(self, vm_id: str) -> Sandbox:
+        return self._sandbox(self._call(api.get_sandbox(sandbox_id(vm_id))))
+
+    def kill(self, vm_id: str) -> Sandbox:
+        return self._sandbox(self._call(api.kill(sandbox_id(vm_id))))
+
+    def keepalive(self, vm_id: str) -> Sandbox:
+        return self._sandbox(self._call(api.keepalive(sandbox_id(vm_id))))
+
+    def logs(self, vm_id: str) -> list[LogLine]:
+        return self._call(api.logs(sandbox_id(vm_id)))
+
+    # ------------------------------------------------------------ commands
+
+    def stream(self, vm_id: str, cmd: str | list[str] | None = None, **opts: Any) -> Iterator[CommandEvent]:
+        """Run a command and yield its events (start, stdout, stderr, ..., exit) as they arrive.
+
+        Options as for ``run`` (argv, env, cwd, user, stdin, keep_stdin, timeout). The request is
+        sent when iteration starts; a command that cannot start raises E2AError there.
+        """
+        return self._events(api.command(sandbox_id(vm_id), cmd, **opts))
+
+    def run(self, vm_id: str, cmd: str | list[str] | None = None, *, argv: list[str] | None = None,
+            env: dict[str, str] | None = None, cwd: str | None = None, user: str | None = None,
+            stdin: str | bytes | None = None, timeout: float | None = None,
+            on_stdout: Callable[[str], Any] | None = None, on_stderr: Callable[[str], Any] | None = None,
+            ) -> CommandResult:
+        """Run a command to completion. ``timeout`` is the command's limit in seconds (server-side)."""
+        col = Collector(on_stdout, on_stderr)
+        for ev in self.stream(vm_id, cmd, argv=argv, env=env, cwd=cwd, user=user, stdin=stdin, timeout=timeout):
+            col.feed(ev)
+        return col.result()
+
+    def run_background(self, vm_id: str, cmd: str | list[str] | None = None, **opts: Any) -> int:
+        """Start a command without waiting; returns its pid (see ``reconnect``/``wait``)."""
+        return self._call(api.command(sandbox_id(vm_id), cmd, background=True, **opts))
+
+    def list_commands(self, vm_id: str) -> list[CommandInfo]:
+        return self._call(api.list_commands(sandbox_id(vm_id)))
+
+    def reconnect(self, vm_id: str, pid: int) -> Iterator[CommandEvent]:
+        """The command's events from its start (buffered output first), then live, until exit."""
+        return self._events(api.reconnect(sandbox_id(vm_id), pid))
+
+    def wait(self, vm_id: str, pid: int, *, on_stdout: Callable | None = None,
+             on_stderr: Callable | None = None) -> CommandResult:
+        col = Collector(on_stdout, on_stderr)
+        for ev in self.reconnect(vm_id, pid):
+            col.feed(ev)
+        return col.result()
+
+    def send_stdin(self, vm_id: str, pid: int, data: str | bytes = "", eof: bool = False) -> None:
+        self._call(api.send_stdin(sandbox_id(vm_id), pid, data, eof))
+
+    def send_signal(self, vm_id: str, pid: int, signal: str | int = "SIGTERM") -> None:
+        self._call(api.send_signal(sandbox_id(vm_id), pid, signal))
+
+
+class Files:
+    """File operations of ``E2A``: ``client.files.<op>(vm_id, ...)``. All transfers stream."""
+
+    def __init__(self, client: E2A):
+        self._c = client
+
+    def read_bytes(self, vm_id: str, path: str) -> bytes:
+        """The whole file in memory; use ``read_to`` for big files."""
+        with self._c._stream(api.read_file(sandbox_id(vm_id), path)) as resp:
+            return resp.read()
+
+    def read_text(self, vm_id: str, path: str, encoding: str = "utf-8") -> str:
+        return self.read_bytes(vm_id, path).decode(encoding)
+
+    def read_to(self, vm_id: str, path: str, dest: str | os.PathLike | BinaryIO) -> int:
+        """Stream a remote file into a local path or binary file object; returns the byte count."""
+        return self._download(api.read_file(sandbox_id(vm_id), path), dest)
+
+    def write(self, vm_id: str, path: str, data: Body, *, mode: str | int | None = None,
+              user: str | None = None) -> dict:
+        """Write bytes, text (``str``), a local file (``pathlib.Path``), a binary file object or an
+        iterable of bytes to ``path``. Returns ``{"path", "size"}``."""
+        with sync_body(data) as (content, headers):
+            return self._c._call(api.write_file(sandbox_id(vm_id), path, mode, user), content, headers)
+
+    def list(self, vm_id: str, path: str = ".") -> list[FileEntry]:
+        return self._c._call(api.list_files(sandbox_id(vm_id), path))
+
+    def stat(self, vm_id: str, path: str) -> FileEntry:
+        return self._c._call(api.stat(sandbox_id(vm_id), path))
+
+    def exists(self, vm_id: str, path: str) -> bool:
+        try:
+            self.stat(vm_id, path)
+            return True
+        except E2AError as e:  # only "not found" means absent; anything else is a real error
+            if e.code == "not_found":
+                return False
+            raise
+
+    def remove(self, vm_id: str, path: str, recursive: bool = False) -> None:
+        self._c._call(api.remove(sandbox_id(vm_id), path, recursive))
+
+    def mkdir(self, vm_id: str, path: str, parents: bool = True) -> FileEntry:
+        return self._c._call(api.mkdir(sandbox_id(vm_id), path, parents))
+
+    def rename(self, vm_id: str, src: str, dst: str) -> FileEntry:
+        return self._c._call(api.rename(sandbox_id(vm_id), src, dst))
+
+    def download_tar(self, vm_id: str, path: str, dest: str | os.PathLike | BinaryIO) -> int:
+        """Stream a tar of directory ``path``'s contents into ``dest``; returns the byte count."""
+        return self._download(api.download_tar(sandbox_id(vm_id), path), dest)
+
+    def upload_tar(self, vm_id: str, tar: Body, path: str) -> dict:
+        """Extract a tar (a local path as str or ``pathlib.Path``, bytes or a file object) into
+        directory ``path``, streamed. Returns ``{"files", "bytes"}``."""
+        if isinstance(tar, str):  # unlike write(), a str here can only mean a local tar file
+            tar = pathlib.Path(tar)
+        with sync_body(tar) as (content, headers):
+            return self._c._call(api.upload_tar(sandbox_id(vm_id), path), content, headers)
+
+    def _download(self, c: Call, dest: str | os.PathLike | BinaryIO) -> int:
+        n = 0
+        with self._c._stream(c) as resp, open_dest(dest) as f:
+            for piece in resp.iter_bytes(api.CHUNK):
+                f.write(piece)
+                n += len(piece)
+        return n

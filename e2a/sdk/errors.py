@@ -1,0 +1,44 @@
+"""The one exception type of the SDK and the mapping from HTTP error responses to it."""
+
+from __future__ import annotations
+
+import httpx
+
+
+class E2AError(Exception):
+    """An error reported by the server (or by the SDK itself, then with ``status == 0``).
+
+    ``code`` is the server's snake_case code (e.g. ``not_found``) and is what callers should match on;
+    ``field`` names the offending request field when the server knows it.
+    """
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None):
+        super().__init__(f"{code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+
+    def __repr__(self) -> str:
+        return f"E2AError(status={self.status!r}, code={self.code!r}, message={self.message!r}, field={self.field!r})"
+
+
+def error_from_response(resp: httpx.Response) -> E2AError:
+    """Build an E2AError from a 4xx/5xx response whose body has already been read.
+
+    Proxies and crashed servers do not always answer with the documented error JSON, so anything
+    else is kept as ``http_<status>`` with the start of the body as message.
+    """
+    try:
+        err = resp.json()["error"]
+        return E2AError(resp.status_code, str(err["code"]), str(err.get("message", "")), err.get("field"))
+    except (ValueError, KeyError, TypeError):
+        text = resp.text.strip()[:500] or resp.reason_phrase
+        return E2AError(resp.status_code, f"http_{resp.status_code}", text)
+
+
+def check(resp: httpx.Response) -> httpx.Response:
+    """Raise E2AError for an error response (body must be read); return it otherwise."""
+    if resp.is_error:
+        raise error_from_response(resp)
+    return resp

@@ -1,0 +1,158 @@
+"""Plain data objects returned by the SDK. Timestamps stay RFC 3339 strings, as the server sends them."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+def _from_dict(cls, data: dict[str, Any]):
+    # Ignore keys this SDK version does not know, so a newer server does not break older clients.
+    known = {f.name for f in fields(cls) if f.init}
+    return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class _Bound:
+    """``obj.method(vm_id, ...)`` exposed as ``bound.method(...)``; works for sync and async clients alike."""
+
+    def __init__(self, target: Any, vm_id: str):
+        self._target, self._vm_id = target, vm_id
+
+    def __getattr__(self, name: str):
+        return functools.partial(getattr(self._target, name), self._vm_id)
+
+
+@dataclass
+class Sandbox:
+    vm_id: str
+    state: str = ""
+    template: str = ""
+    vcpu: int | None = None
+    cpu_fraction: float | None = None
+    memory_mib: int | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    internet: bool | None = None
+    idle_timeout_seconds: int | None = None
+    max_lifetime_seconds: int | None = None
+    created_at: str | None = None
+    expires_at: str | None = None
+    # The client that fetched this sandbox, so ``sb.run(...)`` works; an AsyncE2A makes these coroutines.
+    _client: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], client: Any = None) -> "Sandbox":
+        sb = _from_dict(cls, data)
+        sb._client = client
+        return sb
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+
+    # --- convenience: the client's per-sandbox methods, bound to this vm_id ---
+    def _c(self):
+        if self._client is None:
+            raise RuntimeError("this Sandbox is not attached to a client")
+        return self._client
+
+    @property
+    def files(self) -> Any:
+        """``sb.files.read_bytes(path)`` == ``client.files.read_bytes(sb.vm_id, path)``."""
+        return _Bound(self._c().files, self.vm_id)
+
+    def run(self, *a, **kw): return self._c().run(self.vm_id, *a, **kw)  # noqa: E704
+    def stream(self, *a, **kw): return self._c().stream(self.vm_id, *a, **kw)  # noqa: E704
+    def run_background(self, *a, **kw): return self._c().run_background(self.vm_id, *a, **kw)  # noqa: E704
+    def list_commands(self): return self._c().list_commands(self.vm_id)  # noqa: E704
+    def reconnect(self, pid: int): return self._c().reconnect(self.vm_id, pid)  # noqa: E704
+    def wait(self, pid: int, **kw): return self._c().wait(self.vm_id, pid, **kw)  # noqa: E704
+    def send_stdin(self, *a, **kw): return self._c().send_stdin(self.vm_id, *a, **kw)  # noqa: E704
+    def send_signal(self, *a, **kw): return self._c().send_signal(self.vm_id, *a, **kw)  # noqa: E704
+    def logs(self): return self._c().logs(self.vm_id)  # noqa: E704
+    def keepalive(self): return self._c().keepalive(self.vm_id)  # noqa: E704
+    def kill(self): return self._c().kill(self.vm_id)  # noqa: E704
+
+    # ``with client.create_sandbox() as sb:`` destroys the sandbox on exit (sync client only).
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
+    # ``async with await client.create_sandbox() as sb:`` for AsyncE2A.
+    async def __aenter__(self) -> "Sandbox":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.kill()
+
+
+@dataclass
+class CommandEvent:
+    """One NDJSON line of a command stream: ``start``, ``stdout``, ``stderr``, ``dropped`` or ``exit``."""
+
+    type: str
+    pid: int | None = None
+    data: str | None = None
+    exit_code: int | None = None
+    signal: str | None = None
+    timed_out: bool | None = None
+    bytes: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CommandEvent":
+        return _from_dict(cls, data)
+
+
+@dataclass
+class CommandResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+    signal: str | None = None
+    timed_out: bool = False
+    pid: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclass
+class CommandInfo:
+    pid: int
+    cmd: str | None = None
+    argv: list[str] | None = None
+    user: str | None = None
+    cwd: str | None = None
+    background: bool = False
+    started_at: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CommandInfo":
+        return _from_dict(cls, data)
+
+
+@dataclass
+class FileEntry:
+    name: str
+    path: str
+    type: str  # file, dir, symlink or other
+    size: int = 0
+    mode: str = ""  # octal string, e.g. "0644"
+    mtime: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FileEntry":
+        return _from_dict(cls, data)
+
+
+@dataclass
+class LogLine:
+    ts: str
+    source: str
+    message: str
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LogLine":
+        return _from_dict(cls, data)

@@ -1,0 +1,142 @@
+"""Server-side CLI commands: `e2a serve` and `e2a admin ...` (users, keys, templates)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import click
+from sqlalchemy import func, select, update
+
+from e2a.cli import admin, main
+from e2a.config import Settings
+
+
+async def _with_db(fn):
+    from e2a.store import db as store
+
+    settings = Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = store.make_engine(settings.database_url)
+    try:
+        await store.migrate(engine)
+        async with store.sessionmaker(engine)() as db:
+            result = await fn(db)
+            await db.commit()
+            return result
+    finally:
+        await engine.dispose()
+
+
+@main.command()
+@click.option("--host", default=None, help="listen address (default 127.0.0.1, E2A_HOST)")
+@click.option("--port", type=int, default=None, help="listen port (default 8080, E2A_PORT)")
+def serve(host: str | None, port: int | None) -> None:
+    """Run the e2a server: API, sandbox host and store, on the embedded defaults."""
+    import uvicorn
+
+    from e2a.api.app import create_app
+
+    settings = Settings()
+    settings.host = host or settings.host
+    settings.port = port or settings.port
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request is noise
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level="info", access_log=False, ws_max_size=16 * 1024 * 1024)
+
+
+@admin.command()
+def bootstrap() -> None:
+    """Create the first (admin) user and print its API key, once; no-op afterwards."""
+    from e2a import auth
+    from e2a.store.models import User
+
+    async def go(db):
+        if await db.scalar(select(func.count()).select_from(User)):
+            return None
+        user = await auth.create_user(db, "admin@localhost", is_admin=True)
+        _, secret = await auth.create_key(db, user.id)
+        return secret
+
+    secret = asyncio.run(_with_db(go))
+    if secret:
+        click.echo("Your e2a API key (shown once, stored hashed):")
+        click.echo(f"  export E2A_API_KEY={secret}")
+    else:
+        click.echo("e2a already has users; create more keys with `e2a admin create-key EMAIL`.")
+
+
+@admin.command("create-user")
+@click.argument("email")
+@click.option("--admin", "is_admin", is_flag=True, help="make the user an administrator")
+def create_user(email: str, is_admin: bool) -> None:
+    """Create a user and print their first API key."""
+    from e2a import auth
+
+    async def go(db):
+        user = await auth.create_user(db, email, is_admin=is_admin)
+        _, secret = await auth.create_key(db, user.id)
+        return user.id, secret
+
+    try:
+        user_id, secret = asyncio.run(_with_db(go))
+    except Exception as exc:  # unique email
+        raise click.ClickException(f"cannot create {email}: {exc.__class__.__name__}") from exc
+    click.echo(f"user_id={user_id}")
+    click.echo(f"api_key={secret}")
+
+
+@admin.command("create-key")
+@click.argument("email_or_user_id")
+def create_key(email_or_user_id: str) -> None:
+    """Create another API key for an existing user."""
+    from e2a import auth
+    from e2a.store.models import User
+
+    async def go(db):
+        user = (await db.execute(select(User).where(
+            (User.email == email_or_user_id) | (User.id == email_or_user_id)))).scalar_one_or_none()
+        if user is None:
+            return None
+        row, secret = await auth.create_key(db, user.id)
+        return row.id, secret
+
+    found = asyncio.run(_with_db(go))
+    if found is None:
+        raise click.ClickException(f"no user {email_or_user_id!r}")
+    click.echo(f"key_id={found[0]}")
+    click.echo(f"api_key={found[1]}")
+
+
+@admin.command("revoke-key")
+@click.argument("key_id")
+def revoke_key(key_id: str) -> None:
+    """Revoke an API key at once."""
+    from e2a.store.models import ApiKey
+
+    async def go(db):
+        res = await db.execute(update(ApiKey).where(ApiKey.id == key_id).values(revoked=True))
+        return res.rowcount
+
+    if not asyncio.run(_with_db(go)):
+        raise click.ClickException(f"no key {key_id!r}")
+    click.echo(f"revoked {key_id}")
+
+
+@admin.command("build-templates")
+@click.argument("names", nargs=-1)
+def build_templates(names: tuple[str, ...]) -> None:
+    """Build template images (cached by content hash under the cache dir)."""
+    from e2a.templates import builder, recipes
+
+    settings = Settings()
+    for name in names or recipes.available():
+        recipe = recipes.load(name)
+        if recipe is None:
+            raise click.ClickException(f"unknown template {name!r}")
+        cached = builder.is_built(settings.cache_dir, recipe)
+        click.echo(f"template {name}: {builder.rootfs_path(settings.cache_dir, recipe)}"
+                   f"{' (cached)' if cached else ' (building, a few minutes)'}")
+        builder.build(settings.cache_dir, recipe, log=sys.stderr)

@@ -1,0 +1,56 @@
+"""Tables. Times are timezone-aware UTC; ids carry their type prefix (usr_, key_, sbx_)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Float
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    prefix: Mapped[str] = mapped_column(String(32))
+    # sha256 of the whole key: keys are 190 random bits, so a fast hash is enough.
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    plan_tier: Mapped[str] = mapped_column(String(32), default="free")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Sandbox(Base):
+    __tablename__ = "sandboxes"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    # NULL while the sandbox waits in the warm pool.
+    user_id: Mapped[str | None] = mapped_column(ForeignKey("users.id"), index=True, nullable=True)
+    template: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    vcpu: Mapped[int] = mapped_column(Integer)
+    cpu_fraction: Mapped[float] = mapped_column(Float)
+    memory_mib: Mapped[int] = mapped_column(Integer)
+    internet: Mapped[bool] = mapped_column(Boolean, default=True)
+    metadata_: Mapped[dict] = mapped_column("metadata", JSON, default=dict)
+    env_vars: Mapped[dict] = mapped_column(JSON, default=dict)
+    idle_timeout_seconds: Mapped[int] = mapped_column(Integer)
+    max_lifetime_seconds: Mapped[int] = mapped_column(Integer)
+    # Host resources, needed to adopt or clean up the sandbox after a restart.
+    slot: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    envd_token: Mapped[str] = mapped_column(String(64))
+    host_reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    destroyed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -1,0 +1,1 @@
+"""Templates: recipes (data files in recipes/) and the image builder."""

@@ -1,0 +1,373 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// resolvePath makes p absolute: relative paths are relative to the user's home.
+func resolvePath(u *User, p string) (string, error) {
+	if p == "" {
+		return "", errf(400, "invalid_path", "path", "path is required")
+	}
+	if strings.ContainsRune(p, 0) {
+		return "", errf(400, "invalid_path", "path", "path contains a NUL byte")
+	}
+	if !filepath.IsAbs(p) {
+		p = filepath.Join(u.Home, p)
+	}
+	return filepath.Clean(p), nil
+}
+
+// requestUser resolves the optional user (query or body) of a file request.
+func requestUser(name string) (*User, error) {
+	u, err := lookupUser(name)
+	if err != nil {
+		return nil, errf(400, "invalid_user", "user", "unknown user %q", name)
+	}
+	return u, nil
+}
+
+// queryPath resolves ?path= (and ?user=) of a request.
+func queryPath(r *http.Request) (string, *User, error) {
+	u, err := requestUser(r.URL.Query().Get("user"))
+	if err != nil {
+		return "", nil, err
+	}
+	p, err := resolvePath(u, r.URL.Query().Get("path"))
+	return p, u, err
+}
+
+// fsError maps filesystem errors onto protocol errors.
+func fsError(err error, path string) error {
+	var ae *apiError
+	switch {
+	case errors.As(err, &ae):
+		return err
+	case errors.Is(err, fs.ErrNotExist), errors.Is(err, syscall.ENOTDIR):
+		return errf(404, "not_found", "path", "%s: no such file or directory", path)
+	case errors.Is(err, fs.ErrPermission):
+		return errf(403, "permission_denied", "path", "%s: permission denied", path)
+	case errors.Is(err, fs.ErrExist):
+		return errf(409, "already_exists", "path", "%s already exists", path)
+	case errors.Is(err, syscall.ENOTEMPTY):
+		return errf(409, "not_empty", "path", "%s is not empty", path)
+	case errors.Is(err, syscall.EISDIR):
+		return errf(400, "is_directory", "path", "%s is a directory", path)
+	case errors.Is(err, syscall.ENOSPC):
+		return errf(507, "no_space", "path", "no space left on device")
+	}
+	return errf(500, "io_error", "path", "%s: %v", path, err)
+}
+
+type entry struct {
+	Name  string `json:"name"`
+	Path  string `json:"path"`
+	Type  string `json:"type"`
+	Size  int64  `json:"size"`
+	Mode  string `json:"mode"`
+	Mtime string `json:"mtime"`
+}
+
+func makeEntry(path string, fi fs.FileInfo) entry {
+	t := "other"
+	switch {
+	case fi.Mode().IsRegular():
+		t = "file"
+	case fi.IsDir():
+		t = "dir"
+	case fi.Mode()&fs.ModeSymlink != 0:
+		t = "symlink"
+	}
+	return entry{
+		Name: fi.Name(), Path: path, Type: t, Size: fi.Size(),
+		Mode:  fmt.Sprintf("%04o", unixPerm(fi.Mode())),
+		Mtime: fi.ModTime().UTC().Format(time.RFC3339),
+	}
+}
+
+// unixPerm converts Go's FileMode permission bits to the octal Unix form.
+func unixPerm(m fs.FileMode) uint32 {
+	p := uint32(m.Perm())
+	if m&fs.ModeSetuid != 0 {
+		p |= 0o4000
+	}
+	if m&fs.ModeSetgid != 0 {
+		p |= 0o2000
+	}
+	if m&fs.ModeSticky != 0 {
+		p |= 0o1000
+	}
+	return p
+}
+
+func statEntry(path string) (entry, error) {
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return entry{}, fsError(err, path)
+	}
+	return makeEntry(path, fi), nil
+}
+
+// mkdirAll creates dir and missing parents, giving each created one to u.
+func mkdirAll(dir string, u *User) error {
+	fi, err := os.Stat(dir)
+	if err == nil {
+		if !fi.IsDir() {
+			return errf(400, "not_directory", "path", "%s is not a directory", dir)
+		}
+		return nil
+	}
+	if !errors.Is(err, fs.ErrNotExist) {
+		return fsError(err, dir)
+	}
+	if parent := filepath.Dir(dir); parent != dir {
+		if err := mkdirAll(parent, u); err != nil {
+			return err
+		}
+	}
+	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+		return fsError(err, dir)
+	}
+	return u.chown(dir)
+}
+
+func parseMode(s string, def uint32) (uint32, error) {
+	if s == "" {
+		return def, nil
+	}
+	m, err := strconv.ParseUint(s, 8, 32)
+	if err != nil || m > 0o7777 {
+		return 0, errf(400, "invalid_mode", "mode", "mode must be octal, e.g. 0644")
+	}
+	return uint32(m), nil
+}
+
+func (s *Server) handleReadFile(w http.ResponseWriter, r *http.Request) error {
+	path, _, err := queryPath(r)
+	if err != nil {
+		return err
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return fsError(err, path)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return fsError(err, path)
+	}
+	if fi.IsDir() {
+		return errf(400, "is_directory", "path", "%s is a directory", path)
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	if fi.Mode().IsRegular() { // /proc files and devices have no honest size
+		w.Header().Set("Content-Length", strconv.FormatInt(fi.Size(), 10))
+	}
+	w.WriteHeader(200)
+	if _, err := io.Copy(w, f); err != nil {
+		panic(http.ErrAbortHandler) // cut the connection so the client sees a short body
+	}
+	return nil
+}
+
+func (s *Server) handleWriteFile(w http.ResponseWriter, r *http.Request) error {
+	path, u, err := queryPath(r)
+	if err != nil {
+		return err
+	}
+	mode, err := parseMode(r.URL.Query().Get("mode"), 0o644)
+	if err != nil {
+		return err
+	}
+	if fi, err := os.Stat(path); err == nil && fi.IsDir() {
+		return errf(400, "is_directory", "path", "%s is a directory", path)
+	}
+	dir := filepath.Dir(path)
+	if err := mkdirAll(dir, u); err != nil {
+		return err
+	}
+	// Write beside the target and rename, so readers never see a partial file.
+	tmp, err := os.CreateTemp(dir, ".envd-upload-*")
+	if err != nil {
+		return fsError(err, path)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			tmp.Close()
+			os.Remove(tmp.Name())
+		}
+	}()
+	n, err := io.Copy(tmp, r.Body)
+	if err != nil {
+		if errors.Is(err, syscall.ENOSPC) {
+			return fsError(err, path)
+		}
+		return errf(400, "upload_failed", "", "reading request body: %v", err)
+	}
+	if err := tmp.Chmod(fs.FileMode(mode & 0o777)); err != nil {
+		return fsError(err, path)
+	}
+	if err := u.chown(tmp.Name()); err != nil {
+		return fsError(err, path)
+	}
+	if mode&0o7000 != 0 { // chown clears setuid/setgid, so apply special bits last
+		syscall.Chmod(tmp.Name(), mode)
+	}
+	if err := tmp.Close(); err != nil {
+		return fsError(err, path)
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return fsError(err, path)
+	}
+	ok = true
+	writeJSON(w, 200, map[string]any{"path": path, "size": n})
+	return nil
+}
+
+func (s *Server) handleDelete(w http.ResponseWriter, r *http.Request) error {
+	path, _, err := queryPath(r)
+	if err != nil {
+		return err
+	}
+	if path == "/" {
+		return errf(400, "invalid_path", "path", "refusing to delete /")
+	}
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return fsError(err, path)
+	}
+	recursive := r.URL.Query().Get("recursive")
+	if fi.IsDir() && (recursive == "true" || recursive == "1") {
+		err = os.RemoveAll(path)
+	} else {
+		err = os.Remove(path)
+	}
+	if err != nil {
+		if errors.Is(err, syscall.ENOTEMPTY) || errors.Is(err, syscall.EEXIST) {
+			return errf(409, "not_empty", "path", "%s is not empty (use recursive=true)", path)
+		}
+		return fsError(err, path)
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+func (s *Server) handleList(w http.ResponseWriter, r *http.Request) error {
+	path, _, err := queryPath(r)
+	if err != nil {
+		return err
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fsError(err, path)
+	}
+	if !fi.IsDir() {
+		return errf(400, "not_directory", "path", "%s is not a directory", path)
+	}
+	des, err := os.ReadDir(path) // sorted by name
+	if err != nil {
+		return fsError(err, path)
+	}
+	entries := make([]entry, 0, len(des))
+	for _, de := range des {
+		info, err := de.Info()
+		if err != nil {
+			continue // vanished meanwhile
+		}
+		entries = append(entries, makeEntry(filepath.Join(path, de.Name()), info))
+	}
+	writeJSON(w, 200, map[string]any{"entries": entries})
+	return nil
+}
+
+func (s *Server) handleStat(w http.ResponseWriter, r *http.Request) error {
+	path, _, err := queryPath(r)
+	if err != nil {
+		return err
+	}
+	e, err := statEntry(path)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, 200, e)
+	return nil
+}
+
+func (s *Server) handleMkdir(w http.ResponseWriter, r *http.Request) error {
+	var req struct {
+		Path    string `json:"path"`
+		Parents bool   `json:"parents"`
+		User    string `json:"user"`
+	}
+	if err := decodeJSON(r, &req); err != nil {
+		return err
+	}
+	u, err := requestUser(req.User)
+	if err != nil {
+		return err
+	}
+	path, err := resolvePath(u, req.Path)
+	if err != nil {
+		return err
+	}
+	if req.Parents {
+		err = mkdirAll(path, u)
+	} else if err = os.Mkdir(path, 0o755); err == nil {
+		err = u.chown(path)
+	}
+	if err != nil {
+		return fsError(err, path)
+	}
+	e, err := statEntry(path)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, 200, e)
+	return nil
+}
+
+func (s *Server) handleRename(w http.ResponseWriter, r *http.Request) error {
+	var req struct {
+		From string `json:"from"`
+		To   string `json:"to"`
+		User string `json:"user"`
+	}
+	if err := decodeJSON(r, &req); err != nil {
+		return err
+	}
+	u, err := requestUser(req.User)
+	if err != nil {
+		return err
+	}
+	from, err := resolvePath(u, req.From)
+	if err != nil {
+		return err
+	}
+	to, err := resolvePath(u, req.To)
+	if err != nil {
+		return err
+	}
+	if _, err := os.Lstat(from); err != nil {
+		return fsError(err, from)
+	}
+	if err := os.Rename(from, to); err != nil {
+		return fsError(err, to)
+	}
+	e, err := statEntry(to)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, 200, e)
+	return nil
+}

@@ -1,0 +1,16 @@
+#!/bin/sh
+# Starts `e2a serve` in the background (log in /var/log/e2a.log) and waits until it answers.
+set -eu
+cd "$(dirname "$0")/.."
+URL=http://${E2A_HOST:-127.0.0.1}:${E2A_PORT:-8080}
+if curl -fsS "$URL/health" >/dev/null 2>&1; then
+  echo "e2a is already running on $URL"; exit 0
+fi
+nohup setsid .venv/bin/e2a serve >>/var/log/e2a.log 2>&1 </dev/null &
+echo $! > /run/e2a-serve.pid
+i=0
+until curl -fsS "$URL/health" >/dev/null 2>&1; do
+  i=$((i+1)); [ $i -gt 300 ] && { echo "e2a did not start; see /var/log/e2a.log"; tail -20 /var/log/e2a.log; exit 1; }
+  sleep 0.1
+done
+echo "e2a is serving on $URL (log: /var/log/e2a.log, stop: make stop)"
