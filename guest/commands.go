@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -286,7 +287,14 @@ func (s *Server) startCommand(req *startRequest) (*Command, error) {
 		c.stdin.Close()
 		c.out.close()
 		s.cmds.finish(c)
-		s.logs.add("command exited pid=%d exit_code=%d signal=%s timed_out=%v", pid, info.Code, info.Signal, info.TimedOut)
+		msg := fmt.Sprintf("command exited pid=%d exit_code=%d", pid, info.Code)
+		if info.Signal != "" {
+			msg += " signal=" + info.Signal
+		}
+		if info.TimedOut {
+			msg += " timed_out"
+		}
+		s.logs.add("%s", msg)
 	}()
 	return c, nil
 }
@@ -362,6 +370,29 @@ func lookPath(name string, env []string, cwd string) (string, error) {
 	return "", errors.New("not found in PATH")
 }
 
+// NDJSON events; structs keep "type" as the first key, as in the protocol doc.
+type startEvent struct {
+	Type string `json:"type"`
+	Pid  int    `json:"pid"`
+}
+
+type dataEvent struct {
+	Type string `json:"type"`
+	Data string `json:"data"`
+}
+
+type droppedEvent struct {
+	Type  string `json:"type"`
+	Bytes int64  `json:"bytes"`
+}
+
+type exitEvent struct {
+	Type     string  `json:"type"`
+	ExitCode int     `json:"exit_code"`
+	Signal   *string `json:"signal"`
+	TimedOut bool    `json:"timed_out"`
+}
+
 // stream writes a command's NDJSON event stream from the beginning: start,
 // (dropped), buffered and live output, exit. Returns early if the client goes
 // away; the command itself is unaffected.
@@ -376,18 +407,18 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, c *Command) {
 	wake := c.out.follow()
 	defer c.out.unfollow(wake)
 
-	if enc.Encode(map[string]any{"type": "start", "pid": c.Pid}) != nil {
+	if enc.Encode(startEvent{"start", c.Pid}) != nil {
 		return
 	}
 	var cur cursor
 	for {
 		chunks, dropped, done := c.out.readFrom(&cur)
 		if dropped > 0 {
-			enc.Encode(map[string]any{"type": "dropped", "bytes": dropped})
+			enc.Encode(droppedEvent{"dropped", dropped})
 		}
 		for _, ch := range chunks {
 			if txt := cur.text(ch.stream, ch.data, false); txt != "" {
-				if enc.Encode(map[string]any{"type": streamNames[ch.stream], "data": txt}) != nil {
+				if enc.Encode(dataEvent{streamNames[ch.stream], txt}) != nil {
 					return
 				}
 			}
@@ -395,15 +426,15 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, c *Command) {
 		if done {
 			for st := range cur.pending {
 				if len(cur.pending[st]) > 0 {
-					enc.Encode(map[string]any{"type": streamNames[st], "data": cur.text(st, nil, true)})
+					enc.Encode(dataEvent{streamNames[st], cur.text(st, nil, true)})
 				}
 			}
 			_, info := c.exitState()
-			var sig any
+			ev := exitEvent{Type: "exit", ExitCode: info.Code, TimedOut: info.TimedOut}
 			if info.Signal != "" {
-				sig = info.Signal
+				ev.Signal = &info.Signal
 			}
-			enc.Encode(map[string]any{"type": "exit", "exit_code": info.Code, "signal": sig, "timed_out": info.TimedOut})
+			enc.Encode(ev)
 			rc.Flush()
 			return
 		}

@@ -177,4 +177,3 @@ func exitCode(t *testing.T, ev event) int {
 	}
 	return *ev.ExitCode
 }
-

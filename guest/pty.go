@@ -146,4 +146,3 @@ func dimension(s string, def int, field string) (int, error) {
 	}
 	return n, nil
 }
-

@@ -1,0 +1,129 @@
+"""Starts a real `e2a serve` for tests: its own data dir, instance prefix, subnet and port."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+E2A = str(Path(sys.executable).parent / "e2a")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    instance: str        # prefix of every host object this server makes
+    subnet: str
+    base: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+    extra_env: dict = field(default_factory=dict)
+    keys: dict = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.base / "run"
+
+    def env(self) -> dict:
+        return {
+            **os.environ,
+            "E2A_DATA_DIR": str(self.base / "data"),
+            "E2A_RUN_DIR": str(self.run_dir),
+            "E2A_PORT": str(self.port),
+            "E2A_INSTANCE": self.instance,
+            "E2A_SUBNET": self.subnet,
+            "E2A_REAPER_INTERVAL": "0.2",
+            **self.extra_env,
+        }
+
+    def admin(self, *args: str) -> str:
+        out = subprocess.run([E2A, "admin", *args], env=self.env(), check=True,
+                             capture_output=True, text=True)
+        return out.stdout
+
+    def create_user(self, email: str) -> str:
+        """Returns a new API key for a new user."""
+        return re.search(r"api_key=(\S+)", self.admin("create-user", email)).group(1)
+
+    def start(self) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        log = open(self.base / "server.log", "ab")
+        self.proc = subprocess.Popen([E2A, "serve"], env=self.env(), stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("e2a serve exited:\n" + self.log_tail())
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("e2a serve did not come up:\n" + self.log_tail())
+
+    def kill9(self) -> None:
+        """A crash: the server dies at once, its sandboxes keep running."""
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return (self.base / "server.log").read_text(errors="replace")[-n:]
+        except FileNotFoundError:
+            return ""
+
+    # ---- host objects, for leak checks -------------------------------------------------------
+
+    def host_objects(self) -> dict[str, int]:
+        prefix = self.instance + "-"
+        netns = [n for n in os.listdir("/var/run/netns")] if os.path.isdir("/var/run/netns") else []
+        # runsc keeps one `null-netns` bind mount in its state root (not per sandbox).
+        mounts = "\n".join(line for line in Path("/proc/mounts").read_text().splitlines()
+                           if "/runsc/null-netns" not in line)
+        runsc = subprocess.run(["pgrep", "-f", f"--root {self.run_dir}/runsc"],
+                               capture_output=True, text=True).stdout.split()
+        cgroups = [p for p in Path("/sys/fs/cgroup").glob(f"*/{self.instance}/*") if p.is_dir()]
+        sandboxes = self.run_dir / "sandboxes"
+        return {
+            "netns": sum(n.startswith(prefix) for n in netns),
+            "veth": sum(n.startswith(prefix) for n in os.listdir("/sys/class/net")),
+            "mounts": mounts.count(str(self.base)) + mounts.count(f"/netns/{prefix}"),
+            "runsc_processes": len(runsc),
+            "cgroups": len(cgroups),
+            "sandbox_dirs": len(list(sandboxes.iterdir())) if sandboxes.is_dir() else 0,
+        }
+
+    def cleanup(self) -> None:
+        self.stop()
+        subprocess.run(["nft", "delete", "table", "inet", self.instance], capture_output=True)
+        subprocess.run(["umount", "-l", str(self.run_dir / "runsc" / "null-netns")],
+                       capture_output=True)
+        shutil.rmtree(self.base, ignore_errors=True)
