@@ -63,6 +63,16 @@ func fsError(err error, path string) error {
 		return errf(409, "not_empty", "path", "%s is not empty", path)
 	case errors.Is(err, syscall.EISDIR):
 		return errf(400, "is_directory", "path", "%s is a directory", path)
+	case errors.Is(err, syscall.ENAMETOOLONG):
+		return errf(400, "invalid_path", "path", "%s: a name in the path is too long", path)
+	case errors.Is(err, syscall.ELOOP):
+		return errf(400, "invalid_path", "path", "%s: too many levels of symbolic links", path)
+	case errors.Is(err, syscall.EINVAL), errors.Is(err, syscall.EXDEV):
+		return errf(400, "invalid_path", "path", "%s: %v", path, err)
+	case errors.Is(err, syscall.EROFS):
+		return errf(403, "read_only", "path", "%s is on a read-only filesystem", path)
+	case errors.Is(err, syscall.EBUSY):
+		return errf(409, "busy", "path", "%s is busy", path)
 	case errors.Is(err, syscall.ENOSPC):
 		return errf(507, "no_space", "path", "no space left on device")
 	}

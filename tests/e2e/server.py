@@ -108,7 +108,7 @@ class Server:
         # runsc keeps one `null-netns` bind mount in its state root (not per sandbox).
         mounts = "\n".join(line for line in Path("/proc/mounts").read_text().splitlines()
                            if "/runsc/null-netns" not in line)
-        runsc = subprocess.run(["pgrep", "-f", f"--root {self.run_dir}/runsc"],
+        runsc = subprocess.run(["pgrep", "-f", f"root={self.run_dir}/runsc"],
                                capture_output=True, text=True).stdout.split()
         cgroups = [p for p in Path("/sys/fs/cgroup").glob(f"*/{self.instance}/*") if p.is_dir()]
         sandboxes = self.run_dir / "sandboxes"
@@ -122,7 +122,23 @@ class Server:
         }
 
     def cleanup(self) -> None:
+        """Remove whatever this instance left, even after a failed test (test hygiene only)."""
         self.stop()
+        subprocess.run(["pkill", "-9", "-f", f"root={self.run_dir}/runsc"], capture_output=True)
+        prefix = self.instance + "-"
+        if os.path.isdir("/var/run/netns"):
+            for ns in os.listdir("/var/run/netns"):
+                if ns.startswith(prefix):
+                    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        for ifname in os.listdir("/sys/class/net"):
+            if ifname.startswith(prefix):
+                subprocess.run(["ip", "link", "del", ifname], capture_output=True)
+        time.sleep(0.2)
+        for cg in Path("/sys/fs/cgroup").glob(f"*/{self.instance}/*"):
+            try:
+                cg.rmdir()
+            except OSError:
+                pass
         subprocess.run(["nft", "delete", "table", "inet", self.instance], capture_output=True)
         subprocess.run(["umount", "-l", str(self.run_dir / "runsc" / "null-netns")],
                        capture_output=True)
