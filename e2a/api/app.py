@@ -68,6 +68,9 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
 
     @app.get("/health", tags=["service"])
     async def health() -> dict:
-        return {"status": "ok", "version": __version__}
+        """Liveness, and how many pre-started sandboxes wait in the warm pool per template."""
+        mgr = getattr(app.state, "manager", None)
+        pool = {name: len(ids) for name, ids in mgr.pool.items()} if mgr else {}
+        return {"status": "ok", "version": __version__, "pool": pool}
 
     return app
