@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import secrets
 import string
+import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from sqlalchemy import select
@@ -49,7 +51,15 @@ async def create_key(db: AsyncSession, user_id: str) -> tuple[ApiKey, str]:
     return row, secret
 
 
-async def user_for_key(db: AsyncSession, key: str) -> User | None:
+@dataclass(frozen=True)
+class Caller:
+    """Who made a request: the user (`id`) and the key they used."""
+
+    id: str
+    key_id: str
+
+
+async def caller_for_key(db: AsyncSession, key: str) -> Caller | None:
     if not key.startswith(KEY_PREFIX) or len(key) > 128:
         return None
     row = (
@@ -57,4 +67,28 @@ async def user_for_key(db: AsyncSession, key: str) -> User | None:
     ).scalar_one_or_none()
     if row is None or row.revoked:
         return None
-    return await db.get(User, row.user_id)
+    return Caller(id=row.user_id, key_id=row.id)
+
+
+class KeyCache:
+    """Valid keys seen in the last `ttl` seconds, so the hot path (an exec is one request) makes
+    no database query. A key revoked in the database stops working within `ttl` seconds; one
+    revoked through this server (`forget`) at once. Unknown keys are never cached."""
+
+    def __init__(self, ttl: float = 2.0):
+        self.ttl = ttl
+        self._entries: dict[str, tuple[Caller, float]] = {}
+
+    def get(self, key: str) -> Caller | None:
+        hit = self._entries.get(hash_key(key))
+        if hit is None or hit[1] < time.monotonic():
+            return None
+        return hit[0]
+
+    def put(self, key: str, caller: Caller) -> None:
+        if len(self._entries) > 100_000:
+            self._entries.clear()
+        self._entries[hash_key(key)] = (caller, time.monotonic() + self.ttl)
+
+    def forget(self, key_id: str) -> None:
+        self._entries = {h: e for h, e in self._entries.items() if e[0].key_id != key_id}

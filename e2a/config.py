@@ -29,6 +29,8 @@ class Settings:
     max_sandboxes: int = field(default_factory=lambda: int(_env("MAX_SANDBOXES", "256")))
     # Pre-started sandboxes per template, handed out on create.
     pool_size: int = field(default_factory=lambda: int(_env("POOL_SIZE", "0")))
+    # Force one gVisor platform (ptrace, systrap) for every template; empty = each recipe's own.
+    platform: str = field(default_factory=lambda: _env("PLATFORM", ""))
     reaper_interval: float = field(default_factory=lambda: float(_env("REAPER_INTERVAL", "1.0")))
     # Name prefix of every host object (netns, veth, cgroup, runsc id): lets tests run two servers.
     instance: str = field(default_factory=lambda: _env("INSTANCE", "e2a"))

@@ -7,7 +7,7 @@ import logging
 
 from fastapi import FastAPI
 
-from e2a import __version__
+from e2a import __version__, auth
 from e2a.api import errors, proxy, sandboxes
 from e2a.config import Settings
 from e2a.sandboxes.manager import Manager
@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
         engine = store.make_engine(settings.database_url)
         await store.migrate(engine)
         app.state.sessions = store.sessionmaker(engine)
+        app.state.keys = auth.KeyCache()
         app.state.manager = Manager(settings, app.state.sessions)
         await app.state.manager.start()
         log.info("e2a %s serving on %s:%s", __version__, settings.host, settings.port)

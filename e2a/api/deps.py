@@ -10,7 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from e2a import auth
 from e2a.api.errors import ApiError
 from e2a.sandboxes.manager import Live, Manager
-from e2a.store.models import Sandbox, User
+from e2a.auth import Caller
+from e2a.store.models import Sandbox
 
 
 async def db_session(request: Request) -> AsyncIterator[AsyncSession]:
@@ -29,21 +30,35 @@ def bearer(header: str | None) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-async def user_from_header(db: AsyncSession, header: str | None) -> User:
+async def caller_from_header(app, header: str | None) -> Caller:
     key = bearer(header)
     if key is None:
         raise ApiError(401, "unauthorized", "missing API key: send Authorization: Bearer e2a_live_...")
-    user = await auth.user_for_key(db, key)
-    if user is None:
-        raise ApiError(401, "unauthorized", "invalid or revoked API key")
-    return user
+    cache: auth.KeyCache = app.state.keys
+    caller = cache.get(key)
+    if caller is None:
+        async with app.state.sessions() as db:
+            caller = await auth.caller_for_key(db, key)
+        if caller is None:
+            raise ApiError(401, "unauthorized", "invalid or revoked API key")
+        cache.put(key, caller)
+    return caller
 
 
-async def current_user(request: Request, db: AsyncSession = Depends(db_session)) -> User:
-    return await user_from_header(db, request.headers.get("authorization"))
+async def current_user(request: Request) -> Caller:
+    return await caller_from_header(request.app, request.headers.get("authorization"))
 
 
-async def owned_sandbox(db: AsyncSession, user: User, sandbox_id: str) -> Sandbox:
+def owned_live(mgr: Manager, user: Caller, sandbox_id: str) -> Live | None:
+    """The caller's running sandbox from memory: the hot path needs no database query."""
+    live = mgr.live.get(sandbox_id)
+    if live is None or live.user_id != user.id or live.destroying:
+        return None
+    live.touch()
+    return live
+
+
+async def owned_sandbox(db: AsyncSession, user: Caller, sandbox_id: str) -> Sandbox:
     row = await db.get(Sandbox, sandbox_id) if len(sandbox_id) <= 32 else None
     # Someone else's sandbox is indistinguishable from one that does not exist.
     if row is None or row.user_id != user.id:

@@ -10,21 +10,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from typing import AsyncIterator
+from urllib.parse import urlencode
 
-import httpx
+import aiohttp
 import websockets
 from fastapi import APIRouter, Depends, Path, Query, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy.ext.asyncio import AsyncSession
+from yarl import URL
 
-from e2a.api.deps import current_user, db_session, manager, owned_sandbox, running, user_from_header
+from e2a.api.deps import (caller_from_header, current_user, db_session, manager, owned_live,
+                          owned_sandbox, running)
 from e2a.api.errors import ApiError
 from e2a.api.schemas import (CommandRequest, MkdirRequest, RenameRequest, SignalRequest,
                              StdinRequest)
+from e2a.auth import Caller
 from e2a.runtime.runsc import ENVD_PORT
 from e2a.sandboxes import envd
 from e2a.sandboxes.manager import Live, Manager
-from e2a.store.models import User
 
 router = APIRouter(prefix="/v1/sandboxes/{vm_id}", tags=["inside a sandbox"])
 
@@ -38,21 +41,24 @@ PathParam = Query(min_length=1, max_length=4096, description="absolute, or relat
                   "user's home")
 
 
-async def live_sandbox(vm_id: str, user: User = Depends(current_user),
-                       db: AsyncSession = Depends(db_session),
+async def live_sandbox(request: Request, vm_id: str, user: Caller = Depends(current_user),
                        mgr: Manager = Depends(manager)) -> Live:
-    return running(mgr, await owned_sandbox(db, user, vm_id))
+    live = owned_live(mgr, user, vm_id)
+    if live is not None:
+        return live
+    async with request.app.state.sessions() as db:  # not running: 404 or 409, from the store
+        return running(mgr, await owned_sandbox(db, user, vm_id))
 
 
-async def _stream_body(resp: httpx.Response, live: Live) -> AsyncIterator[bytes]:
+async def _stream_body(resp: aiohttp.ClientResponse, live: Live) -> AsyncIterator[bytes]:
     live.streams += 1
     try:
-        async for chunk in resp.aiter_raw():
+        async for chunk in resp.content.iter_any():
             yield chunk
     finally:
         live.streams -= 1
         live.touch()
-        await resp.aclose()
+        resp.release()
 
 
 async def forward(mgr: Manager, live: Live, method: str, path: str, *,
@@ -62,23 +68,22 @@ async def forward(mgr: Manager, live: Live, method: str, path: str, *,
     """Send one request to envd and stream its answer back unchanged."""
     headers = envd.headers(live.token)
     if content_type:
-        headers["content-type"] = content_type
-    req = mgr.http.build_request(method, live.envd_url + path, params=params, json=json,
-                                 content=content, headers=headers)
+        headers["Content-Type"] = content_type
     live.streams += 1
     try:
-        resp = await mgr.http.send(req, stream=True)
-    except httpx.TransportError as exc:
-        raise ApiError(502, "sandbox_unreachable", f"the sandbox's agent did not answer: {exc}")
+        resp = await mgr.http.request(method, live.envd_url + path, params=params, json=json,
+                                      data=content, headers=headers)
+    except envd.TRANSPORT_ERRORS as exc:
+        raise ApiError(502, "sandbox_unreachable",
+                       f"the sandbox's agent did not answer: {exc.__class__.__name__}")
     finally:
         live.streams -= 1
     keep = {k: v for k, v in resp.headers.items()
             if k.lower() in ("content-type", "content-length", "content-disposition")}
-    if resp.status_code == 204:
-        await resp.aclose()
+    if resp.status == 204:
+        resp.release()
         return Response(status_code=204)
-    return StreamingResponse(_stream_body(resp, live), status_code=resp.status_code,
-                             headers=keep)
+    return StreamingResponse(_stream_body(resp, live), status_code=resp.status, headers=keep)
 
 
 def _clean(params: dict) -> dict:
@@ -129,7 +134,7 @@ async def send_signal(req: SignalRequest, pid: int = Path(ge=1, le=2**31),
 # ---- logs -----------------------------------------------------------------------------------
 
 @router.get("/logs", summary="The sandbox's log: the host's lines and the agent's, by time")
-async def logs(vm_id: str, user: User = Depends(current_user),
+async def logs(vm_id: str, user: Caller = Depends(current_user),
                db: AsyncSession = Depends(db_session),
                mgr: Manager = Depends(manager)) -> JSONResponse:
     row = await owned_sandbox(db, user, vm_id)
@@ -137,13 +142,8 @@ async def logs(vm_id: str, user: User = Depends(current_user),
     live = mgr.live.get(row.id)
     if live is not None and not live.destroying:
         live.touch()
-        try:
-            r = await mgr.http.get(live.envd_url + "/logs", headers=envd.headers(live.token),
-                                   timeout=5)
-            if r.status_code == 200:
-                lines += r.json().get("lines", [])
-        except (httpx.HTTPError, ValueError):
-            pass
+        data = await envd.get_json(mgr.http, live.envd_url + "/logs", live.token)
+        lines += (data or {}).get("lines", [])
     lines.sort(key=lambda line: line.get("ts", ""))
     return JSONResponse({"lines": lines})
 
@@ -243,21 +243,23 @@ async def port_proxy(request: Request, path: str, port: int = Path(ge=1, le=6553
     # The caller's API key stays here: the sandbox gets the request without it.
     headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
     has_body = request.method not in ("GET", "HEAD", "OPTIONS")
-    req = mgr.http.build_request(
-        request.method, f"http://{live.link.sandbox_ip}:{port}/{path}",
-        params=request.query_params, headers=headers,
-        content=request.stream() if has_body else None)
+    url = f"http://{live.link.sandbox_ip}:{port}/{path}"
+    if request.url.query:
+        url += "?" + request.url.query
     live.streams += 1
     try:
-        resp = await mgr.http.send(req, stream=True)
-    except httpx.TransportError as exc:
+        resp = await mgr.http.request(
+            request.method, URL(url, encoded=True), headers=headers,
+            data=request.stream() if has_body else None, allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+    except envd.TRANSPORT_ERRORS as exc:
         raise ApiError(502, "port_unreachable",
                        f"nothing answered on port {port} in the sandbox: {exc.__class__.__name__}",
                        "port")
     finally:
         live.streams -= 1
     out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_HEADERS}
-    return StreamingResponse(_stream_body(resp, live), status_code=resp.status_code,
+    return StreamingResponse(_stream_body(resp, live), status_code=resp.status,
                              headers=out_headers)
 
 
@@ -273,8 +275,11 @@ async def _ws_live(ws: WebSocket, vm_id: str) -> Live | None:
     """Authenticate a WebSocket; on failure close it with 4401 / 4404 / 4409 before accepting."""
     mgr: Manager = ws.app.state.manager
     try:
+        user = await caller_from_header(ws.app, ws.headers.get("authorization"))
+        live = owned_live(mgr, user, vm_id)
+        if live is not None:
+            return live
         async with ws.app.state.sessions() as db:
-            user = await user_from_header(db, ws.headers.get("authorization"))
             return running(mgr, await owned_sandbox(db, user, vm_id))
     except ApiError as exc:
         await ws.close(code=4000 + exc.status, reason=exc.message[:120])
@@ -325,7 +330,7 @@ async def pty(ws: WebSocket, vm_id: str) -> None:
     if live is None:
         return
     params = {k: v for k, v in ws.query_params.items() if k in ("cols", "rows", "user", "cwd")}
-    query = str(httpx.QueryParams(params))
+    query = urlencode(params)
     url = f"ws://{live.link.sandbox_ip}:{ENVD_PORT}/pty" + (f"?{query}" if query else "")
     try:
         upstream = await websockets.connect(

@@ -10,7 +10,8 @@ from e2a.api.deps import current_user, db_session, manager, owned_sandbox, runni
 from e2a.api.errors import ApiError
 from e2a.api.schemas import CreateSandbox, SandboxOut, reserved_env_key
 from e2a.sandboxes.manager import Manager, NoCapacity, Unavailable, aware
-from e2a.store.models import Sandbox, User
+from e2a.auth import Caller
+from e2a.store.models import Sandbox
 from e2a.templates import recipes
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
@@ -32,7 +33,7 @@ def out(row: Sandbox) -> SandboxOut:
 
 @router.post("", status_code=201, response_model=SandboxOut,
              responses={400: {}, 401: {}, 409: {}, 501: {}, 503: {}})
-async def create_sandbox(req: CreateSandbox, user: User = Depends(current_user),
+async def create_sandbox(req: CreateSandbox, user: Caller = Depends(current_user),
                          mgr: Manager = Depends(manager)) -> SandboxOut:
     for key in req.env_vars:
         if reserved_env_key(key):
@@ -66,7 +67,7 @@ async def create_sandbox(req: CreateSandbox, user: User = Depends(current_user),
 async def list_sandboxes(request: Request,
                          state: str | None = Query(default=None, description="filter by state; "
                                                    "without it, destroyed sandboxes are left out"),
-                         user: User = Depends(current_user),
+                         user: Caller = Depends(current_user),
                          db: AsyncSession = Depends(db_session)) -> list[SandboxOut]:
     if state is not None and state not in STATES:
         raise ApiError(400, "invalid_field", f"unknown state {state!r}", "state")
@@ -80,7 +81,7 @@ async def list_sandboxes(request: Request,
 
 
 @router.get("/{vm_id}", response_model=SandboxOut, responses={401: {}, 404: {}})
-async def get_sandbox(vm_id: str, user: User = Depends(current_user),
+async def get_sandbox(vm_id: str, user: Caller = Depends(current_user),
                       db: AsyncSession = Depends(db_session),
                       mgr: Manager = Depends(manager)) -> SandboxOut:
     row = await owned_sandbox(db, user, vm_id)
@@ -89,7 +90,7 @@ async def get_sandbox(vm_id: str, user: User = Depends(current_user),
 
 
 @router.delete("/{vm_id}", response_model=SandboxOut, responses={401: {}, 404: {}})
-async def delete_sandbox(vm_id: str, user: User = Depends(current_user),
+async def delete_sandbox(vm_id: str, user: Caller = Depends(current_user),
                          db: AsyncSession = Depends(db_session),
                          mgr: Manager = Depends(manager)) -> SandboxOut:
     row = await owned_sandbox(db, user, vm_id)
@@ -100,7 +101,7 @@ async def delete_sandbox(vm_id: str, user: User = Depends(current_user),
 
 @router.post("/{vm_id}/keepalive", response_model=SandboxOut,
              responses={401: {}, 404: {}, 409: {}})
-async def keepalive(vm_id: str, user: User = Depends(current_user),
+async def keepalive(vm_id: str, user: Caller = Depends(current_user),
                     db: AsyncSession = Depends(db_session),
                     mgr: Manager = Depends(manager)) -> SandboxOut:
     row = await owned_sandbox(db, user, vm_id)

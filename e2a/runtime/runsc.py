@@ -2,7 +2,8 @@
 
 The template's rootfs is shared and read-only; runsc's rootfs overlay puts this sandbox's writes in
 a filestore inside the sandbox's own directory, removed with it. CPU and memory limits go into the
-OCI spec's cgroup resources, which runsc applies on the host (cgroup v1 or v2).
+OCI spec (gVisor sizes its own view from them: nproc, memory) and into host cgroups that e2a
+manages itself (runtime/cgroups.py), so runsc runs with --ignore-cgroups.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from e2a import proc
+from e2a.runtime.cgroups import Cgroup
 
 ENVD_PORT = 49983
 ENVD_PATH = "/.e2a/envd"
@@ -39,7 +41,7 @@ class SandboxSpec:
     cpu_quota_us: int
     platform: str
     resolv_conf: Path
-    cgroup_parent: str
+    cgroup: Cgroup
 
 
 def oci_config(spec: SandboxSpec) -> dict:
@@ -69,7 +71,6 @@ def oci_config(spec: SandboxSpec) -> dict:
              "options": ["bind", "ro"]},
         ],
         "linux": {
-            "cgroupsPath": f"{spec.cgroup_parent}/{spec.runtime_id}",
             "resources": {
                 "memory": {"limit": spec.memory_mib * 1024 * 1024},
                 "cpu": {"quota": spec.cpu_quota_us, "period": 100_000},
@@ -94,7 +95,7 @@ class Runsc:
         return args
 
     async def start(self, spec: SandboxSpec) -> None:
-        """Create and start the sandbox; returns once its init (envd) runs."""
+        """Create and start the sandbox inside its cgroup; returns once its init (envd) runs."""
         spec.bundle_dir.mkdir(parents=True, exist_ok=True)
         (spec.bundle_dir / "config.json").write_text(json.dumps(oci_config(spec)))
         console = os.open(spec.bundle_dir / "console.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
@@ -104,11 +105,14 @@ class Runsc:
                 "--overlay2", f"root:dir={spec.bundle_dir}",
                 # nproc inside = the CPU quota rounded up, not the host's cores.
                 "--cpu-num-from-quota",
+                "--ignore-cgroups",
                 "run", "--detach", "--bundle", str(spec.bundle_dir), spec.runtime_id,
             ]
             # The sandbox inherits the console fd as its stdout/stderr (envd's own log).
+            # runsc starts inside the cgroup, so the gofer and the sandbox are born in it.
             p = await asyncio.create_subprocess_exec(
-                *args, stdin=asyncio.subprocess.DEVNULL, stdout=console, stderr=console)
+                *spec.cgroup.exec_inside(args), stdin=asyncio.subprocess.DEVNULL,
+                stdout=console, stderr=console)
             code = await asyncio.wait_for(p.wait(), 60)
         finally:
             os.close(console)

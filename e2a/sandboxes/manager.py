@@ -17,7 +17,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Awaitable, Callable
 
-import httpx
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
@@ -25,6 +24,7 @@ from e2a.config import Settings
 from e2a.ids import new_id
 from e2a.network import links
 from e2a.network.firewall import Firewall, host_nameservers
+from e2a.runtime import cgroups
 from e2a.runtime.runsc import Runsc, SandboxSpec
 from e2a.sandboxes import envd
 from e2a.sandboxes.hostlog import HostLog
@@ -110,7 +110,7 @@ class Manager:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        await self.http.aclose()
+        await self.http.close()
 
     @property
     def sandboxes_dir(self) -> Path:
@@ -119,8 +119,8 @@ class Manager:
     def runtime_id(self, sandbox_id: str) -> str:
         return f"{self.settings.instance}-{sandbox_id}"
 
-    def cgroup_parent(self) -> str:
-        return f"/{self.settings.instance}"
+    def cgroup(self, sandbox_id: str) -> cgroups.Cgroup:
+        return cgroups.Cgroup(self.settings.instance, self.runtime_id(sandbox_id))
 
     def check_runtime(self, recipe: recipes.Recipe) -> Path:
         if not Path(self.settings.runsc).is_file():
@@ -185,10 +185,17 @@ class Manager:
         undo.append(release_slot)
         live = Live(id=sid, link=link, token=token, template=recipe.name, internet=internet,
                     user_id=user_id, idle_timeout=idle_timeout, expires_at=row.expires_at)
+        t0 = time.perf_counter()
+        marks: list[tuple[str, float]] = []
+
+        def mark(step: str) -> None:
+            marks.append((step, time.perf_counter()))
+
         try:
             async with self.sessions() as db:
                 db.add(row)
                 await db.commit()
+            mark("db")
 
             async def mark_destroyed() -> None:
                 await self._set_state(sid, "destroyed", destroyed_at=utcnow(),
@@ -203,24 +210,43 @@ class Manager:
             if not internet:
                 await self.firewall.set_internet(link.host_if, False)
                 undo.append(lambda: self.firewall.set_internet(link.host_if, True))
+            mark("network")
 
             await self._set_state(sid, "booting")
+            platform = self.settings.platform or recipe.platform
             bundle = self.sandboxes_dir / sid
+            cgroup = self.cgroup(sid)
+            cgroup.create(recipe.memory_mib * 1024 * 1024)
+
+            async def remove_cgroup() -> None:
+                cgroup.remove()
+
+            undo.append(remove_cgroup)
             undo.append(lambda: asyncio.to_thread(shutil.rmtree, bundle, True))
             undo.append(lambda: self.runsc.delete(self.runtime_id(sid)))
             await self.runsc.start(SandboxSpec(
                 runtime_id=self.runtime_id(sid), bundle_dir=bundle, rootfs=rootfs,
                 netns_path=link.netns_path, envd_binary=Path(self.settings.envd),
                 envd_token=token, memory_mib=recipe.memory_mib,
-                cpu_quota_us=recipe.cpu_quota_us, platform=recipe.platform,
-                resolv_conf=self.resolv_conf, cgroup_parent=self.cgroup_parent(),
+                cpu_quota_us=recipe.cpu_quota_us, platform=platform,
+                resolv_conf=self.resolv_conf, cgroup=cgroup,
             ))
+            mark("runsc")
             await envd.wait_ready(self.http, link.sandbox_ip, token)
+            # The CPU quota starts now: boot work is e2a's, and it is CPU-bound.
+            cgroup.set_cpu_quota(recipe.cpu_quota_us)
             if env_vars:
                 await self._init_env(live, env_vars)
+            mark("envd")
             self.live[sid] = live
             await self._set_state(sid, "running")
-            self.hostlog.write(sid, f"running (ip {link.sandbox_ip}, platform {recipe.platform})")
+            mark("db")
+            steps, prev = [], t0
+            for step, at in marks:
+                steps.append(f"{step} {1000 * (at - prev):.0f}")
+                prev = at
+            self.hostlog.write(sid, f"running (ip {link.sandbox_ip}, platform {platform}; boot "
+                               f"{1000 * (prev - t0):.0f} ms: {', '.join(steps)} ms)")
             row.state = "running"
             return row
         except BaseException as exc:
@@ -235,9 +261,9 @@ class Manager:
             raise
 
     async def _init_env(self, live: Live, env_vars: dict[str, str]) -> None:
-        r = await self.http.post(live.envd_url + "/init", json={"env": env_vars},
-                                 headers=envd.headers(live.token))
-        r.raise_for_status()
+        async with self.http.post(live.envd_url + "/init", json={"env": env_vars},
+                                  headers=envd.headers(live.token)) as r:
+            r.raise_for_status()
 
     # ---- warm pool ------------------------------------------------------------------------
 
@@ -335,24 +361,7 @@ class Manager:
                 await self.firewall.set_internet(link.host_if, True)
             self.slots.discard(row.slot)
         await asyncio.to_thread(shutil.rmtree, self.sandboxes_dir / row.id, True)
-        self._remove_cgroups({self.runtime_id(row.id)})
-
-    def _remove_cgroups(self, leaves: set[str] | None) -> None:
-        """Remove this instance's cgroup leaves (all of them when `leaves` is None, except kept)."""
-        for parent in Path("/sys/fs/cgroup").glob(f"*/{self.settings.instance}"):
-            self._rm_cgroup_children(parent, leaves)
-        unified = Path("/sys/fs/cgroup") / self.settings.instance
-        if unified.is_dir():
-            self._rm_cgroup_children(unified, leaves)
-
-    @staticmethod
-    def _rm_cgroup_children(parent: Path, leaves: set[str] | None) -> None:
-        for child in parent.iterdir():
-            if child.is_dir() and (leaves is None or child.name in leaves):
-                try:
-                    child.rmdir()
-                except OSError:
-                    pass
+        self.cgroup(row.id).remove()
 
     async def destroy_all(self, reason: str) -> None:
         await asyncio.gather(*(self.destroy(sid, reason) for sid in list(self.live)))
@@ -365,12 +374,8 @@ class Manager:
             live.touch()
 
     async def _running_commands(self, live: Live) -> int:
-        try:
-            r = await self.http.get(live.envd_url + "/commands",
-                                    headers=envd.headers(live.token), timeout=5)
-            return len(r.json().get("commands", [])) if r.status_code == 200 else 0
-        except (httpx.HTTPError, ValueError):
-            return 0
+        data = await envd.get_json(self.http, live.envd_url + "/commands", live.token)
+        return len(data.get("commands", [])) if data else 0
 
     async def _reap_once(self) -> None:
         now_wall, now = utcnow(), time.monotonic()
@@ -455,6 +460,5 @@ class Manager:
         for d in self.sandboxes_dir.iterdir():
             if d.name not in kept:
                 await asyncio.to_thread(shutil.rmtree, d, True)
-        all_leaves = {p.name for p in Path("/sys/fs/cgroup").glob(f"*/{self.settings.instance}/*")
-                      if p.is_dir()}
-        self._remove_cgroups(all_leaves - kept_runtime)
+        for leaf in cgroups.leaves(self.settings.instance) - kept_runtime:
+            cgroups.Cgroup(self.settings.instance, leaf).remove()
