@@ -43,8 +43,10 @@ openapi: venv
 	$(BIN)/python -m e2a.api.openapi > docs/openapi.json
 
 test: build templates
+	scripts/test-services.sh
 	cd guest && go test ./...
-	$(BIN)/python -m pytest -q -n 2 tests
+	E2A_TEST_PG_URL=postgresql+asyncpg://e2a_test:e2a_test@127.0.0.1/e2a_test \
+	  $(BIN)/python -m pytest -q -n 2 tests
 
 test-unit: venv
 	$(BIN)/python -m pytest -q tests/unit

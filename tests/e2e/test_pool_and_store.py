@@ -1,0 +1,94 @@
+"""The warm pool hands out pre-started sandboxes; the store works on PostgreSQL as on SQLite."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from e2a.sdk import E2A
+from tests.e2e.conftest import new_server, wait_for
+
+
+def pool_count(srv) -> int:
+    return httpx.get(srv.url + "/health").json()["pool"].get("standard", 0)
+
+
+@pytest.fixture
+def pool_server():
+    srv = new_server("pool")
+    srv.extra_env = {"E2A_POOL_SIZE": "2"}
+    srv.cleanup()
+    srv.start()
+    yield srv
+    srv.cleanup()
+
+
+def test_warm_pool_hands_out_and_refills(pool_server):
+    srv = pool_server
+    key = srv.create_user("pool@example.com")
+    other = srv.create_user("pool-other@example.com")
+    wait_for(lambda: pool_count(srv) == 2, timeout=60)
+    with E2A(srv.url, key) as c, E2A(srv.url, other) as o:
+        assert c.list_sandboxes() == []  # pooled sandboxes belong to nobody yet
+        a = c.create_sandbox("standard", env_vars={"FROM_POOL": "yes"}, metadata={"k": "v"},
+                             internet=False, idle_timeout_seconds=30)
+        assert pool_count(srv) <= 1
+        assert a.state == "running" and a.metadata == {"k": "v"} and a.internet is False
+        assert c.run(a.vm_id, "echo $FROM_POOL").stdout == "yes\n"
+        assert any("warm pool" in line.message for line in c.logs(a.vm_id))
+        # internet: false holds for a pooled sandbox too: its link is in the firewall's set
+        host_if = f"{srv.instance}-"
+        nft = subprocess.run(["nft", "list", "set", "inet", srv.instance, "noinet"],
+                             capture_output=True, text=True).stdout
+        assert host_if in nft
+        # handed to alice only
+        assert [s.vm_id for s in c.list_sandboxes()] == [a.vm_id]
+        assert o.list_sandboxes() == []
+        wait_for(lambda: pool_count(srv) == 2, timeout=60)
+        c.kill(a.vm_id)
+        nft = subprocess.run(["nft", "list", "set", "inet", srv.instance, "noinet"],
+                             capture_output=True, text=True).stdout
+        assert host_if not in nft
+    srv.stop()
+    # the pool's own sandboxes are adopted at the next start, or destroyed by cleanup
+    srv.cleanup()
+    assert not any(srv.host_objects().values())
+
+
+@pytest.fixture
+def pg_server():
+    url = os.environ.get("E2A_TEST_PG_URL")
+    if not url:
+        pytest.skip("E2A_TEST_PG_URL not set (make test starts PostgreSQL and sets it)")
+    dsn = url.replace("+asyncpg", "")
+    subprocess.run(["psql", dsn, "-qc", "drop schema public cascade; create schema public"],
+                   check=True, capture_output=True)
+    srv = new_server("pg")
+    srv.extra_env = {"E2A_DATABASE_URL": url}
+    srv.cleanup()
+    yield srv
+    srv.cleanup()
+
+
+def test_postgresql_store(pg_server):
+    srv = pg_server
+    srv.start()
+    key = srv.create_user("pg@example.com")
+    with E2A(srv.url, key) as c:
+        sb = c.create_sandbox("standard", metadata={"db": "postgres"}, idle_timeout_seconds=600)
+        assert c.run(sb.vm_id, "echo on-postgres").stdout == "on-postgres\n"
+        assert [s.vm_id for s in c.list_sandboxes(metadata={"db": "postgres"})] == [sb.vm_id]
+    srv.stop()
+    srv.start()  # migrations run again (no-op) and the sandbox is adopted from PostgreSQL
+    with E2A(srv.url, key) as c:
+        assert c.get_sandbox(sb.vm_id).state == "running"
+        c.kill(sb.vm_id)
+        assert c.get_sandbox(sb.vm_id).state == "destroyed"
+    out = subprocess.run(["psql", os.environ["E2A_TEST_PG_URL"].replace("+asyncpg", ""), "-tAc",
+                          f"select state from sandboxes where id = '{sb.vm_id}'"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "destroyed"
