@@ -135,13 +135,21 @@ def sandbox_ls(ctx, state, metadata, as_json):
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")
-    for col in ("VM ID", "STATE", "TEMPLATE", "CPU", "MEM MiB", "CREATED", "EXPIRES", "METADATA"):
-        table.add_column(col)
+    # Ids and times are copied by people: never wrapped or cut; metadata may fold.
+    table.add_column("VM ID", no_wrap=True, min_width=24)
+    for col in ("STATE", "TEMPLATE", "CPU", "MEM MiB", "CREATED", "EXPIRES"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("METADATA")
     for b in boxes:
         meta = ",".join(f"{k}={v}" for k, v in (b.metadata or {}).items())
         table.add_row(b.vm_id, b.state, b.template, _cpu(b), str(b.memory_mib or ""),
-                      b.created_at or "", b.expires_at or "", meta)
+                      _short_time(b.created_at), _short_time(b.expires_at), meta)
     _console().print(table)
+
+
+def _short_time(ts: str | None) -> str:
+    """2026-11-26T06:14:13.939788Z -> 2026-11-26 06:14:13 (UTC)."""
+    return (ts or "")[:19].replace("T", " ")
 
 
 def _cpu(b: Sandbox) -> str:

@@ -1,0 +1,82 @@
+"""The `e2a` CLI against the real server: the README's commands, end to end."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+E2A = str(Path(sys.executable).parent / "e2a")
+
+
+def cli(server, key, *args, stdin=None):
+    env = {**os.environ, "E2A_URL": server.url, "E2A_API_KEY": key}
+    return subprocess.run([E2A, *args], env=env, input=stdin, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_sandbox_and_files(server, keys, tmp_path):
+    key = keys["alice"]
+    r = cli(server, key, "sandbox", "create", "standard", "--metadata", "via=cli")
+    assert r.returncode == 0, r.stderr
+    vm = r.stdout.strip()
+    assert vm.startswith("sbx_")
+    try:
+        r = cli(server, key, "sandbox", "exec", vm, "--", "echo out; echo err >&2; exit 3")
+        assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "err\n")
+        r = cli(server, key, "sandbox", "exec", vm, "--", "wc", "-c", stdin="12345")
+        assert r.returncode == 0 and r.stdout.strip() == "5"
+        local = tmp_path / "up.bin"
+        local.write_bytes(bytes(range(256)) * 100)
+        assert cli(server, key, "files", "put", vm, str(local), "dir/up.bin").returncode == 0
+        back = tmp_path / "down.bin"
+        assert cli(server, key, "files", "get", vm, "dir/up.bin", str(back)).returncode == 0
+        assert back.read_bytes() == local.read_bytes()
+        r = cli(server, key, "files", "ls", vm, "dir")
+        assert "up.bin" in r.stdout
+        r = cli(server, key, "sandbox", "ls", "--json")
+        assert vm in r.stdout and "via" in r.stdout
+    finally:
+        r = cli(server, key, "sandbox", "kill", vm)
+    assert r.returncode == 0
+    r = cli(server, key, "sandbox", "exec", vm, "--", "true")
+    assert r.returncode == 1 and "sandbox_not_running" in r.stderr
+
+
+def test_cli_errors_are_clear(server):
+    r = cli(server, "e2a_live_nope", "sandbox", "ls")
+    assert r.returncode == 1 and "unauthorized" in r.stderr
+    env = {k: v for k, v in os.environ.items() if k != "E2A_API_KEY"}
+    r = subprocess.run([E2A, "--url", server.url, "sandbox", "ls"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "E2A_API_KEY" in r.stderr
+
+
+def test_cli_shell_is_interactive(server, keys, sandbox):
+    env = {**os.environ, "E2A_URL": server.url, "E2A_API_KEY": keys["alice"]}
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(E2A, [E2A, "sandbox", "shell", sandbox.vm_id], env)
+    out = b""
+
+    def read_until(marker: bytes, timeout: float = 30) -> None:
+        nonlocal out
+        end = time.monotonic() + timeout
+        while marker not in out and time.monotonic() < end:
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:
+                    return
+
+    read_until(b"$ ")
+    os.write(fd, b"echo in-$((40+2))-shell; exit 6\n")
+    read_until(b"in-42-shell")
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert b"in-42-shell" in out
+    assert os.waitstatus_to_exitcode(status) == 6
