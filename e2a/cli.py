@@ -22,7 +22,7 @@ from typing import Any
 import click
 import httpx
 
-from e2a.sdk import E2A, AsyncE2A, E2AError, Sandbox
+from e2a.sdk import E2A, AsyncE2A, E2AError
 
 
 # ====================================================================== root group and shared helpers
@@ -136,24 +136,20 @@ def sandbox_ls(ctx, state, metadata, as_json):
 
     table = Table(box=None, header_style="bold")
     # Ids and times are copied by people: never wrapped or cut; metadata may fold.
+    # Sizes follow from the template, expiry is in `sandbox get`: an 80-column terminal fits.
     table.add_column("VM ID", no_wrap=True, min_width=24)
-    for col in ("STATE", "TEMPLATE", "CPU", "MEM MiB", "CREATED", "EXPIRES"):
+    for col in ("STATE", "TEMPLATE", "CREATED (UTC)"):
         table.add_column(col, no_wrap=True)
     table.add_column("METADATA")
     for b in boxes:
         meta = ",".join(f"{k}={v}" for k, v in (b.metadata or {}).items())
-        table.add_row(b.vm_id, b.state, b.template, _cpu(b), str(b.memory_mib or ""),
-                      _short_time(b.created_at), _short_time(b.expires_at), meta)
+        table.add_row(b.vm_id, b.state, b.template, _short_time(b.created_at), meta)
     _console().print(table)
 
 
 def _short_time(ts: str | None) -> str:
-    """2026-11-26T06:14:13.939788Z -> 2026-11-26 06:14:13 (UTC)."""
+    """2026-11-26T06:14:13.939788Z -> 2026-11-26 06:14:13."""
     return (ts or "")[:19].replace("T", " ")
-
-
-def _cpu(b: Sandbox) -> str:
-    return f"{b.cpu_fraction:g}" if b.cpu_fraction else str(b.vcpu or "")
 
 
 @sandbox.command("get")

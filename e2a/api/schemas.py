@@ -6,7 +6,7 @@ import re
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_LIFETIME = 7200
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -19,12 +19,26 @@ def reserved_env_key(key: str) -> bool:
     return key.upper() in RESERVED_ENV or key.upper().startswith(RESERVED_ENV_PREFIXES)
 
 
+def _check_env(v: dict[str, str]) -> dict[str, str]:
+    for key, value in v.items():
+        if not ENV_NAME.match(key):
+            raise ValueError(f"{key!r} is not a valid environment variable name")
+        if "\x00" in value:
+            raise ValueError(f"the value of {key} contains a NUL byte")
+    return v
+
+
+# Environment variables: at most 100, names like shell variables, values without NUL.
+EnvVars = Annotated[
+    dict[Annotated[str, Field(max_length=128)], Annotated[str, Field(max_length=32768)]],
+    Field(max_length=100), AfterValidator(_check_env)]
+
+
 class CreateSandbox(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     template: str = Field(max_length=64)
-    env_vars: dict[Annotated[str, Field(max_length=128)], Annotated[str, Field(max_length=32768)]] = Field(
-        default_factory=dict, max_length=100)
+    env_vars: EnvVars = Field(default_factory=dict)
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] = Field(
         default_factory=dict, max_length=50)
     idle_timeout_seconds: int = Field(default=60, ge=1, le=MAX_LIFETIME)
@@ -35,16 +49,6 @@ class CreateSandbox(BaseModel):
     llm_key: str | None = Field(default=None, max_length=4096)
     task: str | None = Field(default=None, max_length=100_000)
     model: str | None = Field(default=None, max_length=128)
-
-    @field_validator("env_vars")
-    @classmethod
-    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
-        for key, value in v.items():
-            if not ENV_NAME.match(key):
-                raise ValueError(f"{key!r} is not a valid environment variable name")
-            if "\x00" in value:
-                raise ValueError(f"the value of {key} contains a NUL byte")
-        return v
 
 
 class SandboxOut(BaseModel):
@@ -71,24 +75,13 @@ class CommandRequest(BaseModel):
     cmd: str | None = Field(default=None, max_length=1_000_000)
     argv: list[Annotated[str, Field(max_length=100_000)]] | None = Field(default=None, min_length=1,
                                                                        max_length=10_000)
-    env: dict[Annotated[str, Field(max_length=128)], Annotated[str, Field(max_length=32768)]] = Field(
-        default_factory=dict, max_length=100)
+    env: EnvVars = Field(default_factory=dict)
     cwd: str | None = Field(default=None, max_length=4096)
     user: str | None = Field(default=None, max_length=32, pattern=r"^[a-z_][a-z0-9_-]*$")
     stdin: str | None = Field(default=None, max_length=10_000_000)
     keep_stdin: bool = False
     timeout: float | None = Field(default=None, ge=0, le=86400)
     background: bool = False
-
-    @field_validator("env")
-    @classmethod
-    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
-        for key, value in v.items():
-            if not ENV_NAME.match(key):
-                raise ValueError(f"{key!r} is not a valid environment variable name")
-            if "\x00" in value:
-                raise ValueError(f"the value of {key} contains a NUL byte")
-        return v
 
 
 class StdinRequest(BaseModel):

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Awaitable, Callable
 
 from sqlalchemy import select, update
@@ -136,14 +137,14 @@ class Manager:
     async def create(self, *, user_id: str, recipe: recipes.Recipe, env_vars: dict[str, str],
                      metadata: dict[str, str], idle_timeout: int, max_lifetime: int,
                      internet: bool) -> Sandbox:
-        self.check_runtime(recipe)
-        if len(self.live) >= self.settings.max_sandboxes:
-            raise NoCapacity(f"this host runs its maximum of {self.settings.max_sandboxes} sandboxes")
-        claimed = await self._claim_from_pool(recipe.name, user_id=user_id, env_vars=env_vars,
+        claimed = await self._claim_from_pool(recipe, user_id=user_id, env_vars=env_vars,
                                               metadata=metadata, idle_timeout=idle_timeout,
                                               max_lifetime=max_lifetime, internet=internet)
         if claimed is not None:
             return claimed
+        self.check_runtime(recipe)
+        if len(self.live) >= self.settings.max_sandboxes:
+            raise NoCapacity(f"this host runs its maximum of {self.settings.max_sandboxes} sandboxes")
         return await self._boot(user_id=user_id, recipe=recipe, env_vars=env_vars,
                                 metadata=metadata, idle_timeout=idle_timeout,
                                 max_lifetime=max_lifetime, internet=internet)
@@ -267,10 +268,10 @@ class Manager:
 
     # ---- warm pool ------------------------------------------------------------------------
 
-    async def _claim_from_pool(self, template: str, *, user_id: str, env_vars: dict,
+    async def _claim_from_pool(self, recipe: recipes.Recipe, *, user_id: str, env_vars: dict,
                                metadata: dict, idle_timeout: int, max_lifetime: int,
                                internet: bool) -> Sandbox | None:
-        ready = self.pool.get(template)
+        ready = self.pool.get(recipe.name)
         while ready:
             sid = ready.pop(0)
             self._pool_wakeup.set()
@@ -291,13 +292,21 @@ class Manager:
             live.user_id, live.internet = user_id, internet
             live.idle_timeout, live.expires_at = idle_timeout, expires
             live.touch()
+            values = dict(user_id=user_id, internet=internet, env_vars=env_vars,
+                          idle_timeout_seconds=idle_timeout, max_lifetime_seconds=max_lifetime,
+                          created_at=now, expires_at=expires)
+            # One Core UPDATE (the ORM's costs ~7 ms more here); the answer is built from what
+            # is known, not read back.
+            table = Sandbox.__table__
             async with self.sessions() as db:
-                row = await db.get(Sandbox, sid)
-                row.user_id, row.internet, row.env_vars, row.metadata_ = (
-                    user_id, internet, env_vars, metadata)
-                row.idle_timeout_seconds, row.max_lifetime_seconds = idle_timeout, max_lifetime
-                row.created_at, row.expires_at = now, expires
+                await db.execute(table.update().where(table.c.id == sid)
+                                 .values(metadata=metadata, **values))
                 await db.commit()
+            # A plain record, not an ORM instance (whose construction costs ~2 ms here).
+            row = SimpleNamespace(id=sid, template=recipe.name, state="running",
+                                  vcpu=recipe.vcpu, cpu_fraction=recipe.cpu_fraction,
+                                  memory_mib=recipe.memory_mib, metadata_=metadata,
+                                  destroyed_at=None, **values)
             self.hostlog.write(sid, f"handed out from the warm pool to {user_id}")
             return row
         return None
@@ -316,6 +325,7 @@ class Manager:
                         row = await self._boot(user_id=None, recipe=recipe, env_vars={},
                                                metadata={}, idle_timeout=7200,
                                                max_lifetime=7200, internet=True)
+                        await self._prewarm(row.id)
                         ready.append(row.id)
             except asyncio.CancelledError:
                 raise
@@ -327,6 +337,14 @@ class Manager:
                 await asyncio.wait_for(self._pool_wakeup.wait(), 5)
             except asyncio.TimeoutError:
                 pass
+
+    async def _prewarm(self, sandbox_id: str) -> None:
+        """Run the shell once, so the user's first command finds bash and its libraries
+        already loaded in the sandbox's page cache (about 10 ms off the first command)."""
+        live = self.live[sandbox_id]
+        async with self.http.post(live.envd_url + "/commands", headers=envd.headers(live.token),
+                                  json={"cmd": "true"}) as r:
+            await r.read()
 
     # ---- destroy --------------------------------------------------------------------------
 

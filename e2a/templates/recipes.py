@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import tomllib
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ class Recipe:
         return int(self.vcpu * self.cpu_fraction * 100_000)
 
 
+@functools.cache  # recipes ship with the code: read once per process
 def load(name: str) -> Recipe | None:
     path = RECIPES / f"{name}.toml"
     if not path.is_file():
@@ -52,5 +54,6 @@ def load(name: str) -> Recipe | None:
     )
 
 
-def available() -> list[str]:
-    return sorted(p.stem for p in RECIPES.glob("*.toml"))
+@functools.cache
+def available() -> tuple[str, ...]:
+    return tuple(sorted(p.stem for p in RECIPES.glob("*.toml")))

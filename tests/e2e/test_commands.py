@@ -11,7 +11,6 @@ import pytest
 import websockets
 
 from e2a.sdk import E2AError
-from tests.e2e.conftest import wait_for
 
 
 def test_echo_and_exit_codes(alice, sandbox):

@@ -1,0 +1,95 @@
+"""Pure server logic: addressing, firewall rules, recipes, request schemas, errors, auth cache."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+
+import httpx
+
+import pytest
+from pydantic import ValidationError
+
+from e2a import auth
+from e2a.api.app import create_app
+from e2a.api.schemas import CommandRequest, CreateSandbox, reserved_env_key
+from e2a.network.firewall import Firewall
+from e2a.network.links import Addressing
+from e2a.templates import recipes
+
+
+def test_addressing_gives_disjoint_30s_and_short_names():
+    a = Addressing("e2a", "10.201.0.0/16")
+    assert a.slots == 16384
+    seen = set()
+    for slot in (0, 1, 2, 16383):
+        link = a.link(slot, "sbx_abc")
+        assert len(link.host_if) <= 15  # Linux interface name limit
+        host, sb = ipaddress.ip_address(link.host_ip), ipaddress.ip_address(link.sandbox_ip)
+        assert sb == host + 1
+        net = ipaddress.ip_network(f"{link.host_ip}/30", strict=False)
+        assert sb in net and net not in seen
+        seen.add(net)
+    with pytest.raises(ValueError):
+        a.link(16384, "sbx_abc")
+
+
+def test_firewall_ruleset_isolates_sandboxes():
+    fw = Firewall("e2a", "10.201.0.0/16")
+    fw.dns = ["192.0.2.53"]
+    rules = fw.ruleset(noinet=["e2a-7"])
+    assert 'iifname "e2a-*" drop' in rules                      # nothing from a sandbox to the host
+    assert 'oifname "e2a-*" drop' in rules                      # nothing into a sandbox from another
+    assert "elements = { e2a-7 }" in rules                     # internet off for this link
+    assert rules.index("iifname @noinet drop") < rules.index("udp dport 53 accept")
+    assert "10.0.0.0/8" in rules and "169.254.0.0/16" in rules and "127.0.0.0/8" in rules
+    assert "masquerade" in rules
+
+
+def test_recipe_hash_follows_content():
+    r = recipes.load("standard")
+    assert r is not None and r.memory_mib == 512 and r.cpu_quota_us == 50_000
+    assert len(r.content_hash) == 16
+    assert recipes.load("nope") is None
+    assert "standard" in recipes.available()
+
+
+def test_schemas_refuse_bad_input():
+    with pytest.raises(ValidationError):
+        CreateSandbox(template="standard", idle_timeout_seconds=0)
+    with pytest.raises(ValidationError):
+        CreateSandbox(template="standard", max_lifetime_seconds=7201)
+    with pytest.raises(ValidationError):
+        CreateSandbox(template="standard", env_vars={"A": "nul\x00"})
+    with pytest.raises(ValidationError):
+        CreateSandbox(template="standard", surprise=1)
+    with pytest.raises(ValidationError):
+        CommandRequest(cmd="true", user="Root; rm")
+    assert reserved_env_key("E2A_ANYTHING") and reserved_env_key("home")
+    assert not reserved_env_key("PATH")
+
+
+def test_key_cache_expires_and_forgets(monkeypatch):
+    cache = auth.KeyCache(ttl=10)
+    caller = auth.Caller(id="usr_a", key_id="key_a")
+    cache.put("e2a_live_x", caller)
+    assert cache.get("e2a_live_x") == caller
+    assert cache.get("e2a_live_y") is None
+    cache.forget("key_a")
+    assert cache.get("e2a_live_x") is None
+    cache = auth.KeyCache(ttl=-1)
+    cache.put("e2a_live_x", caller)
+    assert cache.get("e2a_live_x") is None
+
+
+def test_error_shape_without_runtime():
+    async def calls():
+        transport = httpx.ASGITransport(app=create_app(with_runtime=False))
+        async with httpx.AsyncClient(transport=transport, base_url="http://e2a") as client:
+            return await client.get("/v1/nowhere"), await client.put("/health")
+
+    missing, wrong_method = asyncio.run(calls())
+    assert missing.status_code == 404
+    assert set(missing.json()["error"]) == {"code", "message", "field"}
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"]["code"] == "method_not_allowed"
