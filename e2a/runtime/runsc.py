@@ -1,9 +1,10 @@
 """The isolation driver: one gVisor sandbox (runsc, an OCI bundle) per e2a sandbox.
 
-The template's rootfs is shared and read-only; runsc's rootfs overlay puts this sandbox's writes in
-a filestore inside the sandbox's own directory, removed with it. CPU and memory limits go into the
-OCI spec (gVisor sizes its own view from them: nproc, memory) and into host cgroups that e2a
-manages itself (runtime/cgroups.py), so runsc runs with --ignore-cgroups.
+The root filesystem is the sandbox's own overlay mount (runtime/rootfs.py): the shared template
+image below, the sandbox's writes above, on the host disk. CPU and memory limits go into the
+The memory limit goes into the OCI spec: runsc puts the sandbox in a host cgroup with that limit
+and gVisor sizes its own view of memory from it. The CPU quota is added by e2a after boot
+(runtime/cgroups.py).
 """
 
 from __future__ import annotations
@@ -32,13 +33,12 @@ _CAPS = [
 @dataclass
 class SandboxSpec:
     runtime_id: str         # runsc container id (also the cgroup leaf name)
-    bundle_dir: Path        # holds config.json, the overlay filestore and the console log
-    rootfs: Path            # the template image, read-only
+    bundle_dir: Path        # holds config.json and the console log
+    rootfs: Path            # the sandbox's overlay mount
     netns_path: str
     envd_binary: Path
     envd_token: str
     memory_mib: int
-    cpu_quota_us: int
     platform: str
     resolv_conf: Path
     cgroup: Cgroup
@@ -65,16 +65,18 @@ def oci_config(spec: SandboxSpec) -> dict:
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
              "options": ["nosuid", "nodev", "mode=1777", "size=64m"]},
+            # On disk, like the rest of the sandbox's writes: without this mount gVisor would put
+            # a tmpfs on /tmp, in the sandbox's memory, and a big temp file would exhaust it.
+            {"destination": "/tmp", "type": "bind", "source": str(spec.bundle_dir / "tmp"),
+             "options": ["rbind", "rw"]},
             {"destination": ENVD_PATH, "type": "bind", "source": str(spec.envd_binary),
              "options": ["bind", "ro"]},
             {"destination": "/etc/resolv.conf", "type": "bind", "source": str(spec.resolv_conf),
              "options": ["bind", "ro"]},
         ],
         "linux": {
-            "resources": {
-                "memory": {"limit": spec.memory_mib * 1024 * 1024},
-                "cpu": {"quota": spec.cpu_quota_us, "period": 100_000},
-            },
+            "cgroupsPath": spec.cgroup.path,
+            "resources": {"memory": {"limit": spec.memory_mib * 1024 * 1024}},
             "namespaces": [
                 {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
                 {"type": "network", "path": spec.netns_path},
@@ -95,24 +97,22 @@ class Runsc:
         return args
 
     async def start(self, spec: SandboxSpec) -> None:
-        """Create and start the sandbox inside its cgroup; returns once its init (envd) runs."""
+        """Create and start the sandbox; returns once its init (envd) runs."""
         spec.bundle_dir.mkdir(parents=True, exist_ok=True)
+        tmp = spec.bundle_dir / "tmp"
+        tmp.mkdir(exist_ok=True)
+        tmp.chmod(0o1777)
         (spec.bundle_dir / "config.json").write_text(json.dumps(oci_config(spec)))
         console = os.open(spec.bundle_dir / "console.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                           0o600)
         try:
             args = self._base(spec.platform) + [
-                "--overlay2", f"root:dir={spec.bundle_dir}",
-                # nproc inside = the CPU quota rounded up, not the host's cores.
-                "--cpu-num-from-quota",
-                "--ignore-cgroups",
+                "--overlay2", "none",  # the rootfs is already an overlay, on the host
                 "run", "--detach", "--bundle", str(spec.bundle_dir), spec.runtime_id,
             ]
             # The sandbox inherits the console fd as its stdout/stderr (envd's own log).
-            # runsc starts inside the cgroup, so the gofer and the sandbox are born in it.
             p = await asyncio.create_subprocess_exec(
-                *spec.cgroup.exec_inside(args), stdin=asyncio.subprocess.DEVNULL,
-                stdout=console, stderr=console)
+                *args, stdin=asyncio.subprocess.DEVNULL, stdout=console, stderr=console)
             code = await asyncio.wait_for(p.wait(), 60)
         finally:
             os.close(console)
@@ -120,11 +120,18 @@ class Runsc:
             tail = (spec.bundle_dir / "console.log").read_text(errors="replace")[-800:]
             raise proc.CommandFailed(args, code, tail)
 
+    def available(self) -> bool:
+        return os.access(self.binary, os.X_OK)
+
     async def delete(self, runtime_id: str) -> None:
         """Kill every process of the sandbox and remove runsc's state and cgroup for it."""
-        await proc.run(self._base() + ["delete", "--force", runtime_id], check=False, timeout=30)
+        if self.available():
+            await proc.run(self._base() + ["delete", "--force", runtime_id], check=False,
+                           timeout=30)
 
     async def list(self) -> list[dict]:
+        if not self.available():  # nothing can run without it; creates answer 503
+            return []
         out = await proc.run(self._base() + ["list", "--format=json"], check=False)
         try:
             data = json.loads(out or "[]")

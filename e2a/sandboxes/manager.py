@@ -25,7 +25,7 @@ from e2a.config import Settings
 from e2a.ids import new_id
 from e2a.network import links
 from e2a.network.firewall import Firewall, host_nameservers
-from e2a.runtime import cgroups
+from e2a.runtime import cgroups, rootfs
 from e2a.runtime.runsc import Runsc, SandboxSpec
 from e2a.sandboxes import envd
 from e2a.sandboxes.hostlog import HostLog
@@ -115,13 +115,17 @@ class Manager:
 
     @property
     def sandboxes_dir(self) -> Path:
-        return self.settings.run_dir / "sandboxes"
+        # On disk, not under /run: it holds each sandbox's writable layer.
+        return self.settings.data_dir / "sandboxes"
 
     def runtime_id(self, sandbox_id: str) -> str:
         return f"{self.settings.instance}-{sandbox_id}"
 
     def cgroup(self, sandbox_id: str) -> cgroups.Cgroup:
         return cgroups.Cgroup(self.settings.instance, self.runtime_id(sandbox_id))
+
+    def layer(self, sandbox_id: str) -> rootfs.Layer:
+        return rootfs.Layer(self.sandboxes_dir / sandbox_id)
 
     def check_runtime(self, recipe: recipes.Recipe) -> Path:
         if not Path(self.settings.runsc).is_file():
@@ -165,7 +169,7 @@ class Manager:
     async def _boot(self, *, user_id: str | None, recipe: recipes.Recipe, env_vars: dict,
                     metadata: dict, idle_timeout: int, max_lifetime: int,
                     internet: bool) -> Sandbox:
-        rootfs = self.check_runtime(recipe)
+        image = self.check_runtime(recipe)
         now = utcnow()
         sid = new_id("sbx")
         slot = self._take_slot()
@@ -217,19 +221,19 @@ class Manager:
             platform = self.settings.platform or recipe.platform
             bundle = self.sandboxes_dir / sid
             cgroup = self.cgroup(sid)
-            cgroup.create(recipe.memory_mib * 1024 * 1024)
 
             async def remove_cgroup() -> None:
                 cgroup.remove()
 
             undo.append(remove_cgroup)
-            undo.append(lambda: asyncio.to_thread(shutil.rmtree, bundle, True))
+            undo.append(lambda: self._remove_dir(sid))
+            layer = self.layer(sid)
+            await layer.mount(image)
             undo.append(lambda: self.runsc.delete(self.runtime_id(sid)))
             await self.runsc.start(SandboxSpec(
-                runtime_id=self.runtime_id(sid), bundle_dir=bundle, rootfs=rootfs,
+                runtime_id=self.runtime_id(sid), bundle_dir=bundle, rootfs=layer.merged,
                 netns_path=link.netns_path, envd_binary=Path(self.settings.envd),
-                envd_token=token, memory_mib=recipe.memory_mib,
-                cpu_quota_us=recipe.cpu_quota_us, platform=platform,
+                envd_token=token, memory_mib=recipe.memory_mib, platform=platform,
                 resolv_conf=self.resolv_conf, cgroup=cgroup,
             ))
             mark("runsc")
@@ -378,8 +382,17 @@ class Manager:
             if not row.internet:
                 await self.firewall.set_internet(link.host_if, True)
             self.slots.discard(row.slot)
-        await asyncio.to_thread(shutil.rmtree, self.sandboxes_dir / row.id, True)
+        await self._remove_dir(row.id)
         self.cgroup(row.id).remove()
+
+    async def _remove_dir(self, sandbox_id: str) -> None:
+        """Unmount the sandbox's layer, then delete its directory (never through a mount)."""
+        layer = self.layer(sandbox_id)
+        await layer.unmount()
+        if rootfs.is_mounted(layer.merged):
+            log.error("cannot unmount %s; leaving its directory", layer.merged)
+            return
+        await asyncio.to_thread(shutil.rmtree, self.sandboxes_dir / sandbox_id, True)
 
     async def destroy_all(self, reason: str) -> None:
         await asyncio.gather(*(self.destroy(sid, reason) for sid in list(self.live)))
@@ -477,6 +490,6 @@ class Manager:
                 await links.destroy(links.Link("", ifname, "", ""))
         for d in self.sandboxes_dir.iterdir():
             if d.name not in kept:
-                await asyncio.to_thread(shutil.rmtree, d, True)
+                await self._remove_dir(d.name)
         for leaf in cgroups.leaves(self.settings.instance) - kept_runtime:
             cgroups.Cgroup(self.settings.instance, leaf).remove()

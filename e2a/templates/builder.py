@@ -65,8 +65,6 @@ def build(cache_dir: Path, recipe: Recipe, log=sys.stderr) -> Path:
         _chroot(root, "apt-get update -qq && apt-get install -y -qq --no-install-recommends "
                 + pkgs, log)
         _chroot(root, f"useradd --create-home --uid {SANDBOX_UID} --shell /bin/bash user "
-                "&& echo 'user ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/user "
-                "&& chmod 0440 /etc/sudoers.d/user "
                 "&& apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin", log)
     finally:
         subprocess.run(["umount", "-l", str(proc)], check=False)

@@ -111,7 +111,7 @@ class Server:
         runsc = subprocess.run(["pgrep", "-f", f"root={self.run_dir}/runsc"],
                                capture_output=True, text=True).stdout.split()
         cgroups = [p for p in Path("/sys/fs/cgroup").glob(f"*/{self.instance}/*") if p.is_dir()]
-        sandboxes = self.run_dir / "sandboxes"
+        sandboxes = self.base / "data" / "sandboxes"
         return {
             "netns": sum(n.startswith(prefix) for n in netns),
             "veth": sum(n.startswith(prefix) for n in os.listdir("/sys/class/net")),
@@ -134,6 +134,9 @@ class Server:
             if ifname.startswith(prefix):
                 subprocess.run(["ip", "link", "del", ifname], capture_output=True)
         time.sleep(0.2)
+        for target in reversed([line.split()[1] for line in open("/proc/mounts")
+                                if line.split()[1].startswith(str(self.base) + "/")]):
+            subprocess.run(["umount", "-l", target], capture_output=True)
         for cg in Path("/sys/fs/cgroup").glob(f"*/{self.instance}/*"):
             try:
                 cg.rmdir()

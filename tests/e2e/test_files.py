@@ -113,3 +113,37 @@ def test_paths_with_nul_are_refused(http, sandbox):
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_path"
     r = http.get(f"/v1/sandboxes/{sandbox.vm_id}/files", params={})
     assert r.status_code == 400 and r.json()["error"]["field"] == "path"
+
+
+def _rss_peak_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_1gib_streams_through_without_buffering(alice, sandbox, server):
+    """1 GiB up and down with checksums; the server's peak memory grows by far less."""
+    size, chunk = 1 << 30, os.urandom(1 << 20)
+    want = hashlib.sha256()
+
+    def source():
+        for _ in range(size // len(chunk)):
+            want.update(chunk)
+            yield chunk
+
+    peak_before = _rss_peak_kib(server.proc.pid)
+    alice.files.write(sandbox.vm_id, "/tmp/big.bin", source())
+    got = hashlib.sha256()
+
+    class Sink:
+        def write(self, b):
+            got.update(b)
+            return len(b)
+
+    n = alice.files.read_to(sandbox.vm_id, "/tmp/big.bin", Sink())
+    assert n == size
+    assert got.hexdigest() == want.hexdigest()
+    grown_mib = (_rss_peak_kib(server.proc.pid) - peak_before) / 1024
+    assert grown_mib < 128, f"server peak memory grew {grown_mib:.0f} MiB for a 1 GiB transfer"
+    alice.files.remove(sandbox.vm_id, "/tmp/big.bin")

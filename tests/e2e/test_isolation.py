@@ -145,6 +145,9 @@ def test_memory_limit_kills_inside_and_sandbox_survives(alice, bob):
     sb = alice.create_sandbox("standard")
     other = bob.create_sandbox("standard")
     try:
+        # the sandbox sees its own size, not the host's memory (tools size their heaps from it)
+        mem_total_kib = int(alice.run(sb.vm_id, "awk '/MemTotal/ {print $2}' /proc/meminfo").stdout)
+        assert mem_total_kib == 512 * 1024
         r = alice.run(sb.vm_id, "python3 -c 'b=[]\nfor i in range(40): b.append(bytearray(50<<20))'"
                                 "; echo rc=$?", timeout=120)
         assert "rc=137" in r.stdout  # killed for memory, inside the sandbox
@@ -231,3 +234,30 @@ def test_port_proxy_http_and_websocket(alice, sandbox, server, keys):
             return await ws.recv()
 
     assert asyncio.run(asyncio.wait_for(ws_roundtrip(), 30)) == "echo:ping"
+
+
+def test_cpu_quota_is_enforced(alice, sandbox, server):
+    """A busy loop gets half a CPU: the host's CFS throttles the sandbox's cgroup."""
+    cg = f"/sys/fs/cgroup/cpu/{server.instance}/{server.instance}-{sandbox.vm_id}"
+    if not os.path.isdir(cg):  # cgroup v2 host
+        cg = f"/sys/fs/cgroup/{server.instance}/{server.instance}-{sandbox.vm_id}"
+    stat_file = os.path.join(cg, "cpu.stat")
+    before = dict(line.split() for line in open(stat_file).read().splitlines())
+    r = alice.run(sandbox.vm_id, "timeout 3 sh -c 'while :; do :; done'; echo done")
+    assert r.stdout == "done\n"
+    after = dict(line.split() for line in open(stat_file).read().splitlines())
+    throttled = int(after.get("nr_throttled", 0)) - int(before.get("nr_throttled", 0))
+    assert throttled >= 5, (before, after)
+
+
+def test_writes_stay_in_the_sandboxs_own_layer(alice, bob, sandbox):
+    other = bob.create_sandbox("standard")
+    try:
+        alice.run(sandbox.vm_id, "echo mine > /usr/local/marker", user="root")
+        assert alice.run(sandbox.vm_id, "cat /usr/local/marker").stdout == "mine\n"
+        assert bob.run(other.vm_id, "cat /usr/local/marker 2>&1; true").stdout.startswith("cat:")
+        images = [p for p in os.listdir("/var/cache/e2a/templates") if p.startswith("standard-")]
+        assert images and not any(os.path.exists(f"/var/cache/e2a/templates/{p}/rootfs/usr/local/marker")
+                                  for p in images)
+    finally:
+        bob.kill(other.vm_id)

@@ -70,3 +70,27 @@ def test_graceful_restart_keeps_sandboxes(restart_server):
         c.kill(sb.vm_id)
     srv.stop()
     assert not any(srv.host_objects().values())
+
+
+def test_capacity_and_runtime_errors(restart_server):
+    """409 when this host is full, 503 when it cannot start sandboxes at all."""
+    srv = restart_server
+    srv.extra_env = {"E2A_MAX_SANDBOXES": "1"}
+    srv.start()
+    key = srv.create_user("full@example.com")
+    with E2A(srv.url, key) as c:
+        first = c.create_sandbox("standard")
+        with pytest.raises(E2AError) as e:
+            c.create_sandbox("standard")
+        assert (e.value.status, e.value.code) == (409, "no_capacity")
+        c.kill(first.vm_id)
+        c.kill(c.create_sandbox("standard").vm_id)  # room again
+    srv.stop()
+    srv.extra_env = {"E2A_RUNSC": "/nonexistent/runsc"}
+    srv.start()
+    with E2A(srv.url, key) as c:
+        with pytest.raises(E2AError) as e:
+            c.create_sandbox("standard")
+        assert (e.value.status, e.value.code) == (503, "runtime_unavailable")
+    srv.stop()
+    assert not any(srv.host_objects().values())
