@@ -3,7 +3,7 @@
 # PostgreSQL path is tested against the real thing). Idempotent; prints nothing on success.
 set -eu
 if ! command -v pg_ctlcluster >/dev/null 2>&1; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
 fi
 VER=$(ls /usr/lib/postgresql | sort -n | tail -1)
 if ! pg_lsclusters -h | grep -q "^$VER main"; then
