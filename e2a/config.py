@@ -27,8 +27,8 @@ class Settings:
     # 10.201.0.0/16 cut into /30 links, one per sandbox.
     subnet: str = field(default_factory=lambda: _env("SUBNET", "10.201.0.0/16"))
     max_sandboxes: int = field(default_factory=lambda: int(_env("MAX_SANDBOXES", "256")))
-    # Pre-started sandboxes per template, handed out on create.
-    pool_size: int = field(default_factory=lambda: int(_env("POOL_SIZE", "0")))
+    # Pre-started sandboxes per template, handed out on create (~15 MiB of host memory each).
+    pool_size: int = field(default_factory=lambda: int(_env("POOL_SIZE", "2")))
     # Force one gVisor platform (ptrace, systrap) for every template; empty = each recipe's own.
     platform: str = field(default_factory=lambda: _env("PLATFORM", ""))
     reaper_interval: float = field(default_factory=lambda: float(_env("REAPER_INTERVAL", "1.0")))

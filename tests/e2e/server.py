@@ -52,6 +52,7 @@ class Server:
             "E2A_INSTANCE": self.instance,
             "E2A_SUBNET": self.subnet,
             "E2A_REAPER_INTERVAL": "0.2",
+            "E2A_POOL_SIZE": "0",  # tests that want a warm pool say so
             **self.extra_env,
         }
 
