@@ -31,10 +31,11 @@ from e2a.sandboxes.manager import Live, Manager
 
 router = APIRouter(prefix="/v1/sandboxes/{vm_id}", tags=["inside a sandbox"])
 
-# Headers that describe one hop, not the message; never forwarded.
+# Headers that describe one hop, not the message, and the caller's e2a API key: never forwarded.
+# (Cookies do pass: they belong to the app in the sandbox, e2a itself uses none.)
 HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                "trailers", "transfer-encoding", "upgrade", "host", "content-length",
-               "authorization", "cookie"}
+               "authorization"}
 OCTET = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 TAR = {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}
 PathParam = Query(min_length=1, max_length=4096, description="absolute, or relative to the "

@@ -206,7 +206,7 @@ def test_port_proxy_http_and_websocket(alice, sandbox, server, keys):
     alice.files.write(sandbox.vm_id, "ws_server.py", WS_ECHO.encode())
     alice.run_background(sandbox.vm_id, "python3 echo_server.py")
     alice.run_background(sandbox.vm_id, "python3 ws_server.py")
-    h = {"Authorization": f"Bearer {keys['alice']}", "X-Probe": "yes"}
+    h = {"Authorization": f"Bearer {keys['alice']}", "X-Probe": "yes", "Cookie": "app=1"}
     url = f"{server.url}/v1/sandboxes/{sandbox.vm_id}/ports/8001/some/path?q=1"
     deadline = time.monotonic() + 60
     while True:
@@ -218,7 +218,7 @@ def test_port_proxy_http_and_websocket(alice, sandbox, server, keys):
     seen = r.json()
     headers = {k.lower(): v for k, v in seen["headers"].items()}
     assert seen["path"] == "/some/path?q=1"
-    assert headers.get("x-probe") == "yes"
+    assert headers.get("x-probe") == "yes" and headers.get("cookie") == "app=1"
     assert "authorization" not in headers  # the API key never reaches the sandbox
     # without the key: refused
     assert httpx.get(url, timeout=10).status_code == 401
