@@ -72,8 +72,8 @@ async def caller_for_key(db: AsyncSession, key: str) -> Caller | None:
 
 class KeyCache:
     """Valid keys seen in the last `ttl` seconds, so the hot path (an exec is one request) makes
-    no database query. A key revoked in the database stops working within `ttl` seconds; one
-    revoked through this server (`forget`) at once. Unknown keys are never cached."""
+    no database query. A key revoked in the database stops working within `ttl` seconds.
+    Unknown keys are never cached."""
 
     def __init__(self, ttl: float = 2.0):
         self.ttl = ttl
@@ -89,6 +89,3 @@ class KeyCache:
         if len(self._entries) > 100_000:
             self._entries.clear()
         self._entries[hash_key(key)] = (caller, time.monotonic() + self.ttl)
-
-    def forget(self, key_id: str) -> None:
-        self._entries = {h: e for h, e in self._entries.items() if e[0].key_id != key_id}

@@ -49,13 +49,16 @@ async def current_user(request: Request) -> Caller:
     return await caller_from_header(request.app, request.headers.get("authorization"))
 
 
-def owned_live(mgr: Manager, user: Caller, sandbox_id: str) -> Live | None:
-    """The caller's running sandbox from memory: the hot path needs no database query."""
+async def running_sandbox(app, user: Caller, sandbox_id: str) -> Live:
+    """The caller's running sandbox. From memory on the hot path (no database query); only a
+    sandbox that is not running here is looked up, to answer 404 or 409."""
+    mgr: Manager = app.state.manager
     live = mgr.live.get(sandbox_id)
-    if live is None or live.user_id != user.id or live.destroying:
-        return None
-    live.touch()
-    return live
+    if live is not None and live.user_id == user.id and not live.destroying:
+        live.touch()
+        return live
+    async with app.state.sessions() as db:
+        return running(mgr, await owned_sandbox(db, user, sandbox_id))
 
 
 async def owned_sandbox(db: AsyncSession, user: Caller, sandbox_id: str) -> Sandbox:

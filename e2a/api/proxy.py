@@ -19,8 +19,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 from yarl import URL
 
-from e2a.api.deps import (caller_from_header, current_user, db_session, manager, owned_live,
-                          owned_sandbox, running)
+from e2a.api.deps import (caller_from_header, current_user, db_session, manager, owned_sandbox,
+                          running_sandbox)
 from e2a.api.errors import ApiError
 from e2a.api.schemas import (CommandRequest, MkdirRequest, RenameRequest, SignalRequest,
                              StdinRequest)
@@ -42,13 +42,9 @@ PathParam = Query(min_length=1, max_length=4096, description="absolute, or relat
                   "user's home")
 
 
-async def live_sandbox(request: Request, vm_id: str, user: Caller = Depends(current_user),
-                       mgr: Manager = Depends(manager)) -> Live:
-    live = owned_live(mgr, user, vm_id)
-    if live is not None:
-        return live
-    async with request.app.state.sessions() as db:  # not running: 404 or 409, from the store
-        return running(mgr, await owned_sandbox(db, user, vm_id))
+async def live_sandbox(request: Request, vm_id: str,
+                       user: Caller = Depends(current_user)) -> Live:
+    return await running_sandbox(request.app, user, vm_id)
 
 
 async def _stream_body(resp: aiohttp.ClientResponse, live: Live) -> AsyncIterator[bytes]:
@@ -62,6 +58,21 @@ async def _stream_body(resp: aiohttp.ClientResponse, live: Live) -> AsyncIterato
         resp.release()
 
 
+async def _open(mgr: Manager, live: Live, method: str, url, unreachable: ApiError,
+                **kwargs) -> aiohttp.ClientResponse:
+    """Send a request into the sandbox and return the answer unread (to be streamed back).
+    The sandbox counts as in use meanwhile; if nothing answers, `unreachable` is raised."""
+    live.streams += 1
+    try:
+        return await mgr.http.request(method, url, **kwargs)
+    except envd.TRANSPORT_ERRORS as exc:
+        raise ApiError(unreachable.status, unreachable.code,
+                       f"{unreachable.message}: {exc.__class__.__name__}",
+                       unreachable.field) from exc
+    finally:
+        live.streams -= 1
+
+
 async def forward(mgr: Manager, live: Live, method: str, path: str, *,
                   params: dict | None = None, json: object = None,
                   content: AsyncIterator[bytes] | None = None,
@@ -70,15 +81,9 @@ async def forward(mgr: Manager, live: Live, method: str, path: str, *,
     headers = envd.headers(live.token)
     if content_type:
         headers["Content-Type"] = content_type
-    live.streams += 1
-    try:
-        resp = await mgr.http.request(method, live.envd_url + path, params=params, json=json,
-                                      data=content, headers=headers)
-    except envd.TRANSPORT_ERRORS as exc:
-        raise ApiError(502, "sandbox_unreachable",
-                       f"the sandbox's agent did not answer: {exc.__class__.__name__}")
-    finally:
-        live.streams -= 1
+    resp = await _open(mgr, live, method, live.envd_url + path,
+                       ApiError(502, "sandbox_unreachable", "the sandbox's agent did not answer"),
+                       params=params, json=json, data=content, headers=headers)
     keep = {k: v for k, v in resp.headers.items()
             if k.lower() in ("content-type", "content-length", "content-disposition")}
     if resp.status == 204:
@@ -247,18 +252,12 @@ async def port_proxy(request: Request, path: str, port: int = Path(ge=1, le=6553
     url = f"http://{live.link.sandbox_ip}:{port}/{path}"
     if request.url.query:
         url += "?" + request.url.query
-    live.streams += 1
-    try:
-        resp = await mgr.http.request(
-            request.method, URL(url, encoded=True), headers=headers,
-            data=request.stream() if has_body else None, allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
-    except envd.TRANSPORT_ERRORS as exc:
-        raise ApiError(502, "port_unreachable",
-                       f"nothing answered on port {port} in the sandbox: {exc.__class__.__name__}",
-                       "port")
-    finally:
-        live.streams -= 1
+    resp = await _open(
+        mgr, live, request.method, URL(url, encoded=True),
+        ApiError(502, "port_unreachable", f"nothing answered on port {port} in the sandbox",
+                 "port"),
+        headers=headers, data=request.stream() if has_body else None, allow_redirects=False,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
     out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_HEADERS}
     return StreamingResponse(_stream_body(resp, live), status_code=resp.status,
                              headers=out_headers)
@@ -274,14 +273,9 @@ for _method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"):
 
 async def _ws_live(ws: WebSocket, vm_id: str) -> Live | None:
     """Authenticate a WebSocket; on failure close it with 4401 / 4404 / 4409 before accepting."""
-    mgr: Manager = ws.app.state.manager
     try:
         user = await caller_from_header(ws.app, ws.headers.get("authorization"))
-        live = owned_live(mgr, user, vm_id)
-        if live is not None:
-            return live
-        async with ws.app.state.sessions() as db:
-            return running(mgr, await owned_sandbox(db, user, vm_id))
+        return await running_sandbox(ws.app, user, vm_id)
     except ApiError as exc:
         await ws.close(code=4000 + exc.status, reason=exc.message[:120])
         return None

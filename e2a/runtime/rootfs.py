@@ -37,9 +37,3 @@ class Layer:
 
 def is_mounted(path: Path) -> bool:
     return os.path.ismount(path)
-
-
-def mounts_below(directory: Path) -> list[str]:
-    prefix = str(directory).rstrip("/") + "/"
-    with open("/proc/mounts") as f:
-        return [line.split()[1] for line in f if line.split()[1].startswith(prefix)]

@@ -1,8 +1,7 @@
 """The isolation driver: one gVisor sandbox (runsc, an OCI bundle) per e2a sandbox.
 
 The root filesystem is the sandbox's own overlay mount (runtime/rootfs.py): the shared template
-image below, the sandbox's writes above, on the host disk. CPU and memory limits go into the
-The memory limit goes into the OCI spec: runsc puts the sandbox in a host cgroup with that limit
+image below, the sandbox's writes above, on the host disk. The memory limit goes into the OCI spec: runsc puts the sandbox in a host cgroup with that limit
 and gVisor sizes its own view of memory from it. The CPU quota is added by e2a after boot
 (runtime/cgroups.py).
 """

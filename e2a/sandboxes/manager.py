@@ -128,7 +128,7 @@ class Manager:
         return rootfs.Layer(self.sandboxes_dir / sandbox_id)
 
     def check_runtime(self, recipe: recipes.Recipe) -> Path:
-        if not Path(self.settings.runsc).is_file():
+        if not self.runsc.available():
             raise Unavailable(f"runsc not found at {self.settings.runsc} (run `make build`)")
         if not Path(self.settings.envd).is_file():
             raise Unavailable(f"envd not found at {self.settings.envd} (run `make build`)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -25,6 +26,18 @@ def new_server(tag: str) -> Server:
     n = {"main": 0, "restart": 1, "pool": 2, "pg": 3}[tag]
     return Server(instance=f"t{w}{n}", subnet=f"10.{210 + w}.{n * 16}.0/20",
                   base=Path(f"/tmp/e2a-test/{w}-{tag}"))
+
+
+@contextlib.contextmanager
+def own_server(tag: str, **env: str):
+    """A server of a test's own (not yet started), with nothing of it left afterwards."""
+    srv = new_server(tag)
+    srv.extra_env = env
+    srv.cleanup()
+    try:
+        yield srv
+    finally:
+        srv.cleanup()
 
 
 @pytest.fixture(scope="session")

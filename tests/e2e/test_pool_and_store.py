@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from e2a.sdk import E2A
-from tests.e2e.conftest import new_server, wait_for
+from tests.e2e.conftest import own_server, wait_for
 
 
 def pool_count(srv) -> int:
@@ -18,12 +18,9 @@ def pool_count(srv) -> int:
 
 @pytest.fixture
 def pool_server():
-    srv = new_server("pool")
-    srv.extra_env = {"E2A_POOL_SIZE": "2"}
-    srv.cleanup()
-    srv.start()
-    yield srv
-    srv.cleanup()
+    with own_server("pool", E2A_POOL_SIZE="2") as srv:
+        srv.start()
+        yield srv
 
 
 def test_warm_pool_hands_out_and_refills(pool_server):
@@ -66,11 +63,8 @@ def pg_server():
     dsn = url.replace("+asyncpg", "")
     subprocess.run(["psql", dsn, "-qc", "drop schema public cascade; create schema public"],
                    check=True, capture_output=True)
-    srv = new_server("pg")
-    srv.extra_env = {"E2A_DATABASE_URL": url}
-    srv.cleanup()
-    yield srv
-    srv.cleanup()
+    with own_server("pg", E2A_DATABASE_URL=url) as srv:
+        yield srv
 
 
 def test_postgresql_store(pg_server):

@@ -8,15 +8,13 @@ import subprocess
 import pytest
 
 from e2a.sdk import E2A, E2AError
-from tests.e2e.conftest import new_server
+from tests.e2e.conftest import own_server
 
 
 @pytest.fixture
 def restart_server():
-    srv = new_server("restart")
-    srv.cleanup()
-    yield srv
-    srv.cleanup()
+    with own_server("restart") as srv:
+        yield srv
 
 
 def test_crash_restart_adopts_and_cleans(restart_server):
