@@ -17,7 +17,10 @@ pytestmark = pytest.mark.e2e
 
 
 def worker_index() -> int:
-    return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    """The xdist worker's number, shifted by E2A_TEST_WORKER_OFFSET so that two suites (two
+    developers, or a helper beside the main run) can run on one machine without colliding."""
+    offset = int(os.environ.get("E2A_TEST_WORKER_OFFSET", "0"))
+    return offset + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
 
 
 def new_server(tag: str) -> Server:
