@@ -1,8 +1,9 @@
 """The ``e2a`` command line: ``main`` is the root click group.
 
 Client-side commands (``sandbox``, ``files``) live here and talk to the server through ``e2a.sdk``.
-Server-side commands are attached by their own modules: ``main.add_command(serve)`` and
-``admin.add_command(...)`` (see the ADMIN section at the bottom).
+Server-side commands (``serve``, ``admin ...``) live in ``e2a.server_cli`` and are loaded only when
+one of them runs: help lists them by the names and short help in ``SERVER_COMMANDS``, so a client
+command (or ``--help``) never imports the server's dependencies (SQLAlchemy, FastAPI, uvicorn, ...).
 """
 
 from __future__ import annotations
@@ -28,8 +29,44 @@ from e2a.sdk import E2A, AsyncE2A, E2AError
 # ====================================================================== root group and shared helpers
 
 
+# Commands defined in e2a.server_cli (name -> short help for listings; keep in step with it).
+SERVER_COMMANDS = {
+    "admin": "Administer the e2a server (runs on the host).",
+    "serve": "Run the e2a server: API, sandbox host and store, on the embedded defaults.",
+}
+
+
 class _Main(click.Group):
-    """Turns SDK and connection errors from any subcommand into ``error: <code>: <message>`` + exit 1."""
+    """Loads the server-side commands lazily (see SERVER_COMMANDS), and turns SDK and connection
+    errors from any subcommand into ``error: <code>: <message>`` + exit 1."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *SERVER_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in SERVER_COMMANDS and cmd_name not in self.commands:
+            from e2a import server_cli
+
+            self.add_command(getattr(server_cli, cmd_name), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """click's listing, except that not-yet-loaded server commands show their static help."""
+        names = self.list_commands(ctx)
+        if not names:
+            return
+        limit = formatter.width - 6 - max(len(n) for n in names)
+        rows = []
+        for name in names:
+            if name in SERVER_COMMANDS and name not in self.commands:
+                rows.append((name, click.utils.make_default_short_help(SERVER_COMMANDS[name], limit)))
+                continue
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -435,23 +472,6 @@ def files_mkdir(ctx, vm_id, path, parents):
 def files_mv(ctx, vm_id, src, dst):
     """Rename or move SRC to DST."""
     click.echo(_client(ctx).files.rename(vm_id, src, dst).path)
-
-
-# ====================================================================== ADMIN (server side)
-# Intentionally empty here: the server package attaches its commands, e.g.
-#     from e2a.cli import admin, main
-#     admin.add_command(create_user)      # e2a admin create-user ...
-#     main.add_command(serve)             # e2a serve
-# Nothing above needs the server's dependencies, so the client CLI stays light.
-
-
-@main.group()
-def admin() -> None:
-    """Administer the e2a server (runs on the host)."""
-
-
-# Attaches `serve` and the `admin` commands; imported last because it uses `main` and `admin`.
-from e2a import server_cli  # noqa: E402,F401
 
 
 if __name__ == "__main__":

@@ -1,47 +1,170 @@
-"""Server settings: embedded defaults, overridable by E2A_* environment variables."""
+"""Server settings: embedded defaults, overridable by E2A_* environment variables.
+
+Read and validated in one place: ``Settings()`` reads the environment (an empty variable counts as
+unset) and raises :class:`SettingsError` listing every bad value, one line per problem and naming
+its variable, before anything touches the host. Unknown ``E2A_*`` variables (e.g. the CLI's own
+``E2A_URL`` and ``E2A_API_KEY``) are ignored.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "E2A_"
+PLATFORMS = ("systrap", "ptrace")
+DATABASE_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
+IFNAMSIZ = 15  # longest Linux network interface name; host side of a link is "<instance>-<slot>"
+INSTANCE_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+
+# What a valid value looks like, for errors that pydantic raises itself (a string that is not a
+# number, a number out of range): one sentence per field instead of pydantic's wording.
+_EXPECTED = {
+    "port": "must be an integer from 1 to 65535",
+    "max_sandboxes": "must be an integer of at least 1",
+    "pool_size": "must be an integer of at least 0",
+    "reaper_interval": "must be a number of seconds greater than 0",
+    "death_check_interval": "must be a number of seconds greater than 0 and at most 2",
+    "max_body_bytes": "must be an integer of at least 1024 (bytes)",
+}
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get("E2A_" + name, default)
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
 
 
-@dataclass
-class Settings:
-    host: str = field(default_factory=lambda: _env("HOST", "127.0.0.1"))
-    port: int = field(default_factory=lambda: int(_env("PORT", "8080")))
+class SettingsError(ValueError):
+    """Invalid settings; ``problems`` holds one line per bad value, each naming its variable."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
     # Persistent state: the SQLite database and the log of each sandbox.
-    data_dir: Path = field(default_factory=lambda: Path(_env("DATA_DIR", "/var/lib/e2a")))
+    data_dir: Path = Path("/var/lib/e2a")
     # Volatile state: runsc's state, bundles and each sandbox's writable layer.
-    run_dir: Path = field(default_factory=lambda: Path(_env("RUN_DIR", "/run/e2a")))
+    run_dir: Path = Path("/run/e2a")
     # Template images and the runsc build, keyed by content hash; survive clones and restarts.
-    cache_dir: Path = field(default_factory=lambda: Path(_env("CACHE_DIR", "/var/cache/e2a")))
-    database_url: str = field(default_factory=lambda: _env("DATABASE_URL", ""))
-    runsc: str = field(default_factory=lambda: _env("RUNSC", ""))
-    envd: str = field(default_factory=lambda: _env("ENVD", ""))
+    cache_dir: Path = Path("/var/cache/e2a")
+    # Default: sqlite+aiosqlite:///<data_dir>/e2a.db
+    database_url: str = ""
+    # Default: <cache_dir>/bin/runsc
+    runsc: str = ""
+    # Default: build/envd of this checkout
+    envd: str = ""
     # 10.201.0.0/16 cut into /30 links, one per sandbox.
-    subnet: str = field(default_factory=lambda: _env("SUBNET", "10.201.0.0/16"))
-    max_sandboxes: int = field(default_factory=lambda: int(_env("MAX_SANDBOXES", "256")))
+    subnet: str = "10.201.0.0/16"
+    max_sandboxes: int = Field(256, ge=1)
     # Pre-started sandboxes per template, handed out on create (~15 MiB of host memory each).
-    pool_size: int = field(default_factory=lambda: int(_env("POOL_SIZE", "2")))
+    pool_size: int = Field(2, ge=0)
     # Force one gVisor platform (ptrace, systrap) for every template; empty = each recipe's own.
-    platform: str = field(default_factory=lambda: _env("PLATFORM", ""))
-    reaper_interval: float = field(default_factory=lambda: float(_env("REAPER_INTERVAL", "1.0")))
+    platform: str = ""
+    reaper_interval: float = Field(1.0, gt=0, allow_inf_nan=False)
     # Name prefix of every host object (netns, veth, cgroup, runsc id): lets tests run two servers.
-    instance: str = field(default_factory=lambda: _env("INSTANCE", "e2a"))
+    instance: str = "e2a"
+    # Seconds between checks that each sandbox's host processes are still alive.
+    death_check_interval: float = Field(0.5, gt=0, le=2, allow_inf_nan=False)
+    # The largest JSON request body the API accepts.
+    max_body_bytes: int = Field(1_048_576, ge=1024)
 
-    def __post_init__(self) -> None:
-        self.data_dir = Path(self.data_dir)
-        self.run_dir = Path(self.run_dir)
-        self.cache_dir = Path(self.cache_dir)
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise SettingsError(_problems(e, values)) from None
+
+    # ---- one field at a time (fields are validated in the order declared above) -----------------
+
+    @field_validator("subnet")
+    @classmethod
+    def _subnet(cls, v: str) -> str:
+        try:
+            net = ipaddress.ip_network(v.strip(), strict=True)
+        except ValueError as e:
+            raise ValueError(f"must be an IPv4 network such as 10.201.0.0/16 ({e})") from None
+        if net.version != 4:
+            raise ValueError("must be an IPv4 network such as 10.201.0.0/16 (sandbox links are IPv4)")
+        if net.prefixlen > 30:
+            raise ValueError("must hold at least one /30 link (a prefix length of 30 or less)")
+        return str(net)
+
+    @field_validator("pool_size")
+    @classmethod
+    def _pool_size(cls, v: int, info: ValidationInfo) -> int:
+        limit = info.data.get("max_sandboxes")  # absent when max_sandboxes itself is invalid
+        if limit is not None and v > limit:
+            raise ValueError(f"must be at most {env_name('max_sandboxes')} ({limit})")
+        return v
+
+    @field_validator("platform")
+    @classmethod
+    def _platform(cls, v: str) -> str:
+        if v and v not in PLATFORMS:
+            raise ValueError(f"must be empty (each template's own) or one of {', '.join(PLATFORMS)}")
+        return v
+
+    @field_validator("instance")
+    @classmethod
+    def _instance(cls, v: str, info: ValidationInfo) -> str:
+        if not INSTANCE_RE.match(v):
+            raise ValueError("must be 1-8 lowercase letters and digits, starting with a letter"
+                             " (it prefixes network interface names)")
+        subnet = info.data.get("subnet")
+        if subnet is not None:  # "<instance>-<highest slot>" must fit in an interface name
+            slots = ipaddress.IPv4Network(subnet).num_addresses // 4
+            longest = f"{v}-{slots - 1}"
+            if len(longest) > IFNAMSIZ:
+                raise ValueError(f"is too long for {env_name('subnet')}={subnet}: interface names such as"
+                                 f" {longest} exceed {IFNAMSIZ} characters (use a shorter instance"
+                                 " or a smaller subnet)")
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, v: str) -> str:
+        if v:
+            scheme, sep, rest = v.partition("://")
+            if not sep or scheme not in DATABASE_SCHEMES or not rest:
+                raise ValueError("must be a URL starting with " + " or ".join(s + "://" for s in DATABASE_SCHEMES))
+        return v
+
+    # ---- defaults derived from other fields ---------------------------------------------------
+
+    @model_validator(mode="after")
+    def _derived_defaults(self) -> Settings:
         if not self.database_url:
             self.database_url = f"sqlite+aiosqlite:///{self.data_dir / 'e2a.db'}"
         if not self.runsc:
             self.runsc = str(self.cache_dir / "bin" / "runsc")
         if not self.envd:
             self.envd = str(Path(__file__).resolve().parent.parent / "build" / "envd")
+        return self
+
+
+def _problems(error: ValidationError, given: dict[str, Any]) -> list[str]:
+    """``e2a: invalid setting E2A_PORT='abc': must be an integer from 1 to 65535``, one per error."""
+    from_env = {k.upper() for k, v in os.environ.items() if v}  # names are read case-insensitively
+    lines = []
+    for err in error.errors():
+        field = str(err["loc"][0]) if err["loc"] else ""
+        name = env_name(field) if field else "E2A_*"
+        if err["type"] == "value_error":  # raised by one of our validators: its message as is
+            reason = str(err.get("ctx", {}).get("error", err["msg"]))
+        else:
+            reason = _EXPECTED.get(field, err["msg"][:1].lower() + err["msg"][1:])
+        source = "" if field in given or name in from_env else " (default)"
+        value = str(err.get("input"))
+        lines.append(f"e2a: invalid setting {name}={value!r}{source}: {reason}")
+    return lines

@@ -1,4 +1,8 @@
-"""Server-side CLI commands: `e2a serve` and `e2a admin ...` (users, keys, templates)."""
+"""Server-side CLI commands: `e2a serve` and `e2a admin ...` (users, keys, templates).
+
+The client CLI (e2a/cli.py) loads this module only when `serve` or `admin` is invoked, so that
+client commands never import the server's dependencies; this module does not import e2a.cli.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +13,25 @@ import sys
 import click
 from sqlalchemy import func, select, update
 
-from e2a.cli import admin, main
-from e2a.config import Settings
+from e2a.config import Settings, SettingsError
+
+# Exit status for invalid settings (the usage-error status, as for a bad option).
+BAD_SETTINGS = 2
 
 
-async def _with_db(fn):
+def load_settings() -> Settings:
+    """The settings from the environment, or one line per bad value on stderr and exit 2."""
+    try:
+        return Settings()
+    except SettingsError as e:
+        for line in e.problems:
+            click.echo(line, err=True)
+        sys.exit(BAD_SETTINGS)
+
+
+async def _with_db(fn, settings: Settings):
     from e2a.store import db as store
 
-    settings = Settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = store.make_engine(settings.database_url)
     try:
@@ -29,16 +44,18 @@ async def _with_db(fn):
         await engine.dispose()
 
 
-@main.command()
+@click.command()
 @click.option("--host", default=None, help="listen address (default 127.0.0.1, E2A_HOST)")
-@click.option("--port", type=int, default=None, help="listen port (default 8080, E2A_PORT)")
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help="listen port (default 8080, E2A_PORT)")
 def serve(host: str | None, port: int | None) -> None:
     """Run the e2a server: API, sandbox host and store, on the embedded defaults."""
+    settings = load_settings()  # before anything else: a bad value exits without touching the host
+
     import uvicorn
 
     from e2a.api.app import create_app
 
-    settings = Settings()
     settings.host = host or settings.host
     settings.port = port or settings.port
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -47,6 +64,11 @@ def serve(host: str | None, port: int | None) -> None:
     # fork (about 18 ms for this process), and every sandbox start runs several (ip, runsc).
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, loop="asyncio",
                 log_level="info", access_log=False, ws_max_size=16 * 1024 * 1024)
+
+
+@click.group()
+def admin() -> None:
+    """Administer the e2a server (runs on the host)."""
 
 
 @admin.command()
@@ -62,7 +84,7 @@ def bootstrap() -> None:
         _, secret = await auth.create_key(db, user.id)
         return secret
 
-    secret = asyncio.run(_with_db(go))
+    secret = asyncio.run(_with_db(go, load_settings()))
     if secret:
         click.echo("Your e2a API key (shown once, stored hashed):")
         click.echo(f"  export E2A_API_KEY={secret}")
@@ -82,8 +104,9 @@ def create_user(email: str, is_admin: bool) -> None:
         _, secret = await auth.create_key(db, user.id)
         return user.id, secret
 
+    settings = load_settings()
     try:
-        user_id, secret = asyncio.run(_with_db(go))
+        user_id, secret = asyncio.run(_with_db(go, settings))
     except Exception as exc:  # unique email
         raise click.ClickException(f"cannot create {email}: {exc.__class__.__name__}") from exc
     click.echo(f"user_id={user_id}")
@@ -105,7 +128,7 @@ def create_key(email_or_user_id: str) -> None:
         row, secret = await auth.create_key(db, user.id)
         return row.id, secret
 
-    found = asyncio.run(_with_db(go))
+    found = asyncio.run(_with_db(go, load_settings()))
     if found is None:
         raise click.ClickException(f"no user {email_or_user_id!r}")
     click.echo(f"key_id={found[0]}")
@@ -122,7 +145,7 @@ def revoke_key(key_id: str) -> None:
         res = await db.execute(update(ApiKey).where(ApiKey.id == key_id).values(revoked=True))
         return res.rowcount
 
-    if not asyncio.run(_with_db(go)):
+    if not asyncio.run(_with_db(go, load_settings())):
         raise click.ClickException(f"no key {key_id!r}")
     click.echo(f"revoked {key_id}")
 
@@ -133,7 +156,7 @@ def build_templates(names: tuple[str, ...]) -> None:
     """Build template images (cached by content hash under the cache dir)."""
     from e2a.templates import builder, recipes
 
-    settings = Settings()
+    settings = load_settings()
     for name in names or recipes.available():
         recipe = recipes.load(name)
         if recipe is None:
