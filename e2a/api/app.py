@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from e2a import __version__, auth
 from e2a.api import errors, proxy, sandboxes
 from e2a.config import Settings
-from e2a.sandboxes.manager import Manager
+from e2a.sandboxes.manager import Manager, StartupError
 from e2a.store import db as store
 
 log = logging.getLogger("e2a")
@@ -46,13 +46,21 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
         await store.migrate(engine)
         app.state.sessions = store.sessionmaker(engine)
         app.state.keys = auth.KeyCache()
-        app.state.manager = Manager(settings, app.state.sessions)
-        await app.state.manager.start()
+        manager = Manager(settings, app.state.sessions)
+        # The API sees the manager only through its two interfaces (sandboxes/host.py).
+        app.state.host, app.state.catalog = manager, manager.catalog
+        try:
+            await manager.start()
+        except StartupError as exc:
+            log.critical("e2a cannot start: %s", exc)
+            await manager.stop()
+            await engine.dispose()
+            raise
         log.info("e2a %s serving on %s:%s", __version__, settings.host, settings.port)
         try:
             yield
         finally:
-            await app.state.manager.stop()
+            await manager.stop()
             await engine.dispose()
 
     app = FastAPI(
@@ -70,8 +78,8 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
     @app.get("/health", tags=["service"])
     async def health() -> dict:
         """Liveness, and how many pre-started sandboxes wait in the warm pool per template."""
-        mgr = getattr(app.state, "manager", None)
-        pool = {name: len(ids) for name, ids in mgr.pool.items()} if mgr else {}
+        sandboxes = getattr(app.state, "host", None)
+        pool = sandboxes.pool_sizes() if sandboxes else {}
         return {"status": "ok", "version": __version__, "pool": pool}
 
     return app

@@ -1,51 +1,54 @@
-"""Sandbox lifecycle routes: create, list, get, destroy, keepalive."""
+"""Sandbox lifecycle routes: create, list, get, destroy, keepalive, the event feed."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query, Request
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from dataclasses import asdict
 
-from e2a.api.deps import current_user, db_session, manager, owned_sandbox, running
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+
+from e2a.api.deps import catalog, current_user, host, owned_sandbox
 from e2a.api.errors import ApiError
-from e2a.api.schemas import CreateSandbox, SandboxOut, reserved_env_key
-from e2a.sandboxes.manager import Manager, NoCapacity, Unavailable, aware
+from e2a.api.schemas import (CreateSandbox, SandboxEventsOut, SandboxOut, reserved_env_key)
 from e2a.auth import Caller
-from e2a.store.models import Sandbox
+from e2a.sandboxes.host import (Catalog, CreateFailed, CreateSpec, DeletedDuringCreate,
+                                NoCapacity, SandboxHost, SandboxRecord, Unavailable)
+from e2a.sandboxes.states import EndReason, State
 from e2a.templates import recipes
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
 
-STATES = ("creating", "configuring", "booting", "running", "paused", "stopping", "destroyed")
-AGENTS = ("claude-code", "codex", "e2a")
+STATES = tuple(s.value for s in State)
+DEFAULT_IDLE_TIMEOUT = 60
 
 
-def out(row: Sandbox) -> SandboxOut:
+def out(rec: SandboxRecord) -> SandboxOut:
     return SandboxOut(
-        vm_id=row.id, state=row.state, template=row.template, vcpu=row.vcpu,
-        cpu_fraction=row.cpu_fraction, memory_mib=row.memory_mib, internet=row.internet,
-        metadata=row.metadata_ or {}, idle_timeout_seconds=row.idle_timeout_seconds,
-        max_lifetime_seconds=row.max_lifetime_seconds, created_at=aware(row.created_at),
-        expires_at=aware(row.expires_at),
-        destroyed_at=aware(row.destroyed_at) if row.destroyed_at else None,
-    )
+        vm_id=rec.id, state=rec.state, template=rec.template, vcpu=rec.vcpu,
+        cpu_fraction=rec.cpu_fraction, memory_mib=rec.memory_mib, internet=rec.internet,
+        metadata=rec.metadata, idle_timeout_seconds=rec.idle_timeout_seconds,
+        max_lifetime_seconds=rec.max_lifetime_seconds, created_at=rec.created_at,
+        expires_at=rec.expires_at, destroyed_at=rec.destroyed_at, end_reason=rec.end_reason)
 
 
 @router.post("", status_code=201, response_model=SandboxOut,
              responses={400: {}, 401: {}, 409: {}, 501: {}, 503: {}})
 async def create_sandbox(req: CreateSandbox, user: Caller = Depends(current_user),
-                         mgr: Manager = Depends(manager)) -> SandboxOut:
+                         sandboxes: SandboxHost = Depends(host)) -> SandboxOut:
     for key in req.env_vars:
         if reserved_env_key(key):
             raise ApiError(400, "reserved_env_var", f"{key} is set by e2a and cannot be overridden",
                            f"env_vars.{key}")
     if req.agent is not None and not req.llm_key:
         raise ApiError(400, "missing_field", "llm_key is required when agent is set", "llm_key")
-    if req.max_lifetime_seconds < req.idle_timeout_seconds:
-        raise ApiError(400, "invalid_field", "idle_timeout_seconds exceeds max_lifetime_seconds",
-                       "idle_timeout_seconds")
-    recipe = recipes.load(req.template) if req.template in recipes.available() else None
-    if recipe is None:
+    idle = req.idle_timeout_seconds
+    if idle is None:
+        idle = min(DEFAULT_IDLE_TIMEOUT, req.max_lifetime_seconds)
+    elif idle > req.max_lifetime_seconds:
+        raise ApiError(400, "invalid_field",
+                       f"idle_timeout_seconds ({idle}) exceeds max_lifetime_seconds "
+                       f"({req.max_lifetime_seconds})", "idle_timeout_seconds")
+    if req.template not in recipes.available():
         raise ApiError(501, "template_not_available",
                        f"template {req.template!r} is not available on this e2a "
                        f"(available: {', '.join(recipes.available())})", "template")
@@ -53,14 +56,19 @@ async def create_sandbox(req: CreateSandbox, user: Caller = Depends(current_user
         raise ApiError(501, "agent_not_available",
                        f"agent {req.agent!r} is not available on this e2a yet", "agent")
     try:
-        row = await mgr.create(user_id=user.id, recipe=recipe, env_vars=req.env_vars,
-                               metadata=req.metadata, idle_timeout=req.idle_timeout_seconds,
-                               max_lifetime=req.max_lifetime_seconds, internet=req.internet)
+        rec = await sandboxes.create(CreateSpec(
+            user_id=user.id, template=req.template, env_vars=req.env_vars,
+            metadata=req.metadata, idle_timeout=idle, max_lifetime=req.max_lifetime_seconds,
+            internet=req.internet))
     except NoCapacity as exc:
         raise ApiError(409, "no_capacity", str(exc)) from exc
+    except DeletedDuringCreate as exc:
+        raise ApiError(409, "sandbox_deleted", str(exc)) from exc
     except Unavailable as exc:
         raise ApiError(503, "runtime_unavailable", str(exc)) from exc
-    return out(row)
+    except CreateFailed as exc:
+        raise ApiError(503, "create_failed", str(exc)) from exc
+    return out(rec)
 
 
 @router.get("", response_model=list[SandboxOut])
@@ -68,42 +76,52 @@ async def list_sandboxes(request: Request,
                          state: str | None = Query(default=None, description="filter by state; "
                                                    "without it, destroyed sandboxes are left out"),
                          user: Caller = Depends(current_user),
-                         db: AsyncSession = Depends(db_session)) -> list[SandboxOut]:
+                         cat: Catalog = Depends(catalog)) -> list[SandboxOut]:
     if state is not None and state not in STATES:
         raise ApiError(400, "invalid_field", f"unknown state {state!r}", "state")
-    q = select(Sandbox).where(Sandbox.user_id == user.id)
-    q = q.where(Sandbox.state == state) if state else q.where(Sandbox.state != "destroyed")
-    rows = (await db.execute(q.order_by(Sandbox.created_at.desc()).limit(1000))).scalars().all()
     wanted = {k[len("metadata."):]: v for k, v in request.query_params.items()
               if k.startswith("metadata.")}
-    return [out(r) for r in rows
-            if all((r.metadata_ or {}).get(k) == v for k, v in wanted.items())]
+    return [out(r) for r in await cat.list(user.id, state)
+            if all(r.metadata.get(k) == v for k, v in wanted.items())]
 
 
 @router.get("/{vm_id}", response_model=SandboxOut, responses={401: {}, 404: {}})
-async def get_sandbox(vm_id: str, user: Caller = Depends(current_user),
-                      db: AsyncSession = Depends(db_session),
-                      mgr: Manager = Depends(manager)) -> SandboxOut:
-    row = await owned_sandbox(db, user, vm_id)
-    mgr.touch(row.id)
-    return out(row)
+async def get_sandbox(request: Request, vm_id: str, user: Caller = Depends(current_user),
+                      sandboxes: SandboxHost = Depends(host)) -> SandboxOut:
+    rec = await owned_sandbox(request.app, user, vm_id)
+    sandboxes.touch(rec.id)
+    return out(rec)
 
 
-@router.delete("/{vm_id}", response_model=SandboxOut, responses={401: {}, 404: {}})
-async def delete_sandbox(vm_id: str, user: Caller = Depends(current_user),
-                         db: AsyncSession = Depends(db_session),
-                         mgr: Manager = Depends(manager)) -> SandboxOut:
-    row = await owned_sandbox(db, user, vm_id)
-    await mgr.destroy(row.id, "deleted through the API")
-    await db.refresh(row)
-    return out(row)
+@router.delete("/{vm_id}", response_model=SandboxOut,
+               responses={202: {"description": "still stopping: a teardown step failed and is "
+                                               "being retried"}, 401: {}, 404: {}})
+async def delete_sandbox(request: Request, vm_id: str, user: Caller = Depends(current_user),
+                         sandboxes: SandboxHost = Depends(host),
+                         cat: Catalog = Depends(catalog)):
+    rec = await owned_sandbox(request.app, user, vm_id)
+    await sandboxes.destroy(rec.id, EndReason.DELETED)
+    rec = await cat.get(rec.id)
+    body = out(rec)
+    if rec.state != State.DESTROYED.value:
+        return JSONResponse(body.model_dump(mode="json"), status_code=202)
+    return body
 
 
 @router.post("/{vm_id}/keepalive", response_model=SandboxOut,
              responses={401: {}, 404: {}, 409: {}})
-async def keepalive(vm_id: str, user: Caller = Depends(current_user),
-                    db: AsyncSession = Depends(db_session),
-                    mgr: Manager = Depends(manager)) -> SandboxOut:
-    row = await owned_sandbox(db, user, vm_id)
-    running(mgr, row)
-    return out(row)
+async def keepalive(request: Request, vm_id: str, user: Caller = Depends(current_user),
+                    sandboxes: SandboxHost = Depends(host)) -> SandboxOut:
+    rec = await owned_sandbox(request.app, user, vm_id)
+    if rec.state != State.RUNNING.value:
+        raise ApiError(409, "sandbox_not_running", f"sandbox {rec.id} is {rec.state}", "vm_id")
+    sandboxes.touch(rec.id)
+    return out(rec)
+
+
+@router.get("/{vm_id}/events", response_model=SandboxEventsOut, responses={401: {}, 404: {}})
+async def events(request: Request, vm_id: str, user: Caller = Depends(current_user),
+                 cat: Catalog = Depends(catalog)) -> SandboxEventsOut:
+    """Every state transition of the sandbox, oldest first, each with its reason."""
+    rec = await owned_sandbox(request.app, user, vm_id)
+    return SandboxEventsOut(events=[asdict(e) for e in await cat.events(rec.id)])

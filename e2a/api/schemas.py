@@ -41,7 +41,8 @@ class CreateSandbox(BaseModel):
     env_vars: EnvVars = Field(default_factory=dict)
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] = Field(
         default_factory=dict, max_length=50)
-    idle_timeout_seconds: int = Field(default=60, ge=1, le=MAX_LIFETIME)
+    # Omitted: min(60, max_lifetime_seconds).
+    idle_timeout_seconds: int | None = Field(default=None, ge=1, le=MAX_LIFETIME)
     max_lifetime_seconds: int = Field(default=MAX_LIFETIME, ge=1, le=MAX_LIFETIME)
     internet: bool = True
     # Agents arrive with a later release: accepted here so that the documented codes can be given.
@@ -65,6 +66,23 @@ class SandboxOut(BaseModel):
     created_at: datetime
     expires_at: datetime
     destroyed_at: datetime | None = None
+    # Why it ended, once it has: deleted, idle_timeout, max_lifetime, out_of_memory, crashed,
+    # server_restart or create_failed.
+    end_reason: str | None = None
+
+
+class SandboxEventOut(BaseModel):
+    """One state transition (the sandbox's event feed)."""
+
+    from_state: str | None
+    to_state: str
+    reason: str | None
+    detail: str | None
+    at: datetime
+
+
+class SandboxEventsOut(BaseModel):
+    events: list[SandboxEventOut]
 
 
 class CommandRequest(BaseModel):

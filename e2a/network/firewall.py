@@ -1,14 +1,17 @@
 """nftables rules that keep sandboxes apart and away from the host.
 
 One table per e2a instance. Sandboxes never reach each other, nor the host (input), nor private,
-link-local or loopback ranges behind it; with internet on they reach the rest through NAT; with
-internet off their interface is in the `noinet` set and nothing they send is forwarded. The host
-itself may open connections into a sandbox (envd, port proxy): that is its output path, unfiltered.
+link-local or loopback ranges behind it. Internet access is an allow-list: only a sandbox whose
+interface is in the `inet` set has anything forwarded (through NAT); every other one reaches
+nothing. An allow-list fails safe: a table installed before the set is filled, or a sandbox
+whose entry was never added, has no internet, never the other way round. The host itself may
+open connections into a sandbox (envd, port proxy): that is its output path, unfiltered.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 from pathlib import Path
 
 from e2a import proc
@@ -41,9 +44,9 @@ class Firewall:
         self.subnet = subnet
         self.dns = host_nameservers()
 
-    def ruleset(self, noinet: list[str]) -> str:
+    def ruleset(self, internet: list[str]) -> str:
         dns = ", ".join(self.dns)
-        noinet_elems = f"elements = {{ {', '.join(noinet)} }}" if noinet else ""
+        elems = f"elements = {{ {', '.join(internet)} }}" if internet else ""
         dns_rules = (
             f"iifname {self.ifglob} ip daddr {{ {dns} }} udp dport 53 accept\n"
             f"iifname {self.ifglob} ip daddr {{ {dns} }} tcp dport 53 accept\n"
@@ -53,7 +56,7 @@ class Firewall:
 table inet {t}
 delete table inet {t}
 table inet {t} {{
-  set noinet {{ type ifname; {noinet_elems} }}
+  set internet {{ type ifname; {elems} }}
   chain input {{
     type filter hook input priority -10; policy accept;
     iifname {self.ifglob} ct state established,related accept
@@ -63,7 +66,7 @@ table inet {t} {{
     type filter hook forward priority -10; policy accept;
     oifname {self.ifglob} ct state established,related accept
     oifname {self.ifglob} drop
-    iifname @noinet drop
+    iifname {self.ifglob} iifname != @internet drop
     {dns_rules}
     iifname {self.ifglob} meta nfproto ipv6 drop
     iifname {self.ifglob} ip daddr {{ {BLOCKED_V4} }} drop
@@ -76,15 +79,29 @@ table inet {t} {{
 }}
 """
 
-    async def install(self, noinet: list[str]) -> None:
-        """(Re)create the whole table atomically, with the given interfaces cut off."""
-        await proc.run(["nft", "-f", "-"], stdin=self.ruleset(noinet).encode())
+    async def install(self, internet: list[str]) -> None:
+        """(Re)create the whole table in one nft transaction, with exactly the given interfaces
+        allowed out: there is no moment at which the table exists with a wrong set."""
+        await proc.run(["nft", "-f", "-"], stdin=self.ruleset(internet).encode())
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
 
     async def set_internet(self, host_if: str, enabled: bool) -> None:
-        verb = "delete" if enabled else "add"
-        await proc.run(["nft", verb, "element", "inet", self.table, "noinet", f"{{ {host_if} }}"],
-                       check=enabled is False)
+        """Allow (or stop) one interface's traffic out. Removing an absent entry is not an error:
+        destroy must be repeatable."""
+        verb = "add" if enabled else "delete"
+        await proc.run(["nft", verb, "element", "inet", self.table, "internet", f"{{ {host_if} }}"],
+                       check=enabled)
+
+    async def allowed(self) -> list[str]:
+        """The interfaces in the allow set now."""
+        out = await proc.run(["nft", "-j", "list", "set", "inet", self.table, "internet"], check=False)
+        try:
+            for item in json.loads(out).get("nftables", []):
+                if "set" in item:
+                    return [e for e in item["set"].get("elem", []) if isinstance(e, str)]
+        except (ValueError, AttributeError):
+            pass
+        return []
 
     async def uninstall(self) -> None:
         await proc.run(["nft", "delete", "table", "inet", self.table], check=False)

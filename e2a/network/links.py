@@ -73,6 +73,11 @@ async def destroy(link: Link) -> None:
         await proc.run(["ip", "netns", "del", link.netns], check=False)
 
 
+def exists(link: Link) -> bool:
+    return bool((link.host_if and os.path.exists(f"/sys/class/net/{link.host_if}"))
+                or (link.netns and os.path.exists(link.netns_path)))
+
+
 def existing_netns(instance: str) -> list[str]:
     try:
         return [n for n in os.listdir(NETNS_DIR) if n.startswith(instance + "-")]

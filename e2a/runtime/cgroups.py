@@ -46,6 +46,14 @@ class Cgroup:
         if burst.exists():  # kernels >= 5.14
             burst.write_text(str(quota_us))
 
+    def procs(self) -> list[int]:
+        """The host processes in the sandbox's cgroup (runsc's Sentry, gofer, systrap stubs)."""
+        d = ROOT / self.parent / self.name if V2 else ROOT / "memory" / self.parent / self.name
+        try:
+            return [int(p) for p in (d / "cgroup.procs").read_text().split()]
+        except OSError:
+            return []
+
     def remove(self) -> None:
         """runsc removes its cgroup on delete; this sweeps what a crash left."""
         for d in self._dirs():

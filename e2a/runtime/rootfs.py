@@ -37,3 +37,11 @@ class Layer:
 
 def is_mounted(path: Path) -> bool:
     return os.path.ismount(path)
+
+
+def mounts_under(directory: Path) -> list[str]:
+    """Mount points below `directory`, deepest first (the order to unmount them in)."""
+    prefix = str(directory).rstrip("/") + "/"
+    with open("/proc/mounts") as f:
+        targets = [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
+    return sorted(targets, key=len, reverse=True)

@@ -84,6 +84,10 @@ def oci_config(spec: SandboxSpec) -> dict:
     }
 
 
+class RunscError(Exception):
+    """runsc failed to answer a question about its containers."""
+
+
 class Runsc:
     def __init__(self, binary: str, state_root: Path):
         self.binary = binary
@@ -129,13 +133,15 @@ class Runsc:
                            timeout=30)
 
     async def list(self) -> list[dict]:
-        if not self.available():  # nothing can run without it; creates answer 503
-            return []
-        out = await proc.run(self._base() + ["list", "--format=json"], check=False)
+        """runsc's containers under this state root. Raises RunscError when runsc cannot say:
+        an empty answer must mean "none", because reconcile deletes what is not listed."""
         try:
-            data = json.loads(out or "[]")
-        except json.JSONDecodeError:
-            return []
+            out = await proc.run(self._base() + ["list", "--format=json"], timeout=30)
+            data = json.loads(out or "null")
+        except (proc.CommandFailed, OSError, asyncio.TimeoutError, ValueError) as exc:
+            raise RunscError(f"runsc list failed: {exc}") from exc
+        if data is not None and not isinstance(data, list):
+            raise RunscError(f"runsc list answered something else than a list: {out[:200]!r}")
         return data or []
 
     async def state(self, runtime_id: str) -> dict | None:

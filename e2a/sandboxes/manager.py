@@ -1,8 +1,12 @@
-"""Sandbox lifecycle: create (cold or from the warm pool), destroy, idle and lifetime reaping,
-and reconciliation with what is really running after a restart.
+"""The in-process sandbox host: creates sandboxes (cold or from the warm pool), destroys them,
+notices their death, reaps idle and expired ones, and reconciles with the host after a restart.
 
-States: creating → configuring → booting → running → stopping → destroyed. Every step of a create
-registers its undo; a failure halfway runs them in reverse, so nothing is left on the host.
+Every sandbox is a list of resource units (resources.py) and a state (states.py). One path
+removes a sandbox, `_stop`, whatever the cause (failed create, DELETE, death, timeout,
+reconcile): it tears the units down in reverse order and only then frees the sandbox's network
+slot and capacity. Each sandbox has a lock; its boot holds it, so a DELETE during boot cancels
+the boot and ends `destroyed`, never `running`. Every transition is written with its event
+(records.py) before it counts.
 """
 
 from __future__ import annotations
@@ -10,96 +14,143 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import shutil
+import socket
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
-from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import async_sessionmaker
+import aiohttp
+import websockets
+from yarl import URL
 
 from e2a.config import Settings
 from e2a.ids import new_id
 from e2a.network import links
 from e2a.network.firewall import Firewall, host_nameservers
-from e2a.runtime import cgroups, rootfs
-from e2a.runtime.runsc import Runsc, SandboxSpec
-from e2a.sandboxes import envd
+from e2a.runtime import cgroups
+from e2a.runtime.runsc import ENVD_PORT, Runsc, RunscError
+from e2a.sandboxes import envd, resources, states
+from e2a.sandboxes.host import (CreateFailed, CreateSpec, DeletedDuringCreate, NoCapacity,
+                                NotRunning, SandboxHost, SandboxRecord, Unavailable, Unreachable,
+                                Upstream)
 from e2a.sandboxes.hostlog import HostLog
+from e2a.sandboxes.records import Records, StoreCatalog, aware, utcnow
+from e2a.sandboxes.states import EndReason, State
+from e2a.sandboxes.watch import DeathWatch, runsc_processes
 from e2a.store.models import Sandbox
 from e2a.templates import builder, recipes
 
 log = logging.getLogger("e2a.sandboxes")
+T = TypeVar("T")
 
-LIVE_STATES = ("creating", "configuring", "booting", "running", "stopping")
-
-
-class NoCapacity(Exception):
-    """This host cannot take another sandbox now (409)."""
+POOL_LIFETIME = 7200  # a warm sandbox's own limits until a user claims it
 
 
-class Unavailable(Exception):
-    """The runtime cannot start sandboxes at all: runsc, envd or the template image missing (503)."""
+class StartupError(Exception):
+    """e2a cannot tell what runs on this host; starting anyway could destroy live sandboxes."""
 
 
 @dataclass
-class Live:
-    """In-memory facts about a sandbox this server runs."""
+class LiveSandbox:
+    """A sandbox this process runs (or is creating or removing)."""
 
-    id: str
-    link: links.Link
-    token: str
-    template: str
-    internet: bool
+    plan: resources.Plan
+    units: list[resources.Resource]
     user_id: str | None
-    idle_timeout: float
+    template: str
+    vcpu: int
+    cpu_fraction: float
+    memory_mib: int
+    cpu_quota_us: int
+    metadata: dict[str, str]
+    idle_timeout: int
+    max_lifetime: int
+    created_at: datetime
     expires_at: datetime
+    state: State = State.CREATING
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    gone: asyncio.Event = field(default_factory=asyncio.Event)  # set when it starts stopping
     last_activity: float = field(default_factory=time.monotonic)
-    streams: int = 0  # open command streams, PTYs and proxied connections
-    destroying: bool = False
+    inflight: int = 0                       # requests into it awaiting their answer
+    upstreams: set[Upstream] = field(default_factory=set)
+    end_reason: EndReason | None = None
+    boot_task: asyncio.Task | None = None
+    oom_kills_at_boot: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.plan.id
+
+    @property
+    def link(self) -> links.Link:
+        return self.plan.link
+
+    @property
+    def in_use(self) -> bool:
+        return self.inflight > 0 or bool(self.upstreams)
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
 
-    @property
-    def envd_url(self) -> str:
-        return envd.base_url(self.link.sandbox_ip)
+    def record(self, node: str) -> SandboxRecord:
+        return SandboxRecord(
+            id=self.id, user_id=self.user_id, node=node, template=self.template,
+            state=self.state.value, vcpu=self.vcpu, cpu_fraction=self.cpu_fraction,
+            memory_mib=self.memory_mib, internet=self.plan.internet, metadata=self.metadata,
+            idle_timeout_seconds=self.idle_timeout, max_lifetime_seconds=self.max_lifetime,
+            created_at=self.created_at, expires_at=self.expires_at,
+            end_reason=self.end_reason.value if self.end_reason else None)
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+async def retry(what: str, fn: Callable[[], Awaitable[T]], attempts: int = 3,
+                pause: float = 1.0) -> T:
+    """Reconcile's questions: asked again on failure; a last failure stops e2a from starting."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await fn()
+        except Exception as exc:
+            if attempt == attempts:
+                raise StartupError(
+                    f"cannot {what} ({exc}); e2a will not start without knowing what runs on "
+                    "this host, so that no live sandbox is destroyed by mistake") from exc
+            log.warning("cannot %s (attempt %d of %d): %s", what, attempt, attempts, exc)
+            await asyncio.sleep(pause)
+    raise AssertionError("unreachable")
 
 
-def aware(dt: datetime) -> datetime:
-    """SQLite hands datetimes back naive; they were stored as UTC."""
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
-
-
-class Manager:
-    def __init__(self, settings: Settings, sessions: async_sessionmaker):
+class Manager(SandboxHost):
+    def __init__(self, settings: Settings, sessions):
         self.settings = settings
-        self.sessions = sessions
+        self.node = socket.gethostname()
         self.runsc = Runsc(settings.runsc, settings.run_dir / "runsc")
-        self.addressing = links.Addressing(settings.instance, settings.subnet)
-        self.firewall = Firewall(settings.instance, settings.subnet)
+        self.env = resources.HostEnv(
+            instance=settings.instance, sandboxes_dir=settings.data_dir / "sandboxes",
+            runsc=self.runsc, firewall=Firewall(settings.instance, settings.subnet),
+            addressing=links.Addressing(settings.instance, settings.subnet),
+            envd_binary=Path(settings.envd), resolv_conf=settings.run_dir / "resolv.conf")
+        self.records = Records(sessions)
+        self.catalog = StoreCatalog(self.records, self._live_record, self.node)
         self.hostlog = HostLog(settings.data_dir / "logs")
         self.http = envd.make_client()
-        self.live: dict[str, Live] = {}
-        self.slots: set[int] = set()
+        self.sandboxes: dict[str, LiveSandbox] = {}
+        self.slots: dict[int, str] = {}
         self.pool: dict[str, list[str]] = {}  # template -> ready sandbox ids, oldest first
+        self.stuck: set[str] = set()          # teardown failed: retried by the reaper
+        self.watch = DeathWatch(self._on_death)
         self._pool_wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self.resolv_conf = settings.run_dir / "resolv.conf"
+        self._background: set[asyncio.Task] = set()
 
     # ---- startup and shutdown -------------------------------------------------------------
 
     async def start(self) -> None:
-        for d in (self.settings.run_dir / "runsc", self.sandboxes_dir, self.settings.data_dir):
+        for d in (self.settings.run_dir / "runsc", self.env.sandboxes_dir,
+                  self.settings.data_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self.resolv_conf.write_text("".join(f"nameserver {ns}\n" for ns in host_nameservers()))
+        self.env.resolv_conf.write_text(
+            "".join(f"nameserver {ns}\n" for ns in host_nameservers()))
         await self.reconcile()
         self._tasks.append(asyncio.create_task(self._reaper(), name="reaper"))
         if self.settings.pool_size > 0:
@@ -111,21 +162,13 @@ class Manager:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        for sb in self.sandboxes.values():
+            if sb.boot_task and not sb.boot_task.done():
+                sb.boot_task.cancel()
+        boots = [sb.boot_task for sb in self.sandboxes.values() if sb.boot_task]
+        await asyncio.gather(*boots, return_exceptions=True)
+        self.watch.close()
         await self.http.close()
-
-    @property
-    def sandboxes_dir(self) -> Path:
-        # On disk, not under /run: it holds each sandbox's writable layer.
-        return self.settings.data_dir / "sandboxes"
-
-    def runtime_id(self, sandbox_id: str) -> str:
-        return f"{self.settings.instance}-{sandbox_id}"
-
-    def cgroup(self, sandbox_id: str) -> cgroups.Cgroup:
-        return cgroups.Cgroup(self.settings.instance, self.runtime_id(sandbox_id))
-
-    def layer(self, sandbox_id: str) -> rootfs.Layer:
-        return rootfs.Layer(self.sandboxes_dir / sandbox_id)
 
     def check_runtime(self, recipe: recipes.Recipe) -> Path:
         if not self.runsc.available():
@@ -136,183 +179,190 @@ class Manager:
             raise Unavailable(f"template {recipe.name!r} is not built (run `make templates`)")
         return builder.rootfs_path(self.settings.cache_dir, recipe)
 
-    # ---- create ---------------------------------------------------------------------------
+    def _cgroup(self, sb: LiveSandbox) -> cgroups.Cgroup:
+        return cgroups.Cgroup(self.settings.instance, sb.plan.runtime_id)
 
-    async def create(self, *, user_id: str, recipe: recipes.Recipe, env_vars: dict[str, str],
-                     metadata: dict[str, str], idle_timeout: int, max_lifetime: int,
-                     internet: bool) -> Sandbox:
-        claimed = await self._claim_from_pool(recipe, user_id=user_id, env_vars=env_vars,
-                                              metadata=metadata, idle_timeout=idle_timeout,
-                                              max_lifetime=max_lifetime, internet=internet)
+    # ---- the catalog's view of live sandboxes ----------------------------------------------
+
+    def _live_record(self, sandbox_id: str) -> SandboxRecord | None:
+        sb = self.sandboxes.get(sandbox_id)
+        return sb.record(self.node) if sb is not None else None
+
+    def list(self) -> list[str]:
+        return list(self.sandboxes)
+
+    def pool_sizes(self) -> dict[str, int]:
+        return {name: len(ids) for name, ids in self.pool.items()}
+
+    # ---- state -----------------------------------------------------------------------------
+
+    async def _move(self, sb: LiveSandbox, new: State, reason: str | None = None,
+                    detail: str | None = None, **values: Any) -> None:
+        """The one way a sandbox changes state: checked, written with its event, then true."""
+        states.check(sb.id, sb.state, new)
+        await self.records.transition(sb.id, sb.state, new, reason, detail, **values)
+        sb.state = new
+
+    # ---- create ----------------------------------------------------------------------------
+
+    async def create(self, spec: CreateSpec) -> SandboxRecord:
+        recipe = recipes.load(spec.template)
+        if recipe is None:
+            raise Unavailable(f"template {spec.template!r} is not available")
+        claimed = await self._claim_from_pool(recipe, spec)
         if claimed is not None:
             return claimed
-        self.check_runtime(recipe)
-        if len(self.live) >= self.settings.max_sandboxes:
-            raise NoCapacity(f"this host runs its maximum of {self.settings.max_sandboxes} sandboxes")
-        return await self._boot(user_id=user_id, recipe=recipe, env_vars=env_vars,
-                                metadata=metadata, idle_timeout=idle_timeout,
-                                max_lifetime=max_lifetime, internet=internet)
+        sb = await self._launch(recipe, spec)
+        return sb.record(self.node)
 
-    def _take_slot(self) -> int:
-        for slot in range(self.addressing.slots):
-            if slot not in self.slots:
-                self.slots.add(slot)
-                return slot
-        raise NoCapacity("no free network slot")
-
-    async def _set_state(self, sandbox_id: str, state: str, **extra) -> None:
-        async with self.sessions() as db:
-            await db.execute(update(Sandbox).where(Sandbox.id == sandbox_id)
-                             .values(state=state, **extra))
-            await db.commit()
-
-    async def _boot(self, *, user_id: str | None, recipe: recipes.Recipe, env_vars: dict,
-                    metadata: dict, idle_timeout: int, max_lifetime: int,
-                    internet: bool) -> Sandbox:
-        image = self.check_runtime(recipe)
+    def _reserve(self, recipe: recipes.Recipe, spec: CreateSpec, image: Path) -> LiveSandbox:
+        """Take capacity and a network slot, with no await between the check and the taking:
+        concurrent creates can never pass the check together. Warm sandboxes count too."""
+        if len(self.sandboxes) >= self.settings.max_sandboxes:
+            raise NoCapacity(f"this host runs its maximum of {self.settings.max_sandboxes} "
+                             "sandboxes")
+        slot = next((s for s in range(self.env.addressing.slots) if s not in self.slots), None)
+        if slot is None:
+            raise NoCapacity("no free network slot")
         now = utcnow()
-        sid = new_id("sbx")
-        slot = self._take_slot()
-        link = self.addressing.link(slot, sid)
-        token = secrets.token_urlsafe(32)
+        plan = resources.Plan(
+            id=new_id("sbx"), slot=slot, internet=spec.internet,
+            token=secrets.token_urlsafe(32), image=image, memory_mib=recipe.memory_mib,
+            platform=self.settings.platform or recipe.platform).bind(self.env)
+        sb = LiveSandbox(
+            plan=plan, units=resources.units_for(self.env, plan), user_id=spec.user_id,
+            template=recipe.name, vcpu=recipe.vcpu, cpu_fraction=recipe.cpu_fraction,
+            memory_mib=recipe.memory_mib, cpu_quota_us=recipe.cpu_quota_us,
+            metadata=spec.metadata, idle_timeout=spec.idle_timeout,
+            max_lifetime=spec.max_lifetime, created_at=now,
+            expires_at=now + timedelta(seconds=spec.max_lifetime))
+        self.sandboxes[plan.id] = sb
+        self.slots[slot] = plan.id
+        return sb
+
+    def _release(self, sb: LiveSandbox) -> None:
+        """Give back capacity and the slot: only once nothing of the sandbox is on the host."""
+        self.sandboxes.pop(sb.id, None)
+        if self.slots.get(sb.plan.slot) == sb.id:
+            del self.slots[sb.plan.slot]
+
+    async def _launch(self, recipe: recipes.Recipe, spec: CreateSpec) -> LiveSandbox:
+        image = self.check_runtime(recipe)
+        sb = self._reserve(recipe, spec, image)
         row = Sandbox(
-            id=sid, user_id=user_id, template=recipe.name, state="creating", vcpu=recipe.vcpu,
-            cpu_fraction=recipe.cpu_fraction, memory_mib=recipe.memory_mib, internet=internet,
-            metadata_=metadata, env_vars=env_vars, idle_timeout_seconds=idle_timeout,
-            max_lifetime_seconds=max_lifetime, slot=slot, envd_token=token, created_at=now,
-            expires_at=now + timedelta(seconds=max_lifetime),
-        )
-        undo: list[Callable[[], Awaitable[None]]] = []
+            id=sb.id, user_id=spec.user_id, template=recipe.name, state=State.CREATING.value,
+            vcpu=recipe.vcpu, cpu_fraction=recipe.cpu_fraction, memory_mib=recipe.memory_mib,
+            internet=spec.internet, metadata_=spec.metadata, env_vars=spec.env_vars,
+            idle_timeout_seconds=spec.idle_timeout, max_lifetime_seconds=spec.max_lifetime,
+            slot=sb.plan.slot, envd_token=sb.plan.token, created_at=sb.created_at,
+            expires_at=sb.expires_at)
+        try:
+            await self.records.insert(row, "create" if spec.user_id else "warm_pool")
+        except BaseException:
+            self._release(sb)
+            raise
+        sb.boot_task = asyncio.create_task(self._boot(sb, spec.env_vars), name=f"boot {sb.id}")
+        try:
+            await asyncio.shield(sb.boot_task)
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if sb.boot_task.cancelled() and not (me and me.cancelling()):
+                raise DeletedDuringCreate(f"sandbox {sb.id} was deleted while it was being "
+                                          "created") from None
+            raise
+        except (NoCapacity, Unavailable):
+            raise
+        except Exception as exc:
+            raise CreateFailed(f"sandbox {sb.id} could not start: {exc}") from exc
+        return sb
 
-        async def release_slot() -> None:
-            self.slots.discard(slot)
-
-        undo.append(release_slot)
-        live = Live(id=sid, link=link, token=token, template=recipe.name, internet=internet,
-                    user_id=user_id, idle_timeout=idle_timeout, expires_at=row.expires_at)
+    async def _boot(self, sb: LiveSandbox, env_vars: dict[str, str]) -> None:
+        """Make every unit, wait for the agent, start watching; on any failure or cancellation,
+        `_stop` removes everything (the undo of a create is a destroy)."""
         t0 = time.perf_counter()
-        marks: list[tuple[str, float]] = []
+        marks: list[tuple[str, float]] = [("", t0)]
 
         def mark(step: str) -> None:
             marks.append((step, time.perf_counter()))
 
-        try:
-            async with self.sessions() as db:
-                db.add(row)
-                await db.commit()
-            mark("db")
+        async with sb.lock:
+            try:
+                self.hostlog.write(sb.id, f"creating from template {sb.template}")
+                await self._move(sb, State.CONFIGURING)
+                *prepare, container = sb.units
+                for unit in prepare:
+                    await unit.create()
+                mark("network+rootfs")
+                await self._move(sb, State.BOOTING)
+                await container.create()
+                mark("runsc")
+                await envd.wait_ready(self.http, sb.link.sandbox_ip, sb.plan.token)
+                cgroup = self._cgroup(sb)
+                # The CPU quota starts now: boot work is e2a's, and it is CPU-bound.
+                cgroup.set_cpu_quota(sb.cpu_quota_us)
+                sb.oom_kills_at_boot = _oom_kills(cgroup)
+                if not self.watch.watch(sb.id, runsc_processes(cgroup.procs())):
+                    raise RuntimeError("a runsc process exited during boot")
+                if env_vars:
+                    await self._init_env(sb, env_vars)
+                mark("envd")
+                await self._move(sb, State.RUNNING, "booted",
+                                 f"{1000 * (time.perf_counter() - t0):.0f} ms")
+                steps = ", ".join(f"{step} {1000 * (at - prev):.0f}"
+                                  for (_, prev), (step, at) in zip(marks, marks[1:]))
+                self.hostlog.write(sb.id, f"running (ip {sb.link.sandbox_ip}, platform "
+                                          f"{sb.plan.platform}; boot {steps} ms)")
+            except BaseException as exc:
+                reason = sb.end_reason or EndReason.CREATE_FAILED
+                detail = "deleted during create" if isinstance(exc, asyncio.CancelledError) \
+                    else f"create failed: {exc}"
+                if not isinstance(exc, asyncio.CancelledError):
+                    log.warning("create %s failed: %s", sb.id, exc)
+                await asyncio.shield(self._stop(sb, reason, detail))
+                raise
 
-            async def mark_destroyed() -> None:
-                await self._set_state(sid, "destroyed", destroyed_at=utcnow(),
-                                      host_reason="create failed")
-
-            undo.append(mark_destroyed)
-            self.hostlog.write(sid, f"creating from template {recipe.name}")
-
-            await self._set_state(sid, "configuring")
-            await links.create(link)
-            undo.append(lambda: links.destroy(link))
-            if not internet:
-                await self.firewall.set_internet(link.host_if, False)
-                undo.append(lambda: self.firewall.set_internet(link.host_if, True))
-            mark("network")
-
-            await self._set_state(sid, "booting")
-            platform = self.settings.platform or recipe.platform
-            bundle = self.sandboxes_dir / sid
-            cgroup = self.cgroup(sid)
-
-            async def remove_cgroup() -> None:
-                cgroup.remove()
-
-            undo.append(remove_cgroup)
-            undo.append(lambda: self._remove_dir(sid))
-            layer = self.layer(sid)
-            await layer.mount(image)
-            undo.append(lambda: self.runsc.delete(self.runtime_id(sid)))
-            await self.runsc.start(SandboxSpec(
-                runtime_id=self.runtime_id(sid), bundle_dir=bundle, rootfs=layer.merged,
-                netns_path=link.netns_path, envd_binary=Path(self.settings.envd),
-                envd_token=token, memory_mib=recipe.memory_mib, platform=platform,
-                resolv_conf=self.resolv_conf, cgroup=cgroup,
-            ))
-            mark("runsc")
-            await envd.wait_ready(self.http, link.sandbox_ip, token)
-            # The CPU quota starts now: boot work is e2a's, and it is CPU-bound.
-            cgroup.set_cpu_quota(recipe.cpu_quota_us)
-            if env_vars:
-                await self._init_env(live, env_vars)
-            mark("envd")
-            self.live[sid] = live
-            await self._set_state(sid, "running")
-            mark("db")
-            steps, prev = [], t0
-            for step, at in marks:
-                steps.append(f"{step} {1000 * (at - prev):.0f}")
-                prev = at
-            self.hostlog.write(sid, f"running (ip {link.sandbox_ip}, platform {platform}; boot "
-                               f"{1000 * (prev - t0):.0f} ms: {', '.join(steps)} ms)")
-            row.state = "running"
-            return row
-        except BaseException as exc:
-            self.live.pop(sid, None)
-            log.warning("create %s failed: %s", sid, exc)
-            self.hostlog.write(sid, f"create failed: {exc}")
-            for step in reversed(undo):
-                try:
-                    await asyncio.shield(step())
-                except Exception as undo_exc:  # keep undoing the rest
-                    log.error("undo step for %s failed: %s", sid, undo_exc)
-            raise
-
-    async def _init_env(self, live: Live, env_vars: dict[str, str]) -> None:
-        async with self.http.post(live.envd_url + "/init", json={"env": env_vars},
-                                  headers=envd.headers(live.token)) as r:
+    async def _init_env(self, sb: LiveSandbox, env_vars: dict[str, str]) -> None:
+        async with self.http.post(envd.base_url(sb.link.sandbox_ip) + "/init",
+                                  json={"env": env_vars}, headers=envd.headers(sb.plan.token),
+                                  timeout=aiohttp.ClientTimeout(total=10)) as r:
             r.raise_for_status()
 
-    # ---- warm pool ------------------------------------------------------------------------
+    # ---- warm pool -------------------------------------------------------------------------
 
-    async def _claim_from_pool(self, recipe: recipes.Recipe, *, user_id: str, env_vars: dict,
-                               metadata: dict, idle_timeout: int, max_lifetime: int,
-                               internet: bool) -> Sandbox | None:
+    async def _claim_from_pool(self, recipe: recipes.Recipe,
+                               spec: CreateSpec) -> SandboxRecord | None:
         ready = self.pool.get(recipe.name)
         while ready:
             sid = ready.pop(0)
             self._pool_wakeup.set()
-            live = self.live.get(sid)
-            if live is None or live.destroying:
+            sb = self.sandboxes.get(sid)
+            if sb is None:
                 continue
-            try:
-                if not internet:
-                    await self.firewall.set_internet(live.link.host_if, False)
-                if env_vars:
-                    await self._init_env(live, env_vars)
-            except Exception as exc:
-                log.warning("pooled sandbox %s unusable: %s", sid, exc)
-                await self.destroy(sid, "pool claim failed")
-                continue
-            now = utcnow()
-            expires = now + timedelta(seconds=max_lifetime)
-            live.user_id, live.internet = user_id, internet
-            live.idle_timeout, live.expires_at = idle_timeout, expires
-            live.touch()
-            values = dict(user_id=user_id, internet=internet, env_vars=env_vars,
-                          idle_timeout_seconds=idle_timeout, max_lifetime_seconds=max_lifetime,
-                          created_at=now, expires_at=expires)
-            # One Core UPDATE (the ORM's costs ~7 ms more here); the answer is built from what
-            # is known, not read back.
-            table = Sandbox.__table__
-            async with self.sessions() as db:
-                await db.execute(table.update().where(table.c.id == sid)
-                                 .values(metadata=metadata, **values))
-                await db.commit()
-            # A plain record, not an ORM instance (whose construction costs ~2 ms here).
-            row = SimpleNamespace(id=sid, template=recipe.name, state="running",
-                                  vcpu=recipe.vcpu, cpu_fraction=recipe.cpu_fraction,
-                                  memory_mib=recipe.memory_mib, metadata_=metadata,
-                                  destroyed_at=None, **values)
-            self.hostlog.write(sid, f"handed out from the warm pool to {user_id}")
-            return row
+            async with sb.lock:
+                if sb.state is not State.RUNNING or sb.user_id is not None:
+                    continue
+                try:
+                    if not spec.internet:
+                        await self.env.firewall.set_internet(sb.link.host_if, False)
+                        sb.plan.internet = False
+                    if spec.env_vars:
+                        await self._init_env(sb, spec.env_vars)
+                except Exception as exc:
+                    log.warning("warm sandbox %s unusable: %s", sid, exc)
+                    await self._stop(sb, EndReason.CRASHED, f"warm pool claim failed: {exc}")
+                    continue
+                now = utcnow()
+                sb.user_id, sb.metadata = spec.user_id, spec.metadata
+                sb.idle_timeout, sb.max_lifetime = spec.idle_timeout, spec.max_lifetime
+                sb.created_at, sb.expires_at = now, now + timedelta(seconds=spec.max_lifetime)
+                sb.touch()
+                await self.records.claim(
+                    sid, spec.user_id, spec.metadata, internet=spec.internet,
+                    env_vars=spec.env_vars, idle_timeout_seconds=spec.idle_timeout,
+                    max_lifetime_seconds=spec.max_lifetime, created_at=sb.created_at,
+                    expires_at=sb.expires_at)
+                self.hostlog.write(sid, f"handed out from the warm pool to {spec.user_id}")
+                return sb.record(self.node)
         return None
 
     async def _pool_filler(self) -> None:
@@ -325,12 +375,13 @@ class Manager:
                         continue
                     ready = self.pool.setdefault(name, [])
                     while (len(ready) < self.settings.pool_size
-                           and len(self.live) < self.settings.max_sandboxes):
-                        row = await self._boot(user_id=None, recipe=recipe, env_vars={},
-                                               metadata={}, idle_timeout=7200,
-                                               max_lifetime=7200, internet=True)
-                        await self._prewarm(row.id)
-                        ready.append(row.id)
+                           and len(self.sandboxes) < self.settings.max_sandboxes):
+                        sb = await self._launch(recipe, CreateSpec(
+                            user_id=None, template=name, idle_timeout=POOL_LIFETIME,
+                            max_lifetime=POOL_LIFETIME))
+                        await self._prewarm(sb)
+                        if sb.state is State.RUNNING:
+                            ready.append(sb.id)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -342,84 +393,117 @@ class Manager:
             except asyncio.TimeoutError:
                 pass
 
-    async def _prewarm(self, sandbox_id: str) -> None:
+    async def _prewarm(self, sb: LiveSandbox) -> None:
         """Run the shell once, so the user's first command finds bash and its libraries
         already loaded in the sandbox's page cache (about 10 ms off the first command)."""
-        live = self.live[sandbox_id]
-        async with self.http.post(live.envd_url + "/commands", headers=envd.headers(live.token),
-                                  json={"cmd": "true"}) as r:
+        async with self.http.post(envd.base_url(sb.link.sandbox_ip) + "/commands",
+                                  headers=envd.headers(sb.plan.token), json={"cmd": "true"},
+                                  timeout=aiohttp.ClientTimeout(total=30)) as r:
             await r.read()
 
-    # ---- destroy --------------------------------------------------------------------------
+    # ---- destroy ---------------------------------------------------------------------------
 
-    async def destroy(self, sandbox_id: str, reason: str) -> None:
-        live = self.live.get(sandbox_id)
-        if live is not None:
-            if live.destroying:
-                return
-            live.destroying = True
-        async with self.sessions() as db:
-            row = await db.get(Sandbox, sandbox_id)
-        if row is None or row.state == "destroyed":
-            self.live.pop(sandbox_id, None)
+    async def destroy(self, sandbox_id: str, reason: EndReason, detail: str | None = None) -> None:
+        """Remove a sandbox; returns once it is destroyed (or, if a step failed, left in
+        `stopping` for the reaper to finish). Safe to call concurrently and repeatedly."""
+        sb = self.sandboxes.get(sandbox_id)
+        if sb is None:
             return
-        await self._set_state(sandbox_id, "stopping")
-        self.hostlog.write(sandbox_id, f"stopping: {reason}")
-        await self._teardown(row)
-        self.live.pop(sandbox_id, None)
+        boot = sb.boot_task
+        if boot is not None and not boot.done() and boot is not asyncio.current_task():
+            sb.end_reason = sb.end_reason or reason
+            boot.cancel()  # its own failure path stops the sandbox, holding the lock
+            await asyncio.wait([boot])
+        async with sb.lock:
+            await self._stop(sb, reason, detail)
+
+    async def _stop(self, sb: LiveSandbox, reason: EndReason, detail: str | None = None) -> None:
+        """The one teardown path. The caller holds `sb.lock`."""
+        if sb.state is State.DESTROYED:
+            return
+        sb.end_reason = sb.end_reason or reason
+        reason = sb.end_reason
+        detail = detail or reason.value
+        if sb.state is not State.STOPPING:
+            sb.gone.set()
+            try:
+                await self._move(sb, State.STOPPING, reason.value, detail,
+                                 end_reason=reason.value)
+            except Exception as exc:
+                log.error("recording %s stopping failed: %s", sb.id, exc)
+                sb.state = State.STOPPING
+            self.hostlog.write(sb.id, f"stopping: {detail}")
+        self.watch.unwatch(sb.id)
         for ready in self.pool.values():
-            if sandbox_id in ready:
-                ready.remove(sandbox_id)
-        await self._set_state(sandbox_id, "destroyed", destroyed_at=utcnow(), host_reason=reason)
-        self.hostlog.write(sandbox_id, f"destroyed: {reason}")
-
-    async def _teardown(self, row: Sandbox) -> None:
-        """Remove every host object of a sandbox; each step tolerates what is already gone."""
-        await self.runsc.delete(self.runtime_id(row.id))
-        if row.slot is not None:
-            link = self.addressing.link(row.slot, row.id)
-            await links.destroy(link)
-            if not row.internet:
-                await self.firewall.set_internet(link.host_if, True)
-            self.slots.discard(row.slot)
-        await self._remove_dir(row.id)
-        self.cgroup(row.id).remove()
-
-    async def _remove_dir(self, sandbox_id: str) -> None:
-        """Unmount the sandbox's layer, then delete its directory (never through a mount)."""
-        layer = self.layer(sandbox_id)
-        await layer.unmount()
-        if rootfs.is_mounted(layer.merged):
-            log.error("cannot unmount %s; leaving its directory", layer.merged)
+            if sb.id in ready:
+                ready.remove(sb.id)
+        await asyncio.gather(*(up.abort(reason) for up in list(sb.upstreams)),
+                             return_exceptions=True)
+        failed = await resources.teardown(sb.units)
+        if failed:
+            self.stuck.add(sb.id)
+            self.hostlog.write(sb.id, f"teardown incomplete, retrying: {'; '.join(failed)}")
             return
-        await asyncio.to_thread(shutil.rmtree, self.sandboxes_dir / sandbox_id, True)
+        self.stuck.discard(sb.id)
+        self._release(sb)
+        try:
+            await self._move(sb, State.DESTROYED, reason.value, detail, destroyed_at=utcnow(),
+                             end_reason=reason.value, host_reason=detail[:200])
+        except Exception as exc:  # nothing is left on the host; the row is fixed at next start
+            log.error("recording %s destroyed failed: %s", sb.id, exc)
+            sb.state = State.DESTROYED
+        self.hostlog.write(sb.id, f"destroyed: {detail}")
 
-    async def destroy_all(self, reason: str) -> None:
-        await asyncio.gather(*(self.destroy(sid, reason) for sid in list(self.live)))
+    async def destroy_all(self, reason: EndReason) -> None:
+        await asyncio.gather(*(self.destroy(sid, reason) for sid in list(self.sandboxes)))
 
-    # ---- idle and lifetime ----------------------------------------------------------------
+    # ---- death -----------------------------------------------------------------------------
+
+    def _on_death(self, sandbox_id: str, pid: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._died(sandbox_id, pid))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _died(self, sandbox_id: str, pid: int) -> None:
+        sb = self.sandboxes.get(sandbox_id)
+        if sb is None or sb.state is not State.RUNNING:
+            return
+        oom = _oom_kills(self._cgroup(sb)) > sb.oom_kills_at_boot
+        reason = EndReason.OUT_OF_MEMORY if oom else EndReason.CRASHED
+        detail = (f"the host killed the sandbox for memory (runsc process {pid} died)" if oom
+                  else f"runsc process {pid} of the sandbox exited")
+        log.warning("sandbox %s died: %s", sandbox_id, detail)
+        await self.destroy(sandbox_id, reason, detail)
+
+    # ---- idle, lifetime, retries -----------------------------------------------------------
 
     def touch(self, sandbox_id: str) -> None:
-        live = self.live.get(sandbox_id)
-        if live:
-            live.touch()
+        sb = self.sandboxes.get(sandbox_id)
+        if sb is not None:
+            sb.touch()
 
-    async def _running_commands(self, live: Live) -> int:
-        data = await envd.get_json(self.http, live.envd_url + "/commands", live.token)
+    async def _running_commands(self, sb: LiveSandbox) -> int:
+        data = await envd.get_json(self.http, envd.base_url(sb.link.sandbox_ip) + "/commands",
+                                   sb.plan.token)
         return len(data.get("commands", [])) if data else 0
 
     async def _reap_once(self) -> None:
         now_wall, now = utcnow(), time.monotonic()
-        for live in list(self.live.values()):
-            if live.destroying or live.user_id is None:
+        for sb in list(self.sandboxes.values()):
+            if sb.id in self.stuck:
+                await self.destroy(sb.id, sb.end_reason or EndReason.CRASHED)
                 continue
-            if now_wall >= live.expires_at:
-                await self.destroy(live.id, "max_lifetime_seconds reached")
-            elif live.streams == 0 and now - live.last_activity >= live.idle_timeout:
-                if await self._running_commands(live):
-                    live.touch()  # a command started through the API still runs
+            if sb.state is not State.RUNNING or sb.user_id is None:
+                continue
+            if not self.watch.watching(sb.id):
+                self._on_death(sb.id, 0)  # its processes could not be watched: check now
+            elif now_wall >= sb.expires_at:
+                await self.destroy(sb.id, EndReason.MAX_LIFETIME)
+            elif not sb.in_use and now - sb.last_activity >= sb.idle_timeout:
+                if await self._running_commands(sb):
+                    sb.touch()  # a command started through the API still runs
                 else:
-                    await self.destroy(live.id, "idle_timeout_seconds reached")
+                    await self.destroy(sb.id, EndReason.IDLE_TIMEOUT)
 
     async def _reaper(self) -> None:
         while True:
@@ -431,65 +515,151 @@ class Manager:
             except Exception as exc:
                 log.error("reaper: %s", exc)
 
-    # ---- reconciliation -------------------------------------------------------------------
+    # ---- reconciliation --------------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """Match the host to the DB after a restart or crash: adopt what runs and should,
-        destroy what should not, and remove every orphan runsc sandbox, netns, veth, cgroup
-        and sandbox directory of this instance."""
-        await self.firewall.install(noinet=[])
-        running = {c.get("id"): c for c in await self.runsc.list()
-                   if c.get("status") == "running"}
-        async with self.sessions() as db:
-            rows = (await db.execute(select(Sandbox).where(Sandbox.state.in_(LIVE_STATES)))
-                    ).scalars().all()
-        kept: set[str] = set()
-        noinet: list[str] = []
+        """Match the host to the store after a restart or crash: adopt what runs and should,
+        stop what should not, and remove every orphan of this instance. Fails safe: when the
+        store or runsc cannot answer, e2a refuses to start rather than guess."""
+        rows = await retry("read the sandboxes from the database", self.records.live_rows)
+        # The firewall first, from the store: internet only for those that may have it.
+        await self.env.firewall.install(internet=[
+            self.env.addressing.link(r.slot, r.id).host_if
+            for r in rows if r.internet and r.slot is not None])
+        if rows or self.runsc.available():
+            containers = await retry("list runsc's sandboxes", self.runsc.list)
+        else:
+            containers = []
+        running = {c.get("id") for c in containers if c.get("status") == "running"}
         for row in rows:
-            link = self.addressing.link(row.slot, row.id) if row.slot is not None else None
-            alive = (row.state == "running" and link is not None
-                     and self.runtime_id(row.id) in running
-                     and Path(link.netns_path).exists()
-                     and aware(row.expires_at) > utcnow())
-            if alive:
-                try:
-                    await envd.wait_ready(self.http, link.sandbox_ip, row.envd_token, 3.0)
-                except TimeoutError:
-                    alive = False
-            if not alive:
-                self.hostlog.write(row.id, "not running after a restart of e2a: cleaned up")
-                await self._teardown(row)
-                await self._set_state(row.id, "destroyed", destroyed_at=utcnow(),
-                                      host_reason="lost at restart")
+            if row.slot is None or row.slot in self.slots:
+                await self.records.mark_unknown_destroyed(row.id, EndReason.SERVER_RESTART.value,
+                                                          "no network slot recorded")
                 continue
-            kept.add(row.id)
-            self.slots.add(row.slot)
-            self.live[row.id] = Live(
-                id=row.id, link=link, token=row.envd_token, template=row.template,
-                internet=row.internet, user_id=row.user_id,
-                idle_timeout=row.idle_timeout_seconds, expires_at=aware(row.expires_at))
-            if row.user_id is None:
-                self.pool.setdefault(row.template, []).append(row.id)
-            if not row.internet:
-                noinet.append(link.host_if)
-            self.hostlog.write(row.id, "adopted after a restart of e2a")
-        if noinet:
-            await self.firewall.install(noinet=noinet)
-        prefix = self.settings.instance + "-"
-        kept_runtime = {self.runtime_id(s) for s in kept}
-        for cid in {c.get("id") for c in await self.runsc.list()}:
-            if cid and cid.startswith(prefix) and cid not in kept_runtime:
-                await self.runsc.delete(cid)
-        kept_netns = {self.live[s].link.netns for s in kept}
-        for ns in links.existing_netns(self.settings.instance):
-            if ns not in kept_netns:
-                await links.destroy(links.Link(ns, "", "", ""))
-        kept_ifs = {self.live[s].link.host_if for s in kept}
-        for ifname in links.existing_host_ifs(self.settings.instance):
-            if ifname not in kept_ifs:
-                await links.destroy(links.Link("", ifname, "", ""))
-        for d in self.sandboxes_dir.iterdir():
-            if d.name not in kept:
-                await self._remove_dir(d.name)
-        for leaf in cgroups.leaves(self.settings.instance) - kept_runtime:
-            cgroups.Cgroup(self.settings.instance, leaf).remove()
+            sb = self._adopt(row)
+            alive = (sb.state in (State.RUNNING, State.PAUSED)
+                     and sb.plan.runtime_id in running and sb.expires_at > utcnow())
+            if alive:
+                cgroup = self._cgroup(sb)
+                sb.oom_kills_at_boot = _oom_kills(cgroup)
+                alive = self.watch.watch(sb.id, runsc_processes(cgroup.procs()))
+            if alive:
+                if sb.user_id is None:
+                    self.pool.setdefault(sb.template, []).append(sb.id)
+                self.hostlog.write(sb.id, "adopted after a restart of e2a")
+            else:
+                async with sb.lock:
+                    await self._stop(sb, EndReason.SERVER_RESTART,
+                                     f"not running when e2a restarted (was {row.state})")
+        keep = resources.Keep(ids=set(self.sandboxes),
+                              links={sb.link for sb in self.sandboxes.values()})
+        removed = await resources.sweep_orphans(self.env, keep)
+        if removed:
+            log.info("removed orphans: %s", ", ".join(removed))
+
+    def _adopt(self, row: Sandbox) -> LiveSandbox:
+        recipe = recipes.load(row.template)
+        plan = resources.Plan(id=row.id, slot=row.slot, internet=row.internet,
+                              token=row.envd_token, image=None, memory_mib=row.memory_mib,
+                              platform="").bind(self.env)
+        sb = LiveSandbox(
+            plan=plan, units=resources.units_for(self.env, plan), user_id=row.user_id,
+            template=row.template, vcpu=row.vcpu, cpu_fraction=row.cpu_fraction,
+            memory_mib=row.memory_mib,
+            cpu_quota_us=recipe.cpu_quota_us if recipe else 100_000,
+            metadata=row.metadata_ or {}, idle_timeout=row.idle_timeout_seconds,
+            max_lifetime=row.max_lifetime_seconds, created_at=aware(row.created_at),
+            expires_at=aware(row.expires_at), state=State(row.state),
+            end_reason=EndReason(row.end_reason) if row.end_reason else None)
+        self.sandboxes[sb.id] = sb
+        self.slots[plan.slot] = sb.id
+        return sb
+
+    # ---- connections into a sandbox --------------------------------------------------------
+
+    def _running(self, sandbox_id: str) -> LiveSandbox:
+        sb = self.sandboxes.get(sandbox_id)
+        if sb is None or sb.state is not State.RUNNING:
+            raise NotRunning(sandbox_id, sb.state.value if sb else "not running")
+        sb.touch()
+        return sb
+
+    def _closed(self, up: Upstream) -> None:
+        sb = self.sandboxes.get(up.sandbox_id)
+        if sb is not None:
+            sb.upstreams.discard(up)
+            sb.touch()
+
+    async def _connect(self, sb: LiveSandbox, opening: Awaitable[Any], what: str) -> Upstream:
+        """Open a connection into the sandbox, given up on at once if the sandbox goes."""
+        sb.inflight += 1
+        attempt = asyncio.ensure_future(opening)
+        gone = asyncio.ensure_future(sb.gone.wait())
+        try:
+            await asyncio.wait({attempt, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sb.inflight -= 1
+            gone.cancel()
+            if not attempt.done():
+                attempt.cancel()
+        if not attempt.done() or attempt.cancelled():
+            reason = sb.end_reason.value if sb.end_reason else "stopping"
+            raise Unreachable(f"the sandbox ended ({reason}) before {what} answered")
+        exc = attempt.exception()
+        if exc is not None:
+            raise Unreachable(f"{what} did not answer: {exc.__class__.__name__}") from exc
+        up = Upstream(sb.id, attempt.result(), self._closed)
+        if sb.gone.is_set():
+            await up.abort(sb.end_reason or EndReason.CRASHED)
+            up.close()
+            raise Unreachable(f"the sandbox ended before {what} answered")
+        sb.upstreams.add(up)
+        return up
+
+    async def agent_request(self, sandbox_id: str, method: str, path: str,
+                            **kwargs: Any) -> Upstream:
+        sb = self._running(sandbox_id)
+        headers = {**kwargs.pop("headers", {}), **envd.headers(sb.plan.token)}
+        return await self._connect(sb, self.http.request(
+            method, envd.base_url(sb.link.sandbox_ip) + path, headers=headers, **kwargs),
+            "the sandbox's agent")
+
+    async def agent_websocket(self, sandbox_id: str, path: str) -> Upstream:
+        sb = self._running(sandbox_id)
+        url = f"ws://{sb.link.sandbox_ip}:{ENVD_PORT}{path}"
+        return await self._connect(sb, websockets.connect(
+            url, additional_headers=envd.headers(sb.plan.token), max_size=None,
+            open_timeout=10), "the sandbox's agent")
+
+    async def port_request(self, sandbox_id: str, port: int, method: str, target: str,
+                           **kwargs: Any) -> Upstream:
+        sb = self._running(sandbox_id)
+        url = URL(f"http://{sb.link.sandbox_ip}:{port}{target}", encoded=True)
+        return await self._connect(sb, self.http.request(method, url, **kwargs),
+                                   f"port {port}")
+
+    async def port_websocket(self, sandbox_id: str, port: int, target: str) -> Upstream:
+        sb = self._running(sandbox_id)
+        return await self._connect(sb, websockets.connect(
+            f"ws://{sb.link.sandbox_ip}:{port}{target}", max_size=None, open_timeout=10),
+            f"port {port}")
+
+    async def logs(self, sandbox_id: str) -> list[dict]:
+        lines = self.hostlog.read(sandbox_id)
+        sb = self.sandboxes.get(sandbox_id)
+        if sb is not None and sb.state is State.RUNNING:
+            sb.touch()
+            data = await envd.get_json(self.http, envd.base_url(sb.link.sandbox_ip) + "/logs",
+                                       sb.plan.token)
+            lines += (data or {}).get("lines", [])
+        lines.sort(key=lambda line: line.get("ts", ""))
+        return lines
+
+
+def _oom_kills(cgroup: cgroups.Cgroup) -> int:
+    """How often the host's OOM killer acted in the sandbox's cgroup (0 if unreadable)."""
+    try:
+        return cgroup.oom_kills()
+    except (AttributeError, OSError, ValueError):
+        return 0
+

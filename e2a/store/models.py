@@ -50,7 +50,22 @@ class Sandbox(Base):
     # Host resources, needed to adopt or clean up the sandbox after a restart.
     slot: Mapped[int | None] = mapped_column(Integer, nullable=True)
     envd_token: Mapped[str] = mapped_column(String(64))
+    # Why it ended (states.EndReason), and the host's words about it.
+    end_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
     host_reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     destroyed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class SandboxEvent(Base):
+    """One state transition of a sandbox: the feed metering, webhooks and the dashboard read."""
+
+    __tablename__ = "sandbox_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sandbox_id: Mapped[str] = mapped_column(ForeignKey("sandboxes.id"), index=True)
+    from_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    to_state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    detail: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

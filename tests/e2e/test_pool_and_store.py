@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import subprocess
 
@@ -36,23 +38,36 @@ def test_warm_pool_hands_out_and_refills(pool_server):
         assert a.state == "running" and a.metadata == {"k": "v"} and a.internet is False
         assert c.run(a.vm_id, "echo $FROM_POOL").stdout == "yes\n"
         assert any("warm pool" in line.message for line in c.logs(a.vm_id))
-        # internet: false holds for a pooled sandbox too: its link is in the firewall's set
-        host_if = f"{srv.instance}-"
-        nft = subprocess.run(["nft", "list", "set", "inet", srv.instance, "noinet"],
-                             capture_output=True, text=True).stdout
-        assert host_if in nft
+        # internet: false holds for a pooled sandbox too: its link left the firewall's
+        # allow-list (which keeps the warm sandboxes, started with internet on)
+        host_if = host_if_of(srv, c, a.vm_id)
+        assert host_if not in allowed(srv)
         # handed to alice only
         assert [s.vm_id for s in c.list_sandboxes()] == [a.vm_id]
         assert o.list_sandboxes() == []
         wait_for(lambda: pool_count(srv) == 2, timeout=60)
+        assert len(allowed(srv)) == 2
         c.kill(a.vm_id)
-        nft = subprocess.run(["nft", "list", "set", "inet", srv.instance, "noinet"],
-                             capture_output=True, text=True).stdout
-        assert host_if not in nft
+        assert host_if not in allowed(srv)
     srv.stop()
     # the pool's own sandboxes are adopted at the next start, or destroyed by cleanup
     srv.cleanup()
     assert not any(srv.host_objects().values())
+
+
+def allowed(srv) -> list[str]:
+    """The interfaces in the instance's internet allow-list."""
+    out = subprocess.run(["nft", "-j", "list", "set", "inet", srv.instance, "internet"],
+                         capture_output=True, text=True, check=True).stdout
+    return next(i["set"].get("elem", []) for i in json.loads(out)["nftables"] if "set" in i)
+
+
+def host_if_of(srv, client, vm_id: str) -> str:
+    """A sandbox's host interface, from the address its log reports."""
+    line = next(x.message for x in client.logs(vm_id) if x.message.startswith("running (ip "))
+    ip = ipaddress.ip_address(line.split()[2].rstrip(","))
+    slot = (int(ip) - int(ipaddress.ip_network(srv.subnet).network_address)) // 4
+    return f"{srv.instance}-{slot}"
 
 
 @pytest.fixture

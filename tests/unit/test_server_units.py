@@ -37,11 +37,14 @@ def test_addressing_gives_disjoint_30s_and_short_names():
 def test_firewall_ruleset_isolates_sandboxes():
     fw = Firewall("e2a", "10.201.0.0/16")
     fw.dns = ["192.0.2.53"]
-    rules = fw.ruleset(noinet=["e2a-7"])
+    rules = fw.ruleset(internet=["e2a-7"])
     assert 'iifname "e2a-*" drop' in rules                      # nothing from a sandbox to the host
     assert 'oifname "e2a-*" drop' in rules                      # nothing into a sandbox from another
-    assert "elements = { e2a-7 }" in rules                     # internet off for this link
-    assert rules.index("iifname @noinet drop") < rules.index("udp dport 53 accept")
+    assert "elements = { e2a-7 }" in rules                     # internet on for this link only
+    # an allow-list: whatever is not in the set is dropped before DNS or anything else
+    cut = rules.index('iifname "e2a-*" iifname != @internet drop')
+    assert cut < rules.index("udp dport 53 accept")
+    assert "elements" not in fw.ruleset(internet=[])
     assert "10.0.0.0/8" in rules and "169.254.0.0/16" in rules and "127.0.0.0/8" in rules
     assert "masquerade" in rules
 

@@ -1,0 +1,185 @@
+"""The two interfaces the API depends on, and nothing else of the sandbox machinery:
+
+* a **catalog**: sandbox id → owner, node, state and the rest of its record (backed by the
+  store; running sandboxes answered from memory, so the hot path makes no query);
+* a **sandbox host**: create, destroy, list, open a connection to a sandbox's agent or to a
+  port inside it. The API never sees an address, a token or a manager's dictionaries.
+
+Today one in-process implementation stands behind both (sandboxes/manager.py). This is the seam
+along which sandboxes will run on other machines: a remote host implements the same methods
+over RPC, and the catalog's `node` says which host to ask.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+
+from e2a.sandboxes.states import EndReason, State
+
+
+class NoCapacity(Exception):
+    """This host cannot take another sandbox now (409)."""
+
+
+class Unavailable(Exception):
+    """The runtime cannot start sandboxes at all: runsc, envd or the template image missing (503)."""
+
+
+class CreateFailed(Exception):
+    """A create step failed; everything it made was removed again (503)."""
+
+
+class DeletedDuringCreate(Exception):
+    """The sandbox was deleted while it was being created (409)."""
+
+
+class NotRunning(Exception):
+    """The sandbox exists but is not running, so nothing inside it can be reached (409)."""
+
+    def __init__(self, sandbox_id: str, state: str):
+        super().__init__(f"sandbox {sandbox_id} is {state}")
+        self.state = state
+
+
+class Unreachable(Exception):
+    """Nothing answered inside the sandbox (502)."""
+
+
+@dataclass
+class SandboxRecord:
+    """What the catalog knows of a sandbox; the API's answers are made from it."""
+
+    id: str
+    user_id: str | None
+    node: str
+    template: str
+    state: str
+    vcpu: int
+    cpu_fraction: float
+    memory_mib: int
+    internet: bool
+    metadata: dict[str, str]
+    idle_timeout_seconds: int
+    max_lifetime_seconds: int
+    created_at: datetime
+    expires_at: datetime
+    destroyed_at: datetime | None = None
+    end_reason: str | None = None
+
+
+@dataclass
+class SandboxEventRecord:
+    from_state: str | None
+    to_state: str
+    reason: str | None
+    detail: str | None
+    at: datetime
+
+
+@dataclass
+class CreateSpec:
+    user_id: str
+    template: str
+    env_vars: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    idle_timeout: int = 60
+    max_lifetime: int = 7200
+    internet: bool = True
+
+
+class Catalog(ABC):
+    @abstractmethod
+    async def get(self, sandbox_id: str) -> SandboxRecord | None: ...
+
+    @abstractmethod
+    async def list(self, user_id: str, state: str | None = None) -> list[SandboxRecord]: ...
+
+    @abstractmethod
+    async def events(self, sandbox_id: str) -> list[SandboxEventRecord]: ...
+
+
+class Upstream:
+    """One open connection from the API into a sandbox (an HTTP answer being streamed, or a
+    WebSocket). While it is open the sandbox counts as in use; when the sandbox dies the host
+    closes it and sets `ended`, so the relay can tell its client why the stream stopped."""
+
+    def __init__(self, sandbox_id: str, conn: Any, on_close):
+        self.sandbox_id = sandbox_id
+        self.conn = conn                    # aiohttp.ClientResponse or a websockets connection
+        self.ended: EndReason | None = None
+        self._on_close = on_close
+        self._closed = False
+
+    @property
+    def response(self) -> aiohttp.ClientResponse:
+        return self.conn
+
+    async def abort(self, reason: EndReason) -> None:
+        """The sandbox is going: cut the connection so whoever reads it stops at once."""
+        self.ended = reason
+        conn = self.conn
+        if isinstance(conn, aiohttp.ClientResponse):
+            conn.close()
+        else:
+            try:
+                await conn.close(code=1011, reason=f"sandbox ended: {reason.value}")
+            except Exception:
+                conn.transport.abort() if getattr(conn, "transport", None) else None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if isinstance(self.conn, aiohttp.ClientResponse):
+            self.conn.release()
+        self._on_close(self)
+
+
+class SandboxHost(ABC):
+    node: str
+
+    @abstractmethod
+    async def create(self, spec: CreateSpec) -> SandboxRecord: ...
+
+    @abstractmethod
+    async def destroy(self, sandbox_id: str, reason: EndReason) -> None: ...
+
+    @abstractmethod
+    def list(self) -> list[str]:
+        """Ids of the sandboxes this host runs (or is creating or stopping)."""
+
+    @abstractmethod
+    def touch(self, sandbox_id: str) -> None:
+        """Count activity against the idle timeout."""
+
+    @abstractmethod
+    async def agent_request(self, sandbox_id: str, method: str, path: str,
+                            **kwargs: Any) -> Upstream:
+        """An HTTP request to the sandbox's agent; the answer is returned unread."""
+
+    @abstractmethod
+    async def agent_websocket(self, sandbox_id: str, path: str) -> Upstream: ...
+
+    @abstractmethod
+    async def port_request(self, sandbox_id: str, port: int, method: str, target: str,
+                           **kwargs: Any) -> Upstream:
+        """An HTTP request to `port` inside the sandbox (`target` = path and query)."""
+
+    @abstractmethod
+    async def port_websocket(self, sandbox_id: str, port: int, target: str) -> Upstream: ...
+
+    @abstractmethod
+    async def logs(self, sandbox_id: str) -> list[dict]:
+        """The host's lines about the sandbox and, while it runs, its agent's."""
+
+    def pool_sizes(self) -> dict[str, int]:
+        return {}
+
+
+def state_of(value: str | State) -> str:
+    return value.value if isinstance(value, State) else value

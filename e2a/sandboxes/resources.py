@@ -1,0 +1,297 @@
+"""Every host object a sandbox owns, as one small unit each.
+
+A unit knows how to create itself, how to destroy itself (idempotent: destroying what is
+half-made or already gone is fine), and how to find the objects of its kind that this e2a
+instance left on the host for sandboxes it no longer keeps (its orphans). A sandbox is its list
+of units in creation order; failed create, destroy, death and reconcile all remove them through
+`teardown`, in reverse order. Adding a kind of host resource is adding one unit here and one
+line in `units_for`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from e2a.network import links
+from e2a.network.firewall import Firewall
+from e2a.runtime import cgroups, rootfs
+from e2a.runtime.runsc import Runsc, SandboxSpec
+
+log = logging.getLogger("e2a.resources")
+
+
+@dataclass
+class HostEnv:
+    """What the units of one e2a instance share."""
+
+    instance: str
+    sandboxes_dir: Path      # one directory per sandbox: bundle, writable layer, /tmp
+    runsc: Runsc
+    firewall: Firewall
+    addressing: links.Addressing
+    envd_binary: Path
+    resolv_conf: Path
+
+    def runtime_id(self, sandbox_id: str) -> str:
+        return f"{self.instance}-{sandbox_id}"
+
+
+@dataclass
+class Plan:
+    """One sandbox's host-side facts, enough to create or destroy every unit of it."""
+
+    id: str
+    slot: int
+    internet: bool
+    token: str
+    image: Path | None       # the template's rootfs (only needed to create)
+    memory_mib: int
+    platform: str
+    link: links.Link = field(init=False)
+    dir: Path = field(init=False)
+    runtime_id: str = field(init=False)
+
+    def bind(self, env: HostEnv) -> "Plan":
+        self.link = env.addressing.link(self.slot, self.id)
+        self.dir = env.sandboxes_dir / self.id
+        self.runtime_id = env.runtime_id(self.id)
+        return self
+
+
+@dataclass
+class Keep:
+    """What reconcile keeps: orphans are everything of this instance that is not in here."""
+
+    ids: set[str]
+    links: set[links.Link]
+
+    @property
+    def runtime_ids(self) -> set[str]:
+        return {link.netns for link in self.links}  # netns and runsc id share the name
+
+    @property
+    def host_ifs(self) -> set[str]:
+        return {link.host_if for link in self.links}
+
+
+class Resource(ABC):
+    kind = "resource"
+
+    def __init__(self, env: HostEnv, plan: Plan):
+        self.env, self.plan = env, plan
+
+    @abstractmethod
+    async def create(self) -> None: ...
+
+    @abstractmethod
+    async def destroy(self) -> None: ...
+
+    @classmethod
+    @abstractmethod
+    async def orphans(cls, env: HostEnv, keep: Keep) -> list["Orphan"]: ...
+
+    def __repr__(self) -> str:
+        return f"{self.kind}({self.plan.id})"
+
+
+@dataclass
+class Orphan:
+    """A host object of this instance that no kept sandbox owns; `destroy` removes it."""
+
+    kind: str
+    name: str
+    destroy: object  # () -> Awaitable[None]
+
+
+class SandboxDir(Resource):
+    """The sandbox's directory: OCI bundle, writable layer, /tmp. Only root may enter it."""
+
+    kind = "directory"
+
+    async def create(self) -> None:
+        self.plan.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.plan.dir, 0o700)
+
+    async def destroy(self) -> None:
+        await remove_dir(self.plan.dir)
+
+    @classmethod
+    async def orphans(cls, env: HostEnv, keep: Keep) -> list[Orphan]:
+        if not env.sandboxes_dir.is_dir():
+            return []
+        return [Orphan(cls.kind, d.name, lambda d=d: remove_dir(d))
+                for d in env.sandboxes_dir.iterdir() if d.name not in keep.ids]
+
+
+async def remove_dir(path: Path) -> None:
+    """Delete a sandbox directory, never through a mount that is still on it."""
+    merged = path / "rootfs"
+    if rootfs.is_mounted(merged):
+        await rootfs.Layer(path).unmount()
+        if rootfs.is_mounted(merged):
+            raise RuntimeError(f"{merged} is still mounted; its directory stays")
+    await asyncio.to_thread(shutil.rmtree, path, True)
+    if path.exists():
+        raise RuntimeError(f"could not remove {path}")
+
+
+class NetworkLink(Resource):
+    """Network namespace + veth pair (the sandbox's /30 link)."""
+
+    kind = "network link"
+
+    async def create(self) -> None:
+        await links.create(self.plan.link)
+
+    async def destroy(self) -> None:
+        await links.destroy(self.plan.link)
+        if links.exists(self.plan.link):
+            raise RuntimeError(f"network link {self.plan.link.host_if} is still there")
+
+    @classmethod
+    async def orphans(cls, env: HostEnv, keep: Keep) -> list[Orphan]:
+        found = []
+        for ns in links.existing_netns(env.instance):
+            if ns not in keep.runtime_ids:
+                found.append(Orphan("netns", ns, lambda ns=ns: links.destroy(
+                    links.Link(ns, "", "", ""))))
+        for ifname in links.existing_host_ifs(env.instance):
+            if ifname not in keep.host_ifs:
+                found.append(Orphan("veth", ifname, lambda i=ifname: links.destroy(
+                    links.Link("", i, "", ""))))
+        return found
+
+
+class InternetAccess(Resource):
+    """The sandbox's entry in the firewall's internet allow-list (only if it may go out)."""
+
+    kind = "internet access"
+
+    async def create(self) -> None:
+        if self.plan.internet:
+            await self.env.firewall.set_internet(self.plan.link.host_if, True)
+
+    async def destroy(self) -> None:
+        await self.env.firewall.set_internet(self.plan.link.host_if, False)
+
+    @classmethod
+    async def orphans(cls, env: HostEnv, keep: Keep) -> list[Orphan]:
+        return [Orphan(cls.kind, i, lambda i=i: env.firewall.set_internet(i, False))
+                for i in await env.firewall.allowed() if i not in keep.host_ifs]
+
+
+class RootfsLayer(Resource):
+    """The overlay mount: template image below, the sandbox's writes above."""
+
+    kind = "rootfs overlay"
+
+    async def create(self) -> None:
+        await rootfs.Layer(self.plan.dir).mount(self.plan.image)
+
+    async def destroy(self) -> None:
+        layer = rootfs.Layer(self.plan.dir)
+        await layer.unmount()
+        if rootfs.is_mounted(layer.merged):
+            raise RuntimeError(f"{layer.merged} is still mounted")
+
+    @classmethod
+    async def orphans(cls, env: HostEnv, keep: Keep) -> list[Orphan]:
+        found = []
+        for target in rootfs.mounts_under(env.sandboxes_dir):
+            sid = Path(target).relative_to(env.sandboxes_dir).parts[0]
+            if sid not in keep.ids:
+                found.append(Orphan(cls.kind, target, lambda t=target: rootfs.Layer(
+                    Path(t).parent).unmount()))
+        return found
+
+
+class SandboxCgroup(Resource):
+    """The host cgroup runsc puts the sandbox in (runsc makes it; a crash can leave it)."""
+
+    kind = "cgroup"
+
+    @property
+    def cgroup(self) -> cgroups.Cgroup:
+        return cgroups.Cgroup(self.env.instance, self.plan.runtime_id)
+
+    async def create(self) -> None:
+        pass  # runsc creates it from the OCI spec's cgroupsPath
+
+    async def destroy(self) -> None:
+        self.cgroup.remove()
+
+    @classmethod
+    async def orphans(cls, env: HostEnv, keep: Keep) -> list[Orphan]:
+        async def rm(leaf: str) -> None:
+            cgroups.Cgroup(env.instance, leaf).remove()
+        return [Orphan(cls.kind, leaf, lambda leaf=leaf: rm(leaf))
+                for leaf in cgroups.leaves(env.instance) - keep.runtime_ids]
+
+
+class RunscContainer(Resource):
+    """The gVisor sandbox itself: runsc's Sentry and gofer processes, envd as its init."""
+
+    kind = "runsc container"
+
+    async def create(self) -> None:
+        p = self.plan
+        await self.env.runsc.start(SandboxSpec(
+            runtime_id=p.runtime_id, bundle_dir=p.dir, rootfs=rootfs.Layer(p.dir).merged,
+            netns_path=p.link.netns_path, envd_binary=self.env.envd_binary, envd_token=p.token,
+            memory_mib=p.memory_mib, platform=p.platform, resolv_conf=self.env.resolv_conf,
+            cgroup=cgroups.Cgroup(self.env.instance, p.runtime_id),
+        ))
+
+    async def destroy(self) -> None:
+        await self.env.runsc.delete(self.plan.runtime_id)
+
+    @classmethod
+    async def orphans(cls, env: HostEnv, keep: Keep) -> list[Orphan]:
+        if not env.runsc.available():
+            return []  # nothing can have been started without it
+        prefix = env.instance + "-"
+        return [Orphan(cls.kind, cid, lambda cid=cid: env.runsc.delete(cid))
+                for cid in {c.get("id") for c in await env.runsc.list()}
+                if cid and cid.startswith(prefix) and cid not in keep.runtime_ids]
+
+
+# Creation order; teardown runs it backwards.
+KINDS: tuple[type[Resource], ...] = (SandboxDir, NetworkLink, InternetAccess, RootfsLayer,
+                                     SandboxCgroup, RunscContainer)
+
+
+def units_for(env: HostEnv, plan: Plan) -> list[Resource]:
+    return [kind(env, plan) for kind in KINDS]
+
+
+async def teardown(units: list[Resource]) -> list[str]:
+    """Destroy `units` in reverse order, carrying on past failures; returns what failed."""
+    failed = []
+    for unit in reversed(units):
+        try:
+            await unit.destroy()
+        except Exception as exc:
+            log.error("destroying %r failed: %s", unit, exc)
+            failed.append(f"{unit.kind}: {exc}")
+    return failed
+
+
+async def sweep_orphans(env: HostEnv, keep: Keep) -> list[str]:
+    """Remove every host object of this instance that `keep` does not own, kinds in reverse
+    creation order (the container before its cgroup and mount, the mount before its directory).
+    Returns the names removed."""
+    removed = []
+    for kind in reversed(KINDS):
+        for orphan in await kind.orphans(env, keep):
+            try:
+                await orphan.destroy()
+                removed.append(f"{orphan.kind} {orphan.name}")
+            except Exception as exc:
+                log.error("removing orphan %s %s failed: %s", orphan.kind, orphan.name, exc)
+    return removed
