@@ -88,11 +88,13 @@ async def _relay_ndjson(up: Upstream) -> AsyncIterator[bytes]:
             last = (last + chunk)[-4096:]
     except Exception as exc:
         failure = exc
+    lines = last.rstrip(b"\n").rsplit(b"\n", 1)
+    try:
+        if failure is not None or not _is_exit(lines[-1]):
+            await up.settle()
+            yield _ended_event(up, failure)
     finally:
         up.close()
-    lines = last.rstrip(b"\n").rsplit(b"\n", 1)
-    if failure is not None or not _is_exit(lines[-1]):
-        yield _ended_event(up, failure)
 
 
 async def _relay_bytes(up: Upstream) -> AsyncIterator[bytes]:
@@ -351,13 +353,16 @@ async def _relay(client: WebSocket, up: Upstream) -> None:
                 await upstream.send(msg["text"])
 
     try:
-        tasks = [asyncio.create_task(down()), asyncio.create_task(up_())]
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        downward, upward = asyncio.create_task(down()), asyncio.create_task(up_())
+        done, pending = await asyncio.wait({downward, upward},
+                                           return_when=asyncio.FIRST_COMPLETED)
         for t in pending:
             t.cancel()
         for t in done:
             with contextlib.suppress(Exception):
                 t.result()
+        if downward in done and upward not in done:  # the sandbox's side ended: say why
+            await up.settle()
         if up.ended is not None:
             with contextlib.suppress(Exception):
                 await client.send_text(json.dumps({

@@ -12,6 +12,7 @@ over RPC, and the catalog's `node` says which host to ask.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -112,6 +113,7 @@ class Upstream:
         self.sandbox_id = sandbox_id
         self.conn = conn                    # aiohttp.ClientResponse or a websockets connection
         self.ended: EndReason | None = None
+        self._aborted = asyncio.Event()
         self._on_close = on_close
         self._closed = False
 
@@ -122,6 +124,7 @@ class Upstream:
     async def abort(self, reason: EndReason) -> None:
         """The sandbox is going: cut the connection so whoever reads it stops at once."""
         self.ended = reason
+        self._aborted.set()
         conn = self.conn
         if isinstance(conn, aiohttp.ClientResponse):
             conn.close()
@@ -130,6 +133,16 @@ class Upstream:
                 await conn.close(code=1011, reason=f"sandbox ended: {reason.value}")
             except Exception:
                 conn.transport.abort() if getattr(conn, "transport", None) else None
+
+    async def settle(self, timeout: float = 2.0) -> EndReason | None:
+        """After the connection broke on its own: wait briefly for the host to say whether the
+        sandbox died (a dying sandbox's socket often breaks a moment before its death is
+        handled), and return that reason, if any."""
+        try:
+            await asyncio.wait_for(self._aborted.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        return self.ended
 
     def close(self) -> None:
         if self._closed:

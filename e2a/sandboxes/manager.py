@@ -46,6 +46,7 @@ log = logging.getLogger("e2a.sandboxes")
 T = TypeVar("T")
 
 POOL_LIFETIME = 7200  # a warm sandbox's own limits until a user claims it
+AGENT = "the sandbox's agent"
 
 
 class StartupError(Exception):
@@ -78,6 +79,7 @@ class LiveSandbox:
     end_reason: EndReason | None = None
     boot_task: asyncio.Task | None = None
     oom_kills_at_boot: int = 0
+    probing: bool = False
 
     @property
     def id(self) -> str:
@@ -153,6 +155,7 @@ class Manager(SandboxHost):
             "".join(f"nameserver {ns}\n" for ns in host_nameservers()))
         await self.reconcile()
         self._tasks.append(asyncio.create_task(self._reaper(), name="reaper"))
+        self._tasks.append(asyncio.create_task(self._death_sweeper(), name="death sweep"))
         if self.settings.pool_size > 0:
             self._tasks.append(asyncio.create_task(self._pool_filler(), name="pool"))
 
@@ -475,6 +478,54 @@ class Manager(SandboxHost):
         log.warning("sandbox %s died: %s", sandbox_id, detail)
         await self.destroy(sandbox_id, reason, detail)
 
+    async def _agent_answers(self, sb: LiveSandbox, attempts: int, timeout: float) -> bool:
+        url = envd.base_url(sb.link.sandbox_ip) + "/health"
+        for _ in range(attempts):
+            try:
+                async with self.http.get(url, headers=envd.headers(sb.plan.token),
+                                         timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                    if r.status == 200:
+                        return True
+            except envd.TRANSPORT_ERRORS:
+                pass
+        return False
+
+    async def _probe(self, sb: LiveSandbox, attempts: int, timeout: float, why: str) -> None:
+        """Ask the agent; if it does not answer, the sandbox is dead whatever its processes say."""
+        if sb.state is State.RUNNING and not await self._agent_answers(sb, attempts, timeout):
+            if sb.state is State.RUNNING:
+                await self.destroy(sb.id, EndReason.CRASHED,
+                                   f"the sandbox's agent stopped answering ({why})")
+
+    def _probe_later(self, sb: LiveSandbox, attempts: int, timeout: float, why: str) -> None:
+        if sb.probing:
+            return
+        sb.probing = True
+
+        async def run() -> None:
+            try:
+                await self._probe(sb, attempts, timeout, why)
+            finally:
+                sb.probing = False
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _sweep_once(self) -> None:
+        for sb in list(self.sandboxes.values()):
+            if sb.state is not State.RUNNING or not self.watch.watching(sb.id):
+                continue  # not up yet, or its death is being handled
+            if not set(self._cgroup(sb).procs()) - self.watch.pids(sb.id):
+                self._probe_later(sb, 1, 1.0, "no systrap stub process left")
+
+    async def _death_sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.death_check_interval)
+            try:
+                self._sweep_once()
+            except Exception as exc:
+                log.error("death sweep: %s", exc)
+
     # ---- idle, lifetime, retries -----------------------------------------------------------
 
     def touch(self, sandbox_id: str) -> None:
@@ -495,9 +546,7 @@ class Manager(SandboxHost):
                 continue
             if sb.state is not State.RUNNING or sb.user_id is None:
                 continue
-            if not self.watch.watching(sb.id):
-                self._on_death(sb.id, 0)  # its processes could not be watched: check now
-            elif now_wall >= sb.expires_at:
+            if now_wall >= sb.expires_at:
                 await self.destroy(sb.id, EndReason.MAX_LIFETIME)
             elif not sb.in_use and now - sb.last_activity >= sb.idle_timeout:
                 if await self._running_commands(sb):
@@ -607,6 +656,8 @@ class Manager(SandboxHost):
             raise Unreachable(f"the sandbox ended ({reason}) before {what} answered")
         exc = attempt.exception()
         if exc is not None:
+            if what == AGENT:  # is it the request, or the sandbox? (3 tries of 2 s: not a blip)
+                self._probe_later(sb, 3, 2.0, f"a request failed with {exc.__class__.__name__}")
             raise Unreachable(f"{what} did not answer: {exc.__class__.__name__}") from exc
         up = Upstream(sb.id, attempt.result(), self._closed)
         if sb.gone.is_set():
@@ -621,15 +672,14 @@ class Manager(SandboxHost):
         sb = self._running(sandbox_id)
         headers = {**kwargs.pop("headers", {}), **envd.headers(sb.plan.token)}
         return await self._connect(sb, self.http.request(
-            method, envd.base_url(sb.link.sandbox_ip) + path, headers=headers, **kwargs),
-            "the sandbox's agent")
+            method, envd.base_url(sb.link.sandbox_ip) + path, headers=headers, **kwargs), AGENT)
 
     async def agent_websocket(self, sandbox_id: str, path: str) -> Upstream:
         sb = self._running(sandbox_id)
         url = f"ws://{sb.link.sandbox_ip}:{ENVD_PORT}{path}"
         return await self._connect(sb, websockets.connect(
             url, additional_headers=envd.headers(sb.plan.token), max_size=None,
-            open_timeout=10), "the sandbox's agent")
+            open_timeout=10), AGENT)
 
     async def port_request(self, sandbox_id: str, port: int, method: str, target: str,
                            **kwargs: Any) -> Upstream:

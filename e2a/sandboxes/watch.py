@@ -2,8 +2,10 @@
 (gVisor's Sentry and gofer), registered with the event loop, becomes readable the moment the
 process exits, whatever killed it (the host OOM killer, `kill -9`, a panic in runsc).
 
-No polling loop is needed for the processes themselves; the manager's periodic sweep only
-re-checks what a pidfd cannot cover (a process that was gone before it could be watched).
+What a pidfd cannot see is covered by the manager's sweep (every E2A_DEATH_CHECK_INTERVAL):
+a sandbox whose systrap stub processes are all gone can no longer run anything (envd's
+address space is among them) although its Sentry waits on; the sweep sees the empty set in the
+cgroup and confirms with one call to the agent.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class DeathWatch:
     def __init__(self, on_death: Callable[[str, int], None]):
         self.on_death = on_death
         self._fds: dict[str, list[int]] = {}
+        self._pids: dict[str, list[int]] = {}
 
     def watch(self, key: str, pids: list[int]) -> bool:
         """Watch `pids` under `key`; False (and nothing watched) if one of them is gone already."""
@@ -43,6 +46,7 @@ class DeathWatch:
         loop = asyncio.get_running_loop()
         fds: list[int] = []
         self._fds[key] = fds
+        self._pids[key] = list(pids)
         for pid in pids:
             try:
                 fd = os.pidfd_open(pid)
@@ -56,12 +60,16 @@ class DeathWatch:
     def watching(self, key: str) -> bool:
         return key in self._fds
 
+    def pids(self, key: str) -> set[int]:
+        return set(self._pids.get(key, ()))
+
     def _fired(self, key: str, pid: int) -> None:
         self.unwatch(key)
         self.on_death(key, pid)
 
     def unwatch(self, key: str) -> None:
         fds = self._fds.pop(key, [])
+        self._pids.pop(key, None)
         if not fds:
             return
         loop = asyncio.get_running_loop()

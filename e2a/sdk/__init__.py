@@ -12,7 +12,7 @@
 from .async_client import AsyncE2A, AsyncFiles
 from .client import E2A, Files
 from .errors import E2AError
-from .models import CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, Sandbox
+from .models import CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, Sandbox, SandboxEvent
 
 __all__ = ["E2A", "AsyncE2A", "Files", "AsyncFiles", "E2AError", "Sandbox", "CommandEvent",
-           "CommandResult", "CommandInfo", "FileEntry", "LogLine"]
+           "CommandResult", "CommandInfo", "FileEntry", "LogLine", "SandboxEvent"]

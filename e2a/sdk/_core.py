@@ -12,7 +12,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import httpx
 
 from .errors import E2AError
-from .models import CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine
+from .models import CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, SandboxEvent
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 CHUNK = 1 << 20  # upload/download piece size: bounded memory whatever the file size
@@ -108,6 +108,10 @@ def logs(vm_id: str) -> Call:
     return Call("GET", _sb(vm_id) + "/logs", parse=lambda d: [LogLine.from_dict(x) for x in d["lines"]])
 
 
+def events(vm_id: str) -> Call:
+    return Call("GET", _sb(vm_id) + "/events", parse=lambda d: [SandboxEvent.from_dict(x) for x in d["events"]])
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -164,12 +168,15 @@ class Collector:
         self._out: dict[str, list[str]] = {"stdout": [], "stderr": []}
         self.pid: int | None = None
         self.exit: CommandEvent | None = None
+        self.error: CommandEvent | None = None
 
     def feed(self, ev: CommandEvent) -> Any:
         if ev.type == "start":
             self.pid = ev.pid
         elif ev.type == "exit":
             self.exit = ev
+        elif ev.type == "error":
+            self.error = ev
         elif ev.type in self._out:
             self._out[ev.type].append(ev.data or "")
             cb = self._cb[ev.type]
@@ -177,6 +184,8 @@ class Collector:
         return None
 
     def result(self) -> CommandResult:
+        if self.exit is None and self.error is not None:
+            raise E2AError(0, self.error.code or "stream_error", self.error.message or "the stream failed")
         if self.exit is None:
             raise E2AError(0, "stream_ended", f"command stream ended before the exit event (pid {self.pid}); "
                                               "use reconnect() to resume it")

@@ -15,7 +15,7 @@ from . import _core as api
 from ._body import Body, async_body, open_dest
 from ._core import Call, Collector, parse_event, sandbox_id
 from .errors import E2AError, check, error_from_response
-from .models import CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, Sandbox
+from .models import CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, Sandbox, SandboxEvent
 
 
 class AsyncE2A:
@@ -91,6 +91,10 @@ class AsyncE2A:
 
     async def logs(self, vm_id: str) -> list[LogLine]:
         return await self._call(api.logs(sandbox_id(vm_id)))
+
+    async def events(self, vm_id: str) -> list[SandboxEvent]:
+        """Every state transition of the sandbox, oldest first, with its reason."""
+        return await self._call(api.events(sandbox_id(vm_id)))
 
     # ------------------------------------------------------------ commands
 

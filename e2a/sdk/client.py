@@ -13,7 +13,7 @@ from . import _core as api
 from ._body import Body, open_dest, sync_body
 from ._core import Call, Collector, parse_event, sandbox_id
 from .errors import E2AError, check, error_from_response
-from .models import CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, Sandbox
+from .models import CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, Sandbox, SandboxEvent
 
 
 class E2A:
@@ -85,6 +85,10 @@ class E2A:
 
     def logs(self, vm_id: str) -> list[LogLine]:
         return self._call(api.logs(sandbox_id(vm_id)))
+
+    def events(self, vm_id: str) -> list[SandboxEvent]:
+        """Every state transition of the sandbox, oldest first, with its reason."""
+        return self._call(api.events(sandbox_id(vm_id)))
 
     # ------------------------------------------------------------ commands
 

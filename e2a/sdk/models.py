@@ -24,6 +24,21 @@ class _Bound:
 
 
 @dataclass
+class SandboxEvent:
+    """One state transition of a sandbox (``GET /v1/sandboxes/{id}/events``)."""
+
+    from_state: str | None
+    to_state: str
+    reason: str | None = None
+    detail: str | None = None
+    at: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SandboxEvent":
+        return _from_dict(cls, data)
+
+
+@dataclass
 class Sandbox:
     vm_id: str
     state: str = ""
@@ -37,6 +52,9 @@ class Sandbox:
     max_lifetime_seconds: int | None = None
     created_at: str | None = None
     expires_at: str | None = None
+    destroyed_at: str | None = None
+    # Why it ended: deleted, idle_timeout, max_lifetime, out_of_memory, crashed, server_restart, create_failed.
+    end_reason: str | None = None
     # The client that fetched this sandbox, so ``sb.run(...)`` works; an AsyncE2A makes these coroutines.
     _client: Any = field(default=None, repr=False, compare=False)
 
@@ -89,7 +107,9 @@ class Sandbox:
 
 @dataclass
 class CommandEvent:
-    """One NDJSON line of a command stream: ``start``, ``stdout``, ``stderr``, ``dropped`` or ``exit``."""
+    """One NDJSON line of a command stream: ``start``, ``stdout``, ``stderr``, ``dropped``, ``exit``,
+    or ``error`` (the stream stopped before the exit: ``code`` sandbox_ended with the sandbox's
+    ``reason``, or stream_broken)."""
 
     type: str
     pid: int | None = None
@@ -98,6 +118,9 @@ class CommandEvent:
     signal: str | None = None
     timed_out: bool | None = None
     bytes: int | None = None
+    code: str | None = None
+    reason: str | None = None
+    message: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CommandEvent":
