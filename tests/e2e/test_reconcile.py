@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 from e2a.sdk import E2A, E2AError
-from tests.e2e.conftest import own_server
+from tests.e2e.conftest import own_server, wait_for
+from tests.e2e.test_isolation import outside  # noqa: F401  (the 'internet' host fixture)
 
 
 @pytest.fixture
@@ -92,3 +93,71 @@ def test_capacity_and_runtime_errors(restart_server):
         assert (e.value.status, e.value.code) == (503, "runtime_unavailable")
     srv.stop()
     assert not any(srv.host_objects().values())
+
+
+def test_reconcile_fails_safe_when_runsc_list_fails(restart_server, tmp_path):
+    """A runsc that cannot list its sandboxes at start: e2a retries, then refuses to start with
+    a clear message, and every sandbox is still alive afterwards (none was torn down)."""
+    srv = restart_server
+    srv.start()
+    key = srv.create_user("failsafe@example.com")
+    with E2A(srv.url, key) as c:
+        sb = c.create_sandbox("standard", idle_timeout_seconds=600)
+        c.files.write(sb.vm_id, "kept.txt", b"still here")
+    srv.kill9()
+    wrapper = tmp_path / "runsc"
+    wrapper.write_text("#!/bin/sh\n"
+                       'for a in "$@"; do [ "$a" = list ] && { echo "injected failure" >&2; '
+                       "exit 1; }; done\n"
+                       'exec /var/cache/e2a/bin/runsc "$@"\n')
+    wrapper.chmod(0o755)
+    srv.extra_env = {"E2A_RUNSC": str(wrapper)}
+    with pytest.raises(RuntimeError) as refused:
+        srv.start()
+    assert "list runsc's sandboxes" in str(refused.value)
+    assert "injected failure" in str(refused.value)
+    during = srv.host_objects()
+    assert during["netns"] == 1 and during["runsc_processes"] >= 2 and during["sandbox_dirs"] == 1
+
+    srv.extra_env = {}
+    srv.start()
+    with E2A(srv.url, key) as c:
+        assert c.get_sandbox(sb.vm_id).state == "running"
+        assert c.files.read_bytes(sb.vm_id, "kept.txt") == b"still here"
+        c.kill(sb.vm_id)
+    srv.stop()
+    assert not any(srv.host_objects().values())
+
+
+def probes(c, vm_id: str) -> int:
+    return int(c.run(vm_id, "cat /tmp/probes 2>/dev/null | wc -l").stdout)
+
+
+def test_internet_false_never_gets_out_across_a_restart(restart_server, outside):
+    """A sandbox with internet: false probes the 'internet' host in a loop while e2a restarts
+    (crash and graceful): not one probe gets through. A sandbox with internet: true doing the
+    same is the positive control."""
+    srv = restart_server
+    srv.start()
+    key = srv.create_user("noinet@example.com")
+    probe = (f"while true; do timeout 0.3 bash -c 'exec 3<>/dev/tcp/{outside}/80' "
+             "&& echo OPEN >> /tmp/probes || echo CLOSED >> /tmp/probes; sleep 0.05; done")
+    with E2A(srv.url, key) as c:
+        off = c.create_sandbox("standard", internet=False, idle_timeout_seconds=600)
+        on = c.create_sandbox("standard", internet=True, idle_timeout_seconds=600)
+        for sb in (off, on):
+            c.run_background(sb.vm_id, probe)
+        wait_for(lambda: probes(c, off.vm_id) >= 3 and probes(c, on.vm_id) >= 3)
+    for restart in (srv.kill9, srv.stop):
+        restart()
+        srv.start()
+    with E2A(srv.url, key) as c:
+        before = probes(c, off.vm_id)
+        wait_for(lambda: probes(c, off.vm_id) >= before + 5)  # probing on across the restarts
+        off_log = c.files.read_text(off.vm_id, "/tmp/probes").split()
+        on_log = c.files.read_text(on.vm_id, "/tmp/probes").split()
+        assert len(off_log) > 5 and set(off_log) == {"CLOSED"}, off_log
+        assert "OPEN" in on_log
+        c.kill(off.vm_id)
+        c.kill(on.vm_id)
+    srv.stop()
