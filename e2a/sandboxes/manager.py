@@ -123,8 +123,10 @@ async def retry(what: str, fn: Callable[[], Awaitable[T]], attempts: int = 3,
 
 
 class Manager(SandboxHost):
-    def __init__(self, settings: Settings, sessions):
+    def __init__(self, settings: Settings, sessions,
+                 kinds: tuple[type[resources.Resource], ...] = resources.KINDS):
         self.settings = settings
+        self.kinds = kinds  # the resource units of a sandbox (tests pass fakes)
         self.node = socket.gethostname()
         self.runsc = Runsc(settings.runsc, settings.run_dir / "runsc")
         self.env = resources.HostEnv(
@@ -233,7 +235,7 @@ class Manager(SandboxHost):
             token=secrets.token_urlsafe(32), image=image, memory_mib=recipe.memory_mib,
             platform=self.settings.platform or recipe.platform).bind(self.env)
         sb = LiveSandbox(
-            plan=plan, units=resources.units_for(self.env, plan), user_id=spec.user_id,
+            plan=plan, units=resources.units_for(self.env, plan, self.kinds), user_id=spec.user_id,
             template=recipe.name, vcpu=recipe.vcpu, cpu_fraction=recipe.cpu_fraction,
             memory_mib=recipe.memory_mib, cpu_quota_us=recipe.cpu_quota_us,
             metadata=spec.metadata, idle_timeout=spec.idle_timeout,
@@ -299,15 +301,7 @@ class Manager(SandboxHost):
                 await self._move(sb, State.BOOTING)
                 await container.create()
                 mark("runsc")
-                await envd.wait_ready(self.http, sb.link.sandbox_ip, sb.plan.token)
-                cgroup = self._cgroup(sb)
-                # The CPU quota starts now: boot work is e2a's, and it is CPU-bound.
-                cgroup.set_cpu_quota(sb.cpu_quota_us)
-                sb.oom_kills_at_boot = _oom_kills(cgroup)
-                if not self.watch.watch(sb.id, runsc_processes(cgroup.procs())):
-                    raise RuntimeError("a runsc process exited during boot")
-                if env_vars:
-                    await self._init_env(sb, env_vars)
+                await self._agent_up(sb, env_vars)
                 mark("envd")
                 await self._move(sb, State.RUNNING, "booted",
                                  f"{1000 * (time.perf_counter() - t0):.0f} ms")
@@ -323,6 +317,18 @@ class Manager(SandboxHost):
                     log.warning("create %s failed: %s", sb.id, exc)
                 await asyncio.shield(self._stop(sb, reason, detail))
                 raise
+
+    async def _agent_up(self, sb: LiveSandbox, env_vars: dict[str, str]) -> None:
+        """The sandbox is started: wait for its agent, apply the CPU quota, watch its processes."""
+        await envd.wait_ready(self.http, sb.link.sandbox_ip, sb.plan.token)
+        cgroup = self._cgroup(sb)
+        # The CPU quota starts now: boot work is e2a's, and it is CPU-bound.
+        cgroup.set_cpu_quota(sb.cpu_quota_us)
+        sb.oom_kills_at_boot = _oom_kills(cgroup)
+        if not self.watch.watch(sb.id, runsc_processes(cgroup.procs())):
+            raise RuntimeError("a runsc process exited during boot")
+        if env_vars:
+            await self._init_env(sb, env_vars)
 
     async def _init_env(self, sb: LiveSandbox, env_vars: dict[str, str]) -> None:
         async with self.http.post(envd.base_url(sb.link.sandbox_ip) + "/init",
@@ -612,7 +618,7 @@ class Manager(SandboxHost):
                               token=row.envd_token, image=None, memory_mib=row.memory_mib,
                               platform="").bind(self.env)
         sb = LiveSandbox(
-            plan=plan, units=resources.units_for(self.env, plan), user_id=row.user_id,
+            plan=plan, units=resources.units_for(self.env, plan, self.kinds), user_id=row.user_id,
             template=row.template, vcpu=row.vcpu, cpu_fraction=row.cpu_fraction,
             memory_mib=row.memory_mib,
             cpu_quota_us=recipe.cpu_quota_us if recipe else 100_000,

@@ -266,8 +266,9 @@ KINDS: tuple[type[Resource], ...] = (SandboxDir, NetworkLink, InternetAccess, Ro
                                      SandboxCgroup, RunscContainer)
 
 
-def units_for(env: HostEnv, plan: Plan) -> list[Resource]:
-    return [kind(env, plan) for kind in KINDS]
+def units_for(env: HostEnv, plan: Plan,
+              kinds: tuple[type[Resource], ...] = KINDS) -> list[Resource]:
+    return [kind(env, plan) for kind in kinds]
 
 
 async def teardown(units: list[Resource]) -> list[str]:
