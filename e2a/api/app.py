@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from e2a import __version__, auth
 from e2a.api import errors, proxy, sandboxes
+from e2a.api.guard import RequestGuard
 from e2a.config import Settings
 from e2a.sandboxes.manager import Manager, StartupError
 from e2a.store import db as store
@@ -71,6 +72,8 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
     )
     app.state.settings = settings
     app.add_middleware(JsonByDefault)
+    # Added last, so it runs first: no route (nor JsonByDefault) sees an unauthenticated request.
+    app.add_middleware(RequestGuard, max_body=settings.max_body_bytes)
     errors.install(app)
     app.include_router(sandboxes.router)
     app.include_router(proxy.router)

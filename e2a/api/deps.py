@@ -42,6 +42,9 @@ async def caller_from_header(app, header: str | None) -> Caller:
 
 
 async def current_user(request: Request) -> Caller:
+    caller = request.scope.get("state", {}).get("caller")  # found by the RequestGuard
+    if caller is not None:
+        return caller
     return await caller_from_header(request.app, request.headers.get("authorization"))
 
 

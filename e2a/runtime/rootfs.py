@@ -24,8 +24,10 @@ class Layer:
     async def mount(self, lower: Path) -> None:
         for d in (self.upper, self.work, self.merged):
             d.mkdir(parents=True, exist_ok=True)
+        # nosuid, nodev: whatever the sandbox writes is never a setuid program or a device node
+        # on the host (the directory is 0700 besides).
         await proc.run(["mount", "-t", "overlay", "overlay", "-o",
-                        f"lowerdir={lower},upperdir={self.upper},workdir={self.work}",
+                        f"nosuid,nodev,lowerdir={lower},upperdir={self.upper},workdir={self.work}",
                         str(self.merged)])
 
     async def unmount(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -32,6 +32,7 @@ from e2a.network.firewall import Firewall, host_nameservers
 from e2a.runtime import cgroups
 from e2a.runtime.runsc import ENVD_PORT, Runsc, RunscError
 from e2a.sandboxes import envd, resources, states
+from e2a.sandboxes.agent_keys import AgentKeys
 from e2a.sandboxes.host import (CreateFailed, CreateSpec, DeletedDuringCreate, NoCapacity,
                                 NotRunning, SandboxHost, SandboxRecord, Unavailable, Unreachable,
                                 Upstream)
@@ -135,6 +136,7 @@ class Manager(SandboxHost):
             addressing=links.Addressing(settings.instance, settings.subnet),
             envd_binary=Path(settings.envd), resolv_conf=settings.run_dir / "resolv.conf")
         self.records = Records(sessions)
+        self.keys = AgentKeys(settings.data_dir / "agent.key")
         self.catalog = StoreCatalog(self.records, self._live_record, self.node)
         self.hostlog = HostLog(settings.data_dir / "logs")
         self.http = envd.make_client()
@@ -150,9 +152,7 @@ class Manager(SandboxHost):
     # ---- startup and shutdown -------------------------------------------------------------
 
     async def start(self) -> None:
-        for d in (self.settings.run_dir / "runsc", self.env.sandboxes_dir,
-                  self.settings.data_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        self._private_dirs()
         self.env.resolv_conf.write_text(
             "".join(f"nameserver {ns}\n" for ns in host_nameservers()))
         await self.reconcile()
@@ -174,6 +174,16 @@ class Manager(SandboxHost):
         await asyncio.gather(*boots, return_exceptions=True)
         self.watch.close()
         await self.http.close()
+
+    def _private_dirs(self) -> None:
+        """Only root may read what e2a keeps: the database (key hashes, sandboxes), logs, the
+        agent key, runsc's state (sandbox specs) and each sandbox's files on the host."""
+        data, run = self.settings.data_dir, self.settings.run_dir
+        for d in (data, run, run / "runsc", self.env.sandboxes_dir, data / "logs"):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+        for f in data.glob("e2a.db*"):
+            os.chmod(f, 0o600)
 
     def check_runtime(self, recipe: recipes.Recipe) -> Path:
         if not self.runsc.available():
@@ -230,9 +240,10 @@ class Manager(SandboxHost):
         if slot is None:
             raise NoCapacity("no free network slot")
         now = utcnow()
+        sid = new_id("sbx")
         plan = resources.Plan(
-            id=new_id("sbx"), slot=slot, internet=spec.internet,
-            token=secrets.token_urlsafe(32), image=image, memory_mib=recipe.memory_mib,
+            id=sid, slot=slot, internet=spec.internet, token=self.keys.token(sid), image=image,
+            memory_mib=recipe.memory_mib,
             platform=self.settings.platform or recipe.platform).bind(self.env)
         sb = LiveSandbox(
             plan=plan, units=resources.units_for(self.env, plan, self.kinds), user_id=spec.user_id,
@@ -259,7 +270,7 @@ class Manager(SandboxHost):
             vcpu=recipe.vcpu, cpu_fraction=recipe.cpu_fraction, memory_mib=recipe.memory_mib,
             internet=spec.internet, metadata_=spec.metadata, env_vars=spec.env_vars,
             idle_timeout_seconds=spec.idle_timeout, max_lifetime_seconds=spec.max_lifetime,
-            slot=sb.plan.slot, envd_token=sb.plan.token, created_at=sb.created_at,
+            slot=sb.plan.slot, envd_token="", created_at=sb.created_at,
             expires_at=sb.expires_at)
         try:
             await self.records.insert(row, "create" if spec.user_id else "warm_pool")
@@ -615,7 +626,8 @@ class Manager(SandboxHost):
     def _adopt(self, row: Sandbox) -> LiveSandbox:
         recipe = recipes.load(row.template)
         plan = resources.Plan(id=row.id, slot=row.slot, internet=row.internet,
-                              token=row.envd_token, image=None, memory_mib=row.memory_mib,
+                              token=row.envd_token or self.keys.token(row.id), image=None,
+                              memory_mib=row.memory_mib,
                               platform="").bind(self.env)
         sb = LiveSandbox(
             plan=plan, units=resources.units_for(self.env, plan, self.kinds), user_id=row.user_id,

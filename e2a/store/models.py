@@ -49,6 +49,8 @@ class Sandbox(Base):
     max_lifetime_seconds: Mapped[int] = mapped_column(Integer)
     # Host resources, needed to adopt or clean up the sandbox after a restart.
     slot: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Empty: the token is derived from the host's agent key (sandboxes/agent_keys.py). Rows
+    # written before that still hold theirs.
     envd_token: Mapped[str] = mapped_column(String(64))
     # Why it ended (states.EndReason), and the host's words about it.
     end_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)

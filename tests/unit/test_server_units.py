@@ -87,9 +87,12 @@ def test_error_shape_without_runtime():
     async def calls():
         transport = httpx.ASGITransport(app=create_app(with_runtime=False))
         async with httpx.AsyncClient(transport=transport, base_url="http://e2a") as client:
-            return await client.get("/v1/nowhere"), await client.put("/health")
+            return (await client.get("/nowhere"), await client.put("/health"),
+                    await client.post("/v1/sandboxes", content=b"x" * 10_000_000))
 
-    missing, wrong_method = asyncio.run(calls())
+    missing, wrong_method, anonymous = asyncio.run(calls())
+    # a /v1 request without a key is refused before its body is read
+    assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "unauthorized"
     assert missing.status_code == 404
     assert set(missing.json()["error"]) == {"code", "message", "field"}
     assert wrong_method.status_code == 405

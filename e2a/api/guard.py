@@ -1,0 +1,105 @@
+"""What every /v1 request passes before any route runs (an ASGI middleware):
+
+* the API key: a request without a valid key is answered 401 before a byte of its body is read,
+  so an anonymous client cannot make the server buffer anything;
+* a body limit on the JSON routes (E2A_MAX_BODY_BYTES): 413 `body_too_large`, from the
+  Content-Length at once or, for a chunked body, as soon as the count passes it; the streamed
+  routes (file and tar uploads, the port proxy) are not limited here;
+* a deadline for the body to arrive (BODY_TIMEOUT between chunks): 408 `body_timeout`, so a
+  client that stops sending mid-body does not hold a request open for ever.
+
+The caller found here is left in the request's state for the routes (deps.current_user).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from e2a.api.deps import caller_from_header
+from e2a.api.errors import ApiError, body
+
+BODY_TIMEOUT = 30.0
+
+
+class BodyRefused(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def streamed(method: str, path: str) -> bool:
+    """Routes whose body is streamed to the sandbox (no size limit, no buffering)."""
+    if "/ports/" in path:
+        return True
+    return method == "PUT" and (path.endswith("/files") or path.endswith("/files/tar"))
+
+
+async def send_error(send, status: int, code: str, message: str, field: str | None = None) -> None:
+    payload = json.dumps(body(code, message, field)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class RequestGuard:
+    def __init__(self, app, max_body: int):
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        try:
+            caller = await caller_from_header(scope["app"],
+                                              (headers.get(b"authorization") or b"").decode())
+        except ApiError as exc:
+            return await send_error(send, exc.status, exc.code, exc.message, exc.field)
+        scope.setdefault("state", {})["caller"] = caller
+        if streamed(scope["method"], scope["path"]):
+            return await self.app(scope, receive, send)
+
+        limit = self.max_body
+        try:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            return await send_error(send, 400, "invalid_header", "Content-Length is not a number")
+        if declared > limit:
+            return await send_error(send, 413, "body_too_large",
+                                    f"the request body is {declared} bytes; at most {limit} "
+                                    "are accepted on this route")
+        seen = 0
+        complete = False
+        started = False
+
+        async def guarded_receive():
+            nonlocal seen, complete
+            if complete:  # after the body: waits for a disconnect, however long
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), BODY_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise BodyRefused(408, "body_timeout", f"no part of the request body arrived "
+                                  f"for {BODY_TIMEOUT:.0f} s") from None
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyRefused(413, "body_too_large",
+                                      f"the request body is over {limit} bytes, the most "
+                                      "accepted on this route")
+                complete = not message.get("more_body", False)
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, guarded_receive, tracked_send)
+        except BodyRefused as exc:
+            if not started:
+                await send_error(send, exc.status, exc.code, exc.message)
