@@ -4,12 +4,19 @@ The root filesystem is the sandbox's own overlay mount (runtime/rootfs.py): the 
 image below, the sandbox's writes above, on the host disk. The memory limit goes into the OCI spec: runsc puts the sandbox in a host cgroup with that limit
 and gVisor sizes its own view of memory from it. The CPU quota is added by e2a after boot
 (runtime/cgroups.py).
+
+Memory (docs/runtime.md, "Memory"): gVisor enforces no memory limit of its own; the host cgroup's
+OOM killer is what stops a sandbox that takes too much. e2a steers it at the sandbox's own
+processes (their systrap stubs) and away from the Sentry, so that such a process is killed inside
+the sandbox (exit 137) and the sandbox goes on, and gives the host limit a margin over the size
+gVisor reports, for gVisor's own overhead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +24,14 @@ from pathlib import Path
 from e2a import proc
 from e2a.runtime.cgroups import Cgroup
 
-ENVD_PORT = 49983
+log = logging.getLogger("e2a.runsc")
+
+# envd's TCP port on the sandbox's own address: the one definition, used by the host, the API
+# (the port proxy refuses it) and envd's --listen. Below 1024 so that a Linux-like kernel
+# reserves it for root; gVisor does not (any user may bind a low port there), so what keeps
+# sandbox code off it is envd holding it without SO_REUSEADDR (guest/main.go) and the signed
+# requests and answers (docs/protocol.md, "Authentication").
+ENVD_PORT = 984
 ENVD_PATH = "/.e2a/envd"
 
 # Docker's default set: enough for envd (root in the sandbox) to run commands as other users and
@@ -27,6 +41,22 @@ _CAPS = [
     "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
     "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
 ]
+
+
+# Host memory the sandbox needs beyond the size its template gives it (and gVisor reports as
+# MemTotal): the Sentry's and gofer's own memory, the stubs' page tables, kernel memory. An idle
+# standard sandbox holds 17 MiB (docs/runtime.md, "Memory"); with this margin a process inside can
+# use about what MemTotal says (a python got 488 MiB of 512 without it, 520 with it).
+MEMORY_OVERHEAD_MIB = 32
+# oom_score_adj of the systrap stub processes (one per process in the sandbox): the highest, so
+# that the host's OOM killer takes one of them, not the Sentry (which would kill the sandbox).
+STUB_OOM_SCORE_ADJ = 1000
+# RLIMIT_NPROC inside the sandbox, per MiB of its memory. Each process inside costs ~0.5 MiB of
+# host memory gVisor does not see (its stub process: page tables, kernel structures; threads cost
+# next to nothing), so 512 processes of one user take ~270 MiB of a 512 MiB sandbox, and a fork
+# bomb gets EAGAIN before the OOM killer has to act. gVisor counts tasks (threads too) per uid
+# and, like Linux, exempts only CAP_SYS_ADMIN/CAP_SYS_RESOURCE, which the sandbox does not have.
+TASKS_PER_MIB = 1
 
 
 @dataclass
@@ -41,27 +71,37 @@ class SandboxSpec:
     platform: str
     resolv_conf: Path
     cgroup: Cgroup
+    memory_overhead_mib: int = MEMORY_OVERHEAD_MIB  # host limit = memory_mib + this
+    nproc_limit: int = 0  # RLIMIT_NPROC inside: tasks per user; 0: TASKS_PER_MIB × memory_mib
+    sandbox_ip: str = "0.0.0.0"  # envd listens on this address only (the sandbox's own)
 
 
 def oci_config(spec: SandboxSpec) -> dict:
+    nproc = spec.nproc_limit or spec.memory_mib * TASKS_PER_MIB
     return {
         "ociVersion": "1.0.2",
         "process": {
             "user": {"uid": 0, "gid": 0},
-            "args": [ENVD_PATH, "--listen", f"0.0.0.0:{ENVD_PORT}"],
+            "args": [ENVD_PATH, "--listen", f"{spec.sandbox_ip}:{ENVD_PORT}"],
             "env": [
                 "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 f"E2A_ENVD_TOKEN={spec.envd_token}",
             ],
             "cwd": "/",
             "capabilities": {k: _CAPS for k in ("bounding", "effective", "permitted")},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 65536}],
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 65536},
+                        {"type": "RLIMIT_NPROC", "hard": nproc, "soft": nproc}],
             "noNewPrivileges": False,
         },
         "root": {"path": str(spec.rootfs), "readonly": False},
         "hostname": "sandbox",
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
+            # gVisor's /dev is a tmpfs in the sandbox's memory with no size limit of its own
+            # (half the host's RAM): read-only, root inside cannot fill it (its devices work as
+            # before; /dev/shm and /dev/pts are mounts of their own, writable).
+            {"destination": "/dev", "type": "tmpfs", "source": "dev",
+             "options": ["ro", "nosuid", "mode=755"]},
             {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
              "options": ["nosuid", "nodev", "mode=1777", "size=64m"]},
             # On disk, like the rest of the sandbox's writes: without this mount gVisor would put
@@ -122,6 +162,23 @@ class Runsc:
         if code != 0:
             tail = (spec.bundle_dir / "console.log").read_text(errors="replace")[-800:]
             raise proc.CommandFailed(args, code, tail)
+        self._memory_after_boot(spec)
+
+    @staticmethod
+    def _memory_after_boot(spec: SandboxSpec) -> None:
+        """The limit gVisor read at boot (MemTotal) stays; the host's grows by the overhead. And
+        the host's OOM killer is pointed at the sandbox's processes, not at the Sentry. Either
+        failing leaves a working sandbox with a stricter limit or the old OOM behaviour."""
+        try:
+            if spec.platform == "systrap":
+                stubs_first_for_oom(spec.cgroup)
+        except OSError as exc:
+            log.warning("%s: could not steer the OOM killer at the stubs: %s", spec.runtime_id, exc)
+        if spec.memory_overhead_mib > 0:
+            try:
+                spec.cgroup.set_memory_limit((spec.memory_mib + spec.memory_overhead_mib) << 20)
+            except (OSError, ValueError) as exc:
+                log.warning("%s: could not raise the memory limit: %s", spec.runtime_id, exc)
 
     def available(self) -> bool:
         return os.access(self.binary, os.X_OK)
@@ -149,3 +206,54 @@ class Runsc:
             return json.loads(await proc.run(self._base() + ["state", runtime_id]))
         except (proc.CommandFailed, json.JSONDecodeError):
             return None
+
+
+def _argv0(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
+
+
+def _ppid_and_start(pid: int) -> tuple[int, int]:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[1]), int(fields[19])  # ppid, start time in clock ticks
+
+
+def stubs_first_for_oom(cgroup: Cgroup) -> int:
+    """Make the host's OOM killer take a process of the sandbox, not the sandbox.
+
+    When the sandbox's cgroup reaches its limit, the kernel kills the process with the highest
+    oom_score: resident memory plus oom_score_adj as a share of the limit. gVisor's memory file
+    is charged to the cgroup but is hardly in any process's resident set, so the Sentry (~40 MB
+    resident) usually scores highest and the whole sandbox dies. Each process inside runs in a
+    host stub process (systrap), and the Sentry turns a stub's death into a SIGKILL of that one
+    process. All stubs are forked from one source stub, created at boot, and inherit its
+    oom_score_adj: set to 1000 there, it puts every later process of the sandbox ahead of the
+    Sentry and the gofer (which stay at the host's value), envd's own stub staying where it was.
+    Raising the value needs no privilege (lowering the Sentry's would, CAP_SYS_RESOURCE).
+
+    Returns the source stub's pid; OSError if it is not found."""
+    procs = cgroup.procs()
+    sentry = next((p for p in procs if _argv0_or_none(p) == b"runsc-sandbox"), None)
+    if sentry is None:
+        raise OSError("no Sentry process in the sandbox's cgroup")
+    info = {}
+    for pid in procs:
+        try:
+            if not _argv0(pid).startswith(b"runsc"):
+                info[pid] = _ppid_and_start(pid)
+        except (OSError, IndexError, ValueError):
+            continue
+    parents = {ppid for ppid, _ in info.values()}
+    # The source is the Sentry's first stub child, and runs no process: no sysmsg thread child.
+    candidates = [p for p, (ppid, _) in info.items() if ppid == sentry and p not in parents]
+    if not candidates:
+        raise OSError("no systrap source stub in the sandbox's cgroup")
+    source = min(candidates, key=lambda p: (info[p][1], p))
+    Path(f"/proc/{source}/oom_score_adj").write_text(str(STUB_OOM_SCORE_ADJ))
+    return source
+
+
+def _argv0_or_none(pid: int) -> bytes | None:
+    try:
+        return _argv0(pid)
+    except OSError:
+        return None
