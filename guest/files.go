@@ -73,8 +73,9 @@ func fsError(err error, path string) error {
 		return errf(403, "read_only", "path", "%s is on a read-only filesystem", path)
 	case errors.Is(err, syscall.EBUSY):
 		return errf(409, "busy", "path", "%s is busy", path)
-	case errors.Is(err, syscall.ENOSPC):
-		return errf(507, "no_space", "path", "no space left on device")
+	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
+		// EDQUOT: the sandbox's own disk limit (docs/runtime.md, "Disk").
+		return errf(507, "no_space", "path", "no space left: %v", err)
 	}
 	return errf(500, "io_error", "path", "%s: %v", path, err)
 }
@@ -128,8 +129,9 @@ func statEntry(path string) (entry, error) {
 	return makeEntry(path, fi), nil
 }
 
-// mkdirAll creates dir and missing parents, giving each created one to u.
-func mkdirAll(dir string, u *User) error {
+// mkdirAll creates dir and missing parents. It runs with the request's user's credentials
+// (asUser), so what it creates is that user's, and it can create only what the user may.
+func mkdirAll(dir string) error {
 	fi, err := os.Stat(dir)
 	if err == nil {
 		if !fi.IsDir() {
@@ -141,14 +143,14 @@ func mkdirAll(dir string, u *User) error {
 		return fsError(err, dir)
 	}
 	if parent := filepath.Dir(dir); parent != dir {
-		if err := mkdirAll(parent, u); err != nil {
+		if err := mkdirAll(parent); err != nil {
 			return err
 		}
 	}
 	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
 		return fsError(err, dir)
 	}
-	return u.chown(dir)
+	return nil
 }
 
 func parseMode(s string, def uint32) (uint32, error) {
@@ -162,16 +164,26 @@ func parseMode(s string, def uint32) (uint32, error) {
 	return uint32(m), nil
 }
 
+// Every file handler below does its file system work inside asUser, with the credentials of
+// the request's user (default `user`), so it can do exactly what that user can.
+
 func (s *Server) handleReadFile(w http.ResponseWriter, r *http.Request) error {
-	path, _, err := queryPath(r)
+	path, u, err := queryPath(r)
 	if err != nil {
 		return err
 	}
+	return asUser(u, func() error { return readFile(w, path) })
+}
+
+func readFile(w http.ResponseWriter, path string) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return fsError(err, path)
 	}
 	defer f.Close()
+	if err := notEnvdItself(f, path); err != nil {
+		return err
+	}
 	fi, err := f.Stat()
 	if err != nil {
 		return fsError(err, path)
@@ -179,15 +191,112 @@ func (s *Server) handleReadFile(w http.ResponseWriter, r *http.Request) error {
 	if fi.IsDir() {
 		return errf(400, "is_directory", "path", "%s is a directory", path)
 	}
+	// Read the first chunk before answering: a file that cannot be read (some /proc files,
+	// devices) is an error with a reason, not a 200 cut short.
+	buf := make([]byte, 64<<10)
+	n, err := io.ReadFull(f, buf)
+	eof := err == io.EOF || err == io.ErrUnexpectedEOF
+	if err != nil && !eof {
+		return readError(err, path)
+	}
 	w.Header().Set("Content-Type", "application/octet-stream")
-	if fi.Mode().IsRegular() { // /proc files and devices have no honest size
-		w.Header().Set("Content-Length", strconv.FormatInt(fi.Size(), 10))
+	if size := fi.Size(); fi.Mode().IsRegular() && size > 0 && !pseudoFile(f) {
+		// A real file has an honest size: send exactly that many bytes. (A /proc or /sys file
+		// says 0 or 4096 whatever it holds, so it goes without Content-Length.)
+		first := min(int64(n), size)
+		w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
+		w.WriteHeader(200)
+		if _, err := w.Write(buf[:first]); err != nil {
+			panic(http.ErrAbortHandler)
+		}
+		if first < size {
+			if _, err := io.CopyN(w, f, size-first); err != nil {
+				panic(http.ErrAbortHandler) // cut the connection so the client sees a short body
+			}
+		}
+		return nil
 	}
 	w.WriteHeader(200)
-	if _, err := io.Copy(w, f); err != nil {
-		panic(http.ErrAbortHandler) // cut the connection so the client sees a short body
+	if _, err := w.Write(buf[:n]); err != nil {
+		panic(http.ErrAbortHandler)
+	}
+	if !eof {
+		// Plain reads and writes (no sendfile: pseudo files and devices do not all support it).
+		if _, err := io.CopyBuffer(struct{ io.Writer }{w}, struct{ io.Reader }{f}, buf); err != nil {
+			panic(http.ErrAbortHandler)
+		}
 	}
 	return nil
+}
+
+// readError maps a failed read of a file that did open.
+func readError(err error, path string) error {
+	switch {
+	case errors.Is(err, fs.ErrPermission):
+		return errf(403, "permission_denied", "path", "%s: permission denied", path)
+	case errors.Is(err, syscall.EISDIR):
+		return errf(400, "is_directory", "path", "%s is a directory", path)
+	}
+	return errf(400, "unreadable", "path", "%s cannot be read as a file: %v", path, err)
+}
+
+// pseudoFile says whether f lives on a file system whose sizes mean nothing (procfs, sysfs,
+// cgroupfs).
+func pseudoFile(f *os.File) bool {
+	var st syscall.Statfs_t
+	if err := syscall.Fstatfs(int(f.Fd()), &st); err != nil {
+		return true
+	}
+	switch uint32(st.Type) {
+	case 0x9fa0, 0x62656572, 0x27e0eb, 0x63677270: // proc, sysfs, cgroup, cgroup2
+		return true
+	}
+	return false
+}
+
+// notEnvdItself refuses a file of envd's own /proc directory, whatever path (a symlink, /proc/
+// self, /proc/<pid>/root/...) led to it. envd's threads pass the kernel's same-process checks
+// on those files whichever user they act as, and they hold envd's memory and descriptors.
+func notEnvdItself(f *os.File, path string) error {
+	real, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(int(f.Fd())))
+	if err != nil {
+		real = path
+	}
+	if isEnvdProcPath(real) || isEnvdProcPath(path) {
+		return envdProcError(path)
+	}
+	return nil
+}
+
+func envdProcError(path string) error {
+	return errf(403, "permission_denied", "path",
+		"%s belongs to envd, the sandbox's agent, and is not served", path)
+}
+
+// isEnvdProcPath: p (absolute, clean) is in /proc/<pid> of envd's process or one of its
+// threads, or in /proc/self or /proc/thread-self (which, opened by envd, are envd's).
+func isEnvdProcPath(p string) bool {
+	rest, ok := strings.CutPrefix(filepath.Clean(p)+"/", "/proc/")
+	if !ok {
+		return false
+	}
+	first, _, _ := strings.Cut(rest, "/")
+	switch first {
+	case "self", "thread-self":
+		return true
+	case "":
+		return false
+	}
+	for _, c := range first {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	if first == strconv.Itoa(os.Getpid()) {
+		return true
+	}
+	_, err := os.Lstat("/proc/self/task/" + first) // one of envd's threads?
+	return !errors.Is(err, fs.ErrNotExist)
 }
 
 func (s *Server) handleWriteFile(w http.ResponseWriter, r *http.Request) error {
@@ -199,11 +308,15 @@ func (s *Server) handleWriteFile(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	return asUser(u, func() error { return writeFile(w, r, path, mode) })
+}
+
+func writeFile(w http.ResponseWriter, r *http.Request, path string, mode uint32) error {
 	if fi, err := os.Stat(path); err == nil && fi.IsDir() {
 		return errf(400, "is_directory", "path", "%s is a directory", path)
 	}
 	dir := filepath.Dir(path)
-	if err := mkdirAll(dir, u); err != nil {
+	if err := mkdirAll(dir); err != nil {
 		return err
 	}
 	// Write beside the target and rename, so readers never see a partial file.
@@ -220,7 +333,7 @@ func (s *Server) handleWriteFile(w http.ResponseWriter, r *http.Request) error {
 	}()
 	n, err := io.Copy(tmp, r.Body)
 	if err != nil {
-		if errors.Is(err, syscall.ENOSPC) {
+		if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
 			return fsError(err, path)
 		}
 		return errf(400, "upload_failed", "", "reading request body: %v", err)
@@ -228,10 +341,7 @@ func (s *Server) handleWriteFile(w http.ResponseWriter, r *http.Request) error {
 	if err := tmp.Chmod(fs.FileMode(mode & 0o777)); err != nil {
 		return fsError(err, path)
 	}
-	if err := u.chown(tmp.Name()); err != nil {
-		return fsError(err, path)
-	}
-	if mode&0o7000 != 0 { // chown clears setuid/setgid, so apply special bits last
+	if mode&0o7000 != 0 {
 		syscall.Chmod(tmp.Name(), mode)
 	}
 	if err := tmp.Close(); err != nil {
@@ -246,72 +356,78 @@ func (s *Server) handleWriteFile(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) handleDelete(w http.ResponseWriter, r *http.Request) error {
-	path, _, err := queryPath(r)
+	path, u, err := queryPath(r)
 	if err != nil {
 		return err
 	}
 	if path == "/" {
 		return errf(400, "invalid_path", "path", "refusing to delete /")
 	}
-	fi, err := os.Lstat(path)
-	if err != nil {
-		return fsError(err, path)
-	}
 	recursive := r.URL.Query().Get("recursive")
-	if fi.IsDir() && (recursive == "true" || recursive == "1") {
-		err = os.RemoveAll(path)
-	} else {
-		err = os.Remove(path)
-	}
-	if err != nil {
-		if errors.Is(err, syscall.ENOTEMPTY) || errors.Is(err, syscall.EEXIST) {
-			return errf(409, "not_empty", "path", "%s is not empty (use recursive=true)", path)
+	return asUser(u, func() error {
+		fi, err := os.Lstat(path)
+		if err != nil {
+			return fsError(err, path)
 		}
-		return fsError(err, path)
-	}
-	w.WriteHeader(http.StatusNoContent)
-	return nil
+		if fi.IsDir() && (recursive == "true" || recursive == "1") {
+			err = os.RemoveAll(path)
+		} else {
+			err = os.Remove(path)
+		}
+		if err != nil {
+			if errors.Is(err, syscall.ENOTEMPTY) || errors.Is(err, syscall.EEXIST) {
+				return errf(409, "not_empty", "path", "%s is not empty (use recursive=true)", path)
+			}
+			return fsError(err, path)
+		}
+		w.WriteHeader(http.StatusNoContent)
+		return nil
+	})
 }
 
 func (s *Server) handleList(w http.ResponseWriter, r *http.Request) error {
-	path, _, err := queryPath(r)
+	path, u, err := queryPath(r)
 	if err != nil {
 		return err
 	}
-	fi, err := os.Stat(path)
-	if err != nil {
-		return fsError(err, path)
-	}
-	if !fi.IsDir() {
-		return errf(400, "not_directory", "path", "%s is not a directory", path)
-	}
-	des, err := os.ReadDir(path) // sorted by name
-	if err != nil {
-		return fsError(err, path)
-	}
-	entries := make([]entry, 0, len(des))
-	for _, de := range des {
-		info, err := de.Info()
+	return asUser(u, func() error {
+		fi, err := os.Stat(path)
 		if err != nil {
-			continue // vanished meanwhile
+			return fsError(err, path)
 		}
-		entries = append(entries, makeEntry(filepath.Join(path, de.Name()), info))
-	}
-	writeJSON(w, 200, map[string]any{"entries": entries})
-	return nil
+		if !fi.IsDir() {
+			return errf(400, "not_directory", "path", "%s is not a directory", path)
+		}
+		des, err := os.ReadDir(path) // sorted by name
+		if err != nil {
+			return fsError(err, path)
+		}
+		entries := make([]entry, 0, len(des))
+		for _, de := range des {
+			info, err := de.Info()
+			if err != nil {
+				continue // vanished meanwhile
+			}
+			entries = append(entries, makeEntry(filepath.Join(path, de.Name()), info))
+		}
+		writeJSON(w, 200, map[string]any{"entries": entries})
+		return nil
+	})
 }
 
 func (s *Server) handleStat(w http.ResponseWriter, r *http.Request) error {
-	path, _, err := queryPath(r)
+	path, u, err := queryPath(r)
 	if err != nil {
 		return err
 	}
-	e, err := statEntry(path)
-	if err != nil {
-		return err
-	}
-	writeJSON(w, 200, e)
-	return nil
+	return asUser(u, func() error {
+		e, err := statEntry(path)
+		if err != nil {
+			return err
+		}
+		writeJSON(w, 200, e)
+		return nil
+	})
 }
 
 func (s *Server) handleMkdir(w http.ResponseWriter, r *http.Request) error {
@@ -331,20 +447,23 @@ func (s *Server) handleMkdir(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	if req.Parents {
-		err = mkdirAll(path, u)
-	} else if err = os.Mkdir(path, 0o755); err == nil {
-		err = u.chown(path)
-	}
-	if err != nil {
-		return fsError(err, path)
-	}
-	e, err := statEntry(path)
-	if err != nil {
-		return err
-	}
-	writeJSON(w, 200, e)
-	return nil
+	return asUser(u, func() error {
+		var err error
+		if req.Parents {
+			err = mkdirAll(path)
+		} else {
+			err = os.Mkdir(path, 0o755)
+		}
+		if err != nil {
+			return fsError(err, path)
+		}
+		e, err := statEntry(path)
+		if err != nil {
+			return err
+		}
+		writeJSON(w, 200, e)
+		return nil
+	})
 }
 
 func (s *Server) handleRename(w http.ResponseWriter, r *http.Request) error {
@@ -368,16 +487,18 @@ func (s *Server) handleRename(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	if _, err := os.Lstat(from); err != nil {
-		return fsError(err, from)
-	}
-	if err := os.Rename(from, to); err != nil {
-		return fsError(err, to)
-	}
-	e, err := statEntry(to)
-	if err != nil {
-		return err
-	}
-	writeJSON(w, 200, e)
-	return nil
+	return asUser(u, func() error {
+		if _, err := os.Lstat(from); err != nil {
+			return fsError(err, from)
+		}
+		if err := os.Rename(from, to); err != nil {
+			return fsError(err, to)
+		}
+		e, err := statEntry(to)
+		if err != nil {
+			return err
+		}
+		writeJSON(w, 200, e)
+		return nil
+	})
 }

@@ -3,11 +3,15 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"io"
 	"net"
 	"net/http"
 	"os"
+	"strconv"
 	"testing"
 	"time"
 )
@@ -36,18 +40,61 @@ func startServer(t *testing.T, token string) *testServer {
 
 func (ts *testServer) do(method, path string, body io.Reader) *http.Response {
 	ts.t.Helper()
-	req, err := http.NewRequest(method, ts.base+path, body)
+	var data []byte
+	if body != nil {
+		data, _ = io.ReadAll(body)
+	}
+	req, err := http.NewRequest(method, ts.base+path, bytes.NewReader(data))
 	if err != nil {
 		ts.t.Fatal(err)
 	}
+	var nonce string
 	if ts.token != "" {
-		req.Header.Set("Authorization", "Bearer "+ts.token)
+		nonce = signRequest(req.Header, ts.token, method, path, data)
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		ts.t.Fatal(err)
 	}
+	if ts.token != "" {
+		checkProof(ts.t, resp, ts.token, nonce)
+	}
 	return resp
+}
+
+// signRequest adds the headers the e2a host sends (auth.go) for a request whose body is data;
+// it returns the nonce.
+func signRequest(h http.Header, token, method, target string, data []byte) string {
+	nonce := newTestNonce()
+	ts := strconv.FormatInt(time.Now().UnixMilli(), 10)
+	sum := sha256.Sum256(data)
+	body := "sha256=" + hex.EncodeToString(sum[:])
+	h.Set(hdrTimestamp, ts)
+	h.Set(hdrNonce, nonce)
+	h.Set(hdrBody, body)
+	h.Set(hdrSignature, hex.EncodeToString(mac(token, []byte(requestMessage(method, target, ts, nonce, body)))))
+	return nonce
+}
+
+func newTestNonce() string {
+	b := make([]byte, 16)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// checkProof fails the test if an answer to an accepted request does not prove the token.
+func checkProof(t *testing.T, resp *http.Response, token, nonce string) {
+	t.Helper()
+	got := resp.Header.Get(hdrProof)
+	if resp.StatusCode == 401 {
+		if got != "" {
+			t.Fatalf("a refused request got a proof")
+		}
+		return
+	}
+	if got != answerProof(token, nonce) {
+		t.Fatalf("answer %d without a valid %s: %q", resp.StatusCode, hdrProof, got)
+	}
 }
 
 func (ts *testServer) json(method, path string, in any) *http.Response {

@@ -3,22 +3,35 @@
 package main
 
 import (
+	"context"
 	"flag"
 	"fmt"
 	"net"
 	"net/http"
 	"os"
+	"syscall"
 	"time"
 )
 
 const tokenEnv = "E2A_ENVD_TOKEN"
 
 func main() {
-	listen := flag.String("listen", "0.0.0.0:49983", "address to listen on")
+	// The host passes the sandbox's own address and e2a's port (ENVD_PORT in
+	// e2a/runtime/runsc.py, the one place it is defined).
+	listen := flag.String("listen", "", "address to listen on, e.g. 10.201.0.2:984 (required)")
 	insecure := flag.Bool("insecure-no-token", false, "accept requests without a token (tests only)")
 	flag.Parse()
+	if *listen == "" {
+		fmt.Fprintln(os.Stderr, "envd: --listen is required")
+		os.Exit(2)
+	}
 
 	token := os.Getenv(tokenEnv)
+	if token != "" {
+		if err := scrubInitialEnv(tokenEnv); err != nil {
+			fmt.Fprintf(os.Stderr, "envd: cannot remove %s from /proc/self/environ: %v\n", tokenEnv, err)
+		}
+	}
 	os.Unsetenv(tokenEnv) // never leaks into children
 	if token == "" && !*insecure {
 		fmt.Fprintf(os.Stderr, "envd: %s is required (or --insecure-no-token)\n", tokenEnv)
@@ -26,7 +39,7 @@ func main() {
 	}
 
 	// Listen first: sandbox creation waits on this port.
-	ln, err := net.Listen("tcp", *listen)
+	ln, err := listenExclusive(*listen)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "envd: %v\n", err)
 		os.Exit(1)
@@ -37,4 +50,26 @@ func main() {
 	err = hs.Serve(ln)
 	fmt.Fprintf(os.Stderr, "envd: %v\n", err)
 	os.Exit(1)
+}
+
+// listenExclusive listens without SO_REUSEADDR (which Go sets on every listener by default).
+// gVisor lets a second socket bind an address and port that a listening socket holds as long
+// as both set SO_REUSEADDR (Linux refuses that for a listening socket), so with Go's default
+// any process in the sandbox, whatever its user, could bind envd's address beside envd and
+// receive the host's next connections. Without the flag on envd's socket every such bind
+// fails with EADDRINUSE, whatever flags the other socket sets (SO_REUSEADDR, SO_REUSEPORT, the
+// wildcard address, IPv4-mapped IPv6), and privileged ports are no help: gVisor does not
+// reserve ports below 1024 for CAP_NET_BIND_SERVICE.
+func listenExclusive(addr string) (net.Listener, error) {
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 0)
+		})
+		if err != nil {
+			return err
+		}
+		return serr
+	}}
+	return lc.Listen(context.Background(), "tcp", addr)
 }

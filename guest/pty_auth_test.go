@@ -13,7 +13,8 @@ import (
 
 func TestAuth(t *testing.T) {
 	ts := startServer(t, "s3cret")
-	for _, hdr := range []string{"", "Bearer wrong", "s3cret", "Bearer s3cret2"} {
+	// The token itself is never a credential any more: the host signs each request (auth.go).
+	for _, hdr := range []string{"", "Bearer wrong", "s3cret", "Bearer s3cret2", "Bearer s3cret"} {
 		req, _ := http.NewRequest("GET", ts.base+"/health", nil)
 		if hdr != "" {
 			req.Header.Set("Authorization", hdr)
@@ -35,13 +36,15 @@ func TestPTYEchoAndResize(t *testing.T) {
 	ts := startServer(t, "tok")
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	u := "ws" + strings.TrimPrefix(ts.base, "http") + "/pty?cols=80&rows=24&user=root&cwd=/tmp"
-	conn, _, err := websocket.Dial(ctx, u, &websocket.DialOptions{
-		HTTPHeader: http.Header{"Authorization": {"Bearer tok"}},
-	})
+	target := "/pty?cols=80&rows=24&user=root&cwd=/tmp"
+	u := "ws" + strings.TrimPrefix(ts.base, "http") + target
+	hdr := http.Header{}
+	nonce := signRequest(hdr, "tok", "GET", target, nil)
+	conn, resp, err := websocket.Dial(ctx, u, &websocket.DialOptions{HTTPHeader: hdr})
 	if err != nil {
 		t.Fatal(err)
 	}
+	checkProof(t, resp, "tok", nonce) // the 101 answer proves envd too
 	defer conn.CloseNow()
 
 	var screen strings.Builder

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,6 +10,7 @@ import (
 	"runtime/debug"
 	"strings"
 	"sync"
+	"time"
 )
 
 var version = "dev" // set with -ldflags '-X main.version=...'
@@ -23,9 +23,10 @@ type Config struct {
 }
 
 type Server struct {
-	cfg  Config
-	logs logRing
-	cmds registry
+	cfg    Config
+	logs   logRing
+	cmds   registry
+	nonces nonceCache
 
 	envMu   sync.Mutex
 	initEnv map[string]string // set by POST /init
@@ -115,15 +116,17 @@ func (s *Server) Handler() http.Handler {
 	return s.recoverer(s.auth(mux))
 }
 
+// auth lets through only requests signed with the token (auth.go) and proves envd's
+// knowledge of the token on each answer to them.
 func (s *Server) auth(next http.Handler) http.Handler {
-	want := []byte("Bearer " + s.cfg.Token)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !s.cfg.Insecure {
-			got := []byte(r.Header.Get("Authorization"))
-			if s.cfg.Token == "" || subtle.ConstantTimeCompare(got, want) != 1 {
-				writeError(w, errf(401, "unauthorized", "", "missing or invalid token"))
+			nonce, ae := s.verifyRequest(r, time.Now())
+			if ae != nil {
+				writeError(w, ae)
 				return
 			}
+			w.Header().Set(hdrProof, answerProof(s.cfg.Token, nonce))
 		}
 		next.ServeHTTP(w, r)
 	})

@@ -13,12 +13,17 @@ import (
 	"syscall"
 )
 
-// handleTarDownload streams a tar of DIR's contents (names relative to DIR).
+// handleTarDownload streams a tar of DIR's contents (names relative to DIR), read with the
+// credentials of the request's user: what that user cannot read is left out.
 func (s *Server) handleTarDownload(w http.ResponseWriter, r *http.Request) error {
-	dir, _, err := queryPath(r)
+	dir, u, err := queryPath(r)
 	if err != nil {
 		return err
 	}
+	return asUser(u, func() error { return tarDownload(w, dir) })
+}
+
+func tarDownload(w http.ResponseWriter, dir string) error {
 	fi, err := os.Stat(dir)
 	if err != nil {
 		return fsError(err, dir)
@@ -26,19 +31,39 @@ func (s *Server) handleTarDownload(w http.ResponseWriter, r *http.Request) error
 	if !fi.IsDir() {
 		return errf(400, "not_directory", "path", "%s is not a directory", dir)
 	}
+	// Walk the directory itself, not a symlink to it, and never envd's own /proc directory.
+	root, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		return fsError(err, dir)
+	}
+	if isEnvdProcPath(root) {
+		return envdProcError(dir)
+	}
+	// A directory the user may not read is a 403 now, not a stream cut after its headers.
+	d, err := os.Open(root)
+	if err != nil {
+		return fsError(err, dir)
+	}
+	d.Close()
 	w.Header().Set("Content-Type", "application/x-tar")
 	tw := tar.NewWriter(w)
-	err = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+	err = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
-			if p == dir {
+			if p == root {
 				return err
 			}
 			return nil // unreadable or vanished entry: skip it, keep the archive going
 		}
-		if p == dir {
+		if p == root {
 			return nil
 		}
-		rel, err := filepath.Rel(dir, p)
+		if isEnvdProcPath(p) {
+			if d.IsDir() {
+				return filepath.SkipDir
+			}
+			return nil
+		}
+		rel, err := filepath.Rel(root, p)
 		if err != nil {
 			return err
 		}
@@ -111,14 +136,18 @@ func (zeroReader) Read(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// handleTarUpload extracts a tar stream into DIR. Entries are applied in
-// order, so entries before a rejected one remain on disk.
+// handleTarUpload extracts a tar stream into DIR, with the credentials of the request's user.
+// Entries are applied in order, so entries before a rejected one remain on disk.
 func (s *Server) handleTarUpload(w http.ResponseWriter, r *http.Request) error {
 	dir, u, err := queryPath(r)
 	if err != nil {
 		return err
 	}
-	if err := mkdirAll(dir, u); err != nil {
+	return asUser(u, func() error { return tarUpload(w, r, dir) })
+}
+
+func tarUpload(w http.ResponseWriter, r *http.Request, dir string) error {
+	if err := mkdirAll(dir); err != nil {
 		return err
 	}
 	// os.Root confines every operation to dir even if the sandbox races us by
@@ -128,7 +157,7 @@ func (s *Server) handleTarUpload(w http.ResponseWriter, r *http.Request) error {
 		return fsError(err, dir)
 	}
 	defer root.Close()
-	x := extractor{root: root, user: u}
+	x := extractor{root: root}
 	tr := tar.NewReader(r.Body)
 	for {
 		hdr, err := tr.Next()
@@ -148,7 +177,6 @@ func (s *Server) handleTarUpload(w http.ResponseWriter, r *http.Request) error {
 
 type extractor struct {
 	root  *os.Root
-	user  *User
 	files int64 // entries written (files, dirs, symlinks)
 	bytes int64 // regular file bytes written
 }
@@ -188,15 +216,8 @@ func (x *extractor) ensureDir(rel string) error {
 		if err := x.root.Mkdir(cur, 0o755); err != nil {
 			return fsError(err, cur)
 		}
-		x.chown(cur)
 	}
 	return nil
-}
-
-func (x *extractor) chown(name string) {
-	if os.Getuid() == 0 {
-		x.root.Lchown(name, int(x.user.Uid), int(x.user.Gid))
-	}
 }
 
 func (x *extractor) extract(hdr *tar.Header, body io.Reader) error {
@@ -240,8 +261,7 @@ func (x *extractor) extract(hdr *tar.Header, body io.Reader) error {
 			return errf(400, "invalid_tar", "", "writing %q: %v", name, err)
 		}
 		x.bytes += n
-		x.chown(name)
-		x.root.Chmod(name, mode) // after chown, which may clear bits
+		x.root.Chmod(name, mode)
 	case tar.TypeSymlink:
 		if name == "." {
 			return errf(400, "unsafe_path", "", "symlink entry %q names the target directory", hdr.Name)
@@ -259,7 +279,6 @@ func (x *extractor) extract(hdr *tar.Header, body io.Reader) error {
 		if err := x.root.Symlink(hdr.Linkname, name); err != nil {
 			return fsError(err, name)
 		}
-		x.chown(name)
 	default:
 		return nil // hard links, devices, fifos: not supported, skipped
 	}

@@ -118,11 +118,3 @@ func (u *User) credential() (*syscall.Credential, error) {
 	}
 	return &syscall.Credential{Uid: u.Uid, Gid: u.Gid, Groups: u.Groups}, nil
 }
-
-// chown gives path to the user; a no-op when envd cannot change owners.
-func (u *User) chown(path string) error {
-	if os.Getuid() != 0 {
-		return nil
-	}
-	return os.Lchown(path, int(u.Uid), int(u.Gid))
-}

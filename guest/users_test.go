@@ -50,6 +50,7 @@ func TestRunsAndWritesAsRequestedUser(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer os.RemoveAll(dir)
+	os.Chmod(dir, 0o777) // file operations run as the user: nobody must be able to create p1
 	file := filepath.Join(dir, "p1/p2/f.txt")
 	expect(t, ts.do("PUT", "/files?user=nobody&path="+q(file), bytes.NewBufferString("x")), 200, nil)
 	for _, p := range []string{dir + "/p1", dir + "/p1/p2", file} {
@@ -58,7 +59,6 @@ func TestRunsAndWritesAsRequestedUser(t *testing.T) {
 			t.Fatalf("%s owned by %d:%d", p, s.Uid, s.Gid)
 		}
 	}
-	os.Chmod(dir, 0o777) // so nobody can use it as cwd
 	r = ts.run(map[string]any{"cmd": "touch mine && stat -c %U mine", "user": "nobody", "cwd": dir + "/p1"})
 	if strings.TrimSpace(r.stdout) != "nobody" {
 		t.Fatalf("got %q %q", r.stdout, r.stderr)
