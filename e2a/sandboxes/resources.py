@@ -13,15 +13,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
+import signal
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from e2a import proc
 from e2a.network import links
 from e2a.network.firewall import Firewall
-from e2a.runtime import cgroups, rootfs
+from e2a.runtime import cgroups, quota, rootfs
 from e2a.runtime.runsc import Runsc, SandboxSpec
+from e2a.templates.recipes import DEFAULT_DISK_MIB
 
 log = logging.getLogger("e2a.resources")
 
@@ -53,6 +55,7 @@ class Plan:
     image: Path | None       # the template's rootfs (only needed to create)
     memory_mib: int
     platform: str
+    disk_mib: int = DEFAULT_DISK_MIB  # the sandbox's writes (rootfs and /tmp) together
     link: links.Link = field(init=False)
     dir: Path = field(init=False)
     runtime_id: str = field(init=False)
@@ -96,6 +99,11 @@ class Resource(ABC):
     @abstractmethod
     async def orphans(cls, env: HostEnv, keep: Keep) -> list["Orphan"]: ...
 
+    @classmethod
+    async def prepare(cls, env: HostEnv, settings) -> None:
+        """What every unit of this kind needs on the host before the first one is made, set up
+        once at start (idempotent: the server may restart with sandboxes running)."""
+
     def __repr__(self) -> str:
         return f"{self.kind}({self.plan.id})"
 
@@ -107,6 +115,50 @@ class Orphan:
     kind: str
     name: str
     destroy: object  # () -> Awaitable[None]
+
+
+class DiskQuota(Resource):
+    """The sandbox's directory as a btrfs subvolume of the disk pool, with a limit of
+    `disk_mib` on everything written in it: the rootfs overlay's upper layer and /tmp.
+
+    First in creation order: SandboxDir only sets the mode of the directory made here. Its
+    teardown removes the directory (which deletes the subvolume, after the overlay is unmounted);
+    this unit's destroy, last, checks that and removes the qgroups of deleted subvolumes."""
+
+    kind = "disk quota"
+
+    @classmethod
+    async def prepare(cls, env: HostEnv, settings) -> None:
+        await quota.ensure_pool(env.sandboxes_dir, settings.disk_gib)
+
+    async def create(self) -> None:
+        await asyncio.to_thread(quota.create_volume, self.plan.dir,
+                                self.plan.disk_mib * quota.MiB)
+
+    async def destroy(self) -> None:
+        if quota.is_volume(self.plan.dir):
+            raise RuntimeError(f"subvolume {self.plan.dir} is still there")
+        if quota.is_pool(self.env.sandboxes_dir):
+            await asyncio.to_thread(_drop_deleted, self.env.sandboxes_dir)
+
+    @classmethod
+    async def orphans(cls, env: HostEnv, keep: Keep) -> list[Orphan]:
+        # Subvolumes of sandboxes not kept go with their directories (SandboxDir's orphans,
+        # removed before these); what may be left is the qgroup of a deleted subvolume.
+        pool = env.sandboxes_dir
+        if not quota.is_pool(pool):
+            return []
+        # A subvolume the kernel is still dropping keeps its qgroup a moment (remove_qgroup then
+        # leaves it to the kernel, or to the next sweep).
+        await asyncio.to_thread(quota.commit, pool)
+        return [Orphan("qgroup", f"0/{q}", lambda q=q: asyncio.to_thread(quota.remove_qgroup,
+                                                                         pool, q))
+                for q in await asyncio.to_thread(quota.stale_qgroups, pool)]
+
+
+def _drop_deleted(pool: Path) -> None:
+    quota.commit(pool)  # the kernel drops deleted subvolumes (and their qgroups) at a commit
+    quota.remove_stale_qgroups(pool)  # what an older kernel leaves
 
 
 class SandboxDir(Resource):
@@ -130,13 +182,16 @@ class SandboxDir(Resource):
 
 
 async def remove_dir(path: Path) -> None:
-    """Delete a sandbox directory, never through a mount that is still on it."""
+    """Delete a sandbox directory, never through a mount that is still on it. `rm -rf`, not
+    shutil.rmtree: the tree is the sandbox's own making, and Python's recursive walk fails on a
+    directory a few thousand levels deep (RecursionError), where rm's walk does not."""
     merged = path / "rootfs"
     if rootfs.is_mounted(merged):
         await rootfs.Layer(path).unmount()
         if rootfs.is_mounted(merged):
             raise RuntimeError(f"{merged} is still mounted; its directory stays")
-    await asyncio.to_thread(shutil.rmtree, path, True)
+    await proc.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=False,
+                   timeout=600)
     if path.exists():
         raise RuntimeError(f"could not remove {path}")
 
@@ -224,14 +279,32 @@ class SandboxCgroup(Resource):
         pass  # runsc creates it from the OCI spec's cgroupsPath
 
     async def destroy(self) -> None:
-        self.cgroup.remove()
+        await empty_and_remove(self.cgroup)
 
     @classmethod
     async def orphans(cls, env: HostEnv, keep: Keep) -> list[Orphan]:
         async def rm(leaf: str) -> None:
-            cgroups.Cgroup(env.instance, leaf).remove()
+            await empty_and_remove(cgroups.Cgroup(env.instance, leaf))
         return [Orphan(cls.kind, leaf, lambda leaf=leaf: rm(leaf))
                 for leaf in cgroups.leaves(env.instance) - keep.runtime_ids]
+
+
+async def empty_and_remove(cgroup: cgroups.Cgroup) -> None:
+    """Remove the cgroup, first killing any process still in it: whatever runsc left running
+    (a container it never recorded, say) is the sandbox's, and must not outlive it."""
+    for _ in range(50):
+        pids = cgroup.procs()
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        await asyncio.sleep(0.02)
+    cgroup.remove()
+    if cgroup.exists():
+        raise RuntimeError(f"cgroup {cgroup.path} is still there (processes: {cgroup.procs()})")
 
 
 class RunscContainer(Resource):
@@ -240,12 +313,19 @@ class RunscContainer(Resource):
     kind = "runsc container"
 
     async def create(self) -> None:
+        # Not interruptible: `runsc run` cancelled halfway would leave a Sentry and gofer that
+        # runsc never recorded, so `runsc delete` could not find them. A cancelled create
+        # waits for runsc (~150 ms) and then unwinds, and teardown deletes a known container.
+        await uninterrupted(self._start())
+
+    async def _start(self) -> None:
         p = self.plan
         await self.env.runsc.start(SandboxSpec(
             runtime_id=p.runtime_id, bundle_dir=p.dir, rootfs=rootfs.Layer(p.dir).merged,
             netns_path=p.link.netns_path, envd_binary=self.env.envd_binary, envd_token=p.token,
             memory_mib=p.memory_mib, platform=p.platform, resolv_conf=self.env.resolv_conf,
             cgroup=cgroups.Cgroup(self.env.instance, p.runtime_id),
+            sandbox_ip=p.link.sandbox_ip,
         ))
 
     async def destroy(self) -> None:
@@ -261,9 +341,33 @@ class RunscContainer(Resource):
                 if cid and cid.startswith(prefix) and cid not in keep.runtime_ids]
 
 
+async def uninterrupted(coro) -> None:
+    """Run `coro` to its end even if the caller is cancelled meanwhile; then re-raise the
+    cancellation (its outcome, success or not, is then undone by teardown)."""
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                continue
+            except Exception:
+                break
+        raise
+
+
 # Creation order; teardown runs it backwards.
-KINDS: tuple[type[Resource], ...] = (SandboxDir, NetworkLink, InternetAccess, RootfsLayer,
-                                     SandboxCgroup, RunscContainer)
+KINDS: tuple[type[Resource], ...] = (DiskQuota, SandboxDir, NetworkLink, InternetAccess,
+                                     RootfsLayer, SandboxCgroup, RunscContainer)
+
+
+async def prepare(env: HostEnv, kinds: tuple[type[Resource], ...], settings) -> None:
+    """Set up what the units of `kinds` share on the host (the disk pool); once at start,
+    before reconcile."""
+    for kind in kinds:
+        await kind.prepare(env, settings)
 
 
 def units_for(env: HostEnv, plan: Plan,

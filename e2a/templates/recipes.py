@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,15 @@ RECIPES = Path(__file__).resolve().parent / "recipes"
 KNOWN_TEMPLATES = ("standard", "browser", "cua", "canvas")
 # Bumped when the build steps in builder.py change, so cached images are rebuilt.
 BUILDER_VERSION = "3"
+# A sandbox's disk (its rootfs writes and /tmp together) when the recipe does not say.
+DEFAULT_DISK_MIB = 2048
+# Recipe keys that size the sandbox on the host and put nothing into the image: their lines are
+# left out of the content hash, so changing them never rebuilds the image. (vcpu, cpu_fraction,
+# memory_mib and platform are of the same kind but still hashed: taking them out changes every
+# hash; do it with the next BUILDER_VERSION bump, which rebuilds anyway.)
+UNHASHED_KEYS = ("disk_mib",)
+_UNHASHED_LINE = re.compile(rb"^[ \t]*(?:%s)[ \t]*=[^\n]*\n?" % b"|".join(
+    k.encode() for k in UNHASHED_KEYS), re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -22,6 +32,7 @@ class Recipe:
     vcpu: int
     cpu_fraction: float
     memory_mib: int
+    disk_mib: int
     platform: str
     suite: str
     packages: tuple[str, ...]
@@ -40,18 +51,26 @@ def load(name: str) -> Recipe | None:
         return None
     raw = path.read_bytes()
     data = tomllib.loads(raw.decode())
-    digest = hashlib.sha256(raw + BUILDER_VERSION.encode()).hexdigest()[:16]
+    digest = content_hash(raw)
     return Recipe(
         name=data["name"],
         description=data.get("description", ""),
         vcpu=int(data["vcpu"]),
         cpu_fraction=float(data["cpu_fraction"]),
         memory_mib=int(data["memory_mib"]),
+        disk_mib=int(data.get("disk_mib", DEFAULT_DISK_MIB)),
         platform=data.get("platform", "systrap"),
         suite=data.get("suite", "bookworm"),
         packages=tuple(data.get("packages", ())),
         content_hash=digest,
     )
+
+
+def content_hash(raw: bytes) -> str:
+    """What names the built image: the recipe file without its UNHASHED_KEYS lines, and the
+    builder's version."""
+    image_part = _UNHASHED_LINE.sub(b"", raw)
+    return hashlib.sha256(image_part + BUILDER_VERSION.encode()).hexdigest()[:16]
 
 
 @functools.cache

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from e2a.runtime import quota
 
 ROOT = Path(__file__).resolve().parents[2]
 E2A = str(Path(sys.executable).parent / "e2a")
@@ -53,6 +54,7 @@ class Server:
             "E2A_SUBNET": self.subnet,
             "E2A_REAPER_INTERVAL": "0.2",
             "E2A_POOL_SIZE": "0",  # tests that want a warm pool say so
+            "E2A_DISK_GIB": "4",   # each server's disk pool (preallocated): room for one full sandbox
             **self.extra_env,
         }
 
@@ -106,9 +108,12 @@ class Server:
     def host_objects(self) -> dict[str, int]:
         prefix = self.instance + "-"
         netns = [n for n in os.listdir("/var/run/netns")] if os.path.isdir("/var/run/netns") else []
-        # runsc keeps one `null-netns` bind mount in its state root (not per sandbox).
+        # runsc keeps one `null-netns` bind mount in its state root, and e2a one disk pool mount
+        # on the sandboxes directory (not per sandbox).
+        pool = self.base / "data" / "sandboxes"
         mounts = "\n".join(line for line in Path("/proc/mounts").read_text().splitlines()
-                           if "/runsc/null-netns" not in line)
+                           if "/runsc/null-netns" not in line
+                           and line.split()[1:3] != [str(pool), "btrfs"])
         runsc = subprocess.run(["pgrep", "-f", f"root={self.run_dir}/runsc"],
                                capture_output=True, text=True).stdout.split()
         cgroups = [p for p in Path("/sys/fs/cgroup").glob(f"*/{self.instance}/*") if p.is_dir()]
@@ -120,6 +125,7 @@ class Server:
             "runsc_processes": len(runsc),
             "cgroups": len(cgroups),
             "sandbox_dirs": len(list(sandboxes.iterdir())) if sandboxes.is_dir() else 0,
+            "qgroups": len(quota.volume_qgroups(pool)) if quota.is_pool(pool) else 0,
         }
 
     def cleanup(self) -> None:
@@ -146,4 +152,5 @@ class Server:
         subprocess.run(["nft", "delete", "table", "inet", self.instance], capture_output=True)
         subprocess.run(["umount", "-l", str(self.run_dir / "runsc" / "null-netns")],
                        capture_output=True)
-        shutil.rmtree(self.base, ignore_errors=True)
+        # rm, not shutil.rmtree: a sandbox may have left a tree too deep for Python's walk.
+        subprocess.run(["rm", "-rf", "--one-file-system", str(self.base)], capture_output=True)
