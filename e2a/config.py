@@ -32,6 +32,7 @@ _EXPECTED = {
     "reaper_interval": "must be a number of seconds greater than 0",
     "death_check_interval": "must be a number of seconds greater than 0 and at most 2",
     "max_body_bytes": "must be an integer of at least 1024 (bytes)",
+    "disk_gib": "must be an integer of at least 0 (GiB; 0 = half the free space)",
 }
 
 
@@ -77,7 +78,11 @@ class Settings(BaseSettings):
     # Seconds between checks that each sandbox's host processes are still alive.
     death_check_interval: float = Field(0.5, gt=0, le=2, allow_inf_nan=False)
     # The largest JSON request body the API accepts.
-    max_body_bytes: int = Field(1_048_576, ge=1024)
+    # 16 MiB: room for a command's stdin (the schema allows 10 million characters).
+    max_body_bytes: int = Field(16_777_216, ge=1024)
+    # The disk pool every sandbox's writes go to (<data_dir>/sandboxes.img, preallocated when it is
+    # first made; each sandbox also has its template's own limit). 0 = half the free space then.
+    disk_gib: int = Field(0, ge=0)
 
     def __init__(self, **values: Any) -> None:
         try:

@@ -1,4 +1,5 @@
-"""End-to-end fixtures: a real server with real gVisor sandboxes, one per xdist worker."""
+"""Fixtures of the end-to-end and security suites: a real server with real gVisor sandboxes,
+one per xdist worker, shared by both suites."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import pytest
 from e2a.sdk import E2A
 from tests.e2e.server import Server
 
-pytestmark = pytest.mark.e2e
 
 
 def worker_index() -> int:
@@ -26,7 +26,7 @@ def worker_index() -> int:
 def new_server(tag: str) -> Server:
     """Instance names and subnets differ per worker and per tag, so servers never collide."""
     w = worker_index()
-    n = {"main": 0, "restart": 1, "pool": 2, "pg": 3, "core": 4}[tag]
+    n = {"main": 0, "restart": 1, "pool": 2, "pg": 3, "core": 4, "disk": 5}[tag]
     return Server(instance=f"t{w}{n}", subnet=f"10.{210 + w}.{n * 16}.0/20",
                   base=Path(f"/tmp/e2a-test/{w}-{tag}"))
 

@@ -11,7 +11,7 @@ from e2a import __version__, auth
 from e2a.api import errors, proxy, sandboxes
 from e2a.api.guard import RequestGuard
 from e2a.config import Settings
-from e2a.sandboxes.manager import Manager, StartupError
+from e2a.sandboxes.manager import Manager, StartupError, retry
 from e2a.store import db as store
 
 log = logging.getLogger("e2a")
@@ -44,7 +44,13 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
     async def lifespan(app: FastAPI):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = store.make_engine(settings.database_url)
-        await store.migrate(engine)
+        try:
+            await retry("reach the database and bring its schema up to date",
+                        lambda: store.migrate(engine))
+        except StartupError as exc:
+            log.critical("e2a cannot start: %s", exc)
+            await engine.dispose()
+            raise
         app.state.sessions = store.sessionmaker(engine)
         app.state.keys = auth.KeyCache()
         manager = Manager(settings, app.state.sessions)

@@ -22,7 +22,10 @@ from e2a.api.errors import ApiError, body
 BODY_TIMEOUT = 30.0
 
 
-class BodyRefused(Exception):
+class BodyRefused(BaseException):
+    """Raised from `receive`. A BaseException, so that the framework's own `except Exception`
+    around body parsing (which would turn it into a vague 400) lets it through to the guard."""
+
     def __init__(self, status: int, code: str, message: str):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message

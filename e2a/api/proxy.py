@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from typing import AsyncIterator
 from urllib.parse import urlencode
 
@@ -20,12 +21,13 @@ from fastapi import APIRouter, Depends, Path, Query, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from e2a.api.deps import caller_from_header, current_user, host, owned_sandbox, running_sandbox
-from e2a.api.errors import ApiError
+from e2a.api.errors import ApiError, error_response
 from e2a.api.schemas import (CommandRequest, MkdirRequest, RenameRequest, SignalRequest,
                              StdinRequest)
 from e2a.auth import Caller
 from e2a.runtime.runsc import ENVD_PORT
-from e2a.sandboxes.host import NotRunning, SandboxHost, Unreachable, Upstream
+from e2a.sandboxes.host import (NotRunning, SandboxHost, TooManyConnections, Unreachable,
+                                Upstream)
 
 router = APIRouter(prefix="/v1/sandboxes/{vm_id}", tags=["inside a sandbox"])
 
@@ -54,8 +56,39 @@ async def _opened(unreachable: tuple[int, str, str, str | None]):
         yield
     except NotRunning as exc:
         raise ApiError(409, "sandbox_not_running", str(exc), "vm_id") from exc
+    except TooManyConnections as exc:
+        raise ApiError(429, "too_many_connections", str(exc)) from exc
     except Unreachable as exc:
         raise ApiError(status, code, f"{message}: {exc}", field) from exc
+
+
+class ClientGone(Exception):
+    """The client went away before the sandbox answered."""
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(request: Request, opening) -> Upstream:
+    """Wait for the sandbox's answer, but stop waiting (and close the connection into the
+    sandbox) as soon as the client disconnects: an answer that never comes (a FIFO, an app that
+    accepts and never answers) must not hold the server's connection or the sandbox's idle
+    clock. Only for requests whose body is already read (else the body stream is the receiver)."""
+    attempt = asyncio.ensure_future(opening)
+    gone = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({attempt, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not attempt.done():
+        attempt.cancel()
+        with contextlib.suppress(BaseException):
+            up = await attempt
+            up.close()
+        raise ClientGone()
+    return attempt.result()
 
 
 def _ended_event(up: Upstream, exc: BaseException | None) -> bytes:
@@ -83,13 +116,13 @@ async def _relay_ndjson(up: Upstream) -> AsyncIterator[bytes]:
     last = b""
     failure: BaseException | None = None
     try:
-        async for chunk in up.response.content.iter_any():
-            yield chunk
-            last = (last + chunk)[-4096:]
-    except Exception as exc:
-        failure = exc
-    lines = last.rstrip(b"\n").rsplit(b"\n", 1)
-    try:
+        try:
+            async for chunk in up.response.content.iter_any():
+                yield chunk
+                last = (last + chunk)[-4096:]
+        except Exception as exc:  # not a cancellation: the client leaving ends it all
+            failure = exc
+        lines = last.rstrip(b"\n").rsplit(b"\n", 1)
         if failure is not None or not _is_exit(lines[-1]):
             await up.settle()
             yield _ended_event(up, failure)
@@ -117,15 +150,22 @@ def _respond(up: Upstream, headers: dict[str, str]) -> Response:
     return StreamingResponse(body, status_code=resp.status, headers=headers)
 
 
-async def forward(sandboxes: SandboxHost, vm_id: str, method: str, path: str, *,
-                  params: dict | None = None, json: object = None,
+async def forward(request: Request, sandboxes: SandboxHost, vm_id: str, method: str, path: str,
+                  *, params: dict | None = None, json: object = None,
                   content: AsyncIterator[bytes] | None = None,
                   content_type: str | None = None) -> Response:
     """Send one request to envd and stream its answer back unchanged."""
     headers = {"Content-Type": content_type} if content_type else {}
     async with _opened((502, "sandbox_unreachable", "the sandbox's agent did not answer", None)):
-        up = await sandboxes.agent_request(vm_id, method, path, params=params, json=json,
-                                           data=content, headers=headers)
+        opening = sandboxes.agent_request(vm_id, method, path, params=params, json=json,
+                                          data=content, headers=headers)
+        if content is not None:
+            up = await opening
+        else:
+            try:
+                up = await _unless_client_leaves(request, opening)
+            except ClientGone:
+                return Response(status_code=499)  # nobody is there to read it
     keep = {k: v for k, v in up.response.headers.items()
             if k.lower() in ("content-type", "content-length", "content-disposition")}
     return _respond(up, keep)
@@ -139,7 +179,7 @@ def _clean(params: dict) -> dict:
 
 @router.post("/commands", summary="Run a command: streams NDJSON events, or returns a pid",
              responses={200: {"content": {NDJSON: {}}}, 400: {}, 404: {}, 409: {}})
-async def run_command(req: CommandRequest, vm_id: str = Depends(live_sandbox),
+async def run_command(request: Request, req: CommandRequest, vm_id: str = Depends(live_sandbox),
                       sandboxes: SandboxHost = Depends(host)) -> Response:
     if (req.cmd is None) == (req.argv is None):
         raise ApiError(400, "invalid_command", "give exactly one of cmd or argv", "cmd")
@@ -148,36 +188,36 @@ async def run_command(req: CommandRequest, vm_id: str = Depends(live_sandbox),
             raise ApiError(400, "reserved_env_var", f"{key} is reserved", f"env.{key}")
     if "\x00" in (req.cmd or "") or any("\x00" in a for a in req.argv or ()):
         raise ApiError(400, "invalid_command", "the command contains a NUL byte", "cmd")
-    return await forward(sandboxes, vm_id, "POST", "/commands",
+    return await forward(request, sandboxes, vm_id, "POST", "/commands",
                          json=req.model_dump(exclude_none=True))
 
 
 @router.get("/commands", summary="List running commands")
-async def list_commands(vm_id: str = Depends(live_sandbox),
+async def list_commands(request: Request, vm_id: str = Depends(live_sandbox),
                         sandboxes: SandboxHost = Depends(host)) -> Response:
-    return await forward(sandboxes, vm_id, "GET", "/commands")
+    return await forward(request, sandboxes, vm_id, "GET", "/commands")
 
 
 @router.get("/commands/{pid}", summary="Reconnect to a command's output (NDJSON)",
             responses={200: {"content": {NDJSON: {}}}, 404: {}})
-async def reconnect(pid: int = Path(ge=1, le=2**31), vm_id: str = Depends(live_sandbox),
+async def reconnect(request: Request, pid: int = Path(ge=1, le=2**31), vm_id: str = Depends(live_sandbox),
                     sandboxes: SandboxHost = Depends(host)) -> Response:
-    return await forward(sandboxes, vm_id, "GET", f"/commands/{pid}")
+    return await forward(request, sandboxes, vm_id, "GET", f"/commands/{pid}")
 
 
 @router.post("/commands/{pid}/stdin", status_code=204, responses={404: {}, 409: {}})
-async def send_stdin(req: StdinRequest, pid: int = Path(ge=1, le=2**31),
+async def send_stdin(request: Request, req: StdinRequest, pid: int = Path(ge=1, le=2**31),
                      vm_id: str = Depends(live_sandbox),
                      sandboxes: SandboxHost = Depends(host)) -> Response:
-    return await forward(sandboxes, vm_id, "POST", f"/commands/{pid}/stdin",
+    return await forward(request, sandboxes, vm_id, "POST", f"/commands/{pid}/stdin",
                          json=req.model_dump())
 
 
 @router.post("/commands/{pid}/signal", status_code=204, responses={400: {}, 404: {}})
-async def send_signal(req: SignalRequest, pid: int = Path(ge=1, le=2**31),
+async def send_signal(request: Request, req: SignalRequest, pid: int = Path(ge=1, le=2**31),
                       vm_id: str = Depends(live_sandbox),
                       sandboxes: SandboxHost = Depends(host)) -> Response:
-    return await forward(sandboxes, vm_id, "POST", f"/commands/{pid}/signal",
+    return await forward(request, sandboxes, vm_id, "POST", f"/commands/{pid}/signal",
                          json=req.model_dump())
 
 
@@ -200,10 +240,10 @@ def _no_nul(path: str) -> str:
 
 @router.get("/files", summary="Read a file (streamed)",
             responses={200: {"content": OCTET}, 400: {}, 404: {}})
-async def read_file(path: str = PathParam, user: str | None = Query(default=None, max_length=32),
+async def read_file(request: Request, path: str = PathParam, user: str | None = Query(default=None, max_length=32),
                     vm_id: str = Depends(live_sandbox),
                     sandboxes: SandboxHost = Depends(host)) -> Response:
-    return await forward(sandboxes, vm_id, "GET", "/files",
+    return await forward(request, sandboxes, vm_id, "GET", "/files",
                          params=_clean({"path": _no_nul(path), "user": user}))
 
 
@@ -215,52 +255,64 @@ async def write_file(request: Request, path: str = PathParam,
                      user: str | None = Query(default=None, max_length=32),
                      vm_id: str = Depends(live_sandbox),
                      sandboxes: SandboxHost = Depends(host)) -> Response:
-    return await forward(sandboxes, vm_id, "PUT", "/files",
+    return await forward(request, sandboxes, vm_id, "PUT", "/files",
                          params=_clean({"path": _no_nul(path), "mode": mode, "user": user}),
                          content=request.stream(), content_type="application/octet-stream")
 
 
 @router.delete("/files", status_code=204, summary="Remove a file or directory",
                responses={400: {}, 404: {}, 409: {}})
-async def remove_file(path: str = PathParam, recursive: bool = False,
+async def remove_file(request: Request, path: str = PathParam, recursive: bool = False,
+                      user: str | None = Query(default=None, max_length=32),
                       vm_id: str = Depends(live_sandbox),
                       sandboxes: SandboxHost = Depends(host)) -> Response:
-    return await forward(sandboxes, vm_id, "DELETE", "/files",
-                         params={"path": _no_nul(path), "recursive": str(recursive).lower()})
+    return await forward(request, sandboxes, vm_id, "DELETE", "/files",
+                         params=_clean({"path": _no_nul(path), "recursive": str(recursive).lower(),
+                                        "user": user}))
 
 
 @router.get("/files/list", summary="List a directory", responses={400: {}, 404: {}})
-async def list_dir(path: str = PathParam, vm_id: str = Depends(live_sandbox),
+async def list_dir(request: Request, path: str = PathParam,
+                   user: str | None = Query(default=None, max_length=32),
+                   vm_id: str = Depends(live_sandbox),
                    sandboxes: SandboxHost = Depends(host)) -> Response:
-    return await forward(sandboxes, vm_id, "GET", "/files/list", params={"path": _no_nul(path)})
+    return await forward(request, sandboxes, vm_id, "GET", "/files/list",
+                         params=_clean({"path": _no_nul(path), "user": user}))
 
 
 @router.get("/files/stat", summary="Stat a path", responses={400: {}, 404: {}})
-async def stat(path: str = PathParam, vm_id: str = Depends(live_sandbox),
+async def stat(request: Request, path: str = PathParam,
+               user: str | None = Query(default=None, max_length=32),
+               vm_id: str = Depends(live_sandbox),
                sandboxes: SandboxHost = Depends(host)) -> Response:
-    return await forward(sandboxes, vm_id, "GET", "/files/stat", params={"path": _no_nul(path)})
+    return await forward(request, sandboxes, vm_id, "GET", "/files/stat",
+                         params=_clean({"path": _no_nul(path), "user": user}))
 
 
 @router.post("/files/mkdir", summary="Make a directory", responses={400: {}, 409: {}})
-async def mkdir(req: MkdirRequest, vm_id: str = Depends(live_sandbox),
+async def mkdir(request: Request, req: MkdirRequest, vm_id: str = Depends(live_sandbox),
                 sandboxes: SandboxHost = Depends(host)) -> Response:
     _no_nul(req.path)
-    return await forward(sandboxes, vm_id, "POST", "/files/mkdir", json=req.model_dump())
+    return await forward(request, sandboxes, vm_id, "POST", "/files/mkdir",
+                         json=req.model_dump(exclude_none=True))
 
 
 @router.post("/files/rename", summary="Rename or move a path", responses={400: {}, 404: {}})
-async def rename(req: RenameRequest, vm_id: str = Depends(live_sandbox),
+async def rename(request: Request, req: RenameRequest, vm_id: str = Depends(live_sandbox),
                  sandboxes: SandboxHost = Depends(host)) -> Response:
     _no_nul(req.from_), _no_nul(req.to)
-    return await forward(sandboxes, vm_id, "POST", "/files/rename",
-                         json=req.model_dump(by_alias=True))
+    return await forward(request, sandboxes, vm_id, "POST", "/files/rename",
+                         json=req.model_dump(by_alias=True, exclude_none=True))
 
 
 @router.get("/files/tar", summary="Download a directory as a tar (streamed)",
             responses={200: {"content": TAR}, 400: {}, 404: {}})
-async def download_tar(path: str = PathParam, vm_id: str = Depends(live_sandbox),
+async def download_tar(request: Request, path: str = PathParam,
+                       user: str | None = Query(default=None, max_length=32),
+                       vm_id: str = Depends(live_sandbox),
                        sandboxes: SandboxHost = Depends(host)) -> Response:
-    return await forward(sandboxes, vm_id, "GET", "/files/tar", params={"path": _no_nul(path)})
+    return await forward(request, sandboxes, vm_id, "GET", "/files/tar",
+                         params=_clean({"path": _no_nul(path), "user": user}))
 
 
 @router.put("/files/tar", summary="Upload a tar and unpack it into a directory",
@@ -270,7 +322,7 @@ async def upload_tar(request: Request, path: str = PathParam,
                      user: str | None = Query(default=None, max_length=32),
                      vm_id: str = Depends(live_sandbox),
                      sandboxes: SandboxHost = Depends(host)) -> Response:
-    return await forward(sandboxes, vm_id, "PUT", "/files/tar",
+    return await forward(request, sandboxes, vm_id, "PUT", "/files/tar",
                          params=_clean({"path": _no_nul(path), "user": user}),
                          content=request.stream(), content_type="application/x-tar")
 
@@ -284,22 +336,99 @@ def _port(port: int) -> int:
     return port
 
 
+class ProxySlots:
+    """Concurrent proxied connections per user (HTTP and WebSocket): one more than
+    MAX_PROXIED_PER_USER is refused with 429, so one tenant cannot hold all of the server's
+    descriptors open through apps that never answer."""
+
+    def __init__(self, limit: int):
+        self.limit, self.open = limit, {}
+
+    def take(self, user_id: str) -> None:
+        if self.open.get(user_id, 0) >= self.limit:
+            raise ApiError(429, "too_many_connections", f"at most {self.limit} proxied "
+                           "connections may be open at once per user")
+        self.open[user_id] = self.open.get(user_id, 0) + 1
+
+    def give(self, user_id: str) -> None:
+        left = self.open.get(user_id, 0) - 1
+        if left > 0:
+            self.open[user_id] = left
+        else:
+            self.open.pop(user_id, None)
+
+
+MAX_PROXIED_PER_USER = 256
+proxy_slots = ProxySlots(MAX_PROXIED_PER_USER)
+
+
+def _scoped_cookie(value: str, prefix: str) -> str:
+    """An app's Set-Cookie, confined to its own proxy path: its Domain is dropped and its Path
+    put under /v1/sandboxes/{id}/ports/{port}, so the browser sends it to this app only, never
+    to the API or to another sandbox's app."""
+    parts = [p.strip() for p in value.split(";")]
+    kept, path = [parts[0]], "/"
+    for attr in parts[1:]:
+        name = attr.split("=", 1)[0].strip().lower()
+        if name == "path":
+            path = attr.split("=", 1)[1].strip() if "=" in attr else "/"
+        elif name != "domain":
+            kept.append(attr)
+    kept.append(f"Path={prefix}{path if path.startswith('/') else '/' + path}")
+    return "; ".join(kept)
+
+
 async def port_proxy(request: Request, path: str, port: int = Path(ge=1, le=65535),
-                     vm_id: str = Depends(live_sandbox),
+                     vm_id: str = Depends(live_sandbox), user: Caller = Depends(current_user),
                      sandboxes: SandboxHost = Depends(host)) -> Response:
     _port(port)
     # The caller's API key stays here: the sandbox gets the request without it.
     headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
     has_body = request.method not in ("GET", "HEAD", "OPTIONS")
     target = f"/{path}" + (f"?{request.url.query}" if request.url.query else "")
-    async with _opened((502, "port_unreachable", f"nothing answered on port {port} in the "
-                        "sandbox", "port")):
-        up = await sandboxes.port_request(
-            vm_id, port, request.method, target, headers=headers,
-            data=request.stream() if has_body else None, allow_redirects=False)
-    out_headers = {k: v for k, v in up.response.headers.items() if k.lower() not in HOP_HEADERS}
-    return StreamingResponse(_relay_bytes(up), status_code=up.response.status,
-                             headers=out_headers)
+    proxy_slots.take(user.id)
+    try:
+        async with _opened((502, "port_unreachable", f"nothing answered on port {port} in the "
+                            "sandbox", "port")):
+            opening = sandboxes.port_request(
+                vm_id, port, request.method, target, headers=headers,
+                data=request.stream() if has_body else None, allow_redirects=False)
+            if has_body:
+                up = await opening
+            else:
+                try:
+                    up = await _unless_client_leaves(request, opening)
+                except ClientGone:
+                    proxy_slots.give(user.id)
+                    return Response(status_code=499)
+    except BaseException:
+        proxy_slots.give(user.id)
+        raise
+    resp = up.response
+    if resp.status == 101:  # an upgrade nobody asked for (WebSockets have their own route)
+        up.close()
+        proxy_slots.give(user.id)
+        raise ApiError(502, "port_bad_answer", f"the app on port {port} answered 101 Switching "
+                       "Protocols to a plain request", "port")
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in _relay_bytes(up):
+                yield chunk
+        finally:
+            proxy_slots.give(user.id)
+
+    out = StreamingResponse(body(), status_code=resp.status)
+    prefix = f"/v1/sandboxes/{vm_id}/ports/{port}"
+    # Raw headers, so that several Set-Cookie headers stay several.
+    for name, value in resp.raw_headers:
+        key = name.decode("latin-1").lower()
+        if key in HOP_HEADERS:
+            continue
+        if key == "set-cookie":
+            value = _scoped_cookie(value.decode("latin-1"), prefix).encode("latin-1")
+        out.raw_headers.append((name.lower(), value))
+    return out
 
 
 for _method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"):
@@ -310,24 +439,54 @@ for _method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"):
 
 # ---- WebSockets: PTY and port proxy ---------------------------------------------------------
 
-async def _ws_sandbox(ws: WebSocket, vm_id: str) -> str | None:
-    """Authenticate a WebSocket; on failure close it with 4401 / 4404 / 4409 before accepting."""
+async def _deny(ws: WebSocket, exc: ApiError) -> None:
+    """Refuse the upgrade with the usual JSON error and status, before accepting."""
+    await ws.send_denial_response(error_response(exc.status, exc.code, exc.message, exc.field))
+
+
+async def _ws_sandbox(ws: WebSocket, vm_id: str) -> tuple[Caller, str] | None:
+    """Authenticate a WebSocket and find the caller's running sandbox; on failure, deny it
+    (401 / 404 / 409 with the JSON error) and return None."""
     try:
         user = await caller_from_header(ws.app, ws.headers.get("authorization"))
-        return await running_sandbox(ws.app, user, vm_id)
+        return user, await running_sandbox(ws.app, user, vm_id)
     except ApiError as exc:
-        await ws.close(code=4000 + exc.status, reason=exc.message[:120])
+        await _deny(ws, exc)
         return None
 
 
 async def _ws_open(ws: WebSocket, opening, what: str) -> Upstream | None:
     try:
-        return await opening
-    except NotRunning as exc:
-        await ws.close(code=4409, reason=str(exc)[:120])
-    except Unreachable as exc:
-        await ws.close(code=1011, reason=f"{what} unreachable: {exc}"[:120])
+        async with _opened((502, f"{what}_unreachable", f"the sandbox's {what} did not answer",
+                            None)):
+            return await opening
+    except ApiError as exc:
+        await _deny(ws, exc)
     return None
+
+
+def _pty_query(ws: WebSocket) -> str:
+    """The PTY's parameters, checked here so a bad one is a 400 naming it, not a failed dial."""
+    params = {}
+    for name in ("cols", "rows"):
+        value = ws.query_params.get(name)
+        if value is not None:
+            if not value.isdigit() or not 1 <= int(value) <= 1000:
+                raise ApiError(400, "invalid_field", f"{name} must be a whole number from 1 to "
+                               "1000", name)
+            params[name] = value
+    user = ws.query_params.get("user")
+    if user is not None:
+        if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", user):
+            raise ApiError(400, "invalid_user", f"{user[:40]!r} is not a user name", "user")
+        params["user"] = user
+    cwd = ws.query_params.get("cwd")
+    if cwd is not None:
+        if not cwd or len(cwd) > 4096 or "\x00" in cwd:
+            raise ApiError(400, "invalid_field", "cwd must be a path of 1 to 4096 characters",
+                           "cwd")
+        params["cwd"] = cwd
+    return urlencode(params)
 
 
 async def _relay(client: WebSocket, up: Upstream) -> None:
@@ -380,11 +539,14 @@ async def _relay(client: WebSocket, up: Upstream) -> None:
 
 @router.websocket("/pty")
 async def pty(ws: WebSocket, vm_id: str) -> None:
-    sid = await _ws_sandbox(ws, vm_id)
-    if sid is None:
+    found = await _ws_sandbox(ws, vm_id)
+    if found is None:
         return
-    params = {k: v for k, v in ws.query_params.items() if k in ("cols", "rows", "user", "cwd")}
-    query = urlencode(params)
+    _, sid = found
+    try:
+        query = _pty_query(ws)
+    except ApiError as exc:
+        return await _deny(ws, exc)
     up = await _ws_open(ws, ws.app.state.host.agent_websocket(
         sid, "/pty" + (f"?{query}" if query else "")), "agent")
     if up is None:
@@ -394,17 +556,25 @@ async def pty(ws: WebSocket, vm_id: str) -> None:
 
 
 @router.websocket("/ports/{port}/{path:path}")
-async def port_ws(ws: WebSocket, vm_id: str, port: int, path: str) -> None:
-    sid = await _ws_sandbox(ws, vm_id)
-    if sid is None:
+async def port_ws(ws: WebSocket, vm_id: str, port: str, path: str) -> None:
+    found = await _ws_sandbox(ws, vm_id)
+    if found is None:
         return
-    if not 1 <= port <= 65535 or port == ENVD_PORT:
-        await ws.close(code=4400, reason="invalid port")
-        return
-    query = ws.url.query
-    up = await _ws_open(ws, ws.app.state.host.port_websocket(
-        sid, port, f"/{path}" + (f"?{query}" if query else "")), "port")
-    if up is None:
-        return
-    await ws.accept()
-    await _relay(ws, up)
+    user, sid = found
+    if not port.isdigit() or not 1 <= int(port) <= 65535 or int(port) == ENVD_PORT:
+        return await _deny(ws, ApiError(400, "invalid_port", f"port must be 1-65535 and not "
+                                        f"{ENVD_PORT} (e2a's agent)", "port"))
+    try:
+        proxy_slots.take(user.id)
+    except ApiError as exc:
+        return await _deny(ws, exc)
+    try:
+        query = ws.url.query
+        up = await _ws_open(ws, ws.app.state.host.port_websocket(
+            sid, int(port), f"/{path}" + (f"?{query}" if query else "")), "port")
+        if up is None:
+            return
+        await ws.accept()
+        await _relay(ws, up)
+    finally:
+        proxy_slots.give(user.id)

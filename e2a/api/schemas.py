@@ -85,13 +85,26 @@ class SandboxEventsOut(BaseModel):
     events: list[SandboxEventOut]
 
 
+MAX_ARG_BYTES = 128 * 1024 - 1  # MAX_ARG_STRLEN less the terminating NUL
+
+
+def _one_exec_arg(v: str) -> str:
+    size = len(v.encode())
+    if size > MAX_ARG_BYTES:
+        raise ValueError(f"is {size} bytes; one command argument may be at most {MAX_ARG_BYTES} "
+                         "bytes (the kernel's limit): put longer scripts in a file")
+    return v
+
+
 class CommandRequest(BaseModel):
     """Shape of POST /commands (documented in docs/protocol.md); checked here, run by envd."""
 
     model_config = ConfigDict(extra="forbid")
 
-    cmd: str | None = Field(default=None, max_length=1_000_000)
-    argv: list[Annotated[str, Field(max_length=100_000)]] | None = Field(default=None, min_length=1,
+    # A command reaches the kernel as exec arguments: one argument may be at most 128 KiB
+    # (Linux's MAX_ARG_STRLEN, gVisor's too), so that is the real limit, checked in bytes.
+    cmd: Annotated[str, AfterValidator(_one_exec_arg)] | None = Field(default=None)
+    argv: list[Annotated[str, AfterValidator(_one_exec_arg)]] | None = Field(default=None, min_length=1,
                                                                        max_length=10_000)
     env: EnvVars = Field(default_factory=dict)
     cwd: str | None = Field(default=None, max_length=4096)
@@ -117,9 +130,13 @@ class MkdirRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(min_length=1, max_length=4096)
     parents: bool = True
+    user: str | None = Field(default=None, max_length=32, description="who makes it (default "
+                             "`user`): the directory is theirs, and only what they may is done")
 
 
 class RenameRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     from_: str = Field(alias="from", min_length=1, max_length=4096)
     to: str = Field(min_length=1, max_length=4096)
+    user: str | None = Field(default=None, max_length=32, description="who renames (default "
+                             "`user`): only what they may is done")

@@ -51,6 +51,10 @@ class Unreachable(Exception):
     """Nothing answered inside the sandbox (502)."""
 
 
+class TooManyConnections(Exception):
+    """The sandbox already has as many open connections as one sandbox may (429)."""
+
+
 @dataclass
 class SandboxRecord:
     """What the catalog knows of a sandbox; the API's answers are made from it."""
@@ -145,11 +149,17 @@ class Upstream:
         return self.ended
 
     def close(self) -> None:
+        """Done with it: a fully read answer's connection goes back to the pool, any other is
+        closed (never left half-read in the pool, never left open)."""
         if self._closed:
             return
         self._closed = True
-        if isinstance(self.conn, aiohttp.ClientResponse):
-            self.conn.release()
+        conn = self.conn
+        if isinstance(conn, aiohttp.ClientResponse):
+            if conn.content.at_eof():
+                conn.release()
+            else:
+                conn.close()
         self._on_close(self)
 
 

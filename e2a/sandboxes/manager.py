@@ -30,12 +30,12 @@ from e2a.ids import new_id
 from e2a.network import links
 from e2a.network.firewall import Firewall, host_nameservers
 from e2a.runtime import cgroups
-from e2a.runtime.runsc import ENVD_PORT, Runsc, RunscError
+from e2a.runtime.runsc import Runsc, RunscError
 from e2a.sandboxes import envd, resources, states
 from e2a.sandboxes.agent_keys import AgentKeys
 from e2a.sandboxes.host import (CreateFailed, CreateSpec, DeletedDuringCreate, NoCapacity,
-                                NotRunning, SandboxHost, SandboxRecord, Unavailable, Unreachable,
-                                Upstream)
+                                NotRunning, SandboxHost, SandboxRecord, TooManyConnections,
+                                Unavailable, Unreachable, Upstream)
 from e2a.sandboxes.hostlog import HostLog
 from e2a.sandboxes.records import Records, StoreCatalog, aware, utcnow
 from e2a.sandboxes.states import EndReason, State
@@ -47,7 +47,16 @@ log = logging.getLogger("e2a.sandboxes")
 T = TypeVar("T")
 
 POOL_LIFETIME = 7200  # a warm sandbox's own limits until a user claims it
+# Open connections into one sandbox (command streams, file transfers, PTYs, proxied requests):
+# one more is refused with 429 rather than queued behind the others.
+MAX_CONNECTIONS_PER_SANDBOX = 128
+# The port proxy gives up on an app that accepts but does not answer: connect, and the gap
+# between two reads of its answer (headers or body).
+PORT_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
 AGENT = "the sandbox's agent"
+# Failures that may mean the sandbox is gone: it refused, dropped or never answered the link.
+SANDBOX_SIDE_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
+                       aiohttp.ServerTimeoutError, asyncio.TimeoutError, ConnectionResetError)
 
 
 class StartupError(Exception):
@@ -79,7 +88,10 @@ class LiveSandbox:
     upstreams: set[Upstream] = field(default_factory=set)
     end_reason: EndReason | None = None
     boot_task: asyncio.Task | None = None
-    oom_kills_at_boot: int = 0
+    # The host OOM killer's count in the sandbox's cgroup when last seen alive: it also counts
+    # kills of single processes inside (the sandbox lives on), so a death is `out_of_memory`
+    # only if the count rose since the sandbox was last seen well.
+    oom_kills_seen: int = 0
     probing: bool = False
 
     @property
@@ -140,6 +152,8 @@ class Manager(SandboxHost):
         self.catalog = StoreCatalog(self.records, self._live_record, self.node)
         self.hostlog = HostLog(settings.data_dir / "logs")
         self.http = envd.make_client()
+        # Health checks have a client of their own, so they never wait behind a tenant's streams.
+        self.probe_http = envd.make_client()
         self.sandboxes: dict[str, LiveSandbox] = {}
         self.slots: dict[int, str] = {}
         self.pool: dict[str, list[str]] = {}  # template -> ready sandbox ids, oldest first
@@ -155,6 +169,7 @@ class Manager(SandboxHost):
         self._private_dirs()
         self.env.resolv_conf.write_text(
             "".join(f"nameserver {ns}\n" for ns in host_nameservers()))
+        await resources.prepare(self.env, self.kinds, self.settings)  # the disk pool
         await self.reconcile()
         self._tasks.append(asyncio.create_task(self._reaper(), name="reaper"))
         self._tasks.append(asyncio.create_task(self._death_sweeper(), name="death sweep"))
@@ -174,6 +189,7 @@ class Manager(SandboxHost):
         await asyncio.gather(*boots, return_exceptions=True)
         self.watch.close()
         await self.http.close()
+        await self.probe_http.close()
 
     def _private_dirs(self) -> None:
         """Only root may read what e2a keeps: the database (key hashes, sandboxes), logs, the
@@ -243,7 +259,7 @@ class Manager(SandboxHost):
         sid = new_id("sbx")
         plan = resources.Plan(
             id=sid, slot=slot, internet=spec.internet, token=self.keys.token(sid), image=image,
-            memory_mib=recipe.memory_mib,
+            memory_mib=recipe.memory_mib, disk_mib=recipe.disk_mib,
             platform=self.settings.platform or recipe.platform).bind(self.env)
         sb = LiveSandbox(
             plan=plan, units=resources.units_for(self.env, plan, self.kinds), user_id=spec.user_id,
@@ -326,7 +342,9 @@ class Manager(SandboxHost):
                     else f"create failed: {exc}"
                 if not isinstance(exc, asyncio.CancelledError):
                     log.warning("create %s failed: %s", sb.id, exc)
-                await asyncio.shield(self._stop(sb, reason, detail))
+                # Hold the lock until the teardown is done, however often we are cancelled:
+                # a DELETE waiting for the lock must find the sandbox destroyed, not half-torn.
+                await resources.uninterrupted(self._stop(sb, reason, detail))
                 raise
 
     async def _agent_up(self, sb: LiveSandbox, env_vars: dict[str, str]) -> None:
@@ -335,16 +353,15 @@ class Manager(SandboxHost):
         cgroup = self._cgroup(sb)
         # The CPU quota starts now: boot work is e2a's, and it is CPU-bound.
         cgroup.set_cpu_quota(sb.cpu_quota_us)
-        sb.oom_kills_at_boot = _oom_kills(cgroup)
+        sb.oom_kills_seen = _oom_kills(cgroup)
         if not self.watch.watch(sb.id, runsc_processes(cgroup.procs())):
             raise RuntimeError("a runsc process exited during boot")
         if env_vars:
             await self._init_env(sb, env_vars)
 
     async def _init_env(self, sb: LiveSandbox, env_vars: dict[str, str]) -> None:
-        async with self.http.post(envd.base_url(sb.link.sandbox_ip) + "/init",
-                                  json={"env": env_vars}, headers=envd.headers(sb.plan.token),
-                                  timeout=aiohttp.ClientTimeout(total=10)) as r:
+        async with envd.request(self.http, sb.link.sandbox_ip, sb.plan.token, "POST", "/init",
+                                json={"env": env_vars}, timeout=10) as r:
             r.raise_for_status()
 
     # ---- warm pool -------------------------------------------------------------------------
@@ -416,9 +433,8 @@ class Manager(SandboxHost):
     async def _prewarm(self, sb: LiveSandbox) -> None:
         """Run the shell once, so the user's first command finds bash and its libraries
         already loaded in the sandbox's page cache (about 10 ms off the first command)."""
-        async with self.http.post(envd.base_url(sb.link.sandbox_ip) + "/commands",
-                                  headers=envd.headers(sb.plan.token), json={"cmd": "true"},
-                                  timeout=aiohttp.ClientTimeout(total=30)) as r:
+        async with envd.request(self.http, sb.link.sandbox_ip, sb.plan.token, "POST",
+                                "/commands", json={"cmd": "true"}, timeout=30) as r:
             await r.read()
 
     # ---- destroy ---------------------------------------------------------------------------
@@ -431,8 +447,9 @@ class Manager(SandboxHost):
             return
         boot = sb.boot_task
         if boot is not None and not boot.done() and boot is not asyncio.current_task():
-            sb.end_reason = sb.end_reason or reason
-            boot.cancel()  # its own failure path stops the sandbox, holding the lock
+            if sb.end_reason is None:  # the first to stop a boot cancels it; the others wait
+                sb.end_reason = reason
+                boot.cancel()  # its own failure path stops the sandbox, holding the lock
             await asyncio.wait([boot])
         async with sb.lock:
             await self._stop(sb, reason, detail)
@@ -488,7 +505,7 @@ class Manager(SandboxHost):
         sb = self.sandboxes.get(sandbox_id)
         if sb is None or sb.state is not State.RUNNING:
             return
-        oom = _oom_kills(self._cgroup(sb)) > sb.oom_kills_at_boot
+        oom = _oom_kills(self._cgroup(sb)) > sb.oom_kills_seen
         reason = EndReason.OUT_OF_MEMORY if oom else EndReason.CRASHED
         detail = (f"the host killed the sandbox for memory (runsc process {pid} died)" if oom
                   else f"runsc process {pid} of the sandbox exited")
@@ -496,11 +513,10 @@ class Manager(SandboxHost):
         await self.destroy(sandbox_id, reason, detail)
 
     async def _agent_answers(self, sb: LiveSandbox, attempts: int, timeout: float) -> bool:
-        url = envd.base_url(sb.link.sandbox_ip) + "/health"
         for _ in range(attempts):
             try:
-                async with self.http.get(url, headers=envd.headers(sb.plan.token),
-                                         timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                async with envd.request(self.probe_http, sb.link.sandbox_ip, sb.plan.token,
+                                        "GET", "/health", timeout=timeout) as r:
                     if r.status == 200:
                         return True
             except envd.TRANSPORT_ERRORS:
@@ -532,7 +548,9 @@ class Manager(SandboxHost):
         for sb in list(self.sandboxes.values()):
             if sb.state is not State.RUNNING or not self.watch.watching(sb.id):
                 continue  # not up yet, or its death is being handled
-            if not set(self._cgroup(sb).procs()) - self.watch.pids(sb.id):
+            cgroup = self._cgroup(sb)
+            sb.oom_kills_seen = _oom_kills(cgroup)
+            if not set(cgroup.procs()) - self.watch.pids(sb.id):
                 self._probe_later(sb, 1, 1.0, "no systrap stub process left")
 
     async def _death_sweeper(self) -> None:
@@ -607,16 +625,22 @@ class Manager(SandboxHost):
                      and sb.plan.runtime_id in running and sb.expires_at > utcnow())
             if alive:
                 cgroup = self._cgroup(sb)
-                sb.oom_kills_at_boot = _oom_kills(cgroup)
+                sb.oom_kills_seen = _oom_kills(cgroup)
                 alive = self.watch.watch(sb.id, runsc_processes(cgroup.procs()))
             if alive:
                 if sb.user_id is None:
                     self.pool.setdefault(sb.template, []).append(sb.id)
                 self.hostlog.write(sb.id, "adopted after a restart of e2a")
+            elif sb.expires_at <= utcnow() and sb.state in (State.RUNNING, State.PAUSED):
+                async with sb.lock:
+                    await self._stop(sb, EndReason.MAX_LIFETIME,
+                                     "its max_lifetime_seconds ran out while e2a was down")
             else:
+                gone = "its runsc container had stopped" if sb.state is State.RUNNING \
+                    else f"its create was cut off ({row.state})"
                 async with sb.lock:
                     await self._stop(sb, EndReason.SERVER_RESTART,
-                                     f"not running when e2a restarted (was {row.state})")
+                                     f"not running when e2a restarted: {gone}")
         keep = resources.Keep(ids=set(self.sandboxes),
                               links={sb.link for sb in self.sandboxes.values()})
         removed = await resources.sweep_orphans(self.env, keep)
@@ -657,10 +681,14 @@ class Manager(SandboxHost):
             sb.upstreams.discard(up)
             sb.touch()
 
-    async def _connect(self, sb: LiveSandbox, opening: Awaitable[Any], what: str) -> Upstream:
+    async def _connect(self, sb: LiveSandbox, open_: Callable[[], Awaitable[Any]],
+                       what: str) -> Upstream:
         """Open a connection into the sandbox, given up on at once if the sandbox goes."""
+        if sb.inflight + len(sb.upstreams) >= MAX_CONNECTIONS_PER_SANDBOX:
+            raise TooManyConnections(f"sandbox {sb.id} already has "
+                                     f"{MAX_CONNECTIONS_PER_SANDBOX} open connections")
         sb.inflight += 1
-        attempt = asyncio.ensure_future(opening)
+        attempt = asyncio.ensure_future(open_())
         gone = asyncio.ensure_future(sb.gone.wait())
         try:
             await asyncio.wait({attempt, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -674,7 +702,9 @@ class Manager(SandboxHost):
             raise Unreachable(f"the sandbox ended ({reason}) before {what} answered")
         exc = attempt.exception()
         if exc is not None:
-            if what == AGENT:  # is it the request, or the sandbox? (3 tries of 2 s: not a blip)
+            if what == AGENT and isinstance(exc, SANDBOX_SIDE_ERRORS):
+                # Is it the request, or the sandbox? (3 tries of 2 s: not a blip.) A failure on
+                # our side (the client's upload broke off) says nothing about the sandbox.
                 self._probe_later(sb, 3, 2.0, f"a request failed with {exc.__class__.__name__}")
             raise Unreachable(f"{what} did not answer: {exc.__class__.__name__}") from exc
         up = Upstream(sb.id, attempt.result(), self._closed)
@@ -688,27 +718,24 @@ class Manager(SandboxHost):
     async def agent_request(self, sandbox_id: str, method: str, path: str,
                             **kwargs: Any) -> Upstream:
         sb = self._running(sandbox_id)
-        headers = {**kwargs.pop("headers", {}), **envd.headers(sb.plan.token)}
-        return await self._connect(sb, self.http.request(
-            method, envd.base_url(sb.link.sandbox_ip) + path, headers=headers, **kwargs), AGENT)
+        return await self._connect(sb, lambda: envd.send(
+            self.http, sb.link.sandbox_ip, sb.plan.token, method, path, **kwargs), AGENT)
 
     async def agent_websocket(self, sandbox_id: str, path: str) -> Upstream:
         sb = self._running(sandbox_id)
-        url = f"ws://{sb.link.sandbox_ip}:{ENVD_PORT}{path}"
-        return await self._connect(sb, websockets.connect(
-            url, additional_headers=envd.headers(sb.plan.token), max_size=None,
-            open_timeout=10), AGENT)
+        return await self._connect(sb, lambda: envd.websocket(
+            sb.link.sandbox_ip, sb.plan.token, path, max_size=None, open_timeout=10), AGENT)
 
     async def port_request(self, sandbox_id: str, port: int, method: str, target: str,
                            **kwargs: Any) -> Upstream:
         sb = self._running(sandbox_id)
         url = URL(f"http://{sb.link.sandbox_ip}:{port}{target}", encoded=True)
-        return await self._connect(sb, self.http.request(method, url, **kwargs),
-                                   f"port {port}")
+        return await self._connect(sb, lambda: self.http.request(
+            method, url, timeout=PORT_TIMEOUT, **kwargs), f"port {port}")
 
     async def port_websocket(self, sandbox_id: str, port: int, target: str) -> Upstream:
         sb = self._running(sandbox_id)
-        return await self._connect(sb, websockets.connect(
+        return await self._connect(sb, lambda: websockets.connect(
             f"ws://{sb.link.sandbox_ip}:{port}{target}", max_size=None, open_timeout=10),
             f"port {port}")
 

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.e2e.conftest import own_server
+from tests.conftest import own_server
 
 BOOTING = ("creating", "configuring", "booting")
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
-from tests.e2e.conftest import wait_for
+from tests.conftest import wait_for
 
 
 def host_processes(server, vm_id: str) -> dict[str, list[int]]:
@@ -153,3 +153,18 @@ def test_idle_timeout_default_and_validation(http):
     r = http.post("/v1/sandboxes", json={"template": "standard"})
     assert r.status_code == 201 and r.json()["idle_timeout_seconds"] == 60
     http.delete(f"/v1/sandboxes/{r.json()['vm_id']}")
+
+
+def test_a_host_oom_kill_of_the_sandbox_is_reported_out_of_memory(http, alice):
+    """The one pattern measured to still end the whole sandbox (docs/runtime.md, "Memory"):
+    write() of more than the sandbox's memory into a memfd, whose pages the Sentry itself holds,
+    so the host's OOM killer takes the Sentry. Its record must say why."""
+    sb = alice.create_sandbox("standard", idle_timeout_seconds=600)
+    fill = ("import os\nfd = os.memfd_create('x')\nblock = b'x' * (1 << 20)\n"
+            "for _ in range(900):\n    os.write(fd, block)\n")
+    alice.files.write(sb.vm_id, "fill.py", fill.encode())
+    alice.run_background(sb.vm_id, "python3 fill.py")
+    body = wait_for(lambda: destroyed(http, sb.vm_id), timeout=60, interval=0.1)
+    assert body["end_reason"] == "out_of_memory"
+    events = http.get(f"/v1/sandboxes/{sb.vm_id}/events").json()["events"]
+    assert events[-1]["reason"] == "out_of_memory" and "memory" in events[-1]["detail"]

@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from e2a.sdk import E2AError
-from tests.e2e.conftest import wait_for
+from tests.conftest import wait_for
 
 
 def test_create_exec_destroy_over_plain_http(server, keys):

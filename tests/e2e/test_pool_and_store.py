@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from e2a.sdk import E2A
-from tests.e2e.conftest import own_server, wait_for
+from tests.conftest import own_server, wait_for
 
 
 def pool_count(srv) -> int:

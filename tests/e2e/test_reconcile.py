@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from e2a.sdk import E2A, E2AError
-from tests.e2e.conftest import own_server, wait_for
+from tests.conftest import own_server, wait_for
 from tests.e2e.test_isolation import outside  # noqa: F401  (the 'internet' host fixture)
 
 
@@ -160,4 +160,24 @@ def test_internet_false_never_gets_out_across_a_restart(restart_server, outside)
         assert "OPEN" in on_log
         c.kill(off.vm_id)
         c.kill(on.vm_id)
+    srv.stop()
+
+
+def test_a_database_that_cannot_be_reached_stops_the_start_not_the_sandboxes(restart_server):
+    srv = restart_server
+    srv.start()
+    key = srv.create_user("nodb@example.com")
+    with E2A(srv.url, key) as c:
+        sb = c.create_sandbox("standard", idle_timeout_seconds=600)
+    srv.stop()
+    srv.extra_env = {"E2A_DATABASE_URL": "postgresql+asyncpg://nobody:x@127.0.0.1:9/e2a"}
+    with pytest.raises(RuntimeError) as refused:
+        srv.start()
+    assert "cannot reach the database" in str(refused.value)
+    assert srv.host_objects()["netns"] == 1  # the sandbox was not touched
+    srv.extra_env = {}
+    srv.start()
+    with E2A(srv.url, key) as c:
+        assert c.run(sb.vm_id, "echo alive").stdout == "alive\n"
+        c.kill(sb.vm_id)
     srv.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from tests.e2e.conftest import wait_for
+from tests.conftest import wait_for
 
 
 def state(client, vm_id):

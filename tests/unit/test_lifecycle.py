@@ -76,6 +76,7 @@ async def mgr(tmp_path, monkeypatch):
     m = FakeHostManager(settings, store.sessionmaker(engine), kinds=KINDS)
     yield m
     await m.http.close()
+    await m.probe_http.close()
     await engine.dispose()
 
 

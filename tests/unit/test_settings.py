@@ -53,7 +53,7 @@ def test_defaults_are_unchanged():
     assert s.subnet == "10.201.0.0/16"
     assert (s.max_sandboxes, s.pool_size, s.platform) == (256, 2, "")
     assert s.reaper_interval == 1.0 and s.instance == "e2a"
-    assert s.death_check_interval == 0.5 and s.max_body_bytes == 1_048_576
+    assert s.death_check_interval == 0.5 and s.max_body_bytes == 16_777_216
 
 
 def test_environment_overrides_and_derived_defaults(monkeypatch, tmp_path):
