@@ -41,6 +41,8 @@ TAR = {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}
 NDJSON = "application/x-ndjson"
 PathParam = Query(min_length=1, max_length=4096, description="absolute, or relative to the "
                   "user's home")
+UserParam = Query(default=None, max_length=32, description="the user the operation acts as "
+                  "(default `user`); it can do exactly what that user can")
 
 
 async def live_sandbox(request: Request, vm_id: str,
@@ -200,7 +202,8 @@ async def list_commands(request: Request, vm_id: str = Depends(live_sandbox),
 
 @router.get("/commands/{pid}", summary="Reconnect to a command's output (NDJSON)",
             responses={200: {"content": {NDJSON: {}}}, 404: {}})
-async def reconnect(request: Request, pid: int = Path(ge=1, le=2**31), vm_id: str = Depends(live_sandbox),
+async def reconnect(request: Request, pid: int = Path(ge=1, le=2**31),
+                    vm_id: str = Depends(live_sandbox),
                     sandboxes: SandboxHost = Depends(host)) -> Response:
     return await forward(request, sandboxes, vm_id, "GET", f"/commands/{pid}")
 
@@ -240,7 +243,7 @@ def _no_nul(path: str) -> str:
 
 @router.get("/files", summary="Read a file (streamed)",
             responses={200: {"content": OCTET}, 400: {}, 404: {}})
-async def read_file(request: Request, path: str = PathParam, user: str | None = Query(default=None, max_length=32),
+async def read_file(request: Request, path: str = PathParam, user: str | None = UserParam,
                     vm_id: str = Depends(live_sandbox),
                     sandboxes: SandboxHost = Depends(host)) -> Response:
     return await forward(request, sandboxes, vm_id, "GET", "/files",
@@ -252,7 +255,7 @@ async def read_file(request: Request, path: str = PathParam, user: str | None = 
             responses={400: {}, 404: {}})
 async def write_file(request: Request, path: str = PathParam,
                      mode: str | None = Query(default=None, pattern=r"^0?[0-7]{3,4}$"),
-                     user: str | None = Query(default=None, max_length=32),
+                     user: str | None = UserParam,
                      vm_id: str = Depends(live_sandbox),
                      sandboxes: SandboxHost = Depends(host)) -> Response:
     return await forward(request, sandboxes, vm_id, "PUT", "/files",
@@ -263,7 +266,7 @@ async def write_file(request: Request, path: str = PathParam,
 @router.delete("/files", status_code=204, summary="Remove a file or directory",
                responses={400: {}, 404: {}, 409: {}})
 async def remove_file(request: Request, path: str = PathParam, recursive: bool = False,
-                      user: str | None = Query(default=None, max_length=32),
+                      user: str | None = UserParam,
                       vm_id: str = Depends(live_sandbox),
                       sandboxes: SandboxHost = Depends(host)) -> Response:
     return await forward(request, sandboxes, vm_id, "DELETE", "/files",
@@ -273,7 +276,7 @@ async def remove_file(request: Request, path: str = PathParam, recursive: bool =
 
 @router.get("/files/list", summary="List a directory", responses={400: {}, 404: {}})
 async def list_dir(request: Request, path: str = PathParam,
-                   user: str | None = Query(default=None, max_length=32),
+                   user: str | None = UserParam,
                    vm_id: str = Depends(live_sandbox),
                    sandboxes: SandboxHost = Depends(host)) -> Response:
     return await forward(request, sandboxes, vm_id, "GET", "/files/list",
@@ -282,7 +285,7 @@ async def list_dir(request: Request, path: str = PathParam,
 
 @router.get("/files/stat", summary="Stat a path", responses={400: {}, 404: {}})
 async def stat(request: Request, path: str = PathParam,
-               user: str | None = Query(default=None, max_length=32),
+               user: str | None = UserParam,
                vm_id: str = Depends(live_sandbox),
                sandboxes: SandboxHost = Depends(host)) -> Response:
     return await forward(request, sandboxes, vm_id, "GET", "/files/stat",
@@ -308,7 +311,7 @@ async def rename(request: Request, req: RenameRequest, vm_id: str = Depends(live
 @router.get("/files/tar", summary="Download a directory as a tar (streamed)",
             responses={200: {"content": TAR}, 400: {}, 404: {}})
 async def download_tar(request: Request, path: str = PathParam,
-                       user: str | None = Query(default=None, max_length=32),
+                       user: str | None = UserParam,
                        vm_id: str = Depends(live_sandbox),
                        sandboxes: SandboxHost = Depends(host)) -> Response:
     return await forward(request, sandboxes, vm_id, "GET", "/files/tar",
@@ -319,7 +322,7 @@ async def download_tar(request: Request, path: str = PathParam,
             openapi_extra={"requestBody": {"content": TAR, "required": True}},
             responses={400: {}, 404: {}})
 async def upload_tar(request: Request, path: str = PathParam,
-                     user: str | None = Query(default=None, max_length=32),
+                     user: str | None = UserParam,
                      vm_id: str = Depends(live_sandbox),
                      sandboxes: SandboxHost = Depends(host)) -> Response:
     return await forward(request, sandboxes, vm_id, "PUT", "/files/tar",

@@ -104,8 +104,8 @@ class CommandRequest(BaseModel):
     # A command reaches the kernel as exec arguments: one argument may be at most 128 KiB
     # (Linux's MAX_ARG_STRLEN, gVisor's too), so that is the real limit, checked in bytes.
     cmd: Annotated[str, AfterValidator(_one_exec_arg)] | None = Field(default=None)
-    argv: list[Annotated[str, AfterValidator(_one_exec_arg)]] | None = Field(default=None, min_length=1,
-                                                                       max_length=10_000)
+    argv: list[Annotated[str, AfterValidator(_one_exec_arg)]] | None = Field(
+        default=None, min_length=1, max_length=10_000)
     env: EnvVars = Field(default_factory=dict)
     cwd: str | None = Field(default=None, max_length=4096)
     user: str | None = Field(default=None, max_length=32, pattern=r"^[a-z_][a-z0-9_-]*$")

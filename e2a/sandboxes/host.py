@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from e2a.sandboxes.states import EndReason, State
+from e2a.sandboxes.states import EndReason
 
 
 class NoCapacity(Exception):
@@ -28,7 +28,8 @@ class NoCapacity(Exception):
 
 
 class Unavailable(Exception):
-    """The runtime cannot start sandboxes at all: runsc, envd or the template image missing (503)."""
+    """The runtime cannot start sandboxes at all: runsc, envd or the template image is
+    missing (503)."""
 
 
 class CreateFailed(Exception):
@@ -203,6 +204,3 @@ class SandboxHost(ABC):
     def pool_sizes(self) -> dict[str, int]:
         return {}
 
-
-def state_of(value: str | State) -> str:
-    return value.value if isinstance(value, State) else value

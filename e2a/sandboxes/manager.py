@@ -30,7 +30,7 @@ from e2a.ids import new_id
 from e2a.network import links
 from e2a.network.firewall import Firewall, host_nameservers
 from e2a.runtime import cgroups
-from e2a.runtime.runsc import Runsc, RunscError
+from e2a.runtime.runsc import Runsc
 from e2a.sandboxes import envd, resources, states
 from e2a.sandboxes.agent_keys import AgentKeys
 from e2a.sandboxes.host import (CreateFailed, CreateSpec, DeletedDuringCreate, NoCapacity,
@@ -54,6 +54,7 @@ MAX_CONNECTIONS_PER_SANDBOX = 128
 # between two reads of its answer (headers or body).
 PORT_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
 AGENT = "the sandbox's agent"
+OOM_RECENT = 5.0  # seconds: see LiveSandbox.oom_rose_at
 # Failures that may mean the sandbox is gone: it refused, dropped or never answered the link.
 SANDBOX_SIDE_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
                        aiohttp.ServerTimeoutError, asyncio.TimeoutError, ConnectionResetError)
@@ -88,10 +89,12 @@ class LiveSandbox:
     upstreams: set[Upstream] = field(default_factory=set)
     end_reason: EndReason | None = None
     boot_task: asyncio.Task | None = None
-    # The host OOM killer's count in the sandbox's cgroup when last seen alive: it also counts
-    # kills of single processes inside (the sandbox lives on), so a death is `out_of_memory`
-    # only if the count rose since the sandbox was last seen well.
+    # The host OOM killer's count in the sandbox's cgroup as last seen, and when it last rose.
+    # It also counts kills of single processes inside (the sandbox lives on), so a death is
+    # `out_of_memory` if the count rose since, or within OOM_RECENT seconds before: a Sentry
+    # can fall over a moment after the OOM killer took one of its stubs.
     oom_kills_seen: int = 0
+    oom_rose_at: float = float("-inf")
     probing: bool = False
 
     @property
@@ -491,9 +494,6 @@ class Manager(SandboxHost):
             sb.state = State.DESTROYED
         self.hostlog.write(sb.id, f"destroyed: {detail}")
 
-    async def destroy_all(self, reason: EndReason) -> None:
-        await asyncio.gather(*(self.destroy(sid, reason) for sid in list(self.sandboxes)))
-
     # ---- death -----------------------------------------------------------------------------
 
     def _on_death(self, sandbox_id: str, pid: int) -> None:
@@ -505,7 +505,8 @@ class Manager(SandboxHost):
         sb = self.sandboxes.get(sandbox_id)
         if sb is None or sb.state is not State.RUNNING:
             return
-        oom = _oom_kills(self._cgroup(sb)) > sb.oom_kills_seen
+        oom = (_oom_kills(self._cgroup(sb)) > sb.oom_kills_seen
+               or time.monotonic() - sb.oom_rose_at < OOM_RECENT)
         reason = EndReason.OUT_OF_MEMORY if oom else EndReason.CRASHED
         detail = (f"the host killed the sandbox for memory (runsc process {pid} died)" if oom
                   else f"runsc process {pid} of the sandbox exited")
@@ -549,7 +550,9 @@ class Manager(SandboxHost):
             if sb.state is not State.RUNNING or not self.watch.watching(sb.id):
                 continue  # not up yet, or its death is being handled
             cgroup = self._cgroup(sb)
-            sb.oom_kills_seen = _oom_kills(cgroup)
+            kills = _oom_kills(cgroup)
+            if kills != sb.oom_kills_seen:
+                sb.oom_kills_seen, sb.oom_rose_at = kills, time.monotonic()
             if not set(cgroup.procs()) - self.watch.pids(sb.id):
                 self._probe_later(sb, 1, 1.0, "no systrap stub process left")
 

@@ -1,8 +1,8 @@
 """The sandbox state machine: the states the hosted API documents, the legal moves between them,
 and why a sandbox ended.
 
-creating → configuring → booting → running ↔ paused, and from any live state → stopping →
-destroyed. `stopping` is where host resources are being removed; a sandbox leaves it only when
+creating → configuring → booting → running ↔ paused, and from any live state → stopping
+→ destroyed. `stopping` is where host resources are being removed; a sandbox leaves it only when
 every one of them is gone.
 """
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import worker_index
+from tests.conftest import wait_for, worker_index
 from tests.e2e.server import Server
 
 RUNSC = "/var/cache/e2a/bin/runsc"
@@ -33,15 +33,6 @@ MAX = 3  # E2A_MAX_SANDBOXES of the module's server
 
 
 # ---- helpers --------------------------------------------------------------------------------
-
-def wait_for(predicate, timeout: float = 30, interval: float = 0.2):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 def client(srv: Server, who: str = "a", timeout: float = 120) -> httpx.Client:
@@ -427,7 +418,12 @@ def test_crash_during_boot_and_during_delete_leaves_nothing(restart_srv):
         # 2. killed while a DELETE tears an internet sandbox down
         dying = a.post("/v1/sandboxes", json={"template": "standard",
                                               "internet": True}).json()["vm_id"]
-        t = threading.Thread(target=lambda: a.delete(f"/v1/sandboxes/{dying}"))
+        def delete_until_the_crash() -> None:
+            try:
+                a.delete(f"/v1/sandboxes/{dying}")
+            except httpx.HTTPError:
+                pass  # the server is killed under this DELETE on purpose
+        t = threading.Thread(target=delete_until_the_crash)
         t.start()
         with client(s) as watcher:
             while t.is_alive() and watcher.get(f"/v1/sandboxes/{dying}").json()["state"] \

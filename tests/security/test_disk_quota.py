@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from e2a.runtime import quota
 from e2a.sdk import E2A, E2AError
 from e2a.templates import recipes
-from tests.conftest import own_server, worker_index
+from tests.conftest import own_server, wait_for, worker_index
 
 LIMIT_MIB = recipes.load("standard").disk_mib
 MiB = 1024 * 1024
@@ -53,14 +52,6 @@ def subvolume_id(volume: Path) -> int:
     return int(subprocess.run(["btrfs", "inspect-internal", "rootid", str(volume)],
                               capture_output=True, text=True, check=True).stdout)
 
-
-def wait_for(predicate, timeout: float = 30):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
 
 
 def fails_full(r) -> bool:

@@ -5,7 +5,6 @@ token."""
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import stat
 import subprocess
