@@ -81,7 +81,8 @@ class Settings(BaseSettings):
     # 16 MiB: room for a command's stdin (the schema allows 10 million characters).
     max_body_bytes: int = Field(16_777_216, ge=1024)
     # The disk pool every sandbox's writes go to (<data_dir>/sandboxes.img, preallocated when it is
-    # first made; each sandbox also has its template's own limit). 0 = half the free space then.
+    # first made; each sandbox also has its template's own limit). 0 = half the free space then
+    # (at most 64 GiB).
     disk_gib: int = Field(0, ge=0)
 
     def __init__(self, **values: Any) -> None:

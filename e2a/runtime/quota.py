@@ -18,7 +18,8 @@ one ioctl, well under a millisecond, where a loop-mounted ext4 image per sandbox
 The image is preallocated, never sparse: a sparse image on a full host disk turns the pool's
 writes into I/O errors and btrfs forces itself read-only (seen here), breaking every sandbox.
 Its size is fixed when it is made (E2A_DISK_GIB, default half the free space of the data
-directory's filesystem); it is the most all sandboxes of the host can write together.
+directory's filesystem, at most 64 GiB); it is the most all sandboxes of the host can write
+together.
 
 Deleting a subvolume is removing its directory (SandboxDir does it, after the overlay is
 unmounted); the kernel drops the subvolume at the next transaction commit, which destroy starts,
@@ -46,6 +47,7 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 IMAGE_SUFFIX = ".img"
 LABEL = "e2a-sandboxes"
+DEFAULT_MAX_GIB = 64  # the default pool: half the free space, but no more than this
 
 # ioctl numbers from linux/btrfs.h: _IOC(direction, 0x94, nr, size).
 _W, _R, _RW = 1, 2, 3
@@ -134,9 +136,9 @@ async def ensure_pool(sandboxes_dir: Path, size_gib: int = 0) -> None:
 
 
 async def _make_image(image: Path, size_gib: int) -> None:
-    if not size_gib:  # half of what is free now: the rest stays for the host
+    if not size_gib:  # half of what is free now, at most 64 GiB: the rest stays for the host
         st = os.statvfs(image.parent)
-        size_gib = st.f_bavail * st.f_frsize // 2 // GiB
+        size_gib = min(st.f_bavail * st.f_frsize // 2 // GiB, DEFAULT_MAX_GIB)
         if size_gib < 1:
             raise PoolError(f"no room for a disk pool beside {image}: less than 2 GiB free")
     part = image.with_name(image.name + ".part")
