@@ -134,10 +134,10 @@ class Upstream:
         if isinstance(conn, aiohttp.ClientResponse):
             conn.close()
         else:
-            try:
-                await conn.close(code=1011, reason=f"sandbox ended: {reason.value}")
-            except Exception:
-                conn.transport.abort() if getattr(conn, "transport", None) else None
+            # A WebSocket: drop the TCP connection, no closing handshake (a dead sandbox would
+            # never answer it, and the teardown would wait out websockets' close timeout). The
+            # relay then tells its client why, with a close 1011.
+            conn.transport.abort()
 
     async def settle(self, timeout: float = 2.0) -> EndReason | None:
         """After the connection broke on its own: wait briefly for the host to say whether the
