@@ -419,7 +419,12 @@ class Manager(SandboxHost):
                         sb = await self._launch(recipe, CreateSpec(
                             user_id=None, template=name, idle_timeout=POOL_LIFETIME,
                             max_lifetime=POOL_LIFETIME))
-                        await self._prewarm(sb)
+                        try:
+                            await self._prewarm(sb)
+                        except Exception as exc:  # never left running outside the pool
+                            await self.destroy(sb.id, EndReason.CRASHED,
+                                               f"warm-up of a pooled sandbox failed: {exc}")
+                            raise
                         if sb.state is State.RUNNING:
                             ready.append(sb.id)
             except asyncio.CancelledError:
