@@ -15,6 +15,11 @@ from sqlalchemy import func, select, update
 
 from e2a.config import Settings, SettingsError
 
+# WebSocket messages from clients (PTY input, port proxy): at most 4 MiB each, at most 2 waiting,
+# so a connection whose far end stops reading holds a few MiB of the server, not hundreds.
+WS_MAX_MESSAGE = 4 * 1024 * 1024
+WS_MAX_QUEUE = 2
+
 # Exit status for invalid settings (the usage-error status, as for a bad option).
 BAD_SETTINGS = 2
 
@@ -63,7 +68,8 @@ def serve(host: str | None, port: int | None) -> None:
     # loop="asyncio", not uvloop: asyncio spawns subprocesses with vfork (about 2 ms), libuv with
     # fork (about 18 ms for this process), and every sandbox start runs several (ip, runsc).
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, loop="asyncio",
-                log_level="info", access_log=False, ws_max_size=16 * 1024 * 1024)
+                log_level="info", access_log=False, ws_max_size=WS_MAX_MESSAGE,
+                ws_max_queue=WS_MAX_QUEUE)
 
 
 @click.group()

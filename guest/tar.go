@@ -258,6 +258,9 @@ func (x *extractor) extract(hdr *tar.Header, body io.Reader) error {
 			err = cerr
 		}
 		if err != nil {
+			if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+				return fsError(err, name) // the sandbox's disk limit: 507, not a bad tar
+			}
 			return errf(400, "invalid_tar", "", "writing %q: %v", name, err)
 		}
 		x.bytes += n

@@ -5,8 +5,9 @@
 * a body limit on the JSON routes (E2A_MAX_BODY_BYTES): 413 `body_too_large`, from the
   Content-Length at once or, for a chunked body, as soon as the count passes it; the streamed
   routes (file and tar uploads, the port proxy) are not limited here;
-* a deadline for the body to arrive (BODY_TIMEOUT between chunks): 408 `body_timeout`, so a
-  client that stops sending mid-body does not hold a request open for ever.
+* deadlines for the body to arrive (BODY_TIMEOUT between two chunks, BODY_DEADLINE for all
+  of it): 408 `body_timeout`, so a client that stops or trickles mid-body does not hold a
+  request open for ever.
 
 The caller found here is left in the request's state for the routes (deps.current_user).
 """
@@ -15,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 from e2a.api.deps import caller_from_header
 from e2a.api.errors import ApiError, body
 
-BODY_TIMEOUT = 30.0
+BODY_TIMEOUT = 30.0     # the longest gap between two parts of a JSON body
+BODY_DEADLINE = 120.0   # the longest a whole JSON body may take to arrive
 
 
 class BodyRefused(BaseException):
@@ -31,11 +34,15 @@ class BodyRefused(BaseException):
         self.status, self.code, self.message = status, code, message
 
 
+# The routes whose body is streamed to the sandbox (no size limit, no buffering), matched on the
+# whole path: a substring test let `POST /v1/sandboxes/ports/commands` (a sandbox "named" ports)
+# past the limit.
+PORT_PROXY = re.compile(r"^/v1/sandboxes/[^/]+/ports/[^/]+(/.*)?$")
+FILE_UPLOAD = re.compile(r"^/v1/sandboxes/[^/]+/files(/tar)?$")
+
+
 def streamed(method: str, path: str) -> bool:
-    """Routes whose body is streamed to the sandbox (no size limit, no buffering)."""
-    if "/ports/" in path:
-        return True
-    return method == "PUT" and (path.endswith("/files") or path.endswith("/files/tar"))
+    return bool(PORT_PROXY.match(path)) or (method == "PUT" and bool(FILE_UPLOAD.match(path)))
 
 
 async def send_error(send, status: int, code: str, message: str, field: str | None = None) -> None:
@@ -77,16 +84,20 @@ class RequestGuard:
         seen = 0
         complete = False
         started = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BODY_DEADLINE
 
         async def guarded_receive():
             nonlocal seen, complete
             if complete:  # after the body: waits for a disconnect, however long
                 return await receive()
+            left = deadline - loop.time()
             try:
-                message = await asyncio.wait_for(receive(), BODY_TIMEOUT)
+                message = await asyncio.wait_for(receive(), max(0.0, min(BODY_TIMEOUT, left)))
             except asyncio.TimeoutError:
-                raise BodyRefused(408, "body_timeout", f"no part of the request body arrived "
-                                  f"for {BODY_TIMEOUT:.0f} s") from None
+                raise BodyRefused(408, "body_timeout", "the request body did not arrive in time "
+                                  f"(at most {BODY_TIMEOUT:.0f} s between two parts, "
+                                  f"{BODY_DEADLINE:.0f} s in all)") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:

@@ -55,6 +55,9 @@ MAX_CONNECTIONS_PER_SANDBOX = 128
 PORT_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
 AGENT = "the sandbox's agent"
 OOM_RECENT = 5.0  # seconds: see LiveSandbox.oom_rose_at
+# WebSocket messages from a sandbox (PTY output, a proxied app): at most 4 MiB each and 2
+# waiting, so a client that stops reading makes the server hold a few MiB, not hundreds.
+WS_MAX_MESSAGE = 4 * 1024 * 1024
 # Failures that may mean the sandbox is gone: it refused, dropped or never answered the link.
 SANDBOX_SIDE_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
                        aiohttp.ServerTimeoutError, asyncio.TimeoutError, ConnectionResetError)
@@ -732,7 +735,8 @@ class Manager(SandboxHost):
     async def agent_websocket(self, sandbox_id: str, path: str) -> Upstream:
         sb = self._running(sandbox_id)
         return await self._connect(sb, lambda: envd.websocket(
-            sb.link.sandbox_ip, sb.plan.token, path, max_size=None, open_timeout=10), AGENT)
+            sb.link.sandbox_ip, sb.plan.token, path, max_size=WS_MAX_MESSAGE, max_queue=2,
+            open_timeout=10), AGENT)
 
     async def port_request(self, sandbox_id: str, port: int, method: str, target: str,
                            **kwargs: Any) -> Upstream:
@@ -744,7 +748,8 @@ class Manager(SandboxHost):
     async def port_websocket(self, sandbox_id: str, port: int, target: str) -> Upstream:
         sb = self._running(sandbox_id)
         return await self._connect(sb, lambda: websockets.connect(
-            f"ws://{sb.link.sandbox_ip}:{port}{target}", max_size=None, open_timeout=10),
+            f"ws://{sb.link.sandbox_ip}:{port}{target}", max_size=WS_MAX_MESSAGE, max_queue=2,
+            open_timeout=10),
             f"port {port}")
 
     async def logs(self, sandbox_id: str) -> list[dict]:
