@@ -5,6 +5,9 @@ import them here: a second `server` fixture would start a second server under th
 from __future__ import annotations
 
 import json
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
 
 
 def envd_launch(server, vm_id: str) -> tuple[str, str]:
@@ -14,3 +17,38 @@ def envd_launch(server, vm_id: str) -> tuple[str, str]:
     args, env = spec["process"]["args"], spec["process"]["env"]
     token = next(e.split("=", 1)[1] for e in env if e.startswith("E2A_ENVD_TOKEN="))
     return args[args.index("--listen") + 1], token
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def raw_request(server, head: str, body_chunks=(), read_timeout: float = 60) -> tuple[int, bytes]:
+    """Send `head` (request line and headers, without the blank line) and the body chunks over
+    a plain socket; return the status and body of the answer."""
+    url = urlparse(server.url)
+    with socket.create_connection((url.hostname, url.port), timeout=read_timeout) as s:
+        s.sendall((head + "\r\n\r\n").encode())
+        try:
+            for chunk in body_chunks:
+                s.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        data = b""
+        while b"\r\n\r\n" not in data:
+            more = s.recv(65536)
+            if not more:
+                break
+            data += more
+        head_b, _, rest = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head_b.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(rest) < length:
+            more = s.recv(65536)
+            if not more:
+                break
+            rest += more
+        return int(head_b.split()[1]), rest

@@ -8,11 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -22,6 +19,7 @@ import websockets.exceptions
 from e2a.runtime.runsc import ENVD_PORT
 from e2a.sdk import E2AError
 from tests.conftest import wait_for
+from tests.security.conftest import raw_request, rss_kib
 
 SILENT_APP = '''
 import socket, time
@@ -48,45 +46,16 @@ while True:
 '''
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def raw_post(server, path: str, headers: dict[str, str], body_chunks) -> tuple[int, bytes]:
-    """POST over a plain socket, sending the body as the server lets us; returns the status and
-    the body of whatever the server answers (possibly before the body was all sent)."""
-    url = urlparse(server.url)
-    with socket.create_connection((url.hostname, url.port), timeout=30) as s:
-        head = f"POST {path} HTTP/1.1\r\nHost: e2a\r\n" + "".join(
-            f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-        s.sendall(head.encode())
-        try:
-            for chunk in body_chunks:
-                s.sendall(chunk)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server answered and closed: what we want to see
-        data = b""
-        while b"\r\n\r\n" not in data:
-            more = s.recv(65536)
-            if not more:
-                break
-            data += more
-        head, _, rest = data.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                       if line.lower().startswith(b"content-length:")), 0)
-        while len(rest) < length:
-            more = s.recv(65536)
-            if not more:
-                break
-            rest += more
-        return int(head.split()[1]), rest
+    """POST over a plain socket, sending the body as the server lets us; the status and body
+    of whatever the server answers (possibly before the body was all sent)."""
+    head = f"POST {path} HTTP/1.1\r\nHost: e2a" + "".join(
+        f"\r\n{k}: {v}" for k, v in headers.items())
+    return raw_request(server, head, body_chunks)
 
 
 def test_no_body_is_read_before_authentication(server):

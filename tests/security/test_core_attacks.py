@@ -2,7 +2,8 @@
 death detection, reconcile after a crash, exact capacity and the internet allow-list.
 
 Each test is one attack. Those that held are regression tests. Those that found a hole FAIL
-now; their docstrings start with "HOLE:" and say what should happen instead.
+before they were fixed; their docstrings start with "Was a HOLE:" and say what happened and
+what should (and now does) happen instead.
 
 The servers here are this module's own (instances `a<worker>x` and `a<worker>y`, subnets in
 10.<240 + worker>.0.0/16, under /tmp/e2a-attack-<worker>*), so they never collide with the e2e
@@ -287,7 +288,7 @@ def test_capacity_is_exact_across_two_tenants_and_freed_by_delete(srv, no_sandbo
 
 
 def test_concurrent_deletes_during_boot_stop_it_once(srv, no_sandboxes_left):
-    """HOLE: eight concurrent DELETEs of a sandbox that is `configuring`. The first cancels the
+    """Was a HOLE: eight concurrent DELETEs of a sandbox that is `configuring`. The first cancels the
     boot task, whose failure path runs `_stop` under `asyncio.shield` while holding the
     sandbox's lock; the second DELETE cancels the boot task *again*: the shield lets the boot
     task end at once (its `_stop` carries on, orphaned) and the lock is released mid-teardown.
@@ -448,7 +449,7 @@ def test_crash_during_boot_and_during_delete_leaves_nothing(restart_srv):
 # ---- holes: these FAIL now --------------------------------------------------------------------
 
 def test_deep_directory_in_the_sandbox_does_not_wedge_teardown(srv, no_sandboxes_left):
-    """HOLE: sandbox code makes a 1100-deep directory tree in /tmp (python3, 0.2 s, 2 KiB of
+    """Was a HOLE: sandbox code makes a 1100-deep directory tree in /tmp (python3, 0.2 s, 2 KiB of
     path). The directory unit's teardown is shutil.rmtree, which is recursive in Python 3.11
     and raises RecursionError at ~1000 levels (not an OSError, so ignore_errors does not
     swallow it). The sandbox stays `stopping` forever: DELETE answers 202, the reaper retries
@@ -486,7 +487,7 @@ def test_deep_directory_in_the_sandbox_does_not_wedge_teardown(srv, no_sandboxes
 
 
 def test_delete_while_runsc_starts_leaves_no_sandbox_running(srv, no_sandboxes_left):
-    """HOLE: DELETE while the create is `booting`, i.e. while `runsc run --detach` runs. The
+    """Was a HOLE: DELETE while the create is `booting`, i.e. while `runsc run --detach` runs. The
     boot task is cancelled, but RunscContainer.create (Runsc.start) only awaits the runsc
     process: cancelling does not stop or wait for it. Teardown's `runsc delete --force`
     (check=False) runs before the container exists and fails silently; the cgroup rmdir fails
@@ -528,7 +529,10 @@ def test_delete_while_runsc_starts_leaves_no_sandbox_running(srv, no_sandboxes_l
             force_remove(srv, entry.split(":")[0])
 
 
-async def _hold_streams(c: httpx.AsyncClient, vm: str, n: int, started: list) -> list:
+async def _hold_streams(c: httpx.AsyncClient, vm: str, n: int, started: list,
+                        wait: bool = True) -> list:
+    """Open `n` `sleep 90` command streams and return their tasks; with `wait`, once all have
+    started (or 60 s have passed: the caller checks `started`)."""
     async def hold() -> None:
         try:
             async with c.stream("POST", f"/v1/sandboxes/{vm}/commands",
@@ -538,11 +542,15 @@ async def _hold_streams(c: httpx.AsyncClient, vm: str, n: int, started: list) ->
                         started.append(1)
         except (httpx.HTTPError, asyncio.CancelledError):
             pass
-    return [asyncio.create_task(hold()) for _ in range(n)]
+    tasks = [asyncio.create_task(hold()) for _ in range(n)]
+    want, end = len(started) + n, time.monotonic() + 60
+    while wait and len(started) < want and time.monotonic() < end:
+        await asyncio.sleep(0.1)
+    return tasks
 
 
 def test_65th_request_into_one_sandbox_does_not_hang(srv, no_sandboxes_left):
-    """HOLE: a tenant runs 64 foreground commands (`sleep 90`) in its sandbox, which is allowed.
+    """Was a HOLE: a tenant runs 64 foreground commands (`sleep 90`) in its sandbox, which is allowed.
     The host talks to every sandbox's agent through one aiohttp session limited to 64
     connections per sandbox (envd.make_client, limit_per_host=64), with no timeout on waiting
     for a connection: the 65th request into that sandbox (`echo hi`) gets no answer at all
@@ -559,9 +567,6 @@ def test_65th_request_into_one_sandbox_does_not_hang(srv, no_sandboxes_left):
                   ).json()["vm_id"]
             started: list = []
             tasks = await _hold_streams(c, vm, 64, started)
-            end = time.monotonic() + 60
-            while len(started) < 64 and time.monotonic() < end:
-                await asyncio.sleep(0.1)
             t0 = time.monotonic()
             try:
                 r = await c.post(f"/v1/sandboxes/{vm}/commands", json={"cmd": "echo hi"},
@@ -582,7 +587,7 @@ def test_65th_request_into_one_sandbox_does_not_hang(srv, no_sandboxes_left):
 
 
 def test_tenants_own_streams_do_not_make_a_live_sandbox_crashed(srv, no_sandboxes_left):
-    """HOLE: the death check after a failed request (`_probe`: 3 tries of 2 s of GET /health)
+    """Was a HOLE: the death check after a failed request (`_probe`: 3 tries of 2 s of GET /health)
     goes through the same 64-connection-per-sandbox pool as the tenant's own streams. A tenant
     with 63 `sleep 90` streams open starts a PUT /files, queues 2 more streams behind the pool,
     then abandons the upload: the aborted upload counts as a failed request, the queued streams
@@ -601,9 +606,6 @@ def test_tenants_own_streams_do_not_make_a_live_sandbox_crashed(srv, no_sandboxe
                   ).json()["vm_id"]
             started: list = []
             tasks = await _hold_streams(c, vm, 63, started)
-            end = time.monotonic() + 60
-            while len(started) < 63 and time.monotonic() < end:
-                await asyncio.sleep(0.1)
 
             async def slow_body():
                 yield b"x" * 1024
@@ -611,7 +613,7 @@ def test_tenants_own_streams_do_not_make_a_live_sandbox_crashed(srv, no_sandboxe
             put = asyncio.create_task(c.put(f"/v1/sandboxes/{vm}/files",
                                             params={"path": "/tmp/upload"}, content=slow_body()))
             await asyncio.sleep(1)
-            tasks += await _hold_streams(c, vm, 2, started)
+            tasks += await _hold_streams(c, vm, 2, started, wait=False)
             await asyncio.sleep(1)
             put.cancel()
             await asyncio.gather(put, return_exceptions=True)
@@ -629,7 +631,7 @@ def test_tenants_own_streams_do_not_make_a_live_sandbox_crashed(srv, no_sandboxe
 
 
 def test_lifetime_that_ran_out_while_the_server_was_down_is_max_lifetime(restart_srv):
-    """HOLE: a sandbox with max_lifetime_seconds 5 is running when the server crashes; it is
+    """Was a HOLE: a sandbox with max_lifetime_seconds 5 is running when the server crashes; it is
     still running (runsc, envd) when the server comes back 8 s later, after its lifetime.
     Reconcile stops it with end_reason `server_restart` and detail "not running when e2a
     restarted (was running)": both untrue, it was running and ended because its lifetime was

@@ -15,7 +15,6 @@ import subprocess
 import tarfile
 import threading
 import time
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -25,14 +24,7 @@ import websockets.sync.client as ws_client
 from e2a.server_cli import WS_MAX_MESSAGE
 
 from tests.conftest import wait_for
-from tests.security.conftest import envd_launch
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
+from tests.security.conftest import envd_launch, raw_request, rss_kib
 
 
 @pytest.fixture(scope="module")
@@ -40,34 +32,6 @@ def sb(alice):
     s = alice.create_sandbox("standard", idle_timeout_seconds=600)
     yield s
     alice.kill(s.vm_id)
-
-
-def raw_request(server, head: str, body_chunks=(), read_timeout: float = 60) -> tuple[int, bytes]:
-    """Send `head` (request line and headers, without the blank line) and the body chunks over
-    a plain socket; return the status and body of the answer."""
-    url = urlparse(server.url)
-    with socket.create_connection((url.hostname, url.port), timeout=read_timeout) as s:
-        s.sendall((head + "\r\n\r\n").encode())
-        try:
-            for chunk in body_chunks:
-                s.sendall(chunk)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        data = b""
-        while b"\r\n\r\n" not in data:
-            more = s.recv(65536)
-            if not more:
-                break
-            data += more
-        head_b, _, rest = data.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":")[1]) for line in head_b.split(b"\r\n")
-                       if line.lower().startswith(b"content-length:")), 0)
-        while len(rest) < length:
-            more = s.recv(65536)
-            if not more:
-                break
-            rest += more
-        return int(head_b.split()[1]), rest
 
 
 # ---- API guard ------------------------------------------------------------------------------
