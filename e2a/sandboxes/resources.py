@@ -139,7 +139,7 @@ class DiskQuota(Resource):
         if quota.is_volume(self.plan.dir):
             raise RuntimeError(f"subvolume {self.plan.dir} is still there")
         if quota.is_pool(self.env.sandboxes_dir):
-            await asyncio.to_thread(_drop_deleted, self.env.sandboxes_dir)
+            await _drop_deleted(self.env.sandboxes_dir)
 
     @classmethod
     async def orphans(cls, env: HostEnv, keep: Keep) -> list[Orphan]:
@@ -156,9 +156,22 @@ class DiskQuota(Resource):
                 for q in await asyncio.to_thread(quota.stale_qgroups, pool)]
 
 
-def _drop_deleted(pool: Path) -> None:
-    quota.commit(pool)  # the kernel drops deleted subvolumes (and their qgroups) at a commit
-    quota.remove_stale_qgroups(pool)  # what an older kernel leaves
+DROP_WAIT = 5.0  # seconds a destroy waits for the kernel to drop deleted subvolumes
+
+
+async def _drop_deleted(pool: Path) -> None:
+    """Wait (bounded) until the qgroups of deleted subvolumes are gone. The kernel drops a
+    subvolume in its cleaner thread after a commit, and its qgroup with it (Linux 6.8 on; what
+    an older kernel leaves is removed here). Under load that takes a moment, and a destroy that
+    returned before it would leave the qgroup to the next sweep."""
+    deadline = asyncio.get_running_loop().time() + DROP_WAIT
+    while True:
+        await asyncio.to_thread(quota.commit, pool)
+        await asyncio.to_thread(quota.remove_stale_qgroups, pool)
+        if (not await asyncio.to_thread(quota.stale_qgroups, pool)
+                or asyncio.get_running_loop().time() > deadline):
+            return
+        await asyncio.sleep(0.05)
 
 
 class SandboxDir(Resource):
