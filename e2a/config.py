@@ -29,6 +29,7 @@ _EXPECTED = {
     "port": "must be an integer from 1 to 65535",
     "max_sandboxes": "must be an integer of at least 1",
     "pool_size": "must be an integer of at least 0",
+    "pool_sizes": 'must be a JSON object of template names and sizes, e.g. {"browser": 2}',
     "reaper_interval": "must be a number of seconds greater than 0",
     "death_check_interval": "must be a number of seconds greater than 0 and at most 2",
     "max_body_bytes": "must be an integer of at least 1024 (bytes)",
@@ -63,13 +64,19 @@ class Settings(BaseSettings):
     database_url: str = ""
     # Default: <cache_dir>/bin/runsc
     runsc: str = ""
+    # The URL clients reach this server by (behind a proxy), for the URLs the API hands out (CDP,
+    # live view, canvas); empty = as each request arrived.
+    public_url: str = ""
     # Default: build/envd of this checkout
     envd: str = ""
     # 10.201.0.0/16 cut into /30 links, one per sandbox.
     subnet: str = "10.201.0.0/16"
     max_sandboxes: int = Field(256, ge=1)
-    # Pre-started sandboxes per template, handed out on create (~15 MiB of host memory each).
-    pool_size: int = Field(2, ge=0)
+    # Pre-started sandboxes of every template, handed out on create (a standard one costs ~15
+    # MiB of host memory). Unset: each recipe's own pool_size. E2A_POOL_SIZES (JSON, e.g.
+    # {"browser": 2}) sets single templates and wins over both.
+    pool_size: int | None = Field(None, ge=0)
+    pool_sizes: dict[str, int] = Field(default_factory=dict)
     # Force one gVisor platform (ptrace, systrap) for every template; empty = each recipe's own.
     platform: str = ""
     reaper_interval: float = Field(1.0, gt=0, allow_inf_nan=False)
@@ -108,11 +115,29 @@ class Settings(BaseSettings):
 
     @field_validator("pool_size")
     @classmethod
-    def _pool_size(cls, v: int, info: ValidationInfo) -> int:
+    def _pool_size(cls, v: int | None, info: ValidationInfo) -> int | None:
         limit = info.data.get("max_sandboxes")  # absent when max_sandboxes itself is invalid
-        if limit is not None and v > limit:
+        if limit is not None and v is not None and v > limit:
             raise ValueError(f"must be at most {env_name('max_sandboxes')} ({limit})")
         return v
+
+    @field_validator("pool_sizes")
+    @classmethod
+    def _pool_sizes(cls, v: dict[str, int]) -> dict[str, int]:
+        from e2a.templates import recipes
+        for name, size in v.items():
+            if name not in recipes.available():
+                raise ValueError(f"names an unknown template {name!r} (known: "
+                                 f"{', '.join(recipes.available())})")
+            if size < 0:
+                raise ValueError(f"gives {name!r} a negative size")
+        return v
+
+    def pool_size_of(self, template: str, recipe_default: int) -> int:
+        """How many sandboxes of this template the warm pool keeps started."""
+        if template in self.pool_sizes:
+            return self.pool_sizes[template]
+        return recipe_default if self.pool_size is None else self.pool_size
 
     @field_validator("platform")
     @classmethod

@@ -159,15 +159,26 @@ def revoke_key(key_id: str) -> None:
 @admin.command("build-templates")
 @click.argument("names", nargs=-1)
 def build_templates(names: tuple[str, ...]) -> None:
-    """Build template images (cached by content hash under the cache dir)."""
+    """Build template images (cached by content hash under the cache dir), step by step."""
     from e2a.templates import builder, recipes
 
     settings = load_settings()
-    for name in names or recipes.available():
-        recipe = recipes.load(name)
-        if recipe is None:
-            raise click.ClickException(f"unknown template {name!r}")
-        cached = builder.is_built(settings.cache_dir, recipe)
-        click.echo(f"template {name}: {builder.rootfs_path(settings.cache_dir, recipe)}"
-                   f"{' (cached)' if cached else ' (building, a few minutes)'}")
-        builder.build(settings.cache_dir, recipe, log=sys.stderr)
+    try:
+        images = recipes.build_order(names or recipes.available())
+    except recipes.RecipeError as exc:
+        raise click.ClickException(str(exc)) from None
+    log = settings.cache_dir / "templates" / "build.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    for recipe in images:
+        if builder.is_built(settings.cache_dir, recipe):
+            click.echo(f"image {recipe.image}: cached "
+                       f"({builder.rootfs_path(settings.cache_dir, recipe)})")
+            continue
+        click.echo(f"image {recipe.image}: building (output in {log})")
+        with log.open("a") as out:
+            try:
+                builder.build(settings.cache_dir, recipe, log=out,
+                              progress=lambda line: click.echo(line))
+            except Exception as exc:
+                raise click.ClickException(f"building {recipe.image} failed: {exc}; "
+                                           f"see {log}") from None

@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from e2a import proc
@@ -74,6 +74,7 @@ class SandboxSpec:
     memory_overhead_mib: int = MEMORY_OVERHEAD_MIB  # host limit = memory_mib + this
     nproc_limit: int = 0  # RLIMIT_NPROC inside: tasks per user; 0: TASKS_PER_MIB × memory_mib
     sandbox_ip: str = "0.0.0.0"  # envd listens on this address only (the sandbox's own)
+    env: dict[str, str] = field(default_factory=dict)  # the template's, and envd's settings
 
 
 def oci_config(spec: SandboxSpec) -> dict:
@@ -86,6 +87,7 @@ def oci_config(spec: SandboxSpec) -> dict:
             "env": [
                 "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 f"E2A_ENVD_TOKEN={spec.envd_token}",
+                *(f"{k}={v}" for k, v in spec.env.items()),
             ],
             "cwd": "/",
             "capabilities": {k: _CAPS for k in ("bounding", "effective", "permitted")},

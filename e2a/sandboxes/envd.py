@@ -211,6 +211,23 @@ async def wait_ready(client: aiohttp.ClientSession, sandbox_ip: str, token: str,
     raise TimeoutError(f"envd did not become ready: {last}")
 
 
+async def wait_services(client: aiohttp.ClientSession, sandbox_ip: str, token: str,
+                        deadline_s: float) -> None:
+    """Wait until the template's services (guest/services.go) are all ready: one long request
+    that envd answers as soon as they are, or at its timeout with what is not ready."""
+    ms = int(deadline_s * 1000)
+    async with request(client, sandbox_ip, token, "GET", f"/services/wait?timeout_ms={ms}",
+                       timeout=deadline_s + 10) as r:
+        body = await r.json() if r.status == 200 else None
+    if body is None:
+        raise RuntimeError(f"envd's services route answered {r.status}")
+    if not body.get("ready"):
+        waiting = [f"{s['name']} ({s['state']}, {s.get('restarts', 0)} restarts"
+                   + (f": {s['output'][-1]}" if s.get("output") else "") + ")"
+                   for s in body.get("services", []) if not s.get("ready")]
+        raise TimeoutError(f"services not ready after {deadline_s:.0f} s: {', '.join(waiting)}")
+
+
 async def get_json(client: aiohttp.ClientSession, url: str, token: str,
                    timeout: float = 5) -> dict | None:
     """A small GET (url = base_url(ip) + path) whose failure is not an error for the caller

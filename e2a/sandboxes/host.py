@@ -96,6 +96,7 @@ class CreateSpec:
     idle_timeout: int = 60
     max_lifetime: int = 7200
     internet: bool = True
+    params: dict[str, str] = field(default_factory=dict)  # the template's (e.g. resolution)
 
 
 class Catalog(ABC):
@@ -187,7 +188,9 @@ class SandboxHost(ABC):
         """An HTTP request to the sandbox's agent; the answer is returned unread."""
 
     @abstractmethod
-    async def agent_websocket(self, sandbox_id: str, path: str) -> Upstream: ...
+    async def agent_websocket(self, sandbox_id: str, path: str,
+                              max_size: int = 4 * 1024 * 1024) -> Upstream:
+        """A WebSocket to envd; `max_size` bounds one message from the sandbox."""
 
     @abstractmethod
     async def port_request(self, sandbox_id: str, port: int, method: str, target: str,

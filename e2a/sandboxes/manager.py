@@ -12,6 +12,7 @@ the boot and ends `destroyed`, never `running`. Every transition is written with
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -179,7 +180,7 @@ class Manager(SandboxHost):
         await self.reconcile()
         self._tasks.append(asyncio.create_task(self._reaper(), name="reaper"))
         self._tasks.append(asyncio.create_task(self._death_sweeper(), name="death sweep"))
-        if self.settings.pool_size > 0:
+        if any(self._pool_target(name) for name in recipes.available()):
             self._tasks.append(asyncio.create_task(self._pool_filler(), name="pool"))
 
     async def stop(self) -> None:
@@ -266,7 +267,8 @@ class Manager(SandboxHost):
         plan = resources.Plan(
             id=sid, slot=slot, internet=spec.internet, token=self.keys.token(sid), image=image,
             memory_mib=recipe.memory_mib, disk_mib=recipe.disk_mib,
-            platform=self.settings.platform or recipe.platform).bind(self.env)
+            platform=self.settings.platform or recipe.platform,
+            env=sandbox_env(recipe, spec.params)).bind(self.env)
         sb = LiveSandbox(
             plan=plan, units=resources.units_for(self.env, plan, self.kinds), user_id=spec.user_id,
             template=recipe.name, vcpu=recipe.vcpu, cpu_fraction=recipe.cpu_fraction,
@@ -354,8 +356,13 @@ class Manager(SandboxHost):
                 raise
 
     async def _agent_up(self, sb: LiveSandbox, env_vars: dict[str, str]) -> None:
-        """The sandbox is started: wait for its agent, apply the CPU quota, watch its processes."""
+        """The sandbox is started: wait for its agent and its template's services, apply the
+        CPU quota, watch its processes."""
         await envd.wait_ready(self.http, sb.link.sandbox_ip, sb.plan.token)
+        recipe = recipes.load(sb.template)
+        if recipe is not None and recipe.services:
+            await envd.wait_services(self.http, sb.link.sandbox_ip, sb.plan.token,
+                                     recipe.ready_timeout)
         cgroup = self._cgroup(sb)
         # The CPU quota starts now: boot work is e2a's, and it is CPU-bound.
         cgroup.set_cpu_quota(sb.cpu_quota_us)
@@ -375,6 +382,8 @@ class Manager(SandboxHost):
     async def _claim_from_pool(self, recipe: recipes.Recipe,
                                spec: CreateSpec) -> SandboxRecord | None:
         ready = self.pool.get(recipe.name)
+        if spec.params and any(recipe.params.get(k) != v for k, v in spec.params.items()):
+            return None  # pooled sandboxes run the template's defaults
         while ready:
             sid = ready.pop(0)
             self._pool_wakeup.set()
@@ -409,7 +418,7 @@ class Manager(SandboxHost):
         return None
 
     async def _pool_filler(self) -> None:
-        """Keep `pool_size` sandboxes of every built template started and waiting."""
+        """Keep each built template's pool of sandboxes started and waiting."""
         while True:
             try:
                 for name in recipes.available():
@@ -417,7 +426,7 @@ class Manager(SandboxHost):
                     if recipe is None or not builder.is_built(self.settings.cache_dir, recipe):
                         continue
                     ready = self.pool.setdefault(name, [])
-                    while (len(ready) < self.settings.pool_size
+                    while (len(ready) < self._pool_target(name)
                            and len(self.sandboxes) < self.settings.max_sandboxes):
                         sb = await self._launch(recipe, CreateSpec(
                             user_id=None, template=name, idle_timeout=POOL_LIFETIME,
@@ -440,6 +449,10 @@ class Manager(SandboxHost):
                 await asyncio.wait_for(self._pool_wakeup.wait(), 5)
             except asyncio.TimeoutError:
                 pass
+
+    def _pool_target(self, template: str) -> int:
+        recipe = recipes.load(template)
+        return self.settings.pool_size_of(template, recipe.pool_size) if recipe else 0
 
     async def _prewarm(self, sb: LiveSandbox) -> None:
         """Run the shell once, so the user's first command finds bash and its libraries
@@ -732,10 +745,11 @@ class Manager(SandboxHost):
         return await self._connect(sb, lambda: envd.send(
             self.http, sb.link.sandbox_ip, sb.plan.token, method, path, **kwargs), AGENT)
 
-    async def agent_websocket(self, sandbox_id: str, path: str) -> Upstream:
+    async def agent_websocket(self, sandbox_id: str, path: str,
+                              max_size: int = WS_MAX_MESSAGE) -> Upstream:
         sb = self._running(sandbox_id)
         return await self._connect(sb, lambda: envd.websocket(
-            sb.link.sandbox_ip, sb.plan.token, path, max_size=WS_MAX_MESSAGE, max_queue=2,
+            sb.link.sandbox_ip, sb.plan.token, path, max_size=max_size, max_queue=2,
             open_timeout=10), AGENT)
 
     async def port_request(self, sandbox_id: str, port: int, method: str, target: str,
@@ -762,6 +776,17 @@ class Manager(SandboxHost):
             lines += (data or {}).get("lines", [])
         lines.sort(key=lambda line: line.get("ts", ""))
         return lines
+
+
+def sandbox_env(recipe: recipes.Recipe, params: dict[str, str]) -> dict[str, str]:
+    """What the sandbox's OCI process (envd) gets in its environment: the template's variables
+    (which every command inherits) and envd's own settings (which none does)."""
+    env = recipe.sandbox_env(params)
+    if recipe.services:
+        env["E2A_ENVD_SERVICES"] = json.dumps(recipe.envd_services(params))
+    if "DISPLAY" in env:  # a desktop template: envd drives this X display
+        env["E2A_ENVD_DISPLAY"] = env["DISPLAY"]
+    return env
 
 
 def _oom_kills(cgroup: cgroups.Cgroup) -> int:

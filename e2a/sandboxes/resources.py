@@ -56,6 +56,7 @@ class Plan:
     memory_mib: int
     platform: str
     disk_mib: int = DEFAULT_DISK_MIB  # the sandbox's writes (rootfs and /tmp) together
+    env: dict[str, str] = field(default_factory=dict)  # every process's, and envd's settings
     link: links.Link = field(init=False)
     dir: Path = field(init=False)
     runtime_id: str = field(init=False)
@@ -338,7 +339,7 @@ class RunscContainer(Resource):
             netns_path=p.link.netns_path, envd_binary=self.env.envd_binary, envd_token=p.token,
             memory_mib=p.memory_mib, platform=p.platform, resolv_conf=self.env.resolv_conf,
             cgroup=cgroups.Cgroup(self.env.instance, p.runtime_id),
-            sandbox_ip=p.link.sandbox_ip,
+            sandbox_ip=p.link.sandbox_ip, env=p.env,
         ))
 
     async def destroy(self) -> None:

@@ -1,28 +1,57 @@
-"""Template recipes: the size a sandbox gets and what its image holds."""
+"""Templates as data: each `recipes/<name>.toml` declares a template's image (packages, a base
+image it extends), its size, the services its sandbox starts, the endpoints they serve and its
+warm pool. The manager and the API read these declarations; no template has code of its own.
+
+Only the image part (suite, base, packages, wheels) names the built image: its content
+hash. Sizes, services, endpoints and the pool size can change without a rebuild.
+"""
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
-# Templates the hosted service documents; those without a recipe here answer 501.
+# Templates the hosted service documents.
 KNOWN_TEMPLATES = ("standard", "browser", "cua", "canvas")
 # Bumped when the build steps in builder.py change, so cached images are rebuilt.
-BUILDER_VERSION = "3"
+BUILDER_VERSION = "4"
 # A sandbox's disk (its rootfs writes and /tmp together) when the recipe does not say.
 DEFAULT_DISK_MIB = 2048
-# Recipe keys that size the sandbox on the host and put nothing into the image: their lines are
-# left out of the content hash, so changing them never rebuilds the image. (vcpu, cpu_fraction,
-# memory_mib and platform are of the same kind but still hashed: taking them out changes every
-# hash; do it with the next BUILDER_VERSION bump, which rebuilds anyway.)
-UNHASHED_KEYS = ("disk_mib",)
-_UNHASHED_LINE = re.compile(rb"^[ \t]*(?:%s)[ \t]*=[^\n]*\n?" % b"|".join(
-    k.encode() for k in UNHASHED_KEYS), re.MULTILINE)
+# Keys of a recipe that go into its image, hence into its content hash.
+IMAGE_KEYS = ("suite", "base", "packages", "wheels")
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+class RecipeError(ValueError):
+    """A recipe file that does not declare a usable template."""
+
+
+@dataclass(frozen=True)
+class Service:
+    """A process the sandbox's envd starts at boot and keeps running (guest/services.go)."""
+    name: str
+    argv: tuple[str, ...]
+    user: str = "user"
+    env: dict[str, str] = field(default_factory=dict)
+    ready_tcp: int | None = None     # ready once 127.0.0.1:port accepts
+    ready_unix: str | None = None    # ready once this socket accepts
+
+    def to_envd(self, params: dict[str, str]) -> dict:
+        """The service as envd takes it, with `{param}` placeholders filled in."""
+        ready: dict = {}
+        if self.ready_tcp:
+            ready["tcp"] = self.ready_tcp
+        if self.ready_unix:
+            ready["unix"] = self.ready_unix
+        return {"name": self.name, "user": self.user, "ready": ready,
+                "argv": [fill(a, params) for a in self.argv],
+                "env": {k: fill(v, params) for k, v in self.env.items()}}
 
 
 @dataclass(frozen=True)
@@ -34,8 +63,18 @@ class Recipe:
     memory_mib: int
     disk_mib: int
     platform: str
+    pool_size: int                     # warm pool when settings do not say
+    image: str                         # whose image it runs: itself, or another template's
+    base: str | None                   # the template whose image this one extends
     suite: str
-    packages: tuple[str, ...]
+    packages: tuple[str, ...]          # Debian packages added (to the base's)
+    wheels: tuple[str, ...]            # Python wheels installed with pip (e.g. playwright)
+    env: dict[str, str]                # environment of every process in the sandbox
+    services: tuple[Service, ...]
+    endpoints: dict[str, int]          # name -> port of a service e2a's API fronts (cdp, vnc)
+    params: dict[str, str]             # defaults of create-time parameters (resolution)
+    ready_timeout: float               # seconds boot waits for the services
+    contents: tuple[str, ...]          # what GET /v1/templates says it holds
     content_hash: str
 
     @property
@@ -43,36 +82,116 @@ class Recipe:
         """CFS quota per 100 ms period: 0.5 vCPU = 50 ms of CPU time per 100 ms."""
         return int(self.vcpu * self.cpu_fraction * 100_000)
 
+    def envd_services(self, params: dict[str, str] | None = None) -> list[dict]:
+        merged = {**self.params, **(params or {})}
+        return [s.to_envd(merged) for s in self.services]
+
+    def sandbox_env(self, params: dict[str, str] | None = None) -> dict[str, str]:
+        merged = {**self.params, **(params or {})}
+        return {k: fill(v, merged) for k, v in self.env.items()}
+
+    def summary(self) -> dict:
+        """What GET /v1/templates shows."""
+        return {"name": self.name, "description": self.description, "vcpu": self.vcpu,
+                "cpu_fraction": self.cpu_fraction, "memory_mib": self.memory_mib,
+                "disk_mib": self.disk_mib, "contents": list(self.contents),
+                "services": [s.name for s in self.services],
+                "endpoints": sorted(self.endpoints), "parameters": dict(self.params)}
+
+
+def fill(text: str, params: dict[str, str]) -> str:
+    """Replace `{name}` with a create-time parameter (only names the recipe declares)."""
+    return _PLACEHOLDER.sub(lambda m: params.get(m.group(1), m.group(0)), text)
+
 
 @functools.cache  # recipes ship with the code: read once per process
 def load(name: str) -> Recipe | None:
     path = RECIPES / f"{name}.toml"
-    if not path.is_file():
+    if not re.fullmatch(r"[a-z][a-z0-9-]*", name) or not path.is_file():
         return None
-    raw = path.read_bytes()
-    data = tomllib.loads(raw.decode())
-    digest = content_hash(raw)
+    data = tomllib.loads(path.read_text())
+    try:
+        return _parse(name, data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RecipeError(f"recipe {path}: {exc}") from exc
+
+
+def _parse(name: str, data: dict) -> Recipe:
+    if data.get("name") != name:
+        raise ValueError(f"name must be {name!r}")
+    base = data.get("base")
+    parent = load(base) if base else None
+    if base and parent is None:
+        raise ValueError(f"base template {base!r} has no recipe")
+    image_of = data.get("image", name)
+    if image_of != name:  # runs another template's image: it declares no image of its own
+        if any(k in data for k in IMAGE_KEYS):
+            raise ValueError(f"a recipe with image = {image_of!r} declares no image keys")
+        other = load(image_of)
+        if other is None:
+            raise ValueError(f"image {image_of!r} has no recipe")
+        digest = other.content_hash
+    else:
+        digest = content_hash(data, parent)
+    services = tuple(
+        Service(name=s["name"], argv=tuple(s["argv"]), user=s.get("user", "user"),
+                env=dict(s.get("env", {})), ready_tcp=s.get("ready_tcp"),
+                ready_unix=s.get("ready_unix"))
+        for s in data.get("services", ()))
     return Recipe(
-        name=data["name"],
+        name=name,
         description=data.get("description", ""),
         vcpu=int(data["vcpu"]),
         cpu_fraction=float(data["cpu_fraction"]),
         memory_mib=int(data["memory_mib"]),
         disk_mib=int(data.get("disk_mib", DEFAULT_DISK_MIB)),
         platform=data.get("platform", "systrap"),
-        suite=data.get("suite", "bookworm"),
+        pool_size=int(data.get("pool_size", 0)),
+        image=image_of,
+        base=base,
+        suite=data.get("suite", parent.suite if parent else "bookworm"),
         packages=tuple(data.get("packages", ())),
+        wheels=tuple(data.get("wheels", ())),
+        env=dict(data.get("env", {})),
+        services=services,
+        endpoints={k: int(v) for k, v in data.get("endpoints", {}).items()},
+        params={k: str(v) for k, v in data.get("params", {}).items()},
+        ready_timeout=float(data.get("ready_timeout", 60)),
+        contents=tuple(data.get("contents", ())),
         content_hash=digest,
     )
 
 
-def content_hash(raw: bytes) -> str:
-    """What names the built image: the recipe file without its UNHASHED_KEYS lines, and the
+def content_hash(data: dict, parent: Recipe | None) -> str:
+    """What names the built image: the recipe's image keys, its base image's hash and the
     builder's version."""
-    image_part = _UNHASHED_LINE.sub(b"", raw)
-    return hashlib.sha256(image_part + BUILDER_VERSION.encode()).hexdigest()[:16]
+    image_part = {k: data[k] for k in IMAGE_KEYS if k in data}
+    if parent is not None:
+        image_part["base"] = parent.content_hash
+    raw = json.dumps(image_part, sort_keys=True).encode()
+    return hashlib.sha256(raw + BUILDER_VERSION.encode()).hexdigest()[:16]
 
 
 @functools.cache
 def available() -> tuple[str, ...]:
     return tuple(sorted(p.stem for p in RECIPES.glob("*.toml")))
+
+
+def build_order(names: tuple[str, ...] | list[str]) -> list[Recipe]:
+    """The distinct images these templates need, each after the image it extends."""
+    order: list[Recipe] = []
+
+    def visit(name: str) -> None:
+        recipe = load(name)
+        if recipe is None:
+            raise RecipeError(f"unknown template {name!r}")
+        if recipe.image != recipe.name:
+            return visit(recipe.image)
+        if recipe.base:
+            visit(recipe.base)
+        if recipe not in order:
+            order.append(recipe)
+
+    for n in names:
+        visit(n)
+    return order

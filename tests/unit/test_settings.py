@@ -51,7 +51,8 @@ def test_defaults_are_unchanged():
     assert s.runsc == "/var/cache/e2a/bin/runsc"
     assert s.envd == str(ROOT / "build" / "envd")
     assert s.subnet == "10.201.0.0/16"
-    assert (s.max_sandboxes, s.pool_size, s.platform) == (256, 2, "")
+    assert (s.max_sandboxes, s.pool_size, s.pool_sizes, s.platform) == (256, None, {}, "")
+    assert s.pool_size_of("browser", 1) == 1  # unset: each recipe's own
     assert s.reaper_interval == 1.0 and s.instance == "e2a"
     assert s.death_check_interval == 0.5 and s.max_body_bytes == 16_777_216
 
@@ -129,9 +130,18 @@ def test_bad_value_is_one_line_naming_the_variable(monkeypatch, name, value, wor
     assert words in lines[0]
 
 
-def test_pool_size_above_a_lowered_limit_names_the_default(monkeypatch):
-    assert problems(monkeypatch, E2A_MAX_SANDBOXES="1") == [
-        "e2a: invalid setting E2A_POOL_SIZE='2' (default): must be at most E2A_MAX_SANDBOXES (1)"]
+def test_pool_size_above_the_limit_names_both(monkeypatch):
+    assert problems(monkeypatch, E2A_MAX_SANDBOXES="1", E2A_POOL_SIZE="2") == [
+        "e2a: invalid setting E2A_POOL_SIZE='2': must be at most E2A_MAX_SANDBOXES (1)"]
+
+
+def test_pool_sizes_per_template(monkeypatch):
+    s = load(monkeypatch, E2A_POOL_SIZE="0", E2A_POOL_SIZES='{"browser": 3}')
+    assert (s.pool_size_of("browser", 1), s.pool_size_of("cua", 1)) == (3, 0)
+    [line] = problems(monkeypatch, E2A_POOL_SIZES='{"nope": 1}')
+    assert line.startswith("e2a: invalid setting E2A_POOL_SIZES=") and "'nope'" in line
+    [line] = problems(monkeypatch, E2A_POOL_SIZES="[1, 2]")
+    assert line.startswith("e2a: invalid setting E2A_POOL_SIZES=") and "JSON object" in line
 
 
 def test_instance_and_subnet_must_give_short_interface_names(monkeypatch):
