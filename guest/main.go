@@ -38,15 +38,24 @@ func main() {
 		os.Exit(2)
 	}
 
+	// The template's services: only envd needs them, no child may inherit them.
+	specs, err := parseServices(os.Getenv(servicesEnv))
+	os.Unsetenv(servicesEnv)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "envd: %s: %v\n", servicesEnv, err)
+		os.Exit(2)
+	}
+
 	// Listen first: sandbox creation waits on this port.
 	ln, err := listenExclusive(*listen)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "envd: %v\n", err)
 		os.Exit(1)
 	}
-	srv := NewServer(Config{Token: token, Insecure: *insecure, BaseEnv: os.Environ()})
+	srv := NewServer(Config{Token: token, Insecure: *insecure, BaseEnv: os.Environ(), Services: specs})
 	srv.logs.add("envd %s started, pid %d, listening on %s", version, os.Getpid(), ln.Addr())
 	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 30 * time.Second}
+	srv.startServices() // in the background; the host waits on GET /services/wait
 	err = hs.Serve(ln)
 	fmt.Fprintf(os.Stderr, "envd: %v\n", err)
 	os.Exit(1)

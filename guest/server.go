@@ -20,6 +20,8 @@ type Config struct {
 	Token    string // required unless Insecure
 	Insecure bool   // --insecure-no-token, for tests only
 	BaseEnv  []string
+	Services []ServiceSpec // the template's services (services.go), from E2A_ENVD_SERVICES
+	Display  string        // the X display of a desktop template (desktop.go), "" if none
 }
 
 type Server struct {
@@ -30,11 +32,14 @@ type Server struct {
 
 	envMu   sync.Mutex
 	initEnv map[string]string // set by POST /init
+
+	svc  *services // services.go
+	desk *desktop  // desktop.go
 }
 
 func NewServer(cfg Config) *Server {
 	reaper() // start reaping before the first command
-	return &Server{cfg: cfg}
+	return &Server{cfg: cfg, svc: newServices(cfg.Services)}
 }
 
 // apiError is the protocol's error shape; handlers return it and the adapter
@@ -109,6 +114,9 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST /files/rename", h(s.handleRename))
 	mux.HandleFunc("GET /files/tar", h(s.handleTarDownload))
 	mux.HandleFunc("PUT /files/tar", h(s.handleTarUpload))
+
+	s.serviceRoutes(mux) // services.go: /services, /proxy/{port}/..., /tcp/{port}, /canvas/...
+	s.desktopRoutes(mux) // desktop.go: /desktop/...
 
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errf(404, "not_found", "", "no route for %s %s", r.Method, r.URL.Path))
@@ -203,7 +211,7 @@ func (s *Server) buildEnv(u *User, extra map[string]string) []string {
 	}
 	for _, kv := range s.cfg.BaseEnv {
 		k, v, ok := strings.Cut(kv, "=")
-		if !ok || k == tokenEnv {
+		if !ok || k == tokenEnv || k == servicesEnv {
 			continue
 		}
 		switch k {
