@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -93,6 +94,39 @@ def sandbox(alice):
     sb = alice.create_sandbox("standard", idle_timeout_seconds=600)
     yield sb
     alice.kill(sb.vm_id)
+
+
+@pytest.fixture(scope="session")
+def outside(tmp_path_factory):
+    """A test host in its own network namespace on a documentation range: the 'internet'. It
+    serves a directory listing at / and a page and a file of the tests' own."""
+    w = worker_index()
+    net = ("198.51.100", "203.0.113")[w % 2]
+    ns, h, s = f"e2a-inet-test{w}", f"xinet{w}h", f"xinet{w}s"
+    site = tmp_path_factory.mktemp("outside")
+    (site / "page.html").write_text(
+        "<!doctype html><title>outside</title><h1 id=where>served outside</h1>"
+        "<a id=dl href=file.txt download>file</a>")
+    (site / "file.txt").write_text("downloaded from outside\n")
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    subprocess.run(["ip", "link", "del", h], capture_output=True)
+    cmds = [["ip", "netns", "add", ns],
+            ["ip", "link", "add", h, "type", "veth", "peer", "name", s, "netns", ns],
+            ["ip", "addr", "add", f"{net}.1/24", "dev", h], ["ip", "link", "set", h, "up"],
+            ["ip", "-n", ns, "addr", "add", f"{net}.2/24", "dev", s],
+            ["ip", "-n", ns, "link", "set", s, "up"], ["ip", "-n", ns, "link", "set", "lo", "up"]]
+    for c in cmds:
+        subprocess.run(c, check=True)
+    srv = subprocess.Popen(["ip", "netns", "exec", ns, "python3", "-m", "http.server", "80",
+                            "--bind", f"{net}.2", "--directory", str(site)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: subprocess.run(["ip", "netns", "exec", ns, "python3", "-c",
+                                     f"import socket; socket.create_connection(('{net}.2', 80))"],
+                                    capture_output=True).returncode == 0, timeout=10)
+    yield f"{net}.2"
+    srv.kill()
+    srv.wait()
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def wait_for(predicate, timeout: float = 30, interval: float = 0.2):

@@ -8,7 +8,8 @@ import logging
 from fastapi import FastAPI
 
 from e2a import __version__, auth
-from e2a.api import errors, proxy, sandboxes
+from e2a.api import browser, canvas, desktop, errors, proxy, sandboxes, templates
+from e2a.api.access import AccessTokens
 from e2a.api.guard import RequestGuard
 from e2a.config import Settings
 from e2a.sandboxes.manager import Manager, StartupError, retry
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
         manager = Manager(settings, app.state.sessions)
         # The API sees the manager only through its two interfaces (sandboxes/host.py).
         app.state.host, app.state.catalog = manager, manager.catalog
+        app.state.access = AccessTokens(manager.keys)
         try:
             await manager.start()
         except StartupError as exc:
@@ -77,12 +79,18 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
         lifespan=lifespan if with_runtime else None,
     )
     app.state.settings = settings
+    app.state.human_control = desktop.HumanControl()
     app.add_middleware(JsonByDefault)
     # Added last, so it runs first: no route (nor JsonByDefault) sees an unauthenticated request.
     app.add_middleware(RequestGuard, max_body=settings.max_body_bytes)
     errors.install(app)
     app.include_router(sandboxes.router)
     app.include_router(proxy.router)
+    app.include_router(templates.router)
+    app.include_router(browser.router)
+    app.include_router(desktop.router)
+    app.include_router(canvas.router)
+    desktop.mount_novnc(app)
 
     @app.get("/health", tags=["service"])
     async def health() -> dict:

@@ -1,7 +1,8 @@
 """What every /v1 request passes before any route runs (an ASGI middleware):
 
 * the API key: a request without a valid key is answered 401 before a byte of its body is read,
-  so an anonymous client cannot make the server buffer anything;
+  so an anonymous client cannot make the server buffer anything (the few routes opened from a
+  URL check their own access token instead: TOKEN_ROUTES);
 * a body limit on the JSON routes (E2A_MAX_BODY_BYTES): 413 `body_too_large`, from the
   Content-Length at once or, for a chunked body, as soon as the count passes it; the streamed
   routes (file and tar uploads, the port proxy) are not limited here;
@@ -41,6 +42,11 @@ PORT_PROXY = re.compile(r"^/v1/sandboxes/[^/]+/ports/[^/]+(/.*)?$")
 FILE_UPLOAD = re.compile(r"^/v1/sandboxes/[^/]+/files(/tar)?$")
 
 
+# Routes that carry an access token of their own (api/access.py) instead of the API key: a
+# browser or a CDP client opens them from a URL. And noVNC's public files.
+TOKEN_ROUTES = re.compile(r"^/v1/(browser|desktop|canvas)/[^/]+(/.*)?$|^/v1/novnc/")
+
+
 def streamed(method: str, path: str) -> bool:
     return bool(PORT_PROXY.match(path)) or (method == "PUT" and bool(FILE_UPLOAD.match(path)))
 
@@ -63,12 +69,13 @@ class RequestGuard:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        try:
-            caller = await caller_from_header(scope["app"],
-                                              (headers.get(b"authorization") or b"").decode())
-        except ApiError as exc:
-            return await send_error(send, exc.status, exc.code, exc.message, exc.field)
-        scope.setdefault("state", {})["caller"] = caller
+        if not TOKEN_ROUTES.match(scope["path"]):
+            try:
+                caller = await caller_from_header(
+                    scope["app"], (headers.get(b"authorization") or b"").decode())
+            except ApiError as exc:
+                return await send_error(send, exc.status, exc.code, exc.message, exc.field)
+            scope.setdefault("state", {})["caller"] = caller
         if streamed(scope["method"], scope["path"]):
             return await self.app(scope, receive, send)
 

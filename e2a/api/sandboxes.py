@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -52,6 +53,7 @@ async def create_sandbox(req: CreateSandbox, user: Caller = Depends(current_user
         raise ApiError(501, "template_not_available",
                        f"template {req.template!r} is not available on this e2a "
                        f"(available: {', '.join(recipes.available())})", "template")
+    params = _template_params(req)
     if req.agent is not None:
         raise ApiError(501, "agent_not_available",
                        f"agent {req.agent!r} is not available on this e2a yet", "agent")
@@ -69,6 +71,23 @@ async def create_sandbox(req: CreateSandbox, user: Caller = Depends(current_user
     except CreateFailed as exc:
         raise ApiError(503, "create_failed", str(exc)) from exc
     return out(rec)
+
+
+RESOLUTION = re.compile(r"^(\d{3,4})x(\d{3,4})$")
+
+
+def _template_params(req: CreateSandbox) -> dict[str, str]:
+    """Create-time parameters of the template (today: a desktop's resolution)."""
+    if req.resolution is None:
+        return {}
+    if "resolution" not in recipes.load(req.template).params:
+        raise ApiError(400, "invalid_field", f"resolution applies to desktop templates (cua), "
+                       f"not {req.template}", "resolution")
+    m = RESOLUTION.match(req.resolution)
+    if not m or not (640 <= int(m[1]) <= 3840 and 480 <= int(m[2]) <= 2160):
+        raise ApiError(400, "invalid_field", "resolution is WIDTHxHEIGHT, from 640x480 to "
+                       "3840x2160", "resolution")
+    return {"resolution": f"{int(m[1])}x{int(m[2])}"}
 
 
 @router.get("", response_model=list[SandboxOut])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated
+from typing import Literal, Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -50,6 +50,9 @@ class CreateSandbox(BaseModel):
     llm_key: str | None = Field(default=None, max_length=4096)
     task: str | None = Field(default=None, max_length=100_000)
     model: str | None = Field(default=None, max_length=128)
+    # The desktop's screen (cua only): WIDTHxHEIGHT, 640x480 to 3840x2160. Not the template's
+    # default: the sandbox starts cold, not from the warm pool.
+    resolution: str | None = Field(default=None, max_length=16)
 
 
 class SandboxOut(BaseModel):
@@ -140,3 +143,55 @@ class RenameRequest(BaseModel):
     to: str = Field(min_length=1, max_length=4096)
     user: str | None = Field(default=None, max_length=32, description="who renames (default "
                              "`user`): only what they may is done")
+
+
+class TemplateOut(BaseModel):
+    name: str
+    description: str
+    vcpu: int
+    cpu_fraction: float
+    memory_mib: int
+    disk_mib: int
+    contents: list[str]
+    services: list[str]
+    endpoints: list[str]
+    parameters: dict[str, str]
+    built: bool
+    warm_pool: int
+
+
+class BrowserOut(BaseModel):
+    cdp_url: str
+
+
+class StreamRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    view_only: bool = True
+    ttl_seconds: int = Field(default=3600, ge=60, le=86400)
+
+
+class StreamOut(BaseModel):
+    url: str
+    view_only: bool
+    expires_at: datetime
+
+
+class ControlOut(BaseModel):
+    human_in_control: bool
+
+
+class CanvasOut(BaseModel):
+    view_url: str
+
+
+class RenderRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(default=None, min_length=1, max_length=1024,
+                             description="a file under /home/user/canvas (default index.html)")
+    html: str | None = Field(default=None, max_length=5_000_000)
+    width: int = Field(default=1280, ge=16, le=4096)
+    height: int = Field(default=800, ge=16, le=4096)
+    format: Literal["png", "pdf"] = "png"
+    wait_ms: int = Field(default=0, ge=0, le=30_000)

@@ -15,7 +15,6 @@ import httpx
 import pytest
 import websockets
 
-from tests.conftest import worker_index
 
 MY_IP = ("python3 -c \"import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
          "s.connect(('192.0.2.1', 9)); print(s.getsockname()[0])\"")
@@ -26,31 +25,6 @@ def probe(client, vm_id, host, port, timeout=3) -> bool:
     r = client.run(vm_id, f"timeout {timeout} bash -c 'exec 3<>/dev/tcp/{host}/{port}' "
                           "&& echo OPEN || echo CLOSED")
     return r.stdout.strip() == "OPEN"
-
-
-@pytest.fixture(scope="module")
-def outside():
-    """A test host in its own network namespace on a documentation range: the 'internet'."""
-    w = worker_index()
-    net = ("198.51.100", "203.0.113")[w % 2]
-    ns, h, s = f"e2a-inet-test{w}", f"xinet{w}h", f"xinet{w}s"
-    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-    subprocess.run(["ip", "link", "del", h], capture_output=True)
-    cmds = [["ip", "netns", "add", ns],
-            ["ip", "link", "add", h, "type", "veth", "peer", "name", s, "netns", ns],
-            ["ip", "addr", "add", f"{net}.1/24", "dev", h], ["ip", "link", "set", h, "up"],
-            ["ip", "-n", ns, "addr", "add", f"{net}.2/24", "dev", s],
-            ["ip", "-n", ns, "link", "set", s, "up"], ["ip", "-n", ns, "link", "set", "lo", "up"]]
-    for c in cmds:
-        subprocess.run(c, check=True)
-    srv = subprocess.Popen(["ip", "netns", "exec", ns, "python3", "-m", "http.server", "80",
-                            "--bind", f"{net}.2"], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-    time.sleep(1)
-    yield f"{net}.2"
-    srv.kill()
-    srv.wait()
-    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def test_internet_true_reaches_outside_and_false_does_not(alice, outside):

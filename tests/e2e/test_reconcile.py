@@ -9,7 +9,6 @@ import pytest
 
 from e2a.sdk import E2A, E2AError
 from tests.conftest import own_server, wait_for
-from tests.e2e.test_isolation import outside  # noqa: F401  (the 'internet' host fixture)
 
 
 @pytest.fixture

@@ -1,0 +1,77 @@
+"""What the template-specific routes (browser, desktop, canvas) share: finding the caller's
+sandbox of the right template, the URLs handed out, and relaying a WebSocket to a service
+inside the sandbox through envd (guest/services.go: /proxy/{port}/..., /tcp/{port})."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import Request, WebSocket
+
+from e2a.api.access import AccessTokens, Grant
+from e2a.api.deps import current_user, owned_sandbox
+from e2a.api.errors import ApiError
+from e2a.templates import recipes
+
+
+async def sandbox_with(request: Request, vm_id: str, endpoint: str, what: str) -> tuple[str, int]:
+    """The caller's running sandbox whose template serves `endpoint`, and that port."""
+    user = await current_user(request)
+    rec = await owned_sandbox(request.app, user, vm_id)
+    port = endpoint_port(rec.template, endpoint)
+    if port is None:
+        with_it = [n for n in recipes.available() if endpoint_port(n, endpoint)]
+        raise ApiError(409, "wrong_template", f"sandbox {rec.id} is a {rec.template} sandbox; "
+                       f"{what} is in {' and '.join(with_it)} sandboxes", "vm_id")
+    if rec.state != "running":
+        raise ApiError(409, "sandbox_not_running", f"sandbox {rec.id} is {rec.state}", "vm_id")
+    request.app.state.host.touch(rec.id)
+    return rec.id, port
+
+
+def endpoint_port(template: str, endpoint: str) -> int | None:
+    recipe = recipes.load(template)
+    return recipe.endpoints.get(endpoint) if recipe else None
+
+
+def base_url(conn: Request | WebSocket, websocket: bool = False) -> str:
+    """This server as the client reached it (or E2A_PUBLIC_URL), for URLs handed out."""
+    public = conn.app.state.settings.public_url
+    url = (public or str(conn.base_url)).rstrip("/")
+    if websocket:
+        url = "ws" + url[4:] if url.startswith("http") else url
+    return url
+
+
+def tokens(conn: Request | WebSocket) -> AccessTokens:
+    return conn.app.state.access
+
+
+async def granted(conn: Request | WebSocket, token: str | None, purpose: str,
+                  endpoint: str) -> tuple[Grant, int]:
+    """A token's grant and the port of its endpoint, if its sandbox still runs (else 404: the
+    token outlived its sandbox)."""
+    grant = tokens(conn).check(token, purpose)
+    rec = await conn.app.state.catalog.get(grant.sandbox_id)
+    port = endpoint_port(rec.template, endpoint) if rec else None
+    if rec is None or rec.state != "running" or port is None:
+        raise ApiError(404, "sandbox_not_found", f"sandbox {grant.sandbox_id} is not running")
+    conn.app.state.host.touch(rec.id)
+    return grant, port
+
+
+async def browser_ws_path(host, sid: str, port: int) -> str:
+    """The path of Chromium's browser WebSocket (/devtools/browser/<id>), from /json/version
+    (it changes each time Chromium starts)."""
+    up = await host.agent_request(sid, "GET", f"/proxy/{port}/json/version")
+    try:
+        if up.response.status != 200:
+            raise ApiError(502, "browser_unreachable",
+                           f"Chromium in {sid} answered {up.response.status}")
+        info = json.loads(await up.response.read())
+    finally:
+        up.close()
+    path = info.get("webSocketDebuggerUrl", "").split(f":{port}", 1)[-1]
+    if not path.startswith("/devtools/browser/"):
+        raise ApiError(502, "browser_unreachable", f"Chromium in {sid} gave no browser endpoint")
+    return path
