@@ -14,6 +14,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -49,29 +50,27 @@ type desktop struct {
 
 	actMu sync.Mutex // serializes action lists: one list runs at a time, in order
 
-	mu sync.Mutex // guards x and the state below; held only while talking to X, never while sleeping
-	x  *xconn     // nil until first used, or after it broke
+	mu     sync.Mutex // guards x and the state below; held while talking to X (and a few ms between a click's events), never across a wait
+	x      *xconn     // nil until first used, or after it broke
+	prevKB *keyboard  // the keyboard state of the last connection dropped
 
 	restoreTimer *time.Timer // restores spare keycodes bound for typing (desktop_x.go)
+	typing       bool        // a keyboard action runs: leave the spare keycodes bound
 }
 
 func (s *Server) desktopRoutes(mux *http.ServeMux) {
-	if s.cfg.Display != "" {
+	if s.desk == nil && s.cfg.Display != "" {
 		s.desk = &desktop{display: s.cfg.Display}
 	}
 	mux.HandleFunc("GET /desktop/screenshot", h(s.desktopHandler((*desktop).handleScreenshot)))
 	mux.HandleFunc("POST /desktop/actions", h(s.desktopHandler((*desktop).handleActions)))
 	mux.HandleFunc("GET /desktop/windows", h(s.desktopHandler((*desktop).handleWindows)))
 	mux.HandleFunc("GET /desktop/cursor", h(s.desktopHandler((*desktop).handleCursor)))
-	mux.HandleFunc("/desktop", h(s.desktopHandler(func(d *desktop, w http.ResponseWriter, r *http.Request) error {
-		return errf(404, "not_found", "", "no route for %s %s", r.Method, r.URL.Path)
-	})))
-	mux.HandleFunc("/desktop/", h(func(w http.ResponseWriter, r *http.Request) error {
-		if s.desk == nil {
-			return errNoDesktop()
-		}
+	unknown := h(s.desktopHandler(func(d *desktop, w http.ResponseWriter, r *http.Request) error {
 		return errf(404, "not_found", "", "no route for %s %s", r.Method, r.URL.Path)
 	}))
+	mux.HandleFunc("/desktop", unknown)
+	mux.HandleFunc("/desktop/", unknown)
 }
 
 func errNoDesktop() error {
@@ -142,20 +141,27 @@ func (d *desktop) handleWindows(w http.ResponseWriter, r *http.Request) error {
 // POST /desktop/actions {"actions": [...]} → {"results": [...]}.
 func (d *desktop) handleActions(w http.ResponseWriter, r *http.Request) error {
 	var req struct {
-		Actions *[]rawAction `json:"actions"`
+		Actions json.RawMessage `json:"actions"`
 	}
 	if err := decodeJSON(r, &req); err != nil {
 		return err
 	}
-	if req.Actions == nil {
+	var list []rawAction
+	if len(req.Actions) == 0 || string(req.Actions) == "null" {
 		return errf(400, "invalid_action", "actions", "actions: missing (want {\"actions\": [{\"action\": ...}, ...]})")
 	}
-	acts, err := parseActions(*req.Actions)
+	if err := json.Unmarshal(req.Actions, &list); err != nil {
+		return errf(400, "invalid_action", "actions", "actions: must be a list of actions")
+	}
+	acts, err := parseActions(list)
 	if err != nil {
 		return err
 	}
 	d.actMu.Lock()
 	defer d.actMu.Unlock()
+	if r.Context().Err() != nil {
+		return errf(499, "canceled", "", "request canceled while waiting for the previous action list")
+	}
 	results, err := d.run(r.Context(), acts)
 	if err != nil {
 		return err
@@ -179,9 +185,21 @@ func (d *desktop) withX(want *xconn, f func(x *xconn) error) error {
 	defer t.Stop()
 	err = f(x)
 	if err != nil && x.isDead() && d.x == x {
-		d.x = nil
+		d.drop()
 	}
 	return err
+}
+
+// drop forgets the connection (under d.mu), remembering its spare-keycode bindings for the next
+// one: if it reaches the same X server, they are still there to be undone.
+func (d *desktop) drop() {
+	if d.x != nil {
+		d.x.close()
+		if d.x.kb != nil {
+			d.prevKB = d.x.kb
+		}
+		d.x = nil
+	}
 }
 
 // readOnly is withX for requests that change nothing: retried once on a new connection if the
@@ -208,8 +226,7 @@ func (d *desktop) conn(want *xconn) (*xconn, error) {
 				return x, nil
 			}
 		}
-		x.close()
-		d.x = nil
+		d.drop()
 	}
 	x, err := dialX(d.display)
 	if err != nil {
@@ -219,6 +236,7 @@ func (d *desktop) conn(want *xconn) (*xconn, error) {
 		}
 		return nil, errf(502, "desktop_error", "", "cannot connect to X display %s: %v", d.display, err)
 	}
+	x.inherited, d.prevKB = d.prevKB, nil
 	d.x = x
 	return x, nil
 }

@@ -303,6 +303,10 @@ func (d *desktop) run(ctx context.Context, acts []*action) ([]any, error) {
 type empty struct{}
 
 func (d *desktop) runAction(ctx context.Context, x *xconn, a *action) (any, error) {
+	if a.kind == "type" || len(a.combos) > 0 {
+		d.setTyping(true)
+		defer d.setTyping(false)
+	}
 	switch a.kind {
 	case "screenshot":
 		png, err := d.screenshotPNG(x, a.width)
@@ -342,6 +346,9 @@ func (d *desktop) runAction(ctx context.Context, x *xconn, a *action) (any, erro
 			n = 2
 		case "triple_click":
 			n = 3
+		}
+		if err := d.prepareModifiers(ctx, x, a); err != nil {
+			return nil, err
 		}
 		return empty{}, d.withX(x, func(x *xconn) error {
 			return d.withModifiers(x, a, func() error {
@@ -406,6 +413,9 @@ func (d *desktop) runAction(ctx context.Context, x *xconn, a *action) (any, erro
 
 	case "scroll":
 		b := scrollButtons[a.dir]
+		if err := d.prepareModifiers(ctx, x, a); err != nil {
+			return nil, err
+		}
 		return empty{}, d.withX(x, func(x *xconn) error {
 			return d.withModifiers(x, a, func() error {
 				for k := 0; k < a.amount; k++ {
@@ -427,6 +437,9 @@ func (d *desktop) runAction(ctx context.Context, x *xconn, a *action) (any, erro
 					return nil, err
 				}
 			}
+			if err := d.prepareKeys(ctx, x, combo); err != nil {
+				return nil, err
+			}
 			err := d.withX(x, func(x *xconn) error {
 				codes, err := d.pressKeys(x, combo)
 				if err != nil {
@@ -445,6 +458,9 @@ func (d *desktop) runAction(ctx context.Context, x *xconn, a *action) (any, erro
 		for _, c := range a.combos {
 			all = append(all, c...)
 		}
+		if err := d.prepareKeys(ctx, x, all); err != nil {
+			return nil, err
+		}
 		var codes []xproto.Keycode
 		if err := d.withX(x, func(x *xconn) error {
 			var err error
@@ -462,6 +478,12 @@ func (d *desktop) runAction(ctx context.Context, x *xconn, a *action) (any, erro
 		return empty{}, d.typeText(ctx, x, a.text)
 	}
 	return nil, fmt.Errorf("unknown action %q", a.kind)
+}
+
+func (d *desktop) setTyping(on bool) {
+	d.mu.Lock()
+	d.typing = on
+	d.mu.Unlock()
 }
 
 // withModifiers moves the pointer to the action's coordinate if it has one, and runs f with the
@@ -486,9 +508,53 @@ func (d *desktop) withModifiers(x *xconn, a *action, f func() error) error {
 	return err
 }
 
+// prepareModifiers makes the action's modifier keys typeable (see prepareKeys).
+func (d *desktop) prepareModifiers(ctx context.Context, x *xconn, a *action) error {
+	if len(a.combos) == 0 {
+		return nil
+	}
+	return d.prepareKeys(ctx, x, a.combos[0])
+}
+
+// prepareKeys makes keys that are pressed together typeable: keys not on the keyboard map get
+// spare keycodes, then the clients get bindSettle to read the new map.
+func (d *desktop) prepareKeys(ctx context.Context, x *xconn, keys []xproto.Keysym) error {
+	tk := make([]typedKey, len(keys))
+	for i, ks := range keys {
+		tk[i] = typedKey{ks: ks, r: -1}
+	}
+	for {
+		var n int
+		var bound bool
+		var wait time.Duration
+		err := d.withX(x, func(x *xconn) error {
+			kb, err := x.keyboard()
+			if err != nil {
+				return err
+			}
+			n, bound, wait, err = d.prepare(x, kb, tk)
+			return err
+		})
+		switch {
+		case err != nil:
+			return err
+		case wait > 0:
+			if err := sleepCtx(ctx, wait); err != nil {
+				return err
+			}
+		case n < len(tk):
+			return errNoSpare
+		case bound:
+			return sleepCtx(ctx, bindSettle)
+		default:
+			return nil
+		}
+	}
+}
+
 // pressKeys presses the keys in order (with Shift before a key on the shifted level, unless
-// already down) and waits until the server has them; it returns the keycodes to release.
-// On failure the keys pressed so far are released.
+// already down) and waits until the server has them; it returns the keycodes to release. The
+// keys must have been prepared. On failure the keys pressed so far are released.
 func (d *desktop) pressKeys(x *xconn, keys []xproto.Keysym) ([]xproto.Keycode, error) {
 	kb, err := x.keyboard()
 	if err != nil {
@@ -508,7 +574,11 @@ func (d *desktop) pressKeys(x *xconn, keys []xproto.Keysym) ([]xproto.Keycode, e
 		return nil
 	}
 	for _, ks := range keys {
-		p, err := d.resolve(x, kb, ks, -1)
+		p, ok := kb.lookup(typedKey{ks: ks, r: -1})
+		var err error
+		if !ok {
+			err = fmt.Errorf("keysym %#x lost its spare keycode", ks)
+		}
 		if err == nil && p.shift {
 			err = push(kb.shift)
 		}
@@ -543,57 +613,123 @@ func (x *xconn) releaseKeys(codes []xproto.Keycode) error {
 	return first
 }
 
-// typeText types text one character at a time: a character on the keyboard map by its keycode
-// (with Shift for the shifted level), any other through a spare keycode bound to its keysym.
-// "\n" (and "\r\n", "\r") is Return, "\t" is Tab.
-func (d *desktop) typeText(ctx context.Context, x *xconn, text string) error {
+// textKeys: the keys that type text; "\n" (and "\r\n", "\r") is Return, "\t" is Tab.
+func textKeys(text string) []typedKey {
 	rs := []rune(text)
-	var kb *keyboard // loaded once: the MappingNotify events of our own bindings need no reload
+	keys := make([]typedKey, 0, len(rs))
 	for k := 0; k < len(rs); k++ {
-		r := rs[k]
-		ks := runeKeysym(r)
-		switch r {
+		switch r := rs[k]; r {
 		case '\r':
 			if k+1 < len(rs) && rs[k+1] == '\n' {
 				k++
 			}
-			ks, r = ksReturn, -1
+			keys = append(keys, typedKey{ksReturn, -1})
 		case '\n':
-			ks, r = ksReturn, -1
+			keys = append(keys, typedKey{ksReturn, -1})
 		case '\t':
-			ks, r = ksTab, -1
+			keys = append(keys, typedKey{ksTab, -1})
+		default:
+			keys = append(keys, typedKey{runeKeysym(r), r})
 		}
-		if k > 0 {
-			if err := sleepCtx(ctx, typeDelay); err != nil {
-				return err
+	}
+	return keys
+}
+
+// typeText types text one character at a time: a character on the keyboard map by its keycode
+// (with Shift for the shifted level), any other through a spare keycode bound to its keysym. It
+// goes in stretches: as many characters as the spare keycodes can hold are bound at once, then
+// typed after bindSettle. Caps Lock, if on, is off while typing (else "Hello" would arrive as
+// "hELLO").
+func (d *desktop) typeText(ctx context.Context, x *xconn, text string) (err error) {
+	keys := textKeys(text)
+	var kb *keyboard // loaded once: the MappingNotify events of our own bindings need no reload
+	var capsKC xproto.Keycode
+	defer func() {
+		if capsKC != 0 { // Caps Lock back on
+			rerr := d.withX(x, func(x *xconn) error { return x.tap(capsKC) })
+			if err == nil {
+				err = rerr
 			}
 		}
+	}()
+	for pos := 0; pos < len(keys); {
+		var n int
+		var bound bool
+		var wait time.Duration
 		err := d.withX(x, func(x *xconn) error {
 			if kb == nil {
 				var err error
 				if kb, err = x.keyboard(); err != nil {
 					return err
 				}
-			}
-			p, err := d.resolve(x, kb, ks, r)
-			if err != nil {
-				return err
-			}
-			if p.shift {
-				if err := x.key(kb.shift, true); err != nil {
-					return err
+				q, err := xproto.QueryPointer(x.c, x.root).Reply()
+				if err != nil {
+					return asXError(x, err)
+				}
+				if p, ok := kb.byKeysym[ksCapsLock]; ok && q.Mask&xproto.ModMaskLock != 0 {
+					if err := x.tap(p.kc); err != nil {
+						return err
+					}
+					capsKC = p.kc
 				}
 			}
-			x.key(p.kc, true)
-			x.key(p.kc, false)
-			if p.shift {
-				x.key(kb.shift, false)
-			}
-			return x.sync()
+			var err error
+			n, bound, wait, err = d.prepare(x, kb, keys[pos:])
+			return err
 		})
 		if err != nil {
 			return err
 		}
+		if wait > 0 {
+			if err := sleepCtx(ctx, wait); err != nil {
+				return err
+			}
+			continue
+		}
+		if bound {
+			if err := sleepCtx(ctx, bindSettle); err != nil {
+				return err
+			}
+		}
+		for _, k := range keys[pos : pos+n] {
+			if pos > 0 {
+				if err := sleepCtx(ctx, typeDelay); err != nil {
+					return err
+				}
+			}
+			pos++
+			err := d.withX(x, func(x *xconn) error {
+				p, ok := kb.lookup(k)
+				if !ok {
+					return fmt.Errorf("keysym %#x lost its spare keycode", k.ks)
+				}
+				if p.shift {
+					if err := x.key(kb.shift, true); err != nil {
+						return err
+					}
+				}
+				x.key(p.kc, true)
+				x.key(p.kc, false)
+				if p.shift {
+					x.key(kb.shift, false)
+				}
+				return x.sync()
+			})
+			if err != nil {
+				return err
+			}
+		}
 	}
 	return nil
+}
+
+// tap presses and releases a key and waits until the server has done it.
+func (x *xconn) tap(kc xproto.Keycode) error {
+	if err := x.key(kc, true); err != nil {
+		return err
+	}
+	if err := x.key(kc, false); err != nil {
+		return err
+	}
+	return x.sync()
 }

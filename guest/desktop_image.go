@@ -2,12 +2,15 @@ package main
 
 import (
 	"bytes"
+	"compress/zlib"
 	"encoding/binary"
 	"fmt"
+	"hash/crc32"
 	"image"
-	"image/png"
 	"math/bits"
 	"sync"
+
+	"github.com/jezek/xgb/xfixes"
 )
 
 // toRGBA turns the server's pixels into an opaque RGBA image, in place when they are 32 bits per
@@ -70,6 +73,37 @@ func toRGBA(raw *rawImage) (*image.RGBA, error) {
 		return img, nil
 	}
 	return nil, fmt.Errorf("unsupported X pixel format: depth %d, %d bits per pixel", raw.depth, raw.bpp)
+}
+
+// drawCursor blends the pointer's image (premultiplied ARGB) over img at its position.
+func drawCursor(img *image.RGBA, c *xfixes.GetCursorImageReply) {
+	if c == nil || len(c.CursorImage) < int(c.Width)*int(c.Height) {
+		return
+	}
+	ox, oy := int(c.X)-int(c.Xhot), int(c.Y)-int(c.Yhot)
+	w, h := img.Rect.Dx(), img.Rect.Dy()
+	for cy := 0; cy < int(c.Height); cy++ {
+		y := oy + cy
+		if y < 0 || y >= h {
+			continue
+		}
+		for cx := 0; cx < int(c.Width); cx++ {
+			x := ox + cx
+			if x < 0 || x >= w {
+				continue
+			}
+			p := c.CursorImage[cy*int(c.Width)+cx]
+			a := p >> 24
+			if a == 0 {
+				continue
+			}
+			d := img.Pix[y*img.Stride+4*x:]
+			inv := 255 - a
+			d[0] = byte(min(255, (p>>16)&0xff+(uint32(d[0])*inv+127)/255))
+			d[1] = byte(min(255, (p>>8)&0xff+(uint32(d[1])*inv+127)/255))
+			d[2] = byte(min(255, p&0xff+(uint32(d[2])*inv+127)/255))
+		}
+	}
 }
 
 type channel struct {
@@ -191,25 +225,107 @@ func boxWeights(m, n int) [][]tap {
 	return out
 }
 
-// pngBuffers lets the encoder reuse its compressor state between screenshots.
-type pngBuffers struct{ b *png.EncoderBuffer }
+// encodePNG writes img (opaque) as an 8-bit RGB PNG, every row with the Sub filter, zlib level 1.
+// image/png does the same work about twice as slowly: it tries all five filters on every row to
+// pick one, which buys a few percent of size on a screen. For a 1280×800 browser page: 9-10 ms
+// and ~240 KB here against 19 ms and ~230 KB (host CPU; gVisor adds about 3×).
+func encodePNG(img *image.RGBA) ([]byte, error) {
+	w, h := img.Rect.Dx(), img.Rect.Dy()
+	st := pngState.Get().(*pngWriterState)
+	defer pngState.Put(st)
+	var out bytes.Buffer
+	out.Grow(w * h / 2)
+	out.WriteString("\x89PNG\r\n\x1a\n")
+	var ihdr [13]byte
+	binary.BigEndian.PutUint32(ihdr[0:], uint32(w))
+	binary.BigEndian.PutUint32(ihdr[4:], uint32(h))
+	ihdr[8], ihdr[9] = 8, 2 // 8 bits per sample, truecolor (RGB); compression, filter, interlace 0
+	writeChunk(&out, "IHDR", ihdr[:])
 
-var pngPool = sync.Pool{New: func() any { return new(pngBuffers) }}
-
-func (p *pngBuffers) Get() *png.EncoderBuffer  { return p.b }
-func (p *pngBuffers) Put(b *png.EncoderBuffer) { p.b = b }
-
-// encodePNG encodes fast (zlib level 1): screenshots are taken often and compress well anyway.
-func encodePNG(img image.Image) ([]byte, error) {
-	pb := pngPool.Get().(*pngBuffers)
-	defer pngPool.Put(pb)
-	enc := png.Encoder{CompressionLevel: png.BestSpeed, BufferPool: pb}
-	var buf bytes.Buffer
-	buf.Grow(256 << 10)
-	if err := enc.Encode(&buf, img); err != nil {
+	cw := &chunkWriter{out: &out, buf: st.chunk[:0]}
+	if st.zw == nil {
+		var err error
+		if st.zw, err = zlib.NewWriterLevel(cw, zlib.BestSpeed); err != nil {
+			return nil, err
+		}
+	} else {
+		st.zw.Reset(cw)
+	}
+	n := 1 + 3*w
+	if cap(st.row) < n {
+		st.row = make([]byte, n)
+	}
+	row := st.row[:n]
+	row[0] = 1 // Sub: each byte minus the same channel of the pixel to its left
+	for y := 0; y < h; y++ {
+		p := img.Pix[y*img.Stride:]
+		var pr, pg, pb byte
+		for x, o := 0, 1; x < w; x, o = x+1, o+3 {
+			r, g, b := p[4*x], p[4*x+1], p[4*x+2]
+			row[o], row[o+1], row[o+2] = r-pr, g-pg, b-pb
+			pr, pg, pb = r, g, b
+		}
+		if _, err := st.zw.Write(row); err != nil {
+			return nil, err
+		}
+	}
+	if err := st.zw.Close(); err != nil {
 		return nil, err
 	}
-	return buf.Bytes(), nil
+	cw.flush()
+	st.chunk = cw.buf[:0]
+	writeChunk(&out, "IEND", nil)
+	return out.Bytes(), nil
+}
+
+type pngWriterState struct {
+	zw    *zlib.Writer
+	row   []byte
+	chunk []byte
+}
+
+var pngState = sync.Pool{New: func() any { return &pngWriterState{chunk: make([]byte, 0, idatSize)} }}
+
+const idatSize = 256 << 10
+
+// chunkWriter cuts the zlib stream into IDAT chunks.
+type chunkWriter struct {
+	out *bytes.Buffer
+	buf []byte
+}
+
+func (c *chunkWriter) Write(p []byte) (int, error) {
+	n := len(p)
+	for len(p) > 0 {
+		k := min(len(p), idatSize-len(c.buf))
+		c.buf = append(c.buf, p[:k]...)
+		p = p[k:]
+		if len(c.buf) == idatSize {
+			c.flush()
+		}
+	}
+	return n, nil
+}
+
+func (c *chunkWriter) flush() {
+	if len(c.buf) > 0 {
+		writeChunk(c.out, "IDAT", c.buf)
+		c.buf = c.buf[:0]
+	}
+}
+
+func writeChunk(out *bytes.Buffer, typ string, data []byte) {
+	var hdr [8]byte
+	binary.BigEndian.PutUint32(hdr[:4], uint32(len(data)))
+	copy(hdr[4:], typ)
+	out.Write(hdr[:])
+	out.Write(data)
+	crc := crc32.NewIEEE()
+	crc.Write(hdr[4:])
+	crc.Write(data)
+	var sum [4]byte
+	binary.BigEndian.PutUint32(sum[:], crc.Sum32())
+	out.Write(sum[:])
 }
 
 // screenshotPNG captures the screen (under d.mu) and encodes it (outside), scaled to width if
@@ -237,6 +353,7 @@ func (d *desktop) screenshotPNG(want *xconn, width int) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	drawCursor(img, raw.cursor)
 	if width > 0 {
 		img = scaleDown(img, width)
 	}

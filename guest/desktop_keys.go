@@ -6,6 +6,8 @@ package main
 // write (cmd, win, enter, esc, pgdn, ...), names in any case when that is unambiguous, single
 // characters, and the forms "U+20AC"/"U20AC" and "0xff0d".
 
+//go:generate sh -c "go run desktop_keysyms_gen.go > desktop_keysyms.go"
+
 import (
 	"fmt"
 	"strconv"
@@ -22,6 +24,7 @@ const (
 	ksTab       xproto.Keysym = 0xff09
 	ksReturn    xproto.Keysym = 0xff0d
 	ksShiftL    xproto.Keysym = 0xffe1
+	ksCapsLock  xproto.Keysym = 0xffe5
 )
 
 var keysyms struct {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -12,6 +13,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/jezek/xgb"
+	"github.com/jezek/xgb/xfixes"
 	"github.com/jezek/xgb/xproto"
 	"github.com/jezek/xgb/xtest"
 )
@@ -33,14 +35,18 @@ type xconn struct {
 	bmask    uint32
 
 	xtestErr error // non-nil: no XTEST, no input
+	xfixes   bool  // the pointer can be drawn into screenshots
+	minKC    xproto.Keycode
+	maxKC    xproto.Keycode
 	atoms    map[string]xproto.Atom
 
 	deadMu sync.Mutex
 	dead   bool
 	why    error
 
-	mapDirty atomic.Bool // a MappingNotify came: reload the keyboard map before the next key action
-	kb       *keyboard
+	mapDirty  atomic.Bool // a MappingNotify came: reload the keyboard map before the next key action
+	kb        *keyboard
+	inherited *keyboard // the keyboard of the connection this one replaced
 }
 
 // dialX opens a connection to display (":0", ":0.0", "unix:0", "host:0"): a Unix socket
@@ -111,8 +117,20 @@ func dialX(display string) (*xconn, error) {
 			}
 		}
 	}
+	x.minKC, x.maxKC = setup.MinKeycode, setup.MaxKeycode
 	if err := xtest.Init(c); err != nil {
 		x.xtestErr = fmt.Errorf("the X server has no XTEST extension: %v", err)
+	}
+	// Not xfixes.Init: it writes XFIXES's event and error constructors into xgb's global tables,
+	// unguarded, while the reader goroutine of any other connection (the previous one, still
+	// closing) may be reading them. XTEST has none, so xtest.Init writes nothing.
+	if r, err := xproto.QueryExtension(c, 6, "XFIXES").Reply(); err == nil && r.Present {
+		c.ExtLock.Lock()
+		c.Extensions["XFIXES"] = r.MajorOpcode
+		c.ExtLock.Unlock()
+		if _, err := xfixes.QueryVersion(c, 4, 0).Reply(); err == nil {
+			x.xfixes = true
+		}
 	}
 	if err := x.refreshScreen(); err != nil {
 		x.close()
@@ -215,9 +233,12 @@ type rawImage struct {
 	rmask         uint32
 	gmask         uint32
 	bmask         uint32
+	cursor        *xfixes.GetCursorImageReply // the pointer, to draw on top; nil without XFIXES
 }
 
-// capture reads the whole root window (GetImage, ZPixmap). The request is built by hand so that
+// capture reads the whole root window (GetImage, ZPixmap) and the pointer's image (XFIXES; X
+// leaves the pointer out of GetImage, but an agent wants to see it, as scrot -p shows it to
+// Anthropic's reference implementation). The request is built by hand so that
 // the reply's buffer is used as is (xgb's GetImage would copy its megabytes once more).
 func (x *xconn) capture() (*rawImage, error) {
 	w, h := x.width, x.height
@@ -233,9 +254,20 @@ func (x *xconn) capture() (*rawImage, error) {
 	xgb.Put32(buf[16:], 0xffffffff)
 	cookie := x.c.NewCookie(true, true)
 	x.c.NewRequest(buf, cookie)
+	var cursor *xfixes.GetCursorImageCookie
+	if x.xfixes {
+		c := xfixes.GetCursorImage(x.c)
+		cursor = &c
+	}
 	reply, err := cookie.Reply()
 	if err != nil {
 		return nil, asXError(x, err)
+	}
+	var cur *xfixes.GetCursorImageReply
+	if cursor != nil {
+		if cur, err = cursor.Reply(); err != nil && x.isDead() {
+			return nil, asXError(x, err)
+		}
 	}
 	if len(reply) < 32 {
 		return nil, asXError(x, errors.New("short GetImage reply"))
@@ -245,7 +277,7 @@ func (x *xconn) capture() (*rawImage, error) {
 		return nil, asXError(x, errors.New("short GetImage reply"))
 	}
 	return &rawImage{data: reply[32 : 32+n], width: w, height: h, depth: reply[1], bpp: x.bpp,
-		msbFirst: x.msbFirst, rmask: x.rmask, gmask: x.gmask, bmask: x.bmask}, nil
+		msbFirst: x.msbFirst, rmask: x.rmask, gmask: x.gmask, bmask: x.bmask, cursor: cur}, nil
 }
 
 // ---- input (XTEST) ----
@@ -290,15 +322,24 @@ func (x *xconn) key(kc xproto.Keycode, down bool) error {
 // ---- keyboard map ----
 
 const (
-	// rebindMinAge: a spare keycode bound for typing is bound to another keysym only once it was
-	// last used this long ago. Clients read the new mapping when they handle the MappingNotify,
-	// maybe later than the server generated the key event; rebinding too soon could make a
-	// client that lags behind read the next character's keysym for this key.
-	rebindMinAge = 100 * time.Millisecond
-	// restoreAfter: spare keycodes go back to NoSymbol once unused this long (same reason: not
-	// right after the key event).
-	restoreAfter = 500 * time.Millisecond
+	// bindSettle: after binding spare keycodes, envd waits this long before typing with them.
+	// The server sends every client the MappingNotify before the key event, but a client may
+	// read the new map later than it handles the key: Chromium, measured, types a wrong or no
+	// character for some keys when they come at once, and gets every one right with 20 ms.
+	bindSettle = 50 * time.Millisecond
+	// rebindMinAge: a spare keycode is bound to another keysym only once it was last used this
+	// long ago, so that a client still busy with the key events before reads the map they were
+	// sent with.
+	rebindMinAge = 250 * time.Millisecond
+	// restoreAfter: spare keycodes go back to NoSymbol once unused this long (same reason).
+	restoreAfter = time.Second
 )
+
+// typedKey is one key to press: a keysym and, for typed text, its character (else -1).
+type typedKey struct {
+	ks xproto.Keysym
+	r  rune
+}
 
 type keyPos struct {
 	kc    xproto.Keycode
@@ -327,8 +368,7 @@ func (x *xconn) keyboard() (*keyboard, error) {
 		return x.kb, nil
 	}
 	x.mapDirty.Store(false)
-	setup := xproto.Setup(x.c)
-	minKC, maxKC := setup.MinKeycode, setup.MaxKeycode
+	minKC, maxKC := x.minKC, x.maxKC
 	r, err := xproto.GetKeyboardMapping(x.c, minKC, byte(int(maxKC)-int(minKC)+1)).Reply()
 	if err != nil {
 		return nil, asXError(x, err)
@@ -336,7 +376,8 @@ func (x *xconn) keyboard() (*keyboard, error) {
 	per := int(r.KeysymsPerKeycode)
 	kb := &keyboard{min: minKC, max: maxKC, byKeysym: map[xproto.Keysym]keyPos{}, byRune: map[rune]keyPos{},
 		bound: map[xproto.Keycode]*binding{}, boundBy: map[xproto.Keysym]xproto.Keycode{}}
-	old := x.kb
+	old, first := x.kb, x.kb == nil
+	var reclaimed int
 	for i := 0; per > 0 && (i+1)*per <= len(r.Keysyms); i++ {
 		kc := xproto.Keycode(int(minKC) + i)
 		syms := r.Keysyms[i*per : (i+1)*per]
@@ -346,13 +387,23 @@ func (x *xconn) keyboard() (*keyboard, error) {
 				empty = false
 			}
 		}
-		if old != nil {
-			// Keep our own bindings that the server still has.
-			if b, ok := old.bound[kc]; ok && syms[0] == b.sym {
-				kb.bound[kc] = b
-				kb.boundBy[b.sym] = kc
-				continue
+		if first {
+			// Spare keycodes bound for typing over a connection that is gone (this envd's last
+			// one, or an envd that died) and not undone: undo them now.
+			var prev *binding
+			if x.inherited != nil {
+				prev = x.inherited.bound[kc]
 			}
+			if (prev != nil && syms[0] == prev.sym) || leftoverBinding(syms) {
+				xproto.ChangeKeyboardMapping(x.c, 1, kc, 2, []xproto.Keysym{ksNoSymbol, ksNoSymbol})
+				reclaimed++
+				empty = true
+			}
+		} else if b, ok := old.bound[kc]; ok && syms[0] == b.sym {
+			// Keep our own bindings that the server still has.
+			kb.bound[kc] = b
+			kb.boundBy[b.sym] = kc
+			continue
 		}
 		if empty {
 			kb.free = append(kb.free, kc)
@@ -371,6 +422,12 @@ func (x *xconn) keyboard() (*keyboard, error) {
 			kb.add(l2, keyPos{kc: kc, shift: true})
 		}
 	}
+	x.inherited = nil
+	if reclaimed > 0 {
+		if err := x.sync(); err != nil {
+			return nil, err
+		}
+	}
 	for _, ks := range []xproto.Keysym{ksShiftL, ksShiftL + 1} {
 		if p, ok := kb.byKeysym[ks]; ok {
 			kb.shift = p.kc
@@ -379,6 +436,25 @@ func (x *xconn) keyboard() (*keyboard, error) {
 	}
 	x.kb = kb
 	return kb, nil
+}
+
+// leftoverBinding recognizes how the server shows a spare keycode bound to a character for
+// typing ([k, k] becomes [k, k, k, k, NoSymbol...]) when k is a character no keyboard layout puts
+// on all four levels of a key: one from Latin-1's upper half or a Unicode keysym.
+func leftoverBinding(syms []xproto.Keysym) bool {
+	if len(syms) < 4 {
+		return false
+	}
+	k := syms[0]
+	if !(k >= 0xa0 && k <= 0xff) && !(k >= 0x01000100 && k <= 0x0110ffff) {
+		return false
+	}
+	for i, s := range syms {
+		if (i < 4 && s != k) || (i >= 4 && s != ksNoSymbol) {
+			return false
+		}
+	}
+	return true
 }
 
 // add records where a keysym is, the unshifted level winning over the shifted one and the lower
@@ -397,60 +473,116 @@ func (kb *keyboard) add(ks xproto.Keysym, p keyPos) {
 	}
 }
 
-// resolve finds the keycode for keysym ks, binding a spare keycode to it if the map lacks it
-// (the caller holds d.mu). r >= 0 is the character being typed (found by character too: a
-// layout may have it under a legacy keysym).
-func (d *desktop) resolve(x *xconn, kb *keyboard, ks xproto.Keysym, r rune) (keyPos, error) {
-	if p, ok := kb.byKeysym[ks]; ok && (!p.shift || kb.shift != 0) {
-		return p, nil
+// find looks a key up on the map, then among the spare keycodes bound by envd (r >= 0: the
+// character being typed, found by character too, since a layout may have it under a legacy
+// keysym).
+func (kb *keyboard) find(k typedKey) (keyPos, bool) {
+	if p, ok := kb.byKeysym[k.ks]; ok && (!p.shift || kb.shift != 0) {
+		return p, true
 	}
-	if r >= 0 {
-		if p, ok := kb.byRune[r]; ok && (!p.shift || kb.shift != 0) {
-			return p, nil
+	if k.r >= 0 {
+		if p, ok := kb.byRune[k.r]; ok && (!p.shift || kb.shift != 0) {
+			return p, true
 		}
 	}
-	if kc, ok := kb.boundBy[ks]; ok {
-		kb.bound[kc].used = time.Now()
-		return keyPos{kc: kc}, nil
+	if kc, ok := kb.boundBy[k.ks]; ok {
+		return keyPos{kc: kc}, true
 	}
-	kc, err := d.bindSpare(x, kb, ks)
-	if err != nil {
-		return keyPos{}, err
-	}
-	return keyPos{kc: kc}, nil
+	return keyPos{}, false
 }
 
-// bindSpare maps a keycode without keysyms to ks (xdotool's scratch keycode) and waits until the
-// server has done it, so that the key event sent next arrives after the MappingNotify.
-func (d *desktop) bindSpare(x *xconn, kb *keyboard, ks xproto.Keysym) (xproto.Keycode, error) {
-	var kc xproto.Keycode
-	if n := len(kb.free); n > 0 {
-		kc = kb.free[n-1]
-		kb.free = kb.free[:n-1]
-	} else {
-		if len(kb.bound) == 0 {
-			return 0, &xError{err: errors.New("the keyboard map has no spare keycode to type this key with")}
+// lookup is find for a key about to be pressed: a binding counts as used now.
+func (kb *keyboard) lookup(k typedKey) (keyPos, bool) {
+	p, ok := kb.find(k)
+	if b := kb.bound[p.kc]; ok && b != nil && b.sym == k.ks {
+		b.used = time.Now()
+	}
+	return p, ok
+}
+
+var errNoSpare = &xError{err: errors.New("the keyboard map has no spare keycode to type a key that is not on it")}
+
+// prepare makes the longest prefix of keys typeable that the spare keycodes allow: every key not
+// on the map gets a spare keycode bound to its keysym (xdotool's scratch keycode; Latin-1 as is,
+// other characters as 0x01000000 | code point), keys already bound keep theirs, and no keycode
+// that the prefix needs is rebound (the caller holds d.mu). It returns the prefix's length and
+// whether it bound anything (then the caller waits bindSettle before typing). If a keycode
+// must be rebound sooner than rebindMinAge after its last use, it does nothing and says how long
+// to wait before asking again.
+func (d *desktop) prepare(x *xconn, kb *keyboard, keys []typedKey) (n int, bound bool, wait time.Duration, err error) {
+	slots := len(kb.free) + len(kb.bound)
+	keep := map[xproto.Keycode]bool{}
+	var need []xproto.Keysym
+	needSet := map[xproto.Keysym]bool{}
+	for ; n < len(keys); n++ {
+		k := keys[n]
+		p, ok := kb.find(k)
+		if ok && kb.bound[p.kc] == nil {
+			continue // on the map
 		}
-		var lru *binding
-		for c, b := range kb.bound {
-			if lru == nil || b.used.Before(lru.used) {
-				kc, lru = c, b
+		if ok {
+			if !keep[p.kc] {
+				if len(keep)+len(need) == slots {
+					break
+				}
+				keep[p.kc] = true
+			}
+			continue
+		}
+		if !needSet[k.ks] {
+			if len(keep)+len(need) == slots {
+				break
+			}
+			needSet[k.ks] = true
+			need = append(need, k.ks)
+		}
+	}
+	if n == 0 && len(keys) > 0 {
+		return 0, false, 0, errNoSpare
+	}
+	// Keycodes for the new bindings: free ones, then the least recently used bindings that the
+	// prefix does not need.
+	codes := append([]xproto.Keycode(nil), kb.free...)
+	if len(need) > len(codes) {
+		var evict []xproto.Keycode
+		for kc := range kb.bound {
+			if !keep[kc] {
+				evict = append(evict, kc)
 			}
 		}
-		if wait := rebindMinAge - time.Since(lru.used); wait > 0 {
-			time.Sleep(wait)
+		sort.Slice(evict, func(i, j int) bool { return kb.bound[evict[i]].used.Before(kb.bound[evict[j]].used) })
+		evict = evict[:len(need)-len(codes)]
+		if w := rebindMinAge - time.Since(kb.bound[evict[len(evict)-1]].used); w > 0 {
+			return 0, false, w, nil
 		}
-		delete(kb.boundBy, lru.sym)
-		delete(kb.bound, kc)
+		codes = append(codes, evict...)
 	}
-	xproto.ChangeKeyboardMapping(x.c, 1, kc, 2, []xproto.Keysym{ks, ks})
-	if err := x.sync(); err != nil {
-		return 0, err
+	now := time.Now()
+	var cookies []xproto.ChangeKeyboardMappingCookie
+	for i, ks := range need {
+		kc := codes[i]
+		if old := kb.bound[kc]; old != nil {
+			delete(kb.boundBy, old.sym)
+		}
+		cookies = append(cookies, xproto.ChangeKeyboardMappingChecked(x.c, 1, kc, 2, []xproto.Keysym{ks, ks}))
+		kb.bound[kc] = &binding{sym: ks, used: now}
+		kb.boundBy[ks] = kc
 	}
-	kb.bound[kc] = &binding{sym: ks, used: time.Now()}
-	kb.boundBy[ks] = kc
-	d.scheduleRestore()
-	return kc, nil
+	kb.free = kb.free[min(len(kb.free), len(need)):]
+	for kc := range keep {
+		kb.bound[kc].used = now
+	}
+	// Wait until the server has the new map (Check makes a round trip, like xdotool's XSync):
+	// every key event sent from now on reaches the clients after the MappingNotify.
+	for _, c := range cookies {
+		if err := c.Check(); err != nil {
+			return 0, false, 0, asXError(x, err)
+		}
+	}
+	if len(need) > 0 {
+		d.scheduleRestore()
+	}
+	return n, len(need) > 0, 0, nil
 }
 
 // scheduleRestore arranges for the spare keycodes bound for typing to be unbound once unused for
@@ -471,6 +603,10 @@ func (d *desktop) restoreSpares() {
 		return
 	}
 	kb := x.kb
+	if d.typing {
+		d.restoreTimer.Reset(restoreAfter)
+		return
+	}
 	var next time.Duration
 	var done []xproto.Keycode
 	for kc, b := range kb.bound {

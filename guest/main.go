@@ -52,7 +52,8 @@ func main() {
 		fmt.Fprintf(os.Stderr, "envd: %v\n", err)
 		os.Exit(1)
 	}
-	srv := NewServer(Config{Token: token, Insecure: *insecure, BaseEnv: os.Environ(), Services: specs})
+	srv := NewServer(Config{Token: token, Insecure: *insecure, BaseEnv: os.Environ(), Services: specs,
+		Display: os.Getenv("E2A_ENVD_DISPLAY")}) // the desktop's X display (desktop.go), "" if none
 	srv.logs.add("envd %s started, pid %d, listening on %s", version, os.Getpid(), ln.Addr())
 	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 30 * time.Second}
 	srv.startServices() // in the background; the host waits on GET /services/wait

@@ -211,7 +211,8 @@ func (s *Server) buildEnv(u *User, extra map[string]string) []string {
 	}
 	for _, kv := range s.cfg.BaseEnv {
 		k, v, ok := strings.Cut(kv, "=")
-		if !ok || k == tokenEnv || k == servicesEnv {
+		// envd's own settings (token, services, display) are never a child's business
+		if !ok || strings.HasPrefix(k, "E2A_ENVD_") {
 			continue
 		}
 		switch k {

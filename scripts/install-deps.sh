@@ -4,14 +4,15 @@
 # (gVisor issue #10704), so scripts/build-runsc.sh builds it from the gVisor Go module.
 # btrfs-progs: mkfs.btrfs for the sandboxes' disk pool (e2a/runtime/quota.py).
 # novnc: the live view's client, served by e2a under /v1/novnc/ (e2a/api/desktop.py).
-# xvfb: envd's desktop tests run a real X server (guest/desktop_test.go).
+# xvfb, fluxbox, x11-utils: envd's desktop tests run a real X server, a window manager and
+#   xev (guest/desktop_test.go).
 # chromium: the tests open live-view and canvas pages in a real browser, and the benchmark
 #   compares page loads inside a sandbox with the same Chromium outside.
 set -eu
 export DEBIAN_FRONTEND=noninteractive
 need=""
 for pkg in debootstrap iproute2 nftables curl ca-certificates python3-venv btrfs-progs novnc \
-           xvfb chromium; do
+           xvfb fluxbox x11-utils chromium; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need="$need $pkg"
 done
 if [ -n "$need" ]; then

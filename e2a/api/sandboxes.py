@@ -61,7 +61,7 @@ async def create_sandbox(req: CreateSandbox, user: Caller = Depends(current_user
         rec = await sandboxes.create(CreateSpec(
             user_id=user.id, template=req.template, env_vars=req.env_vars,
             metadata=req.metadata, idle_timeout=idle, max_lifetime=req.max_lifetime_seconds,
-            internet=req.internet))
+            internet=req.internet, params=params))
     except NoCapacity as exc:
         raise ApiError(409, "no_capacity", str(exc)) from exc
     except DeletedDuringCreate as exc:
