@@ -60,8 +60,11 @@ class Call:
     json: Any = None
     parse: Callable[[Any], Any] | None = None
     timeout: httpx.Timeout = field(default_factory=lambda: DEFAULT_TIMEOUT)
+    binary: bool = False  # the answer is bytes (a PNG, a PDF), not JSON
 
     def result(self, resp: httpx.Response) -> Any:
+        if self.binary:
+            return resp.content
         data = resp.json() if resp.content else None  # 204s have no body
         return self.parse(data) if self.parse else data
 
@@ -79,11 +82,56 @@ def _sb(vm_id: str) -> str:
 
 
 def create_sandbox(template: str, env_vars=None, metadata=None, idle_timeout_seconds=None,
-                   max_lifetime_seconds=None, internet=None) -> Call:
+                   max_lifetime_seconds=None, internet=None, resolution=None) -> Call:
     body = _drop_none(dict(template=template, env_vars=env_vars, metadata=metadata,
                            idle_timeout_seconds=idle_timeout_seconds,
-                           max_lifetime_seconds=max_lifetime_seconds, internet=internet))
+                           max_lifetime_seconds=max_lifetime_seconds, internet=internet,
+                           resolution=resolution))
     return Call("POST", "/v1/sandboxes", json=body)
+
+
+def templates() -> Call:
+    return Call("GET", "/v1/templates")
+
+
+# ---------------------------------------------------------------- browser, desktop, canvas
+
+
+def cdp_url(vm_id: str) -> Call:
+    return Call("GET", _sb(vm_id) + "/browser", parse=lambda d: d["cdp_url"])
+
+
+def desktop_actions(vm_id: str, actions: list[dict] | dict) -> Call:
+    listed = [actions] if isinstance(actions, dict) else list(actions)
+    return Call("POST", _sb(vm_id) + "/desktop/actions", json={"actions": listed},
+                parse=lambda d: d["results"])
+
+
+def screenshot(vm_id: str, width: int | None = None) -> Call:
+    return Call("GET", _sb(vm_id) + "/desktop/screenshot", params=_drop_none({"width": width}),
+                binary=True)
+
+
+def desktop_windows(vm_id: str) -> Call:
+    return Call("GET", _sb(vm_id) + "/desktop/windows")
+
+
+def desktop_stream(vm_id: str, view_only: bool = True, ttl_seconds: int | None = None) -> Call:
+    return Call("POST", _sb(vm_id) + "/desktop/stream",
+                json=_drop_none({"view_only": view_only, "ttl_seconds": ttl_seconds}))
+
+
+def canvas_view_url(vm_id: str) -> Call:
+    return Call("GET", _sb(vm_id) + "/canvas", parse=lambda d: d["view_url"])
+
+
+def render_canvas(vm_id: str, path: str | None = None, html: str | None = None,
+                  width: int | None = None, height: int | None = None, format: str = "png",
+                  wait_ms: int | None = None) -> Call:
+    body = _drop_none(dict(path=path, html=html, width=width, height=height, format=format,
+                           wait_ms=wait_ms))
+    return Call("POST", _sb(vm_id) + "/canvas/render", json=body, binary=True,
+                timeout=httpx.Timeout(120.0, connect=10.0))
 
 
 def list_sandboxes(state: str | None = None, metadata: dict[str, str] | None = None) -> Call:

@@ -73,9 +73,11 @@ class AsyncE2A:
 
     async def create_sandbox(self, template: str = "standard", *, env_vars: dict[str, str] | None = None,
                              metadata: dict[str, str] | None = None, idle_timeout_seconds: int | None = None,
-                             max_lifetime_seconds: int | None = None, internet: bool | None = None) -> Sandbox:
+                             max_lifetime_seconds: int | None = None, internet: bool | None = None,
+                             resolution: str | None = None) -> Sandbox:
         return self._sandbox(await self._call(api.create_sandbox(
-            template, env_vars, metadata, idle_timeout_seconds, max_lifetime_seconds, internet)))
+            template, env_vars, metadata, idle_timeout_seconds, max_lifetime_seconds, internet,
+            resolution)))
 
     async def list_sandboxes(self, state: str | None = None, metadata: dict[str, str] | None = None) -> list[Sandbox]:
         return [self._sandbox(d) for d in await self._call(api.list_sandboxes(state, metadata))]
@@ -95,6 +97,40 @@ class AsyncE2A:
     async def events(self, vm_id: str) -> list[SandboxEvent]:
         """Every state transition of the sandbox, oldest first, with its reason."""
         return await self._call(api.events(sandbox_id(vm_id)))
+
+    # ------------------------------------------------------------ templates: browser, desktop, canvas
+
+    async def templates(self) -> list[dict]:
+        return await self._call(api.templates())
+
+    async def cdp_url(self, vm_id: str) -> str:
+        """A browser sandbox's CDP WebSocket URL: ``playwright.chromium.connect_over_cdp(url)``."""
+        return await self._call(api.cdp_url(sandbox_id(vm_id)))
+
+    async def desktop_actions(self, vm_id: str, actions: list[dict] | dict) -> list[dict]:
+        """Run computer-use actions (Anthropic's action set) in order; one result each."""
+        return await self._call(api.desktop_actions(sandbox_id(vm_id), actions))
+
+    async def screenshot(self, vm_id: str, width: int | None = None) -> bytes:
+        """The desktop as PNG bytes, scaled to ``width`` if given."""
+        return await self._call(api.screenshot(sandbox_id(vm_id), width))
+
+    async def desktop_windows(self, vm_id: str) -> dict:
+        return await self._call(api.desktop_windows(sandbox_id(vm_id)))
+
+    async def desktop_stream(self, vm_id: str, view_only: bool = True, ttl_seconds: int | None = None) -> dict:
+        """A live-view page ``{"url", "view_only", "expires_at"}`` for a person to watch (or take over)."""
+        return await self._call(api.desktop_stream(sandbox_id(vm_id), view_only, ttl_seconds))
+
+    async def canvas_view_url(self, vm_id: str) -> str:
+        return await self._call(api.canvas_view_url(sandbox_id(vm_id)))
+
+    async def render_canvas(self, vm_id: str, path: str | None = None, *, html: str | None = None,
+                      width: int | None = None, height: int | None = None, format: str = "png",
+                      wait_ms: int | None = None) -> bytes:
+        """PNG or PDF bytes of a canvas file or an HTML string, rendered inside the sandbox."""
+        return await self._call(api.render_canvas(sandbox_id(vm_id), path, html, width, height, format,
+                                            wait_ms))
 
     # ------------------------------------------------------------ commands
 

@@ -67,9 +67,11 @@ class E2A:
 
     def create_sandbox(self, template: str = "standard", *, env_vars: dict[str, str] | None = None,
                        metadata: dict[str, str] | None = None, idle_timeout_seconds: int | None = None,
-                       max_lifetime_seconds: int | None = None, internet: bool | None = None) -> Sandbox:
+                       max_lifetime_seconds: int | None = None, internet: bool | None = None,
+                       resolution: str | None = None) -> Sandbox:
         return self._sandbox(self._call(api.create_sandbox(
-            template, env_vars, metadata, idle_timeout_seconds, max_lifetime_seconds, internet)))
+            template, env_vars, metadata, idle_timeout_seconds, max_lifetime_seconds, internet,
+            resolution)))
 
     def list_sandboxes(self, state: str | None = None, metadata: dict[str, str] | None = None) -> list[Sandbox]:
         return [self._sandbox(d) for d in self._call(api.list_sandboxes(state, metadata))]
@@ -89,6 +91,40 @@ class E2A:
     def events(self, vm_id: str) -> list[SandboxEvent]:
         """Every state transition of the sandbox, oldest first, with its reason."""
         return self._call(api.events(sandbox_id(vm_id)))
+
+    # ------------------------------------------------------------ templates: browser, desktop, canvas
+
+    def templates(self) -> list[dict]:
+        return self._call(api.templates())
+
+    def cdp_url(self, vm_id: str) -> str:
+        """A browser sandbox's CDP WebSocket URL: ``playwright.chromium.connect_over_cdp(url)``."""
+        return self._call(api.cdp_url(sandbox_id(vm_id)))
+
+    def desktop_actions(self, vm_id: str, actions: list[dict] | dict) -> list[dict]:
+        """Run computer-use actions (Anthropic's action set) in order; one result each."""
+        return self._call(api.desktop_actions(sandbox_id(vm_id), actions))
+
+    def screenshot(self, vm_id: str, width: int | None = None) -> bytes:
+        """The desktop as PNG bytes, scaled to ``width`` if given."""
+        return self._call(api.screenshot(sandbox_id(vm_id), width))
+
+    def desktop_windows(self, vm_id: str) -> dict:
+        return self._call(api.desktop_windows(sandbox_id(vm_id)))
+
+    def desktop_stream(self, vm_id: str, view_only: bool = True, ttl_seconds: int | None = None) -> dict:
+        """A live-view page ``{"url", "view_only", "expires_at"}`` for a person to watch (or take over)."""
+        return self._call(api.desktop_stream(sandbox_id(vm_id), view_only, ttl_seconds))
+
+    def canvas_view_url(self, vm_id: str) -> str:
+        return self._call(api.canvas_view_url(sandbox_id(vm_id)))
+
+    def render_canvas(self, vm_id: str, path: str | None = None, *, html: str | None = None,
+                      width: int | None = None, height: int | None = None, format: str = "png",
+                      wait_ms: int | None = None) -> bytes:
+        """PNG or PDF bytes of a canvas file or an HTML string, rendered inside the sandbox."""
+        return self._call(api.render_canvas(sandbox_id(vm_id), path, html, width, height, format,
+                                            wait_ms))
 
     # ------------------------------------------------------------ commands
 

@@ -100,3 +100,9 @@ def test_canvas_files_run_in_an_opaque_origin_and_need_the_token(http, canvas_sb
     r = httpx.get(url + "files/shadow")
     assert r.status_code in (403, 404) and "root:" not in r.text
 
+
+
+def test_sdk_renders_and_gives_the_view_url(alice, canvas_sb):
+    png = alice.render_canvas(canvas_sb.vm_id, "index.html", width=120, height=90)
+    assert Image.open(io.BytesIO(png)).size == (120, 90)
+    assert "/v1/canvas/" in alice.canvas_view_url(canvas_sb.vm_id)

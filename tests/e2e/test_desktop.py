@@ -211,3 +211,13 @@ def test_custom_resolution(http):
         assert screenshot(http, vm).size == (1024, 768)
     finally:
         http.delete(f"/v1/sandboxes/{vm}")
+
+
+def test_sdk_drives_the_desktop(alice, desk):
+    png = alice.screenshot(desk.vm_id, width=320)
+    assert Image.open(io.BytesIO(png)).size == (320, 200)
+    results = alice.desktop_actions(desk.vm_id, [{"action": "mouse_move", "coordinate": [7, 9]},
+                                                 {"action": "cursor_position"}])
+    assert results[1] == {"x": 7, "y": 9}
+    assert alice.desktop_windows(desk.vm_id)["screen"] == {"width": 1280, "height": 800}
+    assert alice.desktop_stream(desk.vm_id)["view_only"] is True
