@@ -59,6 +59,7 @@ def serve(host: str | None, port: int | None) -> None:
 
     import uvicorn
 
+    from e2a.api.access import RedactTokens
     from e2a.api.app import create_app
 
     settings.host = host or settings.host
@@ -67,6 +68,8 @@ def serve(host: str | None, port: int | None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request is noise
     # loop="asyncio", not uvloop: asyncio spawns subprocesses with vfork (about 2 ms), libuv with
     # fork (about 18 ms for this process), and every sandbox start runs several (ip, runsc).
+    for name in ("uvicorn.error", "uvicorn.access"):  # no URL token in the log
+        logging.getLogger(name).addFilter(RedactTokens())
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, loop="asyncio",
                 log_level="info", access_log=False, ws_max_size=WS_MAX_MESSAGE,
                 ws_max_queue=WS_MAX_QUEUE)

@@ -91,20 +91,24 @@ func (s *Server) handleProxy(w http.ResponseWriter, r *http.Request) error {
 }
 
 // handleTCP is a websockify: it connects to 127.0.0.1:{port} and carries the TCP byte stream in
-// binary WebSocket messages both ways (noVNC speaks RFB to a VNC server this way), until
-// either side ends; then both are closed.
+// binary WebSocket messages both ways, until either side ends; then both are closed.
 func (s *Server) handleTCP(w http.ResponseWriter, r *http.Request) error {
 	port, err := parsePort(r.PathValue("port"))
 	if err != nil {
 		return err
 	}
 	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-	tcp, err := net.DialTimeout("tcp", addr, 10*time.Second)
+	conn, err := net.DialTimeout("tcp", addr, 10*time.Second)
 	if err != nil {
 		return errf(502, "service_unreachable", "port", "nothing answered on port %d: %v", port, err)
 	}
-	defer tcp.Close()
+	return bridge(w, r, conn)
+}
 
+// bridge carries a byte stream in binary WebSocket messages both ways (noVNC speaks RFB to a
+// VNC server this way) until either side ends; then both are closed.
+func bridge(w http.ResponseWriter, r *http.Request, stream net.Conn) error {
+	defer stream.Close()
 	opts := &websocket.AcceptOptions{InsecureSkipVerify: true, CompressionMode: websocket.CompressionDisabled}
 	for _, p := range websocketProtocols(r) {
 		if p == "binary" { // noVNC offers it; accepting it tells it to send binary messages
@@ -121,21 +125,21 @@ func (s *Server) handleTCP(w http.ResponseWriter, r *http.Request) error {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go func() { // client → server
-		defer tcp.Close() // ends the copy below too
+		defer stream.Close() // ends the copy below too
 		for {
 			// Text messages are passed on as bytes too: only their payload matters here.
 			_, data, err := conn.Read(ctx)
 			if err != nil {
 				return
 			}
-			if _, err := tcp.Write(data); err != nil {
+			if _, err := stream.Write(data); err != nil {
 				return
 			}
 		}
 	}()
 	buf := make([]byte, 64<<10)
 	for { // server → client
-		n, err := tcp.Read(buf)
+		n, err := stream.Read(buf)
 		if n > 0 {
 			if conn.Write(ctx, websocket.MessageBinary, buf[:n]) != nil {
 				return nil

@@ -6,6 +6,8 @@ URL=http://${E2A_HOST:-127.0.0.1}:${E2A_PORT:-8080}
 if curl -fsS "$URL/health" >/dev/null 2>&1; then
   echo "e2a is already running on $URL"; exit 0
 fi
+# The log is root's alone (it names sandboxes and users).
+touch /var/log/e2a.log && chmod 600 /var/log/e2a.log
 nohup setsid .venv/bin/e2a serve >>/var/log/e2a.log 2>&1 </dev/null &
 echo $! > /run/e2a-serve.pid
 i=0

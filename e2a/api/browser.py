@@ -11,14 +11,18 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, WebSocket
 
 from e2a.api.access import Grant
-from e2a.api.endpoints import base_url, browser_ws_path, granted, sandbox_with, tokens
+from e2a.api.endpoints import (base_url, browser_ws_path, granted, link_slots, sandbox_with,
+                               tokens)
 from e2a.api.errors import ApiError
 from e2a.api.proxy import _deny, _opened, _relay, _ws_open
 from e2a.api.schemas import BrowserOut
 
 router = APIRouter(tags=["browser"])
 
-CDP_MAX_MESSAGE = 64 * 1024 * 1024  # a full-page screenshot comes as one CDP message
+# The largest CDP message relayed from Chromium (a screenshot is one message: a 1920×1080 PNG is
+# a few MiB). What listens in the sandbox may be the sandbox's own code, and each stalled
+# client holds up to two such messages in the server, so this stays small.
+CDP_MAX_MESSAGE = 16 * 1024 * 1024
 
 
 @router.get("/v1/sandboxes/{vm_id}/browser", response_model=BrowserOut,
@@ -35,13 +39,20 @@ async def browser(request: Request, vm_id: str) -> BrowserOut:
 async def cdp(ws: WebSocket, token: str) -> None:
     try:
         grant, port = await granted(ws, token, "cdp", "cdp")
-        async with _opened((502, "browser_unreachable", "Chromium did not answer", None)):
-            path = await browser_ws_path(ws.app.state.host, grant.sandbox_id, port)
+        link_slots.take(grant.sandbox_id)
     except ApiError as exc:
         return await _deny(ws, exc)
-    up = await _ws_open(ws, ws.app.state.host.agent_websocket(
-        grant.sandbox_id, f"/proxy/{port}{path}", max_size=CDP_MAX_MESSAGE), "browser")
-    if up is None:
-        return
-    await ws.accept()
-    await _relay(ws, up)
+    try:
+        try:
+            async with _opened((502, "browser_unreachable", "Chromium did not answer", None)):
+                path = await browser_ws_path(ws.app.state.host, grant.sandbox_id, port)
+        except ApiError as exc:
+            return await _deny(ws, exc)
+        up = await _ws_open(ws, ws.app.state.host.agent_websocket(
+            grant.sandbox_id, f"/proxy/{port}{path}", max_size=CDP_MAX_MESSAGE), "browser")
+        if up is None:
+            return
+        await ws.accept()
+        await _relay(ws, up)
+    finally:
+        link_slots.give(grant.sandbox_id)

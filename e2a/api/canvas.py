@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import posixpath
+from collections import Counter
 from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request
@@ -19,9 +20,11 @@ from fastapi.responses import HTMLResponse, Response
 
 from e2a.api.access import Grant
 from e2a.api.cdp import Cdp, CdpError, render
-from e2a.api.endpoints import base_url, browser_ws_path, granted, sandbox_with, tokens
+from e2a.api.endpoints import (base_url, browser_ws_path, granted, link_slots, sandbox_with,
+                               tokens)
+from e2a.api.deps import current_user
 from e2a.api.errors import ApiError
-from e2a.api.proxy import _opened, _respond
+from e2a.api.proxy import ClientGone, _opened, _respond, _unless_client_leaves
 from e2a.api.schemas import CanvasOut, RenderRequest
 
 router = APIRouter(tags=["canvas"])
@@ -29,6 +32,8 @@ router = APIRouter(tags=["canvas"])
 CANVAS_DIR = "/home/user/canvas"
 CONTENT_POLICY = "sandbox allow-scripts allow-forms allow-popups"
 RENDER_TIMEOUT = 60.0
+RENDERS_PER_USER = 2  # each holds up to one large CDP message in the server
+_renders: Counter[str] = Counter()
 
 
 @router.get("/v1/sandboxes/{vm_id}/canvas", response_model=CanvasOut,
@@ -56,13 +61,27 @@ async def render_canvas(request: Request, vm_id: str, req: RenderRequest) -> Res
     if req.path is not None and req.html is not None:
         raise ApiError(400, "invalid_field", "give path or html, not both", "html")
     sid, port = await sandbox_with(request, vm_id, "canvas", "a canvas")
+    user = (await current_user(request)).id
+    if _renders[user] >= RENDERS_PER_USER:
+        raise ApiError(429, "too_many_renders", f"at most {RENDERS_PER_USER} renders at once")
+    _renders[user] += 1
+    try:
+        return await _render(request, sid, port, req)
+    finally:
+        _renders[user] -= 1
+        if not _renders[user]:
+            del _renders[user]
+
+
+async def _render(request: Request, sid: str, port: int, req: RenderRequest) -> Response:
     host = request.app.state.host
     url = "file://" + quote(f"{CANVAS_DIR}/{_canvas_path(req.path)}") if req.html is None \
         else f"file://{CANVAS_DIR}/"
     async with _opened((502, "browser_unreachable", "the sandbox's Chromium did not answer",
                         None)):
         path = await browser_ws_path(host, sid, port)
-        up = await host.agent_websocket(sid, f"/proxy/{port}{path}", max_size=256 << 20)
+        up = await host.agent_websocket(sid, f"/proxy/{port}{path}",
+                                        max_size=_largest_answer(req))
     cdp = Cdp(up.conn)
     try:
         data = await _bounded(render(cdp, url, req.html, req.width, req.height, req.format,
@@ -75,6 +94,14 @@ async def render_canvas(request: Request, vm_id: str, req: RenderRequest) -> Res
         await up.conn.close()
     media = "application/pdf" if req.format == "pdf" else "image/png"
     return Response(data, media_type=media)
+
+
+def _largest_answer(req: RenderRequest) -> int:
+    """The largest CDP message a render may receive (its image, base64): bounded by the page's
+    size, since what answers may be the sandbox's own code rather than Chromium."""
+    if req.format == "pdf":
+        return 32 << 20
+    return min(64 << 20, req.width * req.height * 4 * 4 // 3 + (1 << 20))
 
 
 async def _bounded(coro):
@@ -98,9 +125,14 @@ async def view_page(request: Request, token: str) -> HTMLResponse:
 async def canvas_file(request: Request, token: str, path: str) -> Response:
     grant, _ = await granted(request, token, "canvas", "canvas")
     rel = _canvas_path(path)
-    async with _opened((502, "sandbox_unreachable", "the sandbox's agent did not answer", None)):
-        up = await request.app.state.host.agent_request(
-            grant.sandbox_id, "GET", "/canvas/files/" + quote(rel))
+    link_slots.take(grant.sandbox_id)  # while the answer is opened; files are small
+    try:
+        async with _opened((502, "sandbox_unreachable", "the sandbox's agent did not answer",
+                            None)):
+            up = await request.app.state.host.agent_request(
+                grant.sandbox_id, "GET", "/canvas/files/" + quote(rel))
+    finally:
+        link_slots.give(grant.sandbox_id)
     headers = {k: v for k, v in up.response.headers.items()
                if k.lower() in ("content-type", "content-length")}
     headers.update({"Content-Security-Policy": CONTENT_POLICY, "Cache-Control": "no-store",
@@ -112,13 +144,28 @@ async def canvas_file(request: Request, token: str, path: str) -> Response:
 async def changes(request: Request, token: str,
                   since: int | None = Query(default=None, ge=0),
                   timeout_ms: int = Query(default=25_000, ge=0, le=60_000)) -> Response:
-    """Long poll: answers {"version"} as soon as the canvas differs from version `since`."""
+    """Long poll: answers {"version"} as soon as the canvas differs from version `since`.
+    A viewer that leaves stops the poll at once."""
     grant, _ = await granted(request, token, "canvas", "canvas")
     params = {"timeout_ms": timeout_ms, **({"since": since} if since is not None else {})}
-    async with _opened((502, "sandbox_unreachable", "the sandbox's agent did not answer", None)):
-        up = await request.app.state.host.agent_request(grant.sandbox_id, "GET",
-                                                        "/canvas/changes", params=params)
-    return _respond(up, {"Content-Type": "application/json", "Cache-Control": "no-store"})
+    link_slots.take(grant.sandbox_id)
+    try:
+        async with _opened((502, "sandbox_unreachable", "the sandbox's agent did not answer",
+                            None)):
+            try:
+                up = await _unless_client_leaves(request, request.app.state.host.agent_request(
+                    grant.sandbox_id, "GET", "/canvas/changes", params=params))
+            except ClientGone:
+                return Response(status_code=499)
+        try:
+            body = await up.response.content.read(4096)
+            status = up.response.status
+        finally:
+            up.close()
+    finally:
+        link_slots.give(grant.sandbox_id)
+    return Response(body, status_code=status, media_type="application/json",
+                    headers={"Cache-Control": "no-store"})
 
 
 VIEW_PAGE = """<!doctype html>

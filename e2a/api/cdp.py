@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
 from typing import Any
@@ -101,4 +102,6 @@ async def render(cdp: Cdp, url: str, html: str | None, width: int, height: int, 
             out = await cdp.call("Page.captureScreenshot", {"format": "png"}, session=session)
         return base64.b64decode(out["data"])
     finally:
-        await cdp.call("Target.closeTarget", {"targetId": target})
+        # bounded: a render that timed out must not then wait for ever on a dead browser
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(cdp.call("Target.closeTarget", {"targetId": target}), 5)

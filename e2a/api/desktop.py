@@ -10,6 +10,8 @@ ends it with DELETE .../desktop/control), the actions API answers 409 `human_in_
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import html
 import json
 import time
@@ -22,7 +24,7 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from e2a.api.access import Grant
-from e2a.api.endpoints import base_url, granted, sandbox_with, tokens
+from e2a.api.endpoints import base_url, granted, link_slots, sandbox_with, tokens
 from e2a.api.errors import ApiError
 from e2a.api.proxy import _deny, _relay, _ws_open, forward
 from e2a.api.schemas import ControlOut, StreamOut, StreamRequest
@@ -39,6 +41,10 @@ class HumanControl:
 
     def __init__(self) -> None:
         self._holders: dict[str, set[WebSocket]] = defaultdict(set)
+        self._ended_at: dict[str, float] = {}  # links issued before this cannot take control
+
+    def may_take(self, grant: Grant) -> bool:
+        return grant.issued > self._ended_at.get(grant.sandbox_id, 0.0)
 
     def held(self, sandbox_id: str) -> bool:
         return bool(self._holders.get(sandbox_id))
@@ -54,6 +60,9 @@ class HumanControl:
                 del self._holders[sandbox_id]
 
     async def end(self, sandbox_id: str) -> None:
+        """Close a person's control connections, and keep the links issued so far from taking
+        control again (a new stream gives a new link)."""
+        self._ended_at[sandbox_id] = time.time()
         for ws in list(self._holders.pop(sandbox_id, ())):
             try:
                 await ws.close(code=4000, reason="control handed back by the owner")
@@ -161,8 +170,14 @@ async def end_control(request: Request, vm_id: str) -> ControlOut:
 @router.get("/v1/desktop/{token}/", response_class=HTMLResponse, responses={401: {}, 404: {}})
 async def view_page(request: Request, token: str) -> HTMLResponse:
     grant, _ = await granted(request, token, "desktop", "vnc_view")
+    # The VNC servers' passwords, for this page's noVNC: the view server's, and the control
+    # server's when the link may take control (both servers are reachable only through e2a).
+    keys = tokens(request)
+    config = {"view": keys.vnc_password(grant.sandbox_id, "view"),
+              "control": None if grant.view_only else keys.vnc_password(grant.sandbox_id,
+                                                                          "control")}
     page = VIEW_PAGE.replace("{{SANDBOX}}", html.escape(grant.sandbox_id)).replace(
-        "{{CAN_CONTROL}}", "false" if grant.view_only else "true")
+        "{{CONFIG}}", json.dumps(config))
     return HTMLResponse(page, headers={"Cache-Control": "no-store",
                                        "Referrer-Policy": "no-referrer"})
 
@@ -175,21 +190,33 @@ async def vnc(ws: WebSocket, token: str, mode: str = "view") -> None:
         grant, port = await granted(ws, token, "desktop", f"vnc_{mode}")
         if mode == "control" and grant.view_only:
             raise ApiError(403, "view_only", "this live view is view-only")
+        if mode == "control" and not _control(ws).may_take(grant):
+            raise ApiError(403, "control_ended", "the owner took the desktop back; ask for a "
+                           "new live view")
+        link_slots.take(grant.sandbox_id)
     except ApiError as exc:
         return await _deny(ws, exc)
     sid = grant.sandbox_id
-    up = await _ws_open(ws, ws.app.state.host.agent_websocket(sid, f"/tcp/{port}"), "desktop")
-    if up is None:
-        return
-    await ws.accept(subprotocol="binary" if "binary" in ws.scope.get("subprotocols", ())
-                    else None)
-    if mode == "control":
-        _control(ws).take(sid, ws)
     try:
-        await _relay(ws, up)
-    finally:
+        up = await _ws_open(ws, ws.app.state.host.agent_websocket(sid, f"/tcp/{port}"),
+                            "desktop")
+        if up is None:
+            return
+        await ws.accept(subprotocol="binary" if "binary" in ws.scope.get("subprotocols", ())
+                        else None)
         if mode == "control":
-            _control(ws).give(sid, ws)
+            _control(ws).take(sid, ws)
+        try:
+            # the link's expiry ends an open view too, not only new connections
+            await asyncio.wait_for(_relay(ws, up), grant.expires - time.time())
+        except asyncio.TimeoutError:
+            with contextlib.suppress(Exception):
+                await ws.close(code=4001, reason="the live view's link expired")
+        finally:
+            if mode == "control":
+                _control(ws).give(sid, ws)
+    finally:
+        link_slots.give(sid)
 
 
 def mount_novnc(app) -> None:
@@ -215,7 +242,8 @@ VIEW_PAGE = """<!doctype html>
 <div id="screen"></div>
 <script type="module">
 import RFB from "/v1/novnc/core/rfb.js";
-const canControl = {{CAN_CONTROL}};
+const config = {{CONFIG}};
+const canControl = config.control !== null;
 const screen = document.getElementById("screen");
 const status = document.getElementById("status");
 const take = document.getElementById("take"), give = document.getElementById("give");
@@ -224,7 +252,7 @@ function connect(mode) {
   if (rfb) { rfb._e2aClosing = true; rfb.disconnect(); }
   const url = new URL("vnc?mode=" + mode, location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-  rfb = new RFB(screen, url.href);
+  rfb = new RFB(screen, url.href, {credentials: {password: config[mode]}});
   rfb.viewOnly = mode === "view";
   rfb.scaleViewport = true;
   rfb.focusOnClick = true;

@@ -11,11 +11,18 @@ from fastapi import Request, WebSocket
 from e2a.api.access import AccessTokens, Grant
 from e2a.api.deps import current_user, owned_sandbox
 from e2a.api.errors import ApiError
+from e2a.api.proxy import ProxySlots
 from e2a.templates import recipes
+
+# Connections through a sandbox's URL-token links (CDP, live view, canvas view) at once: their
+# own budget, well below the sandbox's 128, so whoever holds a link cannot lock the sandbox's
+# owner out of it.
+LINK_CONNECTIONS_PER_SANDBOX = 32
+link_slots = ProxySlots(LINK_CONNECTIONS_PER_SANDBOX, per="sandbox through its links")
 
 
 async def sandbox_with(request: Request, vm_id: str, endpoint: str, what: str) -> tuple[str, int]:
-    """The caller's running sandbox whose template serves `endpoint`, and that port."""
+    """The caller's running sandbox whose template serves `endpoint`, and its port."""
     user = await current_user(request)
     rec = await owned_sandbox(request.app, user, vm_id)
     port = endpoint_port(rec.template, endpoint)
@@ -60,6 +67,9 @@ async def granted(conn: Request | WebSocket, token: str | None, purpose: str,
     return grant, port
 
 
+VERSION_MAX = 64 * 1024  # Chromium's /json/version is a few hundred bytes
+
+
 async def browser_ws_path(host, sid: str, port: int) -> str:
     """The path of Chromium's browser WebSocket (/devtools/browser/<id>), from /json/version
     (it changes each time Chromium starts)."""
@@ -68,10 +78,18 @@ async def browser_ws_path(host, sid: str, port: int) -> str:
         if up.response.status != 200:
             raise ApiError(502, "browser_unreachable",
                            f"Chromium in {sid} answered {up.response.status}")
-        info = json.loads(await up.response.read())
+        # Whatever listens on that port inside may be the sandbox's own code: read a bounded
+        # answer, never the whole of it.
+        raw = await up.response.content.read(VERSION_MAX + 1)
     finally:
         up.close()
-    path = info.get("webSocketDebuggerUrl", "").split(f":{port}", 1)[-1]
+    try:
+        info = json.loads(raw) if len(raw) <= VERSION_MAX else None
+    except ValueError:
+        info = None
+    url = info.get("webSocketDebuggerUrl") if isinstance(info, dict) else None
+    path = url.split(f":{port}", 1)[-1] if isinstance(url, str) else ""
     if not path.startswith("/devtools/browser/"):
         raise ApiError(502, "browser_unreachable", f"Chromium in {sid} gave no browser endpoint")
     return path
+

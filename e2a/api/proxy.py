@@ -340,17 +340,17 @@ def _port(port: int) -> int:
 
 
 class ProxySlots:
-    """Concurrent proxied connections per user (HTTP and WebSocket): one more than
-    MAX_PROXIED_PER_USER is refused with 429, so one tenant cannot hold all of the server's
+    """Concurrent proxied connections per key (a user, or a sandbox's shared links): one more
+    than the limit is refused with 429, so one tenant cannot hold all of the server's
     descriptors open through apps that never answer."""
 
-    def __init__(self, limit: int):
-        self.limit, self.open = limit, {}
+    def __init__(self, limit: int, per: str = "user"):
+        self.limit, self.per, self.open = limit, per, {}
 
     def take(self, user_id: str) -> None:
         if self.open.get(user_id, 0) >= self.limit:
             raise ApiError(429, "too_many_connections", f"at most {self.limit} proxied "
-                           "connections may be open at once per user")
+                           f"connections may be open at once per {self.per}")
         self.open[user_id] = self.open.get(user_id, 0) + 1
 
     def give(self, user_id: str) -> None:

@@ -62,6 +62,11 @@ table inet {t} {{
     iifname {self.ifglob} ct state established,related accept
     iifname {self.ifglob} drop
   }}
+  chain output {{
+    type filter hook output priority -10; policy accept;
+    oifname {self.ifglob} ct state established,related accept
+    oifname {self.ifglob} meta skuid != 0 drop
+  }}
   chain forward {{
     type filter hook forward priority -10; policy accept;
     oifname {self.ifglob} ct state established,related accept

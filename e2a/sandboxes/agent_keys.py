@@ -37,3 +37,10 @@ class AgentKeys:
 
     def token(self, sandbox_id: str) -> str:
         return hmac.new(self._key, sandbox_id.encode(), hashlib.sha256).hexdigest()
+
+    def secret(self, purpose: str, sandbox_id: str, length: int = 32) -> str:
+        """A per-sandbox secret for one purpose (e.g. a desktop's VNC password), derived like
+        the token: the host and the API can both compute it, nothing stores it."""
+        return hmac.new(self._key, f"{purpose}\0{sandbox_id}".encode(),
+                        hashlib.sha256).hexdigest()[:length]
+

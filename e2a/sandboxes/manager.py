@@ -59,6 +59,7 @@ OOM_RECENT = 5.0  # seconds: see LiveSandbox.oom_rose_at
 # WebSocket messages from a sandbox (PTY output, a proxied app): at most 4 MiB each and 2
 # waiting, so a client that stops reading makes the server hold a few MiB, not hundreds.
 WS_MAX_MESSAGE = 4 * 1024 * 1024
+SECRET_LENGTH = 8  # of a template's per-sandbox secrets: VNC's authentication uses 8 characters
 # Failures that may mean the sandbox is gone: it refused, dropped or never answered the link.
 SANDBOX_SIDE_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
                        aiohttp.ServerTimeoutError, asyncio.TimeoutError, ConnectionResetError)
@@ -200,13 +201,15 @@ class Manager(SandboxHost):
 
     def _private_dirs(self) -> None:
         """Only root may read what e2a keeps: the database (key hashes, sandboxes), logs, the
-        agent key, runsc's state (sandbox specs) and each sandbox's files on the host."""
+        agent key, runsc's state (sandbox specs), each sandbox's files on the host and the
+        template images."""
         data, run = self.settings.data_dir, self.settings.run_dir
         for d in (data, run, run / "runsc", self.env.sandboxes_dir, data / "logs"):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o700)
         for f in data.glob("e2a.db*"):
             os.chmod(f, 0o600)
+        builder.private_cache(self.settings.cache_dir)  # the template images
 
     def check_runtime(self, recipe: recipes.Recipe) -> Path:
         if not self.runsc.available():
@@ -268,7 +271,9 @@ class Manager(SandboxHost):
             id=sid, slot=slot, internet=spec.internet, token=self.keys.token(sid), image=image,
             memory_mib=recipe.memory_mib, disk_mib=recipe.disk_mib,
             platform=self.settings.platform or recipe.platform,
-            env=sandbox_env(recipe, spec.params)).bind(self.env)
+            env=sandbox_env(recipe, {**spec.params, **{
+                name: self.keys.secret(name, sid, SECRET_LENGTH)
+                for name in recipe.secrets}})).bind(self.env)
         sb = LiveSandbox(
             plan=plan, units=resources.units_for(self.env, plan, self.kinds), user_id=spec.user_id,
             template=recipe.name, vcpu=recipe.vcpu, cpu_fraction=recipe.cpu_fraction,

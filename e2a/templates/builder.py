@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -54,24 +55,48 @@ def _chroot(root: Path, script: str, log) -> None:
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive",
            "LANG": "C.UTF-8", "HOME": "/root", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     print("+ chroot:", script, file=log, flush=True)
-    with _proc_mounted(root):
+    with _build_env(root):
         subprocess.run(["chroot", str(root), "/bin/sh", "-ec", script], check=True, env=env,
                        stdout=log, stderr=subprocess.STDOUT)
 
 
+# The device nodes apt and its scripts need while building; none stays in the image.
+BUILD_DEVICES = {"null": (1, 3), "zero": (1, 5), "random": (1, 8), "urandom": (1, 9)}
+
+
 @contextmanager
-def _proc_mounted(root: Path):
-    """/proc for apt and pip, and the host's resolver for the duration (the image's own
-    resolv.conf stays empty: the runtime binds each sandbox's)."""
+def _build_env(root: Path):
+    """/proc, a few device nodes, and the host's resolver for the duration of a chroot step.
+    Afterwards the image has no device node (the sandbox gets gVisor's own /dev; on the host a
+    node such as debootstrap's world-writable /dev/console is a device anyone could open) and
+    an empty resolv.conf (the runtime binds each sandbox's)."""
     resolv = root / "etc" / "resolv.conf"
     resolv.unlink(missing_ok=True)
     shutil.copyfile("/etc/resolv.conf", resolv)
+    dev = root / "dev"
+    dev.mkdir(exist_ok=True)
+    for name, (major, minor) in BUILD_DEVICES.items():
+        if not (dev / name).exists():
+            os.mknod(dev / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+            os.chmod(dev / name, 0o666)  # apt drops to its own user: not subject to umask
     subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True)
     try:
         yield
     finally:
         subprocess.run(["umount", "-l", str(root / "proc")], check=False)
         resolv.write_text("")
+        for node in dev.rglob("*"):
+            if node.is_char_device() or node.is_block_device():
+                node.unlink()
+
+
+def private_cache(cache_dir: Path) -> None:
+    """Images are root's alone: an image holds world-writable directories (/tmp) and a home
+    owned by uid 1000 (some host account's uid too), and every sandbox of it sees that tree,
+    so no host user may even traverse into it."""
+    templates = cache_dir / "templates"
+    templates.mkdir(parents=True, exist_ok=True)
+    os.chmod(templates, 0o700)
 
 
 def _steps(recipe: Recipe, root: Path, base_root: Path | None,
@@ -100,6 +125,7 @@ def build(cache_dir: Path, recipe: Recipe, log=sys.stderr,
     rootfs path. `progress` gets a line as each step starts and ends."""
     if recipe.image != recipe.name:
         return build(cache_dir, load(recipe.image), log, progress)
+    private_cache(cache_dir)
     final = image_dir(cache_dir, recipe)
     if is_built(cache_dir, recipe):
         return final / "rootfs"

@@ -20,7 +20,7 @@ RECIPES = Path(__file__).resolve().parent / "recipes"
 # Templates the hosted service documents.
 KNOWN_TEMPLATES = ("standard", "browser", "cua", "canvas")
 # Bumped when the build steps in builder.py change, so cached images are rebuilt.
-BUILDER_VERSION = "4"
+BUILDER_VERSION = "5"
 # A sandbox's disk (its rootfs writes and /tmp together) when the recipe does not say.
 DEFAULT_DISK_MIB = 2048
 # Keys of a recipe that go into its image, hence into its content hash.
@@ -71,8 +71,11 @@ class Recipe:
     wheels: tuple[str, ...]            # Python wheels installed with pip (e.g. playwright)
     env: dict[str, str]                # environment of every process in the sandbox
     services: tuple[Service, ...]
-    endpoints: dict[str, int]          # name -> port of a service e2a's API fronts (cdp, vnc)
+    endpoints: dict[str, int]          # name -> loopback port of a service e2a's API fronts
     params: dict[str, str]             # defaults of create-time parameters (resolution)
+    # per-sandbox secrets the services take as {name} (VNC passwords): derived by the host
+    # from its key and the sandbox id, never chosen by the caller
+    secrets: tuple[str, ...]
     ready_timeout: float               # seconds boot waits for the services
     contents: tuple[str, ...]          # what GET /v1/templates says it holds
     content_hash: str
@@ -156,6 +159,7 @@ def _parse(name: str, data: dict) -> Recipe:
         services=services,
         endpoints={k: int(v) for k, v in data.get("endpoints", {}).items()},
         params={k: str(v) for k, v in data.get("params", {}).items()},
+        secrets=tuple(data.get("secrets", ())),
         ready_timeout=float(data.get("ready_timeout", 60)),
         contents=tuple(data.get("contents", ())),
         content_hash=digest,
