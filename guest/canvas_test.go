@@ -14,19 +14,7 @@ import (
 // points the server's canvas there, read as nobody.
 func newCanvas(t *testing.T, ts *testServer) (dir, secret string) {
 	t.Helper()
-	if os.Getuid() != 0 {
-		t.Skip("needs root")
-	}
-	nobody, err := lookupUser("nobody")
-	if err != nil {
-		t.Skip("no nobody user")
-	}
-	base, err := os.MkdirTemp("", "envd-canvas") // t.TempDir's parent is 0700
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(base) })
-	os.Chmod(base, 0o755)
+	base, nobody := sharedTempDir(t, "envd-canvas")
 	dir, secret = base+"/canvas", base+"/secret"
 	os.WriteFile(secret, []byte("root-only secret"), 0o600)
 	os.Mkdir(dir, 0o755)

@@ -23,7 +23,9 @@ type symlinkTrap struct {
 	home, etc string
 }
 
-func newSymlinkTrap(t *testing.T) (symlinkTrap, *User) {
+// sharedTempDir is a 0755 temporary directory (t.TempDir's parent is 0700, closed to other
+// users), removed after the test, and the user nobody; tests that need root skip without it.
+func sharedTempDir(t *testing.T, prefix string) (string, *User) {
 	t.Helper()
 	if os.Getuid() != 0 {
 		t.Skip("needs root")
@@ -32,12 +34,18 @@ func newSymlinkTrap(t *testing.T) (symlinkTrap, *User) {
 	if err != nil {
 		t.Skip("no nobody user")
 	}
-	base, err := os.MkdirTemp("", "envd-symlinks") // t.TempDir's parent is 0700
+	base, err := os.MkdirTemp("", prefix)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(base) })
 	os.Chmod(base, 0o755)
+	return base, nobody
+}
+
+func newSymlinkTrap(t *testing.T) (symlinkTrap, *User) {
+	t.Helper()
+	base, nobody := sharedTempDir(t, "envd-symlinks")
 	tr := symlinkTrap{home: base + "/home", etc: base + "/etc"}
 	os.Mkdir(tr.etc, 0o755)
 	os.WriteFile(tr.etc+"/shadow", []byte("root-only secret"), 0o600)
