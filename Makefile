@@ -6,7 +6,7 @@ CACHE   ?= /var/cache/e2a
 E2A_URL ?= http://127.0.0.1:8080
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: up deps venv build envd runsc templates serve stop test test-unit test-guest test-e2e bench openapi clean
+.PHONY: up deps venv build envd runsc templates serve stop test test-unit test-guest test-e2e bench bench-templates openapi clean
 
 up: build templates
 	@$(BIN)/e2a admin bootstrap
@@ -53,6 +53,10 @@ test-unit: venv
 
 bench: build templates
 	$(BIN)/python bench/sandboxes.py
+	$(BIN)/python bench/templates.py
+
+bench-templates: build templates
+	$(BIN)/python bench/templates.py
 
 clean:
 	rm -rf build

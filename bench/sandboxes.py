@@ -44,7 +44,8 @@ What exactly is compared:
   otherwise take 5 minutes of `make bench`) and the samples not taken are reported.
 
 Each part starts its own `e2a serve` (tests/e2e/server.py) with its own instance prefix.
-Results are printed and written to bench/results.json.
+Results are printed and written to bench/results.json. The browser, cua and canvas templates'
+figures are bench/templates.py's (`make bench-templates`; `make bench` runs both).
 Usage: python bench/sandboxes.py [--samples 50] [--capacity 120] [--death-samples 20]
                                  [--only cold,warm,exec,memory,capacity,death]
 """

@@ -264,12 +264,22 @@ function connect(mode) {
     give.hidden = mode !== "control";
     if (mode === "control") rfb.focus();
   });
-  rfb.addEventListener("disconnect", () => {
+  rfb.addEventListener("disconnect", (e) => {
     if (me._e2aClosing) return;
-    status.textContent = "disconnected";
     document.body.dataset.mode = "disconnected";
+    // a dropped view comes back by itself (a server restart, a busy host); a refused or
+    // expired link does not (its retries fail at once, and stop after a few)
+    if (retries < 10) {
+      retries += 1;
+      status.textContent = "reconnecting…";
+      setTimeout(() => connect(mode === "control" ? "view" : mode), 1000 * retries);
+    } else {
+      status.textContent = "disconnected";
+    }
   });
+  rfb.addEventListener("connect", () => { retries = 0; });
 }
+let retries = 0;
 take.onclick = () => connect("control");
 give.onclick = () => connect("view");
 connect("view");

@@ -93,6 +93,16 @@ class Cgroup:
             pass
         return 0
 
+    def cpu_used_us(self) -> int:
+        """CPU time the sandbox's host processes have used, in microseconds."""
+        if V2:
+            for line in (self._cpu_dir() / "cpu.stat").read_text().splitlines():
+                if line.startswith("usage_usec "):
+                    return int(line.split()[1])
+            return 0
+        acct = ROOT / "cpuacct" / self.parent / self.name / "cpuacct.usage"
+        return int(acct.read_text()) // 1000
+
     def procs(self) -> list[int]:
         """The host processes in the sandbox's cgroup (runsc's Sentry, gofer, systrap stubs)."""
         try:

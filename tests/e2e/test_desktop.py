@@ -149,8 +149,14 @@ def test_live_view_shows_the_desktop_and_a_person_can_take_over(alice, http, des
         browser = p.chromium.launch(executable_path="/usr/bin/chromium",
                                     args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1300, "height": 900})
+        console: list[str] = []
+        page.on("console", lambda m: console.append(m.text))
         page.goto(url)
-        page.wait_for_selector("body[data-mode=view]", timeout=30_000)
+        try:
+            page.wait_for_selector("body[data-mode=view]", timeout=30_000)
+        except Exception:
+            raise AssertionError(f"live view did not connect: {page.inner_text('#status')!r}, "
+                                 f"console: {console}") from None
         assert wait_for(lambda: _canvas_not_blank(page), timeout=20)
         assert http.get(f"/v1/sandboxes/{vm}/desktop/control").json() == {
             "human_in_control": False}

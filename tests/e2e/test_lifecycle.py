@@ -117,7 +117,6 @@ def test_other_users_sandbox_is_404(alice, bob, sandbox):
     ({"template": "standard", "agent": "claude-code"}, 400, "missing_field", "llm_key"),
     ({"template": "standard", "agent": "claude-code", "llm_key": "sk-x"}, 501,
      "agent_not_available", "agent"),
-    ({"template": "browser"}, 501, "template_not_available", "template"),
     ({"template": "windows95"}, 501, "template_not_available", "template"),
 ])
 def test_create_rejects_bad_input(http, body, status, code, field):

@@ -20,7 +20,7 @@ def pool_count(srv) -> int:
 
 @pytest.fixture
 def pool_server():
-    with own_server("pool", E2A_POOL_SIZE="2") as srv:
+    with own_server("pool", E2A_POOL_SIZES='{"standard": 2}') as srv:
         srv.start()
         yield srv
 
