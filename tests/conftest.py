@@ -129,6 +129,20 @@ def outside(tmp_path_factory):
     subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+def goto(page, url: str, attempts: int = 5) -> None:
+    """page.goto for host Chromium in these tests: other tests create and delete network
+    interfaces all the time, and Chromium aborts a load on such a change
+    (net::ERR_NETWORK_CHANGED); that, and only that, is tried again."""
+    for attempt in range(attempts):
+        try:
+            page.goto(url)
+            return
+        except Exception as exc:
+            if "ERR_NETWORK_CHANGED" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.5)
+
+
 def wait_for(predicate, timeout: float = 30, interval: float = 0.2):
     end = time.monotonic() + timeout
     while time.monotonic() < end:

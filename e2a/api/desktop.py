@@ -241,7 +241,16 @@ VIEW_PAGE = """<!doctype html>
   <button id="give" hidden>Hand back</button></div>
 <div id="screen"></div>
 <script type="module">
-import RFB from "/v1/novnc/core/rfb.js";
+// noVNC is some twenty modules: one that fails to load (a network change on the viewer's side)
+// would leave the page dead, so the page loads them again.
+let RFB;
+try {
+  RFB = (await import("/v1/novnc/core/rfb.js")).default;
+} catch (e) {
+  document.getElementById("status").textContent = "loading again…";
+  setTimeout(() => location.reload(), 1000);
+  throw e;
+}
 const config = {{CONFIG}};
 const canControl = config.control !== null;
 const screen = document.getElementById("screen");

@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
+from tests.conftest import goto
+
 
 DRAWING = """<!doctype html><html><head><link rel=stylesheet href=style.css></head>
 <body><div id=box></div><p id=label>{label}</p></body></html>"""
@@ -77,7 +79,7 @@ def test_view_page_reloads_when_the_canvas_changes(alice, http, canvas_sb, serve
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
         page = browser.new_page()
-        page.goto(url)
+        goto(page, url)
         frame = page.frame_locator("#canvas")
         assert frame.locator("#label").inner_text(timeout=20_000) == "v1"
         alice.files.write(vm, "/home/user/canvas/index.html", DRAWING.format(label="v2").encode())

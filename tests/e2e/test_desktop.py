@@ -12,7 +12,7 @@ import websockets.sync.client as ws_client
 from PIL import Image, ImageChops
 from playwright.sync_api import sync_playwright
 
-from tests.conftest import wait_for
+from tests.conftest import goto, wait_for
 
 SENTENCE = "Héllo wörld ✓ 日本語 — e2a"
 
@@ -151,7 +151,7 @@ def test_live_view_shows_the_desktop_and_a_person_can_take_over(alice, http, des
         page = browser.new_page(viewport={"width": 1300, "height": 900})
         console: list[str] = []
         page.on("console", lambda m: console.append(m.text))
-        page.goto(url)
+        goto(page, url)
         try:
             page.wait_for_selector("body[data-mode=view]", timeout=30_000)
         except Exception:

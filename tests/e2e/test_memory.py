@@ -117,7 +117,8 @@ def test_mmap_touching_every_page_is_killed_inside(alice, sandbox):
     out = run_offender(alice, sandbox, "python3 -c 'import mmap\nm = mmap.mmap(-1, 1 << 30)\n"
                                        "for i in range(0, 1 << 30, 4096): m[i] = 1\n"
                                        "print(\"got it\")'")
-    assert "rc=137" in out and "got it" not in out, out
+    # killed inside: SIGKILL, or SIGSEGV when gVisor cannot back a page fault (seen under load)
+    assert ("rc=137" in out or "rc=139" in out) and "got it" not in out, out
     assert_survived(alice, sandbox, sleeper)
 
 
