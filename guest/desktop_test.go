@@ -1182,10 +1182,10 @@ func TestToRGBA(t *testing.T) {
 		name string
 		raw  rawImage
 	}{
-		{"xRGB little-endian", rawImage{data: []byte{0x56, 0x34, 0x12, 0x00}, bpp: 32, rmask: 0xff0000, gmask: 0xff00, bmask: 0xff}},
-		{"xRGB big-endian", rawImage{data: []byte{0x00, 0x12, 0x34, 0x56}, bpp: 32, msbFirst: true, rmask: 0xff0000, gmask: 0xff00, bmask: 0xff}},
-		{"xBGR", rawImage{data: []byte{0x12, 0x34, 0x56, 0x00}, bpp: 32, rmask: 0xff, gmask: 0xff00, bmask: 0xff0000}},
-		{"RGB 24 bpp", rawImage{data: []byte{0x56, 0x34, 0x12, 0x00}, bpp: 24, rmask: 0xff0000, gmask: 0xff00, bmask: 0xff}},
+		{"xRGB little-endian", rawImage{data: []byte{0x56, 0x34, 0x12, 0x00}, pixelFormat: pixelFormat{bpp: 32, rmask: 0xff0000, gmask: 0xff00, bmask: 0xff}}},
+		{"xRGB big-endian", rawImage{data: []byte{0x00, 0x12, 0x34, 0x56}, pixelFormat: pixelFormat{bpp: 32, msbFirst: true, rmask: 0xff0000, gmask: 0xff00, bmask: 0xff}}},
+		{"xBGR", rawImage{data: []byte{0x12, 0x34, 0x56, 0x00}, pixelFormat: pixelFormat{bpp: 32, rmask: 0xff, gmask: 0xff00, bmask: 0xff0000}}},
+		{"RGB 24 bpp", rawImage{data: []byte{0x56, 0x34, 0x12, 0x00}, pixelFormat: pixelFormat{bpp: 24, rmask: 0xff0000, gmask: 0xff00, bmask: 0xff}}},
 	}
 	for _, c := range cases {
 		raw := c.raw
@@ -1199,7 +1199,7 @@ func TestToRGBA(t *testing.T) {
 		}
 	}
 	// 16 bpp 5-6-5: full-scale channels map to 255.
-	raw := rawImage{data: []byte{0xff, 0xff, 0, 0}, width: 1, height: 1, bpp: 16, rmask: 0xf800, gmask: 0x07e0, bmask: 0x001f}
+	raw := rawImage{data: []byte{0xff, 0xff, 0, 0}, width: 1, height: 1, pixelFormat: pixelFormat{bpp: 16, rmask: 0xf800, gmask: 0x07e0, bmask: 0x001f}}
 	img, err := toRGBA(&raw)
 	if err != nil || img.RGBAAt(0, 0) != (color.RGBA{255, 255, 255, 255}) {
 		t.Errorf("565: %v %v", img, err)

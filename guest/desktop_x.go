@@ -26,13 +26,7 @@ type xconn struct {
 
 	width, height int // the root's size, refreshed at the start of every request
 
-	// the root's pixel format
-	depth    byte
-	bpp      int
-	msbFirst bool
-	rmask    uint32
-	gmask    uint32
-	bmask    uint32
+	pixelFormat // the root's
 
 	xtestErr error // non-nil: no XTEST, no input
 	xfixes   bool  // the pointer can be drawn into screenshots
@@ -103,7 +97,6 @@ func dialX(display string) (*xconn, error) {
 	si := setup.Roots[screen]
 	x.root = si.Root
 	x.width, x.height = int(si.WidthInPixels), int(si.HeightInPixels)
-	x.depth = si.RootDepth
 	x.msbFirst = setup.ImageByteOrder == xproto.ImageOrderMSBFirst
 	for _, f := range setup.PixmapFormats {
 		if f.Depth == si.RootDepth {
@@ -228,12 +221,15 @@ type rawImage struct {
 	data          []byte
 	width, height int
 	depth         byte
-	bpp           int
-	msbFirst      bool
-	rmask         uint32
-	gmask         uint32
-	bmask         uint32
-	cursor        *xfixes.GetCursorImageReply // the pointer, to draw on top; nil without XFIXES
+	pixelFormat
+	cursor *xfixes.GetCursorImageReply // the pointer, to draw on top; nil without XFIXES
+}
+
+// pixelFormat is how the server lays out the root window's pixels (from the connection setup).
+type pixelFormat struct {
+	bpp                 int
+	msbFirst            bool
+	rmask, gmask, bmask uint32
 }
 
 // capture reads the whole root window (GetImage, ZPixmap) and the pointer's image (XFIXES; X
@@ -276,8 +272,8 @@ func (x *xconn) capture() (*rawImage, error) {
 	if 32+n > len(reply) {
 		return nil, asXError(x, errors.New("short GetImage reply"))
 	}
-	return &rawImage{data: reply[32 : 32+n], width: w, height: h, depth: reply[1], bpp: x.bpp,
-		msbFirst: x.msbFirst, rmask: x.rmask, gmask: x.gmask, bmask: x.bmask, cursor: cur}, nil
+	return &rawImage{data: reply[32 : 32+n], width: w, height: h, depth: reply[1],
+		pixelFormat: x.pixelFormat, cursor: cur}, nil
 }
 
 // ---- input (XTEST) ----

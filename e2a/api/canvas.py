@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import posixpath
-from collections import Counter
 from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request
@@ -24,7 +23,7 @@ from e2a.api.endpoints import (base_url, browser_ws_path, granted, link_slots, s
                                tokens)
 from e2a.api.deps import current_user
 from e2a.api.errors import ApiError
-from e2a.api.proxy import ClientGone, _opened, _respond, _unless_client_leaves
+from e2a.api.proxy import ClientGone, Slots, _opened, _respond, _unless_client_leaves
 from e2a.api.schemas import CanvasOut, RenderRequest
 
 router = APIRouter(tags=["canvas"])
@@ -33,7 +32,7 @@ CANVAS_DIR = "/home/user/canvas"
 CONTENT_POLICY = "sandbox allow-scripts allow-forms allow-popups"
 RENDER_TIMEOUT = 60.0
 RENDERS_PER_USER = 2  # each holds up to one large CDP message in the server
-_renders: Counter[str] = Counter()
+render_slots = Slots(RENDERS_PER_USER, "renders at once", "too_many_renders")
 
 
 @router.get("/v1/sandboxes/{vm_id}/canvas", response_model=CanvasOut,
@@ -61,16 +60,8 @@ async def render_canvas(request: Request, vm_id: str, req: RenderRequest) -> Res
     if req.path is not None and req.html is not None:
         raise ApiError(400, "invalid_field", "give path or html, not both", "html")
     sid, port = await sandbox_with(request, vm_id, "canvas", "a canvas")
-    user = (await current_user(request)).id
-    if _renders[user] >= RENDERS_PER_USER:
-        raise ApiError(429, "too_many_renders", f"at most {RENDERS_PER_USER} renders at once")
-    _renders[user] += 1
-    try:
+    with render_slots.held((await current_user(request)).id):
         return await _render(request, sid, port, req)
-    finally:
-        _renders[user] -= 1
-        if not _renders[user]:
-            del _renders[user]
 
 
 async def _render(request: Request, sid: str, port: int, req: RenderRequest) -> Response:

@@ -11,14 +11,15 @@ from fastapi import Request, WebSocket
 from e2a.api.access import AccessTokens, Grant
 from e2a.api.deps import current_user, owned_sandbox
 from e2a.api.errors import ApiError
-from e2a.api.proxy import ProxySlots
+from e2a.api.proxy import Slots
 from e2a.templates import recipes
 
 # Connections through a sandbox's URL-token links (CDP, live view, canvas view) at once: their
 # own budget, well below the sandbox's 128, so whoever holds a link cannot lock the sandbox's
 # owner out of it.
 LINK_CONNECTIONS_PER_SANDBOX = 32
-link_slots = ProxySlots(LINK_CONNECTIONS_PER_SANDBOX, per="sandbox through its links")
+link_slots = Slots(LINK_CONNECTIONS_PER_SANDBOX,
+                   "proxied connections may be open at once per sandbox through its links")
 
 
 async def sandbox_with(request: Request, vm_id: str, endpoint: str, what: str) -> tuple[str, int]:

@@ -339,30 +339,37 @@ def _port(port: int) -> int:
     return port
 
 
-class ProxySlots:
-    """Concurrent proxied connections per key (a user, or a sandbox's shared links): one more
-    than the limit is refused with 429, so one tenant cannot hold all of the server's
-    descriptors open through apps that never answer."""
+class Slots:
+    """Concurrent uses of something per key (a user's proxied connections, a sandbox's link
+    connections, a user's renders): one more than the limit is refused with 429, so one
+    tenant cannot hold all of the server's descriptors or memory."""
 
-    def __init__(self, limit: int, per: str = "user"):
-        self.limit, self.per, self.open = limit, per, {}
+    def __init__(self, limit: int, what: str, code: str = "too_many_connections"):
+        self.limit, self.what, self.code, self.open = limit, what, code, {}
 
-    def take(self, user_id: str) -> None:
-        if self.open.get(user_id, 0) >= self.limit:
-            raise ApiError(429, "too_many_connections", f"at most {self.limit} proxied "
-                           f"connections may be open at once per {self.per}")
-        self.open[user_id] = self.open.get(user_id, 0) + 1
+    def take(self, key: str) -> None:
+        if self.open.get(key, 0) >= self.limit:
+            raise ApiError(429, self.code, f"at most {self.limit} {self.what}")
+        self.open[key] = self.open.get(key, 0) + 1
 
-    def give(self, user_id: str) -> None:
-        left = self.open.get(user_id, 0) - 1
+    def give(self, key: str) -> None:
+        left = self.open.get(key, 0) - 1
         if left > 0:
-            self.open[user_id] = left
+            self.open[key] = left
         else:
-            self.open.pop(user_id, None)
+            self.open.pop(key, None)
+
+    @contextlib.contextmanager
+    def held(self, key: str):
+        self.take(key)
+        try:
+            yield
+        finally:
+            self.give(key)
 
 
 MAX_PROXIED_PER_USER = 256
-proxy_slots = ProxySlots(MAX_PROXIED_PER_USER)
+proxy_slots = Slots(MAX_PROXIED_PER_USER, "proxied connections may be open at once per user")
 
 
 def _scoped_cookie(value: str, prefix: str) -> str:

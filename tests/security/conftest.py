@@ -6,8 +6,18 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 from pathlib import Path
 from urllib.parse import urlparse
+
+
+NOBODY = 65534
+
+
+def as_user(uid: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a command on the host as an unprivileged local user (no groups)."""
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                           *args], capture_output=True, text=True, timeout=timeout)
 
 
 def envd_launch(server, vm_id: str) -> tuple[str, str]:

@@ -13,6 +13,7 @@ suite's servers nor with each other when xdist spreads this module over two work
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -154,36 +155,37 @@ def make_server(instance: str, subnet: str, base: str, **env: str) -> Server:
     return srv
 
 
-@pytest.fixture(scope="module")
-def srv():
-    w = worker_index()
-    s = make_server(f"a{w}x", f"10.{240 + w}.0.0/20", f"/tmp/e2a-attack-{w}",
-                    E2A_MAX_SANDBOXES=str(MAX))
+@contextlib.contextmanager
+def scrubbed(s: Server):
+    """A server with nothing of an earlier run left, and nothing of it left afterwards (the
+    deep directory trees some tests plant need removing before the generic cleanup)."""
     remove_deep_trees(s)
     s.cleanup()
-    s.start()
-    s.keys = {"a": s.create_user("attack-a@example.com"),
-              "b": s.create_user("attack-b@example.com")}
     try:
         yield s
     finally:
         s.stop()
         remove_deep_trees(s)
         s.cleanup()
+
+
+@pytest.fixture(scope="module")
+def srv():
+    w = worker_index()
+    with scrubbed(make_server(f"a{w}x", f"10.{240 + w}.0.0/20", f"/tmp/e2a-attack-{w}",
+                              E2A_MAX_SANDBOXES=str(MAX))) as s:
+        s.start()
+        s.keys = {"a": s.create_user("attack-a@example.com"),
+                  "b": s.create_user("attack-b@example.com")}
+        yield s
 
 
 @pytest.fixture
 def restart_srv():
     w = worker_index()
-    s = make_server(f"a{w}y", f"10.{240 + w}.16.0/20", f"/tmp/e2a-attack-{w}-restart")
-    remove_deep_trees(s)
-    s.cleanup()
-    try:
+    with scrubbed(make_server(f"a{w}y", f"10.{240 + w}.16.0/20",
+                              f"/tmp/e2a-attack-{w}-restart")) as s:
         yield s
-    finally:
-        s.stop()
-        remove_deep_trees(s)
-        s.cleanup()
 
 
 @pytest.fixture

@@ -7,15 +7,9 @@ from __future__ import annotations
 
 import sqlite3
 import stat
-import subprocess
 from pathlib import Path
 
-NOBODY = 65534
-
-
-def as_nobody(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                           *args], capture_output=True, text=True)
+from tests.security.conftest import NOBODY, as_user
 
 
 def test_unprivileged_host_user_reads_nothing_of_e2a(server, alice):
@@ -33,9 +27,9 @@ def test_unprivileged_host_user_reads_nothing_of_e2a(server, alice):
                        data / "sandboxes" / sb.vm_id / "config.json",
                        data / "sandboxes" / sb.vm_id / "upper" / "home" / "user" / "secret.txt",
                        run / "runsc"):
-            r = as_nobody("cat", str(target))
+            r = as_user(NOBODY, "cat", str(target))
             assert r.returncode != 0 and "Permission denied" in r.stderr, (target, r)
-        r = as_nobody("ls", str(data / "sandboxes"))
+        r = as_user(NOBODY, "ls", str(data / "sandboxes"))
         assert r.returncode != 0
     finally:
         alice.kill(sb.vm_id)
@@ -51,7 +45,7 @@ def test_setuid_file_made_in_a_sandbox_is_useless_on_the_host(server, alice):
         sdir = server.base / "data" / "sandboxes" / sb.vm_id
         for planted in (sdir / "tmp" / "rootid", sdir / "rootfs" / "home" / "user" / "rootid2"):
             assert planted.exists()
-            out = as_nobody(str(planted))
+            out = as_user(NOBODY, str(planted))
             assert out.returncode != 0 and "euid=0" not in out.stdout, out
         # The overlay is mounted nosuid,nodev: even a path that root hands out runs unprivileged.
         mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]

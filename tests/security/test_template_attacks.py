@@ -16,7 +16,6 @@ import os
 import re
 import socket
 import struct
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -35,9 +34,8 @@ from e2a.sandboxes.agent_keys import AgentKeys
 from e2a.sandboxes.manager import MAX_CONNECTIONS_PER_SANDBOX
 from e2a.templates.builder import SANDBOX_UID
 from tests.conftest import wait_for
-from tests.security.conftest import envd_launch, raw_request, rss_kib
+from tests.security.conftest import NOBODY, as_user, envd_launch, raw_request, rss_kib
 
-NOBODY = 65534
 
 
 # ---- fixtures and helpers -------------------------------------------------------------------
@@ -120,11 +118,6 @@ def ws_status(url: str, open_timeout: float = 30) -> int:
             return 101
     except websockets.exceptions.InvalidStatus as e:
         return e.response.status_code
-
-
-def as_user(uid: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-                           *args], capture_output=True, text=True, timeout=timeout)
 
 
 def stalled_ws(url: str) -> socket.socket:
