@@ -58,7 +58,11 @@ async def owned_sandbox(app, user: Caller, sandbox_id: str) -> SandboxRecord:
 
 async def running_sandbox(app, user: Caller, sandbox_id: str) -> str:
     """The id of the caller's running sandbox (answered from memory on the hot path)."""
-    rec = await owned_sandbox(app, user, sandbox_id)
+    return require_running(await owned_sandbox(app, user, sandbox_id))
+
+
+def require_running(rec: SandboxRecord) -> str:
+    """The sandbox's id if it is running, else 409."""
     if rec.state != "running":
         raise ApiError(409, "sandbox_not_running", f"sandbox {rec.id} is {rec.state}", "vm_id")
     return rec.id

@@ -1,6 +1,6 @@
 """What the template-specific routes (browser, desktop, canvas) share: finding the caller's
-sandbox of the right template, the URLs handed out, and relaying a WebSocket to a service
-inside the sandbox through envd (guest/services.go: /proxy/{port}/..., /tcp/{port})."""
+sandbox of the right template, the URLs handed out, checking their tokens, the budget of link
+connections, and finding Chromium's browser endpoint through envd's relay."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 from fastapi import Request, WebSocket
 
 from e2a.api.access import AccessTokens, Grant
-from e2a.api.deps import current_user, owned_sandbox
+from e2a.api.deps import current_user, owned_sandbox, require_running
 from e2a.api.errors import ApiError
 from e2a.api.proxy import Slots
 from e2a.templates import recipes
@@ -31,9 +31,7 @@ async def sandbox_with(request: Request, vm_id: str, endpoint: str, what: str) -
         with_it = [n for n in recipes.available() if endpoint_port(n, endpoint)]
         raise ApiError(409, "wrong_template", f"sandbox {rec.id} is a {rec.template} sandbox; "
                        f"{what} is in {' and '.join(with_it)} sandboxes", "vm_id")
-    if rec.state != "running":
-        raise ApiError(409, "sandbox_not_running", f"sandbox {rec.id} is {rec.state}", "vm_id")
-    request.app.state.host.touch(rec.id)
+    request.app.state.host.touch(require_running(rec))
     return rec.id, port
 
 
