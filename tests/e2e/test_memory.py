@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# How a process dies inside when memory runs out: SIGKILL (137) from the host OOM killer,
+# steered at its systrap stub, or, under host load, SIGSEGV (139) when gVisor cannot back a
+# page fault. Either way the offender died inside and the sandbox lives on.
+KILLED_INSIDE = {"137", "139"}
+
 import pytest
 
 from e2a.runtime.cgroups import Cgroup
@@ -117,8 +122,7 @@ def test_mmap_touching_every_page_is_killed_inside(alice, sandbox):
     out = run_offender(alice, sandbox, "python3 -c 'import mmap\nm = mmap.mmap(-1, 1 << 30)\n"
                                        "for i in range(0, 1 << 30, 4096): m[i] = 1\n"
                                        "print(\"got it\")'")
-    # killed inside: SIGKILL, or SIGSEGV when gVisor cannot back a page fault (seen under load)
-    assert ("rc=137" in out or "rc=139" in out) and "got it" not in out, out
+    assert any(f"rc={c}" in out for c in KILLED_INSIDE) and "got it" not in out, out
     assert_survived(alice, sandbox, sleeper)
 
 
@@ -153,8 +157,8 @@ def test_several_processes_allocating_together(alice, sandbox):
               "echo code=$?; done")
     out = run_offender(alice, sandbox, script)
     codes = [ln.removeprefix("code=") for ln in out.splitlines() if ln.startswith("code=")]
-    assert len(codes) == 4 and set(codes) <= {"0", "137"}, out
-    assert "137" in codes, out
+    assert len(codes) == 4 and set(codes) <= {"0"} | KILLED_INSIDE, out
+    assert KILLED_INSIDE & set(codes), out
     assert_survived(alice, sandbox, sleeper)
 
 
