@@ -6,7 +6,7 @@ CACHE   ?= /var/cache/e2a
 E2A_URL ?= http://127.0.0.1:8080
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: up deps venv build envd runsc templates serve stop test test-unit test-guest test-e2e bench bench-templates openapi clean
+.PHONY: up deps venv build envd runsc rclone templates serve stop test test-unit test-guest test-e2e bench bench-templates openapi clean
 
 up: build templates
 	@$(BIN)/e2a admin bootstrap
@@ -22,13 +22,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-build: deps venv envd runsc
+build: deps venv envd runsc rclone
 
 envd:
 	cd guest && CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o ../build/envd .
 
 runsc:
 	E2A_CACHE_DIR=$(CACHE) scripts/build-runsc.sh
+
+rclone:
+	E2A_CACHE_DIR=$(CACHE) scripts/build-rclone.sh
 
 templates: venv
 	$(BIN)/e2a admin build-templates

@@ -34,6 +34,8 @@ _EXPECTED = {
     "death_check_interval": "must be a number of seconds greater than 0 and at most 2",
     "max_body_bytes": "must be an integer of at least 1024 (bytes)",
     "disk_gib": "must be an integer of at least 0 (GiB; 0 = half the free space)",
+    "s3_port": "must be an integer from 1 to 65535",
+    "workspace_quota_mib": "must be an integer of at least 1 (MiB)",
 }
 
 
@@ -91,6 +93,30 @@ class Settings(BaseSettings):
     # first made; each sandbox also has its template's own limit). 0 = half the free space then
     # (at most 64 GiB).
     disk_gib: int = Field(0, ge=0)
+
+    # ---- workspaces (docs/workspaces.md) ----
+    # The S3 store of every workspace. Empty endpoint: e2a starts its own S3 server (rclone serve
+    # s3) on 127.0.0.1:<s3_port>, its objects encrypted under <data_dir>/s3. Set endpoint, region,
+    # bucket and keys to use any S3 (AWS S3, R2, MinIO, SeaweedFS) instead; e2a then starts none.
+    s3_endpoint: str = ""
+    s3_region: str = "us-east-1"
+    s3_bucket: str = "e2a-workspaces"
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    # Server-side encryption asked of an external S3 for every object written ("AES256" or
+    # "aws:kms"); the embedded server encrypts everything itself.
+    s3_sse: str = ""
+    s3_port: int = Field(8333, ge=1, le=65535)
+    # Where clients reach the S3 server, for presigned URLs (e.g. https://s3.example.com behind
+    # a TLS proxy that keeps the Host header); empty = the endpoint e2a itself uses.
+    s3_public_url: str = ""
+    # The embedded server's encryption key (any string); empty = generated once into
+    # <data_dir>/workspace.key. Losing it loses every workspace.
+    workspace_key: str = ""
+    # Each user's storage over all their workspaces.
+    workspace_quota_mib: int = Field(10240, ge=1)
+    # Default: <cache_dir>/bin/rclone
+    rclone: str = ""
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -162,6 +188,36 @@ class Settings(BaseSettings):
                                  " or a smaller subnet)")
         return v
 
+    @field_validator("s3_endpoint", "s3_public_url")
+    @classmethod
+    def _s3_url(cls, v: str) -> str:
+        if v and not re.match(r"^https?://[^/\s]+/?$", v):
+            raise ValueError("must be an http(s) URL of the S3 server alone, such as "
+                             "https://s3.example.com (no path)")
+        return v.rstrip("/")
+
+    @field_validator("s3_sse")
+    @classmethod
+    def _s3_sse(cls, v: str) -> str:
+        if v not in ("", "AES256", "aws:kms"):
+            raise ValueError("must be empty, AES256 or aws:kms")
+        return v
+
+    @field_validator("s3_bucket")
+    @classmethod
+    def _s3_bucket(cls, v: str) -> str:
+        if not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", v):
+            raise ValueError("must be an S3 bucket name: 3-63 lowercase letters, digits, dots "
+                             "and hyphens")
+        return v
+
+    @model_validator(mode="after")
+    def _s3_credentials(self) -> Settings:
+        if self.s3_endpoint and not (self.s3_access_key and self.s3_secret_key):
+            raise ValueError(f"{env_name('s3_endpoint')} is set: {env_name('s3_access_key')} "
+                             f"and {env_name('s3_secret_key')} must be set too")
+        return self
+
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, v: str) -> str:
@@ -179,6 +235,8 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite+aiosqlite:///{self.data_dir / 'e2a.db'}"
         if not self.runsc:
             self.runsc = str(self.cache_dir / "bin" / "runsc")
+        if not self.rclone:
+            self.rclone = str(self.cache_dir / "bin" / "rclone")
         if not self.envd:
             self.envd = str(Path(__file__).resolve().parent.parent / "build" / "envd")
         return self
@@ -195,6 +253,9 @@ def _problems(error: ValidationError, given: dict[str, Any]) -> list[str]:
             reason = str(err.get("ctx", {}).get("error", err["msg"]))
         else:
             reason = _EXPECTED.get(field, err["msg"][:1].lower() + err["msg"][1:])
+        if not field:  # a check across settings: its message names them
+            lines.append(f"e2a: invalid settings: {reason}")
+            continue
         source = "" if field in given or name in from_env else " (default)"
         value = str(err.get("input"))
         lines.append(f"e2a: invalid setting {name}={value!r}{source}: {reason}")

@@ -8,7 +8,8 @@ import logging
 from fastapi import FastAPI
 
 from e2a import __version__, auth
-from e2a.api import browser, canvas, desktop, errors, proxy, sandboxes, templates
+from e2a.api import (browser, canvas, desktop, errors, proxy, sandboxes, templates,
+                     workspaces)
 from e2a.api.access import AccessTokens
 from e2a.api.guard import RequestGuard
 from e2a.config import Settings
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
         manager = Manager(settings, app.state.sessions)
         # The API sees the manager only through its two interfaces (sandboxes/host.py).
         app.state.host, app.state.catalog = manager, manager.catalog
+        app.state.workspaces = manager.workspaces
         app.state.access = AccessTokens(manager.keys)
         try:
             await manager.start()
@@ -90,6 +92,7 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
     app.include_router(browser.router)
     app.include_router(desktop.router)
     app.include_router(canvas.router)
+    app.include_router(workspaces.router)
     desktop.mount_novnc(app)
 
     @app.get("/health", tags=["service"])

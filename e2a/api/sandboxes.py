@@ -16,6 +16,7 @@ from e2a.sandboxes.host import (Catalog, CreateFailed, CreateSpec, DeletedDuring
                                 NoCapacity, SandboxHost, SandboxRecord, Unavailable)
 from e2a.sandboxes.states import EndReason, State
 from e2a.templates import recipes
+from e2a.workspaces.scope import Scope
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
 
@@ -29,7 +30,8 @@ def out(rec: SandboxRecord) -> SandboxOut:
         cpu_fraction=rec.cpu_fraction, memory_mib=rec.memory_mib, internet=rec.internet,
         metadata=rec.metadata, idle_timeout_seconds=rec.idle_timeout_seconds,
         max_lifetime_seconds=rec.max_lifetime_seconds, created_at=rec.created_at,
-        expires_at=rec.expires_at, destroyed_at=rec.destroyed_at, end_reason=rec.end_reason)
+        expires_at=rec.expires_at, destroyed_at=rec.destroyed_at, end_reason=rec.end_reason,
+        workspace_id=rec.workspace_id)
 
 
 @router.post("", status_code=201, response_model=SandboxOut,
@@ -61,7 +63,8 @@ async def create_sandbox(req: CreateSandbox, user: Caller = Depends(current_user
         rec = await sandboxes.create(CreateSpec(
             user_id=user.id, template=req.template, env_vars=req.env_vars,
             metadata=req.metadata, idle_timeout=idle, max_lifetime=req.max_lifetime_seconds,
-            internet=req.internet, params=params))
+            internet=req.internet, params=params,
+            workspace=_workspace_scope(req, user)))
     except NoCapacity as exc:
         raise ApiError(409, "no_capacity", str(exc)) from exc
     except DeletedDuringCreate as exc:
@@ -71,6 +74,15 @@ async def create_sandbox(req: CreateSandbox, user: Caller = Depends(current_user
     except CreateFailed as exc:
         raise ApiError(503, "create_failed", str(exc)) from exc
     return out(rec)
+
+
+def _workspace_scope(req: CreateSandbox, user: Caller) -> Scope | None:
+    """The scope of the workspace asked for: the user from the API key, the rest checked names."""
+    ws = req.workspace
+    if ws is None:
+        return None
+    return Scope(user_id=user.id, end_user_id=ws.end_user_id or "", app_id=ws.app_id,
+                 capset_id=ws.capset_id)
 
 
 RESOLUTION = re.compile(r"^(\d{3,4})x(\d{3,4})$")

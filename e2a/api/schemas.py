@@ -6,7 +6,9 @@ import re
 from datetime import datetime
 from typing import Literal, Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from e2a.workspaces import scope
 
 MAX_LIFETIME = 7200
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -34,6 +36,24 @@ EnvVars = Annotated[
     Field(max_length=100), AfterValidator(_check_env)]
 
 
+def _scope_name(v: str) -> str:
+    return scope.check_name(v)
+
+
+ScopeName = Annotated[str, AfterValidator(_scope_name)]
+
+
+class WorkspaceRequest(BaseModel):
+    """Which workspace to mount on /home/user: the caller's, for this app and capability set
+    (and, for a tenant serving end users of its own, this end user)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    app_id: ScopeName = scope.DEFAULT
+    capset_id: ScopeName = scope.DEFAULT
+    end_user_id: ScopeName | None = None
+
+
 class CreateSandbox(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -53,6 +73,15 @@ class CreateSandbox(BaseModel):
     # The desktop's screen (cua only): WIDTHxHEIGHT, 640x480 to 3840x2160. Not the template's
     # default: the sandbox starts cold, not from the warm pool.
     resolution: str | None = Field(default=None, max_length=16)
+    # A persistent /home/user (docs/workspaces.md): true for the defaults, or its scope.
+    workspace: WorkspaceRequest | None = None
+
+    @field_validator("workspace", mode="before")
+    @classmethod
+    def _workspace_flag(cls, v):
+        if v is True:
+            return {}
+        return None if v is False else v
 
 
 class SandboxOut(BaseModel):
@@ -72,6 +101,8 @@ class SandboxOut(BaseModel):
     # Why it ended, once it has: deleted, idle_timeout, max_lifetime, out_of_memory, crashed,
     # server_restart or create_failed.
     end_reason: str | None = None
+    # The workspace mounted on /home/user, if any (GET /v1/workspaces/{id}).
+    workspace_id: str | None = None
 
 
 class SandboxEventOut(BaseModel):

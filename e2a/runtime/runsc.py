@@ -75,6 +75,7 @@ class SandboxSpec:
     nproc_limit: int = 0  # RLIMIT_NPROC inside: tasks per user; 0: TASKS_PER_MIB × memory_mib
     sandbox_ip: str = "0.0.0.0"  # envd listens on this address only (the sandbox's own)
     env: dict[str, str] = field(default_factory=dict)  # the template's, and envd's settings
+    home: Path | None = None  # bound on /home/user: the workspace's mount (else the image's)
 
 
 def oci_config(spec: SandboxSpec) -> dict:
@@ -114,6 +115,8 @@ def oci_config(spec: SandboxSpec) -> dict:
              "options": ["bind", "ro"]},
             {"destination": "/etc/resolv.conf", "type": "bind", "source": str(spec.resolv_conf),
              "options": ["bind", "ro"]},
+            *([{"destination": "/home/user", "type": "bind", "source": str(spec.home),
+                "options": ["rbind", "rw"]}] if spec.home else []),
         ],
         "linux": {
             "cgroupsPath": spec.cgroup.path,

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 
 from e2a.sandboxes.states import EndReason
+from e2a.workspaces.scope import Scope
 
 
 class NoCapacity(Exception):
@@ -76,6 +77,7 @@ class SandboxRecord:
     expires_at: datetime
     destroyed_at: datetime | None = None
     end_reason: str | None = None
+    workspace_id: str | None = None
 
 
 @dataclass
@@ -97,6 +99,7 @@ class CreateSpec:
     max_lifetime: int = 7200
     internet: bool = True
     params: dict[str, str] = field(default_factory=dict)  # the template's (e.g. resolution)
+    workspace: Scope | None = None  # mounted on /home/user; None: the home is the sandbox's own
 
 
 class Catalog(ABC):
@@ -206,4 +209,8 @@ class SandboxHost(ABC):
 
     def pool_sizes(self) -> dict[str, int]:
         return {}
+
+    def workspace_mounted(self, workspace_id: str) -> bool:
+        """Whether a sandbox of this host has (or is mounting) the workspace."""
+        return False
 

@@ -43,6 +43,7 @@ from e2a.sandboxes.states import EndReason, State
 from e2a.sandboxes.watch import DeathWatch, runsc_processes
 from e2a.store.models import Sandbox
 from e2a.templates import builder, recipes
+from e2a.workspaces.service import MountPlan, Workspaces
 
 log = logging.getLogger("e2a.sandboxes")
 T = TypeVar("T")
@@ -124,7 +125,12 @@ class LiveSandbox:
             memory_mib=self.memory_mib, internet=self.plan.internet, metadata=self.metadata,
             idle_timeout_seconds=self.idle_timeout, max_lifetime_seconds=self.max_lifetime,
             created_at=self.created_at, expires_at=self.expires_at,
-            end_reason=self.end_reason.value if self.end_reason else None)
+            end_reason=self.end_reason.value if self.end_reason else None,
+            workspace_id=self.workspace_id)
+
+    @property
+    def workspace_id(self) -> str | None:
+        return self.plan.workspace.workspace_id if self.plan.workspace else None
 
 
 async def retry(what: str, fn: Callable[[], Awaitable[T]], attempts: int = 3,
@@ -155,6 +161,9 @@ class Manager(SandboxHost):
             runsc=self.runsc, firewall=Firewall(settings.instance, settings.subnet),
             addressing=links.Addressing(settings.instance, settings.subnet),
             envd_binary=Path(settings.envd), resolv_conf=settings.run_dir / "resolv.conf")
+        self.workspaces = Workspaces(settings, sessions)
+        self.env.rclone, self.env.workspaces = settings.rclone, self.workspaces
+        self.mounting: dict[str, int] = {}  # workspace id -> creates planning to mount it
         self.records = Records(sessions)
         self.keys = AgentKeys(settings.data_dir / "agent.key")
         self.catalog = StoreCatalog(self.records, self._live_record, self.node)
@@ -178,6 +187,8 @@ class Manager(SandboxHost):
         self.env.resolv_conf.write_text(
             "".join(f"nameserver {ns}\n" for ns in host_nameservers()))
         await resources.prepare(self.env, self.kinds, self.settings)  # the disk pool
+        # Before reconcile: a mount found dead there uploads what it left to S3.
+        await self.workspaces.start()
         await self.reconcile()
         self._tasks.append(asyncio.create_task(self._reaper(), name="reaper"))
         self._tasks.append(asyncio.create_task(self._death_sweeper(), name="death sweep"))
@@ -196,6 +207,8 @@ class Manager(SandboxHost):
         boots = [sb.boot_task for sb in self.sandboxes.values() if sb.boot_task]
         await asyncio.gather(*boots, return_exceptions=True)
         self.watch.close()
+        await self.workspaces.stop(mounts_left=any(
+            sb.plan.workspace for sb in self.sandboxes.values()))
         await self.http.close()
         await self.probe_http.close()
 
@@ -235,6 +248,10 @@ class Manager(SandboxHost):
     def pool_sizes(self) -> dict[str, int]:
         return {name: len(ids) for name, ids in self.pool.items()}
 
+    def workspace_mounted(self, workspace_id: str) -> bool:
+        return self.mounting.get(workspace_id, 0) > 0 or any(
+            sb.workspace_id == workspace_id for sb in self.sandboxes.values())
+
     # ---- state -----------------------------------------------------------------------------
 
     async def _move(self, sb: LiveSandbox, new: State, reason: str | None = None,
@@ -250,13 +267,15 @@ class Manager(SandboxHost):
         recipe = recipes.load(spec.template)
         if recipe is None:
             raise Unavailable(f"template {spec.template!r} is not available")
-        claimed = await self._claim_from_pool(recipe, spec)
-        if claimed is not None:
-            return claimed
+        if spec.workspace is None:  # a workspace is bound at boot: no pooled sandbox has it
+            claimed = await self._claim_from_pool(recipe, spec)
+            if claimed is not None:
+                return claimed
         sb = await self._launch(recipe, spec)
         return sb.record(self.node)
 
-    def _reserve(self, recipe: recipes.Recipe, spec: CreateSpec, image: Path) -> LiveSandbox:
+    def _reserve(self, recipe: recipes.Recipe, spec: CreateSpec, image: Path,
+                 workspace: MountPlan | None = None) -> LiveSandbox:
         """Take capacity and a network slot, with no await between the check and the taking:
         concurrent creates can never pass the check together. Warm sandboxes count too."""
         if len(self.sandboxes) >= self.settings.max_sandboxes:
@@ -270,7 +289,7 @@ class Manager(SandboxHost):
         plan = resources.Plan(
             id=sid, slot=slot, internet=spec.internet, token=self.keys.token(sid), image=image,
             memory_mib=recipe.memory_mib, disk_mib=recipe.disk_mib,
-            platform=self.settings.platform or recipe.platform,
+            platform=self.settings.platform or recipe.platform, workspace=workspace,
             env=sandbox_env(recipe, {**spec.params, **{
                 name: self.keys.secret(name, sid, SECRET_LENGTH)
                 for name in recipe.secrets}})).bind(self.env)
@@ -293,14 +312,21 @@ class Manager(SandboxHost):
 
     async def _launch(self, recipe: recipes.Recipe, spec: CreateSpec) -> LiveSandbox:
         image = self.check_runtime(recipe)
-        sb = self._reserve(recipe, spec, image)
+        workspace = None
+        if spec.workspace is not None:
+            workspace = await self._plan_workspace(spec)
+        try:
+            sb = self._reserve(recipe, spec, image, workspace)
+        finally:
+            if workspace is not None:
+                self._unmark(workspace.workspace_id)
         row = Sandbox(
             id=sb.id, user_id=spec.user_id, template=recipe.name, state=State.CREATING.value,
             vcpu=recipe.vcpu, cpu_fraction=recipe.cpu_fraction, memory_mib=recipe.memory_mib,
             internet=spec.internet, metadata_=spec.metadata, env_vars=spec.env_vars,
             idle_timeout_seconds=spec.idle_timeout, max_lifetime_seconds=spec.max_lifetime,
             slot=sb.plan.slot, envd_token="", created_at=sb.created_at,
-            expires_at=sb.expires_at)
+            expires_at=sb.expires_at, workspace_id=sb.workspace_id)
         try:
             await self.records.insert(row, "create" if spec.user_id else "warm_pool")
         except BaseException:
@@ -320,6 +346,26 @@ class Manager(SandboxHost):
         except Exception as exc:
             raise CreateFailed(f"sandbox {sb.id} could not start: {exc}") from exc
         return sb
+
+    async def _plan_workspace(self, spec: CreateSpec) -> MountPlan:
+        """Find (or make) the scope's workspace and size its mount; marked as being mounted
+        from here on, so that it cannot be deleted under the create (the caller unmarks it once
+        the sandbox holds it)."""
+        if not Path(self.settings.rclone).is_file():
+            raise Unavailable(f"rclone not found at {self.settings.rclone} (run `make build`)")
+        try:
+            plan = await self.workspaces.plan(spec.workspace)
+        except Exception as exc:
+            raise Unavailable(f"the workspace store did not answer: {exc}") from exc
+        self.mounting[plan.workspace_id] = self.mounting.get(plan.workspace_id, 0) + 1
+        return plan
+
+    def _unmark(self, workspace_id: str) -> None:
+        left = self.mounting.get(workspace_id, 0) - 1
+        if left > 0:
+            self.mounting[workspace_id] = left
+        else:
+            self.mounting.pop(workspace_id, None)
 
     async def _boot(self, sb: LiveSandbox, env_vars: dict[str, str]) -> None:
         """Make every unit, wait for the agent, start watching; on any failure or cancellation,
@@ -535,6 +581,8 @@ class Manager(SandboxHost):
             return
         self.stuck.discard(sb.id)
         self._release(sb)
+        if sb.workspace_id:  # its size now that everything is uploaded (not waited for)
+            self._in_background(self.workspaces.refresh_usage(sb.workspace_id))
         try:
             await self._move(sb, State.DESTROYED, reason.value, detail, destroyed_at=utcnow(),
                              end_reason=reason.value, host_reason=detail[:200])
@@ -546,7 +594,10 @@ class Manager(SandboxHost):
     # ---- death -----------------------------------------------------------------------------
 
     def _on_death(self, sandbox_id: str, pid: int) -> None:
-        task = asyncio.get_running_loop().create_task(self._died(sandbox_id, pid))
+        self._in_background(self._died(sandbox_id, pid))
+
+    def _in_background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -604,6 +655,9 @@ class Manager(SandboxHost):
                 sb.oom_kills_seen, sb.oom_rose_at = kills, time.monotonic()
             if not set(cgroup.procs()) - self.watch.pids(sb.id):
                 self._probe_later(sb, 1, 1.0, "no systrap stub process left")
+            elif sb.workspace_id and not self._workspace_alive(sb):
+                self._in_background(self.destroy(
+                    sb.id, EndReason.CRASHED, "the workspace mount on /home/user exited"))
 
     async def _death_sweeper(self) -> None:
         while True:
@@ -612,6 +666,9 @@ class Manager(SandboxHost):
                 self._sweep_once()
             except Exception as exc:
                 log.error("death sweep: %s", exc)
+
+    def _workspace_alive(self, sb: LiveSandbox) -> bool:
+        return resources.WorkspaceMount.mount(self.env, sb.plan.dir, sb.workspace_id).alive()
 
     # ---- idle, lifetime, retries -----------------------------------------------------------
 
@@ -679,6 +736,12 @@ class Manager(SandboxHost):
                 cgroup = self._cgroup(sb)
                 sb.oom_kills_seen = _oom_kills(cgroup)
                 alive = self.watch.watch(sb.id, runsc_processes(cgroup.procs()))
+            if alive and sb.workspace_id and not self._workspace_alive(sb):
+                self.watch.unwatch(sb.id)
+                async with sb.lock:  # its teardown uploads what the dead mount left
+                    await self._stop(sb, EndReason.SERVER_RESTART,
+                                     "its workspace mount was gone when e2a restarted")
+                continue
             if alive:
                 if sb.user_id is None:
                     self.pool.setdefault(sb.template, []).append(sb.id)
@@ -703,8 +766,9 @@ class Manager(SandboxHost):
         recipe = recipes.load(row.template)
         plan = resources.Plan(id=row.id, slot=row.slot, internet=row.internet,
                               token=row.envd_token or self.keys.token(row.id), image=None,
-                              memory_mib=row.memory_mib,
-                              platform="").bind(self.env)
+                              memory_mib=row.memory_mib, platform="",
+                              workspace=MountPlan(row.workspace_id, 0, False)
+                              if row.workspace_id else None).bind(self.env)
         sb = LiveSandbox(
             plan=plan, units=resources.units_for(self.env, plan, self.kinds), user_id=row.user_id,
             template=row.template, vcpu=row.vcpu, cpu_fraction=row.cpu_fraction,

@@ -35,7 +35,7 @@ def record_of(row: Sandbox, node: str) -> SandboxRecord:
         idle_timeout_seconds=row.idle_timeout_seconds,
         max_lifetime_seconds=row.max_lifetime_seconds, created_at=aware(row.created_at),
         expires_at=aware(row.expires_at), destroyed_at=aware(row.destroyed_at),
-        end_reason=row.end_reason)
+        end_reason=row.end_reason, workspace_id=row.workspace_id)
 
 
 class Records:

@@ -24,6 +24,8 @@ from e2a.network.firewall import Firewall
 from e2a.runtime import cgroups, quota, rootfs
 from e2a.runtime.runsc import Runsc, SandboxSpec
 from e2a.templates.recipes import DEFAULT_DISK_MIB
+from e2a.workspaces.mount import Mount
+from e2a.workspaces.service import MountPlan
 
 log = logging.getLogger("e2a.resources")
 
@@ -39,6 +41,8 @@ class HostEnv:
     addressing: links.Addressing
     envd_binary: Path
     resolv_conf: Path
+    rclone: str = ""
+    workspaces: object = None  # workspaces.service.Workspaces: the S3 store's mount settings
 
     def runtime_id(self, sandbox_id: str) -> str:
         return f"{self.instance}-{sandbox_id}"
@@ -57,6 +61,7 @@ class Plan:
     platform: str
     disk_mib: int = DEFAULT_DISK_MIB  # the sandbox's writes (rootfs and /tmp) together
     env: dict[str, str] = field(default_factory=dict)  # every process's, and envd's settings
+    workspace: MountPlan | None = None  # mounted on /home/user
     link: links.Link = field(init=False)
     dir: Path = field(init=False)
     runtime_id: str = field(init=False)
@@ -204,6 +209,9 @@ async def remove_dir(path: Path) -> None:
         await rootfs.Layer(path).unmount()
         if rootfs.is_mounted(merged):
             raise RuntimeError(f"{merged} is still mounted; its directory stays")
+    cache = path / WorkspaceMount.CACHE
+    if quota.is_volume(cache):  # a subvolume of its own: --one-file-system would skip it
+        await remove_dir(cache)
     await proc.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=False,
                    timeout=600)
     if path.exists():
@@ -280,6 +288,63 @@ class RootfsLayer(Resource):
         return found
 
 
+class WorkspaceMount(Resource):
+    """The workspace on /home/user: an rclone FUSE mount on the host (workspaces/mount.py), its
+    cache a subvolume whose limit is the user's storage quota. Its destroy returns only once
+    every file written inside is in S3; until then the sandbox stays `stopping` and the reaper
+    retries (nothing acknowledged is dropped with the cache)."""
+
+    kind = "workspace mount"
+    CACHE = "workspace-cache"
+    ID_FILE = "workspace.id"  # which workspace, for a mount found without its sandbox
+
+    @staticmethod
+    def mount(env: HostEnv, sandbox_dir: Path, workspace_id: str) -> Mount:
+        return Mount(sandbox_dir, env.rclone, env.workspaces.mount_env(),
+                     env.workspaces.remote(workspace_id))
+
+    async def create(self) -> None:
+        ws = self.plan.workspace
+        if ws is None:
+            return
+        (self.plan.dir / self.ID_FILE).write_text(ws.workspace_id)
+        await asyncio.to_thread(quota.create_volume, self.plan.dir / self.CACHE, ws.cache_limit)
+        m = self.mount(self.env, self.plan.dir, ws.workspace_id)
+        await m.start()
+        if ws.fresh and self.plan.image is not None:  # a new workspace: the template's dotfiles
+            skel = self.plan.image / "home" / "user"
+            if skel.is_dir() and any(skel.iterdir()):
+                await proc.run(["cp", "-a", "--no-preserve=ownership", f"{skel}/.",
+                                str(m.point)], timeout=60)
+
+    async def destroy(self) -> None:
+        ws = self.plan.workspace
+        if ws is not None:
+            await self.close(self.env, self.plan.dir, ws.workspace_id)
+
+    @classmethod
+    async def close(cls, env: HostEnv, sandbox_dir: Path, workspace_id: str) -> None:
+        if (sandbox_dir / cls.ID_FILE).exists():
+            await cls.mount(env, sandbox_dir, workspace_id).close()
+        cache = sandbox_dir / cls.CACHE
+        if cache.exists():
+            await remove_dir(cache)
+        (sandbox_dir / cls.ID_FILE).unlink(missing_ok=True)
+
+    @classmethod
+    async def orphans(cls, env: HostEnv, keep: Keep) -> list[Orphan]:
+        if not env.sandboxes_dir.is_dir() or env.workspaces is None:
+            return []
+        found = []
+        for d in env.sandboxes_dir.iterdir():
+            idf = d / cls.ID_FILE
+            if d.name not in keep.ids and idf.exists():
+                wid = idf.read_text().strip()
+                found.append(Orphan(cls.kind, f"{d.name} ({wid})",
+                                    lambda d=d, wid=wid: cls.close(env, d, wid)))
+        return found
+
+
 class SandboxCgroup(Resource):
     """The host cgroup runsc puts the sandbox in (runsc makes it; a crash can leave it)."""
 
@@ -340,6 +405,7 @@ class RunscContainer(Resource):
             memory_mib=p.memory_mib, platform=p.platform, resolv_conf=self.env.resolv_conf,
             cgroup=cgroups.Cgroup(self.env.instance, p.runtime_id),
             sandbox_ip=p.link.sandbox_ip, env=p.env,
+            home=p.dir / "home" if p.workspace else None,
         ))
 
     async def destroy(self) -> None:
@@ -374,7 +440,8 @@ async def uninterrupted(coro) -> None:
 
 # Creation order; teardown runs it backwards.
 KINDS: tuple[type[Resource], ...] = (DiskQuota, SandboxDir, NetworkLink, InternetAccess,
-                                     RootfsLayer, SandboxCgroup, RunscContainer)
+                                     RootfsLayer, WorkspaceMount, SandboxCgroup,
+                                     RunscContainer)
 
 
 async def prepare(env: HostEnv, kinds: tuple[type[Resource], ...], settings) -> None:

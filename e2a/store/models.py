@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Float
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String,
+                        UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -54,10 +55,34 @@ class Sandbox(Base):
     envd_token: Mapped[str] = mapped_column(String(64))
     # Why it ended (states.EndReason), and the host's words about it.
     end_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # The workspace mounted on /home/user, if any.
+    workspace_id: Mapped[str | None] = mapped_column(ForeignKey("workspaces.id"), index=True,
+                                                     nullable=True)
     host_reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     destroyed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Workspace(Base):
+    """One scope's persistent home directory: its objects are under w/<id>/ in the S3 bucket.
+    The scope's names never reach a path: the random id does."""
+
+    __tablename__ = "workspaces"
+    __table_args__ = (UniqueConstraint("user_id", "end_user_id", "app_id", "capset_id",
+                                       name="uq_workspace_scope"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    # "" when the caller serves no end users of its own.
+    end_user_id: Mapped[str] = mapped_column(String(64))
+    app_id: Mapped[str] = mapped_column(String(64))
+    capset_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # As last counted (after each sandbox that mounted it, and by GET .../usage).
+    bytes_used: Mapped[int] = mapped_column(BigInteger, default=0)
+    file_count: Mapped[int] = mapped_column(Integer, default=0)
+    usage_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class SandboxEvent(Base):

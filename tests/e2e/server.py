@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -32,6 +33,7 @@ class Server:
     subnet: str
     base: Path
     port: int = field(default_factory=free_port)
+    s3_port: int = field(default_factory=free_port)  # the embedded S3 server's
     proc: subprocess.Popen | None = None
     extra_env: dict = field(default_factory=dict)
     keys: dict = field(default_factory=dict)
@@ -55,6 +57,7 @@ class Server:
             "E2A_REAPER_INTERVAL": "0.2",
             "E2A_POOL_SIZE": "0",  # tests that want a warm pool say so
             "E2A_DISK_GIB": "4",   # each server's disk pool (preallocated): room for one full sandbox
+            "E2A_S3_PORT": str(self.s3_port),
             **self.extra_env,
         }
 
@@ -116,6 +119,7 @@ class Server:
                            and line.split()[1:3] != [str(pool), "btrfs"])
         runsc = subprocess.run(["pgrep", "-f", f"root={self.run_dir}/runsc"],
                                capture_output=True, text=True).stdout.split()
+        rclone = self.rclone_pids()
         cgroups = [p for p in Path("/sys/fs/cgroup").glob(f"*/{self.instance}/*") if p.is_dir()]
         sandboxes = self.base / "data" / "sandboxes"
         return {
@@ -123,15 +127,32 @@ class Server:
             "veth": sum(n.startswith(prefix) for n in os.listdir("/sys/class/net")),
             "mounts": mounts.count(str(self.base)) + mounts.count(f"/netns/{prefix}"),
             "runsc_processes": len(runsc),
+            "rclone_processes": len(rclone),
             "cgroups": len(cgroups),
             "sandbox_dirs": len(list(sandboxes.iterdir())) if sandboxes.is_dir() else 0,
             "qgroups": len(quota.volume_qgroups(pool)) if quota.is_pool(pool) else 0,
         }
 
+    def rclone_pids(self) -> list[int]:
+        """This server's workspace mounts (their cache is under its base) and S3 server."""
+        pids = [int(p) for p in subprocess.run(
+            ["pgrep", "-f", f"rclone mount .*{self.base}/"], capture_output=True,
+            text=True).stdout.split()]
+        try:
+            s3 = int((self.base / "data" / "s3" / "server.pid").read_text())
+            if b"serve" in Path(f"/proc/{s3}/cmdline").read_bytes():
+                pids.append(s3)
+        except (OSError, ValueError):
+            pass
+        return pids
+
     def cleanup(self) -> None:
         """Remove whatever this instance left, even after a failed test (test hygiene only)."""
         self.stop()
         subprocess.run(["pkill", "-9", "-f", f"root={self.run_dir}/runsc"], capture_output=True)
+        for pid in self.rclone_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         prefix = self.instance + "-"
         if os.path.isdir("/var/run/netns"):
             for ns in os.listdir("/var/run/netns"):

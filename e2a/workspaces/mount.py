@@ -1,0 +1,234 @@
+"""One sandbox's workspace: an rclone FUSE mount of the workspace's S3 prefix, on the host, bound
+into the sandbox as /home/user. The S3 keys stay on the host, in rclone's environment.
+
+In the sandbox's directory (only root may enter it):
+
+    home/             the mount point
+    workspace-cache/  rclone's VFS cache, a btrfs subvolume of its own: its limit is how much the
+                      sandbox may read and write of the workspace (the storage quota, registry.py)
+    workspace-meta/   the cache's metadata (linked from workspace-cache/vfsMeta), outside that
+                      limit, so that a full cache still records which files are dirty
+    workspace.sock    rclone's remote control, used to flush
+    workspace.pid, workspace.log
+
+Why these rclone flags: `--vfs-cache-mode full` (gVisor reads and writes files in ways that fail
+with EIO on the lighter modes, measured), `--allow-other` (the gofer opens the files), `--links`
+(symlinks kept as objects), a short write-back and directory cache (what a second sandbox on the
+same workspace sees, and when: docs/workspaces.md), and a cache that never evicts (its size is
+what the quota counts).
+
+Nothing a process inside saw succeed may be lost: `close` (the sandbox's destroy) uploads every
+dirty file before it returns, and if the mount is gone (killed with e2a), starts rclone again on
+the same cache, which uploads what it left, then flushes that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import aiohttp
+
+from e2a import proc
+
+log = logging.getLogger("e2a.workspaces")
+
+UID = GID = 1000  # the sandbox's user (templates/builder.py SANDBOX_UID)
+WRITE_BACK = 2.0  # seconds after a file is closed before its upload starts
+DIR_CACHE = 10.0  # seconds a directory listing is trusted before S3 is asked again
+MOUNT_TIMEOUT = 15.0
+FLUSH_TIMEOUT = 600.0  # a destroy waits this long for uploads; then it is retried
+
+
+class MountError(Exception):
+    """The workspace could not be mounted or flushed."""
+
+
+class Mount:
+    def __init__(self, sandbox_dir: Path, rclone: str, env: dict[str, str], remote: str):
+        self.dir = sandbox_dir
+        self.rclone = rclone
+        self.env = env          # the S3 remote's settings (keys included)
+        self.remote = remote    # e.g. ws:e2a-workspaces/w/wsp_...
+        self.point = sandbox_dir / "home"
+        self.cache = sandbox_dir / "workspace-cache"
+        self.meta = sandbox_dir / "workspace-meta"
+        self.sock = sandbox_dir / "workspace.sock"
+        self.pidfile = sandbox_dir / "workspace.pid"
+        self.logfile = sandbox_dir / "workspace.log"
+
+    # ---- start -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Mount (the cache volume must exist); returns once the mount answers."""
+        self.point.mkdir(exist_ok=True)
+        self.meta.mkdir(exist_ok=True)
+        link = self.cache / "vfsMeta"
+        if not link.is_symlink():
+            link.symlink_to(self.meta)
+        self.sock.unlink(missing_ok=True)
+        (self.dir / "rclone.conf").touch(mode=0o600)
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+               "RCLONE_CONFIG": str(self.dir / "rclone.conf"), **self.env}
+        logf = os.open(self.logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            p = await asyncio.create_subprocess_exec(
+                self.rclone, "mount", self.remote, str(self.point),
+                "--vfs-cache-mode", "full", "--allow-other", "--links",
+                "--uid", str(UID), "--gid", str(GID), "--dir-perms", "0700",
+                "--file-perms", "0700", "--cache-dir", str(self.cache),
+                "--vfs-cache-max-age", "1000000h", "--vfs-cache-poll-interval", "1m",
+                "--vfs-write-back", f"{WRITE_BACK}s", "--dir-cache-time", f"{DIR_CACHE}s",
+                "--rc", "--rc-addr", f"unix://{self.sock}", "--rc-no-auth",
+                "--log-level", "NOTICE",
+                env=env, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
+                start_new_session=True)  # outlives a restart of e2a, like the sandbox
+        finally:
+            os.close(logf)
+        self.pidfile.write_text(str(p.pid))
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not (self.mounted() and self.sock.exists()):
+            if p.returncode is not None or time.monotonic() > deadline:
+                await self._kill()
+                raise MountError(f"rclone mount failed: {self._log_tail()}")
+            await asyncio.sleep(0.01)
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def pid(self) -> int | None:
+        """The pid of this mount's rclone, if it runs."""
+        try:
+            pid = int(self.pidfile.read_text())
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return None
+        return pid if b"mount" in argv and str(self.point).encode() in argv else None
+
+    def mounted(self) -> bool:
+        return _mount_type(self.point) is not None
+
+    def alive(self) -> bool:
+        return self.pid() is not None and _mount_type(self.point) == "fuse.rclone"
+
+    def dirty(self) -> list[str]:
+        """Files of the cache not yet uploaded, as rclone's metadata records them."""
+        found = []
+        if self.meta.is_dir():
+            for path in self.meta.rglob("*"):
+                try:
+                    if path.is_file() and json.loads(path.read_text()).get("Dirty"):
+                        found.append(str(path.relative_to(self.meta)))
+                except (OSError, ValueError):
+                    continue
+        return found
+
+    # ---- flush and stop --------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Upload everything and unmount; raises MountError if something stays unuploaded
+        (the caller retries later: the cache is kept until then)."""
+        for attempt in range(2):
+            if not self.alive():
+                await self._kill()
+                if not self.dirty():
+                    return
+                # A mount that died with files unuploaded: rclone, started again on its cache,
+                # queues them for upload.
+                log.warning("%s: mount was gone with %d unuploaded files; recovering",
+                            self.dir.name, len(self.dirty()))
+                await self.start()
+            await self.flush()
+            await self._unmount()
+            if not self.dirty():
+                return
+        raise MountError(f"files still unuploaded after two flushes: {self.dirty()[:5]}")
+
+    async def flush(self, timeout: float = FLUSH_TIMEOUT) -> None:
+        """Start every queued upload now and wait until none is left."""
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(self.sock))) as rc:
+            while True:
+                queue = (await _rc(rc, "vfs/queue")).get("queue") or []
+                for item in queue:
+                    if item.get("expiry", 0) > 0 and not item.get("uploading"):
+                        await _rc(rc, "vfs/queue-set-expiry", id=item["id"], expiry=0)
+                stats = (await _rc(rc, "vfs/stats")).get("diskCache", {})
+                if not queue and not stats.get("uploadsInProgress") \
+                        and not stats.get("uploadsQueued"):
+                    return
+                if time.monotonic() > deadline:
+                    raise MountError(f"uploads still pending after {timeout:.0f} s: "
+                                     f"{len(queue)} files")
+                await asyncio.sleep(0.05)
+
+    async def _unmount(self) -> None:
+        if self.mounted():
+            await proc.run(["fusermount3", "-u", str(self.point)], check=False, timeout=30)
+        pid = self.pid()
+        deadline = time.monotonic() + 10
+        while pid is not None and _alive(pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await self._kill()
+
+    async def _kill(self) -> None:
+        """No rclone and no mount left, whatever state they are in."""
+        pid = self.pid()
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            for _ in range(200):
+                if not _alive(pid):
+                    break
+                await asyncio.sleep(0.01)
+        if self.mounted():  # a dead FUSE server leaves its mount ("transport endpoint...")
+            await proc.run(["fusermount3", "-u", "-z", str(self.point)], check=False,
+                           timeout=30)
+        if self.mounted():
+            raise MountError(f"{self.point} is still mounted")
+        self.pidfile.unlink(missing_ok=True)
+
+    def _log_tail(self) -> str:
+        try:
+            return self.logfile.read_text(errors="replace")[-600:].strip()
+        except OSError:
+            return "(no log)"
+
+
+async def _rc(session: aiohttp.ClientSession, path: str, **params) -> dict:
+    async with session.post(f"http://rclone/{path}", json=params,
+                            timeout=aiohttp.ClientTimeout(total=30)) as r:
+        data = await r.json(content_type=None)
+        if r.status != 200:
+            raise MountError(f"rclone {path}: {data.get('error', r.status)}")
+        return data
+
+
+def _mount_type(path: Path) -> str | None:
+    """The filesystem type mounted on `path` (the last mount there), or None."""
+    target = str(path)
+    found = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                if fields[4].replace("\\040", " ") == target:
+                    found = fields[sep + 1]
+    except OSError:
+        return None
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -1,0 +1,105 @@
+"""Workspace rows: one per scope, found or made when a sandbox asks for it; its usage as last
+counted; and the user's storage quota, turned into what one mount may hold."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from e2a.ids import new_id
+from e2a.store.models import Sandbox, Workspace
+from e2a.workspaces.s3 import Usage
+from e2a.workspaces.scope import Scope
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Registry:
+    def __init__(self, sessions):
+        self.sessions = sessions
+
+    async def find_or_make(self, scope: Scope) -> tuple[Workspace, bool]:
+        """The scope's workspace, and whether it was made now."""
+        async with self.sessions() as db:
+            row = await self._find(db, scope)
+            if row is not None:
+                return row, False
+            now = utcnow()
+            row = Workspace(id=new_id("wsp"), user_id=scope.user_id,
+                            end_user_id=scope.end_user_id, app_id=scope.app_id,
+                            capset_id=scope.capset_id, created_at=now, last_used_at=now,
+                            bytes_used=0, file_count=0)
+            db.add(row)
+            try:
+                await db.commit()
+                return row, True
+            except IntegrityError:  # made by a concurrent create a moment ago
+                await db.rollback()
+        async with self.sessions() as db:
+            return await self._find(db, scope), False
+
+    @staticmethod
+    async def _find(db, scope: Scope) -> Workspace | None:
+        return (await db.execute(select(Workspace).where(
+            Workspace.user_id == scope.user_id, Workspace.end_user_id == scope.end_user_id,
+            Workspace.app_id == scope.app_id, Workspace.capset_id == scope.capset_id))
+        ).scalar_one_or_none()
+
+    async def get(self, user_id: str, workspace_id: str) -> Workspace | None:
+        """The workspace if `user_id` owns it (anyone else's is None, like a missing one)."""
+        async with self.sessions() as db:
+            row = await db.get(Workspace, workspace_id)
+            return row if row is not None and row.user_id == user_id else None
+
+    async def of_user(self, user_id: str, end_user_id: str | None = None) -> list[Workspace]:
+        async with self.sessions() as db:
+            q = select(Workspace).where(Workspace.user_id == user_id)
+            if end_user_id is not None:
+                q = q.where(Workspace.end_user_id == end_user_id)
+            return list((await db.execute(q.order_by(Workspace.created_at))).scalars())
+
+    async def stored_bytes(self, user_id: str, but: str | None = None) -> int:
+        """The user's workspaces' bytes as last counted (all, or all but one)."""
+        async with self.sessions() as db:
+            q = select(func.coalesce(func.sum(Workspace.bytes_used), 0)).where(
+                Workspace.user_id == user_id)
+            if but is not None:
+                q = q.where(Workspace.id != but)
+            return int((await db.execute(q)).scalar_one())
+
+    async def record_usage(self, workspace_id: str, usage: Usage, used: bool = False) -> None:
+        async with self.sessions() as db:
+            row = await db.get(Workspace, workspace_id)
+            if row is None:
+                return
+            row.bytes_used, row.file_count, row.usage_at = usage.bytes, usage.files, utcnow()
+            if used:
+                row.last_used_at = utcnow()
+            await db.commit()
+
+    async def delete(self, workspace_id: str) -> None:
+        async with self.sessions() as db:
+            row = await db.get(Workspace, workspace_id)
+            if row is not None:
+                # Destroyed sandboxes keep their history, without the workspace.
+                await db.execute(update(Sandbox).where(Sandbox.workspace_id == workspace_id)
+                                 .values(workspace_id=None))
+                await db.delete(row)
+                await db.commit()
+
+
+# Room in a mount's cache beyond the user's free quota, for directories' blocks (btrfs counts
+# them too; rclone's metadata is kept outside the limit, mount.py).
+CACHE_SLACK = 1024 * 1024
+
+
+def cache_limit(quota: int, stored_by_user: int, stored_here: int) -> int:
+    """How many bytes one mount's cache may hold: all of this workspace (so every file in it can
+    be read), plus what the user's quota has left (what may be written). The cache never evicts,
+    so its size bounds what the sandbox can add. docs/workspaces.md, "Quota", says where this
+    is exact and where it is not."""
+    return stored_here + max(0, quota - stored_by_user) + CACHE_SLACK
