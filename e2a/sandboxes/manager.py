@@ -175,6 +175,8 @@ class Manager(SandboxHost):
         self.slots: dict[int, str] = {}
         self.pool: dict[str, list[str]] = {}  # template -> ready sandbox ids, oldest first
         self.stuck: set[str] = set()          # teardown failed: retried by the reaper
+        self.retrying: set[str] = set()       # of those, the ones being retried now
+        self.retry_at: dict[str, tuple[float, float]] = {}  # id -> (next try, pause), backing off
         self.watch = DeathWatch(self._on_death)
         self._pool_wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -580,6 +582,7 @@ class Manager(SandboxHost):
             self.hostlog.write(sb.id, f"teardown incomplete, retrying: {'; '.join(failed)}")
             return
         self.stuck.discard(sb.id)
+        self.retry_at.pop(sb.id, None)
         self._release(sb)
         if sb.workspace_id:  # its size now that everything is uploaded (not waited for)
             self._in_background(self.workspaces.refresh_usage(sb.workspace_id))
@@ -686,7 +689,14 @@ class Manager(SandboxHost):
         now_wall, now = utcnow(), time.monotonic()
         for sb in list(self.sandboxes.values()):
             if sb.id in self.stuck:
-                await self.destroy(sb.id, sb.end_reason or EndReason.CRASHED)
+                # In the background: a teardown that waits (a workspace that cannot upload
+                # yet) must not hold up the other sandboxes' timeouts. Backing off to a try a
+                # minute: one that keeps failing (S3 down for long) costs little.
+                at, pause = self.retry_at.get(sb.id, (0.0, 0.5))
+                if sb.id not in self.retrying and now >= at:
+                    self.retrying.add(sb.id)
+                    self.retry_at[sb.id] = (now + pause, min(60.0, pause * 2))
+                    self._in_background(self._retry_stop(sb))
                 continue
             if sb.state is not State.RUNNING or sb.user_id is None:
                 continue
@@ -697,6 +707,12 @@ class Manager(SandboxHost):
                     sb.touch()  # a command started through the API still runs
                 else:
                     await self.destroy(sb.id, EndReason.IDLE_TIMEOUT)
+
+    async def _retry_stop(self, sb: LiveSandbox) -> None:
+        try:
+            await self.destroy(sb.id, sb.end_reason or EndReason.CRASHED)
+        finally:
+            self.retrying.discard(sb.id)
 
     async def _reaper(self) -> None:
         while True:

@@ -299,9 +299,9 @@ class WorkspaceMount(Resource):
     ID_FILE = "workspace.id"  # which workspace, for a mount found without its sandbox
 
     @staticmethod
-    def mount(env: HostEnv, sandbox_dir: Path, workspace_id: str) -> Mount:
+    def mount(env: HostEnv, sandbox_dir: Path, workspace_id: str, size: int = 0) -> Mount:
         return Mount(sandbox_dir, env.rclone, env.workspaces.mount_env(),
-                     env.workspaces.remote(workspace_id))
+                     env.workspaces.remote(workspace_id), size)
 
     async def create(self) -> None:
         ws = self.plan.workspace
@@ -309,7 +309,7 @@ class WorkspaceMount(Resource):
             return
         (self.plan.dir / self.ID_FILE).write_text(ws.workspace_id)
         await asyncio.to_thread(quota.create_volume, self.plan.dir / self.CACHE, ws.cache_limit)
-        m = self.mount(self.env, self.plan.dir, ws.workspace_id)
+        m = self.mount(self.env, self.plan.dir, ws.workspace_id, ws.cache_limit)
         await m.start()
         if ws.fresh and self.plan.image is not None:  # a new workspace: the template's dotfiles
             skel = self.plan.image / "home" / "user"

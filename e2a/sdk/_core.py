@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import httpx
 
 from .errors import E2AError
-from .models import CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, SandboxEvent
+from .models import (CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, PresignedUrl,
+                     SandboxEvent, Workspace, WorkspaceFile, WorkspaceUsage)
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 CHUNK = 1 << 20  # upload/download piece size: bounded memory whatever the file size
@@ -82,11 +84,13 @@ def _sb(vm_id: str) -> str:
 
 
 def create_sandbox(template: str, env_vars=None, metadata=None, idle_timeout_seconds=None,
-                   max_lifetime_seconds=None, internet=None, resolution=None) -> Call:
+                   max_lifetime_seconds=None, internet=None, resolution=None, workspace=None) -> Call:
+    if isinstance(workspace, dict):  # {"app_id": "a", "end_user_id": None}: None = the default
+        workspace = _drop_none(workspace)
     body = _drop_none(dict(template=template, env_vars=env_vars, metadata=metadata,
                            idle_timeout_seconds=idle_timeout_seconds,
                            max_lifetime_seconds=max_lifetime_seconds, internet=internet,
-                           resolution=resolution))
+                           resolution=resolution, workspace=workspace))
     return Call("POST", "/v1/sandboxes", json=body)
 
 
@@ -288,6 +292,90 @@ def download_tar(vm_id: str, path: str) -> Call:
 
 def upload_tar(vm_id: str, path: str) -> Call:
     return Call("PUT", _sb(vm_id) + "/files/tar", params=_path_params(path), timeout=TRANSFER_TIMEOUT)
+
+
+# ---------------------------------------------------------------- workspaces
+
+
+def workspace_id(ws: Any) -> str:
+    """Methods take a workspace_id or a Workspace."""
+    return ws if isinstance(ws, str) else ws.workspace_id
+
+
+def _ws(ws: Any) -> str:
+    # Quoted whole: an id is one path segment, whatever it holds.
+    return "/v1/workspaces/" + quote(workspace_id(ws), safe="")
+
+
+def list_workspaces(end_user_id: str | None = None) -> Call:
+    return Call("GET", "/v1/workspaces", params=_drop_none({"end_user_id": end_user_id}),
+                parse=lambda d: [Workspace.from_dict(x) for x in d["workspaces"]])
+
+
+def get_workspace(ws: Any) -> Call:
+    return Call("GET", _ws(ws), parse=Workspace.from_dict)
+
+
+def workspace_usage(ws: Any) -> Call:
+    # Counted in the store on every call: allow it the time a big workspace takes.
+    return Call("GET", _ws(ws) + "/usage", parse=WorkspaceUsage.from_dict, timeout=TRANSFER_TIMEOUT)
+
+
+def workspace_files(ws: Any, prefix: str = "", cursor: str | None = None, limit: int = 100) -> Call:
+    """One page: ``(files, next_cursor)``; pass next_cursor back as ``cursor`` (None: the end)."""
+    params = _drop_none({"prefix": prefix or None, "cursor": cursor, "limit": limit})
+    return Call("GET", _ws(ws) + "/files", params=params,
+                parse=lambda d: ([WorkspaceFile.from_dict(x) for x in d["files"]], d.get("next_cursor")))
+
+
+def next_page_cursor(cursor: str | None, nxt: str | None) -> str | None:
+    """The cursor of the page after ``cursor``, or None at the end; a server that hands the same
+    cursor back would page forever, so that is an error."""
+    if nxt is not None and nxt == cursor:
+        raise E2AError(0, "cursor_loop", f"the server returned the same cursor again ({nxt!r})")
+    return nxt
+
+
+def presign_workspace_file(ws: Any, path: str, method: str = "GET", expires_in: int = 900) -> Call:
+    body = {"path": path, "method": method.upper(), "expires_in": expires_in}
+    return Call("POST", _ws(ws) + "/files/presign", json=body, parse=PresignedUrl.from_dict)
+
+
+def delete_workspace_file(ws: Any, path: str) -> Call:
+    return Call("DELETE", _ws(ws) + "/files", params={"path": path})
+
+
+def delete_workspace(ws: Any) -> Call:
+    # Deletes every object of the workspace in the store: may take a while.
+    return Call("DELETE", _ws(ws), timeout=TRANSFER_TIMEOUT)
+
+
+def presigned_target(base_url: str, url: str) -> str:
+    """The presigned URL to request: absolute as the server gives it (a relative one is taken
+    against the e2a URL)."""
+    return str(httpx.URL(base_url + "/").join(url))
+
+
+def presigned_body_length(data: Any) -> int:
+    """S3 refuses chunked uploads to a presigned URL: the length must be known up front."""
+    n = body_length(data)
+    if n is None:
+        raise E2AError(0, "invalid_body", "upload bytes, a str or a local file (pathlib.Path): "
+                                          "a presigned PUT needs the length up front", "data")
+    return n
+
+
+def presigned_error(resp: httpx.Response) -> E2AError:
+    """An error from the store behind a presigned URL (S3 answers XML, not e2a's error JSON):
+    ``http_<status>`` with S3's own code and message when it gives them. Body must be read."""
+    text = resp.text
+    code = re.search(r"<Code>([^<]*)</Code>", text)
+    message = re.search(r"<Message>([^<]*)</Message>", text)
+    if code:
+        detail = code[1] + (f": {message[1]}" if message else "")
+    else:
+        detail = text.strip()[:500] or resp.reason_phrase
+    return E2AError(resp.status_code, f"http_{resp.status_code}", detail)
 
 
 # ---------------------------------------------------------------- PTY

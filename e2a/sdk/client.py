@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pathlib
 from typing import Any, BinaryIO, Callable, Iterator
@@ -13,7 +14,10 @@ from . import _core as api
 from ._body import Body, open_dest, sync_body
 from ._core import Call, Collector, parse_event, sandbox_id
 from .errors import E2AError, check, error_from_response
-from .models import CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, Sandbox, SandboxEvent
+from .models import (CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, PresignedUrl, Sandbox,
+                     SandboxEvent, Workspace, WorkspaceFile, WorkspaceUsage)
+
+WorkspaceSpec = Any  # True (the defaults) | {"app_id", "capset_id", "end_user_id"} | None
 
 
 class E2A:
@@ -29,9 +33,15 @@ class E2A:
         self._http = httpx.Client(base_url=self.base_url, headers=api.auth_headers(self.api_key),
                                   timeout=api.DEFAULT_TIMEOUT, transport=transport)
         self.files = Files(self)
+        # Presigned URLs carry their own authority: they are fetched by a client without the API
+        # key (and possibly at another host, the S3 store), made on first use.
+        self._transport = transport
+        self._plain_http: httpx.Client | None = None
 
     def close(self) -> None:
         self._http.close()
+        if self._plain_http is not None:
+            self._plain_http.close()
 
     def __enter__(self) -> "E2A":
         return self
@@ -63,15 +73,25 @@ class E2A:
     def _sandbox(self, data: dict) -> Sandbox:
         return Sandbox.from_dict(data, self)
 
+    @property
+    def _plain(self) -> httpx.Client:
+        if self._plain_http is None:
+            self._plain_http = httpx.Client(headers={"User-Agent": "e2a-python-sdk"},
+                                            timeout=api.TRANSFER_TIMEOUT, transport=self._transport)
+        return self._plain_http
+
     # ------------------------------------------------------------ sandboxes
 
     def create_sandbox(self, template: str = "standard", *, env_vars: dict[str, str] | None = None,
                        metadata: dict[str, str] | None = None, idle_timeout_seconds: int | None = None,
                        max_lifetime_seconds: int | None = None, internet: bool | None = None,
-                       resolution: str | None = None) -> Sandbox:
+                       resolution: str | None = None, workspace: WorkspaceSpec = None) -> Sandbox:
+        """``workspace=True`` mounts the caller's default workspace on /home/user (made on first
+        use); ``workspace={"app_id": .., "capset_id": .., "end_user_id": ..}`` chooses one (any key
+        may be left out). The sandbox's ``workspace_id`` names it."""
         return self._sandbox(self._call(api.create_sandbox(
             template, env_vars, metadata, idle_timeout_seconds, max_lifetime_seconds, internet,
-            resolution)))
+            resolution, workspace)))
 
     def list_sandboxes(self, state: str | None = None, metadata: dict[str, str] | None = None) -> list[Sandbox]:
         return [self._sandbox(d) for d in self._call(api.list_sandboxes(state, metadata))]
@@ -170,6 +190,86 @@ class E2A:
 
     def send_signal(self, vm_id: str, pid: int, signal: str | int = "SIGTERM") -> None:
         self._call(api.send_signal(sandbox_id(vm_id), pid, signal))
+
+    # ------------------------------------------------------------ workspaces
+
+    def workspaces(self, end_user_id: str | None = None) -> list[Workspace]:
+        """The caller's workspaces (only those of ``end_user_id`` if given)."""
+        return self._call(api.list_workspaces(end_user_id))
+
+    def workspace(self, workspace_id: str) -> Workspace:
+        return self._call(api.get_workspace(workspace_id))
+
+    def workspace_usage(self, workspace_id: str) -> WorkspaceUsage:
+        """Bytes and files counted in the store now (what a mounted sandbox has not uploaded yet
+        is not in it), with the caller's total and quota."""
+        return self._call(api.workspace_usage(workspace_id))
+
+    def workspace_files(self, workspace_id: str, prefix: str = "", cursor: str | None = None,
+                        limit: int = 100) -> tuple[list[WorkspaceFile], str | None]:
+        """One page of files under ``prefix``, in path order, and the cursor of the next page
+        (None after the last). ``iter_workspace_files`` follows the pages."""
+        return self._call(api.workspace_files(workspace_id, prefix, cursor, limit))
+
+    def iter_workspace_files(self, workspace_id: str, prefix: str = "", *,
+                             limit: int = 100) -> Iterator[WorkspaceFile]:
+        """Every file under ``prefix``, fetched ``limit`` at a time as iteration goes."""
+        cursor = None
+        while True:
+            page, nxt = self.workspace_files(workspace_id, prefix, cursor, limit)
+            yield from page
+            cursor = api.next_page_cursor(cursor, nxt)
+            if cursor is None:
+                return
+
+    def presign_workspace_file(self, workspace_id: str, path: str, method: str = "GET",
+                               expires_in: int = 900) -> PresignedUrl:
+        """A URL that reads (``GET``) or writes (``PUT``) ``path`` without the API key, for
+        ``expires_in`` seconds. A GET of a file that does not exist is refused (file_not_found)."""
+        return self._call(api.presign_workspace_file(workspace_id, path, method, expires_in))
+
+    def delete_workspace_file(self, workspace_id: str, path: str) -> None:
+        self._call(api.delete_workspace_file(workspace_id, path))
+
+    def delete_workspace(self, workspace_id: str) -> None:
+        """Every file of the workspace, and the workspace; refused (409 workspace_in_use) while a
+        sandbox has it mounted."""
+        self._call(api.delete_workspace(workspace_id))
+
+    def upload_workspace_file(self, workspace_id: str, path: str, data: bytes | str | os.PathLike) -> int:
+        """Write ``path`` through a presigned PUT: bytes, text (``str``) or a local file
+        (``pathlib.Path``, streamed). Returns the byte count."""
+        n = api.presigned_body_length(data)
+        url = self.presign_workspace_file(workspace_id, path, "PUT").url
+        with sync_body(data) as (content, headers):
+            resp = self._plain.put(api.presigned_target(self.base_url, url), content=content,
+                                   headers={**headers, "Content-Length": str(n)})
+        if resp.is_error:
+            raise api.presigned_error(resp)
+        return n
+
+    def download_workspace_file(self, workspace_id: str, path: str) -> bytes:
+        """The whole file in memory, through a presigned GET; ``download_workspace_file_to``
+        streams to a local file."""
+        buf = io.BytesIO()
+        self.download_workspace_file_to(workspace_id, path, buf)
+        return buf.getvalue()
+
+    def download_workspace_file_to(self, workspace_id: str, path: str,
+                                   dest: str | os.PathLike | BinaryIO) -> int:
+        """Stream ``path`` into a local path or binary file object; returns the byte count. A
+        local path is only created once the store has answered."""
+        url = self.presign_workspace_file(workspace_id, path, "GET").url
+        n = 0
+        with self._plain.stream("GET", api.presigned_target(self.base_url, url)) as resp:
+            if resp.is_error:
+                resp.read()
+                raise api.presigned_error(resp)
+            with open_dest(dest) as f:
+                for piece in resp.iter_bytes(api.CHUNK):
+                    f.write(piece)
+                    n += len(piece)
+        return n
 
 
 class Files:

@@ -55,6 +55,8 @@ class Sandbox:
     destroyed_at: str | None = None
     # Why it ended: deleted, idle_timeout, max_lifetime, out_of_memory, crashed, server_restart, create_failed.
     end_reason: str | None = None
+    # The workspace mounted on /home/user, if the sandbox was created with one.
+    workspace_id: str | None = None
     # The client that fetched this sandbox, so ``sb.run(...)`` works; an AsyncE2A makes these coroutines.
     _client: Any = field(default=None, repr=False, compare=False)
 
@@ -178,4 +180,74 @@ class LogLine:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LogLine":
+        return _from_dict(cls, data)
+
+
+# ---------------------------------------------------------------- workspaces
+
+
+@dataclass
+class Workspace:
+    """A persistent /home/user (``GET /v1/workspaces/{id}``), chosen by (app, capability set,
+    end user) for the API key's user."""
+
+    workspace_id: str
+    app_id: str = ""
+    capset_id: str = ""
+    end_user_id: str | None = None
+    bytes_used: int = 0  # as last counted (``usage_at``); ``workspace_usage`` counts again
+    file_count: int = 0
+    usage_at: str | None = None
+    created_at: str | None = None
+    last_used_at: str | None = None
+    mounted: bool = False  # a sandbox has it on /home/user now
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Workspace":
+        return _from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class WorkspaceUsage:
+    """``GET /v1/workspaces/{id}/usage``: counted in the store at the time of the call."""
+
+    workspace_id: str
+    bytes_used: int = 0
+    file_count: int = 0
+    user_bytes_used: int = 0  # all the caller's workspaces
+    quota_bytes: int = 0      # the caller's storage quota, over all their workspaces
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "WorkspaceUsage":
+        return _from_dict(cls, data)
+
+
+@dataclass
+class WorkspaceFile:
+    """One file of a workspace listing; ``path`` is relative to the workspace (= /home/user)."""
+
+    path: str
+    size: int = 0
+    modified: str | None = None
+    type: str = "file"  # file or symlink
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "WorkspaceFile":
+        return _from_dict(cls, data)
+
+
+@dataclass
+class PresignedUrl:
+    """A URL that reads (GET) or writes (PUT) one workspace file without the API key, until
+    ``expires_at``."""
+
+    url: str
+    method: str
+    expires_at: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PresignedUrl":
         return _from_dict(cls, data)

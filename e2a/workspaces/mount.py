@@ -43,6 +43,9 @@ WRITE_BACK = 2.0  # seconds after a file is closed before its upload starts
 DIR_CACHE = 10.0  # seconds a directory listing is trusted before S3 is asked again
 MOUNT_TIMEOUT = 15.0
 FLUSH_TIMEOUT = 600.0  # a destroy waits this long for uploads; then it is retried
+# A file whose upload failed this often fails the flush at once (S3 down, or an object S3
+# refuses): the destroy is retried later instead of waiting out FLUSH_TIMEOUT.
+FLUSH_TRIES = 3
 
 
 class MountError(Exception):
@@ -50,8 +53,10 @@ class MountError(Exception):
 
 
 class Mount:
-    def __init__(self, sandbox_dir: Path, rclone: str, env: dict[str, str], remote: str):
+    def __init__(self, sandbox_dir: Path, rclone: str, env: dict[str, str], remote: str,
+                 size: int = 0):
         self.dir = sandbox_dir
+        self.size = size        # what `df` shows as the disk's size (the cache's limit); 0: 1 PiB
         self.rclone = rclone
         self.env = env          # the S3 remote's settings (keys included)
         self.remote = remote    # e.g. ws:e2a-workspaces/w/wsp_...
@@ -86,6 +91,7 @@ class Mount:
                 "--vfs-write-back", f"{WRITE_BACK}s", "--dir-cache-time", f"{DIR_CACHE}s",
                 "--rc", "--rc-addr", f"unix://{self.sock}", "--rc-no-auth",
                 "--log-level", "NOTICE",
+                *(["--vfs-disk-space-total-size", f"{self.size}B"] if self.size else []),
                 env=env, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
                 start_new_session=True)  # outlives a restart of e2a, like the sandbox
         finally:
@@ -154,6 +160,10 @@ class Mount:
         async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(self.sock))) as rc:
             while True:
                 queue = (await _rc(rc, "vfs/queue")).get("queue") or []
+                failing = [i["name"] for i in queue if i.get("tries", 0) >= FLUSH_TRIES]
+                if failing:
+                    raise MountError(f"S3 refused {len(failing)} uploads {FLUSH_TRIES} times "
+                                     f"(e.g. {failing[0]!r}): see {self.logfile}")
                 for item in queue:
                     if item.get("expiry", 0) > 0 and not item.get("uploading"):
                         await _rc(rc, "vfs/queue-set-expiry", id=item["id"], expiry=0)

@@ -6,7 +6,7 @@ the rclone mounts, presigned URLs used on this machine) is on the host, and loop
 leaves the kernel; a deployment that hands presigned URLs to other machines puts a TLS proxy in
 front and sets E2A_S3_PUBLIC_URL. Objects are encrypted at rest by the crypt remote
 (XSalsa20-Poly1305, a random nonce per file) under the workspace key; names stay readable, as with
-S3's own server-side encryption, so that names up to 255 bytes work.
+S3's own server-side encryption, so that every name a sandbox can make (255 bytes) fits.
 
 The server outlives `e2a serve` on purpose: sandboxes (and their mounts, still uploading) keep
 running across a restart, so the server is adopted by its pid file at the next start, and stopped
@@ -133,7 +133,10 @@ class EmbeddedS3:
         pre = f"RCLONE_CONFIG_{REMOTE.upper()}_"
         return {pre + "TYPE": "crypt", pre + "REMOTE": str(self.objects),
                 pre + "PASSWORD": obscured, pre + "FILENAME_ENCRYPTION": "off",
-                pre + "DIRECTORY_NAME_ENCRYPTION": "false"}
+                pre + "DIRECTORY_NAME_ENCRYPTION": "false",
+                # Names as they are, not name + ".bin": a name of 252-255 bytes (allowed in a
+                # sandbox) would not fit the host's 255 and could never be uploaded.
+                pre + "SUFFIX": "none"}
 
     # ---- process ---------------------------------------------------------------------------
 

@@ -157,8 +157,12 @@ async def test_a_failed_teardown_stays_stopping_and_is_retried(mgr):
     assert got.state == "stopping" and rec.id in mgr.stuck
     assert mgr.slots  # its slot is not given to anyone while the link may still exist
     FAIL_DESTROY.clear()
-    await mgr._reap_once()
-    got = await mgr.catalog.get(rec.id)
+    await mgr._reap_once()  # the retry runs in the background, not holding up the reaper
+    for _ in range(500):
+        got = await mgr.catalog.get(rec.id)
+        if got.state == "destroyed":
+            break
+        await asyncio.sleep(0.01)
     assert (got.state, got.end_reason) == ("destroyed", "deleted")
     assert mgr.stuck == set() and mgr.slots == {}
 
