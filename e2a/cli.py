@@ -1,6 +1,6 @@
 """The ``e2a`` command line: ``main`` is the root click group.
 
-Client-side commands (``sandbox``, ``files``) live here and talk to the server through ``e2a.sdk``.
+Client-side commands (``sandbox``, ``files``, ``workspaces``) live here and talk to the server through ``e2a.sdk``.
 Server-side commands (``serve``, ``admin ...``) live in ``e2a.server_cli`` and are loaded only when
 one of them runs: help lists them by the names and short help in ``SERVER_COMMANDS``, so a client
 command (or ``--help``) never imports the server's dependencies (SQLAlchemy, FastAPI, uvicorn, ...).
@@ -149,13 +149,20 @@ def sandbox() -> None:
 @click.option("--idle-timeout", type=int, help="Destroy after this many idle seconds.")
 @click.option("--max-lifetime", type=int, help="Destroy after this many seconds in total.")
 @click.option("--internet/--no-internet", default=None, help="Allow outbound internet (server default if unset).")
+@click.option("--workspace", is_flag=True, help="Mount your default workspace on /home/user (kept after the sandbox).")
+@click.option("--app-id", help="Workspace of this app (implies --workspace).")
+@click.option("--capset-id", help="Workspace of this capability set (implies --workspace).")
+@click.option("--end-user-id", help="Workspace of this end user (implies --workspace).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole sandbox as JSON.")
 @click.pass_context
-def sandbox_create(ctx, template, env_vars, metadata, idle_timeout, max_lifetime, internet, as_json):
+def sandbox_create(ctx, template, env_vars, metadata, idle_timeout, max_lifetime, internet, workspace,
+                   app_id, capset_id, end_user_id, as_json):
     """Create a sandbox from TEMPLATE (default: standard) and print its id."""
+    scope = {k: v for k, v in (("app_id", app_id), ("capset_id", capset_id), ("end_user_id", end_user_id))
+             if v is not None}
     sb = _client(ctx).create_sandbox(template, env_vars=env_vars, metadata=metadata,
                                      idle_timeout_seconds=idle_timeout, max_lifetime_seconds=max_lifetime,
-                                     internet=internet)
+                                     internet=internet, workspace=scope or (True if workspace else None))
     _print_json(sb.to_dict()) if as_json else click.echo(sb.vm_id)
 
 
@@ -472,6 +479,156 @@ def files_mkdir(ctx, vm_id, path, parents):
 def files_mv(ctx, vm_id, src, dst):
     """Rename or move SRC to DST."""
     click.echo(_client(ctx).files.rename(vm_id, src, dst).path)
+
+
+# ====================================================================== workspaces
+
+
+@main.group()
+def workspaces() -> None:
+    """Persistent home directories (sandbox create --workspace): list, inspect, copy, delete."""
+
+
+def _size(n: int) -> str:
+    """1536 -> 1.5 KiB."""
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}"
+
+
+@workspaces.command("ls")
+@click.option("--end-user-id", help="Only this end user's workspaces.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def workspaces_ls(ctx, end_user_id, as_json):
+    """List your workspaces (sizes as last counted: see `usage`)."""
+    rows = _client(ctx).workspaces(end_user_id=end_user_id)
+    if as_json:
+        return _print_json([w.to_dict() for w in rows])
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    table.add_column("WORKSPACE ID", no_wrap=True, min_width=24)
+    for col in ("APP", "CAPSET", "END USER"):
+        table.add_column(col)
+    table.add_column("SIZE", justify="right", no_wrap=True)
+    table.add_column("FILES", justify="right")
+    table.add_column("MOUNTED")
+    table.add_column("LAST USED (UTC)", no_wrap=True)
+    for w in rows:
+        table.add_row(w.workspace_id, w.app_id, w.capset_id, w.end_user_id or "-", _size(w.bytes_used),
+                      str(w.file_count), "yes" if w.mounted else "no", _short_time(w.last_used_at))
+    _console().print(table)
+
+
+def _print_fields(data: dict[str, Any]) -> None:
+    for key, value in data.items():
+        click.echo(f"{key + ':':<18} {value}")
+
+
+@workspaces.command("show")
+@click.argument("workspace_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def workspaces_show(ctx, workspace_id, as_json):
+    """Show one workspace."""
+    data = _client(ctx).workspace(workspace_id).to_dict()
+    _print_json(data) if as_json else _print_fields(data)
+
+
+@workspaces.command("usage")
+@click.argument("workspace_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def workspaces_usage(ctx, workspace_id, as_json):
+    """Count a workspace's bytes and files now, with your total and quota."""
+    u = _client(ctx).workspace_usage(workspace_id)
+    if as_json:
+        return _print_json(u.__dict__)
+    _print_fields({"workspace_id": u.workspace_id, "bytes_used": f"{u.bytes_used} ({_size(u.bytes_used)})",
+                   "file_count": u.file_count,
+                   "user_bytes_used": f"{u.user_bytes_used} ({_size(u.user_bytes_used)})",
+                   "quota_bytes": f"{u.quota_bytes} ({_size(u.quota_bytes)})"})
+
+
+@workspaces.command("files")
+@click.argument("workspace_id")
+@click.option("--prefix", default="", help="Only paths starting with this (e.g. src/).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+def workspaces_files(ctx, workspace_id, prefix, as_json):
+    """List a workspace's files (paths relative to /home/user), every page, as they arrive."""
+    for f in _client(ctx).iter_workspace_files(workspace_id, prefix, limit=1000):
+        if as_json:
+            click.echo(json.dumps(f.__dict__))
+        else:
+            click.echo(f"{f.size:>12}  {_short_time(f.modified)}  {f.path}{'@' if f.type == 'symlink' else ''}")
+
+
+@workspaces.command("presign")
+@click.argument("workspace_id")
+@click.argument("path")
+@click.option("--put", is_flag=True, help="A URL to write the file (default: to read it).")
+@click.option("--expires-in", type=click.IntRange(1), default=900, show_default=True, help="Seconds.")
+@click.pass_context
+def workspaces_presign(ctx, workspace_id, path, put, expires_in):
+    """Print a URL that reads (or, with --put, writes) PATH without the API key."""
+    p = _client(ctx).presign_workspace_file(workspace_id, path, "PUT" if put else "GET", expires_in)
+    click.echo(p.url)
+    click.echo(f"{p.method}, expires {_short_time(p.expires_at)} UTC", err=True)
+
+
+@workspaces.command("rm")
+@click.argument("workspace_id")
+@click.argument("path")
+@click.pass_context
+def workspaces_rm(ctx, workspace_id, path):
+    """Delete one file of a workspace."""
+    _client(ctx).delete_workspace_file(workspace_id, path)
+
+
+@workspaces.command("delete")
+@click.argument("workspace_id")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def workspaces_delete(ctx, workspace_id, yes):
+    """Delete a workspace and every file in it (refused while a sandbox has it mounted)."""
+    if not yes:
+        click.confirm(f"Delete workspace {workspace_id} and all its files?", abort=True, err=True)
+    _client(ctx).delete_workspace(workspace_id)
+    click.echo(f"{workspace_id} deleted")
+
+
+@workspaces.command("put")
+@click.argument("workspace_id")
+@click.argument("path")
+@click.argument("local", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@click.pass_context
+def workspaces_put(ctx, workspace_id, path, local):
+    """Upload LOCAL (a file, or - for stdin) to PATH through a presigned URL."""
+    import pathlib
+
+    src: Any = sys.stdin.buffer.read() if local == "-" else pathlib.Path(local)
+    n = _client(ctx).upload_workspace_file(workspace_id, path, src)
+    click.echo(f"{path} ({n} bytes)")
+
+
+@workspaces.command("get")
+@click.argument("workspace_id")
+@click.argument("path")
+@click.argument("local", required=False, type=click.Path(dir_okay=False, allow_dash=True))
+@click.pass_context
+def workspaces_download(ctx, workspace_id, path, local):
+    """Download PATH to LOCAL (default: its base name here; - for stdout) through a presigned URL."""
+    local = local or os.path.basename(path.rstrip("/")) or "download"
+    dest: Any = sys.stdout.buffer if local == "-" else local
+    n = _client(ctx).download_workspace_file_to(workspace_id, path, dest)
+    if local != "-":
+        click.echo(f"{local} ({n} bytes)", err=True)
 
 
 if __name__ == "__main__":

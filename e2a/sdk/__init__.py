@@ -6,13 +6,22 @@
             print(sb.run("echo hi").stdout)
             sb.files.write("data.txt", b"hello")
 
+Workspaces (a persistent /home/user kept in S3) are chosen at create time and managed on the client:
+
+    sb = client.create_sandbox("standard", workspace=True)     # or {"app_id": "a", "end_user_id": "u1"}
+    for f in client.iter_workspace_files(sb.workspace_id):
+        print(f.path, f.size)
+    client.upload_workspace_file(sb.workspace_id, "notes.txt", b"hi")   # presigned PUT, no API key sent
+
 ``AsyncE2A`` has the same methods as coroutines / async iterators.
 """
 
 from .async_client import AsyncE2A, AsyncFiles
 from .client import E2A, Files
 from .errors import E2AError
-from .models import CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, Sandbox, SandboxEvent
+from .models import (CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, PresignedUrl, Sandbox,
+                     SandboxEvent, Workspace, WorkspaceFile, WorkspaceUsage)
 
 __all__ = ["E2A", "AsyncE2A", "Files", "AsyncFiles", "E2AError", "Sandbox", "CommandEvent",
-           "CommandResult", "CommandInfo", "FileEntry", "LogLine", "SandboxEvent"]
+           "CommandResult", "CommandInfo", "FileEntry", "LogLine", "SandboxEvent", "Workspace",
+           "WorkspaceUsage", "WorkspaceFile", "PresignedUrl"]

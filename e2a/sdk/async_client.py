@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import os
 import pathlib
 from typing import Any, AsyncIterator, BinaryIO, Callable
@@ -15,7 +16,10 @@ from . import _core as api
 from ._body import Body, async_body, open_dest
 from ._core import Call, Collector, parse_event, sandbox_id
 from .errors import E2AError, check, error_from_response
-from .models import CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, Sandbox, SandboxEvent
+from .models import (CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, PresignedUrl, Sandbox,
+                     SandboxEvent, Workspace, WorkspaceFile, WorkspaceUsage)
+
+WorkspaceSpec = Any  # True (the defaults) | {"app_id", "capset_id", "end_user_id"} | None
 
 
 class AsyncE2A:
@@ -27,9 +31,14 @@ class AsyncE2A:
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=api.auth_headers(self.api_key),
                                        timeout=api.DEFAULT_TIMEOUT, transport=transport)
         self.files = AsyncFiles(self)
+        # Presigned URLs are fetched without the API key (see E2A), by a client made on first use.
+        self._transport = transport
+        self._plain_http: httpx.AsyncClient | None = None
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        if self._plain_http is not None:
+            await self._plain_http.aclose()
 
     async def __aenter__(self) -> "AsyncE2A":
         return self
@@ -69,15 +78,23 @@ class AsyncE2A:
     def _sandbox(self, data: dict) -> Sandbox:
         return Sandbox.from_dict(data, self)
 
+    @property
+    def _plain(self) -> httpx.AsyncClient:
+        if self._plain_http is None:
+            self._plain_http = httpx.AsyncClient(headers={"User-Agent": "e2a-python-sdk"},
+                                                 timeout=api.TRANSFER_TIMEOUT, transport=self._transport)
+        return self._plain_http
+
     # ------------------------------------------------------------ sandboxes
 
     async def create_sandbox(self, template: str = "standard", *, env_vars: dict[str, str] | None = None,
                              metadata: dict[str, str] | None = None, idle_timeout_seconds: int | None = None,
                              max_lifetime_seconds: int | None = None, internet: bool | None = None,
-                             resolution: str | None = None) -> Sandbox:
+                             resolution: str | None = None, workspace: WorkspaceSpec = None) -> Sandbox:
+        """``workspace``: True or ``{"app_id", "capset_id", "end_user_id"}``, as for ``E2A``."""
         return self._sandbox(await self._call(api.create_sandbox(
             template, env_vars, metadata, idle_timeout_seconds, max_lifetime_seconds, internet,
-            resolution)))
+            resolution, workspace)))
 
     async def list_sandboxes(self, state: str | None = None, metadata: dict[str, str] | None = None) -> list[Sandbox]:
         return [self._sandbox(d) for d in await self._call(api.list_sandboxes(state, metadata))]
@@ -164,6 +181,73 @@ class AsyncE2A:
 
     async def send_signal(self, vm_id: str, pid: int, signal: str | int = "SIGTERM") -> None:
         await self._call(api.send_signal(sandbox_id(vm_id), pid, signal))
+
+    # ------------------------------------------------------------ workspaces
+
+    async def workspaces(self, end_user_id: str | None = None) -> list[Workspace]:
+        return await self._call(api.list_workspaces(end_user_id))
+
+    async def workspace(self, workspace_id: str) -> Workspace:
+        return await self._call(api.get_workspace(workspace_id))
+
+    async def workspace_usage(self, workspace_id: str) -> WorkspaceUsage:
+        return await self._call(api.workspace_usage(workspace_id))
+
+    async def workspace_files(self, workspace_id: str, prefix: str = "", cursor: str | None = None,
+                              limit: int = 100) -> tuple[list[WorkspaceFile], str | None]:
+        return await self._call(api.workspace_files(workspace_id, prefix, cursor, limit))
+
+    async def iter_workspace_files(self, workspace_id: str, prefix: str = "", *,
+                                   limit: int = 100) -> AsyncIterator[WorkspaceFile]:
+        """``async for f in client.iter_workspace_files(id)``: every file, page after page."""
+        cursor = None
+        while True:
+            page, nxt = await self.workspace_files(workspace_id, prefix, cursor, limit)
+            for f in page:
+                yield f
+            cursor = api.next_page_cursor(cursor, nxt)
+            if cursor is None:
+                return
+
+    async def presign_workspace_file(self, workspace_id: str, path: str, method: str = "GET",
+                                     expires_in: int = 900) -> PresignedUrl:
+        return await self._call(api.presign_workspace_file(workspace_id, path, method, expires_in))
+
+    async def delete_workspace_file(self, workspace_id: str, path: str) -> None:
+        await self._call(api.delete_workspace_file(workspace_id, path))
+
+    async def delete_workspace(self, workspace_id: str) -> None:
+        await self._call(api.delete_workspace(workspace_id))
+
+    async def upload_workspace_file(self, workspace_id: str, path: str,
+                                    data: bytes | str | os.PathLike) -> int:
+        n = api.presigned_body_length(data)
+        url = (await self.presign_workspace_file(workspace_id, path, "PUT")).url
+        with async_body(data) as (content, headers):
+            resp = await self._plain.put(api.presigned_target(self.base_url, url), content=content,
+                                         headers={**headers, "Content-Length": str(n)})
+        if resp.is_error:
+            raise api.presigned_error(resp)
+        return n
+
+    async def download_workspace_file(self, workspace_id: str, path: str) -> bytes:
+        buf = io.BytesIO()
+        await self.download_workspace_file_to(workspace_id, path, buf)
+        return buf.getvalue()
+
+    async def download_workspace_file_to(self, workspace_id: str, path: str,
+                                         dest: str | os.PathLike | BinaryIO) -> int:
+        url = (await self.presign_workspace_file(workspace_id, path, "GET")).url
+        n = 0
+        async with self._plain.stream("GET", api.presigned_target(self.base_url, url)) as resp:
+            if resp.is_error:
+                await resp.aread()
+                raise api.presigned_error(resp)
+            with open_dest(dest) as f:
+                async for piece in resp.aiter_bytes(api.CHUNK):
+                    f.write(piece)
+                    n += len(piece)
+        return n
 
     # ------------------------------------------------------------ PTY
 
