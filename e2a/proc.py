@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 
 class CommandFailed(RuntimeError):
@@ -31,3 +32,25 @@ async def run(args: list[str], stdin: bytes | None = None, check: bool = True,
     if check and proc.returncode != 0:
         raise CommandFailed(list(args), proc.returncode, text)
     return text
+
+
+_daemons: set[asyncio.subprocess.Process] = set()
+
+
+async def spawn_daemon(args: list[str], env: dict[str, str], log: str) -> asyncio.subprocess.Process:
+    """Start a long-lived process that outlives e2a (a session of its own: a restart of e2a or a
+    signal to its process group leaves it running), its output appended to `log` (0600).
+
+    The Process object is kept until the process exits: asyncio kills a child whose transport
+    is garbage-collected while it runs."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        p = await asyncio.create_subprocess_exec(
+            *args, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd,
+            start_new_session=True)
+    finally:
+        os.close(fd)
+    _daemons.add(p)
+    task = asyncio.ensure_future(p.wait())
+    task.add_done_callback(lambda _: _daemons.discard(p))
+    return p

@@ -80,22 +80,17 @@ class Mount:
         (self.dir / "rclone.conf").touch(mode=0o600)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                "RCLONE_CONFIG": str(self.dir / "rclone.conf"), **self.env}
-        logf = os.open(self.logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            p = await asyncio.create_subprocess_exec(
-                self.rclone, "mount", self.remote, str(self.point),
-                "--vfs-cache-mode", "full", "--allow-other", "--links",
-                "--uid", str(UID), "--gid", str(GID), "--dir-perms", "0700",
-                "--file-perms", "0700", "--cache-dir", str(self.cache),
-                "--vfs-cache-max-age", "1000000h", "--vfs-cache-poll-interval", "1m",
-                "--vfs-write-back", f"{WRITE_BACK}s", "--dir-cache-time", f"{DIR_CACHE}s",
-                "--rc", "--rc-addr", f"unix://{self.sock}", "--rc-no-auth",
-                "--log-level", "NOTICE",
-                *(["--vfs-disk-space-total-size", f"{self.size}B"] if self.size else []),
-                env=env, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
-                start_new_session=True)  # outlives a restart of e2a, like the sandbox
-        finally:
-            os.close(logf)
+        p = await proc.spawn_daemon([
+            self.rclone, "mount", self.remote, str(self.point),
+            "--vfs-cache-mode", "full", "--allow-other", "--links",
+            "--uid", str(UID), "--gid", str(GID), "--dir-perms", "0700",
+            "--file-perms", "0700", "--cache-dir", str(self.cache),
+            "--vfs-cache-max-age", "1000000h", "--vfs-cache-poll-interval", "1m",
+            "--vfs-write-back", f"{WRITE_BACK}s", "--dir-cache-time", f"{DIR_CACHE}s",
+            "--rc", "--rc-addr", f"unix://{self.sock}", "--rc-no-auth",
+            "--log-level", "NOTICE",
+            *(["--vfs-disk-space-total-size", f"{self.size}B"] if self.size else []),
+        ], env, str(self.logfile))  # outlives a restart of e2a, like the sandbox
         self.pidfile.write_text(str(p.pid))
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not (self.mounted() and self.sock.exists()):

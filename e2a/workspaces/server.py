@@ -75,15 +75,10 @@ class EmbeddedS3:
                "RCLONE_AUTH_KEY": f'"{creds["access_key"]},{creds["secret_key"]}"',
                **await self._crypt_env()}
         (self.dir / "rclone.conf").touch(mode=0o600)
-        logf = os.open(self.logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            p = await asyncio.create_subprocess_exec(
-                self.rclone, "serve", "s3", f"{REMOTE}:", "--addr", f"127.0.0.1:{self.port}",
-                "--force-path-style=true", "--log-level", "NOTICE",
-                env=env, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
-                start_new_session=True)  # not in e2a's process group: it outlives a restart
-        finally:
-            os.close(logf)
+        # Not in e2a's process group: it outlives a restart (mounts may still be uploading).
+        p = await proc.spawn_daemon(
+            [self.rclone, "serve", "s3", f"{REMOTE}:", "--addr", f"127.0.0.1:{self.port}",
+             "--force-path-style=true", "--log-level", "NOTICE"], env, str(self.logfile))
         self.pidfile.write_text(str(p.pid))
         if not await self._answers(15.0):
             await self.stop()
