@@ -50,7 +50,7 @@ sandbox as /home/user. Every sandbox here is the standard template (0.5 vCPU, 51
                commits: ~50 MiB, one pack), uploaded once into the sandbox's /tmp/repo.git by
                PUT /files/tar; then, alternately, `git clone -q --no-local /tmp/repo.git ~/repo`
                (workspace {"app_id": "bench-git"}) and `... /tmp/clone`, timed inside, each
-               checked (HEAD as on the host, 200 files) and removed; after a workspace clone its
+               checked (HEAD as on the host, 201 files) and removed; after a workspace clone its
                upload is forced and timed as above, before the rm.
   destroy      A sandbox on the workspace {"app_id": "bench-destroy"}: a 100 MiB file of random
                bytes (made on the host, sha256 known) is put in /tmp by PUT /files, then
@@ -439,7 +439,7 @@ def part_git(b: Bench, samples: int) -> dict:
             dest = "~/repo" if where == "ws" else "/tmp/clone"
             s = b.timed(vm, f"git clone -q --no-local /tmp/repo.git {dest}")
             h, _, _ = b.run(vm, f"git -C {dest} rev-parse HEAD; git -C {dest} ls-files | wc -l")
-            if h.split() != [head, "200"]:
+            if h.split() != [head, "201"]:
                 raise RuntimeError(f"clone into {dest}: {h!r}")
             up = b.upload_now(vm) if where == "ws" else None
             if i > 0:  # the first round is a warm-up
