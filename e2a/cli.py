@@ -505,23 +505,23 @@ def _size(n: int) -> str:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def workspaces_ls(ctx, end_user_id, as_json):
-    """List your workspaces (sizes as last counted: see `usage`)."""
+    """List your workspaces: SCOPE is app/capset[/end user], SIZE as last counted (see `usage`)."""
     rows = _client(ctx).workspaces(end_user_id=end_user_id)
     if as_json:
         return _print_json([w.to_dict() for w in rows])
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")
+    # Fits 80 columns: the scope (app/capset[/end user]; names hold no '/') folds, the rest never.
     table.add_column("WORKSPACE ID", no_wrap=True, min_width=24)
-    for col in ("APP", "CAPSET", "END USER"):
-        table.add_column(col)
+    table.add_column("SCOPE", overflow="fold")
     table.add_column("SIZE", justify="right", no_wrap=True)
-    table.add_column("FILES", justify="right")
-    table.add_column("MOUNTED")
+    table.add_column("MOUNTED", no_wrap=True)
     table.add_column("LAST USED (UTC)", no_wrap=True)
     for w in rows:
-        table.add_row(w.workspace_id, w.app_id, w.capset_id, w.end_user_id or "-", _size(w.bytes_used),
-                      str(w.file_count), "yes" if w.mounted else "no", _short_time(w.last_used_at))
+        scope = "/".join(x for x in (w.app_id, w.capset_id, w.end_user_id) if x)
+        table.add_row(w.workspace_id, scope, _size(w.bytes_used), "yes" if w.mounted else "",
+                      _short_time(w.last_used_at)[:16])  # to the minute
     _console().print(table)
 
 

@@ -584,8 +584,11 @@ class Manager(SandboxHost):
         self.stuck.discard(sb.id)
         self.retry_at.pop(sb.id, None)
         self._release(sb)
-        if sb.workspace_id:  # its size now that everything is uploaded (not waited for)
-            self._in_background(self.workspaces.refresh_usage(sb.workspace_id))
+        if sb.workspace_id:  # counted now that everything is in S3: the next mount's quota
+            try:
+                await asyncio.wait_for(self.workspaces.refresh_usage(sb.workspace_id), 5)
+            except asyncio.TimeoutError:  # a huge workspace: counted on, in the background
+                self._in_background(self.workspaces.refresh_usage(sb.workspace_id))
         try:
             await self._move(sb, State.DESTROYED, reason.value, detail, destroyed_at=utcnow(),
                              end_reason=reason.value, host_reason=detail[:200])

@@ -71,15 +71,20 @@ class Registry:
                 q = q.where(Workspace.id != but)
             return int((await db.execute(q)).scalar_one())
 
-    async def record_usage(self, workspace_id: str, usage: Usage, used: bool = False) -> None:
+    async def record_usage(self, workspace_id: str, usage: Usage) -> None:
         async with self.sessions() as db:
             row = await db.get(Workspace, workspace_id)
             if row is None:
                 return
             row.bytes_used, row.file_count, row.usage_at = usage.bytes, usage.files, utcnow()
-            if used:
-                row.last_used_at = utcnow()
             await db.commit()
+
+    async def touch(self, workspace_id: str) -> None:
+        async with self.sessions() as db:
+            row = await db.get(Workspace, workspace_id)
+            if row is not None:
+                row.last_used_at = utcnow()
+                await db.commit()
 
     async def delete(self, workspace_id: str) -> None:
         async with self.sessions() as db:

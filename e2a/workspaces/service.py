@@ -69,13 +69,15 @@ class Workspaces:
         return self.store.remote(REMOTE, workspace_id)
 
     async def plan(self, scope: Scope) -> MountPlan:
-        """The scope's workspace (made if new) and how much its mount may hold."""
+        """The scope's workspace (made if new) and how much its mount may hold, from the sizes
+        as last counted (after each sandbox that mounted a workspace, and by GET .../usage):
+        a create does not list a whole workspace in S3."""
         row, fresh = await self.registry.find_or_make(scope)
-        here = await s3.run(self.store.usage, row.id)
-        await self.registry.record_usage(row.id, here, used=True)
+        await self.registry.touch(row.id)
         others = await self.registry.stored_bytes(scope.user_id, but=row.id)
-        return MountPlan(workspace_id=row.id, fresh=fresh and here.files == 0,
-                         cache_limit=cache_limit(self.quota, others + here.bytes, here.bytes))
+        return MountPlan(workspace_id=row.id, fresh=fresh,
+                         cache_limit=cache_limit(self.quota, others + row.bytes_used,
+                                                 row.bytes_used))
 
     async def refresh_usage(self, workspace_id: str) -> None:
         """Count the workspace again (after a sandbox that mounted it is gone)."""

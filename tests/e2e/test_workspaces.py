@@ -584,3 +584,19 @@ def test_sigkill_of_the_server_alone_keeps_the_sandbox_and_its_home():
         status, body = curl(u.presign(wid, "w/big.bin").json()["url"])
         assert status == 200 and sha256(body) == EXPECTED["w/big.bin"]
         leaves_nothing(srv, u)
+
+
+def test_zz_probe(a):
+    ws = scope("probe")
+    first, second = a.create(ws), a.create(ws)
+    va, vb = first["vm_id"], second["vm_id"]
+    a.sh(va, "echo one > same.txt; echo one > diff.txt")
+    wait_for(lambda: a.sh(vb, "cat same.txt diff.txt", check=False).stdout == "one\none\n", timeout=40)
+    print(a.sh(va, "cat same.txt diff.txt; stat -c '%n %Y %s' same.txt diff.txt").stdout)
+    a.sh(vb, "echo two > same.txt; echo three > diff.txt")
+    t0 = time.monotonic()
+    for _ in range(20):
+        time.sleep(2)
+        print(round(time.monotonic() - t0), repr(a.sh(va, "cat same.txt diff.txt; stat -c '%n %Y %s' same.txt diff.txt").stdout))
+    print(a.files(first["workspace_id"]))
+    a.destroy(va); a.destroy(vb)
