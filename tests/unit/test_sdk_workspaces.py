@@ -540,3 +540,21 @@ def test_workspaces_help_loads_no_server_module():
         assert "e2a.cli" in imported
         assert not {n for n in imported if n.split(".")[0] in ("boto3", "botocore", "fastapi", "sqlalchemy")
                     or n.startswith(("e2a.workspaces", "e2a.api", "e2a.store", "e2a.server_cli"))}
+
+
+def test_models_and_fake_match_the_routes():
+    """The SDK's models hold exactly the routes' response fields, and so does the fake above."""
+    from dataclasses import fields
+
+    from e2a.api import workspaces as routes
+    from e2a.api.schemas import SandboxOut
+
+    pairs = [(Workspace, routes.WorkspaceOut), (WorkspaceUsage, routes.UsageOut),
+             (WorkspaceFile, routes.FileOut), (PresignedUrl, routes.PresignOut)]
+    for model, out in pairs:
+        assert [f.name for f in fields(model)] == list(out.model_fields), model
+    assert {f.name for f in fields(Sandbox) if not f.name.startswith("_")} == set(SandboxOut.model_fields)
+    assert set(ws_out("x")) - {"field_from_the_future"} == set(routes.WorkspaceOut.model_fields)
+    assert set(SB) == set(SandboxOut.model_fields)
+    assert set(routes.PresignIn.model_fields) == {"path", "method", "expires_in"}
+    assert routes.PresignIn.model_fields["expires_in"].default == 900
