@@ -12,7 +12,7 @@ from e2a.api.deps import catalog, current_user, host, owned_sandbox
 from e2a.api.errors import ApiError
 from e2a.api.schemas import (CreateSandbox, SandboxEventsOut, SandboxOut, reserved_env_key)
 from e2a.auth import Caller
-from e2a.sandboxes.host import (Catalog, CreateFailed, CreateSpec, DeletedDuringCreate,
+from e2a.sandboxes.host import (Catalog, Conflict, CreateFailed, CreateSpec, DeletedDuringCreate,
                                 NoCapacity, SandboxHost, SandboxRecord, Unavailable)
 from e2a.sandboxes.states import EndReason, State
 from e2a.templates import recipes
@@ -69,6 +69,8 @@ async def create_sandbox(req: CreateSandbox, user: Caller = Depends(current_user
         raise ApiError(409, "no_capacity", str(exc)) from exc
     except DeletedDuringCreate as exc:
         raise ApiError(409, "sandbox_deleted", str(exc)) from exc
+    except Conflict as exc:
+        raise ApiError(409, "workspace_busy", str(exc), "workspace") from exc
     except Unavailable as exc:
         raise ApiError(503, "runtime_unavailable", str(exc)) from exc
     except CreateFailed as exc:

@@ -17,7 +17,7 @@ from e2a.sandboxes.host import SandboxHost
 from e2a.sandboxes.records import aware
 from e2a.store.models import Workspace
 from e2a.workspaces import s3, scope
-from e2a.workspaces.service import Workspaces
+from e2a.workspaces.service import WorkspaceBusy, Workspaces
 
 router = APIRouter(prefix="/v1/workspaces", tags=["workspaces"])
 
@@ -67,6 +67,9 @@ class PresignIn(BaseModel):
     path: str = Field(max_length=s3.MAX_PATH_BYTES)
     method: Literal["GET", "PUT"]
     expires_in: int = Field(default=900, ge=1, le=s3.PRESIGN_MAX)
+    # PUT only: the exact size of the upload, signed into the URL and checked against what
+    # is left of the quota. Without it a PUT may be any size S3 takes (docs/workspaces.md).
+    size: int | None = Field(default=None, ge=0, le=5 * 1024 ** 3)
 
 
 class PresignOut(BaseModel):
@@ -170,7 +173,15 @@ async def presign(workspace_id: str, req: PresignIn, user: Caller = Depends(curr
     path = checked(req.path, "path", s3.check_path)
     if req.method == "GET" and await store_call(ws.store.exists, row.id, path) is None:
         raise ApiError(404, "file_not_found", f"no file {path!r} in workspace {row.id}", "path")
-    url = await store_call(ws.store.presign, row.id, path, req.method, req.expires_in)
+    if req.method == "PUT":
+        free = await ws.free_quota(user.id)
+        if free <= 0 or (req.size is not None and req.size > free):
+            raise ApiError(507, "quota_exceeded", f"the upload does not fit the storage quota "
+                           f"({max(free, 0)} bytes left of {ws.quota})", "size")
+    elif req.size is not None:
+        raise ApiError(400, "invalid_field", "size applies to PUT only", "size")
+    url = await store_call(ws.store.presign, row.id, path, req.method, req.expires_in,
+                           req.size)
     return PresignOut(url=url, method=req.method, expires_at=datetime.now(timezone.utc)
                       + timedelta(seconds=req.expires_in))
 
@@ -190,13 +201,14 @@ async def delete_file(workspace_id: str, path: str = Query(max_length=1024),
 
 @router.delete("/{workspace_id}", status_code=204, responses={401: {}, 404: {}, 409: {}})
 async def delete_workspace(workspace_id: str, user: Caller = Depends(current_user),
-                           ws: Workspaces = Depends(service),
-                           sandboxes: SandboxHost = Depends(host)) -> Response:
+                           ws: Workspaces = Depends(service)) -> Response:
     """Every file of the workspace, and the workspace. Refused while a sandbox has it mounted."""
     row = await owned(ws, user, workspace_id)
-    if sandboxes.workspace_mounted(row.id):
-        raise ApiError(409, "workspace_in_use", f"workspace {row.id} is mounted by a sandbox: "
-                       "delete the sandbox first", "workspace_id")
-    await store_call(ws.store.delete_all, row.id)
-    await ws.registry.delete(row.id)
+    try:
+        await ws.delete(row.id)
+    except WorkspaceBusy as exc:
+        raise ApiError(409, "workspace_in_use", str(exc), "workspace_id") from exc
+    except Exception as exc:
+        raise ApiError(503, "storage_unavailable",
+                       f"the workspace store did not answer: {exc.__class__.__name__}") from exc
     return Response(status_code=204)

@@ -37,6 +37,11 @@ class CreateFailed(Exception):
     """A create step failed; everything it made was removed again (503)."""
 
 
+class Conflict(Exception):
+    """The request conflicts with the state of something it names, e.g. a workspace being
+    deleted (409)."""
+
+
 class DeletedDuringCreate(Exception):
     """The sandbox was deleted while it was being created (409)."""
 

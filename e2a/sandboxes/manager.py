@@ -34,7 +34,7 @@ from e2a.runtime import cgroups
 from e2a.runtime.runsc import Runsc
 from e2a.sandboxes import envd, resources, states
 from e2a.sandboxes.agent_keys import AgentKeys
-from e2a.sandboxes.host import (CreateFailed, CreateSpec, DeletedDuringCreate, NoCapacity,
+from e2a.sandboxes.host import (Conflict, CreateFailed, CreateSpec, DeletedDuringCreate, NoCapacity,
                                 NotRunning, SandboxHost, SandboxRecord, TooManyConnections,
                                 Unavailable, Unreachable, Upstream)
 from e2a.sandboxes.hostlog import HostLog
@@ -43,7 +43,7 @@ from e2a.sandboxes.states import EndReason, State
 from e2a.sandboxes.watch import DeathWatch, runsc_processes
 from e2a.store.models import Sandbox
 from e2a.templates import builder, recipes
-from e2a.workspaces.service import MountPlan, Workspaces
+from e2a.workspaces.service import MountPlan, Workspaces, WorkspaceBusy
 
 log = logging.getLogger("e2a.sandboxes")
 T = TypeVar("T")
@@ -163,7 +163,6 @@ class Manager(SandboxHost):
             envd_binary=Path(settings.envd), resolv_conf=settings.run_dir / "resolv.conf")
         self.workspaces = Workspaces(settings, sessions)
         self.env.rclone, self.env.workspaces = settings.rclone, self.workspaces
-        self.mounting: dict[str, int] = {}  # workspace id -> creates planning to mount it
         self.records = Records(sessions)
         self.keys = AgentKeys(settings.data_dir / "agent.key")
         self.catalog = StoreCatalog(self.records, self._live_record, self.node)
@@ -251,8 +250,7 @@ class Manager(SandboxHost):
         return {name: len(ids) for name, ids in self.pool.items()}
 
     def workspace_mounted(self, workspace_id: str) -> bool:
-        return self.mounting.get(workspace_id, 0) > 0 or any(
-            sb.workspace_id == workspace_id for sb in self.sandboxes.values())
+        return self.workspaces.leased(workspace_id)
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -319,9 +317,10 @@ class Manager(SandboxHost):
             workspace = await self._plan_workspace(spec)
         try:
             sb = self._reserve(recipe, spec, image, workspace)
-        finally:
+        except BaseException:
             if workspace is not None:
-                self._unmark(workspace.workspace_id)
+                self.workspaces.release(workspace)
+            raise
         row = Sandbox(
             id=sb.id, user_id=spec.user_id, template=recipe.name, state=State.CREATING.value,
             vcpu=recipe.vcpu, cpu_fraction=recipe.cpu_fraction, memory_mib=recipe.memory_mib,
@@ -333,6 +332,8 @@ class Manager(SandboxHost):
             await self.records.insert(row, "create" if spec.user_id else "warm_pool")
         except BaseException:
             self._release(sb)
+            if workspace is not None:
+                self.workspaces.release(workspace)
             raise
         sb.boot_task = asyncio.create_task(self._boot(sb, spec.env_vars), name=f"boot {sb.id}")
         try:
@@ -350,24 +351,17 @@ class Manager(SandboxHost):
         return sb
 
     async def _plan_workspace(self, spec: CreateSpec) -> MountPlan:
-        """Find (or make) the scope's workspace and size its mount; marked as being mounted
-        from here on, so that it cannot be deleted under the create (the caller unmarks it once
-        the sandbox holds it)."""
+        """Find (or make) the scope's workspace, size its mount and lease it (so that it cannot
+        be deleted under the create): the lease goes with the sandbox, released once it is
+        gone (`_stop`)."""
         if not Path(self.settings.rclone).is_file():
             raise Unavailable(f"rclone not found at {self.settings.rclone} (run `make build`)")
         try:
-            plan = await self.workspaces.plan(spec.workspace)
+            return await self.workspaces.plan(spec.workspace)
+        except WorkspaceBusy as exc:
+            raise Conflict(str(exc)) from exc
         except Exception as exc:
             raise Unavailable(f"the workspace store did not answer: {exc}") from exc
-        self.mounting[plan.workspace_id] = self.mounting.get(plan.workspace_id, 0) + 1
-        return plan
-
-    def _unmark(self, workspace_id: str) -> None:
-        left = self.mounting.get(workspace_id, 0) - 1
-        if left > 0:
-            self.mounting[workspace_id] = left
-        else:
-            self.mounting.pop(workspace_id, None)
 
     async def _boot(self, sb: LiveSandbox, env_vars: dict[str, str]) -> None:
         """Make every unit, wait for the agent, start watching; on any failure or cancellation,
@@ -584,11 +578,8 @@ class Manager(SandboxHost):
         self.stuck.discard(sb.id)
         self.retry_at.pop(sb.id, None)
         self._release(sb)
-        if sb.workspace_id:  # counted now that everything is in S3: the next mount's quota
-            try:
-                await asyncio.wait_for(self.workspaces.refresh_usage(sb.workspace_id), 5)
-            except asyncio.TimeoutError:  # a huge workspace: counted on, in the background
-                self._in_background(self.workspaces.refresh_usage(sb.workspace_id))
+        if sb.plan.workspace:  # counted again now that all is in S3; its lease ends after that
+            self._in_background(self.workspaces.ended(sb.plan.workspace))
         try:
             await self._move(sb, State.DESTROYED, reason.value, detail, destroyed_at=utcnow(),
                              end_reason=reason.value, host_reason=detail[:200])
@@ -786,7 +777,7 @@ class Manager(SandboxHost):
         plan = resources.Plan(id=row.id, slot=row.slot, internet=row.internet,
                               token=row.envd_token or self.keys.token(row.id), image=None,
                               memory_mib=row.memory_mib, platform="",
-                              workspace=MountPlan(row.workspace_id, 0, False)
+                              workspace=self.workspaces.adopt(row.workspace_id, row.user_id)
                               if row.workspace_id else None).bind(self.env)
         sb = LiveSandbox(
             plan=plan, units=resources.units_for(self.env, plan, self.kinds), user_id=row.user_id,

@@ -325,7 +325,10 @@ class WorkspaceMount(Resource):
     @classmethod
     async def close(cls, env: HostEnv, sandbox_dir: Path, workspace_id: str) -> None:
         if (sandbox_dir / cls.ID_FILE).exists():
-            await cls.mount(env, sandbox_dir, workspace_id).close()
+            lost = await cls.mount(env, sandbox_dir, workspace_id).close(env.workspaces.answers)
+            if lost:  # S3 keeps refusing them while it answers: they can never be stored
+                log.error("%s: S3 refused %d files of workspace %s for good, given up: %s",
+                          sandbox_dir.name, len(lost), workspace_id, ", ".join(lost[:20]))
         cache = sandbox_dir / cls.CACHE
         if cache.exists():
             await remove_dir(cache)

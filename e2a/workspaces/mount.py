@@ -52,6 +52,14 @@ class MountError(Exception):
     """The workspace could not be mounted or flushed."""
 
 
+class Refused(MountError):
+    """S3 refused some uploads again and again."""
+
+    def __init__(self, names: list[str], message: str):
+        super().__init__(message)
+        self.names = names
+
+
 class Mount:
     def __init__(self, sandbox_dir: Path, rclone: str, env: dict[str, str], remote: str,
                  size: int = 0):
@@ -130,23 +138,31 @@ class Mount:
 
     # ---- flush and stop --------------------------------------------------------------------
 
-    async def close(self) -> None:
-        """Upload everything and unmount; raises MountError if something stays unuploaded
-        (the caller retries later: the cache is kept until then)."""
+    async def close(self, store_answers) -> list[str]:
+        """Upload everything and unmount. Raises MountError if something stays unuploaded
+        while S3 may come back (the caller retries later: the cache is kept until then).
+        Returns the files S3 itself refused again and again while answering otherwise (a key
+        too long for it, say): those can never be stored, and are given up."""
         for attempt in range(2):
             if not self.alive():
                 await self._kill()
                 if not self.dirty():
-                    return
+                    return []
                 # A mount that died with files unuploaded: rclone, started again on its cache,
                 # queues them for upload.
                 log.warning("%s: mount was gone with %d unuploaded files; recovering",
                             self.dir.name, len(self.dirty()))
                 await self.start()
-            await self.flush()
+            try:
+                await self.flush()
+            except Refused as exc:
+                if not await store_answers():
+                    raise MountError(f"{exc} (and S3 does not answer)") from exc
+                await self._unmount()
+                return exc.names
             await self._unmount()
             if not self.dirty():
-                return
+                return []
         raise MountError(f"files still unuploaded after two flushes: {self.dirty()[:5]}")
 
     async def flush(self, timeout: float = FLUSH_TIMEOUT) -> None:
@@ -157,8 +173,8 @@ class Mount:
                 queue = (await _rc(rc, "vfs/queue")).get("queue") or []
                 failing = [i["name"] for i in queue if i.get("tries", 0) >= FLUSH_TRIES]
                 if failing:
-                    raise MountError(f"S3 refused {len(failing)} uploads {FLUSH_TRIES} times "
-                                     f"(e.g. {failing[0]!r}): see {self.logfile}")
+                    raise Refused(failing, f"S3 refused {len(failing)} uploads {FLUSH_TRIES} "
+                                  f"times (e.g. {failing[0]!r}): see {self.logfile}")
                 for item in queue:
                     if item.get("expiry", 0) > 0 and not item.get("uploading"):
                         await _rc(rc, "vfs/queue-set-expiry", id=item["id"], expiry=0)

@@ -102,9 +102,9 @@ class Registry:
 CACHE_SLACK = 1024 * 1024
 
 
-def cache_limit(quota: int, stored_by_user: int, stored_here: int) -> int:
+def cache_limit(stored_here: int, grant: int) -> int:
     """How many bytes one mount's cache may hold: all of this workspace (so every file in it can
-    be read), plus what the user's quota has left (what may be written). The cache never evicts,
-    so its size bounds what the sandbox can add. docs/workspaces.md, "Quota", says where this
-    is exact and where it is not."""
-    return stored_here + max(0, quota - stored_by_user) + CACHE_SLACK
+    be read) and the mount's grant of the user's free quota (what may be written). The cache
+    never evicts and grows files without holes, so its size bounds what the sandbox can add.
+    docs/workspaces.md, "Quota", says where this is exact and where it is not."""
+    return stored_here + grant + CACHE_SLACK

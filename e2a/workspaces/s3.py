@@ -142,9 +142,14 @@ class S3Store:
                     raise
         return None
 
-    def presign(self, workspace_id: str, path: str, method: str, expires_in: int) -> str:
+    def presign(self, workspace_id: str, path: str, method: str, expires_in: int,
+                size: int | None = None) -> str:
+        """A SigV4 presigned URL; with `size`, a PUT must send exactly that many bytes (the
+        Content-Length is signed)."""
         op = {"GET": "get_object", "PUT": "put_object"}[method]
         params = {"Bucket": self.ep.bucket, "Key": self.key(workspace_id, path)}
+        if size is not None:
+            params["ContentLength"] = size
         return self.public.generate_presigned_url(op, Params=params, ExpiresIn=expires_in,
                                                   HttpMethod=method)
 

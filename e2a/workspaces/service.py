@@ -17,13 +17,22 @@ log = logging.getLogger("e2a.workspaces")
 REMOTE = "ws"  # the S3 remote's name in each mount's environment
 
 
+class WorkspaceBusy(Exception):
+    """The workspace is being deleted (409)."""
+
+
 @dataclass
 class MountPlan:
-    """What a sandbox's workspace unit needs to mount (resources.WorkspaceMount)."""
+    """What a sandbox's workspace unit needs to mount (resources.WorkspaceMount), and its lease
+    on the workspace: held from the create's first step until the sandbox is gone and the
+    workspace counted again."""
 
     workspace_id: str
     cache_limit: int   # bytes the mount's cache may hold (the quota, registry.cache_limit)
     fresh: bool        # made for this sandbox: seeded with the template's home directory
+    user_id: str = ""
+    grant: int = 0     # of the user's free quota, the part this mount may fill
+    lease: int = 0     # its key in Workspaces.leases
 
 
 class Workspaces:
@@ -42,6 +51,12 @@ class Workspaces:
             endpoint = None
         self._endpoint = endpoint
         self._store: S3Store | None = None
+        # Every sandbox that has (or is about to mount) a workspace holds a lease: a workspace
+        # with one cannot be deleted, and the leases' grants share the user's free quota, so
+        # that sandboxes mounted at once cannot each fill it.
+        self.leases: dict[int, MountPlan] = {}
+        self.deleting: set[str] = set()
+        self._next_lease = 0
 
     @property
     def store(self) -> S3Store:
@@ -69,15 +84,75 @@ class Workspaces:
         return self.store.remote(REMOTE, workspace_id)
 
     async def plan(self, scope: Scope) -> MountPlan:
-        """The scope's workspace (made if new) and how much its mount may hold, from the sizes
-        as last counted (after each sandbox that mounted a workspace, and by GET .../usage):
-        a create does not list a whole workspace in S3."""
+        """The scope's workspace (made if new), leased, and how much its mount may hold: all of
+        it, plus what of the user's quota neither their stored files nor other leases take.
+        Sizes are as last counted (after each sandbox that mounted a workspace, and by GET
+        .../usage): a create does not list a whole workspace in S3."""
         row, fresh = await self.registry.find_or_make(scope)
-        await self.registry.touch(row.id)
         others = await self.registry.stored_bytes(scope.user_id, but=row.id)
-        return MountPlan(workspace_id=row.id, fresh=fresh,
-                         cache_limit=cache_limit(self.quota, others + row.bytes_used,
-                                                 row.bytes_used))
+        # From here to the lease, no await: a DELETE either sees the lease or is seen here.
+        if row.id in self.deleting:
+            raise WorkspaceBusy(f"workspace {row.id} is being deleted")
+        granted = sum(p.grant for p in self.leases.values() if p.user_id == scope.user_id)
+        grant = max(0, self.quota - others - row.bytes_used - granted)
+        plan = self._lease(MountPlan(
+            workspace_id=row.id, fresh=fresh, user_id=scope.user_id, grant=grant,
+            cache_limit=cache_limit(row.bytes_used, grant)))
+        try:
+            await self.registry.touch(row.id)
+        except BaseException:
+            self.release(plan)
+            raise
+        return plan
+
+    async def free_quota(self, user_id: str) -> int:
+        """What of the user's quota neither stored files nor leases take (may be negative)."""
+        granted = sum(p.grant for p in self.leases.values() if p.user_id == user_id)
+        return self.quota - await self.registry.stored_bytes(user_id) - granted
+
+    def adopt(self, workspace_id: str, user_id: str) -> MountPlan:
+        """The lease of a sandbox found running at start (its grant is not known: 0)."""
+        return self._lease(MountPlan(workspace_id, 0, False, user_id=user_id))
+
+    def _lease(self, plan: MountPlan) -> MountPlan:
+        self._next_lease += 1
+        plan.lease = self._next_lease
+        self.leases[plan.lease] = plan
+        return plan
+
+    def release(self, plan: MountPlan) -> None:
+        self.leases.pop(plan.lease, None)
+
+    def leased(self, workspace_id: str) -> bool:
+        return any(p.workspace_id == workspace_id for p in self.leases.values())
+
+    async def ended(self, plan: MountPlan) -> None:
+        """A sandbox that had the workspace is gone (its files all in S3): count the workspace
+        again, then give its grant back (not before: the count is what the next mount sees)."""
+        try:
+            await self.refresh_usage(plan.workspace_id)
+        finally:
+            self.release(plan)
+
+    async def delete(self, workspace_id: str) -> None:
+        """Every object and the row; WorkspaceBusy while a sandbox has it or mounts it."""
+        if self.leased(workspace_id) or workspace_id in self.deleting:
+            raise WorkspaceBusy(f"workspace {workspace_id} is mounted by a sandbox: delete the "
+                                "sandbox first")
+        self.deleting.add(workspace_id)
+        try:
+            await s3.run(self.store.delete_all, workspace_id)
+            await self.registry.delete(workspace_id)
+        finally:
+            self.deleting.discard(workspace_id)
+
+    async def answers(self) -> bool:
+        """Whether the S3 store answers at all (a refused upload is then S3 refusing it)."""
+        try:
+            await s3.run(self.store.client.head_bucket, Bucket=self.store.ep.bucket)
+            return True
+        except Exception:
+            return False
 
     async def refresh_usage(self, workspace_id: str) -> None:
         """Count the workspace again (after a sandbox that mounted it is gone)."""
