@@ -175,8 +175,9 @@ class Mount:
                 if failing:
                     raise Refused(failing, f"S3 refused {len(failing)} uploads {FLUSH_TRIES} "
                                   f"times (e.g. {failing[0]!r}): see {self.logfile}")
-                for item in queue:
-                    if item.get("expiry", 0) > 0 and not item.get("uploading"):
+                for item in queue:  # a failed one waits out rclone's own backoff
+                    if item.get("expiry", 0) > 0 and not item.get("uploading") \
+                            and not item.get("tries"):
                         await _rc(rc, "vfs/queue-set-expiry", id=item["id"], expiry=0)
                 stats = (await _rc(rc, "vfs/stats")).get("diskCache", {})
                 if not queue and not stats.get("uploadsInProgress") \
