@@ -215,6 +215,31 @@ def create_volume(path: Path, limit_bytes: int) -> None:
         _limit(fd, 0, limit_bytes)
 
 
+def set_limit(path: Path, limit_bytes: int) -> None:
+    """Change the limit of the subvolume at `path` (a lower one than it holds: writes fail)."""
+    with _opendir(path) as fd:
+        _limit(fd, 0, limit_bytes)
+
+
+def allocated(path: Path) -> int:
+    """Bytes allocated to the files under `path` (what its qgroup counts, less metadata)."""
+    total, stack = 0, [path]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                elif e.is_file(follow_symlinks=False):
+                    total += e.stat(follow_symlinks=False).st_blocks * 512
+            except OSError:
+                continue
+    return total
+
+
 def is_volume(path: Path) -> bool:
     try:
         return path.stat().st_ino == FIRST_FREE_OBJECTID and path.is_dir()

@@ -779,6 +779,8 @@ class Manager(SandboxHost):
                               memory_mib=row.memory_mib, platform="",
                               workspace=self.workspaces.adopt(row.workspace_id, row.user_id)
                               if row.workspace_id else None).bind(self.env)
+        if plan.workspace is not None:
+            plan.workspace.cache = plan.dir / resources.WorkspaceMount.CACHE
         sb = LiveSandbox(
             plan=plan, units=resources.units_for(self.env, plan, self.kinds), user_id=row.user_id,
             template=row.template, vcpu=row.vcpu, cpu_fraction=row.cpu_fraction,

@@ -309,6 +309,7 @@ class WorkspaceMount(Resource):
             return
         (self.plan.dir / self.ID_FILE).write_text(ws.workspace_id)
         await asyncio.to_thread(quota.create_volume, self.plan.dir / self.CACHE, ws.cache_limit)
+        ws.cache = self.plan.dir / self.CACHE  # from now on its limit follows the user's share
         m = self.mount(self.env, self.plan.dir, ws.workspace_id, ws.cache_limit)
         await m.start()
         if ws.fresh and self.plan.image is not None:  # a new workspace: the template's dotfiles

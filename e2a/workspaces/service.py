@@ -3,8 +3,12 @@ registry, and what a sandbox's mount needs."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+
+from e2a.runtime import quota as disk
 
 from e2a.workspaces import s3
 from e2a.workspaces.registry import Registry, cache_limit
@@ -33,6 +37,11 @@ class MountPlan:
     user_id: str = ""
     grant: int = 0     # of the user's free quota, the part this mount may fill
     lease: int = 0     # its key in Workspaces.leases
+    stored: int = 0    # the workspace's bytes as counted at mount
+    cache: Path | None = None  # the mount's cache volume, once made (resources.WorkspaceMount)
+
+    def limit(self) -> int:
+        return cache_limit(self.stored, self.grant)
 
 
 class Workspaces:
@@ -57,6 +66,7 @@ class Workspaces:
         self.leases: dict[int, MountPlan] = {}
         self.deleting: set[str] = set()
         self._next_lease = 0
+        self._sharing = asyncio.Lock()
 
     @property
     def store(self) -> S3Store:
@@ -85,30 +95,47 @@ class Workspaces:
 
     async def plan(self, scope: Scope) -> MountPlan:
         """The scope's workspace (made if new), leased, and how much its mount may hold: all of
-        it, plus what of the user's quota neither their stored files nor other leases take.
-        Sizes are as last counted (after each sandbox that mounted a workspace, and by GET
-        .../usage): a create does not list a whole workspace in S3."""
+        it, plus a share of what the user's quota has left (`_share`). Sizes are as last
+        counted (after each sandbox that mounted a workspace, and by GET .../usage): a create
+        does not list a whole workspace in S3."""
         row, fresh = await self.registry.find_or_make(scope)
-        others = await self.registry.stored_bytes(scope.user_id, but=row.id)
         # From here to the lease, no await: a DELETE either sees the lease or is seen here.
         if row.id in self.deleting:
             raise WorkspaceBusy(f"workspace {row.id} is being deleted")
-        granted = sum(p.grant for p in self.leases.values() if p.user_id == scope.user_id)
-        grant = max(0, self.quota - others - row.bytes_used - granted)
-        plan = self._lease(MountPlan(
-            workspace_id=row.id, fresh=fresh, user_id=scope.user_id, grant=grant,
-            cache_limit=cache_limit(row.bytes_used, grant)))
+        plan = self._lease(MountPlan(workspace_id=row.id, cache_limit=0, fresh=fresh,
+                                     user_id=scope.user_id, stored=row.bytes_used))
         try:
+            await self._share(scope.user_id)
+            plan.cache_limit = plan.limit()
             await self.registry.touch(row.id)
         except BaseException:
             self.release(plan)
             raise
         return plan
 
+    async def _share(self, user_id: str) -> int:
+        """Share the user's free quota among their leases: each keeps what it has written and
+        gets an equal part of what is left; the limits of mounts already running are changed
+        to match. Returns what is left unwritten (for presigned PUTs)."""
+        async with self._sharing:
+            leases = [p for p in self.leases.values() if p.user_id == user_id]
+            written = {p.lease: await asyncio.to_thread(_written, p) for p in leases}
+            left = (self.quota - await self.registry.stored_bytes(user_id)
+                    - sum(written.values()))
+            share = max(0, left) // max(1, len(leases))
+            for p in leases:
+                p.grant = written[p.lease] + share
+                if p.cache is not None:
+                    try:
+                        await asyncio.to_thread(disk.set_limit, p.cache, p.limit())
+                    except OSError:  # its sandbox is going: nothing left to limit
+                        pass
+            return left
+
     async def free_quota(self, user_id: str) -> int:
-        """What of the user's quota neither stored files nor leases take (may be negative)."""
-        granted = sum(p.grant for p in self.leases.values() if p.user_id == user_id)
-        return self.quota - await self.registry.stored_bytes(user_id) - granted
+        """What of the user's quota neither stored files nor running mounts' writes take (may
+        be negative)."""
+        return await self._share(user_id)
 
     def adopt(self, workspace_id: str, user_id: str) -> MountPlan:
         """The lease of a sandbox found running at start (its grant is not known: 0)."""
@@ -133,6 +160,7 @@ class Workspaces:
             await self.refresh_usage(plan.workspace_id)
         finally:
             self.release(plan)
+        await self._share(plan.user_id)  # the others get its part
 
     async def delete(self, workspace_id: str) -> None:
         """Every object and the row; WorkspaceBusy while a sandbox has it or mounts it."""
@@ -161,3 +189,11 @@ class Workspaces:
                                               await s3.run(self.store.usage, workspace_id))
         except Exception as exc:  # only figures: they are counted again next time
             log.warning("counting workspace %s failed: %s", workspace_id, exc)
+
+
+def _written(plan: MountPlan) -> int:
+    """What a mount's cache holds beyond the workspace's size at mount: its new bytes (reads
+    count until they are within that size)."""
+    if plan.cache is None or not plan.cache.exists():
+        return 0
+    return max(0, disk.allocated(plan.cache / "vfs") - plan.stored)
