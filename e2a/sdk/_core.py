@@ -336,8 +336,11 @@ def next_page_cursor(cursor: str | None, nxt: str | None) -> str | None:
     return nxt
 
 
-def presign_workspace_file(ws: Any, path: str, method: str = "GET", expires_in: int = 900) -> Call:
+def presign_workspace_file(ws: Any, path: str, method: str = "GET", expires_in: int = 900,
+                           size: int | None = None) -> Call:
     body = {"path": path, "method": method.upper(), "expires_in": expires_in}
+    if size is not None:  # PUT: the upload's exact size, signed into the URL
+        body["size"] = size
     return Call("POST", _ws(ws) + "/files/presign", json=body, parse=PresignedUrl.from_dict)
 
 

@@ -210,8 +210,10 @@ class AsyncE2A:
                 return
 
     async def presign_workspace_file(self, workspace_id: str, path: str, method: str = "GET",
-                                     expires_in: int = 900) -> PresignedUrl:
-        return await self._call(api.presign_workspace_file(workspace_id, path, method, expires_in))
+                                     expires_in: int = 900,
+                                     size: int | None = None) -> PresignedUrl:
+        return await self._call(api.presign_workspace_file(workspace_id, path, method, expires_in,
+                                                           size))
 
     async def delete_workspace_file(self, workspace_id: str, path: str) -> None:
         await self._call(api.delete_workspace_file(workspace_id, path))
@@ -222,7 +224,7 @@ class AsyncE2A:
     async def upload_workspace_file(self, workspace_id: str, path: str,
                                     data: bytes | str | os.PathLike) -> int:
         n = api.presigned_body_length(data)
-        url = (await self.presign_workspace_file(workspace_id, path, "PUT")).url
+        url = (await self.presign_workspace_file(workspace_id, path, "PUT", size=n)).url
         with async_body(data) as (content, headers):
             resp = await self._plain.put(api.presigned_target(self.base_url, url), content=content,
                                          headers={**headers, "Content-Length": str(n)})

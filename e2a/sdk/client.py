@@ -223,10 +223,12 @@ class E2A:
                 return
 
     def presign_workspace_file(self, workspace_id: str, path: str, method: str = "GET",
-                               expires_in: int = 900) -> PresignedUrl:
+                               expires_in: int = 900, size: int | None = None) -> PresignedUrl:
         """A URL that reads (``GET``) or writes (``PUT``) ``path`` without the API key, for
-        ``expires_in`` seconds. A GET of a file that does not exist is refused (file_not_found)."""
-        return self._call(api.presign_workspace_file(workspace_id, path, method, expires_in))
+        ``expires_in`` seconds. A GET of a file that does not exist is refused (file_not_found);
+        a PUT with ``size`` must send exactly that many bytes, checked against the quota."""
+        return self._call(api.presign_workspace_file(workspace_id, path, method, expires_in,
+                                                     size))
 
     def delete_workspace_file(self, workspace_id: str, path: str) -> None:
         self._call(api.delete_workspace_file(workspace_id, path))
@@ -240,7 +242,7 @@ class E2A:
         """Write ``path`` through a presigned PUT: bytes, text (``str``) or a local file
         (``pathlib.Path``, streamed). Returns the byte count."""
         n = api.presigned_body_length(data)
-        url = self.presign_workspace_file(workspace_id, path, "PUT").url
+        url = self.presign_workspace_file(workspace_id, path, "PUT", size=n).url
         with sync_body(data) as (content, headers):
             resp = self._plain.put(api.presigned_target(self.base_url, url), content=content,
                                    headers={**headers, "Content-Length": str(n)})

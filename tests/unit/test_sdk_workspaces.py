@@ -297,7 +297,7 @@ def test_upload_uses_a_presigned_put_without_the_api_key(client, fake, tmp_path)
     assert client.upload_workspace_file("ws1", "notes/a.txt", b"hello") == 5
     presign, put = fake.requests[-2:]
     assert presign["host"] == "e2a.test" and json.loads(presign["body"]) == {
-        "path": "notes/a.txt", "method": "PUT", "expires_in": 900}
+        "path": "notes/a.txt", "method": "PUT", "expires_in": 900, "size": 5}
     assert put["host"] == "s3.test" and put["method"] == "PUT" and put["path"] == "/bucket/w/ws1/notes/a.txt"
     assert "authorization" not in put["headers"] and KEY not in json.dumps(put["headers"])
     assert put["headers"]["content-length"] == "5" and put["body"] == b"hello"
@@ -556,5 +556,5 @@ def test_models_and_fake_match_the_routes():
     assert {f.name for f in fields(Sandbox) if not f.name.startswith("_")} == set(SandboxOut.model_fields)
     assert set(ws_out("x")) - {"field_from_the_future"} == set(routes.WorkspaceOut.model_fields)
     assert set(SB) == set(SandboxOut.model_fields)
-    assert set(routes.PresignIn.model_fields) == {"path", "method", "expires_in"}
+    assert set(routes.PresignIn.model_fields) == {"path", "method", "expires_in", "size"}
     assert routes.PresignIn.model_fields["expires_in"].default == 900
