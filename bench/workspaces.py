@@ -60,19 +60,24 @@ sandbox as /home/user. Every sandbox here is the standard template (0.5 vCPU, 51
                `sha256sum ~/u<n>.bin` against the host's and removes it. The same DELETE of a
                sandbox without a workspace and with an untouched one are in `create`.
 
+  manyfiles    create → `cat ~/.profile` as in `create`, then DELETE (nothing written), with a
+               workspace of 20,000 files of 1 KiB beside one of 100 (samples alternating,
+               --samples // 3 of each, at least 3): what grows with a workspace's file count. A
+               DELETE counts the workspace in S3 again before it answers (Manager._stop →
+               Workspaces.refresh_usage, a listing of the whole prefix, waited up to 5 s).
+
 Machine (nproc, memory, kernel) and the load average before and after each part are recorded,
 with the other e2a servers and pytest processes running on the machine at the start.
 One server lifetime (instance bw0, subnet 10.240.0.0/20, /tmp/e2a-bench-ws) with
 E2A_POOL_SIZE=0 for create/io/git/destroy, then one with E2A_POOL_SIZE=2 for none-warm.
 Results are printed and written to bench/workspaces.json.
-Usage: python bench/workspaces.py [--samples 15] [--io-samples N] [--only create,warm,io,git,destroy]
+Usage: python bench/workspaces.py [--samples 15] [--io-samples N] [--only create,warm,io,git,destroy,manyfiles]
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import platform
@@ -93,7 +98,7 @@ from tests.e2e.server import Server  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "workspaces.json"
 BASE = Path("/tmp/e2a-bench-ws")
 HOST_DIR = Path("/tmp/e2a-bench-ws-host")  # the host's repository and random files
-PARTS = ["create", "warm", "io", "git", "destroy"]
+PARTS = ["create", "warm", "io", "git", "destroy", "manyfiles"]
 MIB = 1024 * 1024
 
 
@@ -505,6 +510,52 @@ def part_destroy(b: Bench, samples: int) -> dict:
     return out
 
 
+# ---- 5. create with a workspace of many files -----------------------------------------------
+
+MANY = 20000
+
+
+def part_manyfiles(b: Bench, samples: int) -> dict:
+    """create → `cat ~/.profile` answered, as in `create`, and the DELETE that follows, with a
+    workspace of 20,000 files (1 KiB each, 100 directories) beside one of 100 files."""
+    out: dict = {"before": others(), "files": MANY}
+    sb = b.create({"app_id": "bench-many"})
+    vm = sb["vm_id"]
+    t0 = time.perf_counter()
+    b.run(vm, "python3 -c \"import os\n"
+              f"for i in range({MANY}):\n"
+              "    d = os.path.expanduser(f'~/many/d{i % 100:02d}'); os.makedirs(d, exist_ok=True)\n"
+              "    open(f'{d}/f{i:05d}', 'wb').write(b'x' * 1024)\"")
+    out["seed_write_s"] = round(time.perf_counter() - t0, 1)
+    out["seed_upload_s"] = round(b.upload_now(vm), 1)
+    out["seed_delete_ms"] = round(b.delete(vm), 1)
+    sb = b.create({"app_id": "bench-few"})
+    b.run(sb["vm_id"], SEED_FILES)
+    b.delete(sb["vm_id"])
+    got: dict[str, list[dict]] = {"many": [], "few": []}
+    for i in range(samples + 1):
+        for kind in (["many", "few"] if i % 2 == 0 else ["few", "many"]):
+            t0 = time.perf_counter()
+            vm = b.create({"app_id": f"bench-{kind}"})["vm_id"]
+            t_post = time.perf_counter()
+            b.run(vm, "cat ~/.profile")
+            t1 = time.perf_counter()
+            steps = b.boot_steps(vm)
+            d = b.delete(vm)
+            if i > 0:
+                got[kind].append({"ms": (t1 - t0) * 1000, "post_ms": (t_post - t0) * 1000,
+                                  "boot_ms": sum(steps.values()), "delete_ms": d})
+    for kind, xs in got.items():
+        out[kind] = {**ms_summary([x["ms"] for x in xs]),
+                     "post_p50_ms": round(pct([x["post_ms"] for x in xs], 50), 1),
+                     "boot_p50_ms": round(pct([x["boot_ms"] for x in xs], 50), 1),
+                     "delete_p50_ms": round(pct([x["delete_ms"] for x in xs], 50), 1)}
+        print(f"create, workspace of {'20,000' if kind == 'many' else '100'} files", out[kind],
+              flush=True)
+    out["after"] = others()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=15)
@@ -546,6 +597,12 @@ def main() -> None:
                 run("git", lambda: part_git(b, io_samples))
             if "destroy" in parts:
                 run("destroy", lambda: part_destroy(b, args.samples))
+        finally:
+            b.close()
+    if "manyfiles" in parts:
+        b = Bench(pool=0)
+        try:
+            run("manyfiles", lambda: part_manyfiles(b, max(3, args.samples // 3)))
         finally:
             b.close()
     if "warm" in parts:
