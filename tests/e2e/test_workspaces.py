@@ -13,7 +13,6 @@ import subprocess
 import time
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path
 
 import httpx
 import pytest
@@ -120,32 +119,49 @@ SUMS = "find . -path ./.cache -prune -o -type f ! -name '.*' -print0 | sort -z |
 
 # ---- durability ------------------------------------------------------------------------------
 
-def test_300_small_files_and_200mb_survive_an_immediate_destroy(a):
+def checksums(out: str) -> dict[str, str]:
+    """sha256sum's output as {path: sum}."""
+    return {line.split(None, 1)[1].removeprefix("./"): line.split()[0]
+            for line in out.splitlines()}
+
+
+def test_300_small_files_and_200mb_survive_an_immediate_destroy(a, server):
     ws = scope("bulk")
     sb = a.create(ws)
     assert sb["workspace_id"].startswith("wsp_")
-    a.sh(sb["vm_id"], """python3 - <<'EOF'
-import os
+    # Checksums taken while writing, so that the destroy follows the last close at once.
+    out = a.sh(sb["vm_id"], """python3 - <<'EOF'
+import hashlib, os
+def put(path, chunks):
+    h = hashlib.sha256()
+    with open(path, 'wb') as f:
+        for c in chunks:
+            f.write(c)
+            h.update(c)
+    print(h.hexdigest(), path)
 for i in range(300):
     d = 'small/sub' if i % 3 == 0 else 'small'
     os.makedirs(d, exist_ok=True)
-    with open(f'{d}/f{i:03}.bin', 'wb') as f:
-        f.write(os.urandom(1 + i * 37 % 5000))
-EOF
-head -c 200000000 /dev/urandom > big.bin""")
-    before = a.sh(sb["vm_id"], SUMS).stdout
-    assert before.count("\n") == 301
+    put(f'{d}/f{i:03}.bin', [os.urandom(1 + i * 37 % 5000)])
+with open('/dev/urandom', 'rb') as r:
+    put('big.bin', (r.read(1 << 20) for _ in range(200)))
+EOF""").stdout
+    before = checksums(out)
+    assert len(before) == 301
+    dirty = dirty_files(server)
     t0 = time.monotonic()
-    a.destroy(sb["vm_id"])  # at once: most of it is still in the mount's cache
-    print(f"destroy with 200 MB + 300 files unflushed: {time.monotonic() - t0:.1f} s")
+    a.destroy(sb["vm_id"])
+    print(f"destroy with {dirty} files (of 301, 200 MiB) not yet uploaded: "
+          f"{time.monotonic() - t0:.1f} s")
+    assert dirty > 0, "everything was uploaded before the destroy: the test proves nothing"
 
     again = a.create(ws)
     assert again["workspace_id"] == sb["workspace_id"]
-    assert a.sh(again["vm_id"], SUMS).stdout == before
-    assert a.sh(again["vm_id"], "stat -c %s big.bin").stdout.strip() == "200000000"
+    assert checksums(a.sh(again["vm_id"], SUMS).stdout) == before
+    assert a.sh(again["vm_id"], "stat -c %s big.bin").stdout == f"{200 << 20}\n"
     a.destroy(again["vm_id"])
     usage = a.ws(sb["workspace_id"], "/usage").json()
-    assert usage["file_count"] >= 301 and usage["bytes_used"] >= 200_000_000
+    assert usage["file_count"] >= 301 and usage["bytes_used"] > 200 << 20
 
 
 def test_mtimes_symlinks_dirs_survive_and_a_new_workspace_has_dotfiles(a):
@@ -283,6 +299,8 @@ def test_rest_listing_usage_deletes_and_owner_only(a, b):
     assert usage["workspace_id"] == wid
     assert usage["file_count"] == len(everything)
     assert usage["bytes_used"] == sum(f["size"] for f in everything)
+    mine = [f for f in everything if not f["path"].startswith(".")]
+    assert (len(mine), sum(f["size"] for f in mine)) == (7, 15 + 4 + 6)
     assert usage["user_bytes_used"] >= usage["bytes_used"]
     assert usage["quota_bytes"] == 10240 * 1024 * 1024
     listed = {w["workspace_id"]: w for w in a.http.get("/v1/workspaces").json()["workspaces"]}
@@ -418,31 +436,81 @@ def test_bad_paths_are_refused(a, kept_workspace):
 
 
 # ---- two sandboxes at once -------------------------------------------------------------------
+# Documented: a file written and closed in one sandbox shows in another on the same workspace
+# within about 15 s (2 s write-back after close, the upload, 10 s directory cache); polled up to
+# 40 s. Every content seen on the way must be one that was written.
 
-def test_two_sandboxes_on_one_workspace_see_each_others_closed_files(a):
+def poll_until(a: As, vm: str, cmd: str, want: str, timeout: float = 40) -> tuple[float, set]:
+    """Run `cmd` in `vm` until it prints `want`: how long that took, and every output seen."""
+    seen, t0 = set(), time.monotonic()
+
+    def check():
+        r = a.sh(vm, cmd, check=False)
+        seen.add(r.stdout if r.exit_code == 0 else None)
+        return r.exit_code == 0 and r.stdout == want
+    try:
+        wait_for(check, timeout=timeout, interval=0.5)
+    except AssertionError:
+        raise AssertionError(f"{want!r} not seen in {timeout:.0f} s; seen: {seen}") from None
+    return time.monotonic() - t0, seen
+
+
+@pytest.fixture
+def two_on_one(a):
     ws = scope("twice")
     first, second = a.create(ws), a.create(ws)
     assert first["workspace_id"] == second["workspace_id"]
-    va, vb = first["vm_id"], second["vm_id"]
-    assert a.sh(vb, "cat shared.txt", check=False).exit_code != 0  # seen as missing first
+    assert a.ws(first["workspace_id"]).json()["mounted"] is True
+    return first["vm_id"], second["vm_id"]
 
-    def sees(vm, text):
-        r = a.sh(vm, "cat shared.txt 2>/dev/null", check=False)
-        return r.exit_code == 0 and r.stdout == text
 
+def test_a_file_closed_in_one_sandbox_shows_in_the_other(a, two_on_one):
+    va, vb = two_on_one
+    assert a.sh(vb, "cat shared.txt", check=False).exit_code != 0
+    a.sh(va, "mkdir -p sub && echo one > shared.txt && seq 100000 > sub/numbers.txt")
+    took, seen = poll_until(a, vb, "cat shared.txt", "one\n")
+    print(f"B saw A's new file after {took:.1f} s")
+    assert seen <= {None, "one\n"}
+    numbers = "".join(f"{i}\n" for i in range(1, 100001))
+    assert a.sh(vb, "cat sub/numbers.txt").stdout == numbers
+
+
+@pytest.mark.xfail(strict=True, reason="product bug: a sandbox that already has a file never sees "
+                   "another sandbox's overwrite of it by a plain read (rclone refreshes only on a "
+                   "directory listing), and the first read after a listing returns NUL bytes")
+def test_an_overwrite_shows_in_the_sandbox_that_had_the_file(a, two_on_one):
+    va, vb = two_on_one
     a.sh(va, "echo one > shared.txt")
-    t0 = time.monotonic()
-    wait_for(lambda: sees(vb, "one\n"), timeout=40, interval=0.5)
-    print(f"B saw A's file after {time.monotonic() - t0:.1f} s")
+    poll_until(a, vb, "cat shared.txt", "one\n")
     a.sh(vb, "echo two > shared.txt")  # same size, newer
-    t0 = time.monotonic()
-    wait_for(lambda: sees(va, "two\n"), timeout=40, interval=0.5)
-    print(f"A saw B's overwrite after {time.monotonic() - t0:.1f} s")
+    took, seen = poll_until(a, va, "cat shared.txt", "two\n")
+    print(f"A saw B's overwrite after {took:.1f} s")
+    assert seen <= {"one\n", "two\n"}
+
+
+def test_a_listed_overwrite_shows_in_the_sandbox_that_had_the_file(a, two_on_one):
+    """With a listing before each read, another sandbox's overwrite shows within the directory
+    cache's time. On the way, a read may also return NUL bytes of the new length (seen now and
+    then: docs/workspaces.md says so); that is printed, not asserted, as it does not always
+    happen."""
+    va, vb = two_on_one
+    a.sh(va, "echo one > shared.txt")
+    poll_until(a, vb, "cat shared.txt", "one\n")
+    a.sh(vb, "echo two > shared.txt")
+    took, seen = poll_until(a, va, "ls >/dev/null; cat shared.txt", "two\n")
+    print(f"A saw B's overwrite after {took:.1f} s (listing before each read); seen: {seen}")
+
+
+def test_both_sandboxes_writes_are_kept_after_both_end(a, two_on_one):
+    va, vb = two_on_one
+    wid = a.http.get(f"/v1/sandboxes/{va}").json()["workspace_id"]
+    a.sh(va, "echo from-a > a.txt")
+    a.sh(vb, "echo from-b > b.txt")
     a.destroy(va)
     a.destroy(vb)
-    vm = a.create(ws)["vm_id"]
-    assert a.sh(vm, "cat shared.txt").stdout == "two\n"
-    a.destroy(vm)
+    assert not a.ws(wid).json()["mounted"]
+    vm = a.create({"app_id": a.ws(wid).json()["app_id"]})["vm_id"]
+    assert a.sh(vm, "cat a.txt b.txt").stdout == "from-a\nfrom-b\n"
 
 
 # ---- at rest ---------------------------------------------------------------------------------
@@ -585,18 +653,3 @@ def test_sigkill_of_the_server_alone_keeps_the_sandbox_and_its_home():
         assert status == 200 and sha256(body) == EXPECTED["w/big.bin"]
         leaves_nothing(srv, u)
 
-
-def test_zz_probe(a):
-    ws = scope("probe")
-    first, second = a.create(ws), a.create(ws)
-    va, vb = first["vm_id"], second["vm_id"]
-    a.sh(va, "echo one > same.txt; echo one > diff.txt")
-    wait_for(lambda: a.sh(vb, "cat same.txt diff.txt", check=False).stdout == "one\none\n", timeout=40)
-    print(a.sh(va, "cat same.txt diff.txt; stat -c '%n %Y %s' same.txt diff.txt").stdout)
-    a.sh(vb, "echo two > same.txt; echo three > diff.txt")
-    t0 = time.monotonic()
-    for _ in range(20):
-        time.sleep(2)
-        print(round(time.monotonic() - t0), repr(a.sh(va, "cat same.txt diff.txt; stat -c '%n %Y %s' same.txt diff.txt").stdout))
-    print(a.files(first["workspace_id"]))
-    a.destroy(va); a.destroy(vb)
