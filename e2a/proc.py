@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 
 class CommandFailed(RuntimeError):
@@ -37,7 +38,8 @@ async def run(args: list[str], stdin: bytes | None = None, check: bool = True,
 _daemons: set[asyncio.subprocess.Process] = set()
 
 
-async def spawn_daemon(args: list[str], env: dict[str, str], log: str) -> asyncio.subprocess.Process:
+async def spawn_daemon(args: list[str], env: dict[str, str],
+                       log: str) -> asyncio.subprocess.Process:
     """Start a long-lived process that outlives e2a (a session of its own: a restart of e2a or a
     signal to its process group leaves it running), its output appended to `log` (0600).
 
@@ -54,3 +56,12 @@ async def spawn_daemon(args: list[str], env: dict[str, str], log: str) -> asynci
     task = asyncio.ensure_future(p.wait())
     task.add_done_callback(lambda _: _daemons.discard(p))
     return p
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

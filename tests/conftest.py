@@ -58,8 +58,10 @@ def server():
                 c.kill(sb.vm_id)
     srv.stop()
     leftovers = srv.host_objects()
+    s3_server = srv.s3_server_pid()  # stopped with e2a once no workspace is mounted
     srv.cleanup()
     assert not any(leftovers.values()), f"host objects left behind: {leftovers}"
+    assert s3_server is None, "the embedded S3 server outlived a clean stop with nothing mounted"
 
 
 @pytest.fixture(scope="session")

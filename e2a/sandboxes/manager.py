@@ -34,16 +34,16 @@ from e2a.runtime import cgroups
 from e2a.runtime.runsc import Runsc
 from e2a.sandboxes import envd, resources, states
 from e2a.sandboxes.agent_keys import AgentKeys
-from e2a.sandboxes.host import (Conflict, CreateFailed, CreateSpec, DeletedDuringCreate, NoCapacity,
-                                NotRunning, SandboxHost, SandboxRecord, TooManyConnections,
-                                Unavailable, Unreachable, Upstream)
+from e2a.sandboxes.host import (Conflict, CreateFailed, CreateSpec, DeletedDuringCreate,
+                                NoCapacity, NotRunning, SandboxHost, SandboxRecord,
+                                TooManyConnections, Unavailable, Unreachable, Upstream)
 from e2a.sandboxes.hostlog import HostLog
 from e2a.sandboxes.records import Records, StoreCatalog, aware, utcnow
 from e2a.sandboxes.states import EndReason, State
 from e2a.sandboxes.watch import DeathWatch, runsc_processes
 from e2a.store.models import Sandbox
 from e2a.templates import builder, recipes
-from e2a.workspaces.service import MountPlan, Workspaces, WorkspaceBusy
+from e2a.workspaces.service import MountPlan, WorkspaceBusy, Workspaces
 
 log = logging.getLogger("e2a.sandboxes")
 T = TypeVar("T")

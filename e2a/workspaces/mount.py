@@ -193,7 +193,7 @@ class Mount:
             await proc.run(["fusermount3", "-u", str(self.point)], check=False, timeout=30)
         pid = self.pid()
         deadline = time.monotonic() + 10
-        while pid is not None and _alive(pid) and time.monotonic() < deadline:
+        while pid is not None and proc.alive(pid) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         await self._kill()
 
@@ -206,7 +206,7 @@ class Mount:
             except ProcessLookupError:
                 pass
             for _ in range(200):
-                if not _alive(pid):
+                if not proc.alive(pid):
                     break
                 await asyncio.sleep(0.01)
         if self.mounted():  # a dead FUSE server leaves its mount ("transport endpoint...")
@@ -246,11 +246,3 @@ def _mount_type(path: Path) -> str | None:
     except OSError:
         return None
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"

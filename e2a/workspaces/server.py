@@ -91,7 +91,7 @@ class EmbeddedS3:
         if pid is not None:
             os.kill(pid, signal.SIGTERM)
             for _ in range(100):
-                if not _alive(pid):
+                if not proc.alive(pid):
                     break
                 await asyncio.sleep(0.05)
             else:
@@ -155,18 +155,3 @@ class EmbeddedS3:
             except OSError:
                 await asyncio.sleep(0.05)
         return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "X"

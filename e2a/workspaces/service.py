@@ -39,6 +39,7 @@ class MountPlan:
     lease: int = 0     # its key in Workspaces.leases
     stored: int = 0    # the workspace's bytes as counted at mount
     cache: Path | None = None  # the mount's cache volume, once made (resources.WorkspaceMount)
+    ended: bool = False  # its sandbox is gone; held only until the workspace is counted again
 
     def limit(self) -> int:
         return cache_limit(self.stored, self.grant)
@@ -151,11 +152,14 @@ class Workspaces:
         self.leases.pop(plan.lease, None)
 
     def leased(self, workspace_id: str) -> bool:
-        return any(p.workspace_id == workspace_id for p in self.leases.values())
+        """Whether a sandbox has the workspace, or is being created with it."""
+        return any(p.workspace_id == workspace_id and not p.ended
+                   for p in self.leases.values())
 
     async def ended(self, plan: MountPlan) -> None:
         """A sandbox that had the workspace is gone (its files all in S3): count the workspace
         again, then give its grant back (not before: the count is what the next mount sees)."""
+        plan.ended = True  # the workspace may be deleted now
         try:
             await self.refresh_usage(plan.workspace_id)
         finally:

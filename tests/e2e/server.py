@@ -119,7 +119,7 @@ class Server:
                            and line.split()[1:3] != [str(pool), "btrfs"])
         runsc = subprocess.run(["pgrep", "-f", f"root={self.run_dir}/runsc"],
                                capture_output=True, text=True).stdout.split()
-        rclone = self.rclone_pids()
+        mounts = self.mount_pids()
         cgroups = [p for p in Path("/sys/fs/cgroup").glob(f"*/{self.instance}/*") if p.is_dir()]
         sandboxes = self.base / "data" / "sandboxes"
         return {
@@ -127,30 +127,33 @@ class Server:
             "veth": sum(n.startswith(prefix) for n in os.listdir("/sys/class/net")),
             "mounts": mounts.count(str(self.base)) + mounts.count(f"/netns/{prefix}"),
             "runsc_processes": len(runsc),
-            "rclone_processes": len(rclone),
+            "rclone_mounts": len(mounts),
             "cgroups": len(cgroups),
             "sandbox_dirs": len(list(sandboxes.iterdir())) if sandboxes.is_dir() else 0,
             "qgroups": len(quota.volume_qgroups(pool)) if quota.is_pool(pool) else 0,
         }
 
-    def rclone_pids(self) -> list[int]:
-        """This server's workspace mounts (their cache is under its base) and S3 server."""
-        pids = [int(p) for p in subprocess.run(
+    def mount_pids(self) -> list[int]:
+        """This server's workspace mounts (their cache is under its base): one per sandbox."""
+        return [int(p) for p in subprocess.run(
             ["pgrep", "-f", f"rclone mount .*{self.base}/"], capture_output=True,
             text=True).stdout.split()]
+
+    def s3_server_pid(self) -> int | None:
+        """The embedded S3 server's (one per server, like its disk pool)."""
         try:
-            s3 = int((self.base / "data" / "s3" / "server.pid").read_text())
-            if b"serve" in Path(f"/proc/{s3}/cmdline").read_bytes():
-                pids.append(s3)
+            pid = int((self.base / "data" / "s3" / "server.pid").read_text())
+            return pid if b"serve" in Path(f"/proc/{pid}/cmdline").read_bytes() else None
         except (OSError, ValueError):
-            pass
-        return pids
+            return None
 
     def cleanup(self) -> None:
         """Remove whatever this instance left, even after a failed test (test hygiene only)."""
         self.stop()
         subprocess.run(["pkill", "-9", "-f", f"root={self.run_dir}/runsc"], capture_output=True)
-        for pid in self.rclone_pids():
+        for pid in self.mount_pids() + [self.s3_server_pid() or 0]:
+            if not pid:
+                continue
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         prefix = self.instance + "-"

@@ -499,8 +499,8 @@ def test_host_user_reaches_no_secret_mount_or_socket(server, keys, alice):
                     f"import socket; s=socket.socket(socket.AF_UNIX); "
                     f"s.connect({str(sbdir / 'workspace.sock')!r}); print('CONNECTED')")
         assert "CONNECTED" not in r.stdout
-        pids = server.rclone_pids()
-        assert pids
+        pids = server.mount_pids() + [server.s3_server_pid()]
+        assert len(pids) >= 2 and all(pids)
         secrets = secrets_of(server)
         for pid in pids:
             r = as_user(NOBODY, "cat", f"/proc/{pid}/environ")
