@@ -100,6 +100,11 @@ class Workspaces:
         counted (after each sandbox that mounted a workspace, and by GET .../usage): a create
         does not list a whole workspace in S3."""
         row, fresh = await self.registry.find_or_make(scope)
+        if any(p.workspace_id == row.id and p.ended for p in self.leases.values()):
+            # A sandbox of it just ended and its count is not in yet: count now, or this mount
+            # would be sized without what that sandbox wrote (and could not read it back).
+            await self.refresh_usage(row.id)
+            row = await self.registry.get(scope.user_id, row.id) or row
         # From here to the lease, no await: a DELETE either sees the lease or is seen here.
         if row.id in self.deleting:
             raise WorkspaceBusy(f"workspace {row.id} is being deleted")
