@@ -37,12 +37,12 @@ class MountPlan:
     user_id: str = ""
     grant: int = 0     # of the user's free quota, the part this mount may fill
     lease: int = 0     # its key in Workspaces.leases
-    stored: int = 0    # the workspace's bytes as counted at mount
+    stored: int | None = 0  # the workspace's bytes as counted at mount (None: not known)
     cache: Path | None = None  # the mount's cache volume, once made (resources.WorkspaceMount)
     ended: bool = False  # its sandbox is gone; held only until the workspace is counted again
 
     def limit(self) -> int:
-        return cache_limit(self.stored, self.grant)
+        return cache_limit(self.stored or 0, self.grant)
 
 
 class Workspaces:
@@ -131,7 +131,7 @@ class Workspaces:
             share = max(0, left) // max(1, len(leases))
             for p in leases:
                 p.grant = written[p.lease] + share
-                if p.cache is not None:
+                if p.cache is not None and p.stored is not None:
                     try:
                         await asyncio.to_thread(disk.set_limit, p.cache, p.limit())
                     except OSError:  # its sandbox is going: nothing left to limit
@@ -144,8 +144,9 @@ class Workspaces:
         return await self._share(user_id)
 
     def adopt(self, workspace_id: str, user_id: str) -> MountPlan:
-        """The lease of a sandbox found running at start (its grant is not known: 0)."""
-        return self._lease(MountPlan(workspace_id, 0, False, user_id=user_id))
+        """The lease of a sandbox found running at start. What it had at mount is not known:
+        its limit stays as it was set, and all of its cache counts as written."""
+        return self._lease(MountPlan(workspace_id, 0, False, user_id=user_id, stored=None))
 
     def _lease(self, plan: MountPlan) -> MountPlan:
         self._next_lease += 1
@@ -205,4 +206,4 @@ def _written(plan: MountPlan) -> int:
     count until they are within that size)."""
     if plan.cache is None or not plan.cache.exists():
         return 0
-    return max(0, disk.allocated(plan.cache / "vfs") - plan.stored)
+    return max(0, disk.allocated(plan.cache / "vfs") - (plan.stored or 0))
