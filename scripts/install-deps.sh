@@ -8,13 +8,14 @@
 #   xev (guest/desktop_test.go).
 # fuse3: fusermount3, which the workspaces' rclone mounts use (e2a/workspaces/mount.py).
 # git: the workspace benchmark clones a repository into a workspace.
+# patch: applies e2a's patch to rclone's sources (scripts/build-rclone.sh).
 # chromium: the tests open live-view and canvas pages in a real browser, and the benchmark
 #   compares page loads inside a sandbox with the same Chromium outside.
 set -eu
 export DEBIAN_FRONTEND=noninteractive
 need=""
 for pkg in debootstrap iproute2 nftables curl ca-certificates python3-venv btrfs-progs novnc \
-           xvfb fluxbox x11-utils chromium fuse3 git; do
+           xvfb fluxbox x11-utils chromium fuse3 git patch; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need="$need $pkg"
 done
 if [ -n "$need" ]; then
