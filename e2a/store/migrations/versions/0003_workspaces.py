@@ -29,15 +29,23 @@ def upgrade() -> None:
         sa.UniqueConstraint("user_id", "end_user_id", "app_id", "capset_id",
                             name="uq_workspace_scope"),
     )
-    with op.batch_alter_table("sandboxes") as t:
-        t.add_column(sa.Column("workspace_id", sa.String(32), nullable=True))
-        t.create_index("ix_sandboxes_workspace_id", ["workspace_id"])
-        t.create_foreign_key("fk_sandboxes_workspace", "workspaces", ["workspace_id"], ["id"])
+    # A plain ADD COLUMN with its reference inline, not a batch: on SQLite a batch that adds a
+    # foreign key copies the table, and dropping the old one fails while sandbox_events refers
+    # to it (foreign keys are on). SQLite takes the inline REFERENCES; alembic only writes it
+    # as a separate constraint, which SQLite cannot add.
+    if op.get_bind().dialect.name == "sqlite":
+        op.execute("ALTER TABLE sandboxes ADD COLUMN workspace_id VARCHAR(32) "
+                   "REFERENCES workspaces (id)")
+    else:
+        op.add_column("sandboxes", sa.Column(
+            "workspace_id", sa.String(32),
+            sa.ForeignKey("workspaces.id", name="fk_sandboxes_workspace"), nullable=True))
+    op.create_index("ix_sandboxes_workspace_id", "sandboxes", ["workspace_id"])
 
 
 def downgrade() -> None:
+    # SQLite: run with foreign keys off (the batch copies the sandboxes table).
+    op.drop_index("ix_sandboxes_workspace_id", "sandboxes")
     with op.batch_alter_table("sandboxes") as t:
-        t.drop_constraint("fk_sandboxes_workspace", type_="foreignkey")
-        t.drop_index("ix_sandboxes_workspace_id")
         t.drop_column("workspace_id")
     op.drop_table("workspaces")

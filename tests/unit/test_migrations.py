@@ -1,0 +1,56 @@
+"""Migrations upgrade a database that holds data, not only an empty one: the embedded SQLite
+has foreign keys on, and a migration that copies a referenced table fails there."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+from alembic import command
+from alembic.config import Config
+
+from e2a.store import db
+
+
+def _upgrade_to(engine, revision: str) -> None:
+    def run(connection) -> None:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(db.MIGRATIONS))
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, revision)
+
+    async def go() -> None:
+        async with engine.begin() as conn:
+            await conn.run_sync(run)
+    asyncio.run(go())
+
+
+def test_upgrade_from_0002_keeps_sandboxes_and_their_events(tmp_path):
+    path = tmp_path / "e2a.db"
+    engine = db.make_engine(f"sqlite+aiosqlite:///{path}")
+    _upgrade_to(engine, "0002")
+    c = sqlite3.connect(path)
+    c.execute("PRAGMA foreign_keys=ON")
+    c.execute("INSERT INTO users VALUES ('usr_1', 'a@example.com', 0, '2026-11-01')")
+    c.execute("INSERT INTO sandboxes (id, user_id, template, state, vcpu, cpu_fraction, "
+              "memory_mib, internet, metadata, env_vars, idle_timeout_seconds, "
+              "max_lifetime_seconds, slot, envd_token, created_at, expires_at) VALUES "
+              "('sbx_1', 'usr_1', 'standard', 'destroyed', 1, 0.5, 512, 1, '{}', '{}', 60, "
+              "7200, NULL, '', '2026-11-01', '2026-11-01')")
+    c.execute("INSERT INTO sandbox_events (sandbox_id, from_state, to_state, at) VALUES "
+              "('sbx_1', 'running', 'destroyed', '2026-11-01')")
+    c.commit()
+    c.close()
+
+    asyncio.run(db.migrate(engine))
+    asyncio.run(engine.dispose())
+
+    c = sqlite3.connect(path)
+    assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [("0003",)]
+    assert c.execute("SELECT id, workspace_id FROM sandboxes").fetchall() == [("sbx_1", None)]
+    assert c.execute("SELECT count(*) FROM sandbox_events").fetchone() == (1,)
+    assert c.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert ("workspaces", "workspace_id") in {(r[2], r[3]) for r in
+                                              c.execute("PRAGMA foreign_key_list(sandboxes)")}
+    tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "workspaces" in tables and not any(t.startswith("_alembic_tmp") for t in tables)
