@@ -43,6 +43,7 @@ WRITE_BACK = 2.0  # seconds after a file is closed before its upload starts
 DIR_CACHE = 10.0  # seconds a directory listing is trusted before S3 is asked again
 MOUNT_TIMEOUT = 15.0
 FLUSH_TIMEOUT = 600.0  # a destroy waits this long for uploads; then it is retried
+DIRTY_SETTLE = 10.0  # how long a flush waits for dirty files to be queued, with nothing else to do
 # A file whose upload failed this often fails the flush at once (S3 down, or an object S3
 # refuses): the destroy is retried later instead of waiting out FLUSH_TIMEOUT.
 FLUSH_TRIES = 3
@@ -166,8 +167,11 @@ class Mount:
         raise MountError(f"files still unuploaded after two flushes: {self.dirty()[:5]}")
 
     async def flush(self, timeout: float = FLUSH_TIMEOUT) -> None:
-        """Start every queued upload now and wait until none is left."""
+        """Start every queued upload now and wait until none is left, nor any file that
+        rclone's metadata still marks dirty: a file released a moment after the sandbox
+        stopped, or found in the cache by a recovering mount, is queued only a little later."""
         deadline = time.monotonic() + timeout
+        settle = time.monotonic() + DIRTY_SETTLE
         async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(self.sock))) as rc:
             while True:
                 queue = (await _rc(rc, "vfs/queue")).get("queue") or []
@@ -178,11 +182,18 @@ class Mount:
                 for item in queue:  # a failed one waits out rclone's own backoff
                     if item.get("expiry", 0) > 0 and not item.get("uploading") \
                             and not item.get("tries"):
-                        await _rc(rc, "vfs/queue-set-expiry", id=item["id"], expiry=0)
+                        try:  # it may have started (or finished) meanwhile
+                            await _rc(rc, "vfs/queue-set-expiry", id=item["id"], expiry=0)
+                        except MountError:
+                            pass
                 stats = (await _rc(rc, "vfs/stats")).get("diskCache", {})
-                if not queue and not stats.get("uploadsInProgress") \
-                        and not stats.get("uploadsQueued"):
-                    return
+                idle = not queue and not stats.get("uploadsInProgress") \
+                    and not stats.get("uploadsQueued")
+                if idle and (time.monotonic() > settle
+                             or not await asyncio.to_thread(self.dirty)):
+                    return  # (dirty files still unqueued after DIRTY_SETTLE: close() recovers)
+                if not idle:
+                    settle = time.monotonic() + DIRTY_SETTLE
                 if time.monotonic() > deadline:
                     raise MountError(f"uploads still pending after {timeout:.0f} s: "
                                      f"{len(queue)} files")

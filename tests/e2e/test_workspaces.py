@@ -476,8 +476,8 @@ def test_a_file_closed_in_one_sandbox_shows_in_the_other(a, two_on_one):
 
 
 @pytest.mark.xfail(strict=True, reason="product bug: a sandbox that already has a file never sees "
-                   "another sandbox's overwrite of it by a plain read (rclone refreshes only on a "
-                   "directory listing), and the first read after a listing returns NUL bytes")
+                   "another sandbox's overwrite of it by open/read/stat (not in 40 s; its rclone "
+                   "mount refreshes the file only when the directory is listed)")
 def test_an_overwrite_shows_in_the_sandbox_that_had_the_file(a, two_on_one):
     va, vb = two_on_one
     a.sh(va, "echo one > shared.txt")
