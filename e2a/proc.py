@@ -58,6 +58,17 @@ async def spawn_daemon(args: list[str], env: dict[str, str],
     return p
 
 
+def pid_in(pidfile: Path, *argv: bytes) -> int | None:
+    """The pid `pidfile` names if that process runs with each of `argv` among its arguments
+    (a pid reused by another program is not it), else None."""
+    try:
+        pid = int(pidfile.read_text())
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return pid if all(a in args for a in argv) else None
+
+
 def alive(pid: int) -> bool:
     """Whether process `pid` exists and is not a zombie."""
     try:

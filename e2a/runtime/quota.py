@@ -34,6 +34,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import shutil
 import struct
 from contextlib import contextmanager
@@ -97,9 +98,15 @@ def mount_fstype(path: Path) -> str | None:
     with open("/proc/self/mounts") as f:
         for line in f:
             parts = line.split()
-            if len(parts) > 2 and parts[1] == target:
+            if len(parts) > 2 and _unescape(parts[1]) == target:
                 found = parts[2]
     return found
+
+
+def _unescape(field: str) -> str:
+    """A path as the kernel writes it in the mount table: space, tab, newline, backslash as
+    octal escapes (\\040...)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
 
 
 def is_pool(sandboxes_dir: Path) -> bool:

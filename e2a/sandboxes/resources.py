@@ -209,9 +209,13 @@ async def remove_dir(path: Path) -> None:
         await rootfs.Layer(path).unmount()
         if rootfs.is_mounted(merged):
             raise RuntimeError(f"{merged} is still mounted; its directory stays")
-    cache = path / WorkspaceMount.CACHE
-    if quota.is_volume(cache):  # a subvolume of its own: --one-file-system would skip it
-        await remove_dir(cache)
+    for child in list(path.iterdir()) if path.is_dir() else []:
+        try:  # a subvolume of its own (a workspace's cache): --one-file-system would skip it
+            nested = quota.is_volume(child)
+        except OSError:  # e.g. a dead FUSE mount point: rm below leaves it, and says so
+            continue
+        if nested:
+            await remove_dir(child)
     await proc.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=False,
                    timeout=600)
     if path.exists():
@@ -308,9 +312,10 @@ class WorkspaceMount(Resource):
         if ws is None:
             return
         (self.plan.dir / self.ID_FILE).write_text(ws.workspace_id)
-        await asyncio.to_thread(quota.create_volume, self.plan.dir / self.CACHE, ws.cache_limit)
+        limit = ws.limit()
+        await asyncio.to_thread(quota.create_volume, self.plan.dir / self.CACHE, limit)
         ws.cache = self.plan.dir / self.CACHE  # from now on its limit follows the user's share
-        m = self.mount(self.env, self.plan.dir, ws.workspace_id, ws.cache_limit)
+        m = self.mount(self.env, self.plan.dir, ws.workspace_id, limit)
         await m.start()
         if ws.fresh and self.plan.image is not None:  # a new workspace: the template's dotfiles
             skel = self.plan.image / "home" / "user"

@@ -35,6 +35,7 @@ from pathlib import Path
 import aiohttp
 
 from e2a import proc
+from e2a.runtime import quota
 
 log = logging.getLogger("e2a.workspaces")
 
@@ -112,18 +113,13 @@ class Mount:
 
     def pid(self) -> int | None:
         """The pid of this mount's rclone, if it runs."""
-        try:
-            pid = int(self.pidfile.read_text())
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            return None
-        return pid if b"mount" in argv and str(self.point).encode() in argv else None
+        return proc.pid_in(self.pidfile, b"mount", str(self.point).encode())
 
     def mounted(self) -> bool:
-        return _mount_type(self.point) is not None
+        return quota.mount_fstype(self.point) is not None
 
     def alive(self) -> bool:
-        return self.pid() is not None and _mount_type(self.point) == "fuse.rclone"
+        return self.pid() is not None and quota.mount_fstype(self.point) == "fuse.rclone"
 
     def dirty(self) -> list[str]:
         """Files of the cache not yet uploaded, as rclone's metadata records them."""
@@ -241,19 +237,3 @@ async def _rc(session: aiohttp.ClientSession, path: str, **params) -> dict:
         if r.status != 200:
             raise MountError(f"rclone {path}: {data.get('error', r.status)}")
         return data
-
-
-def _mount_type(path: Path) -> str | None:
-    """The filesystem type mounted on `path` (the last mount there), or None."""
-    target = str(path)
-    found = None
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index("-")
-                if fields[4].replace("\\040", " ") == target:
-                    found = fields[sep + 1]
-    except OSError:
-        return None
-    return found

@@ -3,19 +3,14 @@ counted; and the user's storage quota, turned into what one mount may hold."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from e2a.ids import new_id
+from e2a.sandboxes.records import utcnow
 from e2a.store.models import Sandbox, Workspace
 from e2a.workspaces.s3 import Usage
 from e2a.workspaces.scope import Scope
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class Registry:
@@ -62,14 +57,11 @@ class Registry:
                 q = q.where(Workspace.end_user_id == end_user_id)
             return list((await db.execute(q.order_by(Workspace.created_at))).scalars())
 
-    async def stored_bytes(self, user_id: str, but: str | None = None) -> int:
-        """The user's workspaces' bytes as last counted (all, or all but one)."""
+    async def stored_bytes(self, user_id: str) -> int:
+        """The user's workspaces' bytes as last counted."""
         async with self.sessions() as db:
-            q = select(func.coalesce(func.sum(Workspace.bytes_used), 0)).where(
-                Workspace.user_id == user_id)
-            if but is not None:
-                q = q.where(Workspace.id != but)
-            return int((await db.execute(q)).scalar_one())
+            return int((await db.execute(select(func.coalesce(func.sum(
+                Workspace.bytes_used), 0)).where(Workspace.user_id == user_id))).scalar_one())
 
     async def record_usage(self, workspace_id: str, usage: Usage) -> None:
         async with self.sessions() as db:

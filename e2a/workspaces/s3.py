@@ -24,10 +24,8 @@ LINK_SUFFIX = ".rclonelink"  # rclone keeps a symlink as an object holding its t
 PRESIGN_MAX = 7 * 24 * 3600  # S3's own limit for a SigV4 presigned URL
 
 
-def check_path(path: str, *, allow_empty: bool = False) -> str:
+def check_path(path: str) -> str:
     """`path` if it names a file inside a workspace; ValueError saying why not."""
-    if path == "" and allow_empty:
-        return path
     if not path:
         raise ValueError("must not be empty")
     if len(path.encode()) > MAX_PATH_BYTES:

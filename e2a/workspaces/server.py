@@ -23,7 +23,6 @@ import secrets
 import signal
 import socket
 import time
-from pathlib import Path
 
 from e2a import proc
 from e2a.workspaces.s3 import Endpoint
@@ -136,15 +135,7 @@ class EmbeddedS3:
     # ---- process ---------------------------------------------------------------------------
 
     def _running_pid(self) -> int | None:
-        try:
-            pid = int(self.pidfile.read_text())
-        except (OSError, ValueError):
-            return None
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            return None
-        return pid if b"serve" in argv and b"s3" in argv else None
+        return proc.pid_in(self.pidfile, b"serve", b"s3")
 
     async def _answers(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -32,7 +32,6 @@ class MountPlan:
     workspace counted again."""
 
     workspace_id: str
-    cache_limit: int   # bytes the mount's cache may hold (the quota, registry.cache_limit)
     fresh: bool        # made for this sandbox: seeded with the template's home directory
     user_id: str = ""
     grant: int = 0     # of the user's free quota, the part this mount may fill
@@ -42,6 +41,7 @@ class MountPlan:
     ended: bool = False  # its sandbox is gone; held only until the workspace is counted again
 
     def limit(self) -> int:
+        """Bytes the mount's cache may hold now (registry.cache_limit)."""
         return cache_limit(self.stored or 0, self.grant)
 
 
@@ -108,11 +108,10 @@ class Workspaces:
         # From here to the lease, no await: a DELETE either sees the lease or is seen here.
         if row.id in self.deleting:
             raise WorkspaceBusy(f"workspace {row.id} is being deleted")
-        plan = self._lease(MountPlan(workspace_id=row.id, cache_limit=0, fresh=fresh,
+        plan = self._lease(MountPlan(workspace_id=row.id, fresh=fresh,
                                      user_id=scope.user_id, stored=row.bytes_used))
         try:
             await self._share(scope.user_id)
-            plan.cache_limit = plan.limit()
             await self.registry.touch(row.id)
         except BaseException:
             self.release(plan)
@@ -146,7 +145,7 @@ class Workspaces:
     def adopt(self, workspace_id: str, user_id: str) -> MountPlan:
         """The lease of a sandbox found running at start. What it had at mount is not known:
         its limit stays as it was set, and all of its cache counts as written."""
-        return self._lease(MountPlan(workspace_id, 0, False, user_id=user_id, stored=None))
+        return self._lease(MountPlan(workspace_id, False, user_id=user_id, stored=None))
 
     def _lease(self, plan: MountPlan) -> MountPlan:
         self._next_lease += 1
