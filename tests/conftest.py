@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from e2a.sdk import E2A
-from tests.e2e.server import Server
+from tests.e2e.server import LlmMock, Server, llm_mock as _llm_mock
 
 
 
@@ -62,6 +62,12 @@ def server():
     srv.cleanup()
     assert not any(leftovers.values()), f"host objects left behind: {leftovers}"
     assert s3_server is None, "the embedded S3 server outlived a clean stop with nothing mounted"
+
+
+@pytest.fixture(scope="session")
+def llm_mock() -> LlmMock:
+    """The mock LLM providers every test server's agents call (tests/llm_mock/server.py)."""
+    return _llm_mock()
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
@@ -27,6 +28,56 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class LlmMock:
+    """The mock LLM provider server (tests/llm_mock), one per test process, started on first use."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.llm_mock", "--port",
+                                      str(self.port)], cwd=ROOT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(self.url + "/_mock/requests", timeout=1)
+                return
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("the LLM mock did not start")
+                time.sleep(0.1)
+
+    def scenario(self, key: str, **scenario) -> None:
+        httpx.post(self.url + "/_mock/scenarios", json={"key": key, "scenario": scenario},
+                   timeout=10).raise_for_status()
+
+    def requests(self, key: str | None = None) -> list[dict]:
+        r = httpx.get(self.url + "/_mock/requests", params={"key": key} if key else {},
+                      timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_mock: LlmMock | None = None
+
+
+def llm_mock() -> LlmMock:
+    global _mock
+    if _mock is None:
+        _mock = LlmMock()
+        atexit.register(_mock.stop)
+    return _mock
+
+
+def llm_mock_env() -> dict[str, str]:
+    url = llm_mock().url
+    return {f"E2A_LLM_{vendor}_URL": url for vendor in ("ANTHROPIC", "OPENAI", "GOOGLE", "DEEPSEEK")}
+
+
 @dataclass
 class Server:
     instance: str        # prefix of every host object this server makes
@@ -34,6 +85,7 @@ class Server:
     base: Path
     port: int = field(default_factory=free_port)
     s3_port: int = field(default_factory=free_port)  # the embedded S3 server's
+    egress_port: int = field(default_factory=free_port)  # the LLM egress proxy's
     proc: subprocess.Popen | None = None
     extra_env: dict = field(default_factory=dict)
     keys: dict = field(default_factory=dict)
@@ -58,6 +110,9 @@ class Server:
             "E2A_POOL_SIZE": "0",  # tests that want a warm pool say so
             "E2A_DISK_GIB": "4",   # each server's disk pool (preallocated): room for one full sandbox
             "E2A_S3_PORT": str(self.s3_port),
+            "E2A_EGRESS_PORT": str(self.egress_port),
+            # every provider's API is the tests' mock (tests/llm_mock), started once per worker
+            **llm_mock_env(),
             **self.extra_env,
         }
 

@@ -1,0 +1,1 @@
+"""The CLI agents e2a runs, by the name the API gives them."""

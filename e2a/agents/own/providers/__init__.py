@@ -1,0 +1,1 @@
+"""One module per provider API: anthropic.py, openai.py, gemini.py."""

@@ -1,0 +1,7 @@
+"""Mock of the openai API (see server.py)."""
+
+from starlette.routing import Route
+
+
+def routes(mock) -> list[Route]:
+    return []
