@@ -36,6 +36,7 @@ _EXPECTED = {
     "disk_gib": "must be an integer of at least 0 (GiB; 0 = half the free space)",
     "s3_port": "must be an integer from 1 to 65535",
     "workspace_quota_mib": "must be an integer of at least 1 (MiB)",
+    "egress_port": "must be an integer from 1 to 65535",
 }
 
 
@@ -118,6 +119,19 @@ class Settings(BaseSettings):
     # Default: <cache_dir>/bin/rclone
     rclone: str = ""
 
+    # ---- agents (docs/agents.md) ----
+    # The LLM egress proxy's port, on the host side of every sandbox's link: the agent CLIs call
+    # it with a placeholder key and it calls the provider with the real one.
+    egress_port: int = Field(8334, ge=1, le=65535)
+    # Each provider's API root, where the egress proxy and e2a's own agent send requests.
+    llm_anthropic_url: str = "https://api.anthropic.com"
+    llm_openai_url: str = "https://api.openai.com"
+    llm_google_url: str = "https://generativelanguage.googleapis.com"
+    llm_deepseek_url: str = "https://api.deepseek.com"
+    # Hosts a caller's own `llm.base_url` may name even though they are not public https
+    # addresses (comma-separated; for a provider on the local network). Empty: none.
+    llm_private_hosts: str = ""
+
     def __init__(self, **values: Any) -> None:
         try:
             super().__init__(**values)
@@ -194,6 +208,14 @@ class Settings(BaseSettings):
         if v and not re.match(r"^https?://[^/\s]+/?$", v):
             raise ValueError("must be an http(s) URL of the S3 server alone, such as "
                              "https://s3.example.com (no path)")
+        return v.rstrip("/")
+
+    @field_validator("llm_anthropic_url", "llm_openai_url", "llm_google_url", "llm_deepseek_url")
+    @classmethod
+    def _llm_url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+(/\S*)?$", v):
+            raise ValueError("must be the http(s) URL of the provider's API root, such as "
+                             "https://api.anthropic.com")
         return v.rstrip("/")
 
     @field_validator("s3_sse")

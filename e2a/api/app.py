@@ -8,7 +8,9 @@ import logging
 from fastapi import FastAPI
 
 from e2a import __version__, auth
-from e2a.api import (browser, canvas, desktop, errors, proxy, sandboxes, templates,
+from e2a.agents.egress import Egress
+from e2a.agents.tasks import Tasks
+from e2a.api import (browser, canvas, desktop, errors, proxy, sandboxes, tasks, templates,
                      workspaces)
 from e2a.api.access import AccessTokens
 from e2a.api.guard import RequestGuard
@@ -67,10 +69,23 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
             await manager.stop()
             await engine.dispose()
             raise
+        app.state.tasks = Tasks(app.state.sessions, manager, Egress(
+            {v: getattr(settings, f"llm_{v}_url") for v in ("anthropic", "openai", "google",
+                                                             "deepseek")},
+            settings.egress_port))
+        try:
+            await app.state.tasks.start()
+        except OSError as exc:
+            log.critical("e2a cannot start the LLM egress proxy on port %s: %s",
+                         settings.egress_port, exc)
+            await manager.stop()
+            await engine.dispose()
+            raise
         log.info("e2a %s serving on %s:%s", __version__, settings.host, settings.port)
         try:
             yield
         finally:
+            await app.state.tasks.stop()
             await manager.stop()
             await engine.dispose()
 
@@ -93,6 +108,7 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
     app.include_router(desktop.router)
     app.include_router(canvas.router)
     app.include_router(workspaces.router)
+    app.include_router(tasks.router)
     desktop.mount_novnc(app)
 
     @app.get("/health", tags=["service"])

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from e2a.api.deps import catalog, current_user, host, owned_sandbox
 from e2a.api.errors import ApiError
 from e2a.api.schemas import (CreateSandbox, SandboxEventsOut, SandboxOut, reserved_env_key)
+from e2a.api.tasks import agent_config
 from e2a.auth import Caller
 from e2a.sandboxes.host import (Catalog, Conflict, CreateFailed, CreateSpec, DeletedDuringCreate,
                                 NoCapacity, SandboxHost, SandboxRecord, Unavailable)
@@ -36,14 +37,15 @@ def out(rec: SandboxRecord) -> SandboxOut:
 
 @router.post("", status_code=201, response_model=SandboxOut,
              responses={400: {}, 401: {}, 409: {}, 501: {}, 503: {}})
-async def create_sandbox(req: CreateSandbox, user: Caller = Depends(current_user),
+async def create_sandbox(request: Request, req: CreateSandbox,
+                         user: Caller = Depends(current_user),
                          sandboxes: SandboxHost = Depends(host)) -> SandboxOut:
+    settings = request.app.state.settings
     for key in req.env_vars:
         if reserved_env_key(key):
             raise ApiError(400, "reserved_env_var", f"{key} is set by e2a and cannot be overridden",
                            f"env_vars.{key}")
-    if req.agent is not None and not req.llm_key:
-        raise ApiError(400, "missing_field", "llm_key is required when agent is set", "llm_key")
+    agent = agent_config(req, settings)
     idle = req.idle_timeout_seconds
     if idle is None:
         idle = min(DEFAULT_IDLE_TIMEOUT, req.max_lifetime_seconds)
@@ -56,9 +58,6 @@ async def create_sandbox(req: CreateSandbox, user: Caller = Depends(current_user
                        f"template {req.template!r} is not available on this e2a "
                        f"(available: {', '.join(recipes.available())})", "template")
     params = _template_params(req)
-    if req.agent is not None:
-        raise ApiError(501, "agent_not_available",
-                       f"agent {req.agent!r} is not available on this e2a yet", "agent")
     try:
         rec = await sandboxes.create(CreateSpec(
             user_id=user.id, template=req.template, env_vars=req.env_vars,
@@ -75,7 +74,22 @@ async def create_sandbox(req: CreateSandbox, user: Caller = Depends(current_user
         raise ApiError(503, "runtime_unavailable", str(exc)) from exc
     except CreateFailed as exc:
         raise ApiError(503, "create_failed", str(exc)) from exc
+    if agent is not None:
+        await _start_agent(request, rec, agent, req.task)
     return out(rec)
+
+
+async def _start_agent(request: Request, rec: SandboxRecord, agent, task: str | None) -> None:
+    """Give the new sandbox its agent and, if create named one, its task; a sandbox whose agent
+    could not start is not left running."""
+    tasks = request.app.state.tasks
+    try:
+        await tasks.attach(rec.id, rec.user_id, rec.template, agent)
+        if task:
+            await tasks.submit(rec.id, task)
+    except BaseException:
+        await request.app.state.host.destroy(rec.id, EndReason.CREATE_FAILED)
+        raise
 
 
 def _workspace_scope(req: CreateSandbox, user: Caller) -> Scope | None:

@@ -54,6 +54,31 @@ class WorkspaceRequest(BaseModel):
     end_user_id: ScopeName | None = None
 
 
+class LlmRequest(BaseModel):
+    """Which provider e2a's own agent talks to; each part is inferred when left out
+    (docs/agents.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vendor: Literal["anthropic", "openai", "google", "deepseek"] | None = None
+    model: str | None = Field(default=None, pattern=r"^[a-zA-Z0-9._-]{1,128}$")
+    base_url: str | None = Field(default=None, max_length=2048, description="an OpenAI-compatible "
+                                 "(or the vendor's) API at a public https address")
+
+
+class ToolRequest(BaseModel):
+    """A tool of the caller's for e2a's own agent: the model calls it with arguments matching
+    `parameters`; e2a runs `command` in the sandbox with those arguments as JSON on stdin, and
+    its stdout is the result (a non-zero exit is an error result)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-zA-Z][a-zA-Z0-9_-]{0,63}$")
+    description: str = Field(default="", max_length=4096)
+    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    command: str = Field(min_length=1, max_length=16384)
+
+
 class CreateSandbox(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -65,11 +90,17 @@ class CreateSandbox(BaseModel):
     idle_timeout_seconds: int | None = Field(default=None, ge=1, le=MAX_LIFETIME)
     max_lifetime_seconds: int = Field(default=MAX_LIFETIME, ge=1, le=MAX_LIFETIME)
     internet: bool = True
-    # Agents arrive with a later release: accepted here so that the documented codes can be given.
+    # An agent working on a task with the caller's LLM key (docs/agents.md).
     agent: str | None = Field(default=None, max_length=64)
     llm_key: str | None = Field(default=None, max_length=4096)
     task: str | None = Field(default=None, max_length=100_000)
     model: str | None = Field(default=None, max_length=128)
+    llm: LlmRequest | None = None
+    system_prompt: str | None = Field(default=None, max_length=100_000)
+    tools: list[ToolRequest] = Field(default_factory=list, max_length=32)
+    max_steps: int | None = Field(default=None, ge=1, le=500)
+    task_timeout_seconds: int | None = Field(default=None, ge=1, le=MAX_LIFETIME)
+    keep_after_task_seconds: int = Field(default=0, ge=0, le=MAX_LIFETIME)
     # The desktop's screen (cua only): WIDTHxHEIGHT, 640x480 to 3840x2160. Not the template's
     # default: the sandbox starts cold, not from the warm pool.
     resolution: str | None = Field(default=None, max_length=16)
@@ -226,3 +257,48 @@ class RenderRequest(BaseModel):
     height: int = Field(default=800, ge=16, le=4096)
     format: Literal["png", "pdf"] = "png"
     wait_ms: int = Field(default=0, ge=0, le=30_000)
+
+
+class TaskOut(BaseModel):
+    """An agent's task (the sandbox's latest)."""
+
+    task_id: str
+    agent: str
+    vendor: str
+    model: str | None
+    # starting | running | succeeded | failed | timed_out | cancelled
+    state: str
+    started_at: datetime
+    ended_at: datetime | None
+    result: str | None = Field(description="the agent's final message")
+    error: str | None
+    llm_requests: int
+    input_tokens: int = Field(description="counted for the user to see; never billed")
+    output_tokens: int
+    key_passed_in: bool = Field(description="true if the agent's CLI held the key itself "
+                                "(it could not use e2a's egress proxy); false: the key never "
+                                "entered the sandbox")
+
+
+class FollowUpRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(min_length=1, max_length=100_000)
+    model: str | None = Field(default=None, max_length=128)
+    task_timeout_seconds: int | None = Field(default=None, ge=1, le=MAX_LIFETIME)
+
+
+class TaskEventOut(BaseModel):
+    seq: int
+    task_id: str
+    type: str
+    data: dict
+    at: datetime
+
+
+class TaskEventsOut(BaseModel):
+    events: list[TaskEventOut]
+    # the last seq returned (or `after` when none): pass it as `after` to go on
+    next: int
+    # true once the task is over and every event of it has been returned
+    done: bool

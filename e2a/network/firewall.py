@@ -1,7 +1,7 @@
 """nftables rules that keep sandboxes apart and away from the host.
 
 One table per e2a instance. Sandboxes never reach each other, nor the host (input), nor private,
-link-local or loopback ranges behind it. Internet access is an allow-list: only a sandbox whose
+link-local or loopback ranges behind it, but for one port on the host: the LLM egress proxy. Internet access is an allow-list: only a sandbox whose
 interface is in the `inet` set has anything forwarded (through NAT); every other one reaches
 nothing. An allow-list fails safe: a table installed before the set is filled, or a sandbox
 whose entry was never added, has no internet, never the other way round. The host itself may
@@ -38,8 +38,11 @@ def host_nameservers() -> list[str]:
 
 
 class Firewall:
-    def __init__(self, instance: str, subnet: str):
+    def __init__(self, instance: str, subnet: str, egress_port: int | None = None):
         self.table = f"{instance}"
+        # The LLM egress proxy (agents/egress.py): the one host port a sandbox may open, and
+        # only sandboxes may (not the host's other networks, not local users over loopback).
+        self.egress_port = egress_port
         self.ifglob = f'"{instance}-*"'
         self.subnet = subnet
         self.dns = host_nameservers()
@@ -52,6 +55,8 @@ class Firewall:
             f"iifname {self.ifglob} ip daddr {{ {dns} }} tcp dport 53 accept\n"
         ) if dns else ""
         t = self.table
+        egress = (f"tcp dport {self.egress_port} iifname {self.ifglob} accept\n"
+                  f"    tcp dport {self.egress_port} drop\n") if self.egress_port else ""
         return f"""
 table inet {t}
 delete table inet {t}
@@ -60,7 +65,7 @@ table inet {t} {{
   chain input {{
     type filter hook input priority -10; policy accept;
     iifname {self.ifglob} ct state established,related accept
-    iifname {self.ifglob} drop
+    {egress}    iifname {self.ifglob} drop
   }}
   chain output {{
     type filter hook output priority -10; policy accept;

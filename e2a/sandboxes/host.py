@@ -16,7 +16,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 
@@ -211,6 +211,15 @@ class SandboxHost(ABC):
     @abstractmethod
     async def logs(self, sandbox_id: str) -> list[dict]:
         """The host's lines about the sandbox and, while it runs, its agent's."""
+
+    @abstractmethod
+    def addresses(self, sandbox_id: str) -> tuple[str, str]:
+        """(host side, sandbox side) of the running sandbox's link; NotRunning if it is not."""
+
+    @abstractmethod
+    def on_stop(self, listener: Callable[[str, EndReason], None]) -> None:
+        """Call `listener(sandbox_id, reason)` when a sandbox starts stopping, whatever the
+        reason (the agents' tasks end with their sandbox)."""
 
     def pool_sizes(self) -> dict[str, int]:
         return {}

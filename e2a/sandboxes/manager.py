@@ -158,7 +158,7 @@ class Manager(SandboxHost):
         self.runsc = Runsc(settings.runsc, settings.run_dir / "runsc")
         self.env = resources.HostEnv(
             instance=settings.instance, sandboxes_dir=settings.data_dir / "sandboxes",
-            runsc=self.runsc, firewall=Firewall(settings.instance, settings.subnet),
+            runsc=self.runsc, firewall=Firewall(settings.instance, settings.subnet, settings.egress_port),
             addressing=links.Addressing(settings.instance, settings.subnet),
             envd_binary=Path(settings.envd), resolv_conf=settings.run_dir / "resolv.conf")
         self.workspaces = Workspaces(settings, sessions)
@@ -180,6 +180,7 @@ class Manager(SandboxHost):
         self._pool_wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
+        self._stop_listeners: list[Callable[[str, EndReason], None]] = []
 
     # ---- startup and shutdown -------------------------------------------------------------
 
@@ -564,6 +565,8 @@ class Manager(SandboxHost):
                 log.error("recording %s stopping failed: %s", sb.id, exc)
                 sb.state = State.STOPPING
             self.hostlog.write(sb.id, f"stopping: {detail}")
+            for listener in self._stop_listeners:
+                listener(sb.id, reason)
         self.watch.unwatch(sb.id)
         for ready in self.pool.values():
             if sb.id in ready:
@@ -668,6 +671,13 @@ class Manager(SandboxHost):
         return resources.WorkspaceMount.mount(self.env, sb.plan.dir, sb.workspace_id).alive()
 
     # ---- idle, lifetime, retries -----------------------------------------------------------
+
+    def on_stop(self, listener: Callable[[str, EndReason], None]) -> None:
+        self._stop_listeners.append(listener)
+
+    def addresses(self, sandbox_id: str) -> tuple[str, str]:
+        sb = self._running(sandbox_id)
+        return sb.link.host_ip, sb.link.sandbox_ip
 
     def touch(self, sandbox_id: str) -> None:
         sb = self.sandboxes.get(sandbox_id)

@@ -31,6 +31,7 @@ class EndReason(str, enum.Enum):
     CRASHED = "crashed"                # one of its host processes died, or runsc failed
     SERVER_RESTART = "server_restart"  # not alive (or not finished booting) when e2a restarted
     CREATE_FAILED = "create_failed"    # a step of its create failed; nothing of it is left
+    TASK_FINISHED = "task_finished"    # its agent's task ended (docs/agents.md)
 
 
 LIVE = frozenset({State.CREATING, State.CONFIGURING, State.BOOTING, State.RUNNING, State.PAUSED,

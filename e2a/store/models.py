@@ -1,10 +1,10 @@
-"""Tables. Times are timezone-aware UTC; ids carry their type prefix (usr_, key_, sbx_)."""
+"""Tables. Times are timezone-aware UTC; ids carry their type prefix (usr_, key_, sbx_, tsk_)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String,
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text,
                         UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -95,4 +95,41 @@ class SandboxEvent(Base):
     to_state: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
     detail: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Task(Base):
+    """One task an agent worked on in a sandbox (docs/agents.md). The user's LLM key is not here:
+    it is held in the server's memory only, for the sandbox's life."""
+
+    __tablename__ = "tasks"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    sandbox_id: Mapped[str] = mapped_column(ForeignKey("sandboxes.id"), index=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    agent: Mapped[str] = mapped_column(String(32))
+    vendor: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    # starting | running | succeeded | failed | timed_out | cancelled
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    result: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    llm_requests: Mapped[int] = mapped_column(Integer, default=0)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    # True when the CLI could not be pointed at e2a's egress proxy and got the key itself.
+    key_passed_in: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class TaskEvent(Base):
+    """The agent's events, numbered per sandbox (over all its tasks) from 1."""
+
+    __tablename__ = "task_events"
+    sandbox_id: Mapped[str] = mapped_column(ForeignKey("sandboxes.id"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    task_id: Mapped[str] = mapped_column(String(32))
+    type: Mapped[str] = mapped_column(String(32))
+    data: Mapped[dict] = mapped_column(JSON)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -29,6 +29,8 @@ SANDBOX_UID = 1000
 # Where Playwright for Python looks for its browsers inside a sandbox (the recipe's env says
 # the same); its Chromium there is a link to Debian's.
 PLAYWRIGHT_BROWSERS = "/opt/playwright"
+# Where a recipe's npm packages go (the agent CLIs and the Node.js they run on).
+NPM_PREFIX = "/opt/e2a/agents"
 
 Progress = Callable[[str], None]
 
@@ -115,6 +117,12 @@ def _steps(recipe: Recipe, root: Path, base_root: Path | None,
     if recipe.wheels:
         steps.append((f"pip install {' '.join(recipe.wheels)}",
                       lambda: _install_wheels(root, recipe.wheels, log)))
+    if recipe.npm:
+        steps.append((f"npm install ({len(recipe.npm)} packages)",
+                      lambda: _install_npm(root, recipe.npm, log)))
+    if recipe.commands:
+        steps.append((f"commands {' '.join(recipe.commands)}",
+                      lambda: _write_commands(root, recipe.commands)))
     steps.append(("clean up", lambda: _finish(root, log)))
     return steps
 
@@ -184,6 +192,30 @@ def _install_wheels(root: Path, wheels: tuple[str, ...], log) -> None:
         inside = "/" + str(Path(tmp).relative_to(root))
         _chroot(root, f"python3 -m pip install -q --no-index --find-links {inside} "
                 "--break-system-packages " + " ".join(f"'{w}'" for w in wheels), log)
+
+
+def _install_npm(root: Path, packages: tuple[str, ...], log) -> None:
+    """Install with the host's npm (which reaches the registry) into the image's NPM_PREFIX.
+    Install scripts are not run: they would run on the host, and what they do for these
+    packages (pick the platform's native binary) the recipe's `commands` say instead."""
+    target = root / NPM_PREFIX.lstrip("/")
+    with tempfile.TemporaryDirectory(dir=root / "tmp") as tmp:
+        _run(["npm", "install", "--prefix", tmp, "--no-audit", "--no-fund", "--no-save",
+              "--omit=dev", "--ignore-scripts", "--cache", str(Path(tmp) / ".npm-cache"),
+              *packages], log)
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target / "node_modules", ignore_errors=True)
+        os.rename(Path(tmp) / "node_modules", target / "node_modules")
+    _run(["chown", "-R", "root:root", str(target)], log)
+    _run(["chmod", "-R", "go-w,a+rX", str(target)], log)
+
+
+def _write_commands(root: Path, commands: dict[str, str]) -> None:
+    """/usr/local/bin/<name>: a two-line script that runs the command line the recipe gives."""
+    for name, command in commands.items():
+        path = root / "usr/local/bin" / name
+        path.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
+        os.chmod(path, 0o755)
 
 
 def _link_playwright_chromium(root: Path) -> None:

@@ -24,7 +24,7 @@ BUILDER_VERSION = "5"
 # A sandbox's disk (its rootfs writes and /tmp together) when the recipe does not say.
 DEFAULT_DISK_MIB = 2048
 # Keys of a recipe that go into its image, hence into its content hash.
-IMAGE_KEYS = ("suite", "base", "packages", "wheels")
+IMAGE_KEYS = ("suite", "base", "packages", "wheels", "npm", "commands")
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
@@ -69,6 +69,8 @@ class Recipe:
     suite: str
     packages: tuple[str, ...]          # Debian packages added (to the base's)
     wheels: tuple[str, ...]            # Python wheels installed with pip (e.g. playwright)
+    npm: tuple[str, ...]               # npm packages (pinned) installed in /opt/e2a/agents
+    commands: dict[str, str]           # /usr/local/bin/<name> -> the command line it runs
     env: dict[str, str]                # environment of every process in the sandbox
     services: tuple[Service, ...]
     endpoints: dict[str, int]          # name -> loopback port of a service e2a's API fronts
@@ -155,6 +157,8 @@ def _parse(name: str, data: dict) -> Recipe:
         suite=data.get("suite", parent.suite if parent else "bookworm"),
         packages=tuple(data.get("packages", ())),
         wheels=tuple(data.get("wheels", ())),
+        npm=tuple(data.get("npm", ())),
+        commands={k: str(v) for k, v in data.get("commands", {}).items()},
         env=dict(data.get("env", {})),
         services=services,
         endpoints={k: int(v) for k, v in data.get("endpoints", {}).items()},

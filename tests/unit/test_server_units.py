@@ -35,9 +35,12 @@ def test_addressing_gives_disjoint_30s_and_short_names():
 
 
 def test_firewall_ruleset_isolates_sandboxes():
-    fw = Firewall("e2a", "10.201.0.0/16")
+    fw = Firewall("e2a", "10.201.0.0/16", egress_port=8334)
     fw.dns = ["192.0.2.53"]
     rules = fw.ruleset(internet=["e2a-7"])
+    # the egress proxy's port: open to sandboxes only, before the drop of all else from them
+    assert rules.index('tcp dport 8334 iifname "e2a-*" accept') < rules.index(
+        "tcp dport 8334 drop") < rules.index('iifname "e2a-*" drop')
     assert 'iifname "e2a-*" drop' in rules                      # nothing from a sandbox to the host
     assert 'oifname "e2a-*" drop' in rules                      # nothing into a sandbox from another
     assert "elements = { e2a-7 }" in rules                     # internet on for this link only

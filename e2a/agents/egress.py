@@ -1,0 +1,165 @@
+"""The LLM egress proxy: how an agent CLI in a sandbox uses the user's key without ever holding it.
+
+The CLI is given a placeholder key (random, per sandbox, shaped like the vendor's keys) and, as
+its API base, `http://<host side of the sandbox's link>:<egress_port>/<vendor>`. This proxy
+listens there (the firewall lets only sandboxes reach the port), knows each sandbox by the
+address its connection comes from, and forwards the request to that vendor's API with the
+placeholder replaced by the real key, in headers and the query string. Nothing else gets the
+key: a request for another vendor than the sandbox's is refused, a request without the
+placeholder is forwarded without any key, and the key is cut from every answer (a provider's
+error message can quote it) before the sandbox sees it. Answers stream through as they come
+(server-sent events), unbuffered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+from dataclasses import dataclass, field
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+log = logging.getLogger("e2a.egress")
+
+# Headers that describe one hop, not the request (RFC 9110 7.6.1), and the ones the proxy sets.
+HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+       "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding"}
+# The shape of each vendor's keys: some CLIs check it before they send anything.
+KEY_SHAPES = {"anthropic": "sk-ant-api03-e2a", "openai": "sk-proj-e2a", "deepseek": "sk-e2a",
+              "google": "AIzaSyE2a"}
+
+
+def placeholder(vendor: str) -> str:
+    return f"{KEY_SHAPES.get(vendor, 'e2a')}-{secrets.token_urlsafe(24)}-placeholder"
+
+
+@dataclass
+class Grant:
+    """What one sandbox may do through the proxy: call `vendor` with `key`."""
+
+    vendor: str
+    key: str
+    placeholder: str
+    requests: int = 0
+    waiters: list[asyncio.Future] = field(default_factory=list)
+
+    def counted(self) -> None:
+        self.requests += 1
+        for w in self.waiters:
+            if not w.done():
+                w.set_result(self.requests)
+        self.waiters.clear()
+
+
+class Egress:
+    def __init__(self, upstreams: dict[str, str], port: int, host: str = "0.0.0.0"):
+        self.upstreams = upstreams          # vendor -> API root, e.g. https://api.anthropic.com
+        self.port, self.host = port, host
+        self.grants: dict[str, Grant] = {}  # sandbox address -> its grant
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(600, connect=15), http2=False,
+                                        follow_redirects=False)
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task | None = None
+
+    # ---- grants ------------------------------------------------------------------------------
+
+    def grant(self, sandbox_ip: str, vendor: str, key: str) -> Grant:
+        if vendor not in self.upstreams:
+            raise ValueError(f"no upstream for vendor {vendor!r}")
+        g = Grant(vendor=vendor, key=key, placeholder=placeholder(vendor))
+        self.grants[sandbox_ip] = g
+        return g
+
+    def revoke(self, sandbox_ip: str) -> None:
+        self.grants.pop(sandbox_ip, None)
+
+    def base_url(self, host_ip: str, vendor: str) -> str:
+        return f"http://{host_ip}:{self.port}/{vendor}"
+
+    # ---- serving -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        app = Starlette(routes=[Route("/{path:path}", self._forward, methods=[
+            "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])])
+        config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning",
+                                access_log=False, lifespan="off", proxy_headers=False,
+                                server_header=False, date_header=False)
+        # Bound here, not by uvicorn, so a taken port is an OSError and not uvicorn's exit.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError:
+            sock.close()
+            raise
+        self._server = uvicorn.Server(config)
+        self._server.install_signal_handlers = lambda: None  # e2a serve handles signals
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="egress proxy")
+        while not self._server.started:
+            if self._task.done():
+                raise OSError(f"the egress proxy did not start on port {self.port}")
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.client.aclose()
+
+    async def _forward(self, request: Request) -> Response:
+        client = request.client.host if request.client else ""
+        g = self.grants.get(client)
+        if g is None:
+            return _refuse(403, "this sandbox holds no agent key (no agent task is running in it)")
+        vendor, _, rest = request.path_params["path"].partition("/")
+        if vendor != g.vendor:
+            return _refuse(403, f"this sandbox's agent may call {g.vendor}, not {vendor!r}")
+        headers = [(k, v.replace(g.placeholder, g.key)) for k, v in request.headers.items()
+                   if k.lower() not in HOP]
+        headers.append(("accept-encoding", "identity"))  # so the key can be cut from answers
+        query = request.url.query.replace(g.placeholder, g.key)
+        url = f"{self.upstreams[vendor]}/{rest}" + (f"?{query}" if query else "")
+        body = await request.body()
+        g.counted()
+        try:
+            upstream = await self.client.send(
+                self.client.build_request(request.method, url, headers=headers, content=body),
+                stream=True)
+        except httpx.HTTPError as exc:
+            log.warning("egress to %s failed: %s", vendor, type(exc).__name__)
+            return _refuse(502, f"{vendor}'s API could not be reached ({type(exc).__name__})")
+        out_headers = {k: v.replace(g.key, g.placeholder) for k, v in upstream.headers.items()
+                       if k.lower() not in HOP and k.lower() != "content-encoding"}
+        return StreamingResponse(_scrubbed(upstream, g.key.encode(), g.placeholder.encode()),
+                                 status_code=upstream.status_code, headers=out_headers)
+
+
+async def _scrubbed(upstream: httpx.Response, key: bytes, mask: bytes):
+    """The answer's bytes as they come, with the key replaced wherever it appears, also across
+    chunk boundaries (the last len(key)-1 bytes wait for the next chunk)."""
+    keep = len(key) - 1
+    tail = b""
+    try:
+        async for chunk in upstream.aiter_raw():
+            data = (tail + chunk).replace(key, mask)
+            if len(data) > keep:
+                out, tail = data[:len(data) - keep], data[len(data) - keep:]
+                # a key that starts in `out` and ends in `tail` was already replaced above
+                yield out
+            else:
+                tail = data
+        if tail:
+            yield tail
+    finally:
+        await upstream.aclose()
+
+
+def _refuse(status: int, message: str) -> Response:
+    return JSONResponse({"error": {"type": "e2a_egress", "message": message}}, status_code=status)

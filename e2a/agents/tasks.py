@@ -1,0 +1,456 @@
+"""Agents' tasks: one agent per sandbox, working on one task at a time (docs/agents.md).
+
+A sandbox created with an agent gets an `AgentSession` here, in memory only: the user's key
+lives in it (and, for a CLI, in the egress proxy's grant) and nowhere else, and both are dropped
+when the sandbox stops. Each task is a row (state, result, counts) and a numbered event feed,
+both kept after the sandbox is gone. A task ends as succeeded, failed, timed_out or cancelled;
+then the sandbox is destroyed (end_reason task_finished, its workspace flushed first) unless
+create asked to keep it for `keep_after_task_seconds`, in which case a follow-up task may come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from sqlalchemy import func, select, update
+
+from e2a.agents import clis
+from e2a.agents.cli import CliAgent
+from e2a.agents.egress import Egress, Grant
+from e2a.agents.outcome import Outcome
+from e2a.ids import new_id
+from e2a.sandboxes.host import NotRunning, SandboxHost, Unreachable
+from e2a.sandboxes.records import utcnow
+from e2a.sandboxes.states import EndReason
+from e2a.store.models import Task, TaskEvent
+
+log = logging.getLogger("e2a.tasks")
+
+LIVE_STATES = ("starting", "running")
+# How often a held sandbox (a task running, or kept after one) is marked active.
+HOLD_INTERVAL = 2.0
+# Text deltas are stored in batches: one row per delta would be one write per token.
+FLUSH_EVERY = 0.05
+# One stdout or stderr line of a CLI, as stored.
+MAX_LINE = 256 * 1024
+
+
+class TaskConflict(Exception):
+    """A task is already running, or the sandbox has no agent that can take one."""
+
+
+@dataclass
+class AgentConfig:
+    """What create said about the agent (its key included)."""
+
+    agent: str                        # e2a | claude-code | codex | gemini-cli
+    vendor: str
+    key: str
+    model: str | None = None
+    base_url: str = ""                # the own agent's provider API root
+    compatible: bool = False          # base_url is an OpenAI-compatible server of the caller's
+    system_prompt: str | None = None
+    tools: list[dict] = field(default_factory=list)
+    max_steps: int = 50
+    task_timeout: float | None = None
+    keep_after: float = 0.0
+
+    def __repr__(self) -> str:  # never the key, whatever logs a config
+        return f"AgentConfig(agent={self.agent!r}, vendor={self.vendor!r}, model={self.model!r})"
+
+
+@dataclass
+class AgentSession:
+    sandbox_id: str
+    user_id: str
+    template: str
+    config: AgentConfig
+    cli: CliAgent | None
+    grant: Grant | None = None        # the egress proxy's, for a CLI
+    address: str = ""                 # the sandbox's address, which the grant is under
+    provider: Any = None              # the own agent's
+    history: list = field(default_factory=list)  # the own agent's conversation
+    task_id: str | None = None        # the latest task
+    run: asyncio.Task | None = None
+    tasks_done: int = 0
+    ending: str | None = None         # the state a cancelled run ends in, and why
+    ending_error: str | None = None
+    keep_until: float | None = None
+    gone: bool = False                # the sandbox is stopping
+    next_seq: int = 1
+    pending: list[TaskEvent] = field(default_factory=list)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    flusher: asyncio.Task | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.run is not None and not self.run.done()
+
+
+class Tasks:
+    def __init__(self, sessions, host: SandboxHost, egress: Egress):
+        self.sessions = sessions
+        self.host = host
+        self.egress = egress
+        self.agents: dict[str, AgentSession] = {}
+        self._hold: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
+        host.on_stop(self._sandbox_stopping)
+
+    # ---- lifetime ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.egress.start()
+        await self._fail_orphans()
+        self._hold = asyncio.create_task(self._hold_loop(), name="agent holds")
+
+    async def stop(self) -> None:
+        if self._hold:
+            self._hold.cancel()
+        for s in list(self.agents.values()):
+            if s.running:
+                s.ending, s.ending_error = "failed", "e2a stopped while the task ran"
+                s.run.cancel()
+        await asyncio.gather(*(s.run for s in self.agents.values() if s.run),
+                             *self._background, return_exceptions=True)
+        await self.egress.stop()
+
+    async def _fail_orphans(self) -> None:
+        """Tasks that were running when e2a stopped cannot go on: the key was in memory only
+        (a CLI still running in its sandbox now gets 403 from the egress proxy). They fail,
+        and their sandboxes end as if the task had."""
+        async with self.sessions() as db:
+            rows = (await db.execute(select(Task).where(Task.state.in_(LIVE_STATES)))).scalars().all()
+            for t in rows:
+                t.state, t.ended_at = "failed", utcnow()
+                t.error = "e2a restarted while the task ran (the LLM key is held in memory only)"
+            await db.commit()
+        for t in rows:
+            if t.sandbox_id in self.host.list():
+                self._in_background(self.host.destroy(t.sandbox_id, EndReason.SERVER_RESTART))
+
+    # ---- agents and tasks --------------------------------------------------------------------
+
+    async def attach(self, sandbox_id: str, user_id: str, template: str,
+                     config: AgentConfig) -> AgentSession:
+        """Give a new sandbox its agent (no task yet)."""
+        cli = clis.get(config.agent)
+        s = AgentSession(sandbox_id=sandbox_id, user_id=user_id, template=template,
+                         config=config, cli=cli)
+        if cli is None:
+            from e2a.agents.own import providers
+            s.provider = providers.make(config.vendor, config.model, config.key, config.base_url,
+                                        compatible=config.compatible)
+        async with self.sessions() as db:
+            last = (await db.execute(select(func.max(TaskEvent.seq)).where(
+                TaskEvent.sandbox_id == sandbox_id))).scalar()
+        s.next_seq = (last or 0) + 1
+        self.agents[sandbox_id] = s
+        return s
+
+    def session(self, sandbox_id: str) -> AgentSession | None:
+        return self.agents.get(sandbox_id)
+
+    async def submit(self, sandbox_id: str, prompt: str, model: str | None = None,
+                     timeout: float | None = None) -> Task:
+        s = self.agents.get(sandbox_id)
+        if s is None:
+            raise TaskConflict("this sandbox has no agent (create it with `agent` and `llm_key`; "
+                               "an agent's key does not survive a restart of e2a)")
+        if s.running:
+            raise TaskConflict(f"task {s.task_id} is still running")
+        model = model or s.config.model
+        task = Task(id=new_id("tsk"), sandbox_id=sandbox_id, user_id=s.user_id,
+                    agent=s.config.agent, vendor=s.config.vendor, model=model, prompt=prompt,
+                    state="starting", started_at=utcnow(), llm_requests=0, input_tokens=0,
+                    output_tokens=0, key_passed_in=False)
+        async with self.sessions() as db:
+            db.add(task)
+            await db.commit()
+        s.task_id, s.keep_until, s.ending, s.ending_error = task.id, None, None, None
+        follow_up = s.tasks_done > 0
+        s.run = asyncio.create_task(self._run(s, task.id, prompt, model, follow_up,
+                                              timeout or s.config.task_timeout),
+                                    name=f"task {task.id}")
+        return task
+
+    async def cancel(self, sandbox_id: str) -> bool:
+        """Cancel the running task; False if none runs."""
+        s = self.agents.get(sandbox_id)
+        if s is None or not s.running:
+            return False
+        s.ending, s.ending_error = "cancelled", "cancelled through the API"
+        s.run.cancel()
+        await asyncio.wait([s.run])
+        return True
+
+    async def latest(self, sandbox_id: str) -> Task | None:
+        async with self.sessions() as db:
+            return (await db.execute(select(Task).where(Task.sandbox_id == sandbox_id)
+                                     .order_by(Task.started_at.desc()).limit(1))).scalar()
+
+    # ---- running -----------------------------------------------------------------------------
+
+    async def _run(self, s: AgentSession, task_id: str, prompt: str, model: str | None,
+                   follow_up: bool, timeout: float | None) -> None:
+        outcome = Outcome()
+        requests_before = self._requests(s)
+        state, error = "failed", None
+        await self.emit(s, "task_started", {"task_id": task_id, "agent": s.config.agent,
+                                            "model": model})
+        await self._update(task_id, state="running")
+        try:
+            work = (self._run_cli(s, prompt, model, follow_up, outcome) if s.cli
+                    else self._run_own(s, prompt, outcome))
+            await asyncio.wait_for(work, timeout)
+            if outcome.succeeded:
+                state = "succeeded"
+            else:
+                error = outcome.error or "the agent ended without a result"
+        except asyncio.TimeoutError:
+            state, error = "timed_out", f"the task ran past its timeout of {timeout:g} s"
+        except asyncio.CancelledError:
+            state, error = s.ending or "cancelled", s.ending_error or "cancelled"
+        except (NotRunning, Unreachable) as exc:
+            error = s.ending_error or f"the sandbox went away: {exc}"
+        except Exception as exc:  # a bug of ours must still end the task, with its reason
+            log.exception("task %s failed", task_id)
+            error = f"e2a failed running the agent: {type(exc).__name__}: {exc}"
+        s.tasks_done += 1
+        ended = {"state": state, "result": outcome.result, "error": error,
+                 "llm_requests": self._requests(s) - requests_before,
+                 "input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens}
+        await self.emit(s, "task_finished", {"task_id": task_id, **ended})
+        await self._flush(s)
+        await self._update(task_id, ended_at=utcnow(), **ended)
+        async with s.changed:
+            s.changed.notify_all()
+        self._after_task(s)
+
+    def _after_task(self, s: AgentSession) -> None:
+        if s.gone:  # the sandbox is stopping already: the session goes with it
+            self.agents.pop(s.sandbox_id, None)
+            return
+        if s.config.keep_after > 0:
+            s.keep_until = time.monotonic() + s.config.keep_after
+            self.host.touch(s.sandbox_id)
+        else:
+            self._in_background(self.host.destroy(s.sandbox_id, EndReason.TASK_FINISHED))
+
+    def _requests(self, s: AgentSession) -> int:
+        if s.grant is not None:
+            return s.grant.requests
+        return getattr(s.provider, "requests", 0) if s.provider is not None else 0
+
+    async def _run_cli(self, s: AgentSession, prompt: str, model: str | None, follow_up: bool,
+                       outcome: Outcome) -> None:
+        host_ip, sandbox_ip = self.host.addresses(s.sandbox_id)
+        if s.grant is None:
+            s.grant = self.egress.grant(sandbox_ip, s.cli.vendor, s.config.key)
+            s.address = sandbox_ip
+        launch = s.cli.launch(task=prompt, model=model,
+                              base_url=self.egress.base_url(host_ip, s.cli.vendor),
+                              placeholder=s.grant.placeholder, follow_up=follow_up)
+        up = await self.host.agent_request(s.sandbox_id, "POST", "/commands", json={
+            "argv": launch.argv, "env": launch.env, "cwd": "/home/user", "user": "user"})
+        pid = None
+        exit_code: int | None = None
+        lines = {"stdout": _Lines(), "stderr": _Lines()}
+        try:
+            if up.response.status != 200:
+                body = (await up.response.read())[:2000].decode(errors="replace")
+                raise RuntimeError(f"the agent's command did not start: {body}")
+            async for frame in _frames(up.response):
+                kind = frame.get("type")
+                if kind == "start":
+                    pid = frame.get("pid")
+                elif kind in ("stdout", "stderr"):
+                    for line in lines[kind].feed(frame.get("data", "")):
+                        await self._cli_line(s, kind, line, outcome)
+                elif kind == "exit":
+                    exit_code = frame.get("exit_code")
+                elif kind == "error":
+                    raise Unreachable(frame.get("message", "the command's stream broke"))
+            for kind, buf in lines.items():
+                for line in buf.rest():
+                    await self._cli_line(s, kind, line, outcome)
+        except asyncio.CancelledError:
+            if pid is not None:
+                await asyncio.shield(self._kill(s.sandbox_id, pid))
+            raise
+        finally:
+            up.close()
+        if outcome.succeeded is None:
+            outcome.succeeded = exit_code == 0 and outcome.error is None
+        if not outcome.succeeded and outcome.error is None:
+            outcome.error = f"{s.cli.name} exited with status {exit_code}"
+
+    async def _cli_line(self, s: AgentSession, stream: str, line: str, outcome: Outcome) -> None:
+        line = line[:MAX_LINE]
+        if stream == "stdout" and line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict):
+                await self.emit(s, "cli", obj)
+                s.cli.event(obj, outcome)
+                return
+        if line.strip():
+            await self.emit(s, stream, {"text": line})
+
+    async def _kill(self, sandbox_id: str, pid: int) -> None:
+        try:
+            up = await self.host.agent_request(sandbox_id, "POST", f"/commands/{pid}/signal",
+                                               json={"signal": "SIGKILL"})
+            up.close()
+        except Exception:  # the sandbox is going: nothing left to kill
+            pass
+
+    async def _run_own(self, s: AgentSession, prompt: str, outcome: Outcome) -> None:
+        from e2a.agents.own import loop
+        from e2a.templates import recipes
+
+        display = None
+        recipe = recipes.load(s.template)
+        if recipe is not None and "resolution" in recipe.params:
+            w, _, h = recipe.params["resolution"].partition("x")
+            display = (int(w), int(h))
+        result = await loop.run(loop.OwnRun(
+            sandbox_id=s.sandbox_id, template=s.template, host=self.host, provider=s.provider,
+            task=prompt, emit=lambda kind, data: self.emit(s, kind, data),
+            system_prompt=s.config.system_prompt, extra_tools=s.config.tools,
+            max_steps=s.config.max_steps, history=s.history, display=display))
+        outcome.result, outcome.error = result.result, result.error
+        outcome.input_tokens, outcome.output_tokens = result.input_tokens, result.output_tokens
+        outcome.succeeded = result.succeeded if result.succeeded is not None else result.error is None
+
+    # ---- the end of a sandbox ----------------------------------------------------------------
+
+    def _sandbox_stopping(self, sandbox_id: str, reason: EndReason) -> None:
+        """The key is forgotten at once; a running task ends, its last events still stored."""
+        s = self.agents.get(sandbox_id)
+        if s is None:
+            return
+        s.gone = True
+        if s.grant is not None:
+            self.egress.revoke(s.address)
+        if s.provider is not None:
+            self._in_background(s.provider.close())
+        s.config.key = ""
+        if s.running:
+            s.ending = "cancelled" if reason is EndReason.DELETED else "failed"
+            s.ending_error = f"the sandbox ended ({reason.value}) while the task ran"
+            s.run.cancel()
+        else:
+            self.agents.pop(sandbox_id, None)
+
+    async def _hold_loop(self) -> None:
+        """Keep sandboxes whose agent works (or that are kept after a task) from idling out,
+        and end kept ones when their time is up."""
+        while True:
+            await asyncio.sleep(HOLD_INTERVAL)
+            now = time.monotonic()
+            for s in list(self.agents.values()):
+                if s.gone:
+                    continue
+                if s.running or (s.keep_until is not None and now < s.keep_until):
+                    self.host.touch(s.sandbox_id)
+                elif s.keep_until is not None:
+                    s.keep_until = None
+                    self._in_background(self.host.destroy(s.sandbox_id, EndReason.TASK_FINISHED))
+
+    def _in_background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ---- events ------------------------------------------------------------------------------
+
+    async def emit(self, s: AgentSession, kind: str, data: dict) -> None:
+        """Number and store one event; followers see it within FLUSH_EVERY."""
+        s.pending.append(TaskEvent(sandbox_id=s.sandbox_id, seq=s.next_seq, task_id=s.task_id,
+                                   type=kind, data=data, at=utcnow()))
+        s.next_seq += 1
+        if s.flusher is None or s.flusher.done():
+            s.flusher = asyncio.create_task(self._flush_soon(s))
+
+    async def _flush_soon(self, s: AgentSession) -> None:
+        await asyncio.sleep(FLUSH_EVERY)
+        await self._flush(s)
+
+    async def _flush(self, s: AgentSession) -> None:
+        while s.pending:
+            batch, s.pending = s.pending, []
+            async with self.sessions() as db:
+                db.add_all(batch)
+                await db.commit()
+            async with s.changed:
+                s.changed.notify_all()
+
+    async def events(self, sandbox_id: str, after: int, limit: int) -> list[TaskEvent]:
+        async with self.sessions() as db:
+            return list((await db.execute(
+                select(TaskEvent).where(TaskEvent.sandbox_id == sandbox_id, TaskEvent.seq > after)
+                .order_by(TaskEvent.seq).limit(limit))).scalars())
+
+    async def follow(self, sandbox_id: str, after: int) -> AsyncIterator[TaskEvent]:
+        """Every event after `after`, as stored, then live until the sandbox's task is over."""
+        while True:
+            s = self.agents.get(sandbox_id)
+            batch = await self.events(sandbox_id, after, 500)
+            for e in batch:
+                yield e
+                after = e.seq
+            if batch:
+                continue
+            if s is None or not (s.running or s.pending):
+                return
+            async with s.changed:
+                try:
+                    await asyncio.wait_for(s.changed.wait(), 15)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def _update(self, task_id: str, **values: Any) -> None:
+        async with self.sessions() as db:
+            await db.execute(update(Task).where(Task.id == task_id).values(**values))
+            await db.commit()
+
+
+class _Lines:
+    """Splits a stream's text chunks into lines."""
+
+    def __init__(self) -> None:
+        self.buf = ""
+
+    def feed(self, data: str) -> list[str]:
+        self.buf += data
+        *lines, self.buf = self.buf.split("\n")
+        if len(self.buf) > MAX_LINE:  # a line without end: stored in pieces
+            lines.append(self.buf)
+            self.buf = ""
+        return lines
+
+    def rest(self) -> list[str]:
+        rest, self.buf = self.buf, ""
+        return [rest] if rest else []
+
+
+async def _frames(response) -> AsyncIterator[dict]:
+    """envd's NDJSON command stream, one object at a time (lines may be long: no readline limit)."""
+    buf = b""
+    async for chunk in response.content.iter_any():
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield json.loads(line)
+    if buf.strip():
+        yield json.loads(buf)
+

@@ -1,0 +1,192 @@
+"""Agents on a task: create's agent fields checked into an AgentConfig, and the task routes
+(GET /task, its events, cancel, a follow-up task). docs/agents.md."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
+
+from e2a.agents import clis
+from e2a.agents.own import providers
+from e2a.agents.tasks import AgentConfig, TaskConflict, Tasks
+from e2a.api.deps import current_user, owned_sandbox, require_running
+from e2a.api.errors import ApiError
+from e2a.api.schemas import CreateSandbox, FollowUpRequest, TaskEventOut, TaskEventsOut, TaskOut
+from e2a.auth import Caller
+from e2a.config import Settings
+from e2a.store.models import Task
+
+router = APIRouter(prefix="/v1/sandboxes/{vm_id}/task", tags=["agents"])
+
+# The own agent answers to both names: `deictic` is the hosted service's name for it.
+OWN = ("e2a", "deictic")
+AGENTS = OWN + clis.NAMES
+DEFAULT_MAX_STEPS = 50
+
+
+def tasks(request: Request) -> Tasks:
+    return request.app.state.tasks
+
+
+def agent_config(req: CreateSandbox, settings: Settings) -> AgentConfig | None:
+    """The agent create asked for, checked; None without one. Raises ApiError (400/501)."""
+    own_only = {"llm": req.llm, "system_prompt": req.system_prompt, "tools": req.tools or None,
+                "max_steps": req.max_steps}
+    if req.agent is None:
+        for name, value in {"llm_key": req.llm_key, "task": req.task, "model": req.model,
+                            **own_only}.items():
+            if value is not None:
+                raise ApiError(400, "invalid_field", f"{name} applies only with an agent", name)
+        if req.task_timeout_seconds is not None or req.keep_after_task_seconds:
+            raise ApiError(400, "invalid_field", "task_timeout_seconds and "
+                           "keep_after_task_seconds apply only with an agent", "agent")
+        return None
+    if req.agent not in AGENTS:
+        raise ApiError(501, "agent_not_available", f"agent {req.agent!r} is not available "
+                       f"(available: {', '.join(AGENTS)})", "agent")
+    if not req.llm_key:
+        raise ApiError(400, "missing_field", "llm_key is required when agent is set", "llm_key")
+    if req.keep_after_task_seconds > req.max_lifetime_seconds:
+        raise ApiError(400, "invalid_field", "keep_after_task_seconds exceeds "
+                       "max_lifetime_seconds", "keep_after_task_seconds")
+    common = dict(key=req.llm_key, task_timeout=req.task_timeout_seconds,
+                  keep_after=float(req.keep_after_task_seconds))
+    cli = clis.get(req.agent)
+    if cli is not None:
+        for name, value in own_only.items():
+            if value is not None:
+                raise ApiError(400, "invalid_field", f"{name} applies to e2a's own agent "
+                               f"(agent \"e2a\"), not {req.agent}", name)
+        problem = cli.check_model(req.model)
+        if problem:
+            raise ApiError(400, "invalid_field", problem, "model")
+        return AgentConfig(agent=req.agent, vendor=cli.vendor, model=req.model, **common)
+    return _own_config(req, settings, common)
+
+
+def _own_config(req: CreateSandbox, settings: Settings, common: dict) -> AgentConfig:
+    llm = req.llm
+    model = req.model
+    if llm is not None and llm.model:
+        if model and model != llm.model:
+            raise ApiError(400, "invalid_field", "model and llm.model differ", "llm.model")
+        model = llm.model
+    vendor = llm.vendor if llm else None
+    base_url = llm.base_url if llm else None
+    compatible = False
+    if base_url:
+        base_url = _public_base_url(base_url, settings)
+        compatible = vendor in (None, "openai")
+        vendor = vendor or "openai"
+    vendor = vendor or providers.infer_vendor(model, req.llm_key)
+    if vendor is None:
+        raise ApiError(400, "invalid_field", "cannot tell the provider from the model or the key: "
+                       "set llm.vendor (anthropic, openai, google or deepseek)", "llm.vendor")
+    if not base_url:
+        base_url = getattr(settings, f"llm_{vendor}_url")
+    return AgentConfig(agent="e2a", vendor=vendor, model=model, base_url=base_url,
+                       compatible=compatible, system_prompt=req.system_prompt,
+                       tools=[t.model_dump() for t in req.tools],
+                       max_steps=req.max_steps or DEFAULT_MAX_STEPS, **common)
+
+
+def _public_base_url(url: str, settings: Settings) -> str:
+    """The own agent calls `llm.base_url` from the host: only a public https address (or a host
+    the operator allowed), so that a caller cannot make e2a reach its private services."""
+    parts = urlsplit(url)
+    allowed = {h.strip().lower() for h in settings.llm_private_hosts.split(",") if h.strip()}
+    host = (parts.hostname or "").lower()
+    if host in allowed and parts.scheme in ("http", "https"):
+        return url.rstrip("/")
+    if parts.scheme != "https" or not host:
+        raise ApiError(400, "invalid_field", "llm.base_url must be an https URL", "llm.base_url")
+    try:
+        infos = socket.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise ApiError(400, "invalid_field", f"llm.base_url's host {host!r} does not resolve",
+                       "llm.base_url") from None
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0])
+        if not ip.is_global:
+            raise ApiError(400, "invalid_field", f"llm.base_url's host {host!r} is not a public "
+                           "address", "llm.base_url")
+    return url.rstrip("/")
+
+
+def task_out(t: Task) -> TaskOut:
+    return TaskOut(task_id=t.id, agent=t.agent, vendor=t.vendor, model=t.model, state=t.state,
+                   started_at=t.started_at, ended_at=t.ended_at, result=t.result, error=t.error,
+                   llm_requests=t.llm_requests, input_tokens=t.input_tokens,
+                   output_tokens=t.output_tokens, key_passed_in=t.key_passed_in)
+
+
+async def _latest(request: Request, user: Caller, vm_id: str) -> Task:
+    rec = await owned_sandbox(request.app, user, vm_id)
+    t = await tasks(request).latest(rec.id)
+    if t is None:
+        raise ApiError(404, "task_not_found", f"sandbox {rec.id} has had no task", "vm_id")
+    return t
+
+
+@router.get("", response_model=TaskOut, responses={401: {}, 404: {}})
+async def get_task(request: Request, vm_id: str, user: Caller = Depends(current_user)) -> TaskOut:
+    """The sandbox's latest task: its state, result or error, and counts."""
+    return task_out(await _latest(request, user, vm_id))
+
+
+@router.post("", status_code=202, response_model=TaskOut, responses={401: {}, 404: {}, 409: {}})
+async def follow_up(request: Request, vm_id: str, body: FollowUpRequest,
+                    user: Caller = Depends(current_user)) -> TaskOut:
+    """A further task for the sandbox's agent (a sandbox kept with keep_after_task_seconds)."""
+    rec = await owned_sandbox(request.app, user, vm_id)
+    require_running(rec)
+    s = tasks(request).session(rec.id)
+    if s is not None and s.cli is not None and body.model:
+        problem = s.cli.check_model(body.model)
+        if problem:
+            raise ApiError(400, "invalid_field", problem, "model")
+    try:
+        t = await tasks(request).submit(rec.id, body.task, body.model, body.task_timeout_seconds)
+    except TaskConflict as exc:
+        raise ApiError(409, "task_conflict", str(exc), "vm_id") from exc
+    return task_out(t)
+
+
+@router.post("/cancel", response_model=TaskOut, responses={401: {}, 404: {}, 409: {}})
+async def cancel(request: Request, vm_id: str, user: Caller = Depends(current_user)) -> TaskOut:
+    t = await _latest(request, user, vm_id)
+    if not await tasks(request).cancel(t.sandbox_id):
+        raise ApiError(409, "task_not_running", f"task {t.id} is {t.state}", "vm_id")
+    return task_out(await _latest(request, user, vm_id))
+
+
+@router.get("/events", response_model=TaskEventsOut, responses={401: {}, 404: {}})
+async def events(request: Request, vm_id: str, after: int = Query(0, ge=0),
+                 limit: int = Query(500, ge=1, le=5000),
+                 follow: bool = Query(False, description="stream NDJSON, live, until the task "
+                                      "is over"),
+                 user: Caller = Depends(current_user)):
+    """The agent's events after `after`, numbered from 1 over all the sandbox's tasks; kept after
+    the sandbox ends. With follow=true: one JSON object per line as they happen."""
+    rec = await owned_sandbox(request.app, user, vm_id)
+    t = tasks(request)
+    if follow:
+        async def lines():
+            async for e in t.follow(rec.id, after):
+                yield json.dumps(_event(e).model_dump(mode="json")) + "\n"
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+    batch = await t.events(rec.id, after, limit)
+    s = t.session(rec.id)
+    live = s is not None and (s.running or bool(s.pending))
+    done = not live and len(batch) < limit
+    return TaskEventsOut(events=[_event(e) for e in batch],
+                         next=batch[-1].seq if batch else after, done=done)
+
+
+def _event(e) -> TaskEventOut:
+    return TaskEventOut(seq=e.seq, task_id=e.task_id, type=e.type, data=e.data, at=e.at)
