@@ -1,6 +1,6 @@
 """The ``e2a`` command line: ``main`` is the root click group.
 
-Client-side commands (``sandbox``, ``files``, ``workspaces``) live here and talk to the server through ``e2a.sdk``.
+Client-side commands (``sandbox``, ``task``, ``files``, ``workspaces``) live here and talk to the server through ``e2a.sdk``.
 Server-side commands (``serve``, ``admin ...``) live in ``e2a.server_cli`` and are loaded only when
 one of them runs: help lists them by the names and short help in ``SERVER_COMMANDS``, so a client
 command (or ``--help``) never imports the server's dependencies (SQLAlchemy, FastAPI, uvicorn, ...).
@@ -141,6 +141,73 @@ def sandbox() -> None:
     """Create, inspect and use sandboxes."""
 
 
+# The variable an agent's key is read from when --llm-key-env is not given.
+KEY_ENV = {"claude-code": "ANTHROPIC_API_KEY", "codex": "OPENAI_API_KEY", "gemini-cli": "GEMINI_API_KEY"}
+VENDOR_KEY_ENV = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY", "google": "GEMINI_API_KEY",
+                  "deepseek": "DEEPSEEK_API_KEY"}
+OWN_AGENTS = ("e2a", "deictic")
+
+
+def _own_vendor(model: str | None) -> str | None:
+    """The vendor e2a's own agent will talk to, told by the model's name (docs/agents.md)."""
+    m = (model or "").lower()
+    for prefixes, vendor in ((("claude",), "anthropic"), (("gpt-", "o1", "o3", "o4"), "openai"),
+                             (("gemini",), "google"), (("deepseek",), "deepseek")):
+        if m.startswith(prefixes):
+            return vendor
+    return None
+
+
+def _key_env(agent: str, model: str | None, vendor: str | None) -> str | None:
+    """The default variable of the agent's key, or None (an agent this CLI does not know)."""
+    if agent in KEY_ENV:
+        return KEY_ENV[agent]
+    if agent not in OWN_AGENTS:
+        return None
+    vendor = vendor or _own_vendor(model)
+    if vendor:
+        return VENDOR_KEY_ENV[vendor]
+    # Nothing says which provider: the first key that is set (the server infers the vendor from it).
+    return next((name for name in ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY")
+                 if os.environ.get(name)), "ANTHROPIC_API_KEY")
+
+
+def _llm_key(agent: str | None, key_env: str | None, model: str | None, vendor: str | None) -> str | None:
+    """The key, from the environment only: on the command line it would show in the process list."""
+    if agent is None:
+        if key_env:
+            raise click.UsageError("--llm-key-env applies only with --agent")
+        return None
+    name = key_env or _key_env(agent, model, vendor)
+    if name is None:
+        return None  # an agent unknown here: the server says which agents there are
+    key = os.environ.get(name, "").strip()
+    if not key:
+        how = "" if key_env else " (or name another variable with --llm-key-env)"
+        raise click.UsageError(f"the environment variable {name} holds no LLM key for {agent}: "
+                               f"export your key there{how}")
+    return key
+
+
+def _text_arg(value: str | None) -> str | None:
+    """A task given as - is read from stdin."""
+    return sys.stdin.read() if value == "-" else value
+
+
+def _tools_file(ctx: click.Context, param: click.Parameter, value: str | None) -> list[dict] | None:
+    if value is None:
+        return None
+    try:
+        with open(value) as f:
+            tools = json.load(f)
+    except (OSError, ValueError) as e:
+        raise click.BadParameter(f"cannot read a JSON list of tools from {value}: {e}", ctx=ctx, param=param)
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise click.BadParameter("expected a JSON list of {name, description, parameters, command}",
+                                 ctx=ctx, param=param)
+    return tools
+
+
 @sandbox.command("create")
 @click.argument("template", default="standard")
 @click.option("--env", "env_vars", multiple=True, callback=_key_values, metavar="K=V",
@@ -153,17 +220,51 @@ def sandbox() -> None:
 @click.option("--app-id", help="Workspace of this app (implies --workspace).")
 @click.option("--capset-id", help="Workspace of this capability set (implies --workspace).")
 @click.option("--end-user-id", help="Workspace of this end user (implies --workspace).")
+@click.option("--agent", help="Start an agent with your LLM key: e2a (e2a's own), claude-code, codex or gemini-cli.")
+@click.option("--task", help="The agent's task (- reads it from stdin).")
+@click.option("--model", help="The agent's model (e.g. claude-sonnet-4-5, gpt-5, gemini-2.5-pro).")
+@click.option("--llm-key-env", metavar="NAME",
+              help="Environment variable holding the LLM key [default by agent: ANTHROPIC_API_KEY, "
+                   "OPENAI_API_KEY or GEMINI_API_KEY]. The key itself is never an argument.")
+@click.option("--llm-vendor", type=click.Choice(["anthropic", "openai", "google", "deepseek"]),
+              help="e2a's own agent: the provider (default: told by the model or the key).")
+@click.option("--llm-base-url", help="e2a's own agent: an OpenAI-compatible (or the vendor's) API at a public https URL.")
+@click.option("--system-prompt", help="e2a's own agent: added to its system prompt.")
+@click.option("--tools-file", callback=_tools_file, metavar="PATH",
+              help="e2a's own agent: a JSON list of extra tools {name, description, parameters, command}.")
+@click.option("--max-steps", type=click.IntRange(1), help="e2a's own agent: model turns allowed.")
+@click.option("--task-timeout", type=click.IntRange(1), help="Stop the task after this many seconds (timed_out).")
+@click.option("--keep-after-task", type=click.IntRange(0), metavar="SECONDS",
+              help="Keep the sandbox this long after the task ends, for `e2a task send` (default: destroyed).")
+@click.option("--follow", is_flag=True, help="Then print the agent's events until the task ends "
+                                             "(exit 0 if it succeeded, 1 if not).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole sandbox as JSON.")
 @click.pass_context
 def sandbox_create(ctx, template, env_vars, metadata, idle_timeout, max_lifetime, internet, workspace,
-                   app_id, capset_id, end_user_id, as_json):
-    """Create a sandbox from TEMPLATE (default: standard) and print its id."""
+                   app_id, capset_id, end_user_id, agent, task, model, llm_key_env, llm_vendor, llm_base_url,
+                   system_prompt, tools_file, max_steps, task_timeout, keep_after_task, follow, as_json):
+    """Create a sandbox from TEMPLATE (default: standard) and print its id.
+
+    \b
+    With an agent working on a task, your key read from the environment:
+      e2a sandbox create browser --agent claude-code --task 'Find ...' --follow
+    """
     scope = {k: v for k, v in (("app_id", app_id), ("capset_id", capset_id), ("end_user_id", end_user_id))
              if v is not None}
-    sb = _client(ctx).create_sandbox(template, env_vars=env_vars, metadata=metadata,
-                                     idle_timeout_seconds=idle_timeout, max_lifetime_seconds=max_lifetime,
-                                     internet=internet, workspace=scope or (True if workspace else None))
+    if follow and not (agent and task):
+        raise click.UsageError("--follow needs --agent and --task")
+    llm = {"vendor": llm_vendor, "base_url": llm_base_url} if (llm_vendor or llm_base_url) else None
+    llm_key = _llm_key(agent, llm_key_env, model, llm_vendor)
+    client = _client(ctx)
+    sb = client.create_sandbox(template, env_vars=env_vars, metadata=metadata,
+                               idle_timeout_seconds=idle_timeout, max_lifetime_seconds=max_lifetime,
+                               internet=internet, workspace=scope or (True if workspace else None),
+                               agent=agent, llm_key=llm_key, task=_text_arg(task), model=model, llm=llm,
+                               system_prompt=system_prompt, tools=tools_file, max_steps=max_steps,
+                               task_timeout_seconds=task_timeout, keep_after_task_seconds=keep_after_task)
     _print_json(sb.to_dict()) if as_json else click.echo(sb.vm_id)
+    if follow:
+        ctx.exit(_follow_task(ctx, sb.vm_id, 0, as_json=False, until_finished=True))
 
 
 @sandbox.command("ls")
@@ -382,6 +483,347 @@ async def _shell(state: _State, vm_id: str, user: str | None, cwd: str | None) -
         click.echo("e2a: connection closed before the shell exited", err=True)
         return 255
     return exit_code
+
+
+# ====================================================================== task (an agent's)
+
+
+@main.group("task")
+def task_group() -> None:
+    """An agent's task in a sandbox (sandbox create --agent): show, events, cancel, send, wait."""
+
+
+def _print_task(t, as_json: bool) -> None:
+    if as_json:
+        return _print_json(t.to_dict())
+    _print_fields(t.to_dict())
+
+
+class _EventPrinter:
+    """Prints task events for people: the agent's text as it streams, tool calls (→), their
+    results (←), then how the task ended. Knows e2a's own agent's events and those of claude-code,
+    codex and gemini-cli (type `cli`); anything else is shown as its type and JSON."""
+
+    OUTPUT_LINES = 20  # of a tool's result, shown
+
+    def __init__(self):
+        from rich.console import Console
+
+        self.console = Console(highlight=False, markup=False, emoji=False, soft_wrap=True)
+        self.open_line = False        # text printed without its newline yet (streamed deltas)
+        self.streamed = False         # this turn's text came as deltas: its whole message is not repeated
+        self.outputs: set[str] = set()  # tool calls whose output streamed already
+        self.plan = ""                # codex's todo list, as last shown
+
+    # ---- printing
+
+    def _end_line(self) -> None:
+        if self.open_line:
+            self.console.print()
+            self.open_line = False
+
+    def text(self, text: str, style: str | None = None) -> None:
+        self._end_line()
+        self.console.print(text.rstrip("\n"), style=style)
+
+    def stream(self, text: str, style: str | None = None) -> None:
+        if text:
+            self.console.print(text, style=style, end="")
+            self.open_line = not text.endswith("\n")
+
+    def call(self, name: str, args: Any) -> None:
+        shown = args.get("command") if isinstance(args, dict) and name in ("shell", "Bash", "bash") else None
+        self.text(f"→ {name}" + (f": {shown}" if shown else f"({_compact(args)})" if args not in (None, {}, "") else ""),
+                  style="bold cyan")
+
+    def result(self, name: str, output: Any, is_error: bool = False, streamed: bool = False) -> None:
+        head = f"← {name}" + (" (error)" if is_error else "")
+        body = "" if streamed else _clip(output if isinstance(output, str) else _compact(output), self.OUTPUT_LINES)
+        style = "red" if is_error else "green"
+        if body and "\n" not in body and len(body) < 100:
+            self.text(f"{head}: {body}", style=style)
+            return
+        self.text(head, style=style)
+        if body:
+            self.text(body, style="dim")
+
+    def finished(self) -> None:
+        self._end_line()
+
+    # ---- events
+
+    def event(self, ev) -> None:
+        d = ev.data if isinstance(ev.data, dict) else {}
+        kind = ev.type
+        if kind == "task_started":
+            model = f", model {d['model']}" if d.get("model") else ""
+            self.text(f"── task {d.get('task_id', ev.task_id)} started ({d.get('agent', '?')}{model})", style="bold")
+        elif kind == "task_finished":
+            self.text(_task_summary(d, ev.task_id), style="bold green" if d.get("state") == "succeeded" else "bold red")
+        elif kind == "message_delta":
+            self.streamed = True
+            self.stream(str(d.get("text", "")))
+        elif kind == "message":
+            if not self.streamed:
+                self.text(str(d.get("text", "")))
+            self._end_line()
+            self.streamed = False
+        elif kind == "tool_call":
+            self.streamed = False
+            self.call(str(d.get("name", "?")), d.get("arguments"))
+        elif kind == "tool_output":
+            self.outputs.add(str(d.get("id")))
+            self.stream(str(d.get("text", "")), style="dim")
+        elif kind == "tool_result":
+            images = d.get("images") or []
+            output = d.get("output")
+            if images:
+                output = f"{output or ''}{' ' if output else ''}[{len(images)} image(s)]"
+            self.result(str(d.get("name", "?")), output, bool(d.get("is_error")),
+                        streamed=str(d.get("id")) in self.outputs and not images)
+        elif kind in ("stdout", "stderr"):
+            self.text(str(d.get("text", "")), style="dim" if kind == "stdout" else "yellow")
+        elif kind == "cli":
+            self.cli(d)
+        else:
+            self.text(f"[{kind}] {_compact(d)}", style="dim")
+
+    def cli(self, d: dict) -> None:
+        """One JSON event of claude-code (stream-json), codex (exec --json) or gemini-cli (stream-json)."""
+        t = d.get("type")
+        item = d.get("item") if isinstance(d.get("item"), dict) else None
+        # claude-code
+        if t in ("assistant", "user") and isinstance(d.get("message"), dict):
+            content = d["message"].get("content")
+            for block in content if isinstance(content, list) else [{"type": "text", "text": content}]:
+                if not isinstance(block, dict):
+                    continue
+                bt = block.get("type")
+                if bt == "text" and t == "assistant":
+                    self.text(str(block.get("text", "")))
+                elif bt == "thinking":
+                    self.text(str(block.get("thinking", "")), style="dim italic")
+                elif bt == "tool_use":
+                    self.call(str(block.get("name", "?")), block.get("input"))
+                elif bt == "tool_result":
+                    self.result("result", _block_text(block.get("content")), bool(block.get("is_error")))
+            return
+        if t == "system" and d.get("subtype") == "init":
+            return self.text(f"claude-code session {d.get('session_id', '')} (model {d.get('model', '?')})", style="dim")
+        if t == "result" and "subtype" in d:
+            return self.text(f"claude-code: {d.get('subtype')} after {d.get('num_turns', '?')} turn(s)", style="dim")
+        if t == "stream_event":
+            return  # partial messages: the whole message follows
+        # codex
+        if item is not None and t in ("item.started", "item.updated", "item.completed"):
+            return self.codex_item(t, item)
+        if t == "thread.started":
+            return self.text(f"codex thread {d.get('thread_id', '')}", style="dim")
+        if t == "turn.started":
+            return
+        if t == "turn.completed":
+            u = d.get("usage") or {}
+            return self.text(f"codex: turn completed ({u.get('input_tokens', '?')} in, "
+                             f"{u.get('output_tokens', '?')} out)", style="dim")
+        if t == "turn.failed":
+            return self.text(f"codex: turn failed: {(d.get('error') or {}).get('message', '')}", style="red")
+        # gemini-cli
+        if t == "init":
+            return self.text(f"gemini-cli session {d.get('session_id', '')} (model {d.get('model', '?')})", style="dim")
+        if t == "message":
+            if d.get("role") == "assistant":
+                if d.get("delta"):
+                    return self.stream(str(d.get("content", "")))
+                return self.text(str(d.get("content", "")))
+            return
+        if t == "tool_use":
+            return self.call(str(d.get("tool_name", "?")), d.get("parameters"))
+        if t == "tool_result":
+            err = d.get("error")
+            failed = d.get("status") == "error" or bool(err)
+            out = (err.get("message") if isinstance(err, dict) else err) if failed and err else d.get("output")
+            return self.result(str(d.get("tool_id", "result")), out, failed)
+        if t == "result":
+            return self.text(f"gemini-cli: {d.get('status', '?')}", style="dim")
+        if t == "error":
+            return self.text(f"error: {d.get('message', _compact(d))}", style="red")
+        self.text(f"[cli] {_compact(d)}", style="dim")
+
+    def codex_item(self, t: str, item: dict) -> None:
+        kind = item.get("type")
+        if kind == "agent_message":
+            if t == "item.completed":
+                self.text(str(item.get("text", "")))
+        elif kind == "reasoning":
+            if t == "item.completed":
+                self.text(str(item.get("text", "")), style="dim italic")
+        elif kind == "command_execution":
+            if t == "item.started":
+                self.call("shell", {"command": item.get("command")})
+            elif t == "item.completed":
+                code = item.get("exit_code")
+                self.result(f"shell (exit {code})", item.get("aggregated_output", ""),
+                            code not in (0, None) or item.get("status") == "failed")
+        elif kind == "file_change":
+            if t == "item.completed":
+                changes = ", ".join(f"{c.get('kind', '?')} {c.get('path', '?')}" for c in item.get("changes") or [])
+                self.call("edit", changes)
+        elif kind == "mcp_tool_call":
+            name = f"{item.get('server', '?')}.{item.get('tool', '?')}"
+            if t == "item.started":
+                self.call(name, item.get("arguments"))
+            elif t == "item.completed":
+                self.result(name, item.get("result") or item.get("error"), item.get("status") == "failed")
+        elif kind == "web_search":
+            if t == "item.started":
+                self.call("web_search", item.get("query"))
+        elif kind == "todo_list":
+            todo = "; ".join(("[x] " if i.get("completed") else "[ ] ") + str(i.get("text", ""))
+                             for i in item.get("items") or [] if isinstance(i, dict))
+            if todo != self.plan:  # started, updated, completed: shown when it changes
+                self.plan = todo
+                self.text(f"plan: {todo}", style="dim")
+        elif kind == "error":
+            self.text(f"error: {item.get('message', '')}", style="red")
+        elif t == "item.completed":
+            self.text(f"[{kind}] {_compact(item)}", style="dim")
+
+
+def _compact(value: Any, limit: int = 300) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _clip(text: str, lines: int) -> str:
+    text = (text or "").rstrip("\n")
+    rows = text.split("\n")
+    if len(rows) > lines:
+        text = "\n".join(rows[:lines]) + f"\n… ({len(rows) - lines} more lines)"
+    return text if len(text) <= 4000 else text[:4000] + "…"
+
+
+def _block_text(content: Any) -> str:
+    """claude-code's tool_result content: a string or a list of blocks."""
+    if isinstance(content, list):
+        return "\n".join(str(b.get("text", "")) if isinstance(b, dict) and b.get("type") == "text"
+                         else f"[{b.get('type', '?')}]" if isinstance(b, dict) else str(b) for b in content)
+    return "" if content is None else str(content)
+
+
+def _task_summary(d: dict, task_id: str = "") -> str:
+    state = d.get("state", "?")
+    counts = (f"{d.get('llm_requests', 0)} LLM request(s), {d.get('input_tokens', 0)} tokens in, "
+              f"{d.get('output_tokens', 0)} out")
+    line = f"── task {d.get('task_id') or task_id} {state} ({counts})"
+    if state != "succeeded" and d.get("error"):
+        line += f": {d['error']}"
+    return line
+
+
+def _follow_task(ctx: click.Context, vm_id: str, after: int, as_json: bool, task_id: str | None = None,
+                 until_finished: bool = False) -> int:
+    """Print the events live (only task_id's if given) until the stream ends, or with
+    `until_finished` until the (first, or task_id's) task_finished event; 0 if the task
+    succeeded, else 1 (130 on Ctrl-C: the task goes on)."""
+    client = _client(ctx)
+    printer = None if as_json else _EventPrinter()
+    state = None
+    try:
+        for ev in client.iter_task_events(vm_id, after=after):
+            if task_id is not None and ev.task_id != task_id:
+                continue
+            if printer:
+                printer.event(ev)
+            else:
+                click.echo(json.dumps(ev.to_dict()))
+            if ev.type == "task_finished":
+                state = ev.data.get("state")
+                if until_finished:
+                    break
+    except KeyboardInterrupt:
+        if printer:
+            printer.finished()
+        click.echo(f"e2a: stopped following; the task goes on (e2a task cancel {vm_id} stops it)", err=True)
+        return 130
+    if printer:
+        printer.finished()
+    if state is None:  # nothing ended while we followed: ask how the task stands
+        with contextlib.suppress(E2AError):
+            state = client.task(vm_id).state
+    return 0 if state == "succeeded" else 1
+
+
+@task_group.command("show")
+@click.argument("vm_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def task_show(ctx, vm_id, as_json):
+    """Show the sandbox's latest task: state, result or error, counts."""
+    _print_task(_client(ctx).task(vm_id), as_json)
+
+
+@task_group.command("events")
+@click.argument("vm_id")
+@click.option("--after", type=click.IntRange(0), default=0, show_default=True,
+              help="Only events after this seq (each event is numbered).")
+@click.option("-f", "--follow", is_flag=True, help="Go on printing events as they happen, until the task ends.")
+@click.option("--json", "as_json", is_flag=True, help="One raw JSON event per line.")
+@click.pass_context
+def task_events(ctx, vm_id, after, follow, as_json):
+    """Print the agent's events: its messages, tool calls (→) and their results (←)."""
+    if follow:
+        code = _follow_task(ctx, vm_id, after, as_json)
+        ctx.exit(130 if code == 130 else 0)
+    client = _client(ctx)
+    printer = None if as_json else _EventPrinter()
+    limit = 1000
+    while True:
+        events, nxt, _done = client.task_events(vm_id, after=after, limit=limit)
+        for ev in events:
+            printer.event(ev) if printer else click.echo(json.dumps(ev.to_dict()))
+        if len(events) < limit or nxt <= after:
+            break
+        after = nxt
+    if printer:
+        printer.finished()
+
+
+@task_group.command("cancel")
+@click.argument("vm_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def task_cancel(ctx, vm_id, as_json):
+    """Stop the running task."""
+    t = _client(ctx).cancel_task(vm_id)
+    _print_task(t, True) if as_json else click.echo(f"{t.task_id} {t.state}")
+
+
+@task_group.command("send")
+@click.argument("vm_id")
+@click.argument("text")
+@click.option("--model", help="Another model for this task.")
+@click.option("--task-timeout", type=click.IntRange(1), help="Stop the task after this many seconds.")
+@click.option("--follow", is_flag=True, help="Then print its events until it ends (exit 0 if it succeeded).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def task_send(ctx, vm_id, text, model, task_timeout, follow, as_json):
+    """Give a kept sandbox's agent a further TEXT task (- reads it from stdin)."""
+    t = _client(ctx).send_task(vm_id, _text_arg(text), model=model, task_timeout_seconds=task_timeout)
+    _print_task(t, True) if as_json else click.echo(t.task_id)
+    if follow:  # the sandbox's events are numbered over all its tasks: only this one's are shown
+        ctx.exit(_follow_task(ctx, vm_id, 0, as_json=False, task_id=t.task_id, until_finished=True))
+
+
+@task_group.command("wait")
+@click.argument("vm_id")
+@click.option("--timeout", type=float, help="Give up after this many seconds (exit 1; the task goes on).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def task_wait(ctx, vm_id, timeout, as_json):
+    """Wait for the task to end and show it; exit 0 if it succeeded, 1 if not."""
+    t = _client(ctx).wait_task(vm_id, timeout=timeout)
+    _print_task(t, as_json)
+    ctx.exit(0 if t.state == "succeeded" else 1)
 
 
 # ====================================================================== files

@@ -13,15 +13,25 @@ Workspaces (a persistent /home/user kept in S3) are chosen at create time and ma
         print(f.path, f.size)
     client.upload_workspace_file(sb.workspace_id, "notes.txt", b"hi")   # presigned PUT, no API key sent
 
+An agent works on a task with the caller's own LLM key (which never enters the sandbox):
+
+    sb = client.create_sandbox("browser", agent="claude-code", llm_key=os.environ["ANTHROPIC_API_KEY"],
+                               task="Research top 5 AI papers this week")
+    for ev in client.iter_task_events(sb):      # live; reconnects without loss or repeats
+        print(ev.seq, ev.type, ev.data)
+    print(client.wait_task(sb, timeout=600).result)
+
 ``AsyncE2A`` has the same methods as coroutines / async iterators.
 """
 
+from ._core import WaitTimeout
 from .async_client import AsyncE2A, AsyncFiles
 from .client import E2A, Files
 from .errors import E2AError
 from .models import (CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, PresignedUrl, Sandbox,
-                     SandboxEvent, Workspace, WorkspaceFile, WorkspaceUsage)
+                     SandboxEvent, Task, TaskEvent, Tool, Workspace, WorkspaceFile, WorkspaceUsage)
 
 __all__ = ["E2A", "AsyncE2A", "Files", "AsyncFiles", "E2AError", "Sandbox", "CommandEvent",
            "CommandResult", "CommandInfo", "FileEntry", "LogLine", "SandboxEvent", "Workspace",
-           "WorkspaceUsage", "WorkspaceFile", "PresignedUrl"]
+           "WorkspaceUsage", "WorkspaceFile", "PresignedUrl", "Task", "TaskEvent", "Tool",
+           "WaitTimeout"]

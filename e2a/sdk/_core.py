@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
@@ -14,7 +15,7 @@ import httpx
 
 from .errors import E2AError
 from .models import (CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, PresignedUrl,
-                     SandboxEvent, Workspace, WorkspaceFile, WorkspaceUsage)
+                     SandboxEvent, Task, TaskEvent, Tool, Workspace, WorkspaceFile, WorkspaceUsage)
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 CHUNK = 1 << 20  # upload/download piece size: bounded memory whatever the file size
@@ -63,12 +64,33 @@ class Call:
     parse: Callable[[Any], Any] | None = None
     timeout: httpx.Timeout = field(default_factory=lambda: DEFAULT_TIMEOUT)
     binary: bool = False  # the answer is bytes (a PNG, a PDF), not JSON
+    # Values of the body that must never be shown (an LLM key): cut from this call's repr and
+    # from any error it raises (a proxy or a crashed server may echo the request body).
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
     def result(self, resp: httpx.Response) -> Any:
         if self.binary:
             return resp.content
         data = resp.json() if resp.content else None  # 204s have no body
         return self.parse(data) if self.parse else data
+
+    def __repr__(self) -> str:
+        body = self.json
+        if self.secrets and isinstance(body, dict):
+            body = {k: REDACTED if isinstance(v, str) and v in self.secrets else v
+                    for k, v in body.items()}
+        return f"Call({self.method} {self.path}, params={self.params!r}, json={body!r})"
+
+    def scrub(self, exc: E2AError) -> E2AError:
+        """``exc`` with every secret of this call cut from its message."""
+        for secret in self.secrets:
+            if secret and secret in exc.message:
+                exc.message = exc.message.replace(secret, REDACTED)
+                exc.args = (f"{exc.code}: {exc.message}",)
+        return exc
+
+
+REDACTED = "***"
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -84,14 +106,24 @@ def _sb(vm_id: str) -> str:
 
 
 def create_sandbox(template: str, env_vars=None, metadata=None, idle_timeout_seconds=None,
-                   max_lifetime_seconds=None, internet=None, resolution=None, workspace=None) -> Call:
+                   max_lifetime_seconds=None, internet=None, resolution=None, workspace=None,
+                   agent: dict[str, Any] | None = None) -> Call:
+    """``agent``: create's agent fields (agent, llm_key, task, model, llm, system_prompt, tools,
+    max_steps, task_timeout_seconds, keep_after_task_seconds), None for those not given."""
     if isinstance(workspace, dict):  # {"app_id": "a", "end_user_id": None}: None = the default
         workspace = _drop_none(workspace)
     body = _drop_none(dict(template=template, env_vars=env_vars, metadata=metadata,
                            idle_timeout_seconds=idle_timeout_seconds,
                            max_lifetime_seconds=max_lifetime_seconds, internet=internet,
                            resolution=resolution, workspace=workspace))
-    return Call("POST", "/v1/sandboxes", json=body)
+    fields = _drop_none(agent or {})
+    if isinstance(fields.get("llm"), dict):  # {"vendor": "openai", "model": None}: None = inferred
+        fields["llm"] = _drop_none(fields["llm"])
+    if "tools" in fields:
+        fields["tools"] = [t.to_dict() if isinstance(t, Tool) else t for t in fields["tools"]]
+    body.update(fields)
+    key = fields.get("llm_key")
+    return Call("POST", "/v1/sandboxes", json=body, secrets=(key,) if isinstance(key, str) and key else ())
 
 
 def templates() -> Call:
@@ -244,6 +276,162 @@ class Collector:
         return CommandResult(exit_code=int(self.exit.exit_code if self.exit.exit_code is not None else -1),
                              stdout="".join(self._out["stdout"]), stderr="".join(self._out["stderr"]),
                              signal=self.exit.signal, timed_out=bool(self.exit.timed_out), pid=self.pid)
+
+
+# ---------------------------------------------------------------- agents: the task
+
+
+def task(vm_id: str) -> Call:
+    return Call("GET", _sb(vm_id) + "/task", parse=Task.from_dict)
+
+
+def send_task(vm_id: str, text: str, model: str | None = None,
+              task_timeout_seconds: int | None = None) -> Call:
+    body = _drop_none({"task": text, "model": model, "task_timeout_seconds": task_timeout_seconds})
+    return Call("POST", _sb(vm_id) + "/task", json=body, parse=Task.from_dict)
+
+
+def cancel_task(vm_id: str) -> Call:
+    return Call("POST", _sb(vm_id) + "/task/cancel", parse=Task.from_dict)
+
+
+def task_events(vm_id: str, after: int = 0, limit: int = 500) -> Call:
+    """One page: ``(events, next, done)``; pass ``next`` back as ``after`` to go on."""
+    return Call("GET", _sb(vm_id) + "/task/events", params={"after": int(after), "limit": int(limit)},
+                parse=lambda d: ([TaskEvent.from_dict(x) for x in d["events"]], int(d["next"]),
+                                 bool(d["done"])))
+
+
+def follow_task_events(vm_id: str, after: int, read_timeout: float | None = None) -> Call:
+    """The live NDJSON feed from ``after``. Quiet while the agent thinks, so no read timeout
+    unless a caller's deadline sets one."""
+    timeout = STREAM_TIMEOUT if read_timeout is None else httpx.Timeout(
+        10.0, connect=min(10.0, read_timeout), read=read_timeout)
+    return Call("GET", _sb(vm_id) + "/task/events", params={"after": int(after), "follow": "true"},
+                timeout=timeout)
+
+
+# A follow stream that breaks is reopened from the last event seen, this many times in a row at
+# most (any event received resets the count), waiting a little longer each time.
+MAX_RECONNECTS = 8
+RETRY_PAUSE = 0.2  # doubled on each failure in a row, up to 5 s
+RETRY_STATUSES = (502, 503, 504)  # a proxy in front of e2a, or e2a restarting
+
+
+class BrokenLine(Exception):
+    """A follow stream ended in the middle of a line."""
+
+
+class DeadlinePassed(Exception):
+    """wait_task's deadline passed while following (turned into WaitTimeout by the client)."""
+
+
+class WaitTimeout(E2AError, TimeoutError):
+    """``wait_task`` gave up: the task was still going when its ``timeout`` ran out. The task goes
+    on; ``task`` is how it was last seen."""
+
+    def __init__(self, vm_id: str, task: Task | None, timeout: float | None):
+        state = task.state if task else "unknown"
+        name = f"task {task.task_id}" if task else "the task"
+        super().__init__(0, "wait_timeout", f"{name} of sandbox {vm_id} is still {state} after "
+                         f"{timeout:g} s; it goes on: wait again, or cancel it")
+        self.task = task
+
+
+class Follower:
+    """Where a followed task event stream is: the last ``seq`` seen (each event is handed out
+    once, even if a reconnect or the server repeats it), when to reconnect after a break and when
+    to stop, and the caller's deadline if any. The clients only add the I/O."""
+
+    def __init__(self, after: int = 0, deadline: float | None = None):
+        self.after = int(after)
+        self.deadline = deadline
+        self.failures = 0
+
+    def remaining(self) -> float | None:
+        if self.deadline is None:
+            return None
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlinePassed()
+        return left
+
+    def call(self, vm_id: str) -> Call:
+        return follow_task_events(vm_id, self.after, self.remaining())
+
+    def event(self, line: str) -> TaskEvent | None:
+        """The line's event if it is a new one; None for a blank line or one seen before."""
+        line = line.strip()
+        if not line:
+            return None
+        try:
+            ev = TaskEvent.from_dict(json.loads(line))
+        except (ValueError, TypeError, AttributeError) as exc:  # cut short: broke mid-line
+            raise BrokenLine(f"the event stream broke off in a line: {line[:80]!r}") from exc
+        if ev.seq <= self.after:
+            return None
+        self.after, self.failures = ev.seq, 0
+        return ev
+
+    def retry_after(self, exc: BaseException) -> float:
+        """The pause before reconnecting after ``exc``; raises it if it is not a broken connection
+        (or breaks keep coming), DeadlinePassed if the deadline is gone."""
+        if isinstance(exc, httpx.TimeoutException) and self.deadline is not None:
+            self.remaining()  # a read timeout set by the deadline: raises once it has passed
+        broken = isinstance(exc, (httpx.TransportError, BrokenLine)) or (
+            isinstance(exc, E2AError) and exc.status in RETRY_STATUSES)
+        self.failures += 1
+        if not broken or self.failures > MAX_RECONNECTS:
+            raise exc
+        pause = min(RETRY_PAUSE * 2 ** (self.failures - 1), 5.0)
+        left = self.remaining()
+        return pause if left is None else min(pause, left)
+
+
+class Waiter:
+    """wait_task's reasoning, shared by both clients: which task is waited for, when its
+    task_finished event has come, and what to return (the row, which the server updates just
+    after that event, or the event's own account if the row lags)."""
+
+    POLLS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0)  # after task_finished: asking for the row
+    REFOLLOW = 0.5  # the stream ended before the task did (a proxy closed it?): follow on after
+
+    def __init__(self, vm_id: str, timeout: float | None):
+        self.vm_id = vm_id
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.task: Task | None = None    # the awaited task, as last seen
+        self.finished: TaskEvent | None = None
+
+    def seen(self, ev: TaskEvent) -> bool:
+        """True once the awaited task's task_finished event is ``ev``."""
+        if ev.type == "task_finished" and self.task is not None and (
+                ev.task_id == self.task.task_id or ev.data.get("task_id") == self.task.task_id):
+            self.finished = ev
+            return True
+        return False
+
+    def settled(self, latest: Task) -> Task | None:
+        """The final task from the latest row, or None if it is not over yet."""
+        if self.task is not None and latest.task_id != self.task.task_id:
+            # A newer task started: the awaited one is over; its own account is in the event.
+            return self.from_event() if self.finished else None
+        self.task = latest
+        return latest if latest.done else None
+
+    def from_event(self) -> Task:
+        data = {k: v for k, v in self.finished.data.items() if k != "task_id"}
+        known = {k: v for k, v in data.items() if k in Task.__dataclass_fields__}
+        return replace(self.task, **{"ended_at": self.task.ended_at or self.finished.at, **known})
+
+    def pause(self, step: float) -> float:
+        return step if self.deadline is None else max(0.0, min(step, self.deadline - time.monotonic()))
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def timed_out(self) -> WaitTimeout:
+        return WaitTimeout(self.vm_id, self.task, self.timeout)
 
 
 # ---------------------------------------------------------------- files

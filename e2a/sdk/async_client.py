@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import io
@@ -17,9 +18,10 @@ from ._body import Body, async_body, open_dest
 from ._core import Call, Collector, parse_event, sandbox_id
 from .errors import E2AError, check, error_from_response
 from .models import (CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, PresignedUrl, Sandbox,
-                     SandboxEvent, Workspace, WorkspaceFile, WorkspaceUsage)
+                     SandboxEvent, Task, TaskEvent, Tool, Workspace, WorkspaceFile, WorkspaceUsage)
 
 WorkspaceSpec = Any  # True (the defaults) | {"app_id", "capset_id", "end_user_id"} | None
+LlmSpec = dict[str, Any]  # {"vendor": "anthropic" | "openai" | "google" | "deepseek", "model", "base_url"}
 
 
 class AsyncE2A:
@@ -51,7 +53,10 @@ class AsyncE2A:
     async def _call(self, c: Call, content: Any = None, headers: dict[str, str] | None = None) -> Any:
         resp = await self._http.request(c.method, c.path, params=c.params, json=c.json, content=content,
                                         headers=headers, timeout=c.timeout)
-        return c.result(check(resp))
+        try:
+            return c.result(check(resp))
+        except E2AError as e:
+            raise c.scrub(e)
 
     @contextlib.asynccontextmanager
     async def _stream(self, c: Call) -> AsyncIterator[httpx.Response]:
@@ -90,11 +95,21 @@ class AsyncE2A:
     async def create_sandbox(self, template: str = "standard", *, env_vars: dict[str, str] | None = None,
                              metadata: dict[str, str] | None = None, idle_timeout_seconds: int | None = None,
                              max_lifetime_seconds: int | None = None, internet: bool | None = None,
-                             resolution: str | None = None, workspace: WorkspaceSpec = None) -> Sandbox:
-        """``workspace``: True or ``{"app_id", "capset_id", "end_user_id"}``, as for ``E2A``."""
+                             resolution: str | None = None, workspace: WorkspaceSpec = None,
+                             agent: str | None = None, llm_key: str | None = None, task: str | None = None,
+                             model: str | None = None, llm: LlmSpec | None = None,
+                             system_prompt: str | None = None, tools: list[Tool | dict] | None = None,
+                             max_steps: int | None = None, task_timeout_seconds: int | None = None,
+                             keep_after_task_seconds: int | None = None) -> Sandbox:
+        """``workspace``: True or ``{"app_id", "capset_id", "end_user_id"}``; ``agent`` and its
+        fields: as for ``E2A.create_sandbox``."""
         return self._sandbox(await self._call(api.create_sandbox(
             template, env_vars, metadata, idle_timeout_seconds, max_lifetime_seconds, internet,
-            resolution, workspace)))
+            resolution, workspace, agent=dict(
+                agent=agent, llm_key=llm_key, task=task, model=model, llm=llm,
+                system_prompt=system_prompt, tools=tools, max_steps=max_steps,
+                task_timeout_seconds=task_timeout_seconds,
+                keep_after_task_seconds=keep_after_task_seconds))))
 
     async def list_sandboxes(self, state: str | None = None, metadata: dict[str, str] | None = None) -> list[Sandbox]:
         return [self._sandbox(d) for d in await self._call(api.list_sandboxes(state, metadata))]
@@ -114,6 +129,72 @@ class AsyncE2A:
     async def events(self, vm_id: str) -> list[SandboxEvent]:
         """Every state transition of the sandbox, oldest first, with its reason."""
         return await self._call(api.events(sandbox_id(vm_id)))
+
+    # ------------------------------------------------------------ agents: the task
+
+    async def task(self, vm_id: str) -> Task:
+        return await self._call(api.task(sandbox_id(vm_id)))
+
+    async def send_task(self, vm_id: str, task: str, model: str | None = None,
+                        task_timeout_seconds: int | None = None) -> Task:
+        return await self._call(api.send_task(sandbox_id(vm_id), task, model, task_timeout_seconds))
+
+    async def cancel_task(self, vm_id: str) -> Task:
+        return await self._call(api.cancel_task(sandbox_id(vm_id)))
+
+    async def task_events(self, vm_id: str, after: int = 0,
+                          limit: int = 500) -> tuple[list[TaskEvent], int, bool]:
+        return await self._call(api.task_events(sandbox_id(vm_id), after, limit))
+
+    def iter_task_events(self, vm_id: str, after: int = 0) -> AsyncIterator[TaskEvent]:
+        """``async for ev in client.iter_task_events(id)``: as ``E2A.iter_task_events``."""
+        return self._follow(sandbox_id(vm_id), api.Follower(after))
+
+    async def wait_task(self, vm_id: str, timeout: float | None = None) -> Task:
+        """As ``E2A.wait_task``: the final task, or ``WaitTimeout`` after ``timeout`` seconds."""
+        vm = sandbox_id(vm_id)
+        w = api.Waiter(vm, timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._wait_task(vm, w)
+        except (api.DeadlinePassed, TimeoutError) as exc:
+            if isinstance(exc, api.WaitTimeout):
+                raise
+            raise w.timed_out() from None
+
+    async def _wait_task(self, vm: str, w: api.Waiter) -> Task:
+        w.task = await self.task(vm)
+        after = 0
+        while not w.task.done:
+            follower = api.Follower(after, w.deadline)
+            async with contextlib.aclosing(self._follow(vm, follower)) as events:
+                async for ev in events:
+                    if w.seen(ev):
+                        break
+            after = follower.after
+            # The task_finished came (the row follows at once), or the stream ended.
+            for step in w.POLLS if w.finished else (0.0,):
+                await asyncio.sleep(w.pause(step))
+                if final := w.settled(await self.task(vm)):
+                    return final
+                if w.expired():
+                    raise api.DeadlinePassed()
+            if w.finished:  # the row has not caught up with the event: the event says it all
+                return w.from_event()
+            await asyncio.sleep(w.pause(w.REFOLLOW))  # the stream ended before the task did: follow on
+        return w.task
+
+    async def _follow(self, vm: str, f: api.Follower) -> AsyncIterator[TaskEvent]:
+        while True:
+            try:
+                async with self._stream(f.call(vm)) as resp:
+                    async for line in resp.aiter_lines():
+                        if ev := f.event(line):
+                            yield ev
+                            f.remaining()
+                return
+            except (httpx.TransportError, api.BrokenLine, E2AError) as exc:
+                await asyncio.sleep(f.retry_after(exc))
 
     # ------------------------------------------------------------ templates: browser, desktop, canvas
 

@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import pathlib
+import time
 from typing import Any, BinaryIO, Callable, Iterator
 
 import httpx
@@ -15,9 +16,10 @@ from ._body import Body, open_dest, sync_body
 from ._core import Call, Collector, parse_event, sandbox_id
 from .errors import E2AError, check, error_from_response
 from .models import (CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, PresignedUrl, Sandbox,
-                     SandboxEvent, Workspace, WorkspaceFile, WorkspaceUsage)
+                     SandboxEvent, Task, TaskEvent, Tool, Workspace, WorkspaceFile, WorkspaceUsage)
 
 WorkspaceSpec = Any  # True (the defaults) | {"app_id", "capset_id", "end_user_id"} | None
+LlmSpec = dict[str, Any]  # {"vendor": "anthropic" | "openai" | "google" | "deepseek", "model", "base_url"}
 
 
 class E2A:
@@ -54,7 +56,10 @@ class E2A:
     def _call(self, c: Call, content: Any = None, headers: dict[str, str] | None = None) -> Any:
         resp = self._http.request(c.method, c.path, params=c.params, json=c.json, content=content,
                                   headers=headers, timeout=c.timeout)
-        return c.result(check(resp))
+        try:
+            return c.result(check(resp))
+        except E2AError as e:
+            raise c.scrub(e)
 
     @contextlib.contextmanager
     def _stream(self, c: Call) -> Iterator[httpx.Response]:
@@ -85,13 +90,29 @@ class E2A:
     def create_sandbox(self, template: str = "standard", *, env_vars: dict[str, str] | None = None,
                        metadata: dict[str, str] | None = None, idle_timeout_seconds: int | None = None,
                        max_lifetime_seconds: int | None = None, internet: bool | None = None,
-                       resolution: str | None = None, workspace: WorkspaceSpec = None) -> Sandbox:
+                       resolution: str | None = None, workspace: WorkspaceSpec = None,
+                       agent: str | None = None, llm_key: str | None = None, task: str | None = None,
+                       model: str | None = None, llm: LlmSpec | None = None,
+                       system_prompt: str | None = None, tools: list[Tool | dict] | None = None,
+                       max_steps: int | None = None, task_timeout_seconds: int | None = None,
+                       keep_after_task_seconds: int | None = None) -> Sandbox:
         """``workspace=True`` mounts the caller's default workspace on /home/user (made on first
         use); ``workspace={"app_id": .., "capset_id": .., "end_user_id": ..}`` chooses one (any key
-        may be left out). The sandbox's ``workspace_id`` names it."""
+        may be left out). The sandbox's ``workspace_id`` names it.
+
+        ``agent`` ("e2a", "claude-code", "codex" or "gemini-cli") starts that agent with the
+        caller's ``llm_key`` (never shown by this SDK, never put in the sandbox) working on
+        ``task``; follow it with ``iter_task_events`` or ``wait_task``. ``model``, and for e2a's
+        own agent ``llm={"vendor", "model", "base_url"}``, ``system_prompt``, ``tools`` and
+        ``max_steps``. The sandbox is destroyed when the task ends unless
+        ``keep_after_task_seconds`` keeps it for a follow-up (``send_task``). docs/agents.md."""
         return self._sandbox(self._call(api.create_sandbox(
             template, env_vars, metadata, idle_timeout_seconds, max_lifetime_seconds, internet,
-            resolution, workspace)))
+            resolution, workspace, agent=dict(
+                agent=agent, llm_key=llm_key, task=task, model=model, llm=llm,
+                system_prompt=system_prompt, tools=tools, max_steps=max_steps,
+                task_timeout_seconds=task_timeout_seconds,
+                keep_after_task_seconds=keep_after_task_seconds))))
 
     def list_sandboxes(self, state: str | None = None, metadata: dict[str, str] | None = None) -> list[Sandbox]:
         return [self._sandbox(d) for d in self._call(api.list_sandboxes(state, metadata))]
@@ -111,6 +132,79 @@ class E2A:
     def events(self, vm_id: str) -> list[SandboxEvent]:
         """Every state transition of the sandbox, oldest first, with its reason."""
         return self._call(api.events(sandbox_id(vm_id)))
+
+    # ------------------------------------------------------------ agents: the task
+
+    def task(self, vm_id: str) -> Task:
+        """The sandbox's latest task: state, result or error, counts (404 task_not_found if the
+        sandbox has had none)."""
+        return self._call(api.task(sandbox_id(vm_id)))
+
+    def send_task(self, vm_id: str, task: str, model: str | None = None,
+                  task_timeout_seconds: int | None = None) -> Task:
+        """A follow-up task for a kept sandbox's agent (409 task_conflict while one runs)."""
+        return self._call(api.send_task(sandbox_id(vm_id), task, model, task_timeout_seconds))
+
+    def cancel_task(self, vm_id: str) -> Task:
+        """Stop the running task: the task, cancelled (409 task_not_running if none runs)."""
+        return self._call(api.cancel_task(sandbox_id(vm_id)))
+
+    def task_events(self, vm_id: str, after: int = 0,
+                    limit: int = 500) -> tuple[list[TaskEvent], int, bool]:
+        """One page of the agent's events after seq ``after``: ``(events, next, done)``. Pass
+        ``next`` back as ``after`` to go on; ``done`` once the task is over and all is returned."""
+        return self._call(api.task_events(sandbox_id(vm_id), after, limit))
+
+    def iter_task_events(self, vm_id: str, after: int = 0) -> Iterator[TaskEvent]:
+        """The agent's events after seq ``after``, stored ones first, then live as they happen,
+        until the server ends the stream (the task is over). A broken connection is reopened from
+        the last event seen: nothing is lost or repeated."""
+        return self._follow(sandbox_id(vm_id), api.Follower(after))
+
+    def wait_task(self, vm_id: str, timeout: float | None = None) -> Task:
+        """Follow the sandbox's latest task until it is over and return it, final. After
+        ``timeout`` seconds raises ``WaitTimeout`` (an E2AError and a TimeoutError; the task goes
+        on, its last state in ``.task``)."""
+        vm = sandbox_id(vm_id)
+        w = api.Waiter(vm, timeout)
+        try:
+            return self._wait_task(vm, w)
+        except api.DeadlinePassed:
+            raise w.timed_out() from None
+
+    def _wait_task(self, vm: str, w: api.Waiter) -> Task:
+        w.task = self.task(vm)
+        after = 0
+        while not w.task.done:
+            follower = api.Follower(after, w.deadline)
+            with contextlib.closing(self._follow(vm, follower)) as events:
+                for ev in events:
+                    if w.seen(ev):
+                        break
+            after = follower.after
+            # The task_finished came (the row follows at once), or the stream ended.
+            for step in w.POLLS if w.finished else (0.0,):
+                time.sleep(w.pause(step))
+                if final := w.settled(self.task(vm)):
+                    return final
+                if w.expired():
+                    raise api.DeadlinePassed()
+            if w.finished:  # the row has not caught up with the event: the event says it all
+                return w.from_event()
+            time.sleep(w.pause(w.REFOLLOW))  # the stream ended before the task did: follow on
+        return w.task
+
+    def _follow(self, vm: str, f: api.Follower) -> Iterator[TaskEvent]:
+        while True:
+            try:
+                with self._stream(f.call(vm)) as resp:
+                    for line in resp.iter_lines():
+                        if ev := f.event(line):
+                            yield ev
+                            f.remaining()
+                return
+            except (httpx.TransportError, api.BrokenLine, E2AError) as exc:
+                time.sleep(f.retry_after(exc))
 
     # ------------------------------------------------------------ templates: browser, desktop, canvas
 

@@ -89,6 +89,13 @@ class Sandbox:
     def send_stdin(self, *a, **kw): return self._c().send_stdin(self.vm_id, *a, **kw)  # noqa: E704
     def send_signal(self, *a, **kw): return self._c().send_signal(self.vm_id, *a, **kw)  # noqa: E704
     def logs(self): return self._c().logs(self.vm_id)  # noqa: E704
+    # the agent's task (a sandbox created with ``agent=``)
+    def task(self): return self._c().task(self.vm_id)  # noqa: E704
+    def task_events(self, *a, **kw): return self._c().task_events(self.vm_id, *a, **kw)  # noqa: E704
+    def iter_task_events(self, *a, **kw): return self._c().iter_task_events(self.vm_id, *a, **kw)  # noqa: E704
+    def send_task(self, *a, **kw): return self._c().send_task(self.vm_id, *a, **kw)  # noqa: E704
+    def cancel_task(self): return self._c().cancel_task(self.vm_id)  # noqa: E704
+    def wait_task(self, *a, **kw): return self._c().wait_task(self.vm_id, *a, **kw)  # noqa: E704
     def keepalive(self): return self._c().keepalive(self.vm_id)  # noqa: E704
     def kill(self): return self._c().kill(self.vm_id)  # noqa: E704
 
@@ -251,3 +258,86 @@ class PresignedUrl:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PresignedUrl":
         return _from_dict(cls, data)
+
+
+# ---------------------------------------------------------------- agents
+
+
+TASK_STATES_OVER = ("succeeded", "failed", "timed_out", "cancelled")
+
+
+@dataclass
+class Task:
+    """An agent's task (``GET /v1/sandboxes/{id}/task``: the sandbox's latest).
+
+    ``state``: starting, running, then succeeded, failed, timed_out or cancelled. ``result`` is the
+    agent's final message, ``error`` why it did not succeed. Tokens are as the agent reports them
+    (the key is the caller's: e2a bills nothing). ``key_passed_in`` is true only if the agent's CLI
+    had to hold the key itself."""
+
+    task_id: str
+    agent: str = ""
+    vendor: str = ""
+    model: str | None = None
+    state: str = ""
+    started_at: str | None = None
+    ended_at: str | None = None
+    result: str | None = None
+    error: str | None = None
+    llm_requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    key_passed_in: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Task":
+        return _from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def done(self) -> bool:
+        """The task is over (whatever its outcome)."""
+        return self.state in TASK_STATES_OVER
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "succeeded"
+
+
+@dataclass
+class TaskEvent:
+    """One event of an agent (``GET /v1/sandboxes/{id}/task/events``), numbered by ``seq`` from 1
+    over all the sandbox's tasks. ``type``: task_started, task_finished; a CLI's own JSON events
+    as ``cli`` (and its other lines as ``stdout``/``stderr``); e2a's own agent's message_delta,
+    message, tool_call, tool_output and tool_result (docs/agents.md)."""
+
+    seq: int
+    task_id: str = ""
+    type: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+    at: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TaskEvent":
+        return _from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class Tool:
+    """A tool of the caller's for e2a's own agent (create's ``tools``): the model calls it with
+    arguments matching ``parameters`` (JSON Schema); ``command`` runs in the sandbox (``bash -c``,
+    as user) with those arguments as JSON on stdin, and its stdout is the result."""
+
+    name: str
+    command: str
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description,
+                "parameters": self.parameters, "command": self.command}
