@@ -6,7 +6,7 @@ CACHE   ?= /var/cache/e2a
 E2A_URL ?= http://127.0.0.1:8080
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: up deps venv build envd runsc rclone templates serve stop test test-unit test-guest test-e2e bench bench-templates bench-workspaces openapi clean
+.PHONY: up deps venv build envd runsc rclone templates serve stop test test-unit test-guest test-e2e bench bench-templates bench-workspaces bench-agents openapi clean
 
 up: build templates
 	@$(BIN)/e2a admin bootstrap
@@ -63,6 +63,9 @@ bench-templates: build templates
 
 bench-workspaces: build templates
 	$(BIN)/python bench/workspaces.py
+
+bench-agents: build templates
+	$(BIN)/python bench/agents.py
 
 clean:
 	rm -rf build

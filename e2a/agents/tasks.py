@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+import aiohttp
 from sqlalchemy import func, select, update
 
 from e2a.agents import clis
@@ -87,9 +88,11 @@ class AgentSession:
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     flusher: asyncio.Task | None = None
 
+    busy: bool = False                # a task runs (false before its run's last notify)
+
     @property
     def running(self) -> bool:
-        return self.run is not None and not self.run.done()
+        return self.busy
 
 
 class Tasks:
@@ -173,6 +176,7 @@ class Tasks:
             db.add(task)
             await db.commit()
         s.task_id, s.keep_until, s.ending, s.ending_error = task.id, None, None, None
+        s.busy = True
         follow_up = s.tasks_done > 0
         s.run = asyncio.create_task(self._run(s, task.id, prompt, model, follow_up,
                                               timeout or s.config.task_timeout),
@@ -217,7 +221,7 @@ class Tasks:
         except asyncio.CancelledError:
             state, error = s.ending or "cancelled", s.ending_error or "cancelled"
         except (NotRunning, Unreachable) as exc:
-            error = s.ending_error or f"the sandbox went away: {exc}"
+            error = s.ending_error or f"the sandbox could not be reached: {exc}"
         except Exception as exc:  # a bug of ours must still end the task, with its reason
             log.exception("task %s failed", task_id)
             error = f"e2a failed running the agent: {type(exc).__name__}: {exc}"
@@ -228,6 +232,7 @@ class Tasks:
         await self.emit(s, "task_finished", {"task_id": task_id, **ended})
         await self._flush(s)
         await self._update(task_id, ended_at=utcnow(), **ended)
+        s.busy = False
         async with s.changed:
             s.changed.notify_all()
         self._after_task(s)
@@ -250,18 +255,23 @@ class Tasks:
     async def _run_cli(self, s: AgentSession, prompt: str, model: str | None, follow_up: bool,
                        outcome: Outcome) -> None:
         host_ip, sandbox_ip = self.host.addresses(s.sandbox_id)
+        # The grant holds only while a task runs: between tasks the sandbox's code cannot spend
+        # the key. The placeholder stays the same, for CLIs that keep their key in a config.
         if s.grant is None:
             s.grant = self.egress.grant(sandbox_ip, s.cli.vendor, s.config.key)
             s.address = sandbox_ip
+        else:
+            self.egress.grants[sandbox_ip] = s.grant
         launch = s.cli.launch(task=prompt, model=model,
                               base_url=self.egress.base_url(host_ip, s.cli.vendor),
                               placeholder=s.grant.placeholder, follow_up=follow_up)
-        up = await self.host.agent_request(s.sandbox_id, "POST", "/commands", json={
-            "argv": launch.argv, "env": launch.env, "cwd": "/home/user", "user": "user"})
         pid = None
         exit_code: int | None = None
         lines = {"stdout": _Lines(), "stderr": _Lines()}
+        up = None
         try:
+            up = await self.host.agent_request(s.sandbox_id, "POST", "/commands", json={
+                "argv": launch.argv, "env": launch.env, "cwd": "/home/user", "user": "user"})
             if up.response.status != 200:
                 body = (await up.response.read())[:2000].decode(errors="replace")
                 raise RuntimeError(f"the agent's command did not start: {body}")
@@ -283,8 +293,16 @@ class Tasks:
             if pid is not None:
                 await asyncio.shield(self._kill(s.sandbox_id, pid))
             raise
+        except (aiohttp.ClientError, ValueError) as exc:
+            # The output stream broke (the sandbox is going, or envd's answer was cut): the
+            # agent's events cannot be followed any more, so it is not left running blind.
+            if pid is not None:
+                await self._kill(s.sandbox_id, pid)
+            raise Unreachable(f"lost the agent's output ({type(exc).__name__})") from exc
         finally:
-            up.close()
+            if up is not None:
+                up.close()
+            self.egress.revoke(sandbox_ip)
         if outcome.succeeded is None:
             outcome.succeeded = exit_code == 0 and outcome.error is None
         if not outcome.succeeded and outcome.error is None:

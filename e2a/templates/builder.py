@@ -123,6 +123,8 @@ def _steps(recipe: Recipe, root: Path, base_root: Path | None,
     if recipe.commands:
         steps.append((f"commands {' '.join(recipe.commands)}",
                       lambda: _write_commands(root, recipe.commands)))
+    for command in recipe.prepare:
+        steps.append((f"prepare: {command[:60]}", lambda c=command: _chroot(root, c, log)))
     steps.append(("clean up", lambda: _finish(root, log)))
     return steps
 

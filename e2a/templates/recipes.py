@@ -24,7 +24,7 @@ BUILDER_VERSION = "5"
 # A sandbox's disk (its rootfs writes and /tmp together) when the recipe does not say.
 DEFAULT_DISK_MIB = 2048
 # Keys of a recipe that go into its image, hence into its content hash.
-IMAGE_KEYS = ("suite", "base", "packages", "wheels", "npm", "commands")
+IMAGE_KEYS = ("suite", "base", "packages", "wheels", "npm", "commands", "prepare")
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
@@ -71,6 +71,7 @@ class Recipe:
     wheels: tuple[str, ...]            # Python wheels installed with pip (e.g. playwright)
     npm: tuple[str, ...]               # npm packages (pinned) installed in /opt/e2a/agents
     commands: dict[str, str]           # /usr/local/bin/<name> -> the command line it runs
+    prepare: tuple[str, ...]           # shell commands run in the image last (warm caches)
     env: dict[str, str]                # environment of every process in the sandbox
     services: tuple[Service, ...]
     endpoints: dict[str, int]          # name -> loopback port of a service e2a's API fronts
@@ -159,6 +160,7 @@ def _parse(name: str, data: dict) -> Recipe:
         wheels=tuple(data.get("wheels", ())),
         npm=tuple(data.get("npm", ())),
         commands={k: str(v) for k, v in data.get("commands", {}).items()},
+        prepare=tuple(data.get("prepare", ())),
         env=dict(data.get("env", {})),
         services=services,
         endpoints={k: int(v) for k, v in data.get("endpoints", {}).items()},
