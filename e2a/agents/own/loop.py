@@ -19,6 +19,7 @@ from e2a.agents.own.llm import (AssistantTurn, Message, Provider, ProviderError,
                                 ToolResult, ToolSpec, UserText)
 from e2a.agents.own.tools import RESULT_CHARS, Toolbox
 from e2a.sandboxes.host import NotRunning, SandboxHost
+from e2a.templates import recipes
 
 log = logging.getLogger("e2a.agents.own")
 
@@ -55,12 +56,19 @@ class OwnRun:
     display: tuple[int, int] | None = None
 
 
-def system_prompt(specs: list[ToolSpec], extra: str | None) -> str:
+CANVAS = """Your canvas is /home/user/canvas: a person watches its index.html live (it \
+reloads whenever a file there changes), so what you show goes there, with its assets."""
+
+
+def system_prompt(specs: list[ToolSpec], extra: str | None, template: str = "") -> str:
     names = [s.name for s in specs]
     notes = [note for name, note in TOOL_NOTES.items() if name in names]
     notes += [s.name for s in specs if s.name not in TOOL_NOTES
               and s.name not in ("write_file", "edit_file", "list_files")]
     text = SYSTEM.format(tools="; ".join(notes))
+    recipe = recipes.load(template) if template else None
+    if recipe is not None and "canvas" in recipe.endpoints:
+        text += "\n\n" + CANVAS
     return f"{text}\n\n{extra}" if extra else text
 
 
@@ -72,7 +80,7 @@ async def run(r: OwnRun) -> Outcome:
                     r.display)
     try:
         specs = await tools.specs()
-        system = system_prompt(specs, r.system_prompt)
+        system = system_prompt(specs, r.system_prompt, r.template)
         r.history.append(UserText(r.task))
         for _ in range(r.max_steps):
             turn = await _model_turn(r, system, specs, outcome)
