@@ -90,7 +90,9 @@ class Egress:
             "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])])
         config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning",
                                 access_log=False, lifespan="off", proxy_headers=False,
-                                server_header=False, date_header=False)
+                                server_header=False, date_header=False,
+                                # a provider's answer still streaming must not hold e2a's stop
+                                timeout_graceful_shutdown=1)
         # Bound here, not by uvicorn, so a taken port is an OSError and not uvicorn's exit.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
