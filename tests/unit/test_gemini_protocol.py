@@ -166,7 +166,8 @@ def run_cli(llm_mock, key, tmp_path, task="write the file", follow_up=False):
     home, work = tmp_path / "home", tmp_path / "work"
     home.mkdir(exist_ok=True)
     work.mkdir(exist_ok=True)
-    env = {"PATH": "/usr/bin:/bin", **launch.env, "HOME": str(home)}
+    # TMPDIR: the CLI leaves a report of each API error there
+    env = {"PATH": "/usr/bin:/bin", **launch.env, "HOME": str(home), "TMPDIR": str(tmp_path)}
     del env["NODE_COMPILE_CACHE"]   # the image's; here Node.js would write one into the install
     proc = subprocess.run(launch.argv, env=env, cwd=work, capture_output=True, text=True,
                           timeout=120)
