@@ -180,3 +180,24 @@ def test_a_database_that_cannot_be_reached_stops_the_start_not_the_sandboxes(res
         assert c.run(sb.vm_id, "echo alive").stdout == "alive\n"
         c.kill(sb.vm_id)
     srv.stop()
+
+
+def test_a_restart_ends_a_running_agent_task(restart_server, llm_mock):
+    """The key was held in memory only: after a crash the task cannot go on, so it is marked
+    failed and its sandbox destroyed; the CLI still running inside gets no key any more."""
+    srv = restart_server
+    srv.start()
+    key = "sk-ant-api03-restart" + srv.instance
+    llm_mock.scenario(key, hang=True, hang_seconds=120)
+    with E2A(srv.url, srv.create_user("agent-restart@example.com")) as c:
+        vm = c.create_sandbox("standard", agent="claude-code", llm_key=key, task="wait",
+                              idle_timeout_seconds=600).vm_id
+        wait_for(lambda: llm_mock.requests(key), timeout=120)
+        srv.kill9()
+        srv.start()
+        task = c.task(vm)
+        assert task.state == "failed" and "restarted" in task.error
+        wait_for(lambda: c.get_sandbox(vm).state == "destroyed", timeout=60)
+        assert c.get_sandbox(vm).end_reason == "server_restart"
+        events = c.task_events(vm)[0]
+        assert events[-1].type == "task_started"  # nothing was invented after the crash
