@@ -132,6 +132,14 @@ class Tasks:
             for t in rows:
                 t.state, t.ended_at = "failed", utcnow()
                 t.error = "e2a restarted while the task ran (the LLM key is held in memory only)"
+                last = (await db.execute(select(func.max(TaskEvent.seq)).where(
+                    TaskEvent.sandbox_id == t.sandbox_id))).scalar() or 0
+                db.add(TaskEvent(sandbox_id=t.sandbox_id, seq=last + 1, task_id=t.id,
+                                 type="task_finished", at=t.ended_at, data={
+                                     "task_id": t.id, "state": t.state, "result": None,
+                                     "error": t.error, "llm_requests": t.llm_requests,
+                                     "input_tokens": t.input_tokens,
+                                     "output_tokens": t.output_tokens}))
             await db.commit()
         for t in rows:
             if t.sandbox_id in self.host.list():

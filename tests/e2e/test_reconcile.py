@@ -187,10 +187,10 @@ def test_a_restart_ends_a_running_agent_task(restart_server, llm_mock):
     failed and its sandbox destroyed; the CLI still running inside gets no key any more."""
     srv = restart_server
     srv.start()
-    key = "sk-ant-api03-restart" + srv.instance
+    key = "AIzaRestart" + srv.instance
     llm_mock.scenario(key, hang=True, hang_seconds=120)
     with E2A(srv.url, srv.create_user("agent-restart@example.com")) as c:
-        vm = c.create_sandbox("standard", agent="claude-code", llm_key=key, task="wait",
+        vm = c.create_sandbox("standard", agent="gemini-cli", llm_key=key, task="wait",
                               idle_timeout_seconds=600).vm_id
         wait_for(lambda: llm_mock.requests(key), timeout=120)
         srv.kill9()
@@ -199,5 +199,6 @@ def test_a_restart_ends_a_running_agent_task(restart_server, llm_mock):
         assert task.state == "failed" and "restarted" in task.error
         wait_for(lambda: c.get_sandbox(vm).state == "destroyed", timeout=60)
         assert c.get_sandbox(vm).end_reason == "server_restart"
-        events = c.task_events(vm)[0]
-        assert events[-1].type == "task_started"  # nothing was invented after the crash
+        events, _, done = c.task_events(vm)
+        assert done and events[-1].type == "task_finished"  # followers see the end too
+        assert events[-1].data["state"] == "failed"
