@@ -4,10 +4,14 @@ Each agent's own runs against the mock providers are in test_agent_<protocol>.py
 
 from __future__ import annotations
 
+import json
+import secrets
 import subprocess
 
 import httpx
 import pytest
+
+from tests.conftest import wait_for
 
 
 
@@ -99,3 +103,73 @@ def test_tasks_listed_in_openapi(http):
     for p in ("/v1/sandboxes/{vm_id}/task", "/v1/sandboxes/{vm_id}/task/events",
               "/v1/sandboxes/{vm_id}/task/cancel"):
         assert p in paths
+
+
+# ---- a task's life, with gemini-cli against the mock -------------------------------------------
+
+def start_cli(http, llm_mock, scenario: dict, **fields) -> tuple[str, str]:
+    key = f"AIzaLife{secrets.token_hex(12)}"
+    llm_mock.scenario(key, **scenario)
+    r = http.post("/v1/sandboxes", json={"template": "standard", "agent": "gemini-cli",
+                                         "llm_key": key, "task": "write the file",
+                                         "idle_timeout_seconds": 600, **fields})
+    assert r.status_code == 201, r.text
+    return r.json()["vm_id"], key
+
+
+def ended(http, vm: str, timeout: float = 180) -> dict:
+    return wait_for(lambda: (t := http.get(f"/v1/sandboxes/{vm}/task").json())["state"]
+                    not in ("starting", "running") and t, timeout=timeout, interval=0.3)
+
+
+def test_task_timeout_stops_the_agent_and_destroys_the_sandbox(http, alice, llm_mock):
+    vm, key = start_cli(http, llm_mock, {"hang": True, "hang_seconds": 300},
+                        task_timeout_seconds=8)
+    task = ended(http, vm, timeout=120)
+    assert task["state"] == "timed_out" and "timeout of 8 s" in task["error"]
+    assert task["ended_at"] is not None
+    wait_for(lambda: alice.get_sandbox(vm).state == "destroyed", timeout=60)
+    assert alice.get_sandbox(vm).end_reason == "task_finished"
+    events = http.get(f"/v1/sandboxes/{vm}/task/events").json()
+    assert events["done"] and events["events"][-1]["type"] == "task_finished"
+    assert events["events"][-1]["data"]["state"] == "timed_out"
+
+
+def test_cancel_kills_the_cli_and_keeps_a_kept_sandbox(http, alice, llm_mock):
+    vm, key = start_cli(http, llm_mock, {"hang": True, "hang_seconds": 300},
+                        keep_after_task_seconds=120)
+    wait_for(lambda: llm_mock.requests(key), timeout=120)
+    r = http.post(f"/v1/sandboxes/{vm}/task/cancel")
+    assert r.status_code == 200 and r.json()["state"] == "cancelled", r.text
+    # the CLI is gone from the sandbox, which is kept as asked
+    procs = alice.run(vm, "ps -eo args", user="root").stdout
+    assert "gemini.js" not in procs, procs
+    assert alice.get_sandbox(vm).state == "running"
+    r = http.post(f"/v1/sandboxes/{vm}/task/cancel")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "task_not_running"
+    alice.kill(vm)
+
+
+def test_events_follow_live_and_resume_without_repeats(http, alice, llm_mock):
+    vm, key = start_cli(http, llm_mock, {"delay": 2, "steps": [
+        {"tool": "write", "args": {"path": "/home/user/result.txt", "text": "followed"}}],
+        "final": "wrote it"})
+    seen = []
+    with http.stream("GET", f"/v1/sandboxes/{vm}/task/events",
+                     params={"follow": "true"}, timeout=180) as r:
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        for line in r.iter_lines():
+            seen.append(json.loads(line))
+            if len(seen) == 3:
+                break  # a client that goes away mid-task
+    with http.stream("GET", f"/v1/sandboxes/{vm}/task/events",
+                     params={"follow": "true", "after": seen[-1]["seq"]}, timeout=180) as r:
+        seen += [json.loads(line) for line in r.iter_lines()]
+    seqs = [e["seq"] for e in seen]
+    assert seqs == list(range(1, len(seqs) + 1))  # none lost, none repeated
+    assert seen[-1]["type"] == "task_finished" and seen[-1]["data"]["state"] == "succeeded"
+    assert seen[-1]["data"]["result"] == "wrote it"
+    # the feed outlives the sandbox
+    wait_for(lambda: alice.get_sandbox(vm).state == "destroyed", timeout=60)
+    stored = http.get(f"/v1/sandboxes/{vm}/task/events", params={"after": 2}).json()
+    assert [e["seq"] for e in stored["events"]] == seqs[2:] and stored["done"]
