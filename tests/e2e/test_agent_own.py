@@ -144,11 +144,24 @@ def test_step_limit_fails_the_task_and_ends_the_sandbox(http, alice, llm_mock):
     assert alice.get_sandbox(vm).end_reason == "task_finished"
 
 
-def test_browser_reads_a_page_on_the_internet(http, llm_mock, outside, kept):
+FORM = ("<!doctype html><title>form</title><input id=q><button id=go onclick=\"document."
+        "getElementById('out').textContent = 'Hello, ' + document.getElementById('q').value\">"
+        "Greet</button><p id=out></p><a href=two.html>to the next page</a>")
+
+
+def test_browser_reads_a_page_on_the_internet_types_and_clicks(http, llm_mock, outside, kept):
     key = new_key("google")
     llm_mock.scenario(key, steps=[
         {"tool": "browser", "args": {"action": "navigate", "url": f"http://{outside}/page.html"}},
         {"tool": "browser", "args": {"action": "screenshot"}},
+        {"tool": "browser", "args": {"action": "read"}},
+        {"tool": "write", "args": {"path": "form.html", "text": FORM}},
+        {"tool": "write", "args": {"path": "two.html", "text": "<p>the second page</p>"}},
+        {"tool": "browser", "args": {"action": "navigate", "url": "file:///home/user/form.html"}},
+        {"tool": "browser", "args": {"action": "type", "selector": "#q", "text": "Ada"}},
+        {"tool": "browser", "args": {"action": "click", "selector": "#go"}},
+        {"tool": "browser", "args": {"action": "read"}},
+        {"tool": "browser", "args": {"action": "click", "selector": "text=next page"}},
         {"tool": "browser", "args": {"action": "read"}},
     ], final="The page says: {last}")
     vm = start(http, "browser", key, task="What does the page say?",
@@ -156,11 +169,17 @@ def test_browser_reads_a_page_on_the_internet(http, llm_mock, outside, kept):
     kept.append(vm)
     t = finished(http, vm)
     assert t["state"] == "succeeded", t
-    assert "served outside" in t["result"] and "Title: outside" in t["result"]
-    nav, shot, read = results_by_name(events(http, vm))["browser"]
+    assert t["result"].startswith("The page says: URL: file:///home/user/two.html")
+    assert t["result"].endswith("the second page")
+    nav, shot, read, _, typed, clicked, read2, followed, _ = results_by_name(
+        events(http, vm))["browser"]
     assert not nav["is_error"] and "title: 'outside'" in nav["output"]
     assert shot["images"] == 1 and not shot["is_error"]
-    assert read["output"].startswith(f"URL: http://{outside}/page.html")
+    assert read["output"].startswith(f"URL: http://{outside}/page.html\nTitle: outside")
+    assert "served outside" in read["output"]
+    assert not typed["is_error"] and not clicked["is_error"]
+    assert "Hello, Ada" in read2["output"]
+    assert followed["output"].endswith("the page is now file:///home/user/two.html")
 
 
 @pytest.mark.parametrize("vendor", ["google"])
