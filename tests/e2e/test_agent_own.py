@@ -62,7 +62,7 @@ def kept(alice):
 
 
 def test_shell_streams_and_times_out_and_file_tools_work(http, alice, llm_mock, kept):
-    key = new_key("google")
+    key = new_key("anthropic")
     llm_mock.scenario(key, steps=[
         {"tool": "shell", "args": {"command": "for i in 1 2 3 4; do echo tick $i; sleep 0.5; "
                                               "done; echo to-stderr >&2"}},
@@ -150,7 +150,7 @@ FORM = ("<!doctype html><title>form</title><input id=q><button id=go onclick=\"d
 
 
 def test_browser_reads_a_page_on_the_internet_types_and_clicks(http, llm_mock, outside, kept):
-    key = new_key("google")
+    key = new_key("anthropic")
     llm_mock.scenario(key, steps=[
         {"tool": "browser", "args": {"action": "navigate", "url": f"http://{outside}/page.html"}},
         {"tool": "browser", "args": {"action": "screenshot"}},
@@ -182,7 +182,7 @@ def test_browser_reads_a_page_on_the_internet_types_and_clicks(http, llm_mock, o
     assert followed["output"].endswith("the page is now file:///home/user/two.html")
 
 
-@pytest.mark.parametrize("vendor", ["google"])
+@pytest.mark.parametrize("vendor", ["anthropic", "google"])
 def test_computer_use_types_into_a_terminal(http, alice, llm_mock, kept, vendor):
     """Anthropic's native computer tool for Claude, a function tool of the same actions for
     Gemini: the agent opens a terminal, clicks into it and types a command that writes a

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.anyio
 
 # (vendor, model, compatible): each protocol the mock speaks and a provider talks
 PROTOCOLS = {
+    "anthropic": ("anthropic", "claude-sonnet-4-6", False),
     "gemini": ("google", "gemini-2.5-pro", False),
 }
 
