@@ -134,7 +134,8 @@ async def egress_latency(mock, n: int) -> dict:
                                         g.placeholder, proxied)):
                 t = time.perf_counter()
                 r = await c.post(url + "/v1/messages", content=body,
-                                 headers={"x-api-key": k, "content-type": "application/json"})
+                                 headers={"x-api-key": k, "content-type": "application/json",
+                                          "anthropic-version": "2023-06-01"})
                 dt = (time.perf_counter() - t) * 1000
                 assert r.status_code == 401, r.text
                 if i >= 20:  # warm-up
