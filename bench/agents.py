@@ -22,7 +22,7 @@ sample).
                  (T_S - T_0) / S: a model turn through the SDK (streamed, mock at once) plus one
                  tool call through envd plus storing the events.
 
-Usage: python bench/agents.py [--samples 7] [--only first,egress,step]
+Usage: python bench/agents.py [--samples 7] [--only first,egress,step] [--agents A,B]
 Results are printed and written to bench/agents.json.
 """
 
@@ -49,7 +49,7 @@ from e2a.agents.egress import Egress  # noqa: E402
 from tests.e2e.server import Server, free_port, llm_mock  # noqa: E402
 
 AGENTS = {
-    "e2a (anthropic)": {"agent": "e2a", "key": "sk-ant-api03-", "model": "claude-sonnet-4-5"},
+    "e2a (anthropic)": {"agent": "e2a", "key": "sk-ant-api03-", "model": "claude-sonnet-5-5"},
     "e2a (openai)": {"agent": "e2a", "key": "sk-proj-", "model": "gpt-5"},
     "e2a (google)": {"agent": "e2a", "key": "AIza", "model": "gemini-2.5-pro"},
     "claude-code": {"agent": "claude-code", "key": "sk-ant-api03-"},
@@ -87,10 +87,10 @@ def task_done(c: httpx.Client, vm: str, timeout: float = 300) -> dict:
     raise RuntimeError(f"task of {vm} did not end")
 
 
-def first_request(c: httpx.Client, mock, samples: int) -> dict:
-    times: dict[str, list[float]] = {name: [] for name in AGENTS}
+def first_request(c: httpx.Client, mock, samples: int, agents: list[str]) -> dict:
+    times: dict[str, list[float]] = {name: [] for name in agents}
     for i in range(samples):
-        names = list(AGENTS)
+        names = list(agents)
         names = names[i % len(names):] + names[:i % len(names)]
         for name in names:
             spec = AGENTS[name]
@@ -152,7 +152,7 @@ def own_step(c: httpx.Client, mock, steps: int, samples: int) -> dict:
                       final="done")
         wait_pool(c)
         r = c.post("/v1/sandboxes", json={"template": "standard", "agent": "e2a",
-                                          "llm_key": key, "model": "claude-sonnet-4-5",
+                                          "llm_key": key, "model": "claude-sonnet-5-5",
                                           "task": "list", "max_steps": steps + 5})
         r.raise_for_status()
         vm = r.json()["vm_id"]
@@ -178,6 +178,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=7)
     ap.add_argument("--only", default="first,egress,step")
+    ap.add_argument("--agents", default=",".join(AGENTS), help="comma-separated, of: "
+                    + ", ".join(AGENTS))
     args = ap.parse_args()
     only = set(args.only.split(","))
     mock = llm_mock()
@@ -195,7 +197,8 @@ def main() -> None:
         with httpx.Client(base_url=srv.url, timeout=120,
                           headers={"Authorization": f"Bearer {key}"}) as c:
             if "first" in only:
-                out["first_request_ms"] = first_request(c, mock, args.samples)
+                out["first_request_ms"] = first_request(c, mock, args.samples,
+                                                        args.agents.split(","))
                 print("first request:", json.dumps(out["first_request_ms"], indent=1), flush=True)
             if "step" in only:
                 out["own_step"] = own_step(c, mock, 20, max(3, args.samples // 2))

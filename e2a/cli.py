@@ -222,7 +222,7 @@ def _tools_file(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--end-user-id", help="Workspace of this end user (implies --workspace).")
 @click.option("--agent", help="Start an agent with your LLM key: e2a (e2a's own), claude-code, codex or gemini-cli.")
 @click.option("--task", help="The agent's task (- reads it from stdin).")
-@click.option("--model", help="The agent's model (e.g. claude-sonnet-4-5, gpt-5, gemini-2.5-pro).")
+@click.option("--model", help="The agent's model (e.g. claude-sonnet-5-5, gpt-5, gemini-2.5-pro).")
 @click.option("--llm-key-env", metavar="NAME",
               help="Environment variable holding the LLM key [default by agent: ANTHROPIC_API_KEY, "
                    "OPENAI_API_KEY or GEMINI_API_KEY]. The key itself is never an argument.")

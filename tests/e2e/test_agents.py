@@ -26,7 +26,7 @@ def gateway(alice, vm_id: str) -> str:
     ({"agent": "claude-code"}, 400, "llm_key"),
     ({"agent": "claude-code", "llm_key": ""}, 400, "llm_key"),
     ({"agent": "claude-code", "llm_key": "k", "model": "gpt-5"}, 400, "model"),
-    ({"agent": "codex", "llm_key": "k", "model": "claude-sonnet-4-5"}, 400, "model"),
+    ({"agent": "codex", "llm_key": "k", "model": "claude-sonnet-5-5"}, 400, "model"),
     ({"agent": "gemini-cli", "llm_key": "k", "model": "gpt-5"}, 400, "model"),
     ({"agent": "claude-code", "llm_key": "k", "system_prompt": "x"}, 400, "system_prompt"),
     ({"agent": "codex", "llm_key": "k", "llm": {"base_url": "https://example.com/v1"}}, 400, "llm"),

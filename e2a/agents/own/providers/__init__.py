@@ -9,7 +9,7 @@ from __future__ import annotations
 
 VENDORS = ("anthropic", "openai", "google", "deepseek")
 # When create names no model.
-DEFAULT_MODELS = {"anthropic": "claude-sonnet-4-5", "openai": "gpt-5", "google": "gemini-2.5-pro",
+DEFAULT_MODELS = {"anthropic": "claude-sonnet-5-5", "openai": "gpt-5", "google": "gemini-2.5-pro",
                   "deepseek": "deepseek-chat"}
 
 
