@@ -109,7 +109,7 @@ def test_shell_streams_and_times_out_and_file_tools_work(http, alice, llm_mock, 
 
 
 def test_callers_tools_and_system_prompt(http, alice, llm_mock, kept):
-    key = new_key("google")
+    key = new_key("openai")
     tools = [
         {"name": "shout", "description": "Upper-cases a text.",
          "parameters": {"type": "object", "properties": {"text": {"type": "string"}},
@@ -119,7 +119,7 @@ def test_callers_tools_and_system_prompt(http, alice, llm_mock, kept):
     ]
     llm_mock.scenario(key, steps=[{"tool": "shout", "args": {"text": "hello there"}},
                                   {"tool": "broken", "args": {}}], final="done")
-    vm = start(http, "standard", key, tools=tools,
+    vm = start(http, "standard", key, model="gpt-5", tools=tools,
                system_prompt="Answer like a pirate.", keep_after_task_seconds=60)
     kept.append(vm)
     t = finished(http, vm)
@@ -128,8 +128,10 @@ def test_callers_tools_and_system_prompt(http, alice, llm_mock, kept):
     assert res["shout"][0] == {**res["shout"][0], "output": "HELLO THERE\n", "is_error": False}
     assert res["broken"][0]["is_error"]
     assert "it broke" in res["broken"][0]["output"] and "exit code 3" in res["broken"][0]["output"]
-    first = str(llm_mock.requests(key)[0]["body"])
-    assert "Answer like a pirate." in first and "Upper-cases a text." in first
+    first = llm_mock.requests(key)[0]
+    assert first["path"] == "/v1/responses"
+    assert "Answer like a pirate." in str(first["body"])
+    assert "Upper-cases a text." in str(first["body"])
 
 
 def test_step_limit_fails_the_task_and_ends_the_sandbox(http, alice, llm_mock):
@@ -182,10 +184,10 @@ def test_browser_reads_a_page_on_the_internet_types_and_clicks(http, llm_mock, o
     assert followed["output"].endswith("the page is now file:///home/user/two.html")
 
 
-@pytest.mark.parametrize("vendor", ["anthropic", "google"])
+@pytest.mark.parametrize("vendor", ["anthropic", "openai", "google"])
 def test_computer_use_types_into_a_terminal(http, alice, llm_mock, kept, vendor):
     """Anthropic's native computer tool for Claude, a function tool of the same actions for
-    Gemini: the agent opens a terminal, clicks into it and types a command that writes a
+    GPT and Gemini: the agent opens a terminal, clicks into it and types a command that writes a
     file."""
     key = new_key(vendor)
     word = f"typed-{vendor}"
@@ -214,10 +216,11 @@ def test_computer_use_types_into_a_terminal(http, alice, llm_mock, kept, vendor)
 
 
 def test_cancel_kills_the_running_command(http, alice, llm_mock, kept):
-    key = new_key("google")
+    key = new_key("openai")
     llm_mock.scenario(key, steps=[{"tool": "shell", "args": {
         "command": "echo started; sleep 300; echo never"}}])
-    vm = start(http, "standard", key, keep_after_task_seconds=60)
+    # DeepSeek: Chat Completions
+    vm = start(http, "standard", key, llm={"vendor": "deepseek"}, keep_after_task_seconds=60)
     kept.append(vm)
     wait_for(lambda: any(e["type"] == "tool_output" for e in events(http, vm)), timeout=60)
     r = http.post(f"/v1/sandboxes/{vm}/task/cancel")
@@ -226,3 +229,4 @@ def test_cancel_kills_the_running_command(http, alice, llm_mock, kept):
     assert res and res[-1]["is_error"] and "stopped" in res[-1]["output"]
     time.sleep(0.5)
     assert "sleep 300" not in alice.run(vm, "ps -eo args").stdout
+    assert llm_mock.requests(key)[0]["path"].endswith("/chat/completions")
