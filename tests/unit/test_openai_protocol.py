@@ -13,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+import openai
 import pytest
 
 from e2a.agents.clis.codex import Codex, provider_message
@@ -226,6 +227,44 @@ def test_chat_refused_key_and_retry(llm_mock):
     p = chat(llm_mock, key, model="deepseek-chat")
     result, _ = turn(p, [UserText("hi")])
     assert result.message.text == "after the retry" and p.requests == 2
+
+
+# ---- the mock's other answers, as the SDK reads them -------------------------------------------
+
+def test_mock_answers_without_streaming_and_on_the_side(llm_mock):
+    """What the providers do not use but a client may: whole answers, token counts, models."""
+    key = new_key()
+    llm_mock.scenario(key, steps=[WRITE_STEP], final="whole")
+    client = openai.OpenAI(api_key=key, base_url=llm_mock.url + "/v1", max_retries=0)
+    tool = {"type": "function", "name": "write_file", "parameters": WRITE.parameters}
+    r = client.responses.create(model="gpt-5", input="write a.txt", tools=[tool], store=False,
+                                include=["reasoning.encrypted_content"])
+    reasoning, call = r.output
+    assert reasoning.type == "reasoning" and reasoning.encrypted_content
+    assert call.type == "function_call" and json.loads(call.arguments) == {"path": "a.txt",
+                                                                          "content": "hi"}
+    assert r.usage.output_tokens_details.reasoning_tokens > 0
+    r = client.responses.create(model="gpt-5", input=[
+        {"role": "user", "content": "write a.txt"}, *(i.model_dump(exclude_none=True)
+                                                      for i in r.output),
+        {"type": "function_call_output", "call_id": call.call_id, "output": "ok"}])
+    assert r.output_text == "whole" and r.status == "completed"
+
+    c = client.chat.completions.create(model="gpt-4.1", messages=[
+        {"role": "user", "content": "write a.txt"}], tools=[{"type": "function", "function": {
+            "name": "write_file", "parameters": WRITE.parameters}}])
+    [tc] = c.choices[0].message.tool_calls
+    assert c.choices[0].finish_reason == "tool_calls" and tc.function.name == "write_file"
+    assert c.usage.prompt_tokens > 0
+
+    count = client.responses.input_tokens.count(model="gpt-5", input="hello there")
+    assert count.input_tokens > 0
+    assert "gpt-5" in [m.id for m in client.models.list()]
+    assert client.models.retrieve("o3").id == "o3"
+    with pytest.raises(openai.AuthenticationError) as err:
+        openai.OpenAI(api_key="sk-nobody", base_url=llm_mock.url + "/v1",
+                      max_retries=0).models.list()
+    assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
 
 
 # ---- codex, the real one, on this host ----------------------------------------------------------

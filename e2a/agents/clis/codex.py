@@ -8,9 +8,13 @@ wrapper), run non-interactively:
 `exec` runs the task to its end and exits; `--json` prints one JSON event a line: thread.started,
 turn.started, item.started/item.completed (agent_message, reasoning, command_execution,
 file_change, mcp_tool_call, web_search, todo_list, error), error (a retry, not fatal), and last
-turn.completed (usage) or turn.failed (error). Every command runs without asking, outside
-codex's own sandbox (Landlock and seccomp, which gVisor does not offer): the sandbox is the
-boundary. `resume --last` continues the newest session recorded under ~/.codex/sessions.
+turn.completed (usage: the session's totals) or turn.failed (error). Every command runs without
+asking, outside codex's own confinement (Landlock, bubblewrap): the sandbox is the boundary.
+`resume --last` continues the newest session recorded under ~/.codex/sessions. The task comes
+after `--`, so a task that starts with a dash stays a task; stdin is closed (envd closes it),
+so codex adds nothing from it. Codex retries every failed request 5 times, a 401 too (~6 s).
+Its default model works in "code mode": its one tool runs JavaScript in a V8 host process of
+its own (codex-code-mode-host, ~80 MiB) that calls the other tools.
 
 Codex reads its API base from its provider's definition alone (OPENAI_BASE_URL is no longer
 read, 0.171.0, and the built-in `openai` provider cannot be redefined), so e2a defines its own
