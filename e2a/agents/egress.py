@@ -17,7 +17,7 @@ import asyncio
 import logging
 import secrets
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
 import uvicorn
@@ -32,6 +32,11 @@ log = logging.getLogger("e2a.egress")
 HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
        "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding"}
 # The shape of each vendor's keys: some CLIs check it before they send anything.
+# A sandbox's requests are streamed to the provider, never buffered whole; these bound what one
+# sandbox can make the host hold open or carry (an agent sends one or a few at a time; a
+# request with images is a few MiB).
+MAX_BODY = 64 << 20
+MAX_OPEN = 16
 KEY_SHAPES = {"anthropic": "sk-ant-api03-e2a", "openai": "sk-proj-e2a", "deepseek": "sk-e2a",
               "google": "AIzaSyE2a"}
 
@@ -48,14 +53,7 @@ class Grant:
     key: str
     placeholder: str
     requests: int = 0
-    waiters: list[asyncio.Future] = field(default_factory=list)
-
-    def counted(self) -> None:
-        self.requests += 1
-        for w in self.waiters:
-            if not w.done():
-                w.set_result(self.requests)
-        self.waiters.clear()
+    open: int = 0                     # requests in flight
 
 
 class Egress:
@@ -126,29 +124,55 @@ class Egress:
         vendor, _, rest = request.path_params["path"].partition("/")
         if vendor != g.vendor:
             return _refuse(403, f"this sandbox's agent may call {g.vendor}, not {vendor!r}")
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
+            return _refuse(413, f"a request to the provider may be at most {MAX_BODY} bytes")
+        if g.open >= MAX_OPEN:
+            return _refuse(429, f"at most {MAX_OPEN} requests of one sandbox at a time")
         headers = [(k, v.replace(g.placeholder, g.key)) for k, v in request.headers.items()
                    if k.lower() not in HOP]
         headers.append(("accept-encoding", "identity"))  # so the key can be cut from answers
+        if size is not None:
+            headers.append(("content-length", size))
         query = request.url.query.replace(g.placeholder, g.key)
         url = f"{self.upstreams[vendor]}/{rest}" + (f"?{query}" if query else "")
-        body = await request.body()
-        g.counted()
+        g.requests += 1
+        g.open += 1
         try:
-            upstream = await self.client.send(
-                self.client.build_request(request.method, url, headers=headers, content=body),
+            upstream = await self.client.send(self.client.build_request(
+                request.method, url, headers=headers, content=_limited(request.stream())),
                 stream=True)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, BodyTooLarge) as exc:
+            g.open -= 1
+            if isinstance(exc, BodyTooLarge):
+                return _refuse(413, f"a request to the provider may be at most {MAX_BODY} bytes")
             log.warning("egress to %s failed: %s", vendor, type(exc).__name__)
             return _refuse(502, f"{vendor}'s API could not be reached ({type(exc).__name__})")
         out_headers = {k: v.replace(g.key, g.placeholder) for k, v in upstream.headers.items()
                        if k.lower() not in HOP and k.lower() != "content-encoding"}
-        return StreamingResponse(_scrubbed(upstream, g.key.encode(), g.placeholder.encode()),
-                                 status_code=upstream.status_code, headers=out_headers)
+        return StreamingResponse(_scrubbed(upstream, g), status_code=upstream.status_code,
+                                 headers=out_headers)
 
 
-async def _scrubbed(upstream: httpx.Response, key: bytes, mask: bytes):
+class BodyTooLarge(Exception):
+    pass
+
+
+async def _limited(chunks):
+    """The request's body as it arrives (never held whole), cut off past MAX_BODY."""
+    seen = 0
+    async for chunk in chunks:
+        seen += len(chunk)
+        if seen > MAX_BODY:
+            raise BodyTooLarge()
+        yield chunk
+
+
+async def _scrubbed(upstream: httpx.Response, g: Grant):
     """The answer's bytes as they come, with the key replaced wherever it appears, also across
-    chunk boundaries (the last len(key)-1 bytes wait for the next chunk)."""
+    chunk boundaries (the last len(key)-1 bytes wait for the next chunk). Ends the request's
+    count in flight however it ends (the sandbox may go away mid-answer)."""
+    key, mask = g.key.encode(), g.placeholder.encode()
     keep = len(key) - 1
     tail = b""
     try:
@@ -163,6 +187,7 @@ async def _scrubbed(upstream: httpx.Response, key: bytes, mask: bytes):
         if tail:
             yield tail
     finally:
+        g.open -= 1
         await upstream.aclose()
 
 

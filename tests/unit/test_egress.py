@@ -113,6 +113,38 @@ def test_other_vendor_and_unknown_sandbox_refused(proxy):
     assert up.seen == []  # nothing reached a provider
 
 
+def test_oversized_and_too_many_requests_refused(proxy):
+    e, up = proxy
+
+    async def go():
+        await e.start()
+        try:
+            g = e.grant("127.0.0.1", "anthropic", "sk-ant-REAL")
+            url = f"http://127.0.0.1:{e.port}/anthropic/v1/messages"
+            # a declared size past the limit: refused before any of the body is read
+            r, w = await asyncio.open_connection("127.0.0.1", e.port)
+            w.write(f"POST /anthropic/v1/messages HTTP/1.1\r\nhost: x\r\n"
+                    f"content-length: {egress.MAX_BODY + 1}\r\n\r\n".encode())
+            declared = (await r.readline()).decode()
+            w.close()
+            async with httpx.AsyncClient() as c:
+
+                async def chunked():  # no size declared: cut off as it passes the limit
+                    for _ in range((egress.MAX_BODY >> 20) + 2):
+                        yield b"x" * (1 << 20)
+                streamed = await c.post(url, headers={"x-api-key": g.placeholder},
+                                        content=chunked())
+                g.open = egress.MAX_OPEN
+                busy = await c.post(url, headers={"x-api-key": g.placeholder}, content=b"{}")
+            return declared, streamed, busy
+        finally:
+            await e.stop()
+
+    declared, streamed, busy = run(go())
+    assert declared.startswith("HTTP/1.1 413") and streamed.status_code == 413
+    assert busy.status_code == 429
+
+
 def test_taken_port_is_an_oserror():
     async def go():
         port = free_port()
@@ -137,8 +169,11 @@ def test_scrub_across_chunks(chunks):
         async def aclose(self):
             pass
 
+    g = egress.Grant(vendor="anthropic", key="KEY", placeholder="<p>", open=1)
+
     async def go():
-        return b"".join([c async for c in egress._scrubbed(Resp(), b"KEY", b"<p>")])
+        return b"".join([c async for c in egress._scrubbed(Resp(), g)])
 
     out = run(go())
     assert out == b"".join(chunks).replace(b"KEY", b"<p>")
+    assert g.open == 0
