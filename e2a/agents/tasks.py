@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import aiohttp
 from sqlalchemy import func, select, update
@@ -96,8 +96,10 @@ class AgentSession:
 
 
 class Tasks:
-    def __init__(self, sessions, host: SandboxHost, egress: Egress):
+    def __init__(self, sessions, host: SandboxHost, egress: Egress,
+                 human_in_control: Callable[[str], bool] = lambda sid: False):
         self.sessions = sessions
+        self.human_in_control = human_in_control
         self.host = host
         self.egress = egress
         self.agents: dict[str, AgentSession] = {}
@@ -351,7 +353,8 @@ class Tasks:
             sandbox_id=s.sandbox_id, template=s.template, host=self.host, provider=s.provider,
             task=prompt, emit=lambda kind, data: self.emit(s, kind, data),
             system_prompt=s.config.system_prompt, extra_tools=s.config.tools,
-            max_steps=s.config.max_steps, history=s.history, display=display))
+            max_steps=s.config.max_steps, history=s.history, display=display,
+            human_in_control=self.human_in_control))
         outcome.result, outcome.error = result.result, result.error
         outcome.input_tokens, outcome.output_tokens = result.input_tokens, result.output_tokens
         outcome.succeeded = result.succeeded if result.succeeded is not None else result.error is None

@@ -72,7 +72,7 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
         app.state.tasks = Tasks(app.state.sessions, manager, Egress(
             {v: getattr(settings, f"llm_{v}_url") for v in ("anthropic", "openai", "google",
                                                              "deepseek")},
-            settings.egress_port))
+            settings.egress_port), human_in_control=app.state.human_control.held)
         try:
             await app.state.tasks.start()
         except OSError as exc:

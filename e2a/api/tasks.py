@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from e2a.agents import clis
 from e2a.agents.own import providers
+from e2a.agents.own.tools import BUILT_IN
 from e2a.agents.tasks import AgentConfig, TaskConflict, Tasks
 from e2a.api.deps import current_user, owned_sandbox, require_running
 from e2a.api.errors import ApiError
@@ -89,6 +90,10 @@ def _own_config(req: CreateSandbox, settings: Settings, common: dict) -> AgentCo
                        "set llm.vendor (anthropic, openai, google or deepseek)", "llm.vendor")
     if not base_url:
         base_url = getattr(settings, f"llm_{vendor}_url")
+    for i, tool in enumerate(req.tools):
+        if tool.name in BUILT_IN:
+            raise ApiError(400, "invalid_field", f"tool name {tool.name!r} is one of e2a's own "
+                           "tools", f"tools[{i}].name")
     return AgentConfig(agent="e2a", vendor=vendor, model=model, base_url=base_url,
                        compatible=compatible, system_prompt=req.system_prompt,
                        tools=[t.model_dump() for t in req.tools],

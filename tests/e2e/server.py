@@ -113,6 +113,7 @@ class Server:
             "E2A_EGRESS_PORT": str(self.egress_port),
             # every provider's API is the tests' mock (tests/llm_mock), started once per worker
             **llm_mock_env(),
+            "E2A_LLM_PRIVATE_HOSTS": "127.0.0.1",  # the mock, as a caller's own llm.base_url
             **self.extra_env,
         }
 

@@ -35,7 +35,7 @@ def gateway(alice, vm_id: str) -> str:
     ({"agent": "e2a", "llm_key": "opaque"}, 400, "llm.vendor"),
     ({"agent": "e2a", "llm_key": "k", "llm": {"base_url": "http://api.example.com/v1"}}, 400,
      "llm.base_url"),
-    ({"agent": "e2a", "llm_key": "k", "llm": {"base_url": "https://127.0.0.1/v1"}}, 400,
+    ({"agent": "e2a", "llm_key": "k", "llm": {"base_url": "https://10.1.2.3/v1"}}, 400,
      "llm.base_url"),
     ({"agent": "e2a", "llm_key": "k", "llm": {"base_url": "https://localhost/v1"}}, 400,
      "llm.base_url"),
@@ -43,6 +43,8 @@ def gateway(alice, vm_id: str) -> str:
      "llm.base_url"),
     ({"agent": "e2a", "llm_key": "k", "llm": {"vendor": "skynet"}}, 400, None),
     ({"agent": "e2a", "llm_key": "k", "model": "a", "llm": {"model": "b"}}, 400, "llm.model"),
+    ({"agent": "e2a", "llm_key": "sk-x", "tools": [{"name": "shell", "command": "true"}]}, 400,
+     "tools[0].name"),
     ({"agent": "claude-code", "llm_key": "k", "keep_after_task_seconds": 100,
       "max_lifetime_seconds": 50}, 400, "keep_after_task_seconds"),
 ])
@@ -173,3 +175,22 @@ def test_events_follow_live_and_resume_without_repeats(http, alice, llm_mock):
     wait_for(lambda: alice.get_sandbox(vm).state == "destroyed", timeout=60)
     stored = http.get(f"/v1/sandboxes/{vm}/task/events", params={"after": 2}).json()
     assert [e["seq"] for e in stored["events"]] == seqs[2:] and stored["done"]
+
+
+def test_own_agent_on_a_callers_openai_compatible_server(http, alice, llm_mock):
+    """llm.base_url: any OpenAI-compatible server (here the mock's Chat Completions, on a host
+    the operator allowed with E2A_LLM_PRIVATE_HOSTS), spoken to in Chat Completions."""
+    key = f"custom-{secrets.token_hex(8)}"
+    llm_mock.scenario(key, steps=[{"tool": "write", "args": {"path": "/home/user/result.txt",
+                                                              "text": "compatible"}}],
+                      final="wrote it")
+    r = http.post("/v1/sandboxes", json={
+        "template": "standard", "agent": "e2a", "llm_key": key, "task": "write it",
+        "llm": {"base_url": f"{llm_mock.url}/v1", "model": "local-model-1"}})
+    assert r.status_code == 201, r.text
+    vm = r.json()["vm_id"]
+    task = ended(http, vm)
+    assert task["state"] == "succeeded" and task["result"] == "wrote it", task
+    assert task["vendor"] == "openai" and task["model"] == "local-model-1"
+    paths = {q["path"] for q in llm_mock.requests(key)}
+    assert paths == {"/v1/chat/completions"}, paths

@@ -54,6 +54,8 @@ class OwnRun:
     max_steps: int = 50               # model turns
     history: list[Message] = field(default_factory=list)  # kept across follow-up tasks
     display: tuple[int, int] | None = None
+    # whether a person controls the sandbox's desktop through the live view (api/desktop.py)
+    human_in_control: Callable[[str], bool] = lambda sid: False
 
 
 CANVAS = """Your canvas is /home/user/canvas: a person watches its index.html live (it \
@@ -77,7 +79,7 @@ async def run(r: OwnRun) -> Outcome:
     a running command is killed on the way out)."""
     outcome = Outcome()
     tools = Toolbox(r.host, r.sandbox_id, r.template, r.emit, list(r.extra_tools or ()),
-                    r.display)
+                    r.display, r.human_in_control)
     try:
         specs = await tools.specs()
         system = system_prompt(specs, r.system_prompt, r.template)

@@ -111,6 +111,10 @@ POINT = {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems
          "description": "[x, y] in screen pixels"}
 
 
+# Names the caller's tools may not take (create refuses them).
+BUILT_IN = ("shell", "read_file", "write_file", "edit_file", "list_files", "browser", "computer")
+
+
 def computer_spec(display: tuple[int, int]) -> ToolSpec:
     w, h = display
     return ToolSpec("computer", (
@@ -242,8 +246,10 @@ class Toolbox:
     """The tools of one run, and what they hold open (the browser's CDP connection)."""
 
     def __init__(self, host: SandboxHost, sandbox_id: str, template: str, emit: Emit,
-                 extra_tools: list[dict] = (), display: tuple[int, int] | None = None):
+                 extra_tools: list[dict] = (), display: tuple[int, int] | None = None,
+                 human_in_control: Callable[[str], bool] = lambda sid: False):
         self.host, self.sid, self.emit = host, sandbox_id, emit
+        self.human_in_control = human_in_control
         recipe = recipes.load(template)
         endpoints = recipe.endpoints if recipe else {}
         self.cdp_port = endpoints.get("cdp")
@@ -259,8 +265,6 @@ class Toolbox:
         if self.desktop:
             self.display = await self._screen() or self.display or (1280, 800)
             tools.append(computer_spec(self.display))
-        # a caller's tool of a built-in's name replaces it (the caller knows what it wants)
-        tools = [t for t in tools if t.name not in self.extra]
         return tools + [extra_spec(t) for t in self.extra.values()]
 
     async def call(self, call: ToolCall) -> Output:
@@ -557,6 +561,9 @@ class Toolbox:
             return None
 
     async def _computer(self, args: dict) -> Output:
+        if self.human_in_control(self.sid):  # as the actions API does: a person has the desktop
+            raise ToolError("a person controls this desktop through the live view now; wait "
+                            "(e.g. with the shell: sleep 10) and try again")
         action = _arg(args, "action", str, tool="computer")
         act = {k: v for k, v in args.items() if v is not None}
         actions = [act]
