@@ -354,10 +354,9 @@ class Tasks:
             task=prompt, emit=lambda kind, data: self.emit(s, kind, data),
             system_prompt=s.config.system_prompt, extra_tools=s.config.tools,
             max_steps=s.config.max_steps, history=s.history, display=display,
-            human_in_control=self.human_in_control))
-        outcome.result, outcome.error = result.result, result.error
-        outcome.input_tokens, outcome.output_tokens = result.input_tokens, result.output_tokens
-        outcome.succeeded = result.succeeded if result.succeeded is not None else result.error is None
+            human_in_control=self.human_in_control, outcome=outcome))
+        if result.succeeded is None:
+            outcome.succeeded = result.error is None
 
     # ---- the end of a sandbox ----------------------------------------------------------------
 

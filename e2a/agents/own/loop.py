@@ -56,6 +56,8 @@ class OwnRun:
     display: tuple[int, int] | None = None
     # whether a person controls the sandbox's desktop through the live view (api/desktop.py)
     human_in_control: Callable[[str], bool] = lambda sid: False
+    # filled in as the run goes (so a cancelled run's tokens still count); one of its own if None
+    outcome: Outcome | None = None
 
 
 CANVAS = """Your canvas is /home/user/canvas: a person watches its index.html live (it \
@@ -77,7 +79,7 @@ def system_prompt(specs: list[ToolSpec], extra: str | None, template: str = "") 
 async def run(r: OwnRun) -> Outcome:
     """Work on `r.task` to the end. Raises nothing but CancelledError (a cancel or a timeout:
     a running command is killed on the way out)."""
-    outcome = Outcome()
+    outcome = r.outcome if r.outcome is not None else Outcome()
     tools = Toolbox(r.host, r.sandbox_id, r.template, r.emit, list(r.extra_tools or ()),
                     r.display, r.human_in_control)
     try:
