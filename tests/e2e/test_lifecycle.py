@@ -115,7 +115,7 @@ def test_other_users_sandbox_is_404(alice, bob, sandbox):
      "idle_timeout_seconds"),
     ({"template": "standard", "colour": "red"}, 400, "invalid_field", "colour"),
     ({"template": "standard", "agent": "claude-code"}, 400, "missing_field", "llm_key"),
-    ({"template": "standard", "agent": "claude-code", "llm_key": "sk-x"}, 501,
+    ({"template": "standard", "agent": "hal-9000", "llm_key": "sk-x"}, 501,
      "agent_not_available", "agent"),
     ({"template": "windows95"}, 501, "template_not_available", "template"),
 ])
