@@ -22,3 +22,10 @@ if [ -n "$need" ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends $need
 fi
+# npm: the template builder installs the agent CLIs from the npm registry with the host's npm
+# (e2a/templates/builder.py). Machines here come with Node.js and npm; a host without them gets
+# Debian's.
+if ! command -v npm >/dev/null 2>&1; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends npm
+fi
