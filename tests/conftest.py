@@ -98,6 +98,15 @@ def http(server, keys):
 
 
 @pytest.fixture
+def kept(alice):
+    """Sandboxes a test keeps (an agent's, kept after its task), deleted at its end."""
+    vms: list[str] = []
+    yield vms
+    for vm in vms:
+        alice.kill(vm)
+
+
+@pytest.fixture
 def sandbox(alice):
     sb = alice.create_sandbox("standard", idle_timeout_seconds=600)
     yield sb

@@ -86,6 +86,7 @@ class AgentSession:
     next_seq: int = 1
     pending: list[TaskEvent] = field(default_factory=list)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    flushing: asyncio.Lock = field(default_factory=asyncio.Lock)
     flusher: asyncio.Task | None = None
 
     busy: bool = False                # a task runs (false before its run's last notify)
@@ -413,13 +414,16 @@ class Tasks:
         await self._flush(s)
 
     async def _flush(self, s: AgentSession) -> None:
-        while s.pending:
-            batch, s.pending = s.pending, []
-            async with self.sessions() as db:
-                db.add_all(batch)
-                await db.commit()
-            async with s.changed:
-                s.changed.notify_all()
+        """Store what is pending. Under a lock: returning means that every event emitted before
+        the call is stored, also one a concurrent flush took but had not committed yet."""
+        async with s.flushing:
+            while s.pending:
+                batch, s.pending = s.pending, []
+                async with self.sessions() as db:
+                    db.add_all(batch)
+                    await db.commit()
+                async with s.changed:
+                    s.changed.notify_all()
 
     async def events(self, sandbox_id: str, after: int, limit: int) -> list[TaskEvent]:
         async with self.sessions() as db:

@@ -12,9 +12,9 @@ import uuid
 import pytest
 
 from tests.conftest import wait_for
-from tests.e2e.test_agent_gemini import search
+from tests.e2e import agents
+from tests.e2e.agents import events, finished, search
 
-LIVE = ("starting", "running")
 CLAUDE = "/opt/e2a/agents/node_modules/@anthropic-ai/claude-code-linux-x64/claude"
 MODEL = "claude-sonnet-5-5"
 
@@ -23,41 +23,10 @@ def new_key() -> str:
     return f"sk-ant-api03-REAL{uuid.uuid4().hex}"
 
 
-def start(http, agent: str, key: str, task: str = "write the file", **fields) -> str:
-    if agent == "e2a":
-        fields.setdefault("model", MODEL)
-    r = http.post("/v1/sandboxes", json={"template": "standard", "agent": agent, "llm_key": key,
-                                         "task": task, "idle_timeout_seconds": 600, **fields},
-                  timeout=180)
-    assert r.status_code == 201, r.text
-    return r.json()["vm_id"]
-
-
-def finished(http, vm: str, timeout: float = 180) -> dict:
-    def done():
-        t = http.get(f"/v1/sandboxes/{vm}/task").json()
-        return t if t["state"] not in LIVE else None
-    return wait_for(done, timeout=timeout, interval=0.3)
-
-
-def events(http, vm: str) -> list[dict]:
-    r = http.get(f"/v1/sandboxes/{vm}/task/events", params={"limit": 5000})
-    assert r.status_code == 200
-    return r.json()["events"]
-
-
 def tool_uses(evs: list[dict]) -> list[dict]:
     """The tool_use blocks of claude-code's assistant events."""
     return [b for e in evs if e["type"] == "cli" and e["data"].get("type") == "assistant"
             for b in e["data"]["message"]["content"] if b["type"] == "tool_use"]
-
-
-@pytest.fixture
-def kept(alice):
-    vms: list[str] = []
-    yield vms
-    for vm in vms:
-        alice.kill(vm)
 
 
 def test_claude_code_writes_the_file_and_follows_up(http, alice, llm_mock, server, kept):
@@ -185,3 +154,7 @@ def test_429_is_retried_and_the_task_succeeds(http, llm_mock, agent):
     assert t["state"] == "succeeded" and t["result"] == "made it", t
     assert len(llm_mock.requests(key)) == 2   # the 429, then the retry
     assert t["llm_requests"] == 2
+
+
+def start(http, agent: str, key: str, task: str = "write the file", **fields) -> str:
+    return agents.start(http, agent, key, task, own_model=MODEL, **fields)

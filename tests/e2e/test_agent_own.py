@@ -12,37 +12,12 @@ from datetime import datetime
 import pytest
 
 from tests.conftest import wait_for
-
-LIVE = ("starting", "running")
+from tests.e2e import agents
+from tests.e2e.agents import events, finished, of
 
 
 def new_key(vendor: str = "anthropic") -> str:
     return {"anthropic": "sk-ant-", "openai": "sk-", "google": "AIza"}[vendor] + uuid.uuid4().hex
-
-
-def start(http, template: str, key: str, task: str = "do the task", **fields) -> str:
-    r = http.post("/v1/sandboxes", json={"template": template, "agent": "e2a", "llm_key": key,
-                                         "task": task, "idle_timeout_seconds": 600, **fields},
-                  timeout=180)
-    assert r.status_code in (200, 201), r.text
-    return r.json()["vm_id"]
-
-
-def finished(http, vm: str, timeout: float = 180) -> dict:
-    def done():
-        t = http.get(f"/v1/sandboxes/{vm}/task").json()
-        return t if t["state"] not in LIVE else None
-    return wait_for(done, timeout=timeout, interval=0.3)
-
-
-def events(http, vm: str) -> list[dict]:
-    r = http.get(f"/v1/sandboxes/{vm}/task/events", params={"limit": 5000})
-    assert r.status_code == 200
-    return r.json()["events"]
-
-
-def of(evs: list[dict], kind: str) -> list[dict]:
-    return [e["data"] for e in evs if e["type"] == kind]
 
 
 def results_by_name(evs: list[dict]) -> dict[str, list[dict]]:
@@ -50,15 +25,6 @@ def results_by_name(evs: list[dict]) -> dict[str, list[dict]]:
     for d in of(evs, "tool_result"):
         out.setdefault(d["name"], []).append(d)
     return out
-
-
-@pytest.fixture
-def kept(alice):
-    """Sandboxes the test keeps after their task, deleted at its end."""
-    vms: list[str] = []
-    yield vms
-    for vm in vms:
-        alice.kill(vm)
 
 
 def test_shell_streams_and_times_out_and_file_tools_work(http, alice, llm_mock, kept):
@@ -230,3 +196,7 @@ def test_cancel_kills_the_running_command(http, alice, llm_mock, kept):
     time.sleep(0.5)
     assert "sleep 300" not in alice.run(vm, "ps -eo args").stdout
     assert llm_mock.requests(key)[0]["path"].endswith("/chat/completions")
+
+
+def start(http, template: str, key: str, task: str = "do the task", **fields) -> str:
+    return agents.start(http, "e2a", key, task, template=template, **fields)

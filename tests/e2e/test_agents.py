@@ -12,13 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import wait_for
-
-
-
-def gateway(alice, vm_id: str) -> str:
-    """The host side of the sandbox's link, as the sandbox sees it."""
-    out = alice.run(vm_id, "ip route show default").stdout.split()
-    return out[out.index("via") + 1]
+from tests.e2e.agents import finished, gateway
 
 
 @pytest.mark.parametrize("body, status, field", [
@@ -119,15 +113,10 @@ def start_cli(http, llm_mock, scenario: dict, **fields) -> tuple[str, str]:
     return r.json()["vm_id"], key
 
 
-def ended(http, vm: str, timeout: float = 180) -> dict:
-    return wait_for(lambda: (t := http.get(f"/v1/sandboxes/{vm}/task").json())["state"]
-                    not in ("starting", "running") and t, timeout=timeout, interval=0.3)
-
-
 def test_task_timeout_stops_the_agent_and_destroys_the_sandbox(http, alice, llm_mock):
     vm, key = start_cli(http, llm_mock, {"hang": True, "hang_seconds": 300},
                         task_timeout_seconds=8)
-    task = ended(http, vm, timeout=120)
+    task = finished(http, vm, timeout=120)
     assert task["state"] == "timed_out" and "timeout of 8 s" in task["error"]
     assert task["ended_at"] is not None
     wait_for(lambda: alice.get_sandbox(vm).state == "destroyed", timeout=60)
@@ -189,7 +178,7 @@ def test_own_agent_on_a_callers_openai_compatible_server(http, alice, llm_mock):
         "llm": {"base_url": f"{llm_mock.url}/v1", "model": "local-model-1"}})
     assert r.status_code == 201, r.text
     vm = r.json()["vm_id"]
-    task = ended(http, vm)
+    task = finished(http, vm)
     assert task["state"] == "succeeded" and task["result"] == "wrote it", task
     assert task["vendor"] == "openai" and task["model"] == "local-model-1"
     paths = {q["path"] for q in llm_mock.requests(key)}

@@ -10,6 +10,7 @@ import secrets
 import httpx
 
 from tests.conftest import wait_for
+from tests.e2e.agents import gateway, search
 
 
 AGENT, KEY_VAR, VENDOR, OTHER = "gemini-cli", "GEMINI_API_KEY", "google", "openai"
@@ -44,31 +45,6 @@ for path in glob.glob("/proc/[0-9]*/environ"):
     except OSError:
         pass
 """
-
-
-# How many processes' environ or cmdline, and how many files, hold the text on stdin (not in a
-# command line, where the search would find itself).
-SEARCH = """
-import glob, os, sys
-needle = sys.stdin.buffer.read()
-def has(path):
-    try:
-        with open(path, "rb") as f:
-            return needle in f.read()
-    except OSError:
-        return False
-procs = glob.glob("/proc/[0-9]*/environ") + glob.glob("/proc/[0-9]*/cmdline")
-files = [os.path.join(d, f) for top in ("/home", "/tmp", "/root", "/etc", "/var", "/run")
-         for d, _, names in os.walk(top) for f in names]
-print(sum(map(has, procs)), sum(has(f) for f in files if os.path.isfile(f)))
-"""
-
-
-def search(alice, vm: str, needle: str) -> tuple[int, int, int]:
-    """(processes holding it as `user` sees them, as root does, files holding it)."""
-    as_user = alice.run(vm, ["python3", "-c", SEARCH], stdin=needle).stdout.split()
-    as_root = alice.run(vm, ["python3", "-c", SEARCH], user="root", stdin=needle).stdout.split()
-    return int(as_user[0]), int(as_root[0]), int(as_root[1])
 
 
 def placeholder_of(alice, vm: str) -> str:
@@ -109,8 +85,7 @@ def test_another_sandboxs_placeholder_and_another_vendor_get_nothing(http, alice
     try:
         ph_a, ph_b = placeholder_of(alice, a), placeholder_of(alice, b)
         assert ph_a != ph_b
-        gw = alice.run(b, "ip route show default").stdout.split()
-        gw = gw[gw.index("via") + 1]
+        gw = gateway(alice, b)
         base = f"http://{gw}:{server.egress_port}"
         before = len(llm_mock.requests(key_a))
         # from b, with a's placeholder: forwarded without any key (the mock: no such key → 401)
@@ -161,8 +136,7 @@ def test_between_tasks_the_sandbox_cannot_spend_the_key(http, alice, llm_mock, s
         wait_for(lambda: http.get(f"/v1/sandboxes/{vm}/task").json()["state"] == "succeeded",
                  timeout=180)
         used = len(llm_mock.requests(key))
-        gw = alice.run(vm, "ip route show default").stdout.split()
-        gw = gw[gw.index("via") + 1]
+        gw = gateway(alice, vm)
         r = alice.run(vm, f"curl -s -m 10 -w ' %{{http_code}}' "
                           f"http://{gw}:{server.egress_port}/{VENDOR}{API_PATH} "
                           f"-H '{KEY_HEADER}: {ph}' -d '{{}}'")
