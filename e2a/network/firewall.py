@@ -22,6 +22,9 @@ BLOCKED_V4 = (
 )
 
 
+EGRESS_CONNECTIONS = 32
+
+
 def host_nameservers() -> list[str]:
     """The host's resolvers, when a sandbox could reach them (not loopback ones)."""
     servers = []
@@ -55,13 +58,18 @@ class Firewall:
             f"iifname {self.ifglob} ip daddr {{ {dns} }} tcp dport 53 accept\n"
         ) if dns else ""
         t = self.table
-        egress = (f"tcp dport {self.egress_port} iifname {self.ifglob} accept\n"
+        # At most EGRESS_CONNECTIONS open connections per sandbox address: the proxy runs in
+        # e2a serve, so connections piled up by a sandbox would use up its file descriptors.
+        egress = (f"tcp dport {self.egress_port} iifname {self.ifglob} add @egress_conns "
+                  f"{{ ip saddr ct count over {EGRESS_CONNECTIONS} }} drop\n"
+                  f"    tcp dport {self.egress_port} iifname {self.ifglob} accept\n"
                   f"    tcp dport {self.egress_port} drop\n") if self.egress_port else ""
         return f"""
 table inet {t}
 delete table inet {t}
 table inet {t} {{
   set internet {{ type ifname; {elems} }}
+  set egress_conns {{ type ipv4_addr; size 65535; flags dynamic; }}
   chain input {{
     type filter hook input priority -10; policy accept;
     iifname {self.ifglob} ct state established,related accept

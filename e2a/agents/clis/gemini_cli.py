@@ -51,7 +51,9 @@ class GeminiCli(CliAgent):
 
     def launch(self, *, task: str, model: str | None, base_url: str, placeholder: str,
                follow_up: bool) -> Launch:
-        cli = [self.node, self.script, "--prompt", task, "--output-format", "stream-json",
+        # One argument, `--prompt=TASK`: a task that starts with a dash stays the prompt and
+        # never becomes the CLI's own options.
+        cli = [self.node, self.script, f"--prompt={task}", "--output-format", "stream-json",
                "--approval-mode", "yolo"]
         if model:
             cli += ["--model", model]

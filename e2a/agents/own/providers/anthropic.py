@@ -37,7 +37,10 @@ class AnthropicProvider:
         self.requests = 0
         # The SDK's own client class (it speaks httpx2), hooked so every request it sends,
         # retries too, is counted.
-        self._http = anthropic.DefaultAsyncHttpxClient(event_hooks={"request": [self._count]})
+        # No redirects: a caller's base_url is checked to be public, and a redirect would take
+        # the host wherever its answer says (loopback, metadata, other sandboxes).
+        self._http = anthropic.DefaultAsyncHttpxClient(event_hooks={"request": [self._count]},
+                                                    follow_redirects=False)
         # The key is given, so the SDK reads no credentials from e2a's environment.
         self._client = anthropic.AsyncAnthropic(
             api_key=key, base_url=api_root(base_url), max_retries=max_retries,

@@ -36,7 +36,10 @@ class _Base:
         self.model = model
         self.requests = 0
         # The SDK's own client class, hooked so every request it sends, retries too, counts.
-        self._http = openai.DefaultAsyncHttpxClient(event_hooks={"request": [self._count]})
+        # No redirects: a caller's base_url is checked to be public, and a redirect would take
+        # the host wherever its answer says (loopback, metadata, other sandboxes).
+        self._http = openai.DefaultAsyncHttpxClient(event_hooks={"request": [self._count]},
+                                                    follow_redirects=False)
         # Everything given, so the SDK reads nothing (base URL, organization) from e2a's
         # environment.
         self._client = openai.AsyncOpenAI(
