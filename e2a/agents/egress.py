@@ -61,8 +61,12 @@ class Egress:
         self.upstreams = upstreams          # vendor -> API root, e.g. https://api.anthropic.com
         self.port, self.host = port, host
         self.grants: dict[str, Grant] = {}  # sandbox address -> its grant
+        # The pool is bounded by what sandboxes may have in flight (MAX_OPEN each), not by
+        # httpx's default of 100 that a few sandboxes' slow requests could take from all others.
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(600, connect=15), http2=False,
-                                        follow_redirects=False)
+                                        follow_redirects=False,
+                                        limits=httpx.Limits(max_connections=None,
+                                                            max_keepalive_connections=64))
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task | None = None
 
