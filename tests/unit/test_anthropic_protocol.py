@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import time
 import uuid
@@ -17,34 +16,16 @@ import pytest
 
 from e2a.agents.clis.claude_code import ClaudeCode
 from e2a.agents.outcome import Outcome
-from e2a.agents.own.llm import (AssistantTurn, ProviderError, ToolCall, ToolResult, ToolSpec,
+from e2a.agents.own.llm import (AssistantTurn, ProviderError, ToolCall, ToolResult,
                                 UserText)
 from e2a.agents.own.providers.anthropic import (AnthropicProvider, api_root,
                                                 computer_tool_version)
 from e2a.agents.own.tools import computer_spec
-
-WRITE = ToolSpec("write_file", "Write a file.", {
-    "type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
-    "required": ["path", "content"]})
-PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+from tests.unit.protocols import PNG, WRITE, agents_prefix, turn
 
 
 def new_key() -> str:
     return f"sk-ant-api03-test-{uuid.uuid4().hex}"
-
-
-def turn(provider, messages, tools=(WRITE,)):
-    deltas: list[str] = []
-
-    async def on_text(text):
-        deltas.append(text)
-
-    async def go():
-        try:
-            return await provider.turn("You are a test.", messages, list(tools), on_text)
-        finally:
-            await provider.close()
-    return asyncio.run(go()), deltas
 
 
 def provider(llm_mock, key, model="claude-sonnet-5-5", **kw) -> AnthropicProvider:
@@ -232,15 +213,8 @@ def test_mock_non_streamed_answers_and_side_routes_parse_in_the_sdk(llm_mock):
 
 # ---- claude-code, the real one, on this host ---------------------------------------------------
 
-def agents_prefix() -> str | None:
-    """Where claude-code is installed on this host, if it is."""
-    for prefix in (os.environ.get("E2A_AGENTS_PREFIX"), "/opt/e2a/agents", "/tmp/npmtry/p"):
-        if prefix and Path(ClaudeCode(prefix).binary).is_file():
-            return prefix
-    return None
-
-
-needs_cli = pytest.mark.skipif(agents_prefix() is None, reason=(
+CLI_PREFIX = agents_prefix(lambda p: Path(ClaudeCode(p).binary).is_file())
+needs_cli = pytest.mark.skipif(CLI_PREFIX is None, reason=(
     "claude-code is not installed on this host: `npm install --prefix DIR "
     "@anthropic-ai/claude-code@2.1.332`, then set E2A_AGENTS_PREFIX=DIR"))
 
@@ -248,7 +222,7 @@ needs_cli = pytest.mark.skipif(agents_prefix() is None, reason=(
 def run_cli(llm_mock, key, tmp_path, task="write the file", follow_up=False):
     """claude-code as the runner starts it (launch's argv and env), with the mock as its API
     and a home and working directory of its own; the outcome from its JSON events."""
-    cli = ClaudeCode(agents_prefix())
+    cli = ClaudeCode(CLI_PREFIX)
     launch = cli.launch(task=task, model=None, base_url=llm_mock.url + "/", placeholder=key,
                         follow_up=follow_up)
     home, work = tmp_path / "home", tmp_path / "work"

