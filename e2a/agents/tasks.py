@@ -178,16 +178,24 @@ class Tasks:
                                "an agent's key does not survive a restart of e2a)")
         if s.running:
             raise TaskConflict(f"task {s.task_id} is still running")
+        s.busy = True  # before any await: two follow-ups at once must not both start
         model = model or s.config.model
+        if s.provider is not None:
+            if model:
+                s.provider.model = model  # the own agent's follow-up may change the model
+            model = s.provider.model      # recorded as used, the vendor's default included
         task = Task(id=new_id("tsk"), sandbox_id=sandbox_id, user_id=s.user_id,
                     agent=s.config.agent, vendor=s.config.vendor, model=model, prompt=prompt,
                     state="starting", started_at=utcnow(), llm_requests=0, input_tokens=0,
                     output_tokens=0, key_passed_in=False)
-        async with self.sessions() as db:
-            db.add(task)
-            await db.commit()
+        try:
+            async with self.sessions() as db:
+                db.add(task)
+                await db.commit()
+        except BaseException:
+            s.busy = False
+            raise
         s.task_id, s.keep_until, s.ending, s.ending_error = task.id, None, None, None
-        s.busy = True
         follow_up = s.tasks_done > 0
         s.run = asyncio.create_task(self._run(s, task.id, prompt, model, follow_up,
                                               timeout or s.config.task_timeout),

@@ -183,3 +183,25 @@ def test_own_agent_on_a_callers_openai_compatible_server(http, alice, llm_mock):
     assert task["vendor"] == "openai" and task["model"] == "local-model-1"
     paths = {q["path"] for q in llm_mock.requests(key)}
     assert paths == {"/v1/chat/completions"}, paths
+
+
+def test_follow_ups_one_at_a_time_and_the_model_recorded(http, llm_mock, kept):
+    """Two follow-ups sent at once: one starts, the other is refused (never two runs on one
+    conversation); a follow-up may change the own agent's model, and the task says which ran."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = f"sk-ant-api03-follow{secrets.token_hex(8)}"
+    llm_mock.scenario(key, delay=1, final="ok")
+    r = http.post("/v1/sandboxes", json={"template": "standard", "agent": "e2a", "llm_key": key,
+                                         "task": "first", "keep_after_task_seconds": 120})
+    vm = r.json()["vm_id"]
+    kept.append(vm)
+    first = finished(http, vm)
+    assert first["state"] == "succeeded" and first["model"] == "claude-sonnet-5-5"  # the default
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: http.post(f"/v1/sandboxes/{vm}/task", json={
+            "task": "again", "model": "claude-opus-5-5"}), range(2)))
+    assert sorted(a.status_code for a in answers) == [202, 409], [a.text for a in answers]
+    second = finished(http, vm)
+    assert second["state"] == "succeeded" and second["model"] == "claude-opus-5-5"
+    assert llm_mock.requests(key)[-1]["body"]["model"] == "claude-opus-5-5"

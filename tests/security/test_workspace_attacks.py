@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
