@@ -45,7 +45,7 @@ async def create_sandbox(request: Request, req: CreateSandbox,
         if reserved_env_key(key):
             raise ApiError(400, "reserved_env_var", f"{key} is set by e2a and cannot be overridden",
                            f"env_vars.{key}")
-    agent = agent_config(req, settings)
+    agent = await agent_config(req, settings)
     idle = req.idle_timeout_seconds
     if idle is None:
         idle = min(DEFAULT_IDLE_TIMEOUT, req.max_lifetime_seconds)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import socket
@@ -34,7 +35,7 @@ def tasks(request: Request) -> Tasks:
     return request.app.state.tasks
 
 
-def agent_config(req: CreateSandbox, settings: Settings) -> AgentConfig | None:
+async def agent_config(req: CreateSandbox, settings: Settings) -> AgentConfig | None:
     """The agent create asked for, checked; None without one. Raises ApiError (400/501)."""
     own_only = {"llm": req.llm, "system_prompt": req.system_prompt, "tools": req.tools or None,
                 "max_steps": req.max_steps}
@@ -67,10 +68,10 @@ def agent_config(req: CreateSandbox, settings: Settings) -> AgentConfig | None:
         if problem:
             raise ApiError(400, "invalid_field", problem, "model")
         return AgentConfig(agent=req.agent, vendor=cli.vendor, model=req.model, **common)
-    return _own_config(req, settings, common)
+    return await _own_config(req, settings, common)
 
 
-def _own_config(req: CreateSandbox, settings: Settings, common: dict) -> AgentConfig:
+async def _own_config(req: CreateSandbox, settings: Settings, common: dict) -> AgentConfig:
     llm = req.llm
     model = req.model
     if llm is not None and llm.model:
@@ -81,7 +82,7 @@ def _own_config(req: CreateSandbox, settings: Settings, common: dict) -> AgentCo
     base_url = llm.base_url if llm else None
     compatible = False
     if base_url:
-        base_url = _public_base_url(base_url, settings)
+        base_url = await _public_base_url(base_url, settings)
         compatible = vendor in (None, "openai")
         vendor = vendor or "openai"
     vendor = vendor or providers.infer_vendor(model, req.llm_key)
@@ -100,10 +101,15 @@ def _own_config(req: CreateSandbox, settings: Settings, common: dict) -> AgentCo
                        max_steps=req.max_steps or DEFAULT_MAX_STEPS, **common)
 
 
-def _public_base_url(url: str, settings: Settings) -> str:
+async def _public_base_url(url: str, settings: Settings) -> str:
     """The own agent calls `llm.base_url` from the host: only a public https address (or a host
     the operator allowed), so that a caller cannot make e2a reach its private services."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 443
+    except ValueError:  # an unclosed [IPv6], a port that is no number or out of range
+        raise ApiError(400, "invalid_field", "llm.base_url is not a valid URL",
+                       "llm.base_url") from None
     allowed = {h.strip().lower() for h in settings.llm_private_hosts.split(",") if h.strip()}
     host = (parts.hostname or "").lower()
     if host in allowed and parts.scheme in ("http", "https"):
@@ -111,7 +117,9 @@ def _public_base_url(url: str, settings: Settings) -> str:
     if parts.scheme != "https" or not host:
         raise ApiError(400, "invalid_field", "llm.base_url must be an https URL", "llm.base_url")
     try:
-        infos = socket.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+        # the loop's resolver: a slow DNS answer must not hold up every other request
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port,
+                                                             type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
         raise ApiError(400, "invalid_field", f"llm.base_url's host {host!r} does not resolve",
                        "llm.base_url") from None
