@@ -76,8 +76,12 @@ class Egress:
         if vendor not in self.upstreams:
             raise ValueError(f"no upstream for vendor {vendor!r}")
         g = Grant(vendor=vendor, key=key, placeholder=placeholder(vendor))
-        self.grants[sandbox_ip] = g
+        self.allow(sandbox_ip, g)
         return g
+
+    def allow(self, sandbox_ip: str, g: Grant) -> None:
+        """Honour an existing grant again (its placeholder and counts kept)."""
+        self.grants[sandbox_ip] = g
 
     def revoke(self, sandbox_ip: str) -> None:
         self.grants.pop(sandbox_ip, None)

@@ -88,12 +88,9 @@ class AgentSession:
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     flushing: asyncio.Lock = field(default_factory=asyncio.Lock)
     flusher: asyncio.Task | None = None
-
-    busy: bool = False                # a task runs (false before its run's last notify)
-
-    @property
-    def running(self) -> bool:
-        return self.busy
+    # a task runs: set before its run starts, cleared before the run's last notice (so a
+    # follower woken by it sees the task over), not derived from `run`, which ends later
+    running: bool = False
 
 
 class Tasks:
@@ -178,7 +175,7 @@ class Tasks:
                                "an agent's key does not survive a restart of e2a)")
         if s.running:
             raise TaskConflict(f"task {s.task_id} is still running")
-        s.busy = True  # before any await: two follow-ups at once must not both start
+        s.running = True  # before any await: two follow-ups at once must not both start
         model = model or s.config.model
         if s.provider is not None:
             if model:
@@ -193,7 +190,7 @@ class Tasks:
                 db.add(task)
                 await db.commit()
         except BaseException:
-            s.busy = False
+            s.running = False
             raise
         s.task_id, s.keep_until, s.ending, s.ending_error = task.id, None, None, None
         follow_up = s.tasks_done > 0
@@ -251,7 +248,7 @@ class Tasks:
         await self.emit(s, "task_finished", {"task_id": task_id, **ended})
         await self._flush(s)
         await self._update(task_id, ended_at=utcnow(), **ended)
-        s.busy = False
+        s.running = False
         async with s.changed:
             s.changed.notify_all()
         self._after_task(s)
@@ -280,7 +277,7 @@ class Tasks:
             s.grant = self.egress.grant(sandbox_ip, s.cli.vendor, s.config.key)
             s.address = sandbox_ip
         else:
-            self.egress.grants[sandbox_ip] = s.grant
+            self.egress.allow(sandbox_ip, s.grant)
         launch = s.cli.launch(task=prompt, model=model,
                               base_url=self.egress.base_url(host_ip, s.cli.vendor),
                               placeholder=s.grant.placeholder, follow_up=follow_up)
@@ -351,18 +348,14 @@ class Tasks:
 
     async def _run_own(self, s: AgentSession, prompt: str, outcome: Outcome) -> None:
         from e2a.agents.own import loop
-        from e2a.templates import recipes
 
-        display = None
-        recipe = recipes.load(s.template)
-        if recipe is not None and "resolution" in recipe.params:
-            w, _, h = recipe.params["resolution"].partition("x")
-            display = (int(w), int(h))
+        # the desktop's size, if any, the computer tool asks envd itself (a create-time
+        # resolution included)
         result = await loop.run(loop.OwnRun(
             sandbox_id=s.sandbox_id, template=s.template, host=self.host, provider=s.provider,
             task=prompt, emit=lambda kind, data: self.emit(s, kind, data),
             system_prompt=s.config.system_prompt, extra_tools=s.config.tools,
-            max_steps=s.config.max_steps, history=s.history, display=display,
+            max_steps=s.config.max_steps, history=s.history,
             human_in_control=self.human_in_control, outcome=outcome))
         if result.succeeded is None:
             outcome.succeeded = result.error is None
