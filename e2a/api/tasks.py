@@ -64,11 +64,16 @@ async def agent_config(req: CreateSandbox, settings: Settings) -> AgentConfig | 
             if value is not None:
                 raise ApiError(400, "invalid_field", f"{name} applies to e2a's own agent "
                                f"(agent \"e2a\"), not {req.agent}", name)
-        problem = cli.check_model(req.model)
-        if problem:
-            raise ApiError(400, "invalid_field", problem, "model")
+        _check_model(cli, req.model)
         return AgentConfig(agent=req.agent, vendor=cli.vendor, model=req.model, **common)
     return await _own_config(req, settings, common)
+
+
+def _check_model(cli, model: str | None) -> None:
+    """A CLI's model must be of its vendor's names (E2A_API.md): else 400 naming `model`."""
+    problem = cli.check_model(model)
+    if problem:
+        raise ApiError(400, "invalid_field", problem, "model")
 
 
 async def _own_config(req: CreateSandbox, settings: Settings, common: dict) -> AgentConfig:
@@ -159,10 +164,8 @@ async def follow_up(request: Request, vm_id: str, body: FollowUpRequest,
     rec = await owned_sandbox(request.app, user, vm_id)
     require_running(rec)
     s = tasks(request).session(rec.id)
-    if s is not None and s.cli is not None and body.model:
-        problem = s.cli.check_model(body.model)
-        if problem:
-            raise ApiError(400, "invalid_field", problem, "model")
+    if s is not None and s.cli is not None:
+        _check_model(s.cli, body.model)
     try:
         t = await tasks(request).submit(rec.id, body.task, body.model, body.task_timeout_seconds)
     except TaskConflict as exc:
