@@ -39,6 +39,10 @@ _EXPECTED = {
     "egress_port": "must be an integer from 1 to 65535",
 }
 
+# Settings whose value no error line (nor the settings' repr) shows: a bad key is likely a typo
+# of the real one.
+_HIDDEN = {"secrets_key", "secrets_old_keys"}
+
 
 def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
@@ -132,6 +136,15 @@ class Settings(BaseSettings):
     # addresses (comma-separated; for a provider on the local network). Empty: none.
     llm_private_hosts: str = ""
 
+    # ---- secrets (docs/secrets.md) ----
+    # The master key of the tenants' secret bundles: a Fernet key (urlsafe base64 of 32 bytes,
+    # `Fernet.generate_key()`). Empty = generated once into <data_dir>/secrets.key (mode 0600).
+    # Losing it loses every bundle.
+    secrets_key: str = Field("", repr=False)
+    # Earlier master keys, comma-separated, still accepted for decryption while
+    # `e2a admin rotate-secrets-key` re-encrypts every bundle under the current one.
+    secrets_old_keys: str = Field("", repr=False)
+
     def __init__(self, **values: Any) -> None:
         try:
             super().__init__(**values)
@@ -218,6 +231,21 @@ class Settings(BaseSettings):
                              "https://api.anthropic.com")
         return v.rstrip("/")
 
+    @field_validator("secrets_key", "secrets_old_keys")
+    @classmethod
+    def _fernet_keys(cls, v: str, info: ValidationInfo) -> str:
+        from cryptography.fernet import Fernet
+        keys = [k.strip() for k in v.split(",")] if info.field_name == "secrets_old_keys" else [v.strip()]
+        keys = [k for k in keys if k]
+        for i, key in enumerate(keys):
+            try:
+                Fernet(key)
+            except ValueError:
+                which = "" if info.field_name == "secrets_key" else f" (key {i + 1} of {len(keys)})"
+                raise ValueError(f"must be a Fernet key{which}: urlsafe base64 of 32 bytes, as "
+                                 "Fernet.generate_key() makes") from None
+        return ",".join(keys)
+
     @field_validator("s3_sse")
     @classmethod
     def _s3_sse(cls, v: str) -> str:
@@ -279,6 +307,6 @@ def _problems(error: ValidationError, given: dict[str, Any]) -> list[str]:
             lines.append(f"e2a: invalid settings: {reason}")
             continue
         source = "" if field in given or name in from_env else " (default)"
-        value = str(err.get("input"))
-        lines.append(f"e2a: invalid setting {name}={value!r}{source}: {reason}")
+        value = "<hidden>" if field in _HIDDEN else repr(str(err.get("input")))
+        lines.append(f"e2a: invalid setting {name}={value}{source}: {reason}")
     return lines

@@ -159,6 +159,28 @@ def revoke_key(key_id: str) -> None:
     click.echo(f"revoked {key_id}")
 
 
+@admin.command("rotate-secrets-key")
+def rotate_secrets_key() -> None:
+    """Re-encrypt every secret bundle under the current key (E2A_SECRETS_KEY, else
+    <data_dir>/secrets.key); after it, E2A_SECRETS_OLD_KEYS can be dropped (docs/secrets.md)."""
+    from e2a.secrets.bundles import rotate_all
+    from e2a.secrets.crypto import SecretBox, SecretsKeyError
+
+    settings = load_settings()
+    try:
+        box = SecretBox.from_settings(settings, create=False)
+    except SecretsKeyError as exc:
+        raise click.ClickException(str(exc)) from None
+    done = asyncio.run(_with_db(lambda db: rotate_all(db, box), settings))
+    click.echo(f"secret bundles re-encrypted: {done.rotated}; already under the current key: "
+               f"{done.current}")
+    if done.failed:
+        raise click.ClickException(
+            f"{len(done.failed)} secret bundle(s) open with none of the configured keys (or "
+            f"were moved between rows) and were left as they are: {', '.join(done.failed)}. "
+            "Keep E2A_SECRETS_OLD_KEYS until they are rotated or deleted.")
+
+
 @admin.command("build-templates")
 @click.argument("names", nargs=-1)
 def build_templates(names: tuple[str, ...]) -> None:

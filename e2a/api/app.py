@@ -10,12 +10,14 @@ from fastapi import FastAPI
 from e2a import __version__, auth
 from e2a.agents.egress import Egress
 from e2a.agents.tasks import Tasks
-from e2a.api import (browser, canvas, desktop, errors, proxy, sandboxes, tasks, templates,
-                     workspaces)
+from e2a.api import (browser, canvas, desktop, errors, proxy, sandboxes, secrets, tasks,
+                     templates, workspaces)
 from e2a.api.access import AccessTokens
 from e2a.api.guard import RequestGuard
 from e2a.config import Settings
 from e2a.sandboxes.manager import Manager, StartupError, retry
+from e2a.secrets.bundles import Bundles
+from e2a.secrets.crypto import SecretBox, SecretsKeyError
 from e2a.store import db as store
 
 log = logging.getLogger("e2a")
@@ -56,6 +58,12 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
             await engine.dispose()
             raise
         app.state.sessions = store.sessionmaker(engine)
+        try:  # the secret bundles' master key: no start without a safe one (docs/secrets.md)
+            app.state.secrets = Bundles(app.state.sessions, SecretBox.from_settings(settings))
+        except SecretsKeyError as exc:
+            log.critical("e2a cannot start: %s", exc)
+            await engine.dispose()
+            raise
         app.state.keys = auth.KeyCache()
         manager = Manager(settings, app.state.sessions)
         # The API sees the manager only through its two interfaces (sandboxes/host.py).
@@ -108,6 +116,7 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
     app.include_router(desktop.router)
     app.include_router(canvas.router)
     app.include_router(workspaces.router)
+    app.include_router(secrets.router)
     app.include_router(tasks.router)
     desktop.mount_novnc(app)
 

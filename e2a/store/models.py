@@ -133,3 +133,21 @@ class TaskEvent(Base):
     type: Mapped[str] = mapped_column(String(32))
     data: Mapped[dict] = mapped_column(JSON)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class SecretBundle(Base):
+    """A tenant's named set of secrets (an LLM key, its base URL, ...), docs/secrets.md. The
+    values are only in `ciphertext`: Fernet over {"user_id", "name", "values"}, so a row's
+    ciphertext opens on that row alone. `key_names` are the names, never the values."""
+
+    __tablename__ = "secret_bundles"
+    __table_args__ = (UniqueConstraint("user_id", "name", name="uq_secret_bundle_name"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    name: Mapped[str] = mapped_column(String(63))
+    key_names: Mapped[list] = mapped_column(JSON)
+    ciphertext: Mapped[str] = mapped_column(Text)
+    # 1 when created, +1 per replace (PUT)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

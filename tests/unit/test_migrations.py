@@ -8,6 +8,7 @@ import sqlite3
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 
 from e2a.store import db
 
@@ -23,6 +24,13 @@ def _upgrade_to(engine, revision: str) -> None:
         async with engine.begin() as conn:
             await conn.run_sync(run)
     asyncio.run(go())
+
+
+def _head() -> str:
+    """The newest revision (each new migration would otherwise have to edit this test)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(db.MIGRATIONS))
+    return ScriptDirectory.from_config(cfg).get_current_head()
 
 
 def test_upgrade_from_0002_keeps_sandboxes_and_their_events(tmp_path):
@@ -46,11 +54,11 @@ def test_upgrade_from_0002_keeps_sandboxes_and_their_events(tmp_path):
     asyncio.run(engine.dispose())
 
     c = sqlite3.connect(path)
-    assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [("0004",)]
+    assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [(_head(),)]
     assert c.execute("SELECT id, workspace_id FROM sandboxes").fetchall() == [("sbx_1", None)]
     assert c.execute("SELECT count(*) FROM sandbox_events").fetchone() == (1,)
     assert c.execute("PRAGMA foreign_key_check").fetchall() == []
     assert ("workspaces", "workspace_id") in {(r[2], r[3]) for r in
                                               c.execute("PRAGMA foreign_key_list(sandboxes)")}
     tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"workspaces", "tasks", "task_events"} <= tables and not any(t.startswith("_alembic_tmp") for t in tables)
+    assert {"workspaces", "tasks", "task_events", "secret_bundles"} <= tables and not any(t.startswith("_alembic_tmp") for t in tables)
