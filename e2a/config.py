@@ -132,8 +132,11 @@ class Settings(BaseSettings):
     llm_openai_url: str = "https://api.openai.com"
     llm_google_url: str = "https://generativelanguage.googleapis.com"
     llm_deepseek_url: str = "https://api.deepseek.com"
-    # Hosts a caller's own `llm.base_url` may name even though they are not public https
-    # addresses (comma-separated; for a provider on the local network). Empty: none.
+    # Hosts a caller's own LLM base URL may name although they are not public, and over http too
+    # (for a provider on the local network): comma-separated `host` (any port), `host:port`,
+    # `[v6]` or `[v6]:port`, e.g. "llm.lan,10.0.0.5:8000". Empty: none. The SSRF guard
+    # (e2a/agents/ssrf.py) refuses every other non-public address, also when a name resolves to
+    # one later.
     llm_private_hosts: str = ""
 
     # ---- secrets (docs/secrets.md) ----
@@ -246,6 +249,12 @@ class Settings(BaseSettings):
                                  "Fernet.generate_key() makes") from None
         return ",".join(keys)
 
+    @field_validator("llm_private_hosts")
+    @classmethod
+    def _llm_private_hosts(cls, v: str) -> str:
+        parse_private_hosts(v)
+        return v
+
     @field_validator("s3_sse")
     @classmethod
     def _s3_sse(cls, v: str) -> str:
@@ -290,6 +299,55 @@ class Settings(BaseSettings):
         if not self.envd:
             self.envd = str(Path(__file__).resolve().parent.parent / "build" / "envd")
         return self
+
+
+def canonical_host(host: str) -> str:
+    """A host as the SSRF guard compares it: lowercase, without [brackets], an IP address in its
+    usual form (so "[::1]" and "0:0::1" are one host)."""
+    h = host.strip().lower()
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    try:
+        return str(ipaddress.ip_address(h))
+    except ValueError:
+        return h
+
+
+_HOST_RE = re.compile(r"^[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?\.?$")
+
+
+def parse_private_hosts(value: str) -> list[tuple[str, int | None]]:
+    """E2A_LLM_PRIVATE_HOSTS as (canonical host, port or None for any port). Raises ValueError."""
+    out = []
+    for entry in (e.strip().lower() for e in value.split(",")):
+        if not entry:
+            continue
+        host, port = entry, ""
+        if entry.startswith("["):
+            host, sep, rest = entry[1:].partition("]")
+            if not sep or (rest and not rest.startswith(":")):
+                raise ValueError(f"has {entry!r}: an IPv6 address goes in brackets, [v6] or "
+                                 "[v6]:port")
+            port = rest[1:] if rest else ""
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(f"has {entry!r}, whose [brackets] hold no IPv6 address") from None
+        elif entry.count(":") > 1:
+            try:
+                ipaddress.IPv6Address(entry)
+            except ValueError:
+                raise ValueError(f"has {entry!r}: neither a host nor host:port (an IPv6 address "
+                                 "with a port goes in brackets, [v6]:port)") from None
+        elif ":" in entry:
+            host, port = entry.split(":")
+        if not entry.startswith("[") and entry.count(":") <= 1 and not _HOST_RE.match(host):
+            raise ValueError(f"has {entry!r}, which is not a host name or address (entries are "
+                             "comma-separated host, host:port, [v6] or [v6]:port)")
+        if (port or entry.endswith(":")) and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"has {entry!r}, whose port is not a number from 1 to 65535")
+        out.append((canonical_host(host), int(port) if port else None))
+    return out
 
 
 def _problems(error: ValidationError, given: dict[str, Any]) -> list[str]:

@@ -9,6 +9,10 @@ key: a request for another vendor than the sandbox's is refused, a request witho
 placeholder is forwarded without any key, and the key is cut from every answer (a provider's
 error message can quote it) before the sandbox sees it. Answers stream through as they come
 (server-sent events), unbuffered.
+
+The proxy calls the operator's upstream (E2A_LLM_<VENDOR>_URL) or a grant's own (a caller's API
+root, checked when it was given), always through the SSRF guard (e2a/agents/ssrf.py), and follows
+no redirect: a 3xx goes back to the CLI as it came.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from e2a.agents import ssrf
 
 log = logging.getLogger("e2a.egress")
 
@@ -47,35 +53,47 @@ def placeholder(vendor: str) -> str:
 
 @dataclass
 class Grant:
-    """What one sandbox may do through the proxy: call `vendor` with `key`."""
+    """What one sandbox may do through the proxy: call `vendor` with `key`, at the vendor's
+    upstream or at `upstream` (a caller's own API root, already checked by ssrf.check_url)."""
 
     vendor: str
     key: str
     placeholder: str
+    upstream: str | None = None
     requests: int = 0
     open: int = 0                     # requests in flight
 
+    def __repr__(self) -> str:  # never the key
+        return f"Grant(vendor={self.vendor!r}, upstream={self.upstream!r})"
+
 
 class Egress:
-    def __init__(self, upstreams: dict[str, str], port: int, host: str = "0.0.0.0"):
+    def __init__(self, upstreams: dict[str, str], port: int, host: str = "0.0.0.0", *,
+                 policy: ssrf.Policy | None = None):
         self.upstreams = upstreams          # vendor -> API root, e.g. https://api.anthropic.com
         self.port, self.host = port, host
         self.grants: dict[str, Grant] = {}  # sandbox address -> its grant
+        # What the proxy may connect to: public addresses, the policy's allowed hosts (e2a
+        # serve's: E2A_LLM_PRIVATE_HOSTS), and its own upstreams, allowed by construction.
+        self.policy = (policy or ssrf.Policy()).allowing(*upstreams.values())
         # The pool is bounded by what sandboxes may have in flight (MAX_OPEN each), not by
         # httpx's default of 100 that a few sandboxes' slow requests could take from all others.
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(600, connect=15), http2=False,
-                                        follow_redirects=False,
-                                        limits=httpx.Limits(max_connections=None,
-                                                            max_keepalive_connections=64))
+        self.client = ssrf.guarded_httpx_client(
+            self.policy, timeout=httpx.Timeout(600, connect=15), http2=False,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task | None = None
 
     # ---- grants ------------------------------------------------------------------------------
 
-    def grant(self, sandbox_ip: str, vendor: str, key: str) -> Grant:
-        if vendor not in self.upstreams:
+    def grant(self, sandbox_ip: str, vendor: str, key: str, upstream: str | None = None) -> Grant:
+        """Let the sandbox call `vendor` with `key`: at the operator's upstream for it, or at
+        `upstream`, a caller's own API root (checked by ssrf.check_url before it gets here; the
+        proxy's guard checks each connection again)."""
+        if upstream is None and vendor not in self.upstreams:
             raise ValueError(f"no upstream for vendor {vendor!r}")
-        g = Grant(vendor=vendor, key=key, placeholder=placeholder(vendor))
+        g = Grant(vendor=vendor, key=key, placeholder=placeholder(vendor),
+                  upstream=upstream.rstrip("/") if upstream else None)
         self.allow(sandbox_ip, g)
         return g
 
@@ -143,7 +161,8 @@ class Egress:
         if size is not None:
             headers.append(("content-length", size))
         query = request.url.query.replace(g.placeholder, g.key)
-        url = f"{self.upstreams[vendor]}/{rest}" + (f"?{query}" if query else "")
+        root = g.upstream or self.upstreams[vendor]
+        url = f"{root}/{rest}" + (f"?{query}" if query else "")
         g.requests += 1
         g.open += 1
         try:
@@ -154,6 +173,10 @@ class Egress:
             g.open -= 1
             if isinstance(exc, BodyTooLarge):
                 return _refuse(413, f"a request to the provider may be at most {MAX_BODY} bytes")
+            refused = ssrf.refusal(exc)
+            if refused:
+                log.warning("egress to %s refused by the SSRF guard: %s", vendor, refused)
+                return _refuse(502, f"e2a did not call {vendor}'s API: {refused}")
             log.warning("egress to %s failed: %s", vendor, type(exc).__name__)
             return _refuse(502, f"{vendor}'s API could not be reached ({type(exc).__name__})")
         out_headers = {k: v.replace(g.key, g.placeholder) for k, v in upstream.headers.items()

@@ -24,6 +24,7 @@ from e2a.agents import clis
 from e2a.agents.cli import CliAgent
 from e2a.agents.egress import Egress, Grant
 from e2a.agents.outcome import Outcome
+from e2a.agents.ssrf import Policy
 from e2a.ids import new_id
 from e2a.sandboxes.host import NotRunning, SandboxHost, Unreachable
 from e2a.sandboxes.records import utcnow
@@ -95,8 +96,11 @@ class AgentSession:
 
 class Tasks:
     def __init__(self, sessions, host: SandboxHost, egress: Egress,
-                 human_in_control: Callable[[str], bool] = lambda sid: False):
+                 human_in_control: Callable[[str], bool] = lambda sid: False, *,
+                 policy: Policy):
         self.sessions = sessions
+        # what the own agent's provider clients may connect to (e2a/agents/ssrf.py)
+        self.policy = policy
         self.human_in_control = human_in_control
         self.host = host
         self.egress = egress
@@ -156,7 +160,7 @@ class Tasks:
         if cli is None:
             from e2a.agents.own import providers
             s.provider = providers.make(config.vendor, config.model, config.key, config.base_url,
-                                        compatible=config.compatible)
+                                        policy=self.policy, compatible=config.compatible)
         async with self.sessions() as db:
             last = (await db.execute(select(func.max(TaskEvent.seq)).where(
                 TaskEvent.sandbox_id == sandbox_id))).scalar()

@@ -8,6 +8,7 @@ import logging
 from fastapi import FastAPI
 
 from e2a import __version__, auth
+from e2a.agents import ssrf
 from e2a.agents.egress import Egress
 from e2a.agents.tasks import Tasks
 from e2a.api import (browser, canvas, desktop, errors, proxy, sandboxes, secrets, tasks,
@@ -77,10 +78,12 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
             await manager.stop()
             await engine.dispose()
             raise
+        policy = ssrf.Policy.from_settings(settings)   # what e2a calls for callers
         app.state.tasks = Tasks(app.state.sessions, manager, Egress(
             {v: getattr(settings, f"llm_{v}_url") for v in ("anthropic", "openai", "google",
                                                              "deepseek")},
-            settings.egress_port), human_in_control=app.state.human_control.held)
+            settings.egress_port, policy=policy), human_in_control=app.state.human_control.held,
+            policy=policy)
         try:
             await app.state.tasks.start()
         except OSError as exc:

@@ -3,16 +3,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
 import json
-import socket
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
-from e2a.agents import clis
+from e2a.agents import clis, ssrf
 from e2a.agents.own import providers
 from e2a.agents.own.tools import BUILT_IN
 from e2a.agents.tasks import AgentConfig, TaskConflict, Tasks
@@ -87,7 +83,7 @@ async def _own_config(req: CreateSandbox, settings: Settings, common: dict) -> A
     base_url = llm.base_url if llm else None
     compatible = False
     if base_url:
-        base_url = await _public_base_url(base_url, settings)
+        base_url = await checked_base_url(base_url, settings, "llm.base_url")
         compatible = vendor in (None, "openai")
         vendor = vendor or "openai"
     vendor = vendor or providers.infer_vendor(model, req.llm_key)
@@ -106,34 +102,14 @@ async def _own_config(req: CreateSandbox, settings: Settings, common: dict) -> A
                        max_steps=req.max_steps or DEFAULT_MAX_STEPS, **common)
 
 
-async def _public_base_url(url: str, settings: Settings) -> str:
-    """The own agent calls `llm.base_url` from the host: only a public https address (or a host
-    the operator allowed), so that a caller cannot make e2a reach its private services."""
+async def checked_base_url(url: str, settings: Settings, field: str = "llm.base_url") -> str:
+    """A caller's own LLM base URL, which e2a will call from the host: https, and every address
+    its host resolves to public, or a host the operator allowed (ssrf.check_url; each connection
+    is checked again). Without a trailing slash. Else 400 invalid_field naming `field`."""
     try:
-        parts = urlsplit(url)
-        port = parts.port or 443
-    except ValueError:  # an unclosed [IPv6], a port that is no number or out of range
-        raise ApiError(400, "invalid_field", "llm.base_url is not a valid URL",
-                       "llm.base_url") from None
-    allowed = {h.strip().lower() for h in settings.llm_private_hosts.split(",") if h.strip()}
-    host = (parts.hostname or "").lower()
-    if host in allowed and parts.scheme in ("http", "https"):
-        return url.rstrip("/")
-    if parts.scheme != "https" or not host:
-        raise ApiError(400, "invalid_field", "llm.base_url must be an https URL", "llm.base_url")
-    try:
-        # the loop's resolver: a slow DNS answer must not hold up every other request
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port,
-                                                             type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        raise ApiError(400, "invalid_field", f"llm.base_url's host {host!r} does not resolve",
-                       "llm.base_url") from None
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
-        if not ip.is_global:
-            raise ApiError(400, "invalid_field", f"llm.base_url's host {host!r} is not a public "
-                           "address", "llm.base_url")
-    return url.rstrip("/")
+        return await ssrf.check_url(url, ssrf.Policy.from_settings(settings))
+    except ssrf.UrlRefused as exc:
+        raise ApiError(400, "invalid_field", exc.about(field), field) from None
 
 
 def task_out(t: Task) -> TaskOut:

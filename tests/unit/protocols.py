@@ -7,12 +7,16 @@ import asyncio
 import os
 
 from e2a.agents.own.llm import ToolSpec
+from e2a.agents.ssrf import Policy
 from e2a.config import Settings
 from e2a.templates import builder, recipes
 
 WRITE = ToolSpec("write_file", "Write a file.", {
     "type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
     "required": ["path", "content"]})
+# The SSRF guard's policy for providers pointed at a server on this host (the mock, a closed
+# port): 127.0.0.1 allowed, as E2A_LLM_PRIVATE_HOSTS=127.0.0.1 would.
+LOCAL = Policy(frozenset({("127.0.0.1", None)}))
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 
 

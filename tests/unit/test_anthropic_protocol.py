@@ -21,7 +21,7 @@ from e2a.agents.own.llm import (AssistantTurn, ProviderError, ToolCall, ToolResu
 from e2a.agents.own.providers.anthropic import (AnthropicProvider, api_root,
                                                 computer_tool_version)
 from e2a.agents.own.tools import computer_spec
-from tests.unit.protocols import PNG, WRITE, agents_prefix, turn
+from tests.unit.protocols import LOCAL, PNG, WRITE, agents_prefix, turn
 
 
 def new_key() -> str:
@@ -29,7 +29,8 @@ def new_key() -> str:
 
 
 def provider(llm_mock, key, model="claude-sonnet-5-5", **kw) -> AnthropicProvider:
-    return AnthropicProvider(model=model, key=key, base_url=llm_mock.url, **kw)
+    return AnthropicProvider(model=model, key=key, base_url=llm_mock.url, policy=LOCAL,
+                             **kw)
 
 
 # ---- e2a's own provider ------------------------------------------------------------------------
@@ -161,7 +162,7 @@ def test_provider_gives_up_after_its_retries(llm_mock):
 
 def test_provider_unreachable_is_a_provider_error():
     p = AnthropicProvider(model="claude-sonnet-5-5", key="k", base_url="http://127.0.0.1:9",
-                          max_retries=0)
+                          policy=LOCAL, max_retries=0)
     with pytest.raises(ProviderError) as err:
         turn(p, [UserText("hi")])
     assert err.value.status is None and "could not be reached" in str(err.value)

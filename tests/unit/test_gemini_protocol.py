@@ -18,7 +18,7 @@ from e2a.agents.clis.gemini_cli import GeminiCli, provider_message
 from e2a.agents.outcome import Outcome
 from e2a.agents.own.llm import ProviderError, ToolResult, UserText
 from e2a.agents.own.providers.gemini import GeminiProvider, split_version
-from tests.unit.protocols import PNG, agents_prefix, turn
+from tests.unit.protocols import LOCAL, PNG, agents_prefix, turn
 
 
 def b64(text: str) -> bytes:
@@ -30,7 +30,7 @@ def new_key() -> str:
 
 
 def provider(llm_mock, key, model="gemini-3-pro-preview", **kw) -> GeminiProvider:
-    return GeminiProvider(model=model, key=key, base_url=llm_mock.url, **kw)
+    return GeminiProvider(model=model, key=key, base_url=llm_mock.url, policy=LOCAL, **kw)
 
 
 # ---- e2a's own provider ------------------------------------------------------------------------
@@ -108,7 +108,7 @@ def test_provider_gives_up_after_its_retries(llm_mock):
 
 def test_provider_unreachable_is_a_provider_error():
     p = GeminiProvider(model="gemini-2.5-pro", key="k", base_url="http://127.0.0.1:9",
-                       max_retries=0)
+                       policy=LOCAL, max_retries=0)
     with pytest.raises(ProviderError) as err:
         turn(p, [UserText("hi")])
     assert err.value.status is None and "could not be reached" in str(err.value)

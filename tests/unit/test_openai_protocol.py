@@ -22,7 +22,7 @@ from e2a.agents.own.llm import AssistantTurn, ProviderError, ToolCall, ToolResul
     UserText
 from e2a.agents.own.providers.openai import (ChatCompletionsProvider, OpenAIResponsesProvider,
                                              chat_messages)
-from tests.unit.protocols import PNG, WRITE, agents_prefix, turn
+from tests.unit.protocols import LOCAL, PNG, WRITE, agents_prefix, turn
 
 WRITE_STEP = {"tool": "write", "args": {"path": "a.txt", "text": "hi"}}
 INVALID = ("Incorrect API key provided: sk-proj-****1234. You can find your API key at "
@@ -58,7 +58,8 @@ def tool_round(make, llm_mock, key):
 # ---- the Responses API (OpenAI) ----------------------------------------------------------------
 
 def responses(llm_mock, key, model="gpt-5", **kw) -> OpenAIResponsesProvider:
-    return OpenAIResponsesProvider(model=model, key=key, base_url=llm_mock.url, **kw)
+    return OpenAIResponsesProvider(model=model, key=key, base_url=llm_mock.url, policy=LOCAL,
+                                   **kw)
 
 
 def test_responses_tool_call_result_and_streamed_answer(llm_mock):
@@ -126,7 +127,7 @@ def test_responses_gives_up_after_its_retries(llm_mock):
 
 def test_responses_unreachable_is_a_provider_error():
     p = OpenAIResponsesProvider(model="gpt-5", key="k", base_url="http://127.0.0.1:9",
-                                max_retries=0)
+                                policy=LOCAL, max_retries=0)
     with pytest.raises(ProviderError) as err:
         turn(p, [UserText("hi")])
     assert err.value.status is None and "could not be reached" in str(err.value)
@@ -135,7 +136,7 @@ def test_responses_unreachable_is_a_provider_error():
 
 def test_responses_base_url_gets_its_version():
     for url in ("https://api.openai.com", "https://api.openai.com/v1/"):
-        p = OpenAIResponsesProvider(model="gpt-5", key="k", base_url=url)
+        p = OpenAIResponsesProvider(model="gpt-5", key="k", base_url=url, policy=LOCAL)
         assert str(p._client.base_url) == "https://api.openai.com/v1/"
         asyncio.run(p.close())
 
@@ -143,7 +144,8 @@ def test_responses_base_url_gets_its_version():
 # ---- Chat Completions (DeepSeek, OpenAI-compatible servers) -------------------------------------
 
 def chat(llm_mock, key, model="deepseek-reasoner", base_url=None) -> ChatCompletionsProvider:
-    return ChatCompletionsProvider(model=model, key=key, base_url=base_url or llm_mock.url)
+    return ChatCompletionsProvider(model=model, key=key, base_url=base_url or llm_mock.url,
+                                   policy=LOCAL)
 
 
 def test_chat_tool_call_result_and_streamed_answer(llm_mock):
@@ -171,7 +173,8 @@ def test_chat_tool_call_result_and_streamed_answer(llm_mock):
 def test_chat_compatible_server_at_its_v1(llm_mock):
     key = new_key()
     llm_mock.scenario(key, final="compatible")
-    p = providers.make("openai", "llama-3.3-70b", key, llm_mock.url + "/v1", compatible=True)
+    p = providers.make("openai", "llama-3.3-70b", key, llm_mock.url + "/v1", policy=LOCAL,
+                       compatible=True)
     assert isinstance(p, ChatCompletionsProvider) and p.vendor == "openai"
     result, deltas = turn(p, [UserText("hi")])
     assert result.message.text == "compatible" and "".join(deltas) == "compatible"

@@ -19,6 +19,7 @@ from e2a.agents.own.llm import AssistantTurn, ToolResult, UserText
 from e2a.config import Settings
 from e2a.sandboxes.manager import Manager
 from tests.e2e.server import llm_mock
+from tests.unit.protocols import LOCAL
 
 pytestmark = pytest.mark.anyio
 
@@ -64,7 +65,7 @@ class Agent:
         self.vendor, self.model, compatible = PROTOCOLS[protocol]
         self.key = f"sk-test-{uuid.uuid4().hex}"
         base = mock.url + "/v1" if compatible else mock.url
-        self.provider = providers.make(self.vendor, self.model, self.key, base,
+        self.provider = providers.make(self.vendor, self.model, self.key, base, policy=LOCAL,
                                        compatible=compatible)
         self.events: list[tuple[str, dict]] = []
         self.history: list = []

@@ -33,11 +33,14 @@ def infer_vendor(model: str | None, key: str) -> str | None:
     return None
 
 
-def make(vendor: str, model: str | None, key: str, base_url: str, *, compatible: bool = False):
+def make(vendor: str, model: str | None, key: str, base_url: str, *, policy,
+         compatible: bool = False):
     """A Provider (own/llm.py) for the vendor's API at `base_url` (its API root; for an
-    OpenAI-compatible server, the URL its users give, usually ending in /v1)."""
+    OpenAI-compatible server, the URL its users give, usually ending in /v1), whose every
+    connection goes through the SSRF guard with `policy` (an e2a.agents.ssrf.Policy)."""
     model = model or DEFAULT_MODELS[vendor]
-    common = dict(model=model, key=key, base_url=base_url, max_retries=4, timeout=600.0)
+    common = dict(model=model, key=key, base_url=base_url, policy=policy, max_retries=4,
+                  timeout=600.0)
     if vendor == "anthropic":
         from e2a.agents.own.providers.anthropic import AnthropicProvider
         return AnthropicProvider(**common)

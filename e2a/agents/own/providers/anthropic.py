@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable
 import anthropic
 import httpx2
 
+from e2a.agents import ssrf
 from e2a.agents.own.llm import (AssistantTurn, Message, ProviderError, ToolCall, ToolResult,
                                 ToolSpec, Turn)
 
@@ -31,16 +32,16 @@ CACHED = {"type": "ephemeral"}
 class AnthropicProvider:
     vendor = "anthropic"
 
-    def __init__(self, *, model: str, key: str, base_url: str, max_retries: int = 4,
-                 timeout: float = 600.0):
+    def __init__(self, *, model: str, key: str, base_url: str, policy: ssrf.Policy,
+                 max_retries: int = 4, timeout: float = 600.0):
         self.model = model
         self.requests = 0
         # The SDK's own client class (it speaks httpx2), hooked so every request it sends,
-        # retries too, is counted.
-        # No redirects: a caller's base_url is checked to be public, and a redirect would take
-        # the host wherever its answer says (loopback, metadata, other sandboxes).
-        self._http = anthropic.DefaultAsyncHttpxClient(event_hooks={"request": [self._count]},
-                                                    follow_redirects=False)
+        # retries too, is counted. Every connection goes through the SSRF guard (a caller's
+        # base_url may resolve to a private address by the time it is called), and no redirect
+        # is followed: it would take the host wherever its answer says.
+        self._http = ssrf.guarded_httpx2_client(policy, anthropic.DefaultAsyncHttpxClient,
+                                                event_hooks={"request": [self._count]})
         # The key is given, so the SDK reads no credentials from e2a's environment.
         self._client = anthropic.AsyncAnthropic(
             api_key=key, base_url=api_root(base_url), max_retries=max_retries,
@@ -67,9 +68,15 @@ class AnthropicProvider:
                         await on_text(event.text)
                 final = await stream.get_final_message()
         except anthropic.APIStatusError as exc:
+            if 300 <= exc.status_code < 400:
+                raise ProviderError(ssrf.redirected(exc.response.headers.get("location")),
+                                    exc.status_code) from None
             status = exc.status_code if exc.status_code >= 400 else STATUSES.get(exc.type or "")
             raise ProviderError(exc.api_message or str(exc), status) from None
         except (anthropic.APIConnectionError, httpx2.HTTPError) as exc:
+            refused = ssrf.refusal(exc)
+            if refused:
+                raise ProviderError(f"e2a did not call Anthropic's API: {refused}") from None
             raise ProviderError(f"Anthropic's API could not be reached ({type(exc).__name__}: "
                                 f"{exc})") from None
         text = "".join(b.text for b in final.content if b.type == "text")

@@ -18,6 +18,7 @@ import httpx
 from google import genai
 from google.genai import errors, types
 
+from e2a.agents import ssrf
 from e2a.agents.own.llm import (AssistantTurn, Message, ProviderError, ToolCall, ToolResult,
                                 ToolSpec, Turn, UserText)
 
@@ -32,14 +33,15 @@ REFUSALS = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII",
 class GeminiProvider:
     vendor = "google"
 
-    def __init__(self, *, model: str, key: str, base_url: str, max_retries: int = 4,
-                 timeout: float = 600.0):
+    def __init__(self, *, model: str, key: str, base_url: str, policy: ssrf.Policy,
+                 max_retries: int = 4, timeout: float = 600.0):
         self.model = model
         self.requests = 0
         self._made_ids: set[str] = set()   # call ids we made up (the model gave none)
-        # Our own httpx client, so every request the SDK sends (retries too) is counted.
-        self._http = httpx.AsyncClient(timeout=timeout,
-                                       event_hooks={"request": [self._count]})
+        # Our own httpx client, so every request the SDK sends (retries too) is counted; its
+        # connections go through the SSRF guard, and it follows no redirect.
+        self._http = ssrf.guarded_httpx_client(policy, timeout=timeout,
+                                               event_hooks={"request": [self._count]})
         base, version = split_version(base_url)
         self._client = genai.Client(api_key=key, http_options=types.HttpOptions(
             base_url=base, api_version=version, timeout=int(timeout * 1000),
@@ -75,8 +77,15 @@ class GeminiProvider:
                         if part.text and not part.thought:
                             await on_text(part.text)
         except errors.APIError as exc:
+            if 300 <= (exc.code or 0) < 400:
+                headers = getattr(exc.response, "headers", None) or {}
+                location = headers.get("location")
+                raise ProviderError(ssrf.redirected(location), exc.code) from None
             raise ProviderError(exc.message or str(exc), exc.code) from None
         except httpx.HTTPError as exc:
+            refused = ssrf.refusal(exc)
+            if refused:
+                raise ProviderError(f"e2a did not call the Gemini API: {refused}") from None
             raise ProviderError(f"the Gemini API could not be reached ({type(exc).__name__}: "
                                 f"{exc})") from None
         text = "".join(p.text for p in parts if p.text and not p.thought)

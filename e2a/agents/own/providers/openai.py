@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import httpx2
 import openai
 
+from e2a.agents import ssrf
 from e2a.agents.own.llm import (AssistantTurn, Message, ProviderError, ToolCall, ToolResult,
                                 ToolSpec, Turn, UserText)
 
@@ -31,15 +32,16 @@ from e2a.agents.own.llm import (AssistantTurn, Message, ProviderError, ToolCall,
 class _Base:
     vendor = "openai"
 
-    def __init__(self, *, model: str, key: str, base_url: str, max_retries: int = 4,
-                 timeout: float = 600.0):
+    def __init__(self, *, model: str, key: str, base_url: str, policy: ssrf.Policy,
+                 max_retries: int = 4, timeout: float = 600.0):
         self.model = model
         self.requests = 0
         # The SDK's own client class, hooked so every request it sends, retries too, counts.
-        # No redirects: a caller's base_url is checked to be public, and a redirect would take
-        # the host wherever its answer says (loopback, metadata, other sandboxes).
-        self._http = openai.DefaultAsyncHttpxClient(event_hooks={"request": [self._count]},
-                                                    follow_redirects=False)
+        # Every connection goes through the SSRF guard (a caller's base_url may resolve to a
+        # private address by the time it is called), and no redirect is followed: it would
+        # take the host wherever its answer says.
+        self._http = ssrf.guarded_httpx2_client(policy, openai.DefaultAsyncHttpxClient,
+                                                event_hooks={"request": [self._count]})
         # Everything given, so the SDK reads nothing (base URL, organization) from e2a's
         # environment.
         self._client = openai.AsyncOpenAI(
@@ -58,8 +60,14 @@ class _Base:
 
     def _failed(self, exc: Exception) -> ProviderError:
         if isinstance(exc, openai.APIStatusError):
+            if 300 <= exc.status_code < 400:
+                return ProviderError(ssrf.redirected(exc.response.headers.get("location")),
+                                     exc.status_code)
             body = exc.body if isinstance(exc.body, dict) else {}
             return ProviderError(str(body.get("message") or exc.message), exc.status_code)
+        refused = ssrf.refusal(exc)
+        if refused:
+            return ProviderError(f"e2a did not call {self.vendor}'s API: {refused}")
         if isinstance(exc, (openai.APIConnectionError, httpx2.HTTPError)):
             return ProviderError(f"{self.vendor}'s API could not be reached "
                                  f"({type(exc).__name__}: {exc})")
@@ -127,10 +135,10 @@ class OpenAIResponsesProvider(_Base):
 
 
 class ChatCompletionsProvider(_Base):
-    def __init__(self, *, model: str, key: str, base_url: str, max_retries: int = 4,
-                 timeout: float = 600.0):
-        super().__init__(model=model, key=key, base_url=base_url, max_retries=max_retries,
-                         timeout=timeout)
+    def __init__(self, *, model: str, key: str, base_url: str, policy: ssrf.Policy,
+                 max_retries: int = 4, timeout: float = 600.0):
+        super().__init__(model=model, key=key, base_url=base_url, policy=policy,
+                         max_retries=max_retries, timeout=timeout)
         self.vendor = "deepseek" if "deepseek" in (urlsplit(base_url).hostname or "") \
             or model.startswith("deepseek") else "openai"
 
