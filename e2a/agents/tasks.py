@@ -61,6 +61,9 @@ class AgentConfig:
     max_steps: int = 50
     task_timeout: float | None = None
     keep_after: float = 0.0
+    # held by a session (e2a/sessions): kept between tasks until the session ends it
+    session: bool = False
+    capabilities: tuple[str, ...] | None = None   # the own agent's tools (a session's)
 
     def __repr__(self) -> str:  # never the key, whatever logs a config
         return f"AgentConfig(agent={self.agent!r}, vendor={self.vendor!r}, model={self.model!r})"
@@ -76,6 +79,9 @@ class AgentSession:
     grant: Grant | None = None        # the egress proxy's, for a CLI
     address: str = ""                 # the sandbox's address, which the grant is under
     provider: Any = None              # the own agent's
+    own_run: Any = None               # its run in progress (loop.OwnRun), if any
+    retired_requests: int = 0         # requests of providers replaced by rekey()
+    retired: list = field(default_factory=list)  # those, closed when the task ends
     history: list = field(default_factory=list)  # the own agent's conversation
     task_id: str | None = None        # the latest task
     run: asyncio.Task | None = None
@@ -119,12 +125,13 @@ class Tasks:
     async def stop(self) -> None:
         if self._hold:
             self._hold.cancel()
+        stopping = []
         for s in list(self.agents.values()):
             if s.running:
                 s.ending, s.ending_error = "failed", "e2a stopped while the task ran"
-                s.run.cancel()
-        await asyncio.gather(*(s.run for s in self.agents.values() if s.run),
-                             *self._background, return_exceptions=True)
+                stopping.append(self._stop_run(s))
+        await asyncio.gather(*stopping, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.egress.stop()
 
     async def _fail_orphans(self) -> None:
@@ -158,9 +165,7 @@ class Tasks:
         s = AgentSession(sandbox_id=sandbox_id, user_id=user_id, template=template,
                          config=config, cli=cli)
         if cli is None:
-            from e2a.agents.own import providers
-            s.provider = providers.make(config.vendor, config.model, config.key, config.base_url,
-                                        policy=self.policy, compatible=config.compatible)
+            s.provider = self._provider(config)
         async with self.sessions() as db:
             last = (await db.execute(select(func.max(TaskEvent.seq)).where(
                 TaskEvent.sandbox_id == sandbox_id))).scalar()
@@ -168,8 +173,43 @@ class Tasks:
         self.agents[sandbox_id] = s
         return s
 
+    def _provider(self, config: AgentConfig):
+        from e2a.agents.own import providers
+        return providers.make(config.vendor, config.model, config.key, config.base_url,
+                              policy=self.policy, compatible=config.compatible)
+
     def session(self, sandbox_id: str) -> AgentSession | None:
         return self.agents.get(sandbox_id)
+
+    def rekey(self, sandbox_id: str, key: str, *, vendor: str, model: str | None,
+              base_url: str, compatible: bool) -> None:
+        """New LLM values for a sandbox's agent, without a restart (a session's secret bundle
+        was replaced): the next request to the provider uses them, also mid-task. A request in
+        flight finishes on the old ones."""
+        s = self.agents.get(sandbox_id)
+        if s is None or s.gone:
+            return
+        c = s.config
+        c.key, c.model = key, model or c.model
+        if s.cli is not None:  # a CLI's vendor is its own; the proxy's grant holds the key
+            c.base_url = base_url
+            if s.grant is not None:
+                s.grant.key, s.grant.upstream = key, base_url or None
+            return
+        c.vendor, c.base_url, c.compatible = vendor, base_url, compatible
+        old, s.provider = s.provider, self._provider(c)
+        if s.own_run is not None:
+            s.own_run.provider = s.provider
+        if old is not None:
+            s.retired_requests += old.requests
+            s.retired.append(old)  # its request in flight, if any, finishes on it
+            if not s.running:
+                self._close_retired(s)
+
+    def _close_retired(self, s: AgentSession) -> None:
+        for provider in s.retired:
+            self._in_background(provider.close())
+        s.retired.clear()
 
     async def submit(self, sandbox_id: str, prompt: str, model: str | None = None,
                      timeout: float | None = None) -> Task:
@@ -198,20 +238,31 @@ class Tasks:
             raise
         s.task_id, s.keep_until, s.ending, s.ending_error = task.id, None, None, None
         follow_up = s.tasks_done > 0
+        await self.emit(s, "task_started", {"task_id": task.id, "agent": s.config.agent,
+                                            "model": model})
         s.run = asyncio.create_task(self._run(s, task.id, prompt, model, follow_up,
                                               timeout or s.config.task_timeout),
                                     name=f"task {task.id}")
         return task
 
-    async def cancel(self, sandbox_id: str) -> bool:
+    async def cancel(self, sandbox_id: str, why: str = "cancelled through the API") -> bool:
         """Cancel the running task; False if none runs."""
         s = self.agents.get(sandbox_id)
         if s is None or not s.running:
             return False
-        s.ending, s.ending_error = "cancelled", "cancelled through the API"
-        s.run.cancel()
-        await asyncio.wait([s.run])
+        s.ending, s.ending_error = "cancelled", why
+        await self._stop_run(s)
         return True
+
+    async def _stop_run(self, s: AgentSession) -> None:
+        """Cancel a running task's run and wait for its end. A run cancelled before it ran a
+        line (a cancel right after the submit) never reached its own ending: it gets it here."""
+        run = s.run
+        run.cancel()
+        await asyncio.wait([run])
+        if s.running and s.run is run:
+            await self._finish(s, s.task_id, s.ending or "cancelled",
+                               s.ending_error or "cancelled", Outcome(), 0)
 
     async def latest(self, sandbox_id: str) -> Task | None:
         async with self.sessions() as db:
@@ -222,13 +273,13 @@ class Tasks:
 
     async def _run(self, s: AgentSession, task_id: str, prompt: str, model: str | None,
                    follow_up: bool, timeout: float | None) -> None:
+        """The task to its end. Whatever ends it (a cancel at any await included) ends in
+        _finish; a run cancelled before it ran at all is finished by _stop_run."""
         outcome = Outcome()
         requests_before = self._requests(s)
         state, error = "failed", None
-        await self.emit(s, "task_started", {"task_id": task_id, "agent": s.config.agent,
-                                            "model": model})
-        await self._update(task_id, state="running")
         try:
+            await self._update(task_id, state="running")
             work = (self._run_cli(s, prompt, model, follow_up, outcome) if s.cli
                     else self._run_own(s, prompt, outcome))
             await asyncio.wait_for(work, timeout)
@@ -245,14 +296,19 @@ class Tasks:
         except Exception as exc:  # a bug of ours must still end the task, with its reason
             log.exception("task %s failed", task_id)
             error = f"e2a failed running the agent: {type(exc).__name__}: {exc}"
+        await self._finish(s, task_id, state, error, outcome, self._requests(s) - requests_before)
+
+    async def _finish(self, s: AgentSession, task_id: str, state: str, error: str | None,
+                      outcome: Outcome, requests: int) -> None:
         s.tasks_done += 1
         ended = {"state": state, "result": outcome.result, "error": error,
-                 "llm_requests": self._requests(s) - requests_before,
-                 "input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens}
+                 "llm_requests": requests, "input_tokens": outcome.input_tokens,
+                 "output_tokens": outcome.output_tokens}
         await self.emit(s, "task_finished", {"task_id": task_id, **ended})
         await self._flush(s)
         await self._update(task_id, ended_at=utcnow(), **ended)
         s.running = False
+        self._close_retired(s)
         async with s.changed:
             s.changed.notify_all()
         self._after_task(s)
@@ -260,6 +316,9 @@ class Tasks:
     def _after_task(self, s: AgentSession) -> None:
         if s.gone:  # the sandbox is stopping already: the session goes with it
             self.agents.pop(s.sandbox_id, None)
+            return
+        if s.config.session:  # the session decides when its sandbox ends
+            self.host.touch(s.sandbox_id)
             return
         if s.config.keep_after > 0:
             s.keep_until = time.monotonic() + s.config.keep_after
@@ -270,7 +329,7 @@ class Tasks:
     def _requests(self, s: AgentSession) -> int:
         if s.grant is not None:
             return s.grant.requests
-        return getattr(s.provider, "requests", 0) if s.provider is not None else 0
+        return s.retired_requests + (s.provider.requests if s.provider is not None else 0)
 
     async def _run_cli(self, s: AgentSession, prompt: str, model: str | None, follow_up: bool,
                        outcome: Outcome) -> None:
@@ -278,7 +337,9 @@ class Tasks:
         # The grant holds only while a task runs: between tasks the sandbox's code cannot spend
         # the key. The placeholder stays the same, for CLIs that keep their key in a config.
         if s.grant is None:
-            s.grant = self.egress.grant(sandbox_ip, s.cli.vendor, s.config.key)
+            # a session's own API root for the CLI's vendor (checked by the SSRF guard), if any
+            s.grant = self.egress.grant(sandbox_ip, s.cli.vendor, s.config.key,
+                                        upstream=s.config.base_url or None)
             s.address = sandbox_ip
         else:
             self.egress.allow(sandbox_ip, s.grant)
@@ -355,12 +416,17 @@ class Tasks:
 
         # the desktop's size, if any, the computer tool asks envd itself (a create-time
         # resolution included)
-        result = await loop.run(loop.OwnRun(
+        s.own_run = loop.OwnRun(
             sandbox_id=s.sandbox_id, template=s.template, host=self.host, provider=s.provider,
             task=prompt, emit=lambda kind, data: self.emit(s, kind, data),
             system_prompt=s.config.system_prompt, extra_tools=s.config.tools,
             max_steps=s.config.max_steps, history=s.history,
-            human_in_control=self.human_in_control, outcome=outcome))
+            human_in_control=self.human_in_control, outcome=outcome,
+            capabilities=s.config.capabilities)
+        try:
+            result = await loop.run(s.own_run)
+        finally:
+            s.own_run = None
         if result.succeeded is None:
             outcome.succeeded = result.error is None
 
@@ -376,11 +442,12 @@ class Tasks:
             self.egress.revoke(s.address)
         if s.provider is not None:
             self._in_background(s.provider.close())
+        self._close_retired(s)
         s.config.key = ""
         if s.running:
             s.ending = "cancelled" if reason is EndReason.DELETED else "failed"
             s.ending_error = f"the sandbox ended ({reason.value}) while the task ran"
-            s.run.cancel()
+            self._in_background(self._stop_run(s))
         else:
             self.agents.pop(sandbox_id, None)
 
@@ -393,7 +460,8 @@ class Tasks:
             for s in list(self.agents.values()):
                 if s.gone:
                     continue
-                if s.running or (s.keep_until is not None and now < s.keep_until):
+                if s.running or s.config.session or (s.keep_until is not None
+                                                     and now < s.keep_until):
                     self.host.touch(s.sandbox_id)
                 elif s.keep_until is not None:
                     s.keep_until = None
@@ -408,8 +476,9 @@ class Tasks:
 
     async def emit(self, s: AgentSession, kind: str, data: dict) -> None:
         """Number and store one event; followers see it within FLUSH_EVERY."""
-        s.pending.append(TaskEvent(sandbox_id=s.sandbox_id, seq=s.next_seq, task_id=s.task_id,
-                                   type=kind, data=data, at=utcnow()))
+        # task_id "": an event of a session outside any task (e.g. an error of its secrets)
+        s.pending.append(TaskEvent(sandbox_id=s.sandbox_id, seq=s.next_seq,
+                                   task_id=s.task_id or "", type=kind, data=data, at=utcnow()))
         s.next_seq += 1
         if s.flusher is None or s.flusher.done():
             s.flusher = asyncio.create_task(self._flush_soon(s))

@@ -32,6 +32,7 @@ class EndReason(str, enum.Enum):
     SERVER_RESTART = "server_restart"  # not alive (or not finished booting) when e2a restarted
     CREATE_FAILED = "create_failed"    # a step of its create failed; nothing of it is left
     TASK_FINISHED = "task_finished"    # its agent's task ended (docs/agents.md)
+    SESSION_ENDED = "session_ended"    # the agent session it served ended (docs/sessions.md)
 
 
 LIVE = frozenset({State.CREATING, State.CONFIGURING, State.BOOTING, State.RUNNING, State.PAUSED,

@@ -58,6 +58,8 @@ class OwnRun:
     human_in_control: Callable[[str], bool] = lambda sid: False
     # filled in as the run goes (so a cancelled run's tokens still count); one of its own if None
     outcome: Outcome | None = None
+    # a session's capability sets (tools.CAPABILITIES); None: every tool the template has
+    capabilities: tuple[str, ...] | None = None
 
 
 CANVAS = """Your canvas is /home/user/canvas: a person watches its index.html live (it \
@@ -69,7 +71,7 @@ def system_prompt(specs: list[ToolSpec], extra: str | None, template: str = "") 
     notes = [note for name, note in TOOL_NOTES.items() if name in names]
     notes += [s.name for s in specs if s.name not in TOOL_NOTES
               and s.name not in ("write_file", "edit_file", "list_files")]
-    text = SYSTEM.format(tools="; ".join(notes))
+    text = SYSTEM.format(tools="; ".join(notes) or "none")
     recipe = recipes.load(template) if template else None
     if recipe is not None and "canvas" in recipe.endpoints:
         text += "\n\n" + CANVAS
@@ -81,7 +83,7 @@ async def run(r: OwnRun) -> Outcome:
     a running command is killed on the way out)."""
     outcome = r.outcome if r.outcome is not None else Outcome()
     tools = Toolbox(r.host, r.sandbox_id, r.template, r.emit, list(r.extra_tools or ()),
-                    r.display, r.human_in_control)
+                    r.display, r.human_in_control, r.capabilities)
     try:
         specs = await tools.specs()
         system = system_prompt(specs, r.system_prompt, r.template)

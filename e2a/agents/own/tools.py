@@ -14,7 +14,7 @@ import base64
 import contextlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Collection
 
 import aiohttp
 
@@ -113,6 +113,8 @@ POINT = {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems
 
 # Names the caller's tools may not take (create refuses them).
 BUILT_IN = ("shell", "read_file", "write_file", "edit_file", "list_files", "browser", "computer")
+# A session's capability sets, each a group of the tools above (docs/sessions.md).
+CAPABILITIES = ("shell", "files", "browser", "computer")
 
 
 def computer_spec(display: tuple[int, int]) -> ToolSpec:
@@ -247,19 +249,24 @@ class Toolbox:
 
     def __init__(self, host: SandboxHost, sandbox_id: str, template: str, emit: Emit,
                  extra_tools: list[dict] = (), display: tuple[int, int] | None = None,
-                 human_in_control: Callable[[str], bool] = lambda sid: False):
+                 human_in_control: Callable[[str], bool] = lambda sid: False,
+                 capabilities: Collection[str] | None = None):
         self.host, self.sid, self.emit = host, sandbox_id, emit
         self.human_in_control = human_in_control
+        # a session's capability sets (docs/sessions.md); None: every tool the template has
+        allowed = set(CAPABILITIES if capabilities is None else capabilities)
+        self.shell, self.files = "shell" in allowed, "files" in allowed
         recipe = recipes.load(template)
         endpoints = recipe.endpoints if recipe else {}
-        self.cdp_port = endpoints.get("cdp")
-        self.desktop = "vnc_view" in endpoints
+        self.cdp_port = endpoints.get("cdp") if "browser" in allowed else None
+        self.desktop = "vnc_view" in endpoints and "computer" in allowed
         self.display = display
         self.extra = {t["name"]: t for t in extra_tools}
         self.browser: _Browser | None = None
 
     async def specs(self) -> list[ToolSpec]:
-        tools = [SHELL, READ_FILE, WRITE_FILE, EDIT_FILE, LIST_FILES]
+        tools = ([SHELL] if self.shell else []) + (
+            [READ_FILE, WRITE_FILE, EDIT_FILE, LIST_FILES] if self.files else [])
         if self.cdp_port:
             tools.append(BROWSER)
         if self.desktop:
@@ -275,10 +282,12 @@ class Toolbox:
                 raise ToolError("the arguments must be a JSON object")
             if call.name in self.extra:
                 return await self._extra(call.id, self.extra[call.name], args)
-            if call.name == "shell":
-                return await self._shell(call.id, args)
-            handlers = {"read_file": self._read_file, "write_file": self._write_file,
-                        "edit_file": self._edit_file, "list_files": self._list_files}
+            handlers = {}
+            if self.shell:
+                handlers["shell"] = lambda a: self._shell(call.id, a)
+            if self.files:
+                handlers.update(read_file=self._read_file, write_file=self._write_file,
+                                edit_file=self._edit_file, list_files=self._list_files)
             if self.cdp_port:
                 handlers["browser"] = self._browser
             if self.desktop:
