@@ -6,7 +6,7 @@ CACHE   ?= /var/cache/e2a
 E2A_URL ?= http://127.0.0.1:8080
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: up deps venv build envd runsc rclone templates serve stop test test-unit test-guest test-e2e bench bench-templates bench-workspaces bench-agents openapi clean
+.PHONY: up deps venv build envd runsc rclone templates serve stop test test-unit test-guest test-e2e bench bench-templates bench-workspaces bench-agents openapi asyncapi clean
 
 up: build templates
 	@$(BIN)/e2a admin bootstrap
@@ -44,6 +44,9 @@ stop:
 
 openapi: venv
 	$(BIN)/python -m e2a.api.openapi > docs/openapi.json
+
+asyncapi: venv
+	$(BIN)/python -m e2a.api.session_protocol > docs/sessions.asyncapi.json
 
 test: build templates
 	scripts/test-services.sh

@@ -11,14 +11,16 @@ from e2a import __version__, auth
 from e2a.agents import ssrf
 from e2a.agents.egress import Egress
 from e2a.agents.tasks import Tasks
-from e2a.api import (browser, canvas, desktop, errors, proxy, sandboxes, secrets, tasks,
-                     templates, workspaces)
+from e2a.api import (browser, canvas, desktop, errors, proxy, sandboxes, secrets, sessions,
+                     tasks, templates, workspaces)
 from e2a.api.access import AccessTokens
 from e2a.api.guard import RequestGuard
 from e2a.config import Settings
 from e2a.sandboxes.manager import Manager, StartupError, retry
 from e2a.secrets.bundles import Bundles
 from e2a.secrets.crypto import SecretBox, SecretsKeyError
+from e2a.sessions.service import Sessions
+from e2a.sessions.tokens import SessionTokens
 from e2a.store import db as store
 
 log = logging.getLogger("e2a")
@@ -92,10 +94,15 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
             await manager.stop()
             await engine.dispose()
             raise
+        app.state.chat_sessions = Sessions(
+            app.state.sessions, manager, manager.catalog, app.state.tasks, app.state.secrets,
+            SessionTokens(manager.keys), settings, check_url=sessions.url_guard(settings))
+        await app.state.chat_sessions.start()
         log.info("e2a %s serving on %s:%s", __version__, settings.host, settings.port)
         try:
             yield
         finally:
+            await app.state.chat_sessions.stop()
             await app.state.tasks.stop()
             await manager.stop()
             await engine.dispose()
@@ -121,6 +128,7 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
     app.include_router(workspaces.router)
     app.include_router(secrets.router)
     app.include_router(tasks.router)
+    app.include_router(sessions.router)
     desktop.mount_novnc(app)
 
     @app.get("/health", tags=["service"])

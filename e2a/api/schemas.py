@@ -302,3 +302,119 @@ class TaskEventsOut(BaseModel):
     next: int
     # true once the task is over and every event of it has been returned
     done: bool
+
+
+# ---- sessions (docs/sessions.md) -----------------------------------------------------------
+
+CAPABILITIES = ("shell", "files", "browser", "computer")
+
+
+class SessionAgent(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(default="deictic", max_length=64,
+                      description="deictic (also e2a: e2a's own agent), claude-code, codex or "
+                                  "gemini-cli")
+    version: str | None = Field(default=None, max_length=64,
+                                description="null or latest: the one installed; else it must "
+                                            "be that version")
+
+
+class SessionLlm(LlmRequest):
+    """The provider; each part wins over the secret bundles' LLM_* value."""
+
+    api_key: str | None = Field(default=None, min_length=1, max_length=4096)
+
+
+class SessionApp(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: ScopeName = scope.DEFAULT
+    set_id: ScopeName = scope.DEFAULT
+    capability_sets: list[Literal["shell", "files", "browser", "computer"]] | None = Field(
+        default=None, max_length=len(CAPABILITIES),
+        description="the agent's tools; null: all that the template offers")
+
+
+class CreateSession(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    agent: SessionAgent = Field(default_factory=SessionAgent)
+    template: str = Field(default="standard", max_length=64)
+    llm: SessionLlm = Field(default_factory=SessionLlm)
+    secrets: list[Annotated[str, Field(max_length=63)]] = Field(default_factory=list,
+                                                                 max_length=100)
+    app: SessionApp = Field(default_factory=SessionApp)
+    user_id: ScopeName = Field(description="the tenant's own end user: with app.id and "
+                                            "app.set_id, the scope of the session's workspace")
+    ttl_seconds: int = Field(default=3600, ge=60, le=MAX_LIFETIME)
+    system_prompt: str | None = Field(default=None, max_length=100_000)
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] = Field(
+        default_factory=dict, max_length=50)
+
+
+class SessionTicket(BaseModel):
+    chat_session_id: str
+    jwt: str = Field(description="authorises the WebSocket (and nothing else) until expires_at")
+    connect_url: str
+    expires_at: datetime
+
+
+class SessionTokenOut(BaseModel):
+    jwt: str
+    expires_at: datetime
+
+
+class SessionAgentOut(BaseModel):
+    kind: str
+    version: str
+
+
+class SessionLlmOut(BaseModel):
+    vendor: str
+    model: str | None
+
+
+class SessionAppOut(BaseModel):
+    id: str
+    set_id: str
+    capability_sets: list[str]
+
+
+class SessionTaskOut(BaseModel):
+    task_id: str
+    state: str
+
+
+class SessionUsage(BaseModel):
+    tasks: int
+    llm_requests: int
+    input_tokens: int = Field(description="counted for the user to see; never billed")
+    output_tokens: int
+    events: int
+    seconds: float = Field(description="how long the session has been (or was) active")
+
+
+class SessionOut(BaseModel):
+    chat_session_id: str
+    state: Literal["active", "ended"]
+    user_id: str
+    agent: SessionAgentOut
+    template: str
+    llm: SessionLlmOut
+    app: SessionAppOut
+    secrets: list[str]
+    vm_id: str | None
+    workspace_id: str | None
+    connected: bool
+    task: SessionTaskOut | None
+    created_at: datetime
+    expires_at: datetime
+    ended_at: datetime | None
+    end_reason: str | None
+    metadata: dict
+    usage: SessionUsage
+
+
+class SessionsOut(BaseModel):
+    sessions: list[SessionOut]

@@ -135,6 +135,36 @@ class TaskEvent(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class ChatSession(Base):
+    """A conversation with an agent in one sandbox, over a WebSocket (docs/sessions.md). No key
+    is here: the LLM key is in the secret bundles (encrypted) or, given inline, in memory only."""
+
+    __tablename__ = "chat_sessions"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    # the tenant's end user; with app_id and set_id, the workspace's scope
+    end_user_id: Mapped[str] = mapped_column(String(64), index=True)
+    app_id: Mapped[str] = mapped_column(String(64))
+    set_id: Mapped[str] = mapped_column(String(64))
+    capability_sets: Mapped[list] = mapped_column(JSON)
+    agent: Mapped[str] = mapped_column(String(32))
+    agent_version: Mapped[str] = mapped_column(String(32))
+    template: Mapped[str] = mapped_column(String(32))
+    vendor: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    secrets: Mapped[list] = mapped_column(JSON)  # bundle names, never values
+    metadata_: Mapped[dict] = mapped_column("metadata", JSON, default=dict)
+    sandbox_id: Mapped[str | None] = mapped_column(ForeignKey("sandboxes.id"), index=True,
+                                                   nullable=True)
+    # active | ended
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # ttl_expired | deleted | sandbox_ended | server_restart
+    end_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
 class SecretBundle(Base):
     """A tenant's named set of secrets (an LLM key, its base URL, ...), docs/secrets.md. The
     values are only in `ciphertext`: Fernet over {"user_id", "name", "values"}, so a row's

@@ -80,6 +80,19 @@ def tool_results(messages: list) -> list[dict]:
             if b.get("type") == "tool_result"]
 
 
+def current_task(scenario: dict, messages: list) -> tuple[dict, list]:
+    """A conversation of several tasks (a session's): with `tasks` (one scenario per task),
+    the scenario of the latest task, told by how many prompts the user has sent, and the
+    messages since that prompt. Without it, the scenario and the whole conversation."""
+    if "tasks" not in scenario:
+        return scenario, messages
+    prompts = [i for i, m in enumerate(messages) if m.get("role") == "user"
+               and any(b.get("type") == "text" for b in blocks(m.get("content")))]
+    tasks = scenario["tasks"]
+    current = tasks[min(max(len(prompts) - 1, 0), len(tasks) - 1)]
+    return current, messages[prompts[-1]:] if prompts else messages
+
+
 def result_text(result: dict) -> str:
     return "".join(b.get("text", "") for b in blocks(result.get("content"))
                    if b.get("type") == "text")
@@ -122,7 +135,8 @@ def message(body: dict, scenario: dict | None) -> dict:
         content = [{"type": "text", "text": "OK"}]
         stop = "end_turn"
     else:
-        results = tool_results(body.get("messages") or [])
+        scenario, messages = current_task(scenario, body.get("messages") or [])
+        results = tool_results(messages)
         step = next_step(scenario, len(results))
         if step is not None:
             name, args = tool_call(step, offered(body))

@@ -5,6 +5,7 @@ Run: `python -m tests.llm_mock --port N` (127.0.0.1). Control routes, for tests:
     POST /_mock/scenarios {"key": K, "scenario": {...}}   answer requests carrying key K so
     GET  /_mock/requests[?key=K]                          the requests seen (headers, body, key)
     POST /_mock/reset
+    ANY  /_mock/redirect-to/PORT/PATH                    307 to http://localhost:PORT/PATH
 
 A request whose key has no scenario gets the provider's 401, so a placeholder that leaked
 through the egress proxy unreplaced fails loudly.
@@ -25,6 +26,9 @@ A scenario (all fields optional):
     hang: true: the request is answered only after `hang_seconds` (default 3600) — for cancel
         and timeouts.
     delay: seconds to wait before each answer (default 0).
+    tasks: [{steps, final}, ...] (Anthropic's protocol only): one script per task of a
+        conversation that goes on over several tasks (a session), chosen by the number of
+        prompts in it; its steps are counted from the latest prompt.
 """
 
 from __future__ import annotations
@@ -122,7 +126,15 @@ def app() -> Starlette:
         mock.counts.clear()
         return JSONResponse({"ok": True})
 
+    async def redirect(request: Request) -> Response:
+        # a provider that sends its callers elsewhere (the SSRF tests: a redirect to a private
+        # address must not be followed)
+        target = f"http://localhost:{request.path_params['port']}/{request.path_params['path']}"
+        return Response(status_code=307, headers={"location": target})
+
     routes = [Route("/_mock/scenarios", set_scenario, methods=["POST"]),
+              Route("/_mock/redirect-to/{port:int}/{path:path}", redirect,
+                    methods=["GET", "POST"]),
               Route("/_mock/requests", requests), Route("/_mock/reset", reset, methods=["POST"])]
     for module in (anthropic, openai, gemini):
         routes += module.routes(mock)

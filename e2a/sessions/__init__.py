@@ -1,0 +1,1 @@
+"""Agent sessions: a conversation with an agent in one sandbox, over a WebSocket (docs/sessions.md)."""
