@@ -152,7 +152,8 @@ def asyncapi() -> dict:
                 "token), 404 (no such session), 410 (the session has ended). Close codes: "
                 f"{ENDED} the session ended (reason: ttl_expired, deleted, sandbox_ended, "
                 f"server_restart), {TAKEN_OVER} taken over by a newer connection to the same "
-                "session, 1009 a message over 4 MiB.")},
+                "session, 1009 a message over 4 MiB, 1012 e2a is stopping (the session "
+                "ends: server_restart).")},
         "servers": {"e2a": {"host": "localhost:8080", "protocol": "ws",
                             "description": "wss behind TLS"}},
         "channels": {"session": {

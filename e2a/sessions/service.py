@@ -150,12 +150,9 @@ class Sessions:
         self._ttl = asyncio.create_task(self._ttl_loop(), name="session TTLs")
 
     async def stop(self) -> None:
+        # (uvicorn has closed the WebSockets already, with 1012: service restart)
         if self._ttl:
             self._ttl.cancel()
-        for live in list(self.live.values()):
-            if live.connection is not None:
-                with contextlib.suppress(Exception):
-                    await live.connection.close(code=1001, reason="e2a is stopping")
         await asyncio.gather(*self._background, return_exceptions=True)
 
     async def _ttl_loop(self) -> None:

@@ -202,3 +202,41 @@ def test_a_restart_ends_a_running_agent_task(restart_server, llm_mock):
         events, _, done = c.task_events(vm)
         assert done and events[-1].type == "task_finished"  # followers see the end too
         assert events[-1].data["state"] == "failed"
+
+
+def test_a_restart_ends_active_sessions(restart_server, llm_mock):
+    """A session's inline key and its conversation were in memory: a restart ends it
+    (server_restart), closes its WebSocket (1012, service restart), destroys its sandbox, and
+    its JWT opens nothing any more (410)."""
+    import json
+
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+    from websockets.sync.client import connect
+
+    srv = restart_server
+    srv.start()
+    key = "sk-ant-restart-" + srv.instance
+    llm_mock.scenario(key, final="ok")
+    with E2A(srv.url, srv.create_user("session-restart@example.com")) as c:
+        r = c._http.post("/v1/sessions", json={"user_id": "u1", "llm": {
+            "api_key": key, "model": "claude-sonnet-5-5"}}, timeout=120)
+        assert r.status_code == 201, r.text
+        ticket = r.json()
+        ws = connect(ticket["connect_url"], open_timeout=30,
+                     additional_headers={"Authorization": f"Bearer {ticket['jwt']}"})
+        assert json.loads(ws.recv(30))["type"] == "ready"
+        vm = c._http.get(f"/v1/sessions/{ticket['chat_session_id']}").json()["vm_id"]
+        srv.stop()
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(30)
+        assert closed.value.rcvd.code == 1012
+        srv.start()
+        got = c._http.get(f"/v1/sessions/{ticket['chat_session_id']}").json()
+        assert got["state"] == "ended" and got["end_reason"] == "server_restart"
+        wait_for(lambda: c.get_sandbox(vm).state == "destroyed", timeout=60)
+        assert c.get_sandbox(vm).end_reason == "server_restart"
+        with pytest.raises(InvalidStatus) as refused:
+            connect(ticket["connect_url"], open_timeout=30,
+                    additional_headers={"Authorization": f"Bearer {ticket['jwt']}"})
+        assert refused.value.response.status_code == 410
+    srv.stop()
