@@ -24,6 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from tests.conftest import wait_for
+from tests.e2e import agents
 
 MODEL = "claude-sonnet-5-5"
 
@@ -534,5 +535,6 @@ def test_a_cli_agent_session_continues_its_conversation(http, alice, llm_mock):
     assert "write cli.txt" in last and "and now say done" in last
     assert alice.files.read_text(got["vm_id"], "/home/user/cli.txt") == "from the cli\n"
     assert key not in json.dumps(first + second)
+    assert agents.search(alice, got["vm_id"], key) == (0, 0, 0)  # nowhere in the sandbox
     c.close()
     http.delete(f"/v1/sessions/{ticket['chat_session_id']}")
