@@ -1,6 +1,6 @@
 """The ``e2a`` command line: ``main`` is the root click group.
 
-Client-side commands (``sandbox``, ``task``, ``files``, ``workspaces``) live here and talk to the server through ``e2a.sdk``.
+Client-side commands (``sandbox``, ``task``, ``files``, ``workspaces``, ``sessions``, ``secrets``) live here and talk to the server through ``e2a.sdk``.
 Server-side commands (``serve``, ``admin ...``) live in ``e2a.server_cli`` and are loaded only when
 one of them runs: help lists them by the names and short help in ``SERVER_COMMANDS``, so a client
 command (or ``--help``) never imports the server's dependencies (SQLAlchemy, FastAPI, uvicorn, ...).
@@ -13,6 +13,7 @@ import codecs
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -585,6 +586,8 @@ class _EventPrinter:
             self.text(str(d.get("text", "")), style="dim" if kind == "stdout" else "yellow")
         elif kind == "cli":
             self.cli(d)
+        elif kind == "error" and ("code" in d or "message" in d):
+            self.text(f"error: {d.get('code', '?')}: {d.get('message', '')}", style="red")
         else:
             self.text(f"[{kind}] {_compact(d)}", style="dim")
 
@@ -1071,6 +1074,300 @@ def workspaces_download(ctx, workspace_id, path, local):
     n = _client(ctx).download_workspace_file_to(workspace_id, path, dest)
     if local != "-":
         click.echo(f"{local} ({n} bytes)", err=True)
+
+
+# ====================================================================== sessions
+
+
+@main.group("sessions")
+def sessions_group() -> None:
+    """Agent sessions: an end user's conversation with an agent in a sandbox, over a WebSocket."""
+
+
+def _session_llm_key(agent: str, key_env: str | None, model: str | None, vendor: str | None,
+                     secrets: tuple[str, ...]) -> str | None:
+    """The LLM key to send, from the environment only (never an argument): the variable named by
+    --llm-key-env; else none if a secret bundle is named (it holds the key); else the agent's
+    usual variable."""
+    if key_env:
+        key = os.environ.get(key_env, "").strip()
+        if not key:
+            raise click.UsageError(f"the environment variable {key_env} holds no LLM key: export your key there")
+        return key
+    if secrets:
+        return None
+    name = _key_env(agent, model, vendor)
+    if name is None:
+        return None  # an agent unknown here: the server says which agents there are
+    key = os.environ.get(name, "").strip()
+    if not key:
+        raise click.UsageError(f"no LLM key for {agent}: name a secret bundle that holds LLM_API_KEY with "
+                               f"--secret (see e2a secrets put), or export your key in {name} (or name "
+                               "another variable with --llm-key-env)")
+    return key
+
+
+@sessions_group.command("create")
+@click.option("--user-id", required=True, help="The end user the session is for.")
+@click.option("--agent", default="deictic", show_default=True,
+              help="deictic (e2a's own agent, alias e2a), claude-code, codex or gemini-cli.")
+@click.option("--version", "agent_version", help="The agent's version: latest or an exact one (default: e2a's pin).")
+@click.option("--template", default="standard", show_default=True, help="standard, browser, cua or canvas.")
+@click.option("--secret", "secrets", multiple=True, metavar="NAME",
+              help="A secret bundle with the LLM settings (LLM_API_KEY, LLM_BASE_URL, LLM_MODEL, LLM_VENDOR); "
+                   "repeatable. See e2a secrets put.")
+@click.option("--llm-key-env", metavar="NAME",
+              help="Environment variable holding the LLM key (wins over the bundles'). The key itself is "
+                   "never an argument. Default, without --secret: the agent's usual variable.")
+@click.option("--vendor", type=click.Choice(["anthropic", "openai", "google", "deepseek"]), help="The LLM's provider.")
+@click.option("--model", help="The LLM's model.")
+@click.option("--base-url", help="An OpenAI-compatible (or the vendor's) API at a public https URL.")
+@click.option("--app-id", help="The app the session belongs to (default: default).")
+@click.option("--set-id", help="The app's capability set (default: default).")
+@click.option("--capability", "capabilities", multiple=True, metavar="NAME",
+              help="What the agent may use: shell, files, browser, computer (repeatable; default: the set's).")
+@click.option("--ttl", type=int, help="Seconds the session lives (60..7200; default 3600).")
+@click.option("--system-prompt", help="Added to the agent's system prompt.")
+@click.option("--metadata", multiple=True, callback=_key_values, metavar="K=V", help="Metadata tag (repeatable).")
+@click.option("--show-jwt", is_flag=True, help="Print the session's JWT too (a credential: keep it out of logs).")
+@click.option("--json", "as_json", is_flag=True, help="Print the ticket as JSON, its JWT included.")
+@click.pass_context
+def sessions_create(ctx, user_id, agent, agent_version, template, secrets, llm_key_env, vendor, model, base_url,
+                    app_id, set_id, capabilities, ttl, system_prompt, metadata, show_jwt, as_json):
+    """Start an agent session for an end user and print its id, connect URL and expiry.
+
+    \b
+    The JWT is the session's credential, for the end user's client: shown only with --show-jwt or --json.
+      e2a secrets put openai --env LLM_API_KEY=OPENAI_API_KEY
+      e2a sessions create --user-id u42 --secret openai --model gpt-5
+      e2a sessions send ses_... 'Summarise data.csv' --attach data.csv
+    """
+    api_key = _session_llm_key(agent, llm_key_env, model, vendor, secrets)
+    ticket = _client(ctx).create_session(
+        user_id, agent=agent, version=agent_version, template=template, vendor=vendor, model=model,
+        base_url=base_url, api_key=api_key, secrets=list(secrets), app_id=app_id, set_id=set_id,
+        capability_sets=list(capabilities) or None, ttl_seconds=ttl, system_prompt=system_prompt,
+        metadata=metadata)
+    if as_json:
+        return _print_json(ticket.to_dict(include_jwt=True))
+    _print_fields(ticket.to_dict(include_jwt=show_jwt))
+
+
+@sessions_group.command("ls")
+@click.option("--state", type=click.Choice(["active", "ended"]), help="Only sessions in this state.")
+@click.option("--user-id", help="Only this end user's sessions.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def sessions_ls(ctx, state, user_id, as_json):
+    """List your sessions."""
+    rows = _client(ctx).sessions(state=state, user_id=user_id)
+    if as_json:
+        return _print_json([s.to_dict() for s in rows])
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    table.add_column("SESSION ID", no_wrap=True, min_width=24)
+    table.add_column("STATE", no_wrap=True)
+    table.add_column("USER", overflow="fold")
+    table.add_column("AGENT", no_wrap=True)
+    table.add_column("TASK", no_wrap=True)
+    table.add_column("CREATED (UTC)", no_wrap=True)
+    for s in rows:
+        state_text = s.state + (" (connected)" if s.connected else f" ({s.end_reason})" if s.end_reason else "")
+        task = f"{s.task.get('state', '')}" if s.task else ""
+        table.add_row(s.chat_session_id, state_text, s.user_id, str((s.agent or {}).get("kind", "")), task,
+                      _short_time(s.created_at))
+    _console().print(table)
+
+
+@sessions_group.command("show")
+@click.argument("session_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def sessions_show(ctx, session_id, as_json):
+    """Show one session: its agent, LLM (never a key), app, task and usage."""
+    data = _client(ctx).session(session_id).to_dict()
+    if as_json:
+        return _print_json(data)
+    _print_fields({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in data.items()})
+
+
+@sessions_group.command("end")
+@click.argument("session_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def sessions_end(ctx, session_id, as_json):
+    """End a session: its sandbox is destroyed, a connected client is told (close 4000 deleted)."""
+    s = _client(ctx).end_session(session_id)
+    if as_json:
+        return _print_json(s.to_dict())
+    click.echo(f"{s.chat_session_id} {s.state}" + (f" ({s.end_reason})" if s.end_reason else ""))
+
+
+def _attachments(paths: tuple[str, ...]) -> dict[str, bytes] | None:
+    out: dict[str, bytes] = {}
+    for path in paths:
+        name = os.path.basename(path)
+        if name in out:
+            raise click.UsageError(f"two attachments named {name}: they would land on one file, "
+                                   f"/home/user/attachments/{name}")
+        with open(path, "rb") as f:
+            out[name] = f.read()
+    return out or None
+
+
+@sessions_group.command("send")
+@click.argument("session_id")
+@click.argument("text")
+@click.option("--attach", multiple=True, type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="A file for the agent, written to /home/user/attachments/<its name> first (repeatable).")
+@click.option("--timeout", type=float, help="Stop waiting after this many seconds (exit 1; the task goes on).")
+@click.option("--json", "as_json", is_flag=True, help="One raw JSON event per line.")
+@click.pass_context
+def sessions_send(ctx, session_id, text, attach, timeout, as_json):
+    """Give the session's agent a TEXT task (- reads it from stdin) and print its work as it comes:
+    its messages, tool calls (→) and their results (←). Exits 0 if the task succeeded, 1 if not.
+
+    This connects as the session's client: a connection already open to it (an app's) is taken
+    over. A dropped connection is resumed without losing or repeating an event.
+    """
+    client = _client(ctx)
+    attachments = _attachments(attach)
+    text = _text_arg(text)
+    printer = None if as_json else _EventPrinter()
+
+    def show(ev) -> None:
+        printer.event(ev) if printer else click.echo(json.dumps(ev.to_dict()))
+
+    ticket = client.session_token(session_id)  # a fresh JWT: the API key never goes on the WebSocket
+    try:
+        with client.connect_session(ticket) as conn:
+            done = conn.run_task(text, attachments, on_event=show, timeout=timeout)
+    except KeyboardInterrupt:
+        if printer:
+            printer.finished()
+        click.echo(f"e2a: stopped following; the task goes on (e2a sessions cancel {session_id} stops it)", err=True)
+        ctx.exit(130)
+    if printer:
+        printer.finished()
+    ctx.exit(0 if done.get("state") == "succeeded" else 1)
+
+
+@sessions_group.command("cancel")
+@click.argument("session_id")
+@click.pass_context
+def sessions_cancel(ctx, session_id):
+    """Stop the session's running task (connects as its client: an open connection is taken over)."""
+    client = _client(ctx)
+    with client.connect_session(client.session_token(session_id)) as conn:
+        task_id = conn.cancel()
+    click.echo(f"{task_id or '-'} cancelled")
+
+
+# ====================================================================== secrets
+
+
+@main.group("secrets")
+def secrets_group() -> None:
+    """Secret bundles: named values (an LLM key, its URL, ...) kept by the server for sessions
+    (sessions create --secret NAME). Only their keys are ever shown."""
+
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _env_values(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``("LLM_API_KEY=OPENAI_API_KEY",)`` -> {"LLM_API_KEY": <that variable's value>}."""
+    out: dict[str, str] = {}
+    for item in pairs:
+        key, sep, var = item.partition("=")
+        if not sep or not key or not var:
+            raise click.UsageError(f"--env expects KEY=ENVVAR (the name of an environment variable), got {item!r}")
+        if not ENV_NAME.match(var):  # a value where a name belongs: not repeated back
+            raise click.UsageError(f"--env {key}=...: what follows = must name an environment variable "
+                                   "holding the value (the value itself is never an argument)")
+        value = os.environ.get(var)
+        if not value:
+            raise click.UsageError(f"the environment variable {var} (for {key}) is not set or empty")
+        out[key] = value
+    return out
+
+
+def _stdin_values() -> dict[str, str]:
+    try:
+        values = json.loads(sys.stdin.read())
+    except ValueError as e:  # the error names a position, never the text
+        raise click.UsageError(f"--stdin-json: stdin is not JSON ({e.msg} at line {e.lineno} column {e.colno})")
+    if not isinstance(values, dict) or not values or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in values.items()):
+        raise click.UsageError('--stdin-json: expected a JSON object of names to strings, {"KEY": "value", ...}')
+    return values
+
+
+def _print_bundle(b, as_json: bool) -> None:
+    if as_json:
+        return _print_json(b.to_dict())
+    _print_fields({**b.to_dict(), "keys": ", ".join(b.keys)})
+
+
+@secrets_group.command("put")
+@click.argument("name")
+@click.option("--env", "env_pairs", multiple=True, metavar="KEY=ENVVAR",
+              help="KEY gets the value of the environment variable ENVVAR (repeatable).")
+@click.option("--stdin-json", is_flag=True, help='Read the values from stdin: {"KEY": "value", ...}.')
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def secrets_put(ctx, name, env_pairs, stdin_json, as_json):
+    """Create the bundle NAME, or replace all its values if it exists.
+
+    \b
+    Values come from environment variables or stdin, never from arguments (which shell history
+    and the process list would keep):
+      e2a secrets put openai --env LLM_API_KEY=OPENAI_API_KEY --env LLM_VENDOR=MY_VENDOR
+      e2a secrets put openai --stdin-json < openai.json
+    """
+    if bool(env_pairs) == stdin_json:
+        raise click.UsageError("give the values with --env KEY=ENVVAR (repeatable) or with --stdin-json: one of them")
+    values = _stdin_values() if stdin_json else _env_values(env_pairs)
+    _print_bundle(_client(ctx).secrets.put(name, values), as_json)
+
+
+@secrets_group.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def secrets_ls(ctx, as_json):
+    """List your secret bundles (names and keys only)."""
+    rows = _client(ctx).secrets.list()
+    if as_json:
+        return _print_json([b.to_dict() for b in rows])
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    table.add_column("NAME", no_wrap=True)
+    table.add_column("KEYS", overflow="fold")
+    table.add_column("VERSION", justify="right", no_wrap=True)
+    table.add_column("UPDATED (UTC)", no_wrap=True)
+    for b in rows:
+        table.add_row(b.name, ", ".join(b.keys), str(b.version), _short_time(b.updated_at))
+    _console().print(table)
+
+
+@secrets_group.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def secrets_show(ctx, name, as_json):
+    """Show one bundle: its keys and version (the values never leave the server)."""
+    _print_bundle(_client(ctx).secrets.get(name), as_json)
+
+
+@secrets_group.command("rm")
+@click.argument("name")
+@click.pass_context
+def secrets_rm(ctx, name):
+    """Delete a bundle (sessions already started keep what they were given)."""
+    _client(ctx).secrets.delete(name)
+    click.echo(f"{name} deleted")
 
 
 if __name__ == "__main__":

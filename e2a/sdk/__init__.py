@@ -21,17 +21,31 @@ An agent works on a task with the caller's own LLM key (which never enters the s
         print(ev.seq, ev.type, ev.data)
     print(client.wait_task(sb, timeout=600).result)
 
+An agent session: an end user's conversation with an agent in a sandbox, over a WebSocket
+(``SessionTicket.jwt`` is its credential; the LLM key can sit in a secret bundle on the server):
+
+    client.secrets.put("openai", {"LLM_API_KEY": os.environ["OPENAI_API_KEY"], "LLM_VENDOR": "openai"})
+    ticket = client.create_session("user-42", secrets=["openai"], model="gpt-5")
+    with client.connect_session(ticket) as conn:          # drops are resumed, no event lost or repeated
+        done = conn.run_task("Plot data.csv", attachments={"data.csv": data},
+                             on_event=lambda ev: print(ev.type, ev.data))
+    print(done["state"], done["result"])
+
 ``AsyncE2A`` has the same methods as coroutines / async iterators.
 """
 
 from ._core import WaitTimeout
-from .async_client import AsyncE2A, AsyncFiles
-from .client import E2A, Files
-from .errors import E2AError
+from .async_client import AsyncE2A, AsyncFiles, AsyncSecrets
+from .client import E2A, Files, Secrets
+from .errors import E2AError, SessionDisconnected, SessionEnded, SessionError, SessionTakenOver
 from .models import (CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, PresignedUrl, Sandbox,
-                     SandboxEvent, Task, TaskEvent, Tool, Workspace, WorkspaceFile, WorkspaceUsage)
+                     SandboxEvent, SecretBundle, Session, SessionEvent, SessionReady, SessionTicket, Task,
+                     TaskEvent, Tool, Workspace, WorkspaceFile, WorkspaceUsage)
+from .session import AsyncSessionConnection, SessionConnection
 
 __all__ = ["E2A", "AsyncE2A", "Files", "AsyncFiles", "E2AError", "Sandbox", "CommandEvent",
            "CommandResult", "CommandInfo", "FileEntry", "LogLine", "SandboxEvent", "Workspace",
            "WorkspaceUsage", "WorkspaceFile", "PresignedUrl", "Task", "TaskEvent", "Tool",
-           "WaitTimeout"]
+           "WaitTimeout", "Secrets", "AsyncSecrets", "SecretBundle", "Session", "SessionTicket",
+           "SessionReady", "SessionEvent", "SessionConnection", "AsyncSessionConnection",
+           "SessionError", "SessionEnded", "SessionTakenOver", "SessionDisconnected"]

@@ -15,7 +15,8 @@ import httpx
 
 from .errors import E2AError
 from .models import (CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, PresignedUrl,
-                     SandboxEvent, Task, TaskEvent, Tool, Workspace, WorkspaceFile, WorkspaceUsage)
+                     SandboxEvent, SecretBundle, Session, SessionTicket, Task, TaskEvent, Tool,
+                     Workspace, WorkspaceFile, WorkspaceUsage)
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 CHUNK = 1 << 20  # upload/download piece size: bounded memory whatever the file size
@@ -75,10 +76,7 @@ class Call:
         return self.parse(data) if self.parse else data
 
     def __repr__(self) -> str:
-        body = self.json
-        if self.secrets and isinstance(body, dict):
-            body = {k: REDACTED if isinstance(v, str) and v in self.secrets else v
-                    for k, v in body.items()}
+        body = _redacted(self.json, self.secrets) if self.secrets else self.json
         return f"Call({self.method} {self.path}, params={self.params!r}, json={body!r})"
 
     def scrub(self, exc: E2AError) -> E2AError:
@@ -91,6 +89,18 @@ class Call:
 
 
 REDACTED = "***"
+
+
+def _redacted(value: Any, secrets: tuple[str, ...]) -> Any:
+    """``value`` with every string equal to a secret replaced, at any depth (``llm.api_key``,
+    a secret bundle's values)."""
+    if isinstance(value, str):
+        return REDACTED if value in secrets else value
+    if isinstance(value, dict):
+        return {k: _redacted(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redacted(v, secrets) for v in value]
+    return value
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -567,6 +577,107 @@ def presigned_error(resp: httpx.Response) -> E2AError:
     else:
         detail = text.strip()[:500] or resp.reason_phrase
     return E2AError(resp.status_code, f"http_{resp.status_code}", detail)
+
+
+# ---------------------------------------------------------------- agent sessions
+
+
+def session_id(s: Any) -> str:
+    """Methods take a chat_session_id, a Session or a SessionTicket."""
+    return s if isinstance(s, str) else s.chat_session_id
+
+
+def _ses(s: Any) -> str:
+    return "/v1/sessions/" + quote(session_id(s), safe="")
+
+
+def session_ws_path(s: Any) -> str:
+    return _ses(s) + "/ws"
+
+
+def llm_spec(llm: dict[str, Any] | None, **fields: Any) -> dict[str, Any] | None:
+    """create_session's ``llm``: the dict given, with the keyword fields given on top; None (the
+    field left out) when nothing is set."""
+    merged = _drop_none({**(llm or {}), **_drop_none(fields)})
+    return merged or None
+
+
+def create_session(user_id: str, agent: str = "deictic", version: str | None = None,
+                   template: str = "standard", llm: dict[str, Any] | None = None,
+                   secrets: Any = (), app_id: str | None = None, set_id: str | None = None,
+                   capability_sets: list[str] | None = None, ttl_seconds: int | None = None,
+                   system_prompt: str | None = None, metadata: dict[str, Any] | None = None) -> Call:
+    if isinstance(secrets, str):  # one bundle's name, not its letters
+        secrets = [secrets]
+    app = _drop_none({"id": app_id, "set_id": set_id,
+                      "capability_sets": list(capability_sets) if capability_sets is not None else None})
+    body = _drop_none({"agent": _drop_none({"kind": agent, "version": version}), "template": template,
+                       "llm": llm or None, "secrets": list(secrets) or None, "app": app or None,
+                       "user_id": user_id, "ttl_seconds": ttl_seconds, "system_prompt": system_prompt,
+                       "metadata": metadata})
+    key = (llm or {}).get("api_key")
+    return Call("POST", "/v1/sessions", json=body, parse=SessionTicket.from_dict,
+                secrets=(key,) if isinstance(key, str) and key else ())
+
+
+def list_sessions(state: str | None = None, user_id: str | None = None) -> Call:
+    return Call("GET", "/v1/sessions", params=_drop_none({"state": state, "user_id": user_id}),
+                parse=lambda d: [Session.from_dict(x) for x in d["sessions"]])
+
+
+def get_session(s: Any) -> Call:
+    return Call("GET", _ses(s), parse=Session.from_dict)
+
+
+def end_session(s: Any) -> Call:
+    return Call("DELETE", _ses(s), parse=Session.from_dict)
+
+
+def session_token(s: Any, connect_url: str) -> Call:
+    """A fresh JWT for a live session, as a ticket (the route gives no URL: ``connect_url`` is
+    the one this client would use)."""
+    sid = session_id(s)
+    return Call("POST", _ses(s) + "/token",
+                parse=lambda d: SessionTicket(chat_session_id=sid, jwt=d["jwt"], connect_url=connect_url,
+                                              expires_at=d.get("expires_at")))
+
+
+# ---------------------------------------------------------------- secret bundles
+
+
+def _secret(name: str) -> str:
+    return "/v1/tenants/me/secrets/" + quote(name, safe="")
+
+
+def _secret_values(values: dict[str, str]) -> tuple[dict[str, str], tuple[str, ...]]:
+    """The values as sent, and those to keep out of every repr and error."""
+    if not isinstance(values, dict):
+        raise E2AError(0, "invalid_values", "values must be a dict of names to strings", "values")
+    return dict(values), tuple(v for v in values.values() if isinstance(v, str) and v)
+
+
+def create_secret(name: str, values: dict[str, str]) -> Call:
+    values, hidden = _secret_values(values)
+    return Call("POST", "/v1/tenants/me/secrets", json={"name": name, "values": values},
+                parse=SecretBundle.from_dict, secrets=hidden)
+
+
+def list_secrets() -> Call:
+    return Call("GET", "/v1/tenants/me/secrets",
+                parse=lambda d: [SecretBundle.from_dict(x) for x in d["secrets"]])
+
+
+def get_secret(name: str) -> Call:
+    return Call("GET", _secret(name), parse=SecretBundle.from_dict)
+
+
+def replace_secret(name: str, values: dict[str, str]) -> Call:
+    values, hidden = _secret_values(values)
+    return Call("PUT", _secret(name), json={"values": values}, parse=SecretBundle.from_dict, secrets=hidden)
+
+
+def delete_secret(name: str) -> Call:
+    return Call("DELETE", _secret(name))
 
 
 # ---------------------------------------------------------------- PTY

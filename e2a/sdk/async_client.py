@@ -9,7 +9,7 @@ import inspect
 import io
 import os
 import pathlib
-from typing import Any, AsyncIterator, BinaryIO, Callable
+from typing import Any, AsyncIterator, BinaryIO, Callable, Iterable
 
 import httpx
 
@@ -18,10 +18,13 @@ from ._body import Body, async_body, open_dest
 from ._core import Call, Collector, parse_event, sandbox_id
 from .errors import E2AError, check, error_from_response
 from .models import (CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, PresignedUrl, Sandbox,
-                     SandboxEvent, Task, TaskEvent, Tool, Workspace, WorkspaceFile, WorkspaceUsage)
+                     SandboxEvent, SecretBundle, Session, SessionTicket, Task, TaskEvent, Tool, Workspace,
+                     WorkspaceFile, WorkspaceUsage)
+from .session import AsyncSessionConnection
 
 WorkspaceSpec = Any  # True (the defaults) | {"app_id", "capset_id", "end_user_id"} | None
 LlmSpec = dict[str, Any]  # {"vendor": "anthropic" | "openai" | "google" | "deepseek", "model", "base_url"}
+LlmSessionSpec = dict[str, Any]  # LlmSpec and "api_key"
 
 
 class AsyncE2A:
@@ -33,6 +36,7 @@ class AsyncE2A:
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=api.auth_headers(self.api_key),
                                        timeout=api.DEFAULT_TIMEOUT, transport=transport)
         self.files = AsyncFiles(self)
+        self.secrets = AsyncSecrets(self)
         # Presigned URLs are fetched without the API key (see E2A), by a client made on first use.
         self._transport = transport
         self._plain_http: httpx.AsyncClient | None = None
@@ -195,6 +199,50 @@ class AsyncE2A:
                 return
             except (httpx.TransportError, api.BrokenLine, E2AError) as exc:
                 await asyncio.sleep(f.retry_after(exc))
+
+    # ------------------------------------------------------------ agent sessions
+
+    async def create_session(self, user_id: str, *, agent: str = "deictic", version: str | None = None,
+                             template: str = "standard", llm: LlmSessionSpec | None = None,
+                             vendor: str | None = None, model: str | None = None, base_url: str | None = None,
+                             api_key: str | None = None, secrets: Iterable[str] = (), app_id: str | None = None,
+                             set_id: str | None = None, capability_sets: list[str] | None = None,
+                             ttl_seconds: int | None = None, system_prompt: str | None = None,
+                             metadata: dict[str, Any] | None = None) -> SessionTicket:
+        """As ``E2A.create_session``."""
+        llm = api.llm_spec(llm, vendor=vendor, model=model, base_url=base_url, api_key=api_key)
+        return await self._call(api.create_session(user_id, agent, version, template, llm, secrets, app_id,
+                                                   set_id, capability_sets, ttl_seconds, system_prompt,
+                                                   metadata))
+
+    async def sessions(self, state: str | None = None, user_id: str | None = None) -> list[Session]:
+        return await self._call(api.list_sessions(state, user_id))
+
+    async def session(self, session_id: str) -> Session:
+        return await self._call(api.get_session(session_id))
+
+    async def end_session(self, session_id: str) -> Session:
+        return await self._call(api.end_session(session_id))
+
+    async def session_token(self, session_id: str) -> SessionTicket:
+        sid = api.session_id(session_id)
+        return await self._call(api.session_token(sid, self._session_url(sid)))
+
+    async def connect_session(self, session: Any, jwt: str | None = None, after: int = 0, *,
+                              reconnect: bool = True) -> AsyncSessionConnection:
+        """As ``E2A.connect_session``: ``async with await client.connect_session(t) as conn``."""
+        if isinstance(session, SessionTicket):
+            sid, url, jwt = session.chat_session_id, session.connect_url, jwt or session.jwt
+            url = url or self._session_url(sid)
+        else:
+            sid = api.session_id(session)
+            url = self._session_url(sid)
+            jwt = jwt or (await self.session_token(sid)).jwt
+        return await AsyncSessionConnection(url, jwt, after=after, session=sid, reconnect=reconnect,
+                                            refresh=lambda: self.session_token(sid)).open()
+
+    def _session_url(self, sid: str) -> str:
+        return api.ws_url(self.base_url, api.session_ws_path(sid), {})
 
     # ------------------------------------------------------------ templates: browser, desktop, canvas
 
@@ -419,3 +467,33 @@ class AsyncFiles:
                     f.write(piece)
                     n += len(piece)
         return n
+
+
+class AsyncSecrets:
+    """Secret bundles of ``AsyncE2A``: ``await client.secrets.<op>(name, ...)`` (see ``Secrets``)."""
+
+    def __init__(self, client: AsyncE2A):
+        self._c = client
+
+    async def create(self, name: str, values: dict[str, str]) -> SecretBundle:
+        return await self._c._call(api.create_secret(name, values))
+
+    async def list(self) -> list[SecretBundle]:
+        return await self._c._call(api.list_secrets())
+
+    async def get(self, name: str) -> SecretBundle:
+        return await self._c._call(api.get_secret(name))
+
+    async def replace(self, name: str, values: dict[str, str]) -> SecretBundle:
+        return await self._c._call(api.replace_secret(name, values))
+
+    async def put(self, name: str, values: dict[str, str]) -> SecretBundle:
+        try:
+            return await self.create(name, values)
+        except E2AError as e:
+            if e.status != 409:
+                raise
+        return await self.replace(name, values)
+
+    async def delete(self, name: str) -> None:
+        await self._c._call(api.delete_secret(name))

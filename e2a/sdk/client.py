@@ -7,7 +7,7 @@ import io
 import os
 import pathlib
 import time
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import httpx
 
@@ -16,10 +16,13 @@ from ._body import Body, open_dest, sync_body
 from ._core import Call, Collector, parse_event, sandbox_id
 from .errors import E2AError, check, error_from_response
 from .models import (CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, PresignedUrl, Sandbox,
-                     SandboxEvent, Task, TaskEvent, Tool, Workspace, WorkspaceFile, WorkspaceUsage)
+                     SandboxEvent, SecretBundle, Session, SessionTicket, Task, TaskEvent, Tool, Workspace,
+                     WorkspaceFile, WorkspaceUsage)
+from .session import SessionConnection
 
 WorkspaceSpec = Any  # True (the defaults) | {"app_id", "capset_id", "end_user_id"} | None
 LlmSpec = dict[str, Any]  # {"vendor": "anthropic" | "openai" | "google" | "deepseek", "model", "base_url"}
+LlmSessionSpec = dict[str, Any]  # LlmSpec and "api_key"
 
 
 class E2A:
@@ -35,6 +38,7 @@ class E2A:
         self._http = httpx.Client(base_url=self.base_url, headers=api.auth_headers(self.api_key),
                                   timeout=api.DEFAULT_TIMEOUT, transport=transport)
         self.files = Files(self)
+        self.secrets = Secrets(self)
         # Presigned URLs carry their own authority: they are fetched by a client without the API
         # key (and possibly at another host, the S3 store), made on first use.
         self._transport = transport
@@ -205,6 +209,67 @@ class E2A:
                 return
             except (httpx.TransportError, api.BrokenLine, E2AError) as exc:
                 time.sleep(f.retry_after(exc))
+
+    # ------------------------------------------------------------ agent sessions
+
+    def create_session(self, user_id: str, *, agent: str = "deictic", version: str | None = None,
+                       template: str = "standard", llm: LlmSessionSpec | None = None,
+                       vendor: str | None = None, model: str | None = None, base_url: str | None = None,
+                       api_key: str | None = None, secrets: Iterable[str] = (), app_id: str | None = None,
+                       set_id: str | None = None, capability_sets: list[str] | None = None,
+                       ttl_seconds: int | None = None, system_prompt: str | None = None,
+                       metadata: dict[str, Any] | None = None) -> SessionTicket:
+        """Start an agent session for the end user ``user_id``: its sandbox (``template``), its
+        agent (``agent`` deictic/e2a, claude-code, codex or gemini-cli, at ``version``) and its LLM:
+        ``llm={"vendor", "model", "base_url", "api_key"}`` or the same as keywords (which win),
+        over the values of the secret bundles named in ``secrets`` (LLM_API_KEY, LLM_BASE_URL,
+        LLM_MODEL, LLM_VENDOR). ``app_id``, ``set_id`` and ``capability_sets`` (shell, files,
+        browser, computer) choose the app and what the agent may do; ``ttl_seconds`` (60..7200)
+        how long the session lives.
+
+        Returns the ticket: ``chat_session_id``, ``jwt`` (the session's credential, for the
+        end user's client: never shown by this SDK), ``connect_url`` and ``expires_at``. The API
+        key is never needed to connect: ``connect_session(ticket)``."""
+        llm = api.llm_spec(llm, vendor=vendor, model=model, base_url=base_url, api_key=api_key)
+        return self._call(api.create_session(user_id, agent, version, template, llm, secrets, app_id,
+                                             set_id, capability_sets, ttl_seconds, system_prompt, metadata))
+
+    def sessions(self, state: str | None = None, user_id: str | None = None) -> list[Session]:
+        """The caller's sessions (``state`` active or ended; one end user's with ``user_id``)."""
+        return self._call(api.list_sessions(state, user_id))
+
+    def session(self, session_id: str) -> Session:
+        return self._call(api.get_session(session_id))
+
+    def end_session(self, session_id: str) -> Session:
+        """End a session (its sandbox destroyed, a connected client closed with 4000 deleted)."""
+        return self._call(api.end_session(session_id))
+
+    def session_token(self, session_id: str) -> SessionTicket:
+        """A fresh JWT for a live session, as a ticket (``connect_url`` is this client's URL for
+        the session's WebSocket)."""
+        sid = api.session_id(session_id)
+        return self._call(api.session_token(sid, self._session_url(sid)))
+
+    def connect_session(self, session: Any, jwt: str | None = None, after: int = 0, *,
+                        reconnect: bool = True) -> SessionConnection:
+        """Connect to a session's WebSocket: ``session`` is a ticket (its JWT and URL are used),
+        a chat_session_id or a Session (a fresh JWT is asked for, unless ``jwt`` is given).
+        Events after seq ``after`` come first (0: all of them). A JWT refused later (expired,
+        at a reconnect) is renewed with this client's API key. Only one connection per session
+        is served: a newer one takes it over (the older closed with ``SessionTakenOver``)."""
+        if isinstance(session, SessionTicket):
+            sid, url, jwt = session.chat_session_id, session.connect_url, jwt or session.jwt
+            url = url or self._session_url(sid)
+        else:
+            sid = api.session_id(session)
+            url = self._session_url(sid)
+            jwt = jwt or self.session_token(sid).jwt
+        return SessionConnection(url, jwt, after=after, session=sid, reconnect=reconnect,
+                                 refresh=lambda: self.session_token(sid)).open()
+
+    def _session_url(self, sid: str) -> str:
+        return api.ws_url(self.base_url, api.session_ws_path(sid), {})
 
     # ------------------------------------------------------------ templates: browser, desktop, canvas
 
@@ -436,3 +501,38 @@ class Files:
                 f.write(piece)
                 n += len(piece)
         return n
+
+
+class Secrets:
+    """Secret bundles of ``E2A``: ``client.secrets.<op>(name, ...)``. A bundle is a named set of
+    values (LLM_API_KEY, LLM_BASE_URL, LLM_MODEL, LLM_VENDOR, ...) kept by the server for
+    sessions (``create_session(secrets=[name])``); only its keys ever come back."""
+
+    def __init__(self, client: E2A):
+        self._c = client
+
+    def create(self, name: str, values: dict[str, str]) -> SecretBundle:
+        """A new bundle (409 if ``name`` exists: ``replace`` it, or ``put``)."""
+        return self._c._call(api.create_secret(name, values))
+
+    def list(self) -> list[SecretBundle]:
+        return self._c._call(api.list_secrets())
+
+    def get(self, name: str) -> SecretBundle:
+        return self._c._call(api.get_secret(name))
+
+    def replace(self, name: str, values: dict[str, str]) -> SecretBundle:
+        """All of the bundle's values replaced by ``values`` (its version goes up)."""
+        return self._c._call(api.replace_secret(name, values))
+
+    def put(self, name: str, values: dict[str, str]) -> SecretBundle:
+        """Create the bundle, or replace its values if it exists."""
+        try:
+            return self.create(name, values)
+        except E2AError as e:
+            if e.status != 409:
+                raise
+        return self.replace(name, values)
+
+    def delete(self, name: str) -> None:
+        self._c._call(api.delete_secret(name))

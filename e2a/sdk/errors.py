@@ -42,3 +42,32 @@ def check(resp: httpx.Response) -> httpx.Response:
     if resp.is_error:
         raise error_from_response(resp)
     return resp
+
+
+class SessionError(E2AError):
+    """An agent session's WebSocket refused something: an ``error`` reply to a message (``code``
+    bad_message, task_running, no_task, invalid_attachment, ...; ``status`` 0), or the handshake
+    (``status`` 401: the JWT is missing, bad or expired; 404: no such session)."""
+
+
+class SessionEnded(SessionError):
+    """The session is over (close code 4000, a 410 at the handshake, or a ``session_ended``
+    reply). ``reason``: ttl_expired, deleted, sandbox_ended, server_restart, or None if the server
+    did not say."""
+
+    def __init__(self, status: int, message: str, reason: str | None = None):
+        super().__init__(status, "session_ended", message)
+        self.reason = reason
+
+
+class SessionTakenOver(SessionError):
+    """A newer connection to the same session took it over (close code 4001): this one is
+    closed and is not reconnected, so that two clients do not keep taking it from each other."""
+
+    def __init__(self, message: str = "a newer connection to this session took it over"):
+        super().__init__(0, "session_taken_over", message)
+
+
+class SessionDisconnected(SessionError):
+    """The connection was lost and could not be opened again (``code`` connection_lost), or
+    was closed by this side (``code`` closed)."""

@@ -341,3 +341,124 @@ class Tool:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description,
                 "parameters": self.parameters, "command": self.command}
+
+
+# ---------------------------------------------------------------- agent sessions
+
+
+@dataclass
+class SessionTicket:
+    """What a client of the session needs to connect: ``POST /v1/sessions`` (or ``.../token``).
+
+    ``jwt`` is a credential for this one session (hand it to the end user's app, never log it):
+    it is in no repr or str of this object; ``to_dict()`` leaves it out unless asked."""
+
+    chat_session_id: str
+    jwt: str = field(default="", repr=False)
+    connect_url: str = ""
+    expires_at: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SessionTicket":
+        return _from_dict(cls, data)
+
+    def to_dict(self, include_jwt: bool = False) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if not include_jwt:
+            del d["jwt"]
+        return d
+
+
+@dataclass
+class Session:
+    """An agent session (``GET /v1/sessions/{id}``): one end user's conversation with an agent in
+    a sandbox. ``state``: active or ended (then ``end_reason``: ttl_expired, deleted,
+    sandbox_ended or server_restart). ``agent`` is ``{"kind", "version"}``, ``llm``
+    ``{"vendor", "model"}`` (never a key), ``app`` ``{"id", "set_id", "capability_sets"}``,
+    ``secrets`` the bundles' names, ``task`` the running or last task ``{"task_id", "state"}``,
+    ``usage`` ``{"tasks", "llm_requests", "input_tokens", "output_tokens", "events", "seconds"}``."""
+
+    chat_session_id: str
+    state: str = ""
+    user_id: str = ""
+    agent: dict[str, Any] = field(default_factory=dict)
+    template: str = ""
+    llm: dict[str, Any] = field(default_factory=dict)
+    app: dict[str, Any] = field(default_factory=dict)
+    secrets: list[str] = field(default_factory=list)
+    vm_id: str | None = None
+    workspace_id: str | None = None
+    connected: bool = False  # a client is connected to its WebSocket now
+    task: dict[str, Any] | None = None
+    created_at: str | None = None
+    expires_at: str | None = None
+    ended_at: str | None = None
+    end_reason: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    usage: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Session":
+        return _from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def active(self) -> bool:
+        return self.state == "active"
+
+
+@dataclass
+class SessionReady:
+    """The first message of a session's WebSocket: where the session stands. ``last_seq`` is the
+    server's last event number; ``task`` the running or last task ``{"task_id", "state"}``."""
+
+    chat_session_id: str = ""
+    state: str = ""
+    last_seq: int = 0
+    expires_at: str | None = None
+    task: dict[str, Any] | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SessionReady":
+        return _from_dict(cls, data)
+
+
+@dataclass
+class SessionEvent:
+    """One numbered event of a session (``seq`` from 1 over all its tasks, each handed out once).
+    ``type``: task_started, message_delta, message, tool_call, tool_output, tool_result, cli,
+    stdout, stderr, task_finished or error; ``task_id`` is None for an event of no task."""
+
+    seq: int
+    type: str = ""
+    task_id: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    at: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SessionEvent":
+        return _from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class SecretBundle:
+    """A named set of secret values kept by the server for sessions (``"secrets": [name]`` on
+    create). Only the keys are ever returned: the values stay on the server."""
+
+    name: str
+    keys: list[str] = field(default_factory=list)
+    version: int = 0
+    created_at: str | None = None
+    updated_at: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SecretBundle":
+        return _from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
