@@ -11,6 +11,7 @@ create asked to keep it for `keep_after_task_seconds`, in which case a follow-up
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -505,23 +506,36 @@ class Tasks:
                 select(TaskEvent).where(TaskEvent.sandbox_id == sandbox_id, TaskEvent.seq > after)
                 .order_by(TaskEvent.seq).limit(limit))).scalars())
 
-    async def follow(self, sandbox_id: str, after: int) -> AsyncIterator[TaskEvent]:
-        """Every event after `after`, as stored, then live until the sandbox's task is over."""
+    async def follow(self, sandbox_id: str, after: int,
+                     until: Callable[[], bool] | None = None) -> AsyncIterator[TaskEvent]:
+        """Every event after `after`, as stored, then live until the sandbox's task is over
+        (or, given `until`, until it says so: a session's feed goes on between tasks; wake()
+        after it changes). The read and the wait for more happen under the same lock as a
+        flush's notice, so a notice cannot slip between them."""
         while True:
             s = self.agents.get(sandbox_id)
-            batch = await self.events(sandbox_id, after, 500)
+            if s is None:
+                batch = await self.events(sandbox_id, after, 500)
+                if not batch:
+                    return
+            else:
+                async with s.changed:
+                    batch = await self.events(sandbox_id, after, 500)
+                    if not batch:
+                        if until() if until else not (s.running or s.pending):
+                            return
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(s.changed.wait(), 15)
             for e in batch:
                 yield e
                 after = e.seq
-            if batch:
-                continue
-            if s is None or not (s.running or s.pending):
-                return
+
+    async def wake(self, sandbox_id: str) -> None:
+        """Wake the sandbox's followers (to look at their `until` again)."""
+        s = self.agents.get(sandbox_id)
+        if s is not None:
             async with s.changed:
-                try:
-                    await asyncio.wait_for(s.changed.wait(), 15)
-                except asyncio.TimeoutError:
-                    pass
+                s.changed.notify_all()
 
     async def _update(self, task_id: str, **values: Any) -> None:
         async with self.sessions() as db:

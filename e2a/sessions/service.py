@@ -17,7 +17,6 @@ provider uses them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -288,6 +287,7 @@ class Sessions:
             await db.commit()
         await self.tasks.cancel(live.sandbox_id, f"the session ended ({reason})")
         live.ended.set()
+        await self.tasks.wake(live.sandbox_id)
         try:
             if reason != "sandbox_ended":
                 await self.host.destroy(live.sandbox_id, EndReason.SESSION_ENDED)
@@ -420,29 +420,14 @@ class Sessions:
         return await self.tasks.latest(row.sandbox_id)
 
     async def follow(self, live: Live, after: int) -> AsyncIterator[TaskEvent]:
-        """The session's numbered events after `after`, as stored, then live until it ends
-        (then what was stored up to its end). No event is skipped or repeated: each read
-        starts after the last one yielded, and the wait for more is entered under the same
-        lock as the read, so a notice cannot slip between them."""
-        while True:
-            s = self.tasks.session(live.sandbox_id)
-            ended = live.ended.is_set()
-            if s is None or ended:  # no more events will come once it has ended
-                batch = await self.tasks.events(live.sandbox_id, after, 500)
-                if not batch:
-                    if ended:
-                        return
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(live.ended.wait(), 1.0)
-            else:
-                async with s.changed:
-                    batch = await self.tasks.events(live.sandbox_id, after, 500)
-                    if not batch:
-                        with contextlib.suppress(asyncio.TimeoutError):
-                            await asyncio.wait_for(s.changed.wait(), 1.0)
-            for e in batch:
-                yield e
-                after = e.seq
+        """The session's numbered events after `after`, as stored, then live until it ends;
+        then what was stored up to its end."""
+        async for e in self.tasks.follow(live.sandbox_id, after, until=live.ended.is_set):
+            yield e
+            after = e.seq
+        await live.ended.wait()  # (its sandbox went first: the session's end is on its way)
+        async for e in self.tasks.follow(live.sandbox_id, after, until=lambda: True):
+            yield e
 
 
 def agent_version(agent: str) -> str:
