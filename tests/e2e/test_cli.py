@@ -80,3 +80,38 @@ def test_cli_shell_is_interactive(server, keys, sandbox):
     os.close(fd)
     assert b"in-42-shell" in out
     assert os.waitstatus_to_exitcode(status) == 6
+
+
+def test_cli_secrets_and_a_session(server, keys, llm_mock):
+    """The README's session commands: a bundle from an environment variable, a session, one
+    task streamed; the key never in any output."""
+    import uuid
+
+    key = keys["alice"]
+    llm_key = "sk-ant-cli-" + uuid.uuid4().hex
+    llm_mock.scenario(llm_key, final="hello from the session")
+    name = "cli-" + uuid.uuid4().hex[:8]
+    env = {**os.environ, "E2A_URL": server.url, "E2A_API_KEY": key, "MY_LLM_KEY": llm_key,
+           "MY_MODEL": "claude-sonnet-5-5"}
+    run = lambda *args: subprocess.run([E2A, *args], env=env, capture_output=True, text=True,  # noqa: E731
+                                       timeout=120)
+    r = run("secrets", "put", name, "--env", "LLM_API_KEY=MY_LLM_KEY", "--env",
+            "LLM_MODEL=MY_MODEL")
+    assert r.returncode == 0, r.stderr
+    r = run("secrets", "show", name)
+    assert r.returncode == 0 and "LLM_API_KEY" in r.stdout
+    r = run("sessions", "create", "--user-id", "cli-user", "--secret", name, "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+    sid = json.loads(r.stdout)["chat_session_id"]
+    r = run("sessions", "send", sid, "say hello")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "hello from the session" in r.stdout
+    r = run("sessions", "show", sid)
+    assert r.returncode == 0 and sid in r.stdout
+    r = run("sessions", "end", sid)
+    assert r.returncode == 0
+    r2 = run("secrets", "rm", name)
+    assert r2.returncode == 0
+    for out in (r.stdout, r.stderr, r2.stdout):
+        assert llm_key not in out

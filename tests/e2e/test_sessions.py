@@ -538,3 +538,24 @@ def test_a_cli_agent_session_continues_its_conversation(http, alice, llm_mock):
     assert agents.search(alice, got["vm_id"], key) == (0, 0, 0)  # nowhere in the sandbox
     c.close()
     http.delete(f"/v1/sessions/{ticket['chat_session_id']}")
+
+
+def test_the_sdk_drives_a_session(alice, llm_mock):
+    """The Python SDK against the real server: a bundle, a session, a task run to its end with
+    its events, the listing and the end."""
+    key = new_key()
+    llm_mock.scenario(key, steps=[{"tool": "shell", "args": {"command": "echo via-sdk"}}],
+                      final="{last}")
+    name = "sdk-" + uuid.uuid4().hex[:8]
+    alice.secrets.put(name, {"LLM_API_KEY": key, "LLM_MODEL": MODEL})
+    ticket = alice.create_session("sdk-user", secrets=[name])
+    assert key not in repr(ticket) and ticket.jwt not in repr(ticket)
+    seen = []
+    with alice.connect_session(ticket) as conn:
+        done = conn.run_task("echo something", on_event=seen.append)
+    assert done["state"] == "succeeded" and done["result"].startswith("via-sdk")
+    assert [e.seq for e in seen] == list(range(1, len(seen) + 1))
+    assert ticket.chat_session_id in {s.chat_session_id for s in alice.sessions(state="active")}
+    ended = alice.end_session(ticket.chat_session_id)
+    assert ended.state == "ended" and ended.end_reason == "deleted"
+    alice.secrets.delete(name)
