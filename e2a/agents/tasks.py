@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Callable
 import aiohttp
 from sqlalchemy import func, select, update
 
-from e2a.agents import clis
+from e2a.agents import clis, keys
 from e2a.agents.cli import CliAgent
 from e2a.agents.egress import Egress, Grant
 from e2a.agents.outcome import Outcome
@@ -83,6 +83,8 @@ class AgentSession:
     own_run: Any = None               # its run in progress (loop.OwnRun), if any
     retired_requests: int = 0         # requests of providers replaced by rekey()
     retired: list = field(default_factory=list)  # those, closed when the task ends
+    # every key the agent has held (rekey), cut from its events and results (agents/keys.py)
+    scrub: set[str] = field(default_factory=set)
     history: list = field(default_factory=list)  # the own agent's conversation
     task_id: str | None = None        # the latest task
     run: asyncio.Task | None = None
@@ -165,6 +167,7 @@ class Tasks:
         cli = clis.get(config.agent)
         s = AgentSession(sandbox_id=sandbox_id, user_id=user_id, template=template,
                          config=config, cli=cli)
+        s.scrub = _scrub_set(config.key)
         if cli is None:
             s.provider = self._provider(config)
         async with self.sessions() as db:
@@ -192,6 +195,7 @@ class Tasks:
             return
         c = s.config
         c.key, c.model = key, model or c.model
+        s.scrub |= _scrub_set(key)
         if s.cli is not None:  # a CLI's vendor is its own; the proxy's grant holds the key
             c.base_url = base_url
             if s.grant is not None:
@@ -302,9 +306,9 @@ class Tasks:
     async def _finish(self, s: AgentSession, task_id: str, state: str, error: str | None,
                       outcome: Outcome, requests: int) -> None:
         s.tasks_done += 1
-        ended = {"state": state, "result": outcome.result, "error": error,
-                 "llm_requests": requests, "input_tokens": outcome.input_tokens,
-                 "output_tokens": outcome.output_tokens}
+        ended = {"state": state, "result": keys.scrub(outcome.result, s.scrub),
+                 "error": keys.scrub(error, s.scrub), "llm_requests": requests,
+                 "input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens}
         await self.emit(s, "task_finished", {"task_id": task_id, **ended})
         await self._flush(s)
         await self._update(task_id, ended_at=utcnow(), **ended)
@@ -479,7 +483,8 @@ class Tasks:
         """Number and store one event; followers see it within FLUSH_EVERY."""
         # task_id "": an event of a session outside any task (e.g. an error of its secrets)
         s.pending.append(TaskEvent(sandbox_id=s.sandbox_id, seq=s.next_seq,
-                                   task_id=s.task_id or "", type=kind, data=data, at=utcnow()))
+                                   task_id=s.task_id or "", type=kind,
+                                   data=keys.scrub(data, s.scrub), at=utcnow()))
         s.next_seq += 1
         if s.flusher is None or s.flusher.done():
             s.flusher = asyncio.create_task(self._flush_soon(s))
@@ -541,6 +546,10 @@ class Tasks:
         async with self.sessions() as db:
             await db.execute(update(Task).where(Task.id == task_id).values(**values))
             await db.commit()
+
+
+def _scrub_set(key: str) -> set[str]:
+    return {key} if len(key) >= keys.SCRUB_FROM else set()
 
 
 class _Lines:

@@ -8,6 +8,7 @@ import base64
 import binascii
 import contextlib
 import json
+import re
 from datetime import datetime, timezone
 from urllib.parse import quote
 
@@ -31,6 +32,7 @@ from e2a.store.models import ChatSession
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
 ATTACHMENTS_DIR = "/home/user/attachments"
+AFTER = re.compile(r"[0-9]{1,12}")
 
 
 def sessions(conn: Request | WebSocket) -> Sessions:
@@ -86,7 +88,7 @@ def connect_url(conn: Request | WebSocket, session_id: str) -> str:
 
 
 @router.post("", status_code=201, response_model=SessionTicket,
-             responses={400: {}, 401: {}, 404: {}, 503: {}})
+             responses={400: {}, 401: {}, 404: {}, 429: {}, 503: {}})
 async def create_session(request: Request, req: CreateSession,
                          user: Caller = Depends(current_user)) -> SessionTicket:
     """Start a session: a sandbox of its own with the end user's workspace, and the agent in
@@ -180,7 +182,7 @@ async def session_ws(ws: WebSocket, session_id: str) -> None:
         return await _deny(ws, ApiError(410, "session_ended", f"session {session_id} has "
                                         f"ended ({row.end_reason or 'ending'})"))
     after_text = ws.query_params.get("after", "0")
-    if not after_text.isdigit() or len(after_text) > 12:
+    if not AFTER.fullmatch(after_text):  # (str.isdigit takes "²", which int() refuses)
         return await _deny(ws, ApiError(400, "invalid_field", "after must be the last seq "
                                         "seen (an integer, 0 for all)", "after"))
     await ws.accept(subprotocol=proto.SUBPROTOCOL if subprotocol else None)

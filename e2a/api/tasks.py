@@ -8,7 +8,7 @@ import json
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
-from e2a.agents import clis, ssrf
+from e2a.agents import clis, keys, ssrf
 from e2a.agents.own import providers
 from e2a.agents.own.tools import BUILT_IN
 from e2a.agents.tasks import AgentConfig, TaskConflict, Tasks
@@ -49,10 +49,13 @@ async def agent_config(req: CreateSandbox, settings: Settings) -> AgentConfig | 
                        f"(available: {', '.join(AGENTS)})", "agent")
     if not req.llm_key:
         raise ApiError(400, "missing_field", "llm_key is required when agent is set", "llm_key")
+    problem = keys.problem(req.llm_key)
+    if problem:
+        raise ApiError(400, "invalid_field", f"llm_key {problem}", "llm_key")
     if req.keep_after_task_seconds > req.max_lifetime_seconds:
         raise ApiError(400, "invalid_field", "keep_after_task_seconds exceeds "
                        "max_lifetime_seconds", "keep_after_task_seconds")
-    common = dict(key=req.llm_key, task_timeout=req.task_timeout_seconds,
+    common = dict(key=req.llm_key.strip(), task_timeout=req.task_timeout_seconds,
                   keep_after=float(req.keep_after_task_seconds))
     cli = clis.get(req.agent)
     if cli is not None:

@@ -23,6 +23,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from e2a.agents import keys
 from e2a.ids import new_id
 from e2a.sandboxes.records import aware, utcnow
 from e2a.secrets.crypto import SealError, SecretBox
@@ -106,8 +107,9 @@ def check_values(values: Any) -> dict[str, str]:
     if REQUIRED_KEY not in values:
         raise SecretsError(400, "missing_field", f"values.{REQUIRED_KEY} is required (the LLM "
                            "key, whatever the vendor)", f"values.{REQUIRED_KEY}")
-    if not values[REQUIRED_KEY].strip():
-        raise SecretsError(400, "invalid_field", f"values.{REQUIRED_KEY} is empty",
+    problem = keys.problem(values[REQUIRED_KEY])
+    if problem:  # it goes in an HTTP header: a line break would be echoed in an error
+        raise SecretsError(400, "invalid_field", f"values.{REQUIRED_KEY} {problem}",
                            f"values.{REQUIRED_KEY}")
     if "LLM_BASE_URL" in values and not _http_url(values["LLM_BASE_URL"]):
         # The whole check (a public address, no redirects) is made when a session starts.

@@ -24,13 +24,13 @@ from typing import Any, AsyncIterator
 
 from sqlalchemy import func, select
 
-from e2a.agents import clis
+from e2a.agents import clis, keys
 from e2a.agents.own import providers
 from e2a.agents.own.tools import CAPABILITIES
 from e2a.agents.tasks import AgentConfig, Tasks
 from e2a.ids import new_id
 from e2a.sandboxes.host import (Catalog, Conflict, CreateFailed, CreateSpec, DeletedDuringCreate,
-                                NoCapacity, SandboxHost, Unavailable)
+                                NoCapacity, SandboxHost, Unavailable, UserLimit)
 from e2a.sandboxes.records import utcnow
 from e2a.sandboxes.states import EndReason
 from e2a.sessions.tokens import SessionTokens
@@ -126,6 +126,7 @@ class Sessions:
         self.check_url = check_url
         self.live: dict[str, Live] = {}
         self.by_sandbox: dict[str, str] = {}
+        self._changes: dict[str, int] = {}  # bundle changes per tenant, for create's race
         self._ttl: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         host.on_stop(self._sandbox_stopping)
@@ -175,6 +176,7 @@ class Sessions:
         recipe = self._check_template(spec)
         version = self._check_agent(spec)
         capabilities = self._check_capabilities(spec, recipe)
+        changes = self._changes.get(spec.user_id, 0)
         llm = await self.resolve_llm(spec.user_id, spec.agent, spec.secrets, spec.llm)
         sid, now = new_id("ses"), utcnow()
         row = ChatSession(
@@ -215,6 +217,9 @@ class Sessions:
             raise
         self.live[sid] = live
         self.by_sandbox[rec.id] = sid
+        if spec.secrets and self._changes.get(spec.user_id, 0) != changes:
+            # a bundle changed while this session started: it may have missed the new values
+            await self._apply(live, ", ".join(spec.secrets))
         return row, self.tokens.issue(sid, spec.user_id, row.expires_at)
 
     def _check_template(self, spec: SessionSpec):
@@ -269,6 +274,8 @@ class Sessions:
                                 app_id=spec.app_id, capset_id=spec.set_id)))
         except NoCapacity as exc:
             raise SessionError(503, "no_capacity", str(exc)) from exc
+        except UserLimit as exc:
+            raise SessionError(429, "sandbox_limit", str(exc)) from exc
         except Conflict as exc:
             raise SessionError(409, "workspace_busy", str(exc), "user_id") from exc
         except (Unavailable, CreateFailed, DeletedDuringCreate) as exc:
@@ -310,10 +317,14 @@ class Sessions:
         Raises SessionError (400 naming the field, 404 for an unknown bundle)."""
         values = await self._bundle_values(user_id, secrets) if secrets else {}
         origin = "secrets"  # where a value that fails a check came from, for the error's field
-        key = asked.api_key or values.get("LLM_API_KEY")
+        key = (asked.api_key or values.get("LLM_API_KEY") or "").strip()
         if not key:
             raise SessionError(400, "missing_field", "no LLM key: give llm.api_key or name a "
                                "secret bundle holding LLM_API_KEY", "llm.api_key")
+        problem = keys.problem(key)
+        if problem:
+            raise SessionError(400, "invalid_field", f"the LLM key {problem}",
+                               "llm.api_key" if asked.api_key else origin)
         vendor = asked.vendor or values.get("LLM_VENDOR") or None
         if vendor is not None and vendor not in providers.VENDORS:
             raise SessionError(400, "invalid_field", f"LLM_VENDOR must be one of "
@@ -359,27 +370,34 @@ class Sessions:
             raise SessionError(exc.status, exc.code, exc.message, exc.field) from None
 
     async def _bundle_changed(self, user_id: str, name: str) -> None:
-        """Hot replace: the active sessions naming the bundle get its new values now. One that
-        cannot (the bundle was deleted, or now collides with another) keeps what it had and
-        hears why in a numbered `error` event."""
+        """Hot replace: the active sessions naming the bundle get its new values now."""
+        self._changes[user_id] = self._changes.get(user_id, 0) + 1
         for live in list(self.live.values()):
-            if live.user_id != user_id or name not in live.secrets or live.end_reason:
-                continue
-            s = self.tasks.session(live.sandbox_id)
-            if s is None:
-                continue
-            try:
-                llm = await self.resolve_llm(user_id, live.agent, live.secrets, live.llm)
-            except SessionError as exc:
-                await self.tasks.emit(s, "error", {
-                    "code": "secrets_not_applied",
-                    "message": f"secret bundle {name!r} changed, but the session keeps the "
-                               f"values it had: {exc.message}"})
-                continue
-            self.tasks.rekey(live.sandbox_id, llm.key, vendor=llm.vendor, model=llm.model,
-                             base_url=llm.base_url, compatible=llm.compatible)
-            await self.tasks.emit(s, "secrets_replaced", {"bundle": name})
-            log.info("session %s: secret bundle %s replaced, applied", live.id, name)
+            if live.user_id == user_id and name in live.secrets and not live.end_reason:
+                await self._apply(live, name)
+
+    async def _apply(self, live: Live, name: str) -> None:
+        """The session's LLM values resolved again and handed to its agent. One that cannot
+        take them (the bundle was deleted, or now collides or fails a check) keeps what it had
+        and hears so in a numbered `error` event; why is for the tenant (the server's log), not
+        for the end user holding the session's token."""
+        s = self.tasks.session(live.sandbox_id)
+        if s is None:
+            return
+        try:
+            llm = await self.resolve_llm(live.user_id, live.agent, live.secrets, live.llm)
+        except SessionError as exc:
+            log.info("session %s: secret bundle %s changed but was not applied: %s", live.id,
+                     name, exc.message)
+            await self.tasks.emit(s, "error", {
+                "code": "secrets_not_applied",
+                "message": f"secret bundle {name!r} changed, but its new values could not be "
+                           "used: the session keeps the ones it had"})
+            return
+        self.tasks.rekey(live.sandbox_id, llm.key, vendor=llm.vendor, model=llm.model,
+                         base_url=llm.base_url, compatible=llm.compatible)
+        await self.tasks.emit(s, "secrets_replaced", {"bundle": name})
+        log.info("session %s: secret bundle %s replaced, applied", live.id, name)
 
     # ---- reading -----------------------------------------------------------------------------
 

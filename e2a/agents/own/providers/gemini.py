@@ -86,8 +86,9 @@ class GeminiProvider:
             refused = ssrf.refusal(exc)
             if refused:
                 raise ProviderError(f"e2a did not call the Gemini API: {refused}") from None
-            raise ProviderError(f"the Gemini API could not be reached ({type(exc).__name__}: "
-                                f"{exc})") from None
+            # the class only: httpx's words can quote a header, the key's among them
+            raise ProviderError(f"the Gemini API could not be reached "
+                                f"({type(exc).__name__})") from None
         text = "".join(p.text for p in parts if p.text and not p.thought)
         calls = [self._call(p.function_call) for p in parts if p.function_call]
         reason = getattr(finish, "value", finish)
