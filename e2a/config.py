@@ -28,6 +28,7 @@ INSTANCE_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 _EXPECTED = {
     "port": "must be an integer from 1 to 65535",
     "max_sandboxes": "must be an integer of at least 1",
+    "max_sandboxes_per_user": "must be an integer of at least 0 (0: no limit per user)",
     "pool_size": "must be an integer of at least 0",
     "pool_sizes": 'must be a JSON object of template names and sizes, e.g. {"browser": 2}',
     "reaper_interval": "must be a number of seconds greater than 0",
@@ -79,6 +80,9 @@ class Settings(BaseSettings):
     # 10.201.0.0/16 cut into /30 links, one per sandbox.
     subnet: str = "10.201.0.0/16"
     max_sandboxes: int = Field(256, ge=1)
+    # The most sandboxes (sessions' included) one user may have at once, so that one tenant
+    # cannot take every slot of a shared host: 429 beyond. 0: no limit but max_sandboxes.
+    max_sandboxes_per_user: int = Field(0, ge=0)
     # Pre-started sandboxes of every template, handed out on create (a standard one costs ~15
     # MiB of host memory). Unset: each recipe's own pool_size. E2A_POOL_SIZES (JSON, e.g.
     # {"browser": 2}) sets single templates and wins over both.

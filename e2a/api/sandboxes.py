@@ -14,7 +14,8 @@ from e2a.api.schemas import (CreateSandbox, SandboxEventsOut, SandboxOut, reserv
 from e2a.api.tasks import agent_config
 from e2a.auth import Caller
 from e2a.sandboxes.host import (Catalog, Conflict, CreateFailed, CreateSpec, DeletedDuringCreate,
-                                NoCapacity, SandboxHost, SandboxRecord, Unavailable)
+                                NoCapacity, SandboxHost, SandboxRecord, Unavailable,
+                                UserLimit)
 from e2a.sandboxes.states import EndReason, State
 from e2a.templates import recipes
 from e2a.workspaces.scope import Scope
@@ -36,7 +37,7 @@ def out(rec: SandboxRecord) -> SandboxOut:
 
 
 @router.post("", status_code=201, response_model=SandboxOut,
-             responses={400: {}, 401: {}, 409: {}, 501: {}, 503: {}})
+             responses={400: {}, 401: {}, 409: {}, 429: {}, 501: {}, 503: {}})
 async def create_sandbox(request: Request, req: CreateSandbox,
                          user: Caller = Depends(current_user),
                          sandboxes: SandboxHost = Depends(host)) -> SandboxOut:
@@ -66,6 +67,8 @@ async def create_sandbox(request: Request, req: CreateSandbox,
             workspace=_workspace_scope(req, user)))
     except NoCapacity as exc:
         raise ApiError(409, "no_capacity", str(exc)) from exc
+    except UserLimit as exc:
+        raise ApiError(429, "sandbox_limit", str(exc)) from exc
     except DeletedDuringCreate as exc:
         raise ApiError(409, "sandbox_deleted", str(exc)) from exc
     except Conflict as exc:

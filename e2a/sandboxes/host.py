@@ -28,6 +28,10 @@ class NoCapacity(Exception):
     """This host cannot take another sandbox now (409)."""
 
 
+class UserLimit(Exception):
+    """The user has as many sandboxes as one user may (E2A_MAX_SANDBOXES_PER_USER; 429)."""
+
+
 class Unavailable(Exception):
     """The runtime cannot start sandboxes at all: runsc, envd or the template image is
     missing (503)."""

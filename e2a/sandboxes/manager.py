@@ -36,7 +36,8 @@ from e2a.sandboxes import envd, resources, states
 from e2a.sandboxes.agent_keys import AgentKeys
 from e2a.sandboxes.host import (Conflict, CreateFailed, CreateSpec, DeletedDuringCreate,
                                 NoCapacity, NotRunning, SandboxHost, SandboxRecord,
-                                TooManyConnections, Unavailable, Unreachable, Upstream)
+                                TooManyConnections, Unavailable, Unreachable, Upstream,
+                                UserLimit)
 from e2a.sandboxes.hostlog import HostLog
 from e2a.sandboxes.records import Records, StoreCatalog, aware, utcnow
 from e2a.sandboxes.states import EndReason, State
@@ -171,6 +172,7 @@ class Manager(SandboxHost):
         # Health checks have a client of their own, so they never wait behind a tenant's streams.
         self.probe_http = envd.make_client()
         self.sandboxes: dict[str, LiveSandbox] = {}
+        self._creating: dict[str, int] = {}  # creates under way, per user
         self.slots: dict[int, str] = {}
         self.pool: dict[str, list[str]] = {}  # template -> ready sandbox ids, oldest first
         self.stuck: set[str] = set()          # teardown failed: retried by the reaper
@@ -268,12 +270,29 @@ class Manager(SandboxHost):
         recipe = recipes.load(spec.template)
         if recipe is None:
             raise Unavailable(f"template {spec.template!r} is not available")
-        if spec.workspace is None:  # a workspace is bound at boot: no pooled sandbox has it
-            claimed = await self._claim_from_pool(recipe, spec)
-            if claimed is not None:
-                return claimed
-        sb = await self._launch(recipe, spec)
-        return sb.record(self.node)
+        self._count_in(spec.user_id)  # no await before: concurrent creates cannot both pass
+        try:
+            if spec.workspace is None:  # a workspace is bound at boot: no pooled sandbox has it
+                claimed = await self._claim_from_pool(recipe, spec)
+                if claimed is not None:
+                    return claimed
+            sb = await self._launch(recipe, spec)
+            return sb.record(self.node)
+        finally:
+            self._creating[spec.user_id] -= 1
+            if not self._creating[spec.user_id]:
+                del self._creating[spec.user_id]
+
+    def _count_in(self, user_id: str) -> None:
+        """Count a create of the user's, or refuse it past E2A_MAX_SANDBOXES_PER_USER. Creates
+        under way count (their sandbox may not be in self.sandboxes yet), so a create is
+        counted twice for its own duration: never too few."""
+        cap = self.settings.max_sandboxes_per_user
+        held = sum(1 for sb in self.sandboxes.values() if sb.user_id == user_id)
+        if cap and held + self._creating.get(user_id, 0) >= cap:
+            raise UserLimit(f"a user may have at most {cap} sandboxes at once (sessions' "
+                            "included); end one first")
+        self._creating[user_id] = self._creating.get(user_id, 0) + 1
 
     def _reserve(self, recipe: recipes.Recipe, spec: CreateSpec, image: Path,
                  workspace: MountPlan | None = None) -> LiveSandbox:
