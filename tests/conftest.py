@@ -98,6 +98,14 @@ def http(server, keys):
 
 
 @pytest.fixture
+def bob_http(server, keys):
+    """Raw HTTP as bob, the other tenant."""
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {keys['bob']}"},
+                      timeout=60) as c:
+        yield c
+
+
+@pytest.fixture
 def kept(alice):
     """Sandboxes a test keeps (an agent's, kept after its task), deleted at its end."""
     vms: list[str] = []

@@ -9,100 +9,24 @@ task runs; the SSRF guard on a session's base URL; tenants apart; capability set
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import socket
-import threading
 import time
 import uuid
 
-import httpx
 import jwt
 import pytest
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from tests.conftest import wait_for
 from tests.e2e import agents
-
-MODEL = "claude-sonnet-5-5"
-
-
-@pytest.fixture
-def bob_http(server, keys):
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {keys['bob']}"},
-                      timeout=60) as c:
-        yield c
+from tests.e2e.sessions import (MODEL, Conn, Listener, bundle, create, finished, refused,
+                                signing_key)
 
 
 def new_key() -> str:
     return "sk-ant-" + uuid.uuid4().hex
-
-
-def bundle(http, name: str, values: dict) -> None:
-    r = http.post("/v1/tenants/me/secrets", json={"name": name, "values": values})
-    assert r.status_code == 201, r.text
-
-
-def create(http, **body) -> dict:
-    body.setdefault("user_id", "end-user-" + uuid.uuid4().hex[:8])
-    r = http.post("/v1/sessions", json=body, timeout=180)
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
-class Conn:
-    """One WebSocket connection to a session, reading JSON messages."""
-
-    def __init__(self, ticket: dict, after: int = 0, token: str | None = None):
-        url = ticket["connect_url"] + (f"?after={after}" if after else "")
-        self.ws = connect(url, additional_headers={
-            "Authorization": f"Bearer {token or ticket['jwt']}"}, open_timeout=30,
-            max_size=None)
-        self.ready = self.recv()
-        assert self.ready["type"] == "ready", self.ready
-
-    def recv(self, timeout: float = 60) -> dict:
-        return json.loads(self.ws.recv(timeout=timeout))
-
-    def send(self, **msg) -> None:
-        self.ws.send(json.dumps(msg))
-
-    def reply(self, kind: str, timeout: float = 60) -> tuple[dict, list[dict]]:
-        """The next reply of `kind` (no seq), and the numbered events that came before it."""
-        events = []
-        while True:
-            m = self.recv(timeout)
-            if "seq" in m:
-                events.append(m)
-            elif m["type"] == kind:
-                return m, events
-            else:
-                raise AssertionError(f"expected {kind}, got {m}")
-
-    def until_finished(self, timeout: float = 120) -> list[dict]:
-        """Numbered events up to and including the next task_finished."""
-        out, deadline = [], time.monotonic() + timeout
-        while True:
-            m = self.recv(max(1.0, deadline - time.monotonic()))
-            if "seq" in m:
-                out.append(m)
-                if m["type"] == "task_finished":
-                    return out
-
-    def task(self, text: str, **extra) -> tuple[str, list[dict]]:
-        self.send(type="task", text=text, id="t1", **extra)
-        ack, before = self.reply("ack")
-        assert ack["op"] == "task" and ack["id"] == "t1"
-        return ack["task_id"], before
-
-    def close(self) -> None:
-        self.ws.close()
-
-
-def finished(events: list[dict]) -> dict:
-    return [e for e in events if e["type"] == "task_finished"][-1]["data"]
 
 
 def seqs(events: list[dict]) -> list[int]:
@@ -130,12 +54,12 @@ def test_two_dependent_tasks_then_the_files_outlive_the_session(http, alice, llm
     assert ticket["connect_url"].endswith(f"/v1/sessions/{ticket['chat_session_id']}/ws")
     c = Conn(ticket)
     assert c.ready["last_seq"] == 0 and c.ready["task"] is None
-    first_id, _ = c.task("Write alpha beta to notes.txt")
+    first_id = c.task("Write alpha beta to notes.txt")
     evs = c.until_finished()
     assert finished(evs)["state"] == "succeeded" and finished(evs)["task_id"] == first_id
     assert [e["type"] for e in evs][0] == "task_started"
     assert "tool_call" in {e["type"] for e in evs} and "tool_result" in {e["type"] for e in evs}
-    second_id, _ = c.task("What does the file you wrote say?")
+    second_id = c.task("What does the file you wrote say?")
     evs2 = c.until_finished()
     done = finished(evs2)
     assert done["state"] == "succeeded" and done["task_id"] == second_id != first_id
@@ -239,36 +163,28 @@ def test_a_second_connection_takes_over(http, llm_mock):
     http.delete(f"/v1/sessions/{ticket['chat_session_id']}")
 
 
-def _refused(url: str, headers: dict | None = None, subprotocols=None) -> int:
-    with pytest.raises(InvalidStatus) as refused:
-        connect(url, additional_headers=headers or {}, subprotocols=subprotocols,
-                open_timeout=30)
-    return refused.value.response.status_code
-
-
-def test_tokens_other_than_the_sessions_own_are_refused(server, http, bob_http, llm_mock):
+def test_tokens_other_than_the_sessions_own_arerefused(server, http, bob_http, llm_mock):
     key = new_key()
     llm_mock.scenario(key, final="ok")
     ticket = create(http, llm={"api_key": key, "model": MODEL})
     other = create(http, llm={"api_key": key, "model": MODEL})
     url, sid = ticket["connect_url"], ticket["chat_session_id"]
-    assert _refused(url) == 401
-    assert _refused(url, {"Authorization": "Bearer nonsense"}) == 401
-    assert _refused(url, {"Authorization": f"Bearer {other['jwt']}"}) == 401  # another's
+    assert refused(url) == 401
+    assert refused(url, {"Authorization": "Bearer nonsense"}) == 401
+    assert refused(url, {"Authorization": f"Bearer {other['jwt']}"}) == 401  # another's
     # the API key is not a session token
-    assert _refused(url, {"Authorization": f"Bearer {server.keys['alice']}"}) == 401
+    assert refused(url, {"Authorization": f"Bearer {server.keys['alice']}"}) == 401
     head, body, sig = ticket["jwt"].split(".")
     claims = json.loads(base64.urlsafe_b64decode(body + "=="))
     forged = base64.urlsafe_b64encode(json.dumps({**claims, "sub": other["chat_session_id"]})
                                       .encode()).decode().rstrip("=")
-    assert _refused(other["connect_url"], {"Authorization": f"Bearer {head}.{forged}.{sig}"}) \
+    assert refused(other["connect_url"], {"Authorization": f"Bearer {head}.{forged}.{sig}"}) \
         == 401
     # an expired one, signed with the server's real key (derived from its host key)
-    host_key = (server.base / "data" / "agent.key").read_bytes()
-    signing = hmac.new(host_key, b"e2a session jwt", hashlib.sha256).hexdigest().encode()
+    signing = signing_key(server)
     expired = jwt.encode({**claims, "exp": int(time.time()) - 60, "iat": int(time.time()) - 120},
                          signing, algorithm="HS256")
-    assert _refused(url, {"Authorization": f"Bearer {expired}"}) == 401
+    assert refused(url, {"Authorization": f"Bearer {expired}"}) == 401
     fresh = jwt.encode({**claims, "exp": int(time.time()) + 600}, signing, algorithm="HS256")
     Conn(ticket, token=fresh).close()  # the forging is right: only the expiry was refused
     # a browser's way: the token as a subprotocol
@@ -283,7 +199,7 @@ def test_tokens_other_than_the_sessions_own_are_refused(server, http, bob_http, 
                        ["sessions"]}
     # ended: 410
     http.delete(f"/v1/sessions/{sid}")
-    assert _refused(url, {"Authorization": f"Bearer {ticket['jwt']}"}) == 410
+    assert refused(url, {"Authorization": f"Bearer {ticket['jwt']}"}) == 410
     http.delete(f"/v1/sessions/{other['chat_session_id']}")
 
 
@@ -322,7 +238,7 @@ def test_protocol_replies_attachments_and_bad_messages(http, alice, llm_mock):
     assert "/home/user/attachments/table.csv" in prompt
     # cancel a running task
     llm_mock.scenario(key, hang=True)
-    task_id, _ = c.task("hang")
+    task_id = c.task("hang")
     c.send(type="cancel", id="c1")
     ack, before = c.reply("ack")  # once the task has ended (its last events may come first)
     assert ack == {"type": "ack", "id": "c1", "op": "cancel", "task_id": task_id}
@@ -381,27 +297,6 @@ def test_a_replaced_bundle_reaches_a_running_task(http, llm_mock):
     http.delete(f"/v1/sessions/{ticket['chat_session_id']}")
 
 
-class _Listener:
-    """A TCP listener that counts connections: a private service e2a must never reach."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.hits = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.hits += 1
-            conn.close()
-
-
 def test_ssrf_guard_on_a_sessions_base_url(http, llm_mock):
     key = new_key()
     # (the test server allows 127.0.0.1 itself, the mock's host: E2A_LLM_PRIVATE_HOSTS)
@@ -418,7 +313,7 @@ def test_ssrf_guard_on_a_sessions_base_url(http, llm_mock):
     r = http.post("/v1/sessions", json={"user_id": "u", "secrets": [name]})
     assert r.status_code == 400 and r.json()["error"]["field"] == "secrets", r.text
     # an allowed provider that redirects to a private service: not followed
-    private = _Listener()
+    private = Listener()
     llm_mock.scenario(key, final="never")
     ticket = create(http, llm={"api_key": key, "vendor": "anthropic", "model": MODEL,
                                "base_url": f"{llm_mock.url}/_mock/redirect-to/{private.port}"})

@@ -20,7 +20,6 @@ import base64
 import hashlib
 import hmac
 import json
-import socket
 import stat
 import threading
 import time
@@ -29,13 +28,15 @@ import uuid
 import httpx
 import jwt
 import pytest
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from tests.conftest import wait_for
+from tests.e2e import sessions
+from tests.e2e.sessions import (MODEL, Conn, Listener, bundle, finished, refused,
+                                signing_key)
 from tests.security.conftest import NOBODY, as_user
 
-MODEL = "claude-sonnet-5-5"
 SEEN_SECRETS: list[str] = []   # every key and JWT of this module: none may reach the log
 
 
@@ -47,87 +48,15 @@ def new_key(prefix: str = "sk-ant-") -> str:
     return key
 
 
-def bundle(http, name: str, values: dict) -> None:
-    r = http.post("/v1/tenants/me/secrets", json={"name": name, "values": values})
-    assert r.status_code == 201, r.text
-
-
 def create(http, **body) -> dict:
     body.setdefault("user_id", "atk-" + uuid.uuid4().hex[:8])
-    r = http.post("/v1/sessions", json=body, timeout=180)
-    assert r.status_code == 201, r.text
-    SEEN_SECRETS.append(r.json()["jwt"])
-    return r.json()
-
-
-class Conn:
-    """One WebSocket connection to a session, reading JSON messages."""
-
-    def __init__(self, ticket: dict, after: str | int | None = None, token: str | None = None):
-        url = ticket["connect_url"] + (f"?after={after}" if after is not None else "")
-        self.ws = connect(url, additional_headers={
-            "Authorization": f"Bearer {token or ticket['jwt']}"}, open_timeout=30,
-            max_size=None)
-        self.ready = self.recv()
-        assert self.ready["type"] == "ready", self.ready
-
-    def recv(self, timeout: float = 60) -> dict:
-        return json.loads(self.ws.recv(timeout=timeout))
-
-    def send(self, **msg) -> None:
-        self.ws.send(json.dumps(msg))
-
-    def reply(self, kind: str, timeout: float = 60) -> tuple[dict, list[dict]]:
-        events = []
-        while True:
-            m = self.recv(timeout)
-            if "seq" in m:
-                events.append(m)
-            elif m["type"] == kind:
-                return m, events
-            else:
-                raise AssertionError(f"expected {kind}, got {m}")
-
-    def until_finished(self, timeout: float = 120) -> list[dict]:
-        out, deadline = [], time.monotonic() + timeout
-        while True:
-            m = self.recv(max(1.0, deadline - time.monotonic()))
-            if "seq" in m:
-                out.append(m)
-                if m["type"] == "task_finished":
-                    return out
-
-    def task(self, text: str, **extra) -> str:
-        self.send(type="task", text=text, id="t", **extra)
-        ack, _ = self.reply("ack")
-        return ack["task_id"]
-
-    def close(self) -> None:
-        self.ws.close()
-
-
-def finished(events: list[dict]) -> dict:
-    return [e for e in events if e["type"] == "task_finished"][-1]["data"]
-
-
-def refused(url: str, headers: dict | None = None, subprotocols=None) -> int:
-    """The HTTP status of a refused WebSocket handshake (fails if it is accepted)."""
-    with pytest.raises(InvalidStatus) as no:
-        ws = connect(url, additional_headers=headers or {}, subprotocols=subprotocols,
-                     open_timeout=30)
-        ws.close()
-    return no.value.response.status_code
+    ticket = sessions.create(http, **body)
+    SEEN_SECRETS.append(ticket["jwt"])
+    return ticket
 
 
 def b64(obj) -> str:
     return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
-
-
-def signing_key(server) -> bytes:
-    """The server's real session-JWT key (derived from its host key), to forge exactly one
-    thing wrong at a time."""
-    host_key = (server.base / "data" / "agent.key").read_bytes()
-    return hmac.new(host_key, b"e2a session jwt", hashlib.sha256).hexdigest().encode()
 
 
 def hs256(claims: dict, key: bytes) -> str:
@@ -139,37 +68,6 @@ def hs256(claims: dict, key: bytes) -> str:
 
 def claims_of(token: str) -> dict:
     return json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
-
-
-class Listener:
-    """A TCP listener on the host that counts connections: a private service."""
-
-    def __init__(self, host: str = "127.0.0.1"):
-        self.sock = socket.socket()
-        self.sock.bind((host, 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.hits = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.hits += 1
-            conn.close()
-
-    def close(self):
-        self.sock.close()
-
-
-@pytest.fixture
-def bob_http(server, keys):
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {keys['bob']}"},
-                      timeout=60) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
