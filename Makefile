@@ -6,7 +6,7 @@ CACHE   ?= /var/cache/e2a
 E2A_URL ?= http://127.0.0.1:8080
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: up deps venv build envd runsc rclone templates serve stop test test-unit test-guest test-e2e bench bench-templates bench-workspaces bench-agents openapi asyncapi clean
+.PHONY: up deps venv build envd runsc rclone templates serve stop test test-unit test-guest test-e2e bench bench-templates bench-workspaces bench-agents bench-sessions openapi asyncapi clean
 
 up: build templates
 	@$(BIN)/e2a admin bootstrap
@@ -69,6 +69,9 @@ bench-workspaces: build templates
 
 bench-agents: build templates
 	$(BIN)/python bench/agents.py
+
+bench-sessions: build templates
+	$(BIN)/python bench/sessions.py
 
 clean:
 	rm -rf build
