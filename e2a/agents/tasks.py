@@ -224,6 +224,9 @@ class Tasks:
                                "an agent's key does not survive a restart of e2a)")
         if s.running:
             raise TaskConflict(f"task {s.task_id} is still running")
+        if s.tasks_done and not (s.config.keep_after or s.config.session):
+            raise TaskConflict("this sandbox ends with its task: create it with "
+                               "keep_after_task_seconds for follow-ups")
         s.running = True  # before any await: two follow-ups at once must not both start
         model = model or s.config.model
         if s.provider is not None:
@@ -309,10 +312,12 @@ class Tasks:
         ended = {"state": state, "result": keys.scrub(outcome.result, s.scrub),
                  "error": keys.scrub(error, s.scrub), "llm_requests": requests,
                  "input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens}
-        await self.emit(s, "task_finished", {"task_id": task_id, **ended})
-        await self._flush(s)
+        # The row first, then the event and `running` together (no await between): a client
+        # that reads task_finished finds the task over everywhere, and its next task is taken.
         await self._update(task_id, ended_at=utcnow(), **ended)
+        await self.emit(s, "task_finished", {"task_id": task_id, **ended})
         s.running = False
+        await self._flush(s)
         self._close_retired(s)
         async with s.changed:
             s.changed.notify_all()

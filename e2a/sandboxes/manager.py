@@ -30,7 +30,7 @@ from e2a.config import Settings
 from e2a.ids import new_id
 from e2a.network import links
 from e2a.network.firewall import Firewall, host_nameservers
-from e2a.runtime import cgroups
+from e2a.runtime import cgroups, quota
 from e2a.runtime.runsc import Runsc
 from e2a.sandboxes import envd, resources, states
 from e2a.sandboxes.agent_keys import AgentKeys
@@ -665,6 +665,7 @@ class Manager(SandboxHost):
         task.add_done_callback(self._background.discard)
 
     def _sweep_once(self) -> None:
+        mounts = None  # the mount table, read once per sweep if any sandbox has a workspace
         for sb in list(self.sandboxes.values()):
             if sb.state is not State.RUNNING or not self.watch.watching(sb.id):
                 continue  # not up yet, or its death is being handled
@@ -674,9 +675,11 @@ class Manager(SandboxHost):
                 sb.oom_kills_seen, sb.oom_rose_at = kills, time.monotonic()
             if not set(cgroup.procs()) - self.watch.pids(sb.id):
                 self._probe_later(sb, 1, 1.0, "no systrap stub process left")
-            elif sb.workspace_id and not self._workspace_alive(sb):
-                self._in_background(self.destroy(
-                    sb.id, EndReason.CRASHED, "the workspace mount on /home/user exited"))
+            elif sb.workspace_id:
+                mounts = quota.mount_table() if mounts is None else mounts
+                if not self._workspace_alive(sb, mounts):
+                    self._in_background(self.destroy(
+                        sb.id, EndReason.CRASHED, "the workspace mount on /home/user exited"))
 
     async def _death_sweeper(self) -> None:
         while True:
@@ -686,8 +689,9 @@ class Manager(SandboxHost):
             except Exception as exc:
                 log.error("death sweep: %s", exc)
 
-    def _workspace_alive(self, sb: LiveSandbox) -> bool:
-        return resources.WorkspaceMount.mount(self.env, sb.plan.dir, sb.workspace_id).alive()
+    def _workspace_alive(self, sb: LiveSandbox, mounts: dict[str, str] | None = None) -> bool:
+        return resources.WorkspaceMount.mount(self.env, sb.plan.dir,
+                                              sb.workspace_id).alive(mounts)
 
     # ---- idle, lifetime, retries -----------------------------------------------------------
 

@@ -118,8 +118,12 @@ class Mount:
     def mounted(self) -> bool:
         return quota.mount_fstype(self.point) is not None
 
-    def alive(self) -> bool:
-        return self.pid() is not None and quota.mount_fstype(self.point) == "fuse.rclone"
+    def alive(self, mounts: dict[str, str] | None = None) -> bool:
+        """rclone runs and its FUSE mount is there (in `mounts`, quota.mount_table(), if given:
+        a sweep over many sandboxes reads the table once)."""
+        fstype = mounts.get(str(self.point)) if mounts is not None else quota.mount_fstype(
+            self.point)
+        return fstype == "fuse.rclone" and self.pid() is not None
 
     def dirty(self) -> list[str]:
         """Files of the cache not yet uploaded, as rclone's metadata records them."""

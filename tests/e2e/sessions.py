@@ -42,6 +42,7 @@ class Conn:
             max_size=None)
         self.ready = self.recv()
         assert self.ready["type"] == "ready", self.ready
+        self.task_id: str | None = None  # the task this connection sent last
 
     def recv(self, timeout: float = 60) -> dict:
         return json.loads(self.ws.recv(timeout=timeout))
@@ -62,13 +63,15 @@ class Conn:
                 raise AssertionError(f"expected {kind}, got {m}")
 
     def until_finished(self, timeout: float = 120) -> list[dict]:
-        """Numbered events up to and including the next task_finished."""
+        """Numbered events up to and including the task_finished of the task this connection
+        sent (or, if it sent none, the next task_finished): a connection from the start
+        replays the earlier tasks' events first."""
         out, deadline = [], time.monotonic() + timeout
         while True:
             m = self.recv(max(1.0, deadline - time.monotonic()))
             if "seq" in m:
                 out.append(m)
-                if m["type"] == "task_finished":
+                if m["type"] == "task_finished" and self.task_id in (None, m["task_id"]):
                     return out
 
     def task(self, text: str, **extra) -> str:
@@ -76,7 +79,8 @@ class Conn:
         self.send(type="task", text=text, id="t1", **extra)
         ack, _ = self.reply("ack")
         assert ack["op"] == "task" and ack["id"] == "t1"
-        return ack["task_id"]
+        self.task_id = ack["task_id"]
+        return self.task_id
 
     def close(self) -> None:
         self.ws.close()
