@@ -13,8 +13,8 @@ from fastapi import APIRouter, Request, WebSocket
 from e2a.api.access import Grant
 from e2a.api.endpoints import (base_url, browser_ws_path, granted, link_slots, sandbox_with,
                                tokens)
-from e2a.api.errors import ApiError
-from e2a.api.proxy import _deny, _opened, _relay, _ws_open
+from e2a.api.errors import ApiError, deny_websocket
+from e2a.api.proxy import _opened, _relay, _ws_open
 from e2a.api.schemas import BrowserOut
 
 router = APIRouter(tags=["browser"])
@@ -41,13 +41,13 @@ async def cdp(ws: WebSocket, token: str) -> None:
         grant, port = await granted(ws, token, "cdp", "cdp")
         link_slots.take(grant.sandbox_id)
     except ApiError as exc:
-        return await _deny(ws, exc)
+        return await deny_websocket(ws, exc)
     try:
         try:
             async with _opened((502, "browser_unreachable", "Chromium did not answer", None)):
                 path = await browser_ws_path(ws.app.state.host, grant.sandbox_id, port)
         except ApiError as exc:
-            return await _deny(ws, exc)
+            return await deny_websocket(ws, exc)
         up = await _ws_open(ws, ws.app.state.host.agent_websocket(
             grant.sandbox_id, f"/proxy/{port}{path}", max_size=CDP_MAX_MESSAGE), "browser")
         if up is None:

@@ -25,8 +25,8 @@ from fastapi.staticfiles import StaticFiles
 
 from e2a.api.access import Grant
 from e2a.api.endpoints import base_url, granted, link_slots, sandbox_with, tokens
-from e2a.api.errors import ApiError
-from e2a.api.proxy import _deny, _relay, _ws_open, forward
+from e2a.api.errors import ApiError, deny_websocket
+from e2a.api.proxy import _relay, _ws_open, forward
 from e2a.api.schemas import ControlOut, StreamOut, StreamRequest
 
 router = APIRouter(tags=["desktop"])
@@ -195,7 +195,7 @@ async def vnc(ws: WebSocket, token: str, mode: str = "view") -> None:
                            "new live view")
         link_slots.take(grant.sandbox_id)
     except ApiError as exc:
-        return await _deny(ws, exc)
+        return await deny_websocket(ws, exc)
     sid = grant.sandbox_id
     try:
         up = await _ws_open(ws, ws.app.state.host.agent_websocket(sid, f"/tcp/{port}"),

@@ -26,6 +26,11 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     return JSONResponse(body(code, message, field), status_code=status)
 
 
+async def deny_websocket(ws, exc: ApiError) -> None:
+    """Refuse a WebSocket's upgrade with the usual JSON error and status, before accepting."""
+    await ws.send_denial_response(error_response(exc.status, exc.code, exc.message, exc.field))
+
+
 _STATUS_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                  409: "conflict", 413: "too_large", 415: "unsupported_media_type"}
 

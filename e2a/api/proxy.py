@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from e2a.api.deps import caller_from_header, current_user, host, owned_sandbox, running_sandbox
-from e2a.api.errors import ApiError, error_response
+from e2a.api.errors import ApiError, deny_websocket
 from e2a.api.schemas import (CommandRequest, MkdirRequest, RenameRequest, SignalRequest,
                              StdinRequest)
 from e2a.auth import Caller
@@ -449,11 +449,6 @@ for _method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"):
 
 # ---- WebSockets: PTY and port proxy ---------------------------------------------------------
 
-async def _deny(ws: WebSocket, exc: ApiError) -> None:
-    """Refuse the upgrade with the usual JSON error and status, before accepting."""
-    await ws.send_denial_response(error_response(exc.status, exc.code, exc.message, exc.field))
-
-
 async def _ws_sandbox(ws: WebSocket, vm_id: str) -> tuple[Caller, str] | None:
     """Authenticate a WebSocket and find the caller's running sandbox; on failure, deny it
     (401 / 404 / 409 with the JSON error) and return None."""
@@ -461,7 +456,7 @@ async def _ws_sandbox(ws: WebSocket, vm_id: str) -> tuple[Caller, str] | None:
         user = await caller_from_header(ws.app, ws.headers.get("authorization"))
         return user, await running_sandbox(ws.app, user, vm_id)
     except ApiError as exc:
-        await _deny(ws, exc)
+        await deny_websocket(ws, exc)
         return None
 
 
@@ -471,7 +466,7 @@ async def _ws_open(ws: WebSocket, opening, what: str) -> Upstream | None:
                             None)):
             return await opening
     except ApiError as exc:
-        await _deny(ws, exc)
+        await deny_websocket(ws, exc)
     return None
 
 
@@ -556,7 +551,7 @@ async def pty(ws: WebSocket, vm_id: str) -> None:
     try:
         query = _pty_query(ws)
     except ApiError as exc:
-        return await _deny(ws, exc)
+        return await deny_websocket(ws, exc)
     up = await _ws_open(ws, ws.app.state.host.agent_websocket(
         sid, "/pty" + (f"?{query}" if query else "")), "agent")
     if up is None:
@@ -572,12 +567,12 @@ async def port_ws(ws: WebSocket, vm_id: str, port: str, path: str) -> None:
         return
     user, sid = found
     if not port.isdigit() or not 1 <= int(port) <= 65535 or int(port) == ENVD_PORT:
-        return await _deny(ws, ApiError(400, "invalid_port", f"port must be 1-65535 and not "
+        return await deny_websocket(ws, ApiError(400, "invalid_port", f"port must be 1-65535 and not "
                                         f"{ENVD_PORT} (e2a's agent)", "port"))
     try:
         proxy_slots.take(user.id)
     except ApiError as exc:
-        return await _deny(ws, exc)
+        return await deny_websocket(ws, exc)
     try:
         query = ws.url.query
         up = await _ws_open(ws, ws.app.state.host.port_websocket(

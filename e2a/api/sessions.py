@@ -19,8 +19,7 @@ from e2a.agents.tasks import TaskConflict
 from e2a.api import session_protocol as proto
 from e2a.api.deps import bearer, current_user
 from e2a.api.endpoints import base_url
-from e2a.api.errors import ApiError
-from e2a.api.proxy import _deny
+from e2a.api.errors import ApiError, deny_websocket
 from e2a.api.schemas import (CreateSession, SessionAgentOut, SessionAppOut, SessionLlmOut,
                              SessionOut, SessionsOut, SessionTaskOut, SessionTicket,
                              SessionTokenOut, SessionUsage)
@@ -167,23 +166,23 @@ async def session_ws(ws: WebSocket, session_id: str) -> None:
     svc = sessions(ws)
     token, subprotocol = _offered_token(ws)
     if token is None:
-        return await _deny(ws, ApiError(401, "unauthorized", "missing session token: send "
+        return await deny_websocket(ws, ApiError(401, "unauthorized", "missing session token: send "
                                         "Authorization: Bearer <jwt> or the subprotocols "
                                         f"[{proto.SUBPROTOCOL!r}, <jwt>]"))
     try:
         claims = svc.tokens.verify(token, session_id)
     except InvalidToken as exc:
-        return await _deny(ws, ApiError(401, "unauthorized", str(exc)))
+        return await deny_websocket(ws, ApiError(401, "unauthorized", str(exc)))
     row = await svc.get(claims.user_id, session_id)
     if row is None:
-        return await _deny(ws, ApiError(404, "session_not_found", f"no session {session_id!r}"))
+        return await deny_websocket(ws, ApiError(404, "session_not_found", f"no session {session_id!r}"))
     live = svc.live.get(session_id)
     if row.state != "active" or live is None or live.end_reason:
-        return await _deny(ws, ApiError(410, "session_ended", f"session {session_id} has "
+        return await deny_websocket(ws, ApiError(410, "session_ended", f"session {session_id} has "
                                         f"ended ({row.end_reason or 'ending'})"))
     after_text = ws.query_params.get("after", "0")
     if not AFTER.fullmatch(after_text):  # (str.isdigit takes "²", which int() refuses)
-        return await _deny(ws, ApiError(400, "invalid_field", "after must be the last seq "
+        return await deny_websocket(ws, ApiError(400, "invalid_field", "after must be the last seq "
                                         "seen (an integer, 0 for all)", "after"))
     await ws.accept(subprotocol=proto.SUBPROTOCOL if subprotocol else None)
     previous, live.connection = live.connection, ws
