@@ -66,17 +66,11 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import pct  # noqa: E402
 from tests.e2e.server import Server  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 BENCH_DIR = Path("/tmp/e2a-bench")
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    k = (len(values) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 def summary(ms: list[float]) -> dict:

@@ -91,7 +91,7 @@ from websockets.exceptions import ConnectionClosed
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
+from bench.common import load, others as _others, pct  # noqa: E402
 from tests.e2e.server import Server, llm_mock  # noqa: E402
 
 RESULTS = ROOT / "bench" / "sessions.json"
@@ -108,12 +108,6 @@ STREAM_CMD = (f"for i in $(seq 1 {LINES}); do echo \"L $i $EPOCHREALTIME\"; slee
 
 # ---- figures ---------------------------------------------------------------------------------
 
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    k = (len(values) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
 
 def ms_summary(ms: list[float]) -> dict:
     if not ms:
@@ -123,18 +117,8 @@ def ms_summary(ms: list[float]) -> dict:
             "mean_ms": round(statistics.fmean(ms), 1)}
 
 
-def load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 def others() -> dict:
-    """What else runs on the machine (other engineers' tests and servers)."""
-    def count(pattern: str) -> int:
-        out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
-        return len([p for p in out.split() if int(p) != os.getpid()])
-    return {"e2a_serve": count("bin/e2a serve"), "pytest": count("pytest"),
-            "runsc_sandboxes": count("runsc-sandbox"), "load": load(),
-            "mem_available_gib": round(meminfo("MemAvailable") / 2**30, 2)}
+    return {**_others(), "mem_available_gib": round(meminfo("MemAvailable") / 2**30, 2)}
 
 
 def meminfo(field: str) -> int:

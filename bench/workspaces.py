@@ -93,6 +93,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import others, pct  # noqa: E402
 from tests.e2e.server import Server  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "workspaces.json"
@@ -100,13 +101,6 @@ BASE = Path("/tmp/e2a-bench-ws")
 HOST_DIR = Path("/tmp/e2a-bench-ws-host")  # the host's repository and random files
 PARTS = ["create", "warm", "io", "git", "destroy", "manyfiles"]
 MIB = 1024 * 1024
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    k = (len(values) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 def ms_summary(ms: list[float]) -> dict:
@@ -118,19 +112,6 @@ def rate_summary(values: list[float], unit: str) -> dict:
     """p50 and p95 of a rate; p95 is the slow end (the 5th percentile of the rate)."""
     return {"n": len(values), f"p50_{unit}": round(pct(values, 50), 1),
             f"p95_{unit}": round(pct(values, 5), 1), f"max_{unit}": round(max(values), 1)}
-
-
-def load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def others() -> dict:
-    """What else runs on the machine (other engineers' tests and servers)."""
-    def count(pattern: str) -> int:
-        out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
-        return len([p for p in out.split() if int(p) != os.getpid()])
-    return {"e2a_serve": count("bin/e2a serve"), "pytest": count("pytest"),
-            "runsc_sandboxes": count("runsc-sandbox"), "load": load()}
 
 
 def machine() -> dict:
