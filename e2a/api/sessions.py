@@ -113,9 +113,12 @@ async def list_sessions(request: Request,
                         state: str | None = Query(None, pattern="^(active|ended)$"),
                         user_id: str | None = Query(None, max_length=64,
                                                     description="the tenant's end user"),
+                        limit: int = Query(100, ge=1, le=1000),
+                        offset: int = Query(0, ge=0, le=10_000_000),
                         user: Caller = Depends(current_user)) -> SessionsOut:
+    """The tenant's sessions, newest first: `limit` of them from `offset`."""
     svc = sessions(request)
-    rows = await svc.list(user.id, state, user_id)
+    rows = await svc.list(user.id, state, user_id, limit, offset)
     return SessionsOut(sessions=[await session_out(svc, r) for r in rows])
 
 

@@ -620,9 +620,11 @@ def create_session(user_id: str, agent: str = "deictic", version: str | None = N
                 secrets=(key,) if isinstance(key, str) and key else ())
 
 
-def list_sessions(state: str | None = None, user_id: str | None = None) -> Call:
-    return Call("GET", "/v1/sessions", params=_drop_none({"state": state, "user_id": user_id}),
-                parse=lambda d: [Session.from_dict(x) for x in d["sessions"]])
+def list_sessions(state: str | None = None, user_id: str | None = None,
+                  limit: int | None = None, offset: int | None = None) -> Call:
+    return Call("GET", "/v1/sessions", params=_drop_none({
+        "state": state, "user_id": user_id, "limit": limit, "offset": offset}),
+        parse=lambda d: [Session.from_dict(x) for x in d["sessions"]])
 
 
 def get_session(s: Any) -> Call:

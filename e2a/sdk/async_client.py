@@ -215,8 +215,9 @@ class AsyncE2A:
                                                    set_id, capability_sets, ttl_seconds, system_prompt,
                                                    metadata))
 
-    async def sessions(self, state: str | None = None, user_id: str | None = None) -> list[Session]:
-        return await self._call(api.list_sessions(state, user_id))
+    async def sessions(self, state: str | None = None, user_id: str | None = None,
+                       limit: int | None = None, offset: int | None = None) -> list[Session]:
+        return await self._call(api.list_sessions(state, user_id, limit, offset))
 
     async def session(self, session_id: str) -> Session:
         return await self._call(api.get_session(session_id))

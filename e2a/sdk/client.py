@@ -234,9 +234,11 @@ class E2A:
         return self._call(api.create_session(user_id, agent, version, template, llm, secrets, app_id,
                                              set_id, capability_sets, ttl_seconds, system_prompt, metadata))
 
-    def sessions(self, state: str | None = None, user_id: str | None = None) -> list[Session]:
-        """The caller's sessions (``state`` active or ended; one end user's with ``user_id``)."""
-        return self._call(api.list_sessions(state, user_id))
+    def sessions(self, state: str | None = None, user_id: str | None = None,
+                 limit: int | None = None, offset: int | None = None) -> list[Session]:
+        """The caller's sessions, newest first (``state`` active or ended; one end user's with
+        ``user_id``; the server's page is 100 unless ``limit`` says, at most 1000)."""
+        return self._call(api.list_sessions(state, user_id, limit, offset))
 
     def session(self, session_id: str) -> Session:
         return self._call(api.get_session(session_id))

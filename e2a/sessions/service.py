@@ -406,16 +406,17 @@ class Sessions:
             row = await db.get(ChatSession, session_id)
         return row if row is not None and row.user_id == user_id else None
 
-    async def list(self, user_id: str, state: str | None,
-                   end_user_id: str | None) -> list[ChatSession]:
+    async def list(self, user_id: str, state: str | None, end_user_id: str | None,
+                   limit: int = 100, offset: int = 0) -> list[ChatSession]:
+        """The tenant's sessions, newest first, a page at a time."""
         q = select(ChatSession).where(ChatSession.user_id == user_id)
         if state:
             q = q.where(ChatSession.state == state)
         if end_user_id:
             q = q.where(ChatSession.end_user_id == end_user_id)
+        q = q.order_by(ChatSession.created_at.desc(), ChatSession.id).limit(limit).offset(offset)
         async with self.db() as db:
-            return list((await db.execute(q.order_by(ChatSession.created_at.desc())
-                                          .limit(1000))).scalars())
+            return list((await db.execute(q)).scalars())
 
     async def usage(self, row: ChatSession) -> dict:
         if row.sandbox_id is None:

@@ -82,6 +82,9 @@ def test_two_dependent_tasks_then_the_files_outlive_the_session(http, alice, llm
     assert got["workspace_id"]
     listed = http.get("/v1/sessions", params={"user_id": end_user}).json()["sessions"]
     assert [s["chat_session_id"] for s in listed] == [sid]
+    page = http.get("/v1/sessions", params={"limit": 1}).json()["sessions"]
+    assert len(page) == 1 and page[0]["chat_session_id"] == sid  # the newest
+    assert http.get("/v1/sessions", params={"limit": 0}).status_code == 400
     vm = got["vm_id"]
 
     r = http.delete(f"/v1/sessions/{sid}")
