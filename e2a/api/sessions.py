@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Query, Request, WebSocket
 from pydantic import ValidationError
 
 from e2a.agents.tasks import TaskConflict
+from e2a.api.tasks import MAX_SEQ
 from e2a.api import session_protocol as proto
 from e2a.api.deps import bearer, current_user
 from e2a.api.endpoints import base_url
@@ -31,7 +32,7 @@ from e2a.store.models import ChatSession
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
 ATTACHMENTS_DIR = "/home/user/attachments"
-AFTER = re.compile(r"[0-9]{1,12}")
+AFTER = re.compile(r"[0-9]{1,10}")
 
 
 def sessions(conn: Request | WebSocket) -> Sessions:
@@ -184,7 +185,8 @@ async def session_ws(ws: WebSocket, session_id: str) -> None:
         return await deny_websocket(ws, ApiError(410, "session_ended", f"session {session_id} has "
                                         f"ended ({row.end_reason or 'ending'})"))
     after_text = ws.query_params.get("after", "0")
-    if not AFTER.fullmatch(after_text):  # (str.isdigit takes "²", which int() refuses)
+    # (str.isdigit takes "²", which int() refuses; seq is a 32-bit column)
+    if not AFTER.fullmatch(after_text) or int(after_text) > MAX_SEQ:
         return await deny_websocket(ws, ApiError(400, "invalid_field", "after must be the last seq "
                                         "seen (an integer, 0 for all)", "after"))
     await ws.accept(subprotocol=proto.SUBPROTOCOL if subprotocol else None)

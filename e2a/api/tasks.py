@@ -25,6 +25,8 @@ router = APIRouter(prefix="/v1/sandboxes/{vm_id}/task", tags=["agents"])
 OWN = ("e2a", "deictic")
 AGENTS = OWN + clis.NAMES
 DEFAULT_MAX_STEPS = 50
+# Events are numbered in a 32-bit column (PostgreSQL's integer): a larger `after` is a 400.
+MAX_SEQ = 2**31 - 1
 
 
 def tasks(request: Request) -> Tasks:
@@ -161,7 +163,7 @@ async def cancel(request: Request, vm_id: str, user: Caller = Depends(current_us
 
 
 @router.get("/events", response_model=TaskEventsOut, responses={401: {}, 404: {}})
-async def events(request: Request, vm_id: str, after: int = Query(0, ge=0),
+async def events(request: Request, vm_id: str, after: int = Query(0, ge=0, le=MAX_SEQ),
                  limit: int = Query(500, ge=1, le=5000),
                  follow: bool = Query(False, description="stream NDJSON, live, until the task "
                                       "is over"),

@@ -457,3 +457,21 @@ def test_the_sdk_drives_a_session(alice, llm_mock):
     ended = alice.end_session(ticket.chat_session_id)
     assert ended.state == "ended" and ended.end_reason == "deleted"
     alice.secrets.delete(name)
+
+
+def test_a_resume_offset_past_the_event_numbers_is_a_400(http, llm_mock):
+    """Events are numbered in a 32-bit column: a larger `after` is refused (it was a 500 on
+    the REST feed, found by schemathesis)."""
+    key = new_key()
+    llm_mock.scenario(key, final="ok")
+    ticket = create(http, llm={"api_key": key, "model": MODEL})
+    vm = http.get(f"/v1/sessions/{ticket['chat_session_id']}").json()["vm_id"]
+    headers = {"Authorization": f"Bearer {ticket['jwt']}"}
+    for after in ("2147483648", "99999999999", "1614319726433759443170264724013056"):
+        assert refused(f"{ticket['connect_url']}?after={after}", headers) == 400
+        for follow in ("true", "false"):
+            r = http.get(f"/v1/sandboxes/{vm}/task/events",
+                         params={"after": after, "follow": follow})
+            assert r.status_code == 400 and r.json()["error"]["field"], r.text
+    Conn(ticket, after=2147483647).close()  # the largest is fine
+    http.delete(f"/v1/sessions/{ticket['chat_session_id']}")

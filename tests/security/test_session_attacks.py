@@ -256,9 +256,10 @@ def test_forged_and_misused_tokens_are_refused(server, http, bob_http, keys, llm
 def test_after_must_be_a_plain_number(shared):
     ticket, _, _ = shared
     h = {"Authorization": f"Bearer {ticket['jwt']}"}
-    for bad in ("-1", "abc", "1e3", "1" * 13, "0x10", "%201", "1.5", "%2B1", "", "1,2"):
+    for bad in ("-1", "abc", "1e3", "1" * 13, "0x10", "%201", "1.5", "%2B1", "", "1,2",
+                "2147483648", "999999999999"):  # (seq is a 32-bit column)
         assert refused(ticket["connect_url"] + f"?after={bad}", h) == 400, bad
-    for fine in ("0", "999999999999", "007"):
+    for fine in ("0", "2147483647", "007"):
         c = Conn(ticket, after=fine)
         c.send(type="ping", id=1)
         assert c.reply("pong")[0]["id"] == 1
