@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from e2a.billing import ledger
 from e2a.ids import new_id
 from e2a.store.models import ApiKey, User
 
@@ -27,10 +28,13 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-async def create_user(db: AsyncSession, email: str, is_admin: bool = False) -> User:
+async def create_user(db: AsyncSession, email: str, free_credits: int,
+                      is_admin: bool = False) -> User:
+    """A new user, whose account opens with `free_credits` (E2A_FREE_CREDITS)."""
     user = User(id=new_id("usr"), email=email, is_admin=is_admin, created_at=now())
     db.add(user)
     await db.flush()
+    await ledger.ensure_account(db, user.id, free_credits)
     return user
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,20 @@ _EXPECTED = {
     "s3_port": "must be an integer from 1 to 65535",
     "workspace_quota_mib": "must be an integer of at least 1 (MiB)",
     "egress_port": "must be an integer from 1 to 65535",
+    "smtp_port": "must be an integer from 1 to 65535",
+    "login_code_ttl": "must be an integer from 60 to 3600 (seconds)",
+    "login_token_ttl": "must be an integer from 60 to 86400 (seconds)",
+    "login_per_client": "must be an integer of at least 1",
+    "free_credits": "must be an integer of at least 0 (credits)",
+    "metering_interval": "must be a number of seconds from 0.2 to 300",
+    "storage_metering_interval": "must be a number of seconds from 0.2 to 86400",
+    "checkout_min_credits": "must be an integer of at least 1 (credits)",
 }
 
 # Settings whose value no error line (nor the settings' repr) shows: a bad key is likely a typo
 # of the real one.
-_HIDDEN = {"secrets_key", "secrets_old_keys"}
+_HIDDEN = {"secrets_key", "secrets_old_keys", "smtp_password", "stripe_secret_key",
+           "stripe_webhook_secret"}
 
 
 def env_name(field: str) -> str:
@@ -152,6 +162,46 @@ class Settings(BaseSettings):
     # `e2a admin rotate-secrets-key` re-encrypts every bundle under the current one.
     secrets_old_keys: str = Field("", repr=False)
 
+    # ---- accounts (docs/accounts.md) ----
+    # The SMTP server that sends login codes. Empty host: each code is written to the server's
+    # log instead (the embedded default, for one machine).
+    smtp_host: str = ""
+    smtp_port: int = Field(587, ge=1, le=65535)
+    # starttls (upgrade after connecting) | tls (TLS from the start, port 465) | none
+    smtp_security: str = "starttls"
+    smtp_username: str = ""
+    smtp_password: str = Field("", repr=False)
+    smtp_from: str = "e2a <no-reply@localhost>"
+    # How long a login code and a login token (the JWT that manages keys and billing) live.
+    login_code_ttl: int = Field(600, ge=60, le=3600)
+    login_token_ttl: int = Field(3600, ge=60, le=86400)
+    # Login codes one client address may ask for per 15 minutes (each email address: 5).
+    login_per_client: int = Field(30, ge=1)
+
+    # ---- credits (docs/billing.md) ----
+    # 1 credit = 1 US cent. Rates are credits per unit, exact to 6 decimal places.
+    free_credits: int = Field(100, ge=0)
+    rate_vcpu_second: Decimal = Decimal("0.0014")
+    rate_gib_second: Decimal = Decimal("0.00045")
+    rate_workspace_gib_hour: Decimal = Decimal("0.01")
+    # How often running sandboxes are charged, and workspace storage.
+    metering_interval: float = Field(10.0, ge=0.2, le=300, allow_inf_nan=False)
+    storage_metering_interval: float = Field(3600.0, ge=0.2, le=86400, allow_inf_nan=False)
+    # How far below zero a balance may go before the user's sandboxes are ended (credits): a
+    # running task is not cut by the last tick's rounding.
+    credit_grace: Decimal = Decimal("0.5")
+    # The smallest purchase through Stripe Checkout, in credits.
+    checkout_min_credits: int = Field(500, ge=1)
+    # Stripe: unset secret key = no purchases (checkout answers 501), free and admin grants only.
+    stripe_secret_key: str = Field("", repr=False)
+    stripe_webhook_secret: str = Field("", repr=False)
+    # Stripe's API root (for stripe-mock in tests); empty = Stripe's own.
+    stripe_api_base: str = ""
+    currency: str = "usd"
+    # Where Stripe Checkout sends the buyer back; empty = <public URL>/v1/billing/checkout/done.
+    checkout_success_url: str = ""
+    checkout_cancel_url: str = ""
+
     def __init__(self, **values: Any) -> None:
         try:
             super().__init__(**values)
@@ -257,6 +307,40 @@ class Settings(BaseSettings):
     @classmethod
     def _llm_private_hosts(cls, v: str) -> str:
         parse_private_hosts(v)
+        return v
+
+    @field_validator("rate_vcpu_second", "rate_gib_second", "rate_workspace_gib_hour",
+                     "credit_grace", mode="before")
+    @classmethod
+    def _credits(cls, v: Any) -> Decimal:
+        try:
+            d = Decimal(str(v).strip())
+        except InvalidOperation:
+            raise ValueError("must be a number of credits, such as 0.0014") from None
+        if not d.is_finite() or d < 0 or d != d.quantize(Decimal("0.000001")):
+            raise ValueError("must be a number of credits of at least 0 with at most 6 decimal "
+                             "places (amounts are counted in millionths of a credit)")
+        return d
+
+    @field_validator("smtp_security")
+    @classmethod
+    def _smtp_security(cls, v: str) -> str:
+        if v not in ("starttls", "tls", "none"):
+            raise ValueError("must be starttls, tls or none")
+        return v
+
+    @field_validator("stripe_api_base", "checkout_success_url", "checkout_cancel_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if v and not re.match(r"^https?://[^/\s]+(/\S*)?$", v):
+            raise ValueError("must be an http(s) URL")
+        return v
+
+    @field_validator("currency")
+    @classmethod
+    def _currency(cls, v: str) -> str:
+        if not re.match(r"^[a-z]{3}$", v):
+            raise ValueError("must be a three-letter ISO currency code in lower case, e.g. usd")
         return v
 
     @field_validator("s3_sse")

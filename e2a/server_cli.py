@@ -89,11 +89,12 @@ def bootstrap() -> None:
     async def go(db):
         if await db.scalar(select(func.count()).select_from(User)):
             return None
-        user = await auth.create_user(db, "admin@localhost", is_admin=True)
+        user = await auth.create_user(db, "admin@localhost", settings.free_credits, is_admin=True)
         _, secret = await auth.create_key(db, user.id)
         return secret
 
-    secret = asyncio.run(_with_db(go, load_settings()))
+    settings = load_settings()
+    secret = asyncio.run(_with_db(go, settings))
     if secret:
         click.echo("Your e2a API key (shown once, stored hashed):")
         click.echo(f"  export E2A_API_KEY={secret}")
@@ -108,12 +109,13 @@ def create_user(email: str, is_admin: bool) -> None:
     """Create a user and print their first API key."""
     from e2a import auth
 
+    settings = load_settings()
+
     async def go(db):
-        user = await auth.create_user(db, email, is_admin=is_admin)
+        user = await auth.create_user(db, email, settings.free_credits, is_admin=is_admin)
         _, secret = await auth.create_key(db, user.id)
         return user.id, secret
 
-    settings = load_settings()
     try:
         user_id, secret = asyncio.run(_with_db(go, settings))
     except Exception as exc:  # unique email

@@ -33,6 +33,7 @@ class EndReason(str, enum.Enum):
     CREATE_FAILED = "create_failed"    # a step of its create failed; nothing of it is left
     TASK_FINISHED = "task_finished"    # its agent's task ended (docs/agents.md)
     SESSION_ENDED = "session_ended"    # the agent session it served ended (docs/sessions.md)
+    OUT_OF_CREDITS = "out_of_credits"  # its owner's balance ran out (docs/billing.md)
 
 
 LIVE = frozenset({State.CREATING, State.CONFIGURING, State.BOOTING, State.RUNNING, State.PAUSED,

@@ -181,3 +181,128 @@ class SecretBundle(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class LoginCode(Base):
+    """A one-time login code sent to an email address (docs/accounts.md). Only its HMAC is kept;
+    a code is spent by one successful verify, by too many wrong tries, or by a newer code."""
+
+    __tablename__ = "login_codes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    email: Mapped[str] = mapped_column(String(320), index=True)
+    code_hash: Mapped[str] = mapped_column(String(64))
+    client: Mapped[str] = mapped_column(String(64))  # the address that asked for it
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Account(Base):
+    """A user's billing state (docs/billing.md). `balance_micro` caches the sum of the user's
+    ledger entries: it changes only in the transaction that appends one."""
+
+    __tablename__ = "accounts"
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    balance_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+    stripe_customer_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # saved by the first paid checkout, charged off-session by auto top-up
+    payment_method_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    topup_enabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    topup_threshold: Mapped[int] = mapped_column(Integer, default=0)      # credits
+    topup_credits: Mapped[int] = mapped_column(Integer, default=0)
+    # A failed auto top-up holds further ones until the user saves the settings again or buys.
+    topup_failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                             nullable=True)
+    topup_error: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class LedgerEntry(Base):
+    """One change of a balance, never updated nor deleted. Amounts are integer micro-credits
+    (1 credit = 1 US cent = 1,000,000 micro-credits); usage rows also keep the raw quantities."""
+
+    __tablename__ = "ledger"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    amount_micro: Mapped[int] = mapped_column(BigInteger)
+    # grant | purchase | usage | storage | refund | adjustment | topup_failed
+    kind: Mapped[str] = mapped_column(String(16), index=True)
+    description: Mapped[str] = mapped_column(String(300))
+    # What makes the entry unique where it must happen once ("signup:usr_…", "purchase:pur_…")
+    ref: Mapped[str | None] = mapped_column(String(128), unique=True, nullable=True)
+    sandbox_id: Mapped[str | None] = mapped_column(String(32), index=True, nullable=True)
+    workspace_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    template: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    vcpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    gib_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    gib_hours: Mapped[float] = mapped_column(Float, default=0.0)
+    actor: Mapped[str | None] = mapped_column(String(320), nullable=True)  # an admin's adjustment
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class SandboxMeter(Base):
+    """How much of a sandbox's running time has been charged. Charges are computed from the
+    whole time so far (never summed per tick), so rounding never drifts and a tick repeated
+    after a crash charges nothing twice."""
+
+    __tablename__ = "sandbox_meters"
+    sandbox_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    template: Mapped[str] = mapped_column(String(32))
+    vcpu_milli: Mapped[int] = mapped_column(Integer)      # vcpu × cpu_fraction × 1000
+    memory_mib: Mapped[int] = mapped_column(Integer)
+    rate_num: Mapped[int] = mapped_column(BigInteger)     # billing/rates.py: cost per ms × 1.024e9
+    open_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    closed_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    billed_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    charged_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_event_id: Mapped[int] = mapped_column(Integer, default=0)
+    finished: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+
+
+class StorageMeter(Base):
+    """How much of a workspace's stored bytes over time has been charged."""
+
+    __tablename__ = "storage_meters"
+    workspace_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    metered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    byte_seconds: Mapped[int] = mapped_column(BigInteger, default=0)
+    charged_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class MeteringCursor(Base):
+    """How far metering has read the sandbox_events feed."""
+
+    __tablename__ = "metering_cursor"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Purchase(Base):
+    """A payment for credits: a Stripe Checkout or an auto top-up charge. Credits are granted
+    once per purchase (ledger ref "purchase:<id>"), whichever of Stripe's events comes first."""
+
+    __tablename__ = "purchases"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))          # checkout | auto_topup
+    credits: Mapped[int] = mapped_column(Integer)
+    amount_cents: Mapped[int] = mapped_column(Integer)
+    currency: Mapped[str] = mapped_column(String(8))
+    state: Mapped[str] = mapped_column(String(16), index=True)  # pending | succeeded | failed | expired
+    stripe_session_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    stripe_payment_intent_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    error: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class StripeEvent(Base):
+    """Stripe events already handled: a redelivered event is answered without a second look."""
+
+    __tablename__ = "stripe_events"
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    type: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

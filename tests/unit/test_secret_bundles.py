@@ -29,7 +29,7 @@ async def env(tmp_path):
     await store.migrate(engine)
     sessions = store.sessionmaker(engine)
     async with sessions() as db:
-        users = [(await auth.create_user(db, f"{n}@example.com")).id for n in ("a", "b")]
+        users = [(await auth.create_user(db, f"{n}@example.com", 0)).id for n in ("a", "b")]
         await db.commit()
     yield Bundles(sessions, SecretBox([Fernet.generate_key()])), users
     await engine.dispose()

@@ -182,7 +182,7 @@ async def make_store(tmp_path: Path):
     await store.migrate(engine)
     sessions = store.sessionmaker(engine)
     async with sessions() as db:
-        users = [(await auth.create_user(db, f"{n}@example.com")).id for n in ("a", "b")]
+        users = [(await auth.create_user(db, f"{n}@example.com", 0)).id for n in ("a", "b")]
         await db.commit()
     return engine, sessions, users
 

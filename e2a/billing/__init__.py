@@ -1,0 +1,1 @@
+"""Credits: the ledger, metering of sandboxes and workspaces, and Stripe (docs/billing.md)."""

@@ -1,0 +1,82 @@
+"""The ledger: append-only, integer micro-credits, one row per change of a balance.
+
+Every change goes through `post`, inside the caller's transaction: it appends the entry and adds
+its amount to the account's cached balance in one statement (`balance = balance + amount`, so
+concurrent posts never lose one). An entry with a `ref` happens at most once: a second post of
+the same ref is a no-op (the database's unique index decides, not a read before the write).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from e2a.ids import new_id
+from e2a.billing.rates import MICRO
+from e2a.store.models import Account, LedgerEntry
+
+KINDS = ("grant", "purchase", "usage", "storage", "refund", "adjustment", "topup_failed")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _insert(db: AsyncSession, table):
+    dialect = db.bind.dialect.name
+    return (postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table))
+
+
+async def ensure_account(db: AsyncSession, user_id: str, free_credits: int) -> None:
+    """The user's account, opened with the free credits the first time (once per account,
+    also for users made before accounts existed). Safe to race: both inserts are idempotent."""
+    if await db.get(Account, user_id) is not None:
+        return
+    await db.execute(_insert(db, Account.__table__).values(
+        user_id=user_id, balance_micro=0, created_at=utcnow()).on_conflict_do_nothing())
+    if free_credits:
+        await post(db, user_id, free_credits * MICRO, "grant",
+                   f"{free_credits} free credits for a new account", ref=f"signup:{user_id}")
+
+
+async def post(db: AsyncSession, user_id: str, amount_micro: int, kind: str, description: str,
+               *, ref: str | None = None, at: datetime | None = None, **fields) -> str | None:
+    """Append an entry and move the balance by it. Returns the entry's id, or None when an
+    entry with this ref already exists (nothing changed)."""
+    assert kind in KINDS, kind
+    entry_id = new_id("txn")
+    stmt = _insert(db, LedgerEntry.__table__).values(
+        id=entry_id, user_id=user_id, amount_micro=amount_micro, kind=kind,
+        description=description[:300], ref=ref, created_at=at or utcnow(), **fields)
+    if ref is not None:
+        stmt = stmt.on_conflict_do_nothing(index_elements=["ref"])
+    result = await db.execute(stmt)
+    if result.rowcount == 0:
+        return None
+    if amount_micro:
+        await db.execute(update(Account).where(Account.user_id == user_id)
+                         .values(balance_micro=Account.balance_micro + amount_micro))
+    return entry_id
+
+
+async def balance(db: AsyncSession, user_id: str) -> int:
+    """The cached balance in micro-credits (0 for a user without an account yet)."""
+    value = await db.scalar(select(Account.balance_micro).where(Account.user_id == user_id))
+    return value or 0
+
+
+async def ledger_sum(db: AsyncSession, user_id: str) -> int:
+    """The balance as the ledger says it (the cache must always equal this)."""
+    value = await db.scalar(select(func.coalesce(func.sum(LedgerEntry.amount_micro), 0))
+                            .where(LedgerEntry.user_id == user_id))
+    return int(value or 0)
+
+
+async def entries(db: AsyncSession, user_id: str, limit: int, offset: int) -> list[LedgerEntry]:
+    q = (select(LedgerEntry).where(LedgerEntry.user_id == user_id)
+         .order_by(LedgerEntry.created_at.desc(), LedgerEntry.id.desc())
+         .limit(limit).offset(offset))
+    return list((await db.execute(q)).scalars().all())
