@@ -6,7 +6,7 @@ CACHE   ?= /var/cache/e2a
 E2A_URL ?= http://127.0.0.1:8080
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: up deps venv build envd runsc rclone templates serve stop test test-unit test-guest test-e2e bench bench-templates bench-workspaces bench-agents bench-sessions openapi asyncapi clean
+.PHONY: up deps venv build envd runsc rclone stripe-mock templates serve stop test test-unit test-guest test-e2e bench bench-templates bench-workspaces bench-agents bench-sessions openapi asyncapi clean
 
 up: build templates
 	@$(BIN)/e2a admin bootstrap
@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-build: deps venv envd runsc rclone
+build: deps venv envd runsc rclone stripe-mock
 
 envd:
 	cd guest && CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o ../build/envd .
@@ -32,6 +32,9 @@ runsc:
 
 rclone:
 	E2A_CACHE_DIR=$(CACHE) scripts/build-rclone.sh
+
+stripe-mock:
+	E2A_CACHE_DIR=$(CACHE) scripts/build-stripe-mock.sh
 
 templates: venv
 	$(BIN)/e2a admin build-templates
