@@ -161,6 +161,53 @@ def revoke_key(key_id: str) -> None:
     click.echo(f"revoked {key_id}")
 
 
+@admin.command("grant")
+@click.argument("email_or_user_id")
+@click.argument("credits")
+@click.option("--reason", required=True, help="why (kept in the ledger entry, shown to the user)")
+def grant(email_or_user_id: str, credits: str, reason: str) -> None:
+    """Add CREDITS to a user's balance (negative to take them away), as a ledger adjustment."""
+    from decimal import Decimal, InvalidOperation
+
+    from e2a.billing.rates import to_credits
+    from e2a.billing.service import Billing, BillingError
+
+    try:
+        amount = Decimal(credits)
+    except InvalidOperation:
+        raise click.BadParameter("must be a number of credits, such as 500 or -2.5",
+                                 param_hint="CREDITS") from None
+    if not amount.is_finite() or amount != amount.quantize(Decimal("0.000001")) or not amount:
+        raise click.BadParameter("must be a non-zero number with at most 6 decimal places",
+                                 param_hint="CREDITS")
+    if not reason.strip():
+        raise click.BadParameter("must say why", param_hint="--reason")
+    settings = load_settings()
+    try:
+        user, balance = asyncio.run(_with_db(
+            lambda db: Billing.grant(db, settings, email_or_user_id, amount, reason.strip(),
+                                     actor="admin (e2a admin grant)"), settings))
+    except BillingError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(f"{user.email} ({user.id}): {amount:+} credits; balance {to_credits(balance)}")
+
+
+@admin.command("balances")
+def balances() -> None:
+    """Every account's balance, checked against the sum of its ledger."""
+    from e2a.billing.rates import to_credits
+    from e2a.billing.service import Billing
+
+    rows = asyncio.run(_with_db(Billing.report, load_settings()))
+    click.echo(f"{'email':40} {'user_id':26} {'balance':>16}  ledger")
+    for r in rows:
+        agrees = "agrees" if r["agrees"] else f"DISAGREES: ledger sums to {to_credits(r['ledger_micro'])}"
+        click.echo(f"{r['email'][:40]:40} {r['user_id']:26} {to_credits(r['balance_micro']):>16}  "
+                   f"{agrees}")
+    if not all(r["agrees"] for r in rows):
+        raise click.ClickException("some cached balances disagree with their ledgers")
+
+
 @admin.command("rotate-secrets-key")
 def rotate_secrets_key() -> None:
     """Re-encrypt every secret bundle under the current key (E2A_SECRETS_KEY, else

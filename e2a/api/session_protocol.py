@@ -16,7 +16,8 @@ MAX_TASK_CHARS = 100_000
 MAX_ATTACHMENTS = 10
 # Close codes
 ENDED, TAKEN_OVER = 4000, 4001
-CloseReason = Literal["ttl_expired", "deleted", "sandbox_ended", "server_restart"]
+CloseReason = Literal["ttl_expired", "deleted", "sandbox_ended", "server_restart",
+                      "out_of_credits"]
 
 ClientRef = Annotated[str, Field(max_length=128)] | int | None
 
@@ -151,7 +152,7 @@ def asyncapi() -> dict:
                 "A refused handshake is answered over HTTP: 401 (missing, invalid or expired "
                 "token), 404 (no such session), 410 (the session has ended). Close codes: "
                 f"{ENDED} the session ended (reason: ttl_expired, deleted, sandbox_ended, "
-                f"server_restart), {TAKEN_OVER} taken over by a newer connection to the same "
+                f"out_of_credits, server_restart), {TAKEN_OVER} taken over by a newer connection to the same "
                 "session, 1009 a message over 4 MiB, 1012 e2a is stopping (the session "
                 "ends: server_restart).")},
         "servers": {"e2a": {"host": "localhost:8080", "protocol": "ws",

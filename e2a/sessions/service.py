@@ -296,7 +296,7 @@ class Sessions:
         live.ended.set()
         await self.tasks.wake(live.sandbox_id)
         try:
-            if reason != "sandbox_ended":
+            if reason not in ("sandbox_ended", "out_of_credits"):  # its sandbox is going
                 await self.host.destroy(live.sandbox_id, EndReason.SESSION_ENDED)
         finally:
             self.live.pop(session_id, None)
@@ -307,7 +307,8 @@ class Sessions:
         sandbox) ends the session."""
         sid = self.by_sandbox.get(sandbox_id)
         if sid is not None and reason is not EndReason.SESSION_ENDED:
-            self._in_background(self.end(sid, "sandbox_ended"))
+            why = "out_of_credits" if reason is EndReason.OUT_OF_CREDITS else "sandbox_ended"
+            self._in_background(self.end(sid, why))
 
     # ---- the LLM key and hot replace ---------------------------------------------------------
 

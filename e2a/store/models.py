@@ -161,7 +161,7 @@ class ChatSession(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    # ttl_expired | deleted | sandbox_ended | server_restart
+    # ttl_expired | deleted | sandbox_ended | server_restart | out_of_credits
     end_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 

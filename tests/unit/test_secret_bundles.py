@@ -9,10 +9,9 @@ import logging
 import pytest
 from cryptography.fernet import Fernet
 
-from e2a import auth
 from e2a.secrets.bundles import MAX_PER_SESSION, Bundles, SecretsError
 from e2a.secrets.crypto import SecretBox
-from e2a.store import db as store
+from tests.unit import stores
 
 pytestmark = pytest.mark.anyio
 KEY = "sk-live-DO-NOT-SHOW-0123456789"
@@ -25,12 +24,7 @@ def anyio_backend():
 
 @pytest.fixture
 async def env(tmp_path):
-    engine = store.make_engine(f"sqlite+aiosqlite:///{tmp_path / 'e2a.db'}")
-    await store.migrate(engine)
-    sessions = store.sessionmaker(engine)
-    async with sessions() as db:
-        users = [(await auth.create_user(db, f"{n}@example.com", 0)).id for n in ("a", "b")]
-        await db.commit()
+    engine, sessions, users = await stores.migrated(stores.sqlite_url(tmp_path))
     yield Bundles(sessions, SecretBox([Fernet.generate_key()])), users
     await engine.dispose()
 

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from e2a import auth
 from e2a.config import Settings, SettingsError
 from e2a.secrets import crypto
 from e2a.secrets.bundles import Bundles, SecretsError, rotate_all
 from e2a.secrets.crypto import SealError, SecretBox, SecretsKeyError
 from e2a.store import db as store
+from tests.unit import stores
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRY = "import sys; sys.argv[0] = 'e2a'; from e2a.cli import main; main()"
@@ -178,13 +178,7 @@ def test_settings_name_a_bad_key_without_showing_it(monkeypatch):
 
 
 async def make_store(tmp_path: Path):
-    engine = store.make_engine(f"sqlite+aiosqlite:///{tmp_path / 'e2a.db'}")
-    await store.migrate(engine)
-    sessions = store.sessionmaker(engine)
-    async with sessions() as db:
-        users = [(await auth.create_user(db, f"{n}@example.com", 0)).id for n in ("a", "b")]
-        await db.commit()
-    return engine, sessions, users
+    return await stores.migrated(stores.sqlite_url(tmp_path))
 
 
 async def test_rotation_old_keys_decrypt_and_after_rotate_the_new_key_alone_does(tmp_path):

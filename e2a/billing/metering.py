@@ -1,0 +1,269 @@
+"""Metering: running sandboxes and stored workspaces charged to their owners' ledgers.
+
+Compute follows the sandbox core's transition feed (`sandbox_events`): a sandbox's meter opens
+when it starts running for its user (its `running` transition, or the `claimed` event of a warm
+one: a sandbox waiting in the pool is nobody's bill), pauses and resumes with it, and closes at
+`destroyed`. Each tick charges every meter for its running time so far: the charge is the cost of
+the whole time minus what was charged before (billing/rates.py), in the same transaction as the
+meter's new mark, so a tick cut off by a crash or a SIGKILL leaves nothing half done, and the
+next one charges exactly what is owed: no interval twice, none skipped.
+
+Storage is charged every `storage_metering_interval` from each workspace's measured size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Awaitable, Callable
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm.attributes import set_committed_value
+
+from e2a.billing import ledger
+from e2a.billing.rates import GIB, Rates, compute_cost, vcpu_milli
+from e2a.sandboxes.records import aware
+from e2a.store.models import (MeteringCursor, Sandbox, SandboxEvent, SandboxMeter, StorageMeter,
+                              Workspace)
+
+log = logging.getLogger("e2a.billing")
+
+# Events are read by id. On PostgreSQL an id is taken at insert and a later id can commit first,
+# so the cursor only passes events older than this; younger ones are read again next tick (each
+# meter remembers the last event it applied, so a second reading changes nothing).
+SETTLE = timedelta(seconds=5)
+BATCH = 2000
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def ms_between(a: datetime, b: datetime) -> int:
+    return max(0, int((aware(b) - aware(a)) / timedelta(milliseconds=1)))
+
+
+@dataclass
+class Tick:
+    """What one tick did: the users whose balance it moved."""
+
+    charged: set[str] = field(default_factory=set)
+
+
+class Metering:
+    def __init__(self, sessions: async_sessionmaker, settings, rates: Rates,
+                 on_charged: Callable[[set[str]], Awaitable[None]] | None = None):
+        self.db = sessions
+        self.settings = settings
+        self.rates = rates
+        self.on_charged = on_charged
+        self._task: asyncio.Task | None = None
+        self._lock = asyncio.Lock()  # one tick at a time in this process
+        self._storage_due = 0.0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="metering")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        # A last tick, so that what ran until now is on the ledger before the server goes.
+        try:
+            await self.tick()
+        except Exception as exc:
+            log.warning("metering: the last tick before stopping failed: %s", exc)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._storage_due = loop.time() + self.settings.storage_metering_interval
+        while True:
+            await asyncio.sleep(self.settings.metering_interval)
+            try:
+                tick = await self.tick()
+                if loop.time() >= self._storage_due:
+                    self._storage_due = loop.time() + self.settings.storage_metering_interval
+                    tick.charged |= await self.charge_storage()
+                if tick.charged and self.on_charged:
+                    await self.on_charged(tick.charged)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("metering: tick failed (retried next tick)")
+
+    # ---- compute ----------------------------------------------------------------------------
+
+    async def tick(self, now: datetime | None = None) -> Tick:
+        """Apply the feed's new events to the meters, then charge every meter up to `now`."""
+        async with self._lock:
+            now = now or utcnow()
+            tick = Tick()
+            async with self.db() as db:
+                while await self._apply_events(db, now, tick):
+                    pass
+                await self._charge_open(db, now, tick)
+                await db.commit()
+            return tick
+
+    async def _apply_events(self, db: AsyncSession, now: datetime, tick: Tick) -> bool:
+        """One batch of the feed; True when there may be more."""
+        cursor = await db.get(MeteringCursor, "sandbox_events")
+        if cursor is None:
+            cursor = MeteringCursor(name="sandbox_events", value=0)
+            db.add(cursor)
+        rows = (await db.execute(
+            select(SandboxEvent, Sandbox).join(Sandbox, Sandbox.id == SandboxEvent.sandbox_id)
+            .where(SandboxEvent.id > cursor.value).order_by(SandboxEvent.id).limit(BATCH))).all()
+        if not rows:
+            return False
+        pooled = await self._pooled(db, {sb.id for ev, sb in rows if ev.to_state == "running"})
+        settled = cursor.value
+        contiguous = True
+        for ev, sb in rows:
+            await self._apply(db, ev, sb, sb.id in pooled, tick)
+            if contiguous and aware(ev.at) <= now - SETTLE:
+                settled = ev.id
+            else:
+                contiguous = False
+        cursor.value = settled
+        await db.flush()
+        return len(rows) == BATCH and settled == rows[-1][0].id
+
+    @staticmethod
+    async def _pooled(db: AsyncSession, sandbox_ids: set[str]) -> set[str]:
+        """Those of the sandboxes that were started for the warm pool (their first event)."""
+        if not sandbox_ids:
+            return set()
+        q = select(SandboxEvent.sandbox_id).where(
+            SandboxEvent.sandbox_id.in_(sandbox_ids), SandboxEvent.from_state.is_(None),
+            SandboxEvent.reason == "warm_pool")
+        return set((await db.execute(q)).scalars().all())
+
+    async def _apply(self, db: AsyncSession, ev: SandboxEvent, sb: Sandbox, pooled: bool,
+                     tick: Tick) -> None:
+        meter = await db.get(SandboxMeter, sb.id)
+        if meter is not None and ev.id <= meter.last_event_id:
+            return  # applied before (read again while the cursor waited for older ids)
+        starts = ev.reason == "claimed" or (
+            ev.to_state == "running" and ev.from_state == "booting" and not pooled)
+        resumes = ev.to_state == "running" and ev.from_state == "paused"
+        if meter is None:
+            if not starts or sb.user_id is None:
+                return
+            await ledger.ensure_account(db, sb.user_id, self.settings.free_credits)
+            milli = vcpu_milli(sb.vcpu, sb.cpu_fraction)
+            meter = SandboxMeter(
+                sandbox_id=sb.id, user_id=sb.user_id, template=sb.template, vcpu_milli=milli,
+                memory_mib=sb.memory_mib, rate_num=self.rates.rate_num(milli, sb.memory_mib),
+                open_since=aware(ev.at), closed_ms=0, billed_ms=0, charged_micro=0,
+                last_event_id=ev.id, finished=False)
+            db.add(meter)
+            return
+        meter.last_event_id = ev.id
+        if meter.finished:
+            return
+        if (starts or resumes) and meter.open_since is None:
+            meter.open_since = aware(ev.at)
+        elif ev.to_state in ("paused", "destroyed") and meter.open_since is not None:
+            meter.closed_ms += ms_between(meter.open_since, ev.at)
+            meter.open_since = None
+        if ev.to_state == "destroyed":
+            meter.finished = True
+            await self._charge(db, meter, meter.closed_ms, tick)
+
+    async def _charge_open(self, db: AsyncSession, now: datetime, tick: Tick) -> None:
+        meters = (await db.execute(
+            select(SandboxMeter, Sandbox.state, Sandbox.destroyed_at)
+            .join(Sandbox, Sandbox.id == SandboxMeter.sandbox_id)
+            .where(SandboxMeter.finished.is_(False)))).all()
+        for meter, state, destroyed_at in meters:
+            if state == "destroyed" and meter.open_since is not None:
+                # Destroyed without a `destroyed` event (a row marked after a crash): closed
+                # when its row says it ended.
+                end = aware(destroyed_at) or now
+                meter.closed_ms += ms_between(meter.open_since, min(end, now))
+                meter.open_since, meter.finished = None, True
+            total = meter.closed_ms + (ms_between(meter.open_since, now)
+                                       if meter.open_since is not None else 0)
+            await self._charge(db, meter, total, tick)
+
+    async def _charge(self, db: AsyncSession, meter: SandboxMeter, total_ms: int,
+                      tick: Tick) -> None:
+        """Charge the meter up to `total_ms` of running, if that is more than it has paid."""
+        done_ms = meter.billed_ms
+        if total_ms <= done_ms:
+            return
+        cost = compute_cost(total_ms, meter.rate_num)
+        amount = cost - meter.charged_micro
+        delta_ms = total_ms - done_ms
+        # The meter moves only from the mark this tick read: a second ticker (another replica)
+        # that got there first makes this one's transaction fail instead of charging twice.
+        moved = await db.execute(
+            update(SandboxMeter)
+            .where(SandboxMeter.sandbox_id == meter.sandbox_id,
+                   SandboxMeter.billed_ms == done_ms)
+            .values(billed_ms=total_ms, charged_micro=cost)
+            .execution_options(synchronize_session=False))
+        if moved.rowcount != 1:
+            raise RuntimeError(f"meter of {meter.sandbox_id} moved under this tick")
+        set_committed_value(meter, "billed_ms", total_ms)  # written by the UPDATE above
+        set_committed_value(meter, "charged_micro", cost)
+        vcpu = meter.vcpu_milli / 1000
+        await ledger.post(
+            db, meter.user_id, -amount, "usage",
+            f"{meter.template} sandbox {meter.sandbox_id}: {delta_ms / 1000:.3f} s at "
+            f"{vcpu:g} vCPU and {meter.memory_mib} MiB",
+            ref=f"usage:{meter.sandbox_id}:{total_ms}", sandbox_id=meter.sandbox_id,
+            template=meter.template, vcpu_seconds=vcpu * delta_ms / 1000,
+            gib_seconds=meter.memory_mib / 1024 * delta_ms / 1000)
+        tick.charged.add(meter.user_id)
+
+    # ---- storage ----------------------------------------------------------------------------
+
+    async def charge_storage(self, now: datetime | None = None) -> set[str]:
+        """Charge every workspace for its measured size since its last charge."""
+        now = now or utcnow()
+        charged: set[str] = set()
+        async with self._lock:
+            async with self.db() as db:
+                rows = (await db.execute(
+                    select(Workspace, StorageMeter)
+                    .join(StorageMeter, StorageMeter.workspace_id == Workspace.id, isouter=True)
+                )).all()
+                for ws, meter in rows:
+                    if meter is None:
+                        await ledger.ensure_account(db, ws.user_id, self.settings.free_credits)
+                        db.add(StorageMeter(workspace_id=ws.id, user_id=ws.user_id,
+                                            metered_at=now, byte_seconds=0, charged_micro=0))
+                        continue
+                    ms = ms_between(meter.metered_at, now)
+                    if ms <= 0:
+                        continue
+                    size = ws.bytes_used or 0
+                    byte_seconds = meter.byte_seconds + size * ms // 1000
+                    cost = self.rates.storage_cost(byte_seconds)
+                    amount = cost - meter.charged_micro
+                    moved = await db.execute(
+                        update(StorageMeter)
+                        .where(StorageMeter.workspace_id == ws.id,
+                               StorageMeter.byte_seconds == meter.byte_seconds)
+                        .values(metered_at=now, byte_seconds=byte_seconds, charged_micro=cost)
+                        .execution_options(synchronize_session=False))
+                    if moved.rowcount != 1:
+                        raise RuntimeError(f"storage meter of {ws.id} moved under this tick")
+                    if size:
+                        gib_hours = size / GIB * ms / 3_600_000
+                        await ledger.post(
+                            db, ws.user_id, -amount, "storage",
+                            f"workspace {ws.id}: {size / GIB:.3f} GiB for {ms / 3_600_000:.3f} h",
+                            ref=f"storage:{ws.id}:{int(now.timestamp() * 1000)}",
+                            workspace_id=ws.id, gib_hours=gib_hours)
+                        charged.add(ws.user_id)
+                await db.commit()
+        return charged

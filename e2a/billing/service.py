@@ -1,0 +1,455 @@
+"""Credits as the API sees them: balance, transactions, usage, the funds check at create,
+purchases through Stripe (checkout, webhook, auto top-up), ending sandboxes whose owner ran out,
+and admin grants (docs/billing.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+
+from sqlalchemy import Date, cast, func, select, update
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from e2a.billing import ledger
+from e2a.billing.metering import Metering
+from e2a.billing.rates import MICRO, Rates, to_credits, to_micro, vcpu_milli
+from e2a.billing.stripe_gateway import StripeGateway, StripeUnavailable, WebhookRejected
+from e2a.ids import new_id
+from e2a.sandboxes.host import Catalog, SandboxHost
+from e2a.sandboxes.states import EndReason
+from e2a.store.models import Account, LedgerEntry, Purchase, StripeEvent, User
+from e2a.templates import recipes
+
+log = logging.getLogger("e2a.billing")
+
+MAX_PURCHASE = 1_000_000        # credits in one purchase ($10,000)
+STRIPE_RETRY = 300.0            # seconds before an auto top-up is tried again after Stripe was
+                                # unreachable (a declined card waits for the user instead)
+PENDING_FOR = timedelta(hours=24)  # an auto top-up Stripe never answered stops holding others
+
+
+class BillingError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class TopupConfig:
+    enabled: bool
+    threshold: int
+    credit_amount: int
+
+
+class Billing:
+    def __init__(self, sessions: async_sessionmaker, settings, host: SandboxHost,
+                 catalog: Catalog, gateway: StripeGateway | None):
+        self.db = sessions
+        self.settings = settings
+        self.host = host
+        self.catalog = catalog
+        self.gateway = gateway
+        self.rates = Rates.from_settings(settings)
+        self.grace = to_micro(settings.credit_grace)
+        self.metering = Metering(sessions, settings, self.rates, on_charged=self.after_charge)
+        self._ending: set[str] = set()          # sandboxes being ended for credits
+        self._topping: set[str] = set()         # users with a top-up under way here
+        self._stripe_down_until: dict[str, float] = {}
+        self._background: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        await self.metering.start()
+
+    async def stop(self) -> None:
+        await self.metering.stop()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _in_background(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ---- what things cost -------------------------------------------------------------------
+
+    def first_minute(self, template: str) -> int:
+        """Micro-credits a sandbox of this template costs in its first minute."""
+        recipe = recipes.load(template)
+        return 60 * self.rates.per_second(vcpu_milli(recipe.vcpu, recipe.cpu_fraction),
+                                          recipe.memory_mib)
+
+    async def require_funds(self, user_id: str, template: str) -> None:
+        """402 when the balance cannot pay for a new sandbox's first minute."""
+        need = self.first_minute(template)
+        async with self.db() as db:
+            await ledger.ensure_account(db, user_id, self.settings.free_credits)
+            await db.commit()
+            have = await ledger.balance(db, user_id)
+        if have < need:
+            raise BillingError(
+                402, "insufficient_credits",
+                f"your balance is {to_credits(have)} credits; the first minute of a {template} "
+                f"sandbox costs {to_credits(need)}. Buy credits (POST /v1/billing/checkout) or "
+                "turn on auto top-up")
+
+    # ---- what the user sees -----------------------------------------------------------------
+
+    async def account(self, user_id: str) -> Account:
+        async with self.db() as db:
+            await ledger.ensure_account(db, user_id, self.settings.free_credits)
+            await db.commit()
+            return await db.get(Account, user_id)
+
+    async def balance(self, user_id: str) -> dict:
+        acct = await self.account(user_id)
+        return {"credit_balance": to_credits(acct.balance_micro),
+                "credit_balance_micro": acct.balance_micro,
+                "auto_topup": self._topup_view(acct)}
+
+    def _topup_view(self, acct: Account) -> dict:
+        failed = None
+        if acct.topup_failed_at is not None:
+            failed = {"at": acct.topup_failed_at, "message": acct.topup_error or "declined"}
+        return {"enabled": acct.topup_enabled, "threshold": acct.topup_threshold,
+                "credit_amount": acct.topup_credits,
+                "payment_method_saved": acct.payment_method_id is not None,
+                "last_failure": failed}
+
+    async def transactions(self, user_id: str, limit: int, offset: int) -> list[dict]:
+        async with self.db() as db:
+            rows = await ledger.entries(db, user_id, limit, offset)
+        return [{"id": r.id, "amount": to_credits(r.amount_micro),
+                 "amount_micro": r.amount_micro, "description": r.description,
+                 "timestamp": r.created_at, "kind": r.kind, "sandbox_id": r.sandbox_id,
+                 "workspace_id": r.workspace_id} for r in rows]
+
+    async def usage(self, user_id: str, start: datetime, end: datetime, group_by: str) -> dict:
+        async with self.db() as db:
+            if group_by == "day":
+                key = (func.date(LedgerEntry.created_at) if db.bind.dialect.name == "sqlite"
+                       else cast(func.timezone("UTC", LedgerEntry.created_at), Date))
+            elif group_by == "template":
+                key = func.coalesce(LedgerEntry.template, "workspaces")
+            else:
+                key = func.coalesce(LedgerEntry.sandbox_id, "workspaces")
+            q = (select(key.label("key"), func.sum(LedgerEntry.amount_micro),
+                        func.sum(LedgerEntry.vcpu_seconds), func.sum(LedgerEntry.gib_seconds),
+                        func.sum(LedgerEntry.gib_hours))
+                 .where(LedgerEntry.user_id == user_id,
+                        LedgerEntry.kind.in_(("usage", "storage")),
+                        LedgerEntry.created_at >= start, LedgerEntry.created_at < end)
+                 .group_by(key).order_by(key))
+            rows = (await db.execute(q)).all()
+        items = []
+        for k, micro, vcpu_s, gib_s, gib_h in rows:
+            items.append({"key": k.isoformat() if isinstance(k, date) else str(k),
+                          "credits": to_credits(-int(micro or 0)),
+                          "vcpu_seconds": round(vcpu_s or 0, 3),
+                          "gib_seconds": round(gib_s or 0, 3),
+                          "workspace_gib_hours": round(gib_h or 0, 6)})
+        total = {f: round(sum(i[f] for i in items), 6)
+                 for f in ("credits", "vcpu_seconds", "gib_seconds", "workspace_gib_hours")}
+        return {"from": start, "to": end, "group_by": group_by, "items": items, "total": total,
+                "rates": {"vcpu_second": to_credits(self.rates.vcpu_second),
+                          "gib_second": to_credits(self.rates.gib_second),
+                          "workspace_gib_hour": to_credits(self.rates.workspace_gib_hour)}}
+
+    # ---- after each metering tick -----------------------------------------------------------
+
+    async def after_charge(self, user_ids: set[str]) -> None:
+        async with self.db() as db:
+            accts = (await db.execute(select(Account).where(Account.user_id.in_(user_ids)))
+                     ).scalars().all()
+        for acct in accts:
+            if acct.balance_micro < -self.grace:
+                await self._end_sandboxes(acct.user_id)
+            if (acct.topup_enabled and acct.balance_micro < acct.topup_threshold * MICRO
+                    and acct.topup_failed_at is None and acct.user_id not in self._topping):
+                self._topping.add(acct.user_id)
+                self._in_background(self._auto_topup(acct.user_id))
+
+    async def _end_sandboxes(self, user_id: str) -> None:
+        """The balance ran out (past the grace): every sandbox of the user ends, each after its
+        workspace is flushed (the normal teardown)."""
+        for rec in await self.catalog.list(user_id):
+            if rec.id in self._ending or rec.state in ("stopping", "destroyed"):
+                continue
+            log.info("ending sandbox %s of %s: out of credits", rec.id, user_id)
+            self._ending.add(rec.id)
+            self._in_background(self._end(rec.id))
+
+    async def _end(self, sandbox_id: str) -> None:
+        try:
+            await self.host.destroy(sandbox_id, EndReason.OUT_OF_CREDITS)
+        except Exception as exc:
+            log.warning("ending sandbox %s for credits failed: %s", sandbox_id, exc)
+        finally:
+            self._ending.discard(sandbox_id)
+
+    # ---- auto top-up ------------------------------------------------------------------------
+
+    async def topup_config(self, user_id: str) -> dict:
+        return self._topup_view(await self.account(user_id))
+
+    async def set_topup(self, user_id: str, cfg: TopupConfig) -> dict:
+        if cfg.enabled:
+            self._need_gateway()
+            if cfg.credit_amount < self.settings.checkout_min_credits:
+                raise BillingError(400, "invalid_field", f"credit_amount must be at least "
+                                   f"{self.settings.checkout_min_credits} credits",
+                                   "credit_amount")
+        acct = await self.account(user_id)
+        if cfg.enabled and acct.payment_method_id is None:
+            raise BillingError(409, "no_payment_method", "auto top-up charges the card saved "
+                               "by a purchase: buy credits once through POST "
+                               "/v1/billing/checkout first")
+        async with self.db() as db:
+            # Saving the settings is the user's answer to a failed charge: it lifts the hold.
+            await db.execute(update(Account).where(Account.user_id == user_id).values(
+                topup_enabled=cfg.enabled, topup_threshold=cfg.threshold,
+                topup_credits=cfg.credit_amount, topup_failed_at=None, topup_error=None))
+            await db.commit()
+        self._stripe_down_until.pop(user_id, None)
+        await self.after_charge({user_id})  # already below the new threshold: top up now
+        return await self.topup_config(user_id)
+
+    async def _auto_topup(self, user_id: str) -> None:
+        try:
+            if time.monotonic() < self._stripe_down_until.get(user_id, 0):
+                return
+            async with self.db() as db:
+                acct = await db.get(Account, user_id)
+                pending = await db.scalar(select(func.count()).select_from(Purchase).where(
+                    Purchase.user_id == user_id, Purchase.kind == "auto_topup",
+                    Purchase.state == "pending", Purchase.created_at > utcnow() - PENDING_FOR))
+            if (self.gateway is None or acct is None or not acct.topup_enabled or pending
+                    or acct.payment_method_id is None or acct.topup_failed_at is not None
+                    or acct.balance_micro >= acct.topup_threshold * MICRO):
+                return
+            purchase = await self._new_purchase(user_id, "auto_topup", acct.topup_credits)
+            try:
+                charge = await self.gateway.charge(
+                    customer=acct.stripe_customer_id, payment_method=acct.payment_method_id,
+                    amount_cents=purchase.amount_cents, currency=purchase.currency,
+                    purchase_id=purchase.id, user_id=user_id, credits=purchase.credits)
+            except StripeUnavailable as exc:
+                log.warning("auto top-up of %s: Stripe unreachable (%s); tried again in %.0f s",
+                            user_id, exc, STRIPE_RETRY)
+                self._stripe_down_until[user_id] = time.monotonic() + STRIPE_RETRY
+                await self._set_state(purchase.id, "failed", "Stripe could not be reached")
+                return
+            await self._set_state(purchase.id, "pending", None, charge.payment_intent_id)
+            if charge.status == "succeeded":
+                await self._fulfil(purchase.id, charge.payment_intent_id)
+            elif charge.status == "failed":
+                await self._failed(purchase.id, charge.message or "the charge was declined")
+            # pending: Stripe's webhook says how it ended
+        finally:
+            self._topping.discard(user_id)
+
+    # ---- purchases --------------------------------------------------------------------------
+
+    def _need_gateway(self) -> StripeGateway:
+        if self.gateway is None:
+            raise BillingError(501, "payments_not_configured",
+                               "this e2a takes no payments (E2A_STRIPE_SECRET_KEY is unset): "
+                               "credits come from the free grant and from its administrators")
+        return self.gateway
+
+    async def _new_purchase(self, user_id: str, kind: str, credits: int) -> Purchase:
+        now = utcnow()
+        row = Purchase(id=new_id("pur"), user_id=user_id, kind=kind, credits=credits,
+                       amount_cents=credits, currency=self.settings.currency, state="pending",
+                       created_at=now, updated_at=now)
+        async with self.db() as db:
+            db.add(row)
+            await db.commit()
+        return row
+
+    async def _set_state(self, purchase_id: str, state: str, error: str | None,
+                         payment_intent: str | None = None, session: str | None = None) -> None:
+        values = {"state": state, "error": error, "updated_at": utcnow()}
+        if payment_intent:
+            values["stripe_payment_intent_id"] = payment_intent
+        if session:
+            values["stripe_session_id"] = session
+        async with self.db() as db:
+            await db.execute(update(Purchase).where(Purchase.id == purchase_id).values(**values))
+            await db.commit()
+
+    async def checkout(self, user_id: str, credits: int, base_url: str) -> dict:
+        gateway = self._need_gateway()
+        low, high = self.settings.checkout_min_credits, MAX_PURCHASE
+        if not low <= credits <= high:
+            raise BillingError(400, "invalid_field", f"credit_amount must be from {low} to "
+                               f"{high} credits (1 credit = 1 US cent)", "credit_amount")
+        acct = await self.account(user_id)
+        async with self.db() as db:
+            email = await db.scalar(select(User.email).where(User.id == user_id))
+        try:
+            customer = await gateway.customer(user_id, email, acct.stripe_customer_id)
+            if customer != acct.stripe_customer_id:
+                async with self.db() as db:
+                    await db.execute(update(Account).where(Account.user_id == user_id)
+                                     .values(stripe_customer_id=customer))
+                    await db.commit()
+            purchase = await self._new_purchase(user_id, "checkout", credits)
+            done = f"{base_url}/v1/billing/checkout/done"
+            session_id, url = await gateway.checkout(
+                customer=customer, purchase_id=purchase.id, user_id=user_id, credits=credits,
+                amount_cents=purchase.amount_cents, currency=purchase.currency,
+                success_url=self.settings.checkout_success_url or done + "?result=paid",
+                cancel_url=self.settings.checkout_cancel_url or done + "?result=cancelled")
+        except StripeUnavailable as exc:
+            raise BillingError(503, "payments_unavailable", f"Stripe could not be reached: "
+                               f"{exc}; try again shortly") from None
+        await self._set_state(purchase.id, "pending", None, session=session_id)
+        return {"url": url, "purchase_id": purchase.id}
+
+    async def webhook(self, payload: bytes, signature: str | None) -> None:
+        """One delivery of a Stripe event. Verified first (400 otherwise); an event seen before
+        is answered without a second look; credits are granted once per purchase whatever the
+        order, number and kind of the events that say it was paid."""
+        gateway = self._need_gateway()
+        try:
+            event = gateway.parse_webhook(payload, signature)
+        except WebhookRejected as exc:
+            raise BillingError(400, "invalid_signature", str(exc)) from None
+        obj = event["data"]["object"]
+        kind = event["type"]
+        async with self.db() as db:
+            if await db.get(StripeEvent, event["id"]) is not None:
+                return
+        purchase_id = self._purchase_of(obj)
+        if purchase_id is not None:
+            if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
+                if kind.endswith("succeeded") or obj.get("payment_status") == "paid":
+                    if await self._matches(purchase_id, obj.get("amount_total"), obj.get("currency")):
+                        await self._fulfil(purchase_id, obj.get("payment_intent"),
+                                           session=obj.get("id"))
+            elif kind == "payment_intent.succeeded":
+                if await self._matches(purchase_id, obj.get("amount_received") or obj.get("amount"),
+                                       obj.get("currency")):
+                    await self._fulfil(purchase_id, obj.get("id"))
+            elif kind in ("payment_intent.payment_failed", "checkout.session.async_payment_failed"):
+                error = (obj.get("last_payment_error") or {}).get("message") or "the payment failed"
+                await self._failed(purchase_id, error)
+            elif kind == "checkout.session.expired":
+                await self._expired(purchase_id)
+        async with self.db() as db:
+            await db.execute(ledger._insert(db, StripeEvent.__table__).values(
+                id=event["id"], type=kind[:64], received_at=utcnow()).on_conflict_do_nothing())
+            await db.commit()
+
+    @staticmethod
+    def _purchase_of(obj) -> str | None:
+        meta = obj.get("metadata") or {}
+        found = meta.get("e2a_purchase") or obj.get("client_reference_id")
+        return found if isinstance(found, str) and found.startswith("pur_") else None
+
+    async def _matches(self, purchase_id: str, amount, currency) -> bool:
+        """The paid amount is the purchase's (a payload for another amount grants nothing)."""
+        async with self.db() as db:
+            p = await db.get(Purchase, purchase_id)
+        if p is None:
+            log.warning("stripe: an event names unknown purchase %s", purchase_id)
+            return False
+        if amount is not None and (int(amount) != p.amount_cents
+                                   or (currency or p.currency).lower() != p.currency):
+            log.warning("stripe: purchase %s was for %s %s, the event says %s %s: ignored",
+                        purchase_id, p.amount_cents, p.currency, amount, currency)
+            return False
+        return True
+
+    async def _fulfil(self, purchase_id: str, payment_intent: str | None,
+                      session: str | None = None) -> None:
+        method = None
+        async with self.db() as db:
+            p = await db.get(Purchase, purchase_id)
+        if p is None:
+            return
+        if p.kind == "checkout" and payment_intent and self.gateway is not None:
+            try:  # the card it was paid with, for auto top-up
+                method = await self.gateway.payment_method_of(payment_intent)
+            except StripeUnavailable as exc:
+                log.warning("stripe: the card of purchase %s was not saved: %s", purchase_id, exc)
+        async with self.db() as db:
+            granted = await ledger.post(
+                db, p.user_id, p.credits * MICRO, "purchase",
+                f"{p.credits} credits bought ({'auto top-up' if p.kind == 'auto_topup' else 'checkout'}, "
+                f"{p.amount_cents / 100:.2f} {p.currency.upper()})", ref=f"purchase:{p.id}")
+            values = {"state": "succeeded", "error": None, "updated_at": utcnow()}
+            if payment_intent:
+                values["stripe_payment_intent_id"] = payment_intent
+            if session:
+                values["stripe_session_id"] = session
+            await db.execute(update(Purchase).where(Purchase.id == p.id).values(**values))
+            acct_values: dict = {"topup_failed_at": None, "topup_error": None}
+            if method:
+                acct_values["payment_method_id"] = method
+            if granted or method:
+                await db.execute(update(Account).where(Account.user_id == p.user_id)
+                                 .values(**acct_values))
+            await db.commit()
+        if granted:
+            log.info("purchase %s: %s credits granted to %s", p.id, p.credits, p.user_id)
+
+    async def _failed(self, purchase_id: str, message: str) -> None:
+        message = message[:250]
+        async with self.db() as db:
+            p = await db.get(Purchase, purchase_id)
+            if p is None or p.state == "succeeded":
+                return  # a late failure of an attempt that was paid after all
+            await db.execute(update(Purchase).where(Purchase.id == p.id).values(
+                state="failed", error=message, updated_at=utcnow()))
+            if p.kind == "auto_topup":
+                await db.execute(update(Account).where(Account.user_id == p.user_id).values(
+                    topup_failed_at=utcnow(), topup_error=message))
+                await ledger.post(db, p.user_id, 0, "topup_failed",
+                                  f"auto top-up of {p.credits} credits failed: {message}. Auto "
+                                  "top-up is held until its settings are saved again or credits "
+                                  "are bought", ref=f"topup_failed:{p.id}")
+            await db.commit()
+
+    async def _expired(self, purchase_id: str) -> None:
+        async with self.db() as db:
+            await db.execute(update(Purchase).where(
+                Purchase.id == purchase_id, Purchase.state == "pending").values(
+                state="expired", updated_at=utcnow()))
+            await db.commit()
+
+    # ---- administration ---------------------------------------------------------------------
+
+    @staticmethod
+    async def grant(db, settings, who: str, credits: Decimal, reason: str, actor: str) -> tuple:
+        """An admin's adjustment (positive or negative). Returns (user, new balance micro)."""
+        user = (await db.execute(select(User).where((User.email == who) | (User.id == who)))
+                ).scalar_one_or_none()
+        if user is None:
+            raise BillingError(404, "user_not_found", f"no user {who!r}")
+        await ledger.ensure_account(db, user.id, settings.free_credits)
+        amount = to_micro(credits)
+        await ledger.post(db, user.id, amount, "adjustment",
+                          f"adjustment by an administrator: {reason}", actor=actor)
+        await db.flush()
+        return user, await ledger.balance(db, user.id)
+
+    @staticmethod
+    async def report(db) -> list[dict]:
+        """Every account: cached balance, the ledger's sum, and whether they agree."""
+        sums = dict((await db.execute(select(LedgerEntry.user_id, func.sum(LedgerEntry.amount_micro))
+                                      .group_by(LedgerEntry.user_id))).all())
+        rows = (await db.execute(select(User.email, Account).join(Account, Account.user_id == User.id)
+                                 .order_by(User.email))).all()
+        return [{"email": email, "user_id": a.user_id, "balance_micro": a.balance_micro,
+                 "ledger_micro": int(sums.get(a.user_id) or 0),
+                 "agrees": a.balance_micro == int(sums.get(a.user_id) or 0)} for email, a in rows]

@@ -1,0 +1,222 @@
+"""Metering (e2a/billing/metering.py) over a real store: meters follow the transition feed, a
+sandbox is charged exactly for its running time (a warm one from its claim), and a tick cut off
+by a crash, a restart of the metering, or a feed read twice never charges an interval twice or
+skips one. The server-level tests (a real sandbox, a SIGKILL) are in tests/e2e/test_billing.py."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import select
+
+from e2a.billing import ledger
+from e2a.billing.metering import Metering
+from e2a.billing.rates import GIB, MICRO, Rates, compute_cost
+from e2a.config import Settings
+from e2a.store.models import LedgerEntry, Sandbox, SandboxEvent, SandboxMeter, Workspace
+from tests.unit import stores
+
+pytestmark = pytest.mark.anyio
+T0 = datetime(2026, 11, 1, 12, 0, 0, tzinfo=timezone.utc)
+STANDARD = Rates(1400, 450, 10000).rate_num(500, 512)
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+async def env(tmp_path):
+    engine, sessions, users = await stores.migrated(stores.sqlite_url(tmp_path),
+                                                    free_credits=100)
+    settings = Settings(data_dir=tmp_path)
+    yield sessions, users, settings
+    await engine.dispose()
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+async def sandbox(sessions, sid, user, pooled=False):
+    async with sessions() as db:
+        db.add(Sandbox(id=sid, user_id=None if pooled else user, template="standard",
+                       state="creating", vcpu=1, cpu_fraction=0.5, memory_mib=512,
+                       internet=True, metadata_={}, env_vars={}, idle_timeout_seconds=60,
+                       max_lifetime_seconds=7200, slot=None, envd_token="",
+                       created_at=T0, expires_at=at(7200)))
+        await db.commit()
+
+
+async def event(sessions, sid, old, new, when, reason=None, user=None, **row):
+    async with sessions() as db:
+        db.add(SandboxEvent(sandbox_id=sid, from_state=old, to_state=new, reason=reason,
+                            at=when))
+        values = {"state": new, **row}
+        if user:
+            values["user_id"] = user
+        await db.execute(Sandbox.__table__.update().where(Sandbox.__table__.c.id == sid)
+                         .values(**values))
+        await db.commit()
+
+
+async def boot(sessions, sid, user, running_at, pooled=False):
+    await sandbox(sessions, sid, user, pooled)
+    await event(sessions, sid, None, "creating", at(0), "warm_pool" if pooled else "create")
+    await event(sessions, sid, "creating", "configuring", at(0.1))
+    await event(sessions, sid, "configuring", "booting", at(0.2))
+    await event(sessions, sid, "booting", "running", running_at)
+
+
+async def destroy(sessions, sid, stopping_at, destroyed_at):
+    await event(sessions, sid, "running", "stopping", stopping_at)
+    await event(sessions, sid, "stopping", "destroyed", destroyed_at, "deleted",
+                destroyed_at=destroyed_at)
+
+
+async def usage(sessions, user, sid=None):
+    async with sessions() as db:
+        q = select(LedgerEntry).where(LedgerEntry.user_id == user, LedgerEntry.kind == "usage")
+        if sid:
+            q = q.where(LedgerEntry.sandbox_id == sid)
+        rows = (await db.execute(q)).scalars().all()
+    return -sum(r.amount_micro for r in rows), rows
+
+
+async def consistent(sessions, user):
+    async with sessions() as db:
+        assert await ledger.balance(db, user) == await ledger.ledger_sum(db, user)
+
+
+async def test_a_sandbox_is_charged_exactly_from_running_to_destroyed(env):
+    sessions, (a, _), settings = env
+    m = Metering(sessions, settings, Rates.from_settings(settings))
+    await boot(sessions, "sbx_a", a, at(1))
+    tick = await m.tick(now=at(5))
+    assert tick.charged == {a}
+    assert (await usage(sessions, a))[0] == compute_cost(4000, STANDARD)
+    await destroy(sessions, "sbx_a", at(11), at(12.5))
+    await m.tick(now=at(30))
+    await m.tick(now=at(60))  # after the end: nothing more
+    charged, rows = await usage(sessions, a)
+    assert charged == compute_cost(11_500, STANDARD) == 10_637  # 11.5 s at 925 micro-credits/s
+    assert sum(r.vcpu_seconds for r in rows) == pytest.approx(0.5 * 11.5)
+    assert sum(r.gib_seconds for r in rows) == pytest.approx(0.5 * 11.5)
+    assert all(r.sandbox_id == "sbx_a" and r.template == "standard" for r in rows)
+    await consistent(sessions, a)
+
+
+async def test_a_warm_sandbox_is_charged_from_its_claim(env):
+    sessions, (a, _), settings = env
+    m = Metering(sessions, settings, Rates.from_settings(settings))
+    await boot(sessions, "sbx_w", a, at(1), pooled=True)
+    await m.tick(now=at(50))  # in the pool: nobody's bill
+    assert (await usage(sessions, a))[0] == 0
+    await event(sessions, "sbx_w", "running", "running", at(100), "claimed", user=a)
+    await destroy(sessions, "sbx_w", at(110), at(110.25))
+    await m.tick(now=at(200))
+    assert (await usage(sessions, a))[0] == compute_cost(10_250, STANDARD)
+
+
+async def test_the_claim_read_with_the_boot_in_one_batch_still_starts_at_the_claim(env):
+    sessions, (a, _), settings = env
+    await boot(sessions, "sbx_w", a, at(1), pooled=True)
+    await event(sessions, "sbx_w", "running", "running", at(100), "claimed", user=a)
+    await destroy(sessions, "sbx_w", at(104), at(104))
+    await Metering(sessions, settings, Rates.from_settings(settings)).tick(now=at(200))
+    assert (await usage(sessions, a))[0] == compute_cost(4000, STANDARD)
+
+
+async def test_a_tick_cut_off_halfway_charges_nothing_and_the_next_charges_all(env, monkeypatch):
+    sessions, (a, b), settings = env
+    await boot(sessions, "sbx_1", a, at(0))
+    await boot(sessions, "sbx_2", b, at(0))
+    m = Metering(sessions, settings, Rates.from_settings(settings))
+    await m.tick(now=at(10))
+    real = ledger.post
+    calls = 0
+
+    async def crash_on_second(*args, **kw):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("killed mid-tick")
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(ledger, "post", crash_on_second)
+    with pytest.raises(RuntimeError):
+        await m.tick(now=at(20))
+    monkeypatch.setattr(ledger, "post", real)
+    # a restarted server: a new Metering on the same store
+    await Metering(sessions, settings, Rates.from_settings(settings)).tick(now=at(30))
+    for user in (a, b):
+        assert (await usage(sessions, user))[0] == compute_cost(30_000, STANDARD)
+        await consistent(sessions, user)
+
+
+async def test_events_read_again_while_settling_apply_once(env):
+    sessions, (a, _), settings = env
+    m = Metering(sessions, settings, Rates.from_settings(settings))
+    await boot(sessions, "sbx_s", a, at(0))
+    # the feed is read at times when these events are younger than the settling time, so the
+    # cursor stays behind them and they are read again at every tick
+    for t in (1, 2, 3):
+        await m.tick(now=at(t))
+    await destroy(sessions, "sbx_s", at(3.5), at(4))
+    for t in (4.1, 4.2, 20, 30):
+        await m.tick(now=at(t))
+    charged, rows = await usage(sessions, a)
+    assert charged == compute_cost(4000, STANDARD)
+    assert len({r.ref for r in rows}) == len(rows)
+
+
+async def test_a_row_destroyed_without_its_event_closes_its_meter(env):
+    sessions, (a, _), settings = env
+    m = Metering(sessions, settings, Rates.from_settings(settings))
+    await boot(sessions, "sbx_c", a, at(0))
+    await m.tick(now=at(5))
+    # as records.mark_unknown_destroyed does after a crash: the row, no event
+    async with sessions() as db:
+        await db.execute(Sandbox.__table__.update().values(state="destroyed",
+                                                           destroyed_at=at(8)))
+        await db.commit()
+    await m.tick(now=at(60))
+    await m.tick(now=at(90))
+    assert (await usage(sessions, a))[0] == compute_cost(8000, STANDARD)
+    async with sessions() as db:
+        assert (await db.get(SandboxMeter, "sbx_c")).finished
+
+
+async def test_paused_time_is_not_charged_for_compute(env):
+    sessions, (a, _), settings = env
+    m = Metering(sessions, settings, Rates.from_settings(settings))
+    await boot(sessions, "sbx_p", a, at(0))
+    await event(sessions, "sbx_p", "running", "paused", at(10))
+    await m.tick(now=at(50))
+    await event(sessions, "sbx_p", "paused", "running", at(100))
+    await destroy(sessions, "sbx_p", at(105), at(105))
+    await m.tick(now=at(200))
+    assert (await usage(sessions, a))[0] == compute_cost(15_000, STANDARD)
+
+
+async def test_storage_is_charged_per_gib_hour_of_measured_size(env):
+    sessions, (a, _), settings = env
+    m = Metering(sessions, settings, Rates.from_settings(settings))
+    async with sessions() as db:
+        db.add(Workspace(id="wsp_1", user_id=a, end_user_id="", app_id="app", capset_id="c",
+                         created_at=T0, last_used_at=T0, bytes_used=2 * GIB, file_count=1))
+        await db.commit()
+    assert await m.charge_storage(now=at(0)) == set()  # its meter starts here
+    assert await m.charge_storage(now=at(1800)) == {a}
+    assert await m.charge_storage(now=at(3600)) == {a}
+    async with sessions() as db:
+        rows = (await db.execute(select(LedgerEntry).where(LedgerEntry.kind == "storage"))
+                ).scalars().all()
+    # 2 GiB for an hour at 0.01 credits per GiB-hour
+    assert -sum(r.amount_micro for r in rows) == 2 * 10_000
+    assert sum(r.gib_hours for r in rows) == pytest.approx(2.0)
+    await consistent(sessions, a)
+    async with sessions() as db:
+        assert await ledger.balance(db, a) == 100 * MICRO - 20_000
