@@ -176,3 +176,12 @@ def wait_for(predicate, timeout: float = 30, interval: float = 0.2):
             return value
         time.sleep(interval)
     raise AssertionError("condition not met in time")
+
+
+@pytest.fixture(scope="session")
+def stripe_mock():
+    """stripe-mock (`make stripe-mock`, tests/stripe_mock.py) on this worker's port: its base
+    URL, for E2A_STRIPE_API_BASE (with E2A_STRIPE_SECRET_KEY=sk_test_<anything>)."""
+    from tests.stripe_mock import running
+    with running(12111 + worker_index()) as url:
+        yield url
