@@ -57,10 +57,12 @@ async def create_key(db: AsyncSession, user_id: str) -> tuple[ApiKey, str]:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who made a request: the user (`id`) and the key they used."""
+    """Who made a request: the user (`id`), how they authenticated (`via`: "key" for an API key,
+    "login" for the login JWT of docs/accounts.md) and the key they used (None for a login)."""
 
     id: str
-    key_id: str
+    key_id: str | None
+    via: str = "key"
 
 
 async def caller_for_key(db: AsyncSession, key: str) -> Caller | None:
@@ -76,12 +78,17 @@ async def caller_for_key(db: AsyncSession, key: str) -> Caller | None:
 
 class KeyCache:
     """Valid keys seen in the last `ttl` seconds, so the hot path (an exec is one request) makes
-    no database query. A key revoked in the database stops working within `ttl` seconds.
-    Unknown keys are never cached."""
+    at most one database query per key and `ttl`. A key revoked through this process is evicted
+    at once (`evict`); one revoked elsewhere (another replica, `e2a admin revoke-key`) stops
+    working within `ttl` seconds. Unknown keys are never cached."""
 
-    def __init__(self, ttl: float = 2.0):
+    def __init__(self, ttl: float = 0.5):
         self.ttl = ttl
         self._entries: dict[str, tuple[Caller, float]] = {}
+        self._hashes: dict[str, str] = {}       # key id -> hash of the key, for evict
+        # Keys evicted in the last `ttl` seconds: a lookup that read the key from the database
+        # just before its revocation was committed must not put it back.
+        self._evicted: dict[str, float] = {}
 
     def get(self, key: str) -> Caller | None:
         hit = self._entries.get(hash_key(key))
@@ -90,6 +97,25 @@ class KeyCache:
         return hit[0]
 
     def put(self, key: str, caller: Caller) -> None:
+        now = time.monotonic()
+        if caller.key_id in self._evicted:
+            if self._evicted[caller.key_id] >= now:
+                return
+            del self._evicted[caller.key_id]
         if len(self._entries) > 100_000:
             self._entries.clear()
-        self._entries[hash_key(key)] = (caller, time.monotonic() + self.ttl)
+            self._hashes.clear()
+        digest = hash_key(key)
+        self._entries[digest] = (caller, now + self.ttl)
+        if caller.key_id:
+            self._hashes[caller.key_id] = digest
+
+    def evict(self, key_id: str) -> None:
+        """Forget the key with this id at once (it was just revoked)."""
+        now = time.monotonic()
+        if len(self._evicted) > 10_000:
+            self._evicted = {k: t for k, t in self._evicted.items() if t >= now}
+        self._evicted[key_id] = now + self.ttl
+        digest = self._hashes.pop(key_id, None)
+        if digest is not None:
+            self._entries.pop(digest, None)

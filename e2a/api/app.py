@@ -13,6 +13,9 @@ from e2a.agents.egress import Egress
 from e2a.agents.tasks import Tasks
 from e2a.api import (browser, canvas, desktop, errors, proxy, sandboxes, secrets, sessions,
                      tasks, templates, workspaces)
+from e2a.accounts.mail import Mailer
+from e2a.accounts.service import Accounts
+from e2a.api import accounts as accounts_api
 from e2a.api.access import AccessTokens
 from e2a.api.guard import RequestGuard
 from e2a.config import Settings
@@ -73,6 +76,9 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
         app.state.host, app.state.catalog = manager, manager.catalog
         app.state.workspaces = manager.workspaces
         app.state.access = AccessTokens(manager.keys)
+        app.state.accounts = Accounts(app.state.sessions, manager.keys, settings,
+                                      Mailer(settings), key_cache=app.state.keys)
+        app.state.login_tokens = app.state.accounts.tokens  # deps.caller_from_header's
         try:
             await manager.start()
         except StartupError as exc:
@@ -129,6 +135,7 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
     app.include_router(secrets.router)
     app.include_router(tasks.router)
     app.include_router(sessions.router)
+    app.include_router(accounts_api.router)
     desktop.mount_novnc(app)
 
     @app.get("/health", tags=["service"])

@@ -1,11 +1,13 @@
-"""Request-scoped helpers: the caller (by API key), the sandbox host and catalog, and the
-caller's sandbox. The API knows sandboxes only through the two interfaces of sandboxes/host.py."""
+"""Request-scoped helpers: the caller (by API key; by login JWT where a route allows it), the
+sandbox host and catalog, and the caller's sandbox. The API knows sandboxes only through the two
+interfaces of sandboxes/host.py."""
 
 from __future__ import annotations
 
 from fastapi import Request
 
 from e2a import auth
+from e2a.accounts.tokens import InvalidToken, looks_like_jwt
 from e2a.api.errors import ApiError
 from e2a.auth import Caller
 from e2a.sandboxes.host import Catalog, SandboxHost, SandboxRecord
@@ -26,10 +28,28 @@ def bearer(header: str | None) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-async def caller_from_header(app, header: str | None) -> Caller:
+KEY_ONLY = ("this route takes an API key (Authorization: Bearer e2a_live_...), not the login "
+            "token: create a key with POST /v1/api-keys")
+LOGIN_ONLY = ("this route takes the login token (Authorization: Bearer <token from POST "
+              "/v1/auth/verify-otp>), not an API key: a key cannot manage keys")
+
+
+async def caller_from_header(app, header: str | None, allow_login: bool = False) -> Caller:
+    """The caller of an `Authorization: Bearer` header: an API key (via "key"), or, where
+    `allow_login`, a login JWT (via "login", docs/accounts.md). A login JWT elsewhere is a 401
+    saying that the route takes an API key."""
     key = bearer(header)
     if key is None:
         raise ApiError(401, "unauthorized", "missing API key: send Authorization: Bearer e2a_live_...")
+    if not key.startswith(auth.KEY_PREFIX) and looks_like_jwt(key):
+        tokens = getattr(app.state, "login_tokens", None)
+        if not allow_login or tokens is None:
+            raise ApiError(401, "unauthorized", KEY_ONLY)
+        try:
+            claims = tokens.verify(key)
+        except InvalidToken as exc:
+            raise ApiError(401, "unauthorized", str(exc)) from None
+        return Caller(id=claims.user_id, key_id=None, via="login")
     cache: auth.KeyCache = app.state.keys
     caller = cache.get(key)
     if caller is None:
@@ -41,11 +61,34 @@ async def caller_from_header(app, header: str | None) -> Caller:
     return caller
 
 
-async def current_user(request: Request) -> Caller:
+async def _caller(request: Request) -> Caller:
     caller = request.scope.get("state", {}).get("caller")  # found by the RequestGuard
     if caller is not None:
         return caller
-    return await caller_from_header(request.app, request.headers.get("authorization"))
+    return await caller_from_header(request.app, request.headers.get("authorization"),
+                                    allow_login=True)
+
+
+async def current_user(request: Request) -> Caller:
+    """The caller, by API key only: every sandbox, session, workspace, secret, task and template
+    route."""
+    caller = await _caller(request)
+    if caller.via != "key":
+        raise ApiError(401, "unauthorized", KEY_ONLY)
+    return caller
+
+
+async def account_user(request: Request) -> Caller:
+    """The caller by API key or by login JWT (`via` says which): the billing and usage routes."""
+    return await _caller(request)
+
+
+async def login_user(request: Request) -> Caller:
+    """The caller by login JWT only: managing API keys (a leaked key must not mint more)."""
+    caller = await _caller(request)
+    if caller.via != "login":
+        raise ApiError(401, "unauthorized", LOGIN_ONLY)
+    return caller
 
 
 async def owned_sandbox(app, user: Caller, sandbox_id: str) -> SandboxRecord:

@@ -2,7 +2,10 @@
 
 * the API key: a request without a valid key is answered 401 before a byte of its body is read,
   so an anonymous client cannot make the server buffer anything (the few routes opened from a
-  URL check their own access token instead: TOKEN_ROUTES);
+  URL check their own access token instead: TOKEN_ROUTES). The login JWT (docs/accounts.md) is
+  accepted on LOGIN_ROUTES only (keys and billing); everywhere else it is a 401 saying the route
+  takes an API key. OPEN_ROUTES need no credentials (sign-in, and Stripe's webhook, which carries
+  its own signature) and take a body of at most OPEN_MAX_BODY;
 * a body limit on the JSON routes (E2A_MAX_BODY_BYTES): 413 `body_too_large`, from the
   Content-Length at once or, for a chunked body, as soon as the count passes it; the streamed
   routes (file and tar uploads, the port proxy) are not limited here;
@@ -46,6 +49,14 @@ FILE_UPLOAD = re.compile(r"^/v1/sandboxes/[^/]+/files(/tar)?$")
 # browser or a CDP client opens them from a URL. And noVNC's public files.
 TOKEN_ROUTES = re.compile(r"^/v1/(browser|desktop|canvas)/[^/]+(/.*)?$|^/v1/novnc/")
 
+# Routes anyone may call: signing in (rate-limited by the accounts service), Stripe's webhook
+# (checked by its signature) and the page Stripe Checkout sends a buyer's browser back to.
+OPEN_ROUTES = re.compile(r"^/v1/auth/(login|verify-otp)$|^/v1/billing/webhook$"
+                         r"|^/v1/billing/checkout/done$")
+OPEN_MAX_BODY = 1 << 20  # 1 MiB (a Stripe event is at most that; a sign-in needs a few bytes)
+# Routes that take the login JWT as well as an API key (the deps then decide which of the two).
+LOGIN_ROUTES = re.compile(r"^/v1/api-keys(/[^/]+)?$|^/v1/billing(/[A-Za-z0-9_-]+)*$|^/v1/usage$")
+
 
 def streamed(method: str, path: str) -> bool:
     return bool(PORT_PROXY.match(path)) or (method == "PUT" and bool(FILE_UPLOAD.match(path)))
@@ -69,17 +80,20 @@ class RequestGuard:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if not TOKEN_ROUTES.match(scope["path"]):
+        path = scope["path"]
+        anonymous = bool(OPEN_ROUTES.match(path))
+        if not anonymous and not TOKEN_ROUTES.match(path):
             try:
                 caller = await caller_from_header(
-                    scope["app"], (headers.get(b"authorization") or b"").decode())
+                    scope["app"], (headers.get(b"authorization") or b"").decode("latin-1"),
+                    allow_login=bool(LOGIN_ROUTES.match(path)))
             except ApiError as exc:
                 return await send_error(send, exc.status, exc.code, exc.message, exc.field)
             scope.setdefault("state", {})["caller"] = caller
-        if streamed(scope["method"], scope["path"]):
+        if streamed(scope["method"], path):
             return await self.app(scope, receive, send)
 
-        limit = self.max_body
+        limit = min(self.max_body, OPEN_MAX_BODY) if anonymous else self.max_body
         try:
             declared = int(headers.get(b"content-length", b"0"))
         except ValueError:

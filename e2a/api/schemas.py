@@ -418,3 +418,55 @@ class SessionOut(BaseModel):
 
 class SessionsOut(BaseModel):
     sessions: list[SessionOut]
+
+
+# ---- accounts (docs/accounts.md) ------------------------------------------------------------
+
+
+class LoginIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    email: str = Field(max_length=320, description="the address the code is sent to (the "
+                       "account is made on first use); trimmed and compared in lower case")
+
+
+class LoginOut(BaseModel):
+    """The same answer whether the account existed or not."""
+
+    email: str = Field(description="the address as e2a keys accounts (trimmed, lower case): "
+                       "verify with it")
+    expires_in: int = Field(description="seconds the code is valid for")
+    message: str
+
+
+class VerifyOtpIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    email: str = Field(max_length=320)
+    code: str = Field(max_length=64, description="the 6-digit code from the mail")
+
+
+class VerifyOtpOut(BaseModel):
+    token: str = Field(description="the login JWT (Authorization: Bearer <token>): manages API "
+                       "keys and billing, never sandboxes; short-lived (E2A_LOGIN_TOKEN_TTL)")
+    user_id: str
+    email: str
+
+
+class ApiKeyCreated(BaseModel):
+    key_id: str
+    key: str = Field(description="the key itself (e2a_live_...): shown this once, stored only "
+                     "as a hash")
+    prefix: str = Field(description="its first characters, by which lists show it")
+
+
+class ApiKeyOut(BaseModel):
+    key_id: str
+    prefix: str
+    revoked: bool
+    created_at: datetime
+    plan_tier: str
+
+
+class ApiKeysOut(BaseModel):
+    api_keys: list[ApiKeyOut]
