@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import click
@@ -86,17 +87,26 @@ def _fail(code: str, message: str) -> None:
 
 class _State:
     """Per-invocation settings; the API client is created on first use so that ``--help`` and the
-    server-side commands work without an API key."""
+    server-side commands work without an API key. Without --api-key / E2A_API_KEY the key saved
+    by ``e2a login`` is used, for the server it was made on only."""
 
     def __init__(self, url: str | None, api_key: str | None):
         self.url, self.api_key = url, api_key
 
+    def _config(self) -> tuple[str | None, str | None]:
+        if self.api_key:
+            return self.url, self.api_key
+        saved = _load_credentials()
+        if saved and (self.url is None or self.url.rstrip("/") == saved["url"]):
+            return saved["url"], saved["api_key"]
+        return self.url, None
+
     @cached_property
     def client(self) -> E2A:
-        return E2A(self.url, self.api_key)
+        return E2A(*self._config())
 
     def async_client(self) -> AsyncE2A:
-        return AsyncE2A(self.url, self.api_key)
+        return AsyncE2A(*self._config())
 
 
 @click.group(cls=_Main)
@@ -132,6 +142,114 @@ def _console():
     from rich.console import Console  # rich is only needed for tables; keep startup light
 
     return Console()
+
+
+# ====================================================================== account: login, logout
+
+
+def _credentials_path() -> Path:
+    """$XDG_CONFIG_HOME/e2a/credentials (default ~/.config/e2a/credentials)."""
+    base = os.environ.get("XDG_CONFIG_HOME", "")
+    root = Path(base) if base and os.path.isabs(base) else Path.home() / ".config"
+    return root / "e2a" / "credentials"
+
+
+def _load_credentials() -> dict[str, str] | None:
+    """What ``e2a login`` saved ({url, api_key, key_id, email, user_id}), or None."""
+    path = _credentials_path()
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        click.echo(f"warning: ignoring {path}: {e}", err=True)
+        return None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), str) and data[k]
+                                             for k in ("url", "api_key", "key_id")):
+        click.echo(f"warning: ignoring {path}: not a credentials file of e2a login", err=True)
+        return None
+    data["url"] = data["url"].rstrip("/")
+    return data
+
+
+def _save_credentials(data: dict[str, str]) -> Path:
+    """Written whole or not at all, mode 0600 in a 0700 directory."""
+    path = _credentials_path()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    tmp = path.with_name(f".credentials.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _revoke_saved(saved: dict[str, str]) -> None:
+    """Revoke a saved key with itself (a key may end itself); raises what the server says."""
+    with E2A(saved["url"], saved["api_key"]) as c:
+        c.revoke_api_key(saved["key_id"])
+
+
+@main.command("login")
+@click.option("--email", help="Your email address (asked for when not given).")
+@click.pass_context
+def login_cmd(ctx: click.Context, email: str | None) -> None:
+    """Sign in with a code sent to your email, and keep an API key for later commands.
+
+    The key is saved with the server's URL in $XDG_CONFIG_HOME/e2a/credentials (default
+    ~/.config/e2a/credentials, mode 0600) and used whenever E2A_API_KEY is not set. Logging in
+    again replaces (and revokes) the saved key.
+    """
+    url = ctx.find_object(_State).url or os.environ.get("E2A_URL") or "http://127.0.0.1:8080"
+    url = url.rstrip("/")
+    email = (email or click.prompt("Email")).strip()
+    sent = E2A.login(email, url)
+    click.echo(sent.message[:1].upper() + sent.message[1:] + "." if sent.message
+               else f"A login code was sent to {sent.email}.")
+    for attempt in range(3):
+        code = click.prompt("Code").strip()
+        try:
+            token = E2A.verify_otp(sent.email, code, url)
+            break
+        except E2AError as e:
+            if e.code != "invalid_code" or attempt == 2:
+                raise
+            click.echo("That code is wrong or expired; try again (or run e2a login for a new one).",
+                       err=True)
+    with E2A(url, token.token) as account:
+        key = account.create_api_key()
+    old = _load_credentials()
+    path = _save_credentials({"url": url, "api_key": key.key, "key_id": key.key_id,
+                              "email": token.email, "user_id": token.user_id})
+    if old and old["key_id"] != key.key_id:
+        with contextlib.suppress(E2AError, httpx.TransportError):  # the replaced key ends
+            _revoke_saved(old)
+    click.echo(f"Logged in to {url} as {token.email}: API key {key.prefix}... saved in {path}")
+
+
+@main.command("logout")
+def logout_cmd() -> None:
+    """Revoke the API key saved by e2a login and remove the credentials file."""
+    path = _credentials_path()
+    saved = _load_credentials()
+    if saved is None:
+        if path.exists():
+            path.unlink()
+        click.echo(f"Not logged in (no credentials in {path}).")
+        return
+    try:
+        _revoke_saved(saved)
+        what = f"API key {saved['key_id']} revoked"
+    except E2AError as e:
+        if e.status != 401:  # 401: it no longer works anyway (revoked elsewhere)
+            raise
+        what = f"API key {saved['key_id']} was already revoked"
+    path.unlink()
+    click.echo(f"Logged out of {saved['url']}: {what}; {path} removed.")
 
 
 # ====================================================================== sandbox

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from e2a.sdk import E2A
+from tests.e2e.mailbox import Mailbox, running as _mailbox
 from tests.e2e.server import LlmMock, Server, llm_mock as _llm_mock
 
 
@@ -45,7 +46,15 @@ def own_server(tag: str, **env: str):
 
 
 @pytest.fixture(scope="session")
-def server():
+def mailbox() -> Mailbox:
+    """The SMTP server every test server mails its login codes to (tests/e2e/mailbox.py)."""
+    from tests.e2e.mailbox import smtp_port
+    with _mailbox(smtp_port()) as box:
+        yield box
+
+
+@pytest.fixture(scope="session")
+def server(mailbox):
     srv = new_server("main")
     srv.cleanup()
     srv.start()

@@ -31,6 +31,14 @@ An agent session: an end user's conversation with an agent in a sandbox, over a 
                              on_event=lambda ev: print(ev.type, ev.data))
     print(done["state"], done["result"])
 
+Signing in needs no key: a code is mailed, and the login JWT it is traded for makes API keys
+(``e2a login`` in the CLI does the same and keeps the key):
+
+    E2A.login("me@example.com")
+    tok = E2A.verify_otp("me@example.com", input("code: "))
+    with E2A(api_key=tok.token) as account:
+        key = account.create_api_key()          # key.key is e2a_live_..., shown this once
+
 ``AsyncE2A`` has the same methods as coroutines / async iterators.
 """
 
@@ -41,6 +49,7 @@ from .errors import E2AError, SessionDisconnected, SessionEnded, SessionError, S
 from .models import (CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, PresignedUrl, Sandbox,
                      SandboxEvent, SecretBundle, Session, SessionEvent, SessionReady, SessionTicket, Task,
                      TaskEvent, Tool, Workspace, WorkspaceFile, WorkspaceUsage)
+from .models import ApiKey, LoginCode, LoginToken, NewApiKey
 from .session import AsyncSessionConnection, SessionConnection
 
 __all__ = ["E2A", "AsyncE2A", "Files", "AsyncFiles", "E2AError", "Sandbox", "CommandEvent",
@@ -48,4 +57,5 @@ __all__ = ["E2A", "AsyncE2A", "Files", "AsyncFiles", "E2AError", "Sandbox", "Com
            "WorkspaceUsage", "WorkspaceFile", "PresignedUrl", "Task", "TaskEvent", "Tool",
            "WaitTimeout", "Secrets", "AsyncSecrets", "SecretBundle", "Session", "SessionTicket",
            "SessionReady", "SessionEvent", "SessionConnection", "AsyncSessionConnection",
-           "SessionError", "SessionEnded", "SessionTakenOver", "SessionDisconnected"]
+           "SessionError", "SessionEnded", "SessionTakenOver", "SessionDisconnected",
+           "LoginCode", "LoginToken", "NewApiKey", "ApiKey"]

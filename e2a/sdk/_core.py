@@ -17,6 +17,7 @@ from .errors import E2AError
 from .models import (CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, PresignedUrl,
                      SandboxEvent, SecretBundle, Session, SessionTicket, Task, TaskEvent, Tool,
                      Workspace, WorkspaceFile, WorkspaceUsage)
+from .models import ApiKey, LoginCode, LoginToken, NewApiKey
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 CHUNK = 1 << 20  # upload/download piece size: bounded memory whatever the file size
@@ -680,6 +681,36 @@ def replace_secret(name: str, values: dict[str, str]) -> Call:
 
 def delete_secret(name: str) -> Call:
     return Call("DELETE", _secret(name))
+
+
+# ---------------------------------------------------------------- account: sign-in and API keys
+
+
+def resolve_url(base_url: str | None) -> str:
+    """The server's URL (``E2A_URL``, else the default) for calls that need no key."""
+    return (base_url or os.environ.get("E2A_URL") or DEFAULT_URL).rstrip("/")
+
+
+def login(email: str) -> Call:
+    return Call("POST", "/v1/auth/login", json={"email": email}, parse=LoginCode.from_dict)
+
+
+def verify_otp(email: str, code: str) -> Call:
+    return Call("POST", "/v1/auth/verify-otp", json={"email": email, "code": str(code)},
+                parse=LoginToken.from_dict, secrets=(str(code),))
+
+
+def create_api_key() -> Call:
+    return Call("POST", "/v1/api-keys", parse=NewApiKey.from_dict)
+
+
+def list_api_keys() -> Call:
+    return Call("GET", "/v1/api-keys", parse=lambda d: [ApiKey.from_dict(x) for x in d["api_keys"]])
+
+
+def revoke_api_key(key_id: Any) -> Call:
+    kid = key_id if isinstance(key_id, str) else key_id.key_id  # an id, an ApiKey or a NewApiKey
+    return Call("DELETE", "/v1/api-keys/" + quote(kid, safe=""), parse=ApiKey.from_dict)
 
 
 # ---------------------------------------------------------------- PTY

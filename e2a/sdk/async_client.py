@@ -20,6 +20,7 @@ from .errors import E2AError, check, error_from_response
 from .models import (CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, PresignedUrl, Sandbox,
                      SandboxEvent, SecretBundle, Session, SessionTicket, Task, TaskEvent, Tool, Workspace,
                      WorkspaceFile, WorkspaceUsage)
+from .models import ApiKey, LoginCode, LoginToken, NewApiKey
 from .session import AsyncSessionConnection
 
 WorkspaceSpec = Any  # True (the defaults) | {"app_id", "capset_id", "end_user_id"} | None
@@ -93,6 +94,41 @@ class AsyncE2A:
             self._plain_http = httpx.AsyncClient(headers={"User-Agent": "e2a-python-sdk"},
                                                  timeout=api.TRANSFER_TIMEOUT, transport=self._transport)
         return self._plain_http
+
+    # ------------------------------------------------------------ account: sign-in and API keys
+
+    @classmethod
+    async def login(cls, email: str, base_url: str | None = None, *,
+                    transport: httpx.AsyncBaseTransport | None = None) -> LoginCode:
+        """Mail a one-time code to ``email`` (see ``E2A.login``); needs no key."""
+        return await cls._anonymous(api.login(email), base_url, transport)
+
+    @classmethod
+    async def verify_otp(cls, email: str, code: str, base_url: str | None = None, *,
+                         transport: httpx.AsyncBaseTransport | None = None) -> LoginToken:
+        """Trade the mailed code for the login JWT (see ``E2A.verify_otp``)."""
+        return await cls._anonymous(api.verify_otp(email, code), base_url, transport)
+
+    @staticmethod
+    async def _anonymous(c: Call, base_url: str | None,
+                         transport: httpx.AsyncBaseTransport | None) -> Any:
+        async with httpx.AsyncClient(base_url=api.resolve_url(base_url),
+                                     headers={"User-Agent": "e2a-python-sdk"},
+                                     timeout=api.DEFAULT_TIMEOUT, transport=transport) as http:
+            resp = await http.request(c.method, c.path, json=c.json, timeout=c.timeout)
+            try:
+                return c.result(check(resp))
+            except E2AError as e:
+                raise c.scrub(e)
+
+    async def create_api_key(self) -> NewApiKey:
+        return await self._call(api.create_api_key())
+
+    async def api_keys(self) -> list[ApiKey]:
+        return await self._call(api.list_api_keys())
+
+    async def revoke_api_key(self, key_id: str | ApiKey | NewApiKey) -> ApiKey:
+        return await self._call(api.revoke_api_key(key_id))
 
     # ------------------------------------------------------------ sandboxes
 

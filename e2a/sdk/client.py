@@ -18,6 +18,7 @@ from .errors import E2AError, check, error_from_response
 from .models import (CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, PresignedUrl, Sandbox,
                      SandboxEvent, SecretBundle, Session, SessionTicket, Task, TaskEvent, Tool, Workspace,
                      WorkspaceFile, WorkspaceUsage)
+from .models import ApiKey, LoginCode, LoginToken, NewApiKey
 from .session import SessionConnection
 
 WorkspaceSpec = Any  # True (the defaults) | {"app_id", "capset_id", "end_user_id"} | None
@@ -88,6 +89,45 @@ class E2A:
             self._plain_http = httpx.Client(headers={"User-Agent": "e2a-python-sdk"},
                                             timeout=api.TRANSFER_TIMEOUT, transport=self._transport)
         return self._plain_http
+
+    # ------------------------------------------------------------ account: sign-in and API keys
+
+    @classmethod
+    def login(cls, email: str, base_url: str | None = None, *,
+              transport: httpx.BaseTransport | None = None) -> LoginCode:
+        """Mail a one-time code to ``email`` (the account is made on first use). Needs no key:
+        ``E2A.login("me@example.com")``; then ``E2A.verify_otp(email, code)``."""
+        return cls._anonymous(api.login(email), base_url, transport)
+
+    @classmethod
+    def verify_otp(cls, email: str, code: str, base_url: str | None = None, *,
+                   transport: httpx.BaseTransport | None = None) -> LoginToken:
+        """Trade the mailed code for the login JWT (``.token``), which manages keys and billing:
+        ``with E2A(url, api_key=tok.token) as account: key = account.create_api_key()``."""
+        return cls._anonymous(api.verify_otp(email, code), base_url, transport)
+
+    @staticmethod
+    def _anonymous(c: Call, base_url: str | None, transport: httpx.BaseTransport | None) -> Any:
+        with httpx.Client(base_url=api.resolve_url(base_url), headers={"User-Agent": "e2a-python-sdk"},
+                          timeout=api.DEFAULT_TIMEOUT, transport=transport) as http:
+            resp = http.request(c.method, c.path, json=c.json, timeout=c.timeout)
+            try:
+                return c.result(check(resp))
+            except E2AError as e:
+                raise c.scrub(e)
+
+    def create_api_key(self) -> NewApiKey:
+        """A new API key; ``.key`` is shown this once. The client must hold the login JWT."""
+        return self._call(api.create_api_key())
+
+    def api_keys(self) -> list[ApiKey]:
+        """The account's keys, newest first, revoked ones too (never a key itself). Login JWT."""
+        return self._call(api.list_api_keys())
+
+    def revoke_api_key(self, key_id: str | ApiKey | NewApiKey) -> ApiKey:
+        """Revoke a key at once and for good: any of the account's with the login JWT, or the
+        client's own key with that key."""
+        return self._call(api.revoke_api_key(key_id))
 
     # ------------------------------------------------------------ sandboxes
 

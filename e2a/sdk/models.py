@@ -462,3 +462,59 @@ class SecretBundle:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class LoginCode:
+    """``E2A.login``'s answer: the code is on its way to ``email`` (as the server keys accounts:
+    verify with it), valid ``expires_in`` seconds."""
+
+    email: str
+    expires_in: int = 0
+    message: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LoginCode":
+        return _from_dict(cls, data)
+
+
+@dataclass
+class LoginToken:
+    """``E2A.verify_otp``'s answer: ``token`` is the login JWT that manages API keys and billing
+    (``E2A(url, api_key=token)``), never sandboxes; it is short-lived."""
+
+    token: str = field(repr=False)
+    user_id: str = ""
+    email: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LoginToken":
+        return _from_dict(cls, data)
+
+
+@dataclass
+class NewApiKey:
+    """A key just made: ``key`` (e2a_live_...) is shown this once."""
+
+    key_id: str
+    key: str = field(repr=False, default="")
+    prefix: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "NewApiKey":
+        return _from_dict(cls, data)
+
+
+@dataclass
+class ApiKey:
+    """One of the account's API keys as listed: never the key itself."""
+
+    key_id: str
+    prefix: str = ""
+    revoked: bool = False
+    created_at: str | None = None
+    plan_tier: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ApiKey":
+        return _from_dict(cls, data)

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 
 from e2a.runtime import quota
+from tests.e2e.mailbox import smtp_env
 
 ROOT = Path(__file__).resolve().parents[2]
 E2A = str(Path(sys.executable).parent / "e2a")
@@ -114,6 +115,7 @@ class Server:
             # every provider's API is the tests' mock (tests/llm_mock), started once per worker
             **llm_mock_env(),
             "E2A_LLM_PRIVATE_HOSTS": "127.0.0.1",  # the mock, as a caller's own llm.base_url
+            **smtp_env(),  # login codes go to the tests' SMTP server (tests/e2e/mailbox.py)
             **self.extra_env,
         }
 
