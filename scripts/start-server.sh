@@ -16,3 +16,8 @@ until curl -fsS "$URL/health" >/dev/null 2>&1; do
   sleep 0.1
 done
 echo "e2a is serving on $URL (log: /var/log/e2a.log, stop: make stop)"
+if [ -z "${E2A_SMTP_HOST:-}" ]; then
+  # docs/accounts.md: without an SMTP server, sign-in codes go to the server's log.
+  echo "E2A_SMTP_HOST is unset: login codes (e2a login, POST /v1/auth/login) are written to the"
+  echo "server's log, /var/log/e2a.log (root only): grep 'login code for' /var/log/e2a.log"
+fi

@@ -42,12 +42,10 @@ class Mailbox:
     """Every message the SMTP server took, in order."""
 
     def __init__(self, port: int):
-        from aiosmtpd.controller import Controller
-
         self.port = port
         self.mails: list[Mail] = []
         self._cond = threading.Condition()
-        self._controller = Controller(self, hostname="127.0.0.1", port=port)
+        self._controller = None
 
     async def handle_DATA(self, server, session, envelope):  # aiosmtpd's handler hook
         msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
@@ -57,10 +55,16 @@ class Mailbox:
         return "250 OK"
 
     def start(self) -> None:
+        """Listen (again: a test may stop it to see the mail server down)."""
+        from aiosmtpd.controller import Controller
+
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
         self._controller.start()
 
     def stop(self) -> None:
-        self._controller.stop()
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
 
     def mark(self) -> int:
         """Where the mailbox is now: `mail(to, since=mark)` waits for a newer message."""

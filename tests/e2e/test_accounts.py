@@ -351,3 +351,21 @@ def test_async_sdk_sign_in_and_keys(server, mailbox):
     made, listed, revoked = asyncio.run(go())
     assert [k.key_id for k in listed] == [made.key_id] and not listed[0].revoked
     assert revoked.key_id == made.key_id and revoked.revoked
+
+
+def test_a_mail_server_that_is_down_is_a_503(server, mailbox):
+    who = address("down")
+    with client(server.url, "127.0.0.21") as c:
+        mailbox.stop()
+        try:
+            r = c.post("/v1/auth/login", json={"email": who})
+        finally:
+            mailbox.start()
+        assert r.status_code == 503 and r.json()["error"]["code"] == "mail_unavailable"
+        assert "try again later" in r.json()["error"]["message"]
+        since = mailbox.mark()
+        assert c.post("/v1/auth/login", json={"email": who}).status_code == 200
+        code = mailbox.mail(who, since).code
+        assert c.post("/v1/auth/verify-otp", json={"email": who, "code": code}).status_code == 200
+    assert "mail_unavailable" not in server.log_tail() and "could not send a login code" in \
+        server.log_tail(100_000)
