@@ -28,7 +28,8 @@ def worker_index() -> int:
 def new_server(tag: str) -> Server:
     """Instance names and subnets differ per worker and per tag, so servers never collide."""
     w = worker_index()
-    n = {"main": 0, "restart": 1, "pool": 2, "pg": 3, "core": 4, "disk": 5, "ws": 6, "wsbench": 7}[tag]
+    n = {"main": 0, "restart": 1, "pool": 2, "pg": 3, "core": 4, "disk": 5, "ws": 6, "wsbench": 7,
+         "billing": 8}[tag]
     return Server(instance=f"t{w}{n}", subnet=f"10.{210 + w}.{n * 16}.0/20",
                   base=Path(f"/tmp/e2a-test/{w}-{tag}"))
 
@@ -185,12 +186,3 @@ def wait_for(predicate, timeout: float = 30, interval: float = 0.2):
             return value
         time.sleep(interval)
     raise AssertionError("condition not met in time")
-
-
-@pytest.fixture(scope="session")
-def stripe_mock():
-    """stripe-mock (`make stripe-mock`, tests/stripe_mock.py) on this worker's port: its base
-    URL, for E2A_STRIPE_API_BASE (with E2A_STRIPE_SECRET_KEY=sk_test_<anything>)."""
-    from tests.stripe_mock import running
-    with running(12111 + worker_index()) as url:
-        yield url

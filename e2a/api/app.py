@@ -11,13 +11,15 @@ from e2a import __version__, auth
 from e2a.agents import ssrf
 from e2a.agents.egress import Egress
 from e2a.agents.tasks import Tasks
-from e2a.api import (browser, canvas, desktop, errors, proxy, sandboxes, secrets, sessions,
-                     tasks, templates, workspaces)
+from e2a.api import (billing, browser, canvas, desktop, errors, proxy, sandboxes, secrets,
+                     sessions, tasks, templates, workspaces)
 from e2a.accounts.mail import Mailer
 from e2a.accounts.service import Accounts
 from e2a.api import accounts as accounts_api
 from e2a.api.access import AccessTokens
 from e2a.api.guard import RequestGuard
+from e2a.billing.service import Billing
+from e2a.billing.stripe_gateway import StripeGateway
 from e2a.config import Settings
 from e2a.sandboxes.manager import Manager, StartupError, retry
 from e2a.secrets.bundles import Bundles
@@ -104,10 +106,15 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
             app.state.sessions, manager, manager.catalog, app.state.tasks, app.state.secrets,
             SessionTokens(manager.keys), settings, check_url=sessions.url_guard(settings))
         await app.state.chat_sessions.start()
+        # Credits: metering from the sandbox feed, purchases through Stripe (docs/billing.md).
+        app.state.billing = Billing(app.state.sessions, settings, manager, manager.catalog,
+                                    StripeGateway.from_settings(settings))
+        await app.state.billing.start()
         log.info("e2a %s serving on %s:%s", __version__, settings.host, settings.port)
         try:
             yield
         finally:
+            await app.state.billing.stop()
             await app.state.chat_sessions.stop()
             await app.state.tasks.stop()
             await manager.stop()
@@ -135,6 +142,7 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
     app.include_router(secrets.router)
     app.include_router(tasks.router)
     app.include_router(sessions.router)
+    app.include_router(billing.router)
     app.include_router(accounts_api.router)
     desktop.mount_novnc(app)
 

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
+from e2a.api.billing import require_funds
 from e2a.api.deps import catalog, current_user, host, owned_sandbox
 from e2a.api.errors import ApiError
 from e2a.api.schemas import (CreateSandbox, SandboxEventsOut, SandboxOut, reserved_env_key)
@@ -37,7 +38,7 @@ def out(rec: SandboxRecord) -> SandboxOut:
 
 
 @router.post("", status_code=201, response_model=SandboxOut,
-             responses={400: {}, 401: {}, 409: {}, 429: {}, 501: {}, 503: {}})
+             responses={400: {}, 401: {}, 402: {}, 409: {}, 429: {}, 501: {}, 503: {}})
 async def create_sandbox(request: Request, req: CreateSandbox,
                          user: Caller = Depends(current_user),
                          sandboxes: SandboxHost = Depends(host)) -> SandboxOut:
@@ -59,6 +60,7 @@ async def create_sandbox(request: Request, req: CreateSandbox,
                        f"template {req.template!r} is not available on this e2a "
                        f"(available: {', '.join(recipes.available())})", "template")
     params = _template_params(req)
+    await require_funds(request, user.id, req.template)
     try:
         rec = await sandboxes.create(CreateSpec(
             user_id=user.id, template=req.template, env_vars=req.env_vars,

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Query, Request, WebSocket
 from pydantic import ValidationError
 
 from e2a.agents.tasks import TaskConflict
+from e2a.api.billing import require_funds
 from e2a.api.tasks import MAX_SEQ
 from e2a.api import session_protocol as proto
 from e2a.api.deps import bearer, current_user
@@ -28,6 +29,7 @@ from e2a.auth import Caller
 from e2a.sessions.service import Live, LlmRequest, SessionError, Sessions, SessionSpec
 from e2a.sessions.tokens import InvalidToken
 from e2a.store.models import ChatSession
+from e2a.templates import recipes
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
@@ -88,7 +90,7 @@ def connect_url(conn: Request | WebSocket, session_id: str) -> str:
 
 
 @router.post("", status_code=201, response_model=SessionTicket,
-             responses={400: {}, 401: {}, 404: {}, 429: {}, 503: {}})
+             responses={400: {}, 401: {}, 402: {}, 404: {}, 429: {}, 503: {}})
 async def create_session(request: Request, req: CreateSession,
                          user: Caller = Depends(current_user)) -> SessionTicket:
     """Start a session: a sandbox of its own with the end user's workspace, and the agent in
@@ -101,6 +103,8 @@ async def create_session(request: Request, req: CreateSession,
                        api_key=req.llm.api_key),
         secrets=req.secrets, ttl=req.ttl_seconds, system_prompt=req.system_prompt,
         metadata=req.metadata)
+    if req.template in recipes.available():  # an unknown one is the service's 400
+        await require_funds(request, user.id, req.template)
     try:
         row, token = await sessions(request).create(spec)
     except SessionError as exc:

@@ -25,7 +25,8 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _insert(db: AsyncSession, table):
+def insert(db: AsyncSession, table):
+    """An INSERT that can take ON CONFLICT DO NOTHING on either database."""
     dialect = db.bind.dialect.name
     return (postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table))
 
@@ -35,7 +36,7 @@ async def ensure_account(db: AsyncSession, user_id: str, free_credits: int) -> N
     also for users made before accounts existed). Safe to race: both inserts are idempotent."""
     if await db.get(Account, user_id) is not None:
         return
-    await db.execute(_insert(db, Account.__table__).values(
+    await db.execute(insert(db, Account.__table__).values(
         user_id=user_id, balance_micro=0, created_at=utcnow()).on_conflict_do_nothing())
     if free_credits:
         await post(db, user_id, free_credits * MICRO, "grant",
@@ -48,7 +49,7 @@ async def post(db: AsyncSession, user_id: str, amount_micro: int, kind: str, des
     entry with this ref already exists (nothing changed)."""
     assert kind in KINDS, kind
     entry_id = new_id("txn")
-    stmt = _insert(db, LedgerEntry.__table__).values(
+    stmt = insert(db, LedgerEntry.__table__).values(
         id=entry_id, user_id=user_id, amount_micro=amount_micro, kind=kind,
         description=description[:300], ref=ref, created_at=at or utcnow(), **fields)
     if ref is not None:

@@ -32,6 +32,11 @@ STRIPE_RETRY = 300.0            # seconds before an auto top-up is tried again a
 PENDING_FOR = timedelta(hours=24)  # an auto top-up Stripe never answered stops holding others
 
 
+def _text(value) -> str | None:
+    """A Stripe id from an event, if it is one."""
+    return value if isinstance(value, str) and 0 < len(value) <= 255 else None
+
+
 class BillingError(Exception):
     def __init__(self, status: int, code: str, message: str, field: str | None = None):
         super().__init__(message)
@@ -73,6 +78,8 @@ class Billing:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        if self.gateway is not None:
+            await self.gateway.aclose()
 
     def _in_background(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -90,10 +97,7 @@ class Billing:
     async def require_funds(self, user_id: str, template: str) -> None:
         """402 when the balance cannot pay for a new sandbox's first minute."""
         need = self.first_minute(template)
-        async with self.db() as db:
-            await ledger.ensure_account(db, user_id, self.settings.free_credits)
-            await db.commit()
-            have = await ledger.balance(db, user_id)
+        have = (await self.account(user_id)).balance_micro
         if have < need:
             raise BillingError(
                 402, "insufficient_credits",
@@ -104,10 +108,15 @@ class Billing:
     # ---- what the user sees -----------------------------------------------------------------
 
     async def account(self, user_id: str) -> Account:
+        """The user's account (opened with the free credits if this is its first use): one
+        query when it exists, as on every create."""
         async with self.db() as db:
-            await ledger.ensure_account(db, user_id, self.settings.free_credits)
-            await db.commit()
-            return await db.get(Account, user_id)
+            acct = await db.get(Account, user_id)
+            if acct is None:
+                await ledger.ensure_account(db, user_id, self.settings.free_credits)
+                await db.commit()
+                acct = await db.get(Account, user_id, populate_existing=True)
+            return acct
 
     async def balance(self, user_id: str) -> dict:
         acct = await self.account(user_id)
@@ -324,7 +333,10 @@ class Billing:
             event = gateway.parse_webhook(payload, signature)
         except WebhookRejected as exc:
             raise BillingError(400, "invalid_signature", str(exc)) from None
-        obj = event["data"]["object"]
+        if len(event["id"]) > 255:
+            raise BillingError(400, "invalid_event", "a Stripe event id is at most 255 characters")
+        obj = event["data"].get("object")
+        obj = obj if isinstance(obj, dict) else {}  # signed, but no object: nothing to do
         kind = event["type"]
         async with self.db() as db:
             if await db.get(StripeEvent, event["id"]) is not None:
@@ -334,26 +346,28 @@ class Billing:
             if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
                 if kind.endswith("succeeded") or obj.get("payment_status") == "paid":
                     if await self._matches(purchase_id, obj.get("amount_total"), obj.get("currency")):
-                        await self._fulfil(purchase_id, obj.get("payment_intent"),
-                                           session=obj.get("id"))
+                        await self._fulfil(purchase_id, _text(obj.get("payment_intent")),
+                                           session=_text(obj.get("id")))
             elif kind == "payment_intent.succeeded":
                 if await self._matches(purchase_id, obj.get("amount_received") or obj.get("amount"),
                                        obj.get("currency")):
-                    await self._fulfil(purchase_id, obj.get("id"))
+                    await self._fulfil(purchase_id, _text(obj.get("id")))
             elif kind in ("payment_intent.payment_failed", "checkout.session.async_payment_failed"):
-                error = (obj.get("last_payment_error") or {}).get("message") or "the payment failed"
-                await self._failed(purchase_id, error)
+                last = obj.get("last_payment_error")
+                error = last.get("message") if isinstance(last, dict) else None
+                await self._failed(purchase_id, str(error or "the payment failed"))
             elif kind == "checkout.session.expired":
                 await self._expired(purchase_id)
         async with self.db() as db:
-            await db.execute(ledger._insert(db, StripeEvent.__table__).values(
+            await db.execute(ledger.insert(db, StripeEvent.__table__).values(
                 id=event["id"], type=kind[:64], received_at=utcnow()).on_conflict_do_nothing())
             await db.commit()
 
     @staticmethod
     def _purchase_of(obj) -> str | None:
-        meta = obj.get("metadata") or {}
-        found = meta.get("e2a_purchase") or obj.get("client_reference_id")
+        meta = obj.get("metadata")
+        found = (meta.get("e2a_purchase") if isinstance(meta, dict) else None) \
+            or obj.get("client_reference_id")
         return found if isinstance(found, str) and found.startswith("pur_") else None
 
     async def _matches(self, purchase_id: str, amount, currency) -> bool:
@@ -363,8 +377,8 @@ class Billing:
         if p is None:
             log.warning("stripe: an event names unknown purchase %s", purchase_id)
             return False
-        if amount is not None and (int(amount) != p.amount_cents
-                                   or (currency or p.currency).lower() != p.currency):
+        if amount is not None and (not isinstance(amount, int) or amount != p.amount_cents
+                                   or str(currency or p.currency).lower() != p.currency):
             log.warning("stripe: purchase %s was for %s %s, the event says %s %s: ignored",
                         purchase_id, p.amount_cents, p.currency, amount, currency)
             return False

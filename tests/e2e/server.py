@@ -18,6 +18,7 @@ import httpx
 
 from e2a.runtime import quota
 from tests.e2e.mailbox import smtp_env
+from tests import stripe_mock
 
 ROOT = Path(__file__).resolve().parents[2]
 E2A = str(Path(sys.executable).parent / "e2a")
@@ -79,6 +80,23 @@ def llm_mock_env() -> dict[str, str]:
     return {f"E2A_LLM_{vendor}_URL": url for vendor in ("ANTHROPIC", "OPENAI", "GOOGLE", "DEEPSEEK")}
 
 
+_stripe_url: str | None = None
+STRIPE_WEBHOOK_SECRET = stripe_mock.TEST_WEBHOOK_SECRET
+
+
+def stripe_env() -> dict[str, str]:
+    """Stripe for every test server: stripe-mock (one per test process, on the worker's own
+    port), a test key, and the webhook secret the tests sign their events with."""
+    global _stripe_url
+    if _stripe_url is None:
+        from tests.conftest import worker_index
+        stack = contextlib.ExitStack()
+        _stripe_url = stack.enter_context(stripe_mock.running(12111 + worker_index()))
+        atexit.register(stack.close)
+    return {"E2A_STRIPE_API_BASE": _stripe_url, "E2A_STRIPE_SECRET_KEY": stripe_mock.TEST_SECRET_KEY,
+            "E2A_STRIPE_WEBHOOK_SECRET": STRIPE_WEBHOOK_SECRET}
+
+
 @dataclass
 class Server:
     instance: str        # prefix of every host object this server makes
@@ -115,6 +133,8 @@ class Server:
             # every provider's API is the tests' mock (tests/llm_mock), started once per worker
             **llm_mock_env(),
             "E2A_LLM_PRIVATE_HOSTS": "127.0.0.1",  # the mock, as a caller's own llm.base_url
+            **stripe_env(),
+            "E2A_METERING_INTERVAL": "1",  # billing tests wait a tick, not ten seconds
             **smtp_env(),  # login codes go to the tests' SMTP server (tests/e2e/mailbox.py)
             **self.extra_env,
         }
