@@ -148,7 +148,8 @@ def _when(value: str | None, name: str, default: datetime) -> datetime:
     except ValueError:
         raise ApiError(400, "invalid_field", f"{name} must be an ISO 8601 date or time, such "
                        "as 2026-11-01 or 2026-11-01T12:00:00Z", name) from None
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    # UTC, as the ledger's times are stored (SQLite keeps no offset)
+    return when.astimezone(timezone.utc) if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 @router.get("/v1/usage", response_model=UsageOut, response_model_by_alias=True,

@@ -261,7 +261,7 @@ class Metering:
                         gib_hours = size / GIB * ms / 3_600_000
                         await ledger.post(
                             db, ws.user_id, -amount, "storage",
-                            f"workspace {ws.id}: {size / GIB:.3f} GiB for {ms / 3_600_000:.3f} h",
+                            f"workspace {ws.id}: {size / GIB:.6f} GiB stored for {ms / 1000:.3f} s",
                             ref=f"storage:{ws.id}:{int(now.timestamp() * 1000)}",
                             workspace_id=ws.id, gib_hours=gib_hours)
                         charged.add(ws.user_id)

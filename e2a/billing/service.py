@@ -20,6 +20,7 @@ from e2a.billing.rates import MICRO, Rates, to_credits, to_micro, vcpu_milli
 from e2a.billing.stripe_gateway import StripeGateway, StripeUnavailable, WebhookRejected
 from e2a.ids import new_id
 from e2a.sandboxes.host import Catalog, SandboxHost
+from e2a.sandboxes.records import aware
 from e2a.sandboxes.states import EndReason
 from e2a.store.models import Account, LedgerEntry, Purchase, StripeEvent, User
 from e2a.templates import recipes
@@ -127,7 +128,7 @@ class Billing:
     def _topup_view(self, acct: Account) -> dict:
         failed = None
         if acct.topup_failed_at is not None:
-            failed = {"at": acct.topup_failed_at, "message": acct.topup_error or "declined"}
+            failed = {"at": aware(acct.topup_failed_at), "message": acct.topup_error or "declined"}
         return {"enabled": acct.topup_enabled, "threshold": acct.topup_threshold,
                 "credit_amount": acct.topup_credits,
                 "payment_method_saved": acct.payment_method_id is not None,
@@ -138,7 +139,7 @@ class Billing:
             rows = await ledger.entries(db, user_id, limit, offset)
         return [{"id": r.id, "amount": to_credits(r.amount_micro),
                  "amount_micro": r.amount_micro, "description": r.description,
-                 "timestamp": r.created_at, "kind": r.kind, "sandbox_id": r.sandbox_id,
+                 "timestamp": aware(r.created_at), "kind": r.kind, "sandbox_id": r.sandbox_id,
                  "workspace_id": r.workspace_id} for r in rows]
 
     async def usage(self, user_id: str, start: datetime, end: datetime, group_by: str) -> dict:
@@ -164,8 +165,8 @@ class Billing:
                           "credits": to_credits(-int(micro or 0)),
                           "vcpu_seconds": round(vcpu_s or 0, 3),
                           "gib_seconds": round(gib_s or 0, 3),
-                          "workspace_gib_hours": round(gib_h or 0, 6)})
-        total = {f: round(sum(i[f] for i in items), 6)
+                          "workspace_gib_hours": round(gib_h or 0, 9)})
+        total = {f: round(sum(i[f] for i in items), 9)
                  for f in ("credits", "vcpu_seconds", "gib_seconds", "workspace_gib_hours")}
         return {"from": start, "to": end, "group_by": group_by, "items": items, "total": total,
                 "rates": {"vcpu_second": to_credits(self.rates.vcpu_second),

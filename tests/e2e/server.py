@@ -135,6 +135,7 @@ class Server:
             "E2A_LLM_PRIVATE_HOSTS": "127.0.0.1",  # the mock, as a caller's own llm.base_url
             **stripe_env(),
             "E2A_METERING_INTERVAL": "1",  # billing tests wait a tick, not ten seconds
+            "E2A_STORAGE_METERING_INTERVAL": "2",  # nor an hour for storage
             **smtp_env(),  # login codes go to the tests' SMTP server (tests/e2e/mailbox.py)
             **self.extra_env,
         }

@@ -167,6 +167,35 @@ def test_users_never_see_each_others_ledger_or_usage(server, payer):
         other.close()
 
 
+def test_workspace_storage_is_charged_from_its_measured_size(server, payer):
+    sb = payer.create(workspace={"app_id": "stored", "capset_id": "default"})
+    ws = sb["workspace_id"]
+    with E2A(server.url, payer.key) as c:
+        c.files.write(sb["vm_id"], "/home/user/blob.bin", b"x" * (8 << 20))
+    payer.kill(sb["vm_id"])  # flushed, then measured
+    size = payer.http.get(f"/v1/workspaces/{ws}/usage").json()["bytes_used"]
+    assert size >= 8 << 20
+    def stored_entries():
+        found = [t for t in payer.transactions()
+                 if t["kind"] == "storage" and t["workspace_id"] == ws]
+        return found if len(found) >= 2 else None
+    entries = wait_for(stored_entries, timeout=20)  # two storage ticks
+    assert all(t["sandbox_id"] is None and t["amount_micro"] <= 0 for t in entries)
+    # the same entries through /v1/usage (up to the last one seen, as ticks go on meanwhile)
+    last = max(datetime.fromisoformat(t["timestamp"]) for t in entries)
+    usage = payer.http.get("/v1/usage", params={
+        "group_by": "sandbox", "to": (last + timedelta(microseconds=1)).isoformat()}).json()
+    [stored] = [i for i in usage["items"] if i["key"] == "workspaces"]
+    # GiB-hours follow the measured size, and the credits the rate (0.01 per GiB-hour, charged
+    # on the whole stored time, so rounded down once: within a micro-credit)
+    seconds = sum(float(t["description"].split(" stored for ")[1].split(" s")[0])
+                  for t in entries)
+    assert stored["workspace_gib_hours"] == pytest.approx(size / 2**30 * seconds / 3600,
+                                                          rel=0.01)
+    charged = round(stored["credits"] * MICRO)
+    assert abs(charged - int(stored["workspace_gib_hours"] * 10_000)) <= 1
+
+
 # ---------------------------------------------------------------------------- running out
 
 
