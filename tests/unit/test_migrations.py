@@ -62,3 +62,39 @@ def test_upgrade_from_0002_keeps_sandboxes_and_their_events(tmp_path):
                                               c.execute("PRAGMA foreign_key_list(sandboxes)")}
     tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"workspaces", "tasks", "task_events", "secret_bundles"} <= tables and not any(t.startswith("_alembic_tmp") for t in tables)
+
+
+def test_upgrading_to_credits_bills_none_of_the_feeds_history(tmp_path):
+    """Sandboxes that ran before credits existed are nobody's bill: metering starts at 0007."""
+    from e2a.billing.metering import Metering
+    from e2a.billing.rates import Rates
+    from e2a.config import Settings
+
+    path = tmp_path / "e2a.db"
+    engine = db.make_engine(f"sqlite+aiosqlite:///{path}")
+    _upgrade_to(engine, "0006")
+    c = sqlite3.connect(path)
+    c.execute("INSERT INTO users VALUES ('usr_1', 'a@example.com', 0, '2026-11-01')")
+    c.execute("INSERT INTO sandboxes (id, user_id, template, state, vcpu, cpu_fraction, "
+              "memory_mib, internet, metadata, env_vars, idle_timeout_seconds, "
+              "max_lifetime_seconds, slot, envd_token, created_at, expires_at) VALUES "
+              "('sbx_1', 'usr_1', 'standard', 'destroyed', 1, 0.5, 512, 1, '{}', '{}', 60, "
+              "7200, NULL, '', '2026-11-01', '2026-11-01')")
+    for old, new, at in ((None, "creating", "2026-11-01 10:00:00"),
+                         ("booting", "running", "2026-11-01 10:00:01"),
+                         ("stopping", "destroyed", "2026-11-01 12:00:00")):
+        c.execute("INSERT INTO sandbox_events (sandbox_id, from_state, to_state, reason, at) "
+                  "VALUES ('sbx_1', ?, ?, 'create', ?)", (old, new, at))
+    c.commit()
+    c.close()
+
+    async def go():
+        await db.migrate(engine)
+        settings = Settings(data_dir=tmp_path)
+        await Metering(db.sessionmaker(engine), settings, Rates.from_settings(settings)).tick()
+        await engine.dispose()
+    asyncio.run(go())
+
+    c = sqlite3.connect(path)
+    assert c.execute("SELECT count(*) FROM ledger WHERE kind = 'usage'").fetchone() == (0,)
+    assert c.execute("SELECT value FROM metering_cursor").fetchall() == [(3,)]

@@ -91,6 +91,10 @@ def upgrade() -> None:
         sa.Column("name", sa.String(32), primary_key=True),
         sa.Column("value", sa.Integer, nullable=False, server_default="0"),
     )
+    # Metering starts at the upgrade: the feed's history (sandboxes that ran before credits
+    # existed) is nobody's bill.
+    op.execute("INSERT INTO metering_cursor (name, value) "
+               "SELECT 'sandbox_events', COALESCE(MAX(id), 0) FROM sandbox_events")
     op.create_table(
         "purchases",
         sa.Column("id", sa.String(32), primary_key=True),
