@@ -6,7 +6,7 @@ CACHE   ?= /var/cache/e2a
 E2A_URL ?= http://127.0.0.1:8080
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: up deps venv build envd runsc rclone stripe-mock templates serve stop test test-unit test-guest test-e2e bench bench-templates bench-workspaces bench-agents bench-sessions openapi asyncapi clean
+.PHONY: up deps venv build envd runsc rclone stripe-mock templates serve stop test test-unit test-guest test-e2e bench bench-templates bench-workspaces bench-agents bench-sessions bench-billing openapi asyncapi clean
 
 up: build templates
 	@$(BIN)/e2a admin bootstrap
@@ -75,6 +75,9 @@ bench-agents: build templates
 
 bench-sessions: build templates
 	$(BIN)/python bench/sessions.py
+
+bench-billing: venv
+	$(BIN)/python bench/billing.py
 
 clean:
 	rm -rf build
