@@ -185,7 +185,7 @@ class Settings(BaseSettings):
     rate_gib_second: Decimal = Decimal("0.00045")
     rate_workspace_gib_hour: Decimal = Decimal("0.01")
     # How often running sandboxes are charged, and workspace storage.
-    metering_interval: float = Field(10.0, ge=0.2, le=300, allow_inf_nan=False)
+    metering_interval: float = Field(30.0, ge=0.2, le=300, allow_inf_nan=False)
     storage_metering_interval: float = Field(3600.0, ge=0.2, le=86400, allow_inf_nan=False)
     # How far below zero a balance may go before the user's sandboxes are ended (credits): a
     # running task is not cut by the last tick's rounding.

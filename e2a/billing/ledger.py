@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -61,6 +61,37 @@ async def post(db: AsyncSession, user_id: str, amount_micro: int, kind: str, des
         await db.execute(update(Account).where(Account.user_id == user_id)
                          .values(balance_micro=Account.balance_micro + amount_micro))
     return entry_id
+
+
+def entry(user_id: str, amount_micro: int, kind: str, description: str, *,
+          ref: str | None = None, sandbox_id: str | None = None, workspace_id: str | None = None,
+          template: str | None = None, vcpu_seconds: float = 0.0, gib_seconds: float = 0.0,
+          gib_hours: float = 0.0, at: datetime | None = None) -> dict:
+    """A row for `post_many` (every row has every column, as one INSERT needs)."""
+    assert kind in KINDS, kind
+    return {"id": new_id("txn"), "user_id": user_id, "amount_micro": amount_micro, "kind": kind,
+            "description": description[:300], "ref": ref, "sandbox_id": sandbox_id,
+            "workspace_id": workspace_id, "template": template, "vcpu_seconds": vcpu_seconds,
+            "gib_seconds": gib_seconds, "gib_hours": gib_hours, "actor": None,
+            "created_at": at or utcnow()}
+
+
+async def post_many(db: AsyncSession, rows: list[dict]) -> None:
+    """Append many entries (a metering tick's) in one INSERT, and move each user's balance by
+    their sum in one UPDATE per user. Refs must be new: a repeated one fails the whole
+    transaction (its caller holds the lock that makes them unique)."""
+    if not rows:
+        return
+    await db.execute(LedgerEntry.__table__.insert(), rows)
+    totals: dict[str, int] = {}
+    for row in rows:
+        totals[row["user_id"]] = totals.get(row["user_id"], 0) + row["amount_micro"]
+    moves = [{"uid": u, "amount": a} for u, a in totals.items() if a]
+    if moves:
+        table = Account.__table__
+        await db.execute(table.update().where(table.c.user_id == bindparam("uid"))
+                         .values(balance_micro=table.c.balance_micro + bindparam("amount")),
+                         moves)
 
 
 async def balance(db: AsyncSession, user_id: str) -> int:

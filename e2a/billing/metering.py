@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Awaitable, Callable
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.orm.attributes import set_committed_value
 
 from e2a.billing import ledger
 from e2a.billing.rates import GIB, Rates, compute_cost, vcpu_milli
 from e2a.sandboxes.records import aware
-from e2a.store.models import (MeteringCursor, Sandbox, SandboxEvent, SandboxMeter, StorageMeter,
+from e2a.store.models import (Account, MeteringCursor, Sandbox, SandboxEvent, SandboxMeter, StorageMeter,
                               Workspace)
 
 log = logging.getLogger("e2a.billing")
@@ -48,9 +47,10 @@ def ms_between(a: datetime, b: datetime) -> int:
 
 @dataclass
 class Tick:
-    """What one tick did: the users whose balance it moved."""
+    """What one tick did: the users whose balance it moved, and the ledger rows it posts."""
 
     charged: set[str] = field(default_factory=set)
+    entries: list[dict] = field(default_factory=list)
 
 
 class Metering:
@@ -100,39 +100,65 @@ class Metering:
     # ---- compute ----------------------------------------------------------------------------
 
     async def tick(self, now: datetime | None = None) -> Tick:
-        """Apply the feed's new events to the meters, then charge every meter up to `now`."""
+        """Apply the feed's new events to the meters, then charge every meter up to `now`: one
+        transaction, whose writes are a few statements however many sandboxes run (the meters'
+        marks in one executemany, the ledger rows in one insert, one balance update per user)."""
         async with self._lock:
             now = now or utcnow()
             tick = Tick()
             async with self.db() as db:
-                while await self._apply_events(db, now, tick):
+                cursor = await self._lock_billing(db)
+                while await self._apply_events(db, cursor, now, tick):
                     pass
                 await self._charge_open(db, now, tick)
+                await db.flush()
+                await ledger.post_many(db, tick.entries)
                 await db.commit()
             return tick
 
-    async def _apply_events(self, db: AsyncSession, now: datetime, tick: Tick) -> bool:
-        """One batch of the feed; True when there may be more."""
-        cursor = await db.get(MeteringCursor, "sandbox_events")
+    @staticmethod
+    async def _lock_billing(db: AsyncSession) -> MeteringCursor:
+        """The feed's cursor, locked for this transaction: tickers in other processes (replicas
+        on one PostgreSQL) wait here until this one commits, so nothing is charged twice
+        (SQLite has one writer anyway)."""
+        cursor = await db.scalar(select(MeteringCursor).where(
+            MeteringCursor.name == "sandbox_events").with_for_update())
         if cursor is None:
             cursor = MeteringCursor(name="sandbox_events", value=0)
             db.add(cursor)
+            await db.flush()
+        return cursor
+
+    async def _apply_events(self, db: AsyncSession, cursor: MeteringCursor, now: datetime,
+                            tick: Tick) -> bool:
+        """One batch of the feed; True when there may be more."""
         rows = (await db.execute(
             select(SandboxEvent, Sandbox).join(Sandbox, Sandbox.id == SandboxEvent.sandbox_id)
             .where(SandboxEvent.id > cursor.value).order_by(SandboxEvent.id).limit(BATCH))).all()
         if not rows:
             return False
+        ids = {sb.id for _, sb in rows}
         pooled = await self._pooled(db, {sb.id for ev, sb in rows if ev.to_state == "running"})
+        meters = {m.sandbox_id: m for m in (await db.execute(
+            select(SandboxMeter).where(SandboxMeter.sandbox_id.in_(ids)))).scalars()}
+        users = {sb.user_id for _, sb in rows if sb.user_id}
+        accounts = set((await db.execute(
+            select(Account.user_id).where(Account.user_id.in_(users)))).scalars())
         settled = cursor.value
         contiguous = True
         for ev, sb in rows:
-            await self._apply(db, ev, sb, sb.id in pooled, tick)
+            meter = self._apply(ev, sb, sb.id in pooled, meters.get(sb.id), tick)
+            if meter is not None and sb.id not in meters:
+                meters[sb.id] = meter
+                db.add(meter)
+                if meter.user_id not in accounts:  # a user from before accounts existed
+                    await ledger.ensure_account(db, meter.user_id, self.settings.free_credits)
+                    accounts.add(meter.user_id)
             if contiguous and aware(ev.at) <= now - SETTLE:
                 settled = ev.id
             else:
                 contiguous = False
         cursor.value = settled
-        await db.flush()
         return len(rows) == BATCH and settled == rows[-1][0].id
 
     @staticmethod
@@ -145,29 +171,27 @@ class Metering:
             SandboxEvent.reason == "warm_pool")
         return set((await db.execute(q)).scalars().all())
 
-    async def _apply(self, db: AsyncSession, ev: SandboxEvent, sb: Sandbox, pooled: bool,
-                     tick: Tick) -> None:
-        meter = await db.get(SandboxMeter, sb.id)
+    def _apply(self, ev: SandboxEvent, sb: Sandbox, pooled: bool, meter: SandboxMeter | None,
+               tick: Tick) -> SandboxMeter | None:
+        """One event applied to the sandbox's meter; returns the meter (a new one, unsaved,
+        when this event starts it)."""
         if meter is not None and ev.id <= meter.last_event_id:
-            return  # applied before (read again while the cursor waited for older ids)
+            return meter  # applied before (read again while the cursor waited for older ids)
         starts = ev.reason == "claimed" or (
             ev.to_state == "running" and ev.from_state == "booting" and not pooled)
         resumes = ev.to_state == "running" and ev.from_state == "paused"
         if meter is None:
             if not starts or sb.user_id is None:
-                return
-            await ledger.ensure_account(db, sb.user_id, self.settings.free_credits)
+                return None
             milli = vcpu_milli(sb.vcpu, sb.cpu_fraction)
-            meter = SandboxMeter(
+            return SandboxMeter(
                 sandbox_id=sb.id, user_id=sb.user_id, template=sb.template, vcpu_milli=milli,
                 memory_mib=sb.memory_mib, rate_num=self.rates.rate_num(milli, sb.memory_mib),
                 open_since=aware(ev.at), closed_ms=0, billed_ms=0, charged_micro=0,
                 last_event_id=ev.id, finished=False)
-            db.add(meter)
-            return
         meter.last_event_id = ev.id
         if meter.finished:
-            return
+            return meter
         if (starts or resumes) and meter.open_since is None:
             meter.open_since = aware(ev.at)
         elif ev.to_state in ("paused", "destroyed") and meter.open_since is not None:
@@ -175,7 +199,8 @@ class Metering:
             meter.open_since = None
         if ev.to_state == "destroyed":
             meter.finished = True
-            await self._charge(db, meter, meter.closed_ms, tick)
+            self._charge(meter, meter.closed_ms, tick)
+        return meter
 
     async def _charge_open(self, db: AsyncSession, now: datetime, tick: Tick) -> None:
         meters = (await db.execute(
@@ -191,47 +216,39 @@ class Metering:
                 meter.open_since, meter.finished = None, True
             total = meter.closed_ms + (ms_between(meter.open_since, now)
                                        if meter.open_since is not None else 0)
-            await self._charge(db, meter, total, tick)
+            self._charge(meter, total, tick)
 
-    async def _charge(self, db: AsyncSession, meter: SandboxMeter, total_ms: int,
-                      tick: Tick) -> None:
-        """Charge the meter up to `total_ms` of running, if that is more than it has paid."""
+    @staticmethod
+    def _charge(meter: SandboxMeter, total_ms: int, tick: Tick) -> None:
+        """Charge the meter up to `total_ms` of running, if that is more than it has paid:
+        its new mark (written with the tick) and the ledger row (posted with the tick)."""
         done_ms = meter.billed_ms
         if total_ms <= done_ms:
             return
         cost = compute_cost(total_ms, meter.rate_num)
         amount = cost - meter.charged_micro
         delta_ms = total_ms - done_ms
-        # The meter moves only from the mark this tick read: a second ticker (another replica)
-        # that got there first makes this one's transaction fail instead of charging twice.
-        moved = await db.execute(
-            update(SandboxMeter)
-            .where(SandboxMeter.sandbox_id == meter.sandbox_id,
-                   SandboxMeter.billed_ms == done_ms)
-            .values(billed_ms=total_ms, charged_micro=cost)
-            .execution_options(synchronize_session=False))
-        if moved.rowcount != 1:
-            raise RuntimeError(f"meter of {meter.sandbox_id} moved under this tick")
-        set_committed_value(meter, "billed_ms", total_ms)  # written by the UPDATE above
-        set_committed_value(meter, "charged_micro", cost)
+        meter.billed_ms, meter.charged_micro = total_ms, cost
         vcpu = meter.vcpu_milli / 1000
-        await ledger.post(
-            db, meter.user_id, -amount, "usage",
+        tick.entries.append(ledger.entry(
+            meter.user_id, -amount, "usage",
             f"{meter.template} sandbox {meter.sandbox_id}: {delta_ms / 1000:.3f} s at "
             f"{vcpu:g} vCPU and {meter.memory_mib} MiB",
             ref=f"usage:{meter.sandbox_id}:{total_ms}", sandbox_id=meter.sandbox_id,
             template=meter.template, vcpu_seconds=vcpu * delta_ms / 1000,
-            gib_seconds=meter.memory_mib / 1024 * delta_ms / 1000)
+            gib_seconds=meter.memory_mib / 1024 * delta_ms / 1000))
         tick.charged.add(meter.user_id)
 
     # ---- storage ----------------------------------------------------------------------------
 
     async def charge_storage(self, now: datetime | None = None) -> set[str]:
-        """Charge every workspace for its measured size since its last charge."""
+        """Charge every workspace for its measured size since its last charge (one transaction;
+        its writes batched as a compute tick's are)."""
         now = now or utcnow()
-        charged: set[str] = set()
+        tick = Tick()
         async with self._lock:
             async with self.db() as db:
+                await self._lock_billing(db)
                 rows = (await db.execute(
                     select(Workspace, StorageMeter)
                     .join(StorageMeter, StorageMeter.workspace_id == Workspace.id, isouter=True)
@@ -246,24 +263,18 @@ class Metering:
                     if ms <= 0:
                         continue
                     size = ws.bytes_used or 0
-                    byte_seconds = meter.byte_seconds + size * ms // 1000
-                    cost = self.rates.storage_cost(byte_seconds)
+                    meter.byte_seconds += size * ms // 1000
+                    cost = self.rates.storage_cost(meter.byte_seconds)
                     amount = cost - meter.charged_micro
-                    moved = await db.execute(
-                        update(StorageMeter)
-                        .where(StorageMeter.workspace_id == ws.id,
-                               StorageMeter.byte_seconds == meter.byte_seconds)
-                        .values(metered_at=now, byte_seconds=byte_seconds, charged_micro=cost)
-                        .execution_options(synchronize_session=False))
-                    if moved.rowcount != 1:
-                        raise RuntimeError(f"storage meter of {ws.id} moved under this tick")
+                    meter.metered_at, meter.charged_micro = now, cost
                     if size:
-                        gib_hours = size / GIB * ms / 3_600_000
-                        await ledger.post(
-                            db, ws.user_id, -amount, "storage",
-                            f"workspace {ws.id}: {size / GIB:.6f} GiB stored for {ms / 1000:.3f} s",
-                            ref=f"storage:{ws.id}:{int(now.timestamp() * 1000)}",
-                            workspace_id=ws.id, gib_hours=gib_hours)
-                        charged.add(ws.user_id)
+                        tick.entries.append(ledger.entry(
+                            ws.user_id, -amount, "storage",
+                            f"workspace {ws.id}: {size / GIB:.6f} GiB stored for "
+                            f"{ms / 1000:.3f} s", ref=f"storage:{ws.id}:{int(now.timestamp() * 1000)}",
+                            workspace_id=ws.id, gib_hours=size / GIB * ms / 3_600_000))
+                        tick.charged.add(ws.user_id)
+                await db.flush()
+                await ledger.post_many(db, tick.entries)
                 await db.commit()
-        return charged
+        return tick.charged
