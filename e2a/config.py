@@ -177,6 +177,10 @@ class Settings(BaseSettings):
     login_token_ttl: int = Field(3600, ge=60, le=86400)
     # Login codes one client address may ask for per 15 minutes (each email address: 5).
     login_per_client: int = Field(30, ge=1)
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto e2a believes (comma-separated addresses,
+    # e.g. "127.0.0.1" behind a local TLS proxy). Empty: none, so no client can pick the address
+    # that rate limits count (uvicorn's own default trusts 127.0.0.1).
+    trusted_proxies: str = ""
 
     # ---- credits (docs/billing.md) ----
     # 1 credit = 1 US cent. Rates are credits per unit, exact to 6 decimal places.

@@ -72,7 +72,8 @@ def serve(host: str | None, port: int | None) -> None:
         logging.getLogger(name).addFilter(RedactTokens())
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, loop="asyncio",
                 log_level="info", access_log=False, ws_max_size=WS_MAX_MESSAGE,
-                ws_max_queue=WS_MAX_QUEUE)
+                ws_max_queue=WS_MAX_QUEUE, proxy_headers=bool(settings.trusted_proxies),
+                forwarded_allow_ips=settings.trusted_proxies or None)
 
 
 @click.group()
