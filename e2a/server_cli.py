@@ -99,6 +99,9 @@ def bootstrap() -> None:
     if secret:
         click.echo("Your e2a API key (shown once, stored hashed):")
         click.echo(f"  export E2A_API_KEY={secret}")
+        click.echo(f"Its account (admin@localhost) has {settings.free_credits} free credits; add "
+                   "more with `e2a admin grant admin@localhost CREDITS --reason WHY` "
+                   "(docs/billing.md).")
     else:
         click.echo("e2a already has users; create more keys with `e2a admin create-key EMAIL`.")
 
