@@ -14,11 +14,13 @@ from decimal import Decimal
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from e2a.billing.rates import MICRO, Rates, compute_cost
 from e2a.config import Settings
 from e2a.sdk import E2A
 from tests import stripe_mock as sm
+from tests.e2e import sessions
 from tests.conftest import own_server, wait_for
 from tests.e2e.server import STRIPE_WEBHOOK_SECRET
 
@@ -234,6 +236,21 @@ def test_running_out_ends_the_users_sandboxes_after_flushing_their_workspace(ser
     assert keep.files.read_text(again["vm_id"], "/home/user/kept.txt") == \
         "written before the money ran out"
     keep.close()
+
+
+def test_running_out_ends_a_session_with_out_of_credits(payer):
+    ticket = sessions.create(payer.http, llm={"vendor": "anthropic", "model": sessions.MODEL,
+                                              "api_key": "sk-ant-billing-" + uuid.uuid4().hex})
+    conn = sessions.Conn(ticket)
+    payer.set_balance(-600_000, "ran out")
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            conn.recv(30)
+    assert closed.value.rcvd.code == 4000 and closed.value.rcvd.reason == "out_of_credits"
+    got = payer.http.get(f"/v1/sessions/{ticket['chat_session_id']}").json()
+    assert got["state"] == "ended" and got["end_reason"] == "out_of_credits"
+    sb = payer.http.get(f"/v1/sandboxes/{got['vm_id']}").json()
+    assert sb["state"] == "destroyed" and sb["end_reason"] == "out_of_credits"
 
 
 # ---------------------------------------------------------------------------- purchases
