@@ -39,17 +39,28 @@ Signing in needs no key: a code is mailed, and the login JWT it is traded for ma
     with E2A(api_key=tok.token) as account:
         key = account.create_api_key()          # key.key is e2a_live_..., shown this once
 
+Credits (1 credit = 1 US cent; docs/billing.md), with an API key or the login JWT:
+
+    client.billing.balance().credit_balance              # 99.87
+    for t in client.billing.iter_transactions():          # the whole ledger, newest first
+        print(t.timestamp, t.kind, t.amount, t.description)
+    client.billing.usage(group_by="sandbox").total.credits
+    print(client.billing.checkout(500).url)               # a Stripe Checkout page for 500 credits
+    # a create the balance cannot pay raises InsufficientCredits (402, an E2AError)
+
 ``AsyncE2A`` has the same methods as coroutines / async iterators.
 """
 
 from ._core import WaitTimeout
-from .async_client import AsyncE2A, AsyncFiles, AsyncSecrets
-from .client import E2A, Files, Secrets
-from .errors import E2AError, SessionDisconnected, SessionEnded, SessionError, SessionTakenOver
+from .async_client import AsyncBilling, AsyncE2A, AsyncFiles, AsyncSecrets
+from .client import E2A, Billing, Files, Secrets
+from .errors import (E2AError, InsufficientCredits, SessionDisconnected, SessionEnded, SessionError,
+                     SessionTakenOver)
 from .models import (CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, PresignedUrl, Sandbox,
                      SandboxEvent, SecretBundle, Session, SessionEvent, SessionReady, SessionTicket, Task,
                      TaskEvent, Tool, Workspace, WorkspaceFile, WorkspaceUsage)
 from .models import ApiKey, LoginCode, LoginToken, NewApiKey
+from .models import AutoTopup, Balance, Checkout, Transaction, Usage, UsageItem
 from .session import AsyncSessionConnection, SessionConnection
 
 __all__ = ["E2A", "AsyncE2A", "Files", "AsyncFiles", "E2AError", "Sandbox", "CommandEvent",
@@ -58,4 +69,5 @@ __all__ = ["E2A", "AsyncE2A", "Files", "AsyncFiles", "E2AError", "Sandbox", "Com
            "WaitTimeout", "Secrets", "AsyncSecrets", "SecretBundle", "Session", "SessionTicket",
            "SessionReady", "SessionEvent", "SessionConnection", "AsyncSessionConnection",
            "SessionError", "SessionEnded", "SessionTakenOver", "SessionDisconnected",
-           "LoginCode", "LoginToken", "NewApiKey", "ApiKey"]
+           "LoginCode", "LoginToken", "NewApiKey", "ApiKey", "Billing", "AsyncBilling", "Balance",
+           "AutoTopup", "Transaction", "Usage", "UsageItem", "Checkout", "InsufficientCredits"]

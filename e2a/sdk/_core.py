@@ -8,6 +8,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timezone
 from typing import Any, Callable
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
@@ -18,6 +19,7 @@ from .models import (CommandEvent, CommandInfo, CommandResult, FileEntry, LogLin
                      SandboxEvent, SecretBundle, Session, SessionTicket, Task, TaskEvent, Tool,
                      Workspace, WorkspaceFile, WorkspaceUsage)
 from .models import ApiKey, LoginCode, LoginToken, NewApiKey
+from .models import AutoTopup, Balance, Checkout, Transaction, Usage
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 CHUNK = 1 << 20  # upload/download piece size: bounded memory whatever the file size
@@ -711,6 +713,96 @@ def list_api_keys() -> Call:
 def revoke_api_key(key_id: Any) -> Call:
     kid = key_id if isinstance(key_id, str) else key_id.key_id  # an id, an ApiKey or a NewApiKey
     return Call("DELETE", "/v1/api-keys/" + quote(kid, safe=""), parse=ApiKey.from_dict)
+
+
+# ---------------------------------------------------------------- credits and billing
+
+
+def balance() -> Call:
+    return Call("GET", "/v1/billing/balance", parse=Balance.from_dict)
+
+
+def transactions(limit: int = 20, offset: int = 0) -> Call:
+    return Call("GET", "/v1/billing/transactions", params={"limit": int(limit), "offset": int(offset)},
+                parse=lambda d: [Transaction.from_dict(x) for x in d["transactions"]])
+
+
+def _when(value: Any) -> str | None:
+    """A usage window's end as the route takes it: a str as given; a date or datetime in ISO 8601
+    (a naive datetime is UTC to the server)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    raise E2AError(0, "invalid_time", f"a time is a str, date or datetime, not {type(value).__name__}")
+
+
+def usage(start: Any = None, end: Any = None, group_by: str = "day") -> Call:
+    return Call("GET", "/v1/usage", params=_drop_none({"from": _when(start), "to": _when(end),
+                                                       "group_by": group_by}),
+                parse=Usage.from_dict)
+
+
+def checkout(credit_amount: int) -> Call:
+    return Call("POST", "/v1/billing/checkout", json={"credit_amount": credit_amount},
+                parse=Checkout.from_dict)
+
+
+def auto_topup() -> Call:
+    return Call("GET", "/v1/billing/auto-topup", parse=AutoTopup.from_dict)
+
+
+def set_auto_topup(enabled: bool, threshold: int, credit_amount: int) -> Call:
+    return Call("PUT", "/v1/billing/auto-topup", json={
+        "enabled": bool(enabled), "threshold": threshold, "credit_amount": credit_amount},
+        parse=AutoTopup.from_dict)
+
+
+def topup_settings(enabled: bool, threshold: int | None, credit_amount: int | None,
+                   current: AutoTopup | None) -> Call:
+    """set_auto_topup's PUT (which replaces all three settings): a value left None is the saved
+    one (``current``, read first when any is None)."""
+    if current is not None:
+        threshold = current.threshold if threshold is None else threshold
+        credit_amount = current.credit_amount if credit_amount is None else credit_amount
+    return set_auto_topup(enabled, threshold, credit_amount)
+
+
+class TransactionPager:
+    """iter_transactions' pages, shared by both clients. The ledger is read newest first by
+    offset while entries keep arriving at its front (every metering tick), which pushes entries
+    already seen onto the next page: those are skipped. An entry is new when it is older than
+    the last one yielded, or as old but not yielded yet (entries of one tick share a time)."""
+
+    def __init__(self, limit: int = 100):
+        self.limit = int(limit)
+        self.offset = 0
+        self.last: datetime | None = None  # the time of the last entry yielded
+        self.at_last: set[str] = set()     # the ids yielded with that time
+        self.done = False
+
+    def call(self) -> Call:
+        return transactions(self.limit, self.offset)
+
+    def fresh(self, page: list[Transaction]) -> list[Transaction]:
+        """The entries of ``page`` not yielded before; ``done`` once the ledger's end is reached."""
+        self.offset += len(page)
+        self.done = len(page) < self.limit
+        out = []
+        for t in page:
+            at = _instant(t.timestamp)
+            if self.last is not None and (at > self.last or (at == self.last and t.id in self.at_last)):
+                continue
+            if at != self.last:
+                self.last, self.at_last = at, set()
+            self.at_last.add(t.id)
+            out.append(t)
+        return out
+
+
+def _instant(ts: str | None) -> datetime:
+    when = datetime.fromisoformat(ts.replace("Z", "+00:00")) if ts else datetime.min
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 # ---------------------------------------------------------------- PTY

@@ -9,6 +9,7 @@ import inspect
 import io
 import os
 import pathlib
+from datetime import date, datetime
 from typing import Any, AsyncIterator, BinaryIO, Callable, Iterable
 
 import httpx
@@ -21,6 +22,7 @@ from .models import (CommandEvent, CommandInfo, CommandResult, FileEntry, LogLin
                      SandboxEvent, SecretBundle, Session, SessionTicket, Task, TaskEvent, Tool, Workspace,
                      WorkspaceFile, WorkspaceUsage)
 from .models import ApiKey, LoginCode, LoginToken, NewApiKey
+from .models import AutoTopup, Balance, Checkout, Transaction, Usage
 from .session import AsyncSessionConnection
 
 WorkspaceSpec = Any  # True (the defaults) | {"app_id", "capset_id", "end_user_id"} | None
@@ -38,6 +40,7 @@ class AsyncE2A:
                                        timeout=api.DEFAULT_TIMEOUT, transport=transport)
         self.files = AsyncFiles(self)
         self.secrets = AsyncSecrets(self)
+        self.billing = AsyncBilling(self)
         # Presigned URLs are fetched without the API key (see E2A), by a client made on first use.
         self._transport = transport
         self._plain_http: httpx.AsyncClient | None = None
@@ -534,3 +537,38 @@ class AsyncSecrets:
 
     async def delete(self, name: str) -> None:
         await self._c._call(api.delete_secret(name))
+
+
+class AsyncBilling:
+    """Credits of ``AsyncE2A``: ``await client.billing.<op>(...)`` (see ``Billing``)."""
+
+    def __init__(self, client: AsyncE2A):
+        self._c = client
+
+    async def balance(self) -> Balance:
+        return await self._c._call(api.balance())
+
+    async def transactions(self, limit: int = 20, offset: int = 0) -> list[Transaction]:
+        return await self._c._call(api.transactions(limit, offset))
+
+    async def iter_transactions(self, *, limit: int = 100) -> AsyncIterator[Transaction]:
+        """``async for t in client.billing.iter_transactions()``: every entry, newest first."""
+        pager = api.TransactionPager(limit)
+        while not pager.done:
+            for t in pager.fresh(await self._c._call(pager.call())):
+                yield t
+
+    async def usage(self, start: str | date | datetime | None = None,
+                    end: str | date | datetime | None = None, group_by: str = "day") -> Usage:
+        return await self._c._call(api.usage(start, end, group_by))
+
+    async def checkout(self, credit_amount: int) -> Checkout:
+        return await self._c._call(api.checkout(credit_amount))
+
+    async def auto_topup(self) -> AutoTopup:
+        return await self._c._call(api.auto_topup())
+
+    async def set_auto_topup(self, enabled: bool, threshold: int | None = None,
+                             credit_amount: int | None = None) -> AutoTopup:
+        current = None if None not in (threshold, credit_amount) else await self.auto_topup()
+        return await self._c._call(api.topup_settings(enabled, threshold, credit_amount, current))

@@ -7,6 +7,7 @@ import io
 import os
 import pathlib
 import time
+from datetime import date, datetime
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import httpx
@@ -19,6 +20,7 @@ from .models import (CommandEvent, CommandInfo, CommandResult, FileEntry, LogLin
                      SandboxEvent, SecretBundle, Session, SessionTicket, Task, TaskEvent, Tool, Workspace,
                      WorkspaceFile, WorkspaceUsage)
 from .models import ApiKey, LoginCode, LoginToken, NewApiKey
+from .models import AutoTopup, Balance, Checkout, Transaction, Usage
 from .session import SessionConnection
 
 WorkspaceSpec = Any  # True (the defaults) | {"app_id", "capset_id", "end_user_id"} | None
@@ -30,7 +32,8 @@ class E2A:
     """``E2A(base_url=None, api_key=None)``; defaults come from ``E2A_URL`` and ``E2A_API_KEY``.
 
     Every per-sandbox method takes a vm_id (or a Sandbox) first. File operations live under
-    ``client.files``; the Sandbox objects returned carry bound shortcuts (``sb.run(...)``).
+    ``client.files``, secret bundles under ``client.secrets``, credits under ``client.billing``;
+    the Sandbox objects returned carry bound shortcuts (``sb.run(...)``).
     """
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
@@ -40,6 +43,7 @@ class E2A:
                                   timeout=api.DEFAULT_TIMEOUT, transport=transport)
         self.files = Files(self)
         self.secrets = Secrets(self)
+        self.billing = Billing(self)
         # Presigned URLs carry their own authority: they are fetched by a client without the API
         # key (and possibly at another host, the S3 store), made on first use.
         self._transport = transport
@@ -578,3 +582,49 @@ class Secrets:
 
     def delete(self, name: str) -> None:
         self._c._call(api.delete_secret(name))
+
+
+class Billing:
+    """Credits of ``E2A``: ``client.billing.<op>(...)`` (docs/billing.md). Takes an API key or
+    the login JWT. 1 credit = 1 US cent."""
+
+    def __init__(self, client: E2A):
+        self._c = client
+
+    def balance(self) -> Balance:
+        """The balance (credits and micro-credits) and auto top-up's settings."""
+        return self._c._call(api.balance())
+
+    def transactions(self, limit: int = 20, offset: int = 0) -> list[Transaction]:
+        """One page of the ledger, newest first (``limit`` at most 1000)."""
+        return self._c._call(api.transactions(limit, offset))
+
+    def iter_transactions(self, *, limit: int = 100) -> Iterator[Transaction]:
+        """Every entry of the ledger, newest first, fetched ``limit`` at a time as iteration
+        goes. Entries added meanwhile (at the front) are not returned, and push none out twice."""
+        pager = api.TransactionPager(limit)
+        while not pager.done:
+            yield from pager.fresh(self._c._call(pager.call()))
+
+    def usage(self, start: str | date | datetime | None = None, end: str | date | datetime | None = None,
+              group_by: str = "day") -> Usage:
+        """Credits spent over [``start``, ``end``) (default: the last 30 days; a naive datetime
+        is UTC), per ``group_by``: sandbox, template or day, with the total and the rates."""
+        return self._c._call(api.usage(start, end, group_by))
+
+    def checkout(self, credit_amount: int) -> Checkout:
+        """A Stripe Checkout page (``.url``) to buy ``credit_amount`` credits; they arrive when
+        Stripe confirms the payment. 400 below the server's minimum (default 500), 501
+        payments_not_configured on a server without Stripe."""
+        return self._c._call(api.checkout(credit_amount))
+
+    def auto_topup(self) -> AutoTopup:
+        return self._c._call(api.auto_topup())
+
+    def set_auto_topup(self, enabled: bool, threshold: int | None = None,
+                       credit_amount: int | None = None) -> AutoTopup:
+        """Charge the card saved by a checkout for ``credit_amount`` credits whenever the balance
+        falls below ``threshold`` credits; a value left None stays as saved. Saving lifts the hold
+        of a failed charge. 409 no_payment_method before any purchase."""
+        current = None if None not in (threshold, credit_amount) else self.auto_topup()
+        return self._c._call(api.topup_settings(enabled, threshold, credit_amount, current))

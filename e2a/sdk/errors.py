@@ -20,18 +20,31 @@ class E2AError(Exception):
         self.field = field
 
     def __repr__(self) -> str:
-        return f"E2AError(status={self.status!r}, code={self.code!r}, message={self.message!r}, field={self.field!r})"
+        return f"{type(self).__name__}(status={self.status!r}, code={self.code!r}, message={self.message!r}, field={self.field!r})"
+
+
+class InsufficientCredits(E2AError):
+    """402 ``insufficient_credits``: the balance cannot pay a new sandbox's (or session's) first
+    minute. The message says the balance and the price; buy credits (``client.billing.checkout``,
+    ``e2a credits buy``) or turn on auto top-up. An E2AError like any other: matching on
+    ``code`` works as well."""
+
+
+# Codes the server answers with that have a class of their own (all E2AErrors).
+ERRORS: dict[str, type[E2AError]] = {"insufficient_credits": InsufficientCredits}
 
 
 def error_from_response(resp: httpx.Response) -> E2AError:
-    """Build an E2AError from a 4xx/5xx response whose body has already been read.
+    """Build an E2AError from a 4xx/5xx response whose body has already been read (of the class
+    ``ERRORS`` names for its code, if any).
 
     Proxies and crashed servers do not always answer with the documented error JSON, so anything
     else is kept as ``http_<status>`` with the start of the body as message.
     """
     try:
         err = resp.json()["error"]
-        return E2AError(resp.status_code, str(err["code"]), str(err.get("message", "")), err.get("field"))
+        cls = ERRORS.get(str(err["code"]), E2AError)
+        return cls(resp.status_code, str(err["code"]), str(err.get("message", "")), err.get("field"))
     except (ValueError, KeyError, TypeError):
         text = resp.text.strip()[:500] or resp.reason_phrase
         return E2AError(resp.status_code, f"http_{resp.status_code}", text)

@@ -518,3 +518,138 @@ class ApiKey:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ApiKey":
         return _from_dict(cls, data)
+
+
+# ---------------------------------------------------------------- credits and billing
+
+
+@dataclass
+class AutoTopup:
+    """Auto top-up's settings (``GET /v1/billing/auto-topup``): when the balance falls below
+    ``threshold`` credits, the card saved by a checkout purchase is charged for
+    ``credit_amount`` credits. ``last_failure`` is ``{"at", "message"}`` of the last charge that
+    failed (no other is tried until the settings are saved again or credits are bought), or None."""
+
+    enabled: bool = False
+    threshold: int = 0
+    credit_amount: int = 0
+    payment_method_saved: bool = False
+    last_failure: dict[str, Any] | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AutoTopup":
+        return _from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class Balance:
+    """``GET /v1/billing/balance``: credits (1 credit = 1 US cent) as a float exact to 6 decimal
+    places, the same in integer micro-credits, and auto top-up's settings. Below 0 only within
+    the grace (docs/billing.md)."""
+
+    credit_balance: float = 0.0
+    credit_balance_micro: int = 0
+    auto_topup: AutoTopup = field(default_factory=AutoTopup)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Balance":
+        b = _from_dict(cls, data)
+        if isinstance(b.auto_topup, dict):
+            b.auto_topup = AutoTopup.from_dict(b.auto_topup)
+        return b
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"credit_balance": self.credit_balance, "credit_balance_micro": self.credit_balance_micro,
+                "auto_topup": self.auto_topup.to_dict()}
+
+
+@dataclass
+class Transaction:
+    """One entry of the account's ledger (``GET /v1/billing/transactions``), which is never
+    changed. ``kind``: grant, purchase, usage, storage, adjustment, refund or topup_failed;
+    ``amount`` in credits (negative for usage and storage), ``amount_micro`` the same exactly."""
+
+    id: str
+    amount: float = 0.0
+    amount_micro: int = 0
+    description: str = ""
+    timestamp: str | None = None
+    kind: str = ""
+    sandbox_id: str | None = None
+    workspace_id: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Transaction":
+        return _from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class UsageItem:
+    """One group of ``Usage``: ``key`` is the sandbox id, the template or the UTC day
+    (YYYY-MM-DD), ``"workspaces"`` for storage when grouped by sandbox or template, and
+    ``"total"`` for ``Usage.total``. Credits spent, and the vCPU-seconds, GiB-seconds and
+    workspace GiB-hours behind them."""
+
+    key: str = ""
+    credits: float = 0.0
+    vcpu_seconds: float = 0.0
+    gib_seconds: float = 0.0
+    workspace_gib_hours: float = 0.0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "UsageItem":
+        return _from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class Usage:
+    """``GET /v1/usage``: what was spent over [``start``, ``end``) (the route's ``from`` and
+    ``to``, UTC), grouped by ``group_by`` (sandbox, template or day), with the ``total`` and the
+    ``rates`` (credits per vcpu_second, gib_second and workspace_gib_hour)."""
+
+    start: str = ""
+    end: str = ""
+    group_by: str = ""
+    items: list[UsageItem] = field(default_factory=list)
+    total: UsageItem = field(default_factory=lambda: UsageItem(key="total"))
+    rates: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Usage":
+        return cls(start=data.get("from", ""), end=data.get("to", ""),
+                   group_by=data.get("group_by", ""),
+                   items=[UsageItem.from_dict(x) for x in data.get("items", [])],
+                   total=UsageItem.from_dict({**data.get("total", {}), "key": "total"}),
+                   rates=dict(data.get("rates", {})))
+
+    def to_dict(self) -> dict[str, Any]:
+        """As the route gives it (``from`` and ``to``)."""
+        total = self.total.to_dict()
+        del total["key"]
+        return {"from": self.start, "to": self.end, "group_by": self.group_by,
+                "items": [i.to_dict() for i in self.items], "total": total, "rates": dict(self.rates)}
+
+
+@dataclass
+class Checkout:
+    """``POST /v1/billing/checkout``: the Stripe Checkout page to pay at; the credits arrive when
+    Stripe tells e2a the payment succeeded (a ``purchase`` transaction)."""
+
+    url: str
+    purchase_id: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Checkout":
+        return _from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
