@@ -1,6 +1,7 @@
 """The ``e2a`` command line: ``main`` is the root click group.
 
-Client-side commands (``sandbox``, ``task``, ``files``, ``workspaces``, ``sessions``, ``secrets``) live here and talk to the server through ``e2a.sdk``.
+Client-side commands (``sandbox``, ``task``, ``files``, ``workspaces``, ``sessions``, ``secrets``,
+``credits``, ``login``, ``logout``) live here and talk to the server through ``e2a.sdk``.
 Server-side commands (``serve``, ``admin ...``) live in ``e2a.server_cli`` and are loaded only when
 one of them runs: help lists them by the names and short help in ``SERVER_COMMANDS``, so a client
 command (or ``--help``) never imports the server's dependencies (SQLAlchemy, FastAPI, uvicorn, ...).
@@ -74,14 +75,23 @@ class _Main(click.Group):
         try:
             return super().invoke(ctx)
         except E2AError as e:
-            _fail(e.code, e.message)
+            _fail(e.code, e.message, HINTS.get(e.code))
         except httpx.TransportError as e:
             url = ctx.obj.url if isinstance(ctx.obj, _State) else "?"
             _fail("connection_error", f"cannot reach the e2a server at {url}: {e}")
 
 
-def _fail(code: str, message: str) -> None:
+# What to do next, after the server's own message, for errors a CLI user can act on here.
+HINTS = {
+    "insufficient_credits": "see your balance with `e2a credits`; buy credits with `e2a credits buy CREDITS`",
+    "no_payment_method": "buy credits once with `e2a credits buy CREDITS`: its card is the one auto top-up charges",
+}
+
+
+def _fail(code: str, message: str, hint: str | None = None) -> None:
     click.echo(f"error: {code}: {message}", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
     sys.exit(1)
 
 
@@ -1486,6 +1496,151 @@ def secrets_rm(ctx, name):
     """Delete a bundle (sessions already started keep what they were given)."""
     _client(ctx).secrets.delete(name)
     click.echo(f"{name} deleted")
+
+
+# ====================================================================== credits
+
+
+@main.group("credits", invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the balance as JSON.")
+@click.pass_context
+def credits_group(ctx, as_json):
+    """Your credits (1 credit = 1 US cent): the balance, and with a subcommand the ledger,
+    usage, buying credits and auto top-up. Without one: the balance."""
+    if ctx.invoked_subcommand is not None:
+        return
+    b = _client(ctx).billing.balance()
+    if as_json:
+        return _print_json(b.to_dict())
+    click.echo(f"Balance: {_micro_credits(b.credit_balance_micro)} credits")
+    click.echo(f"Auto top-up: {_topup_state(b.auto_topup)}")
+    failed = b.auto_topup.last_failure
+    if failed:
+        click.echo(f"Last top-up failed at {_short_time(failed.get('at'))} UTC: {failed.get('message')}; "
+                   "none is tried again until the settings are saved (e2a credits auto-topup --enable) "
+                   "or credits are bought")
+
+
+def _micro_credits(micro: int) -> str:
+    """1234567 -> 1.234567, -500000 -> -0.5: exact, no trailing zeros."""
+    sign, micro = ("-" if micro < 0 else ""), abs(micro)
+    whole, frac = divmod(micro, 1_000_000)
+    return f"{sign}{whole:,}" + (f".{frac:06d}".rstrip("0") if frac else "")
+
+
+def _credits(value: float) -> str:
+    """A credit amount as the server gives it (exact to 6 decimal places), without float noise."""
+    return _micro_credits(round(value * 1_000_000))
+
+
+def _topup_state(t) -> str:
+    card = "a card is saved" if t.payment_method_saved else "no card saved yet (buy credits once first)"
+    if not t.enabled:
+        return f"off ({card})"
+    return f"on: {t.credit_amount:,} credits whenever the balance falls below {t.threshold:,} ({card})"
+
+
+@credits_group.command("transactions")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True,
+              help="How many, newest first.")
+@click.option("--offset", type=click.IntRange(0), default=0, help="Skip this many of the newest.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def credits_transactions(ctx, limit, offset, as_json):
+    """Your ledger, newest first: grants, purchases, usage, storage, adjustments."""
+    rows = _client(ctx).billing.transactions(limit=limit, offset=offset)
+    if as_json:
+        return _print_json([t.to_dict() for t in rows])
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    table.add_column("TIME (UTC)", no_wrap=True)
+    table.add_column("KIND", no_wrap=True)
+    table.add_column("AMOUNT", justify="right", no_wrap=True)
+    table.add_column("DESCRIPTION", overflow="fold")
+    for t in rows:
+        table.add_row(_short_time(t.timestamp), t.kind, _micro_credits(t.amount_micro), t.description)
+    _console().print(table)
+
+
+@credits_group.command("usage")
+@click.option("--from", "start", metavar="WHEN", help="Start, inclusive: a date or time in ISO 8601 "
+              "(2026-11-01, 2026-11-01T12:00:00Z; UTC unless it says). Default: 30 days before --to.")
+@click.option("--to", "end", metavar="WHEN", help="End, exclusive. Default: now.")
+@click.option("--by", "group_by", type=click.Choice(["sandbox", "template", "day"]), default="day",
+              show_default=True, help="One row per sandbox, template or UTC day.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def credits_usage(ctx, start, end, group_by, as_json):
+    """Credits spent, with the vCPU-seconds, GiB-seconds and workspace GiB-hours behind them."""
+    u = _client(ctx).billing.usage(start, end, group_by)
+    if as_json:
+        return _print_json(u.to_dict())
+    from rich.table import Table
+
+    click.echo(f"From {_short_time(u.start)} to {_short_time(u.end)} UTC")
+    if not u.items:
+        click.echo("Nothing spent in this window.")
+        return
+    table = Table(box=None, header_style="bold", show_footer=True, footer_style="bold")
+    total = u.total
+    table.add_column(group_by.upper(), "TOTAL", no_wrap=True)
+    for head, value in (("CREDITS", _credits(total.credits)), ("VCPU-S", _amount(total.vcpu_seconds)),
+                        ("GIB-S", _amount(total.gib_seconds)),
+                        ("GIB-H", _amount(total.workspace_gib_hours))):
+        table.add_column(head, value, justify="right", no_wrap=True)
+    for i in u.items:
+        table.add_row(i.key, _credits(i.credits), _amount(i.vcpu_seconds), _amount(i.gib_seconds),
+                      _amount(i.workspace_gib_hours))
+    _console().print(table)
+
+
+def _amount(value: float) -> str:
+    """3 decimals, 6 below 1 (GiB-hours of a small workspace), never float noise."""
+    if value == 0:
+        return "0"
+    text = f"{value:,.3f}" if abs(value) >= 1 else f"{value:.6f}"
+    return text.rstrip("0").rstrip(".")
+
+
+@credits_group.command("buy")
+@click.argument("credit_amount", metavar="CREDITS", type=click.IntRange(1))
+@click.pass_context
+def credits_buy(ctx, credit_amount):
+    """Buy CREDITS credits (1 credit = 1 US cent): prints the Stripe Checkout page to pay at.
+    The credits arrive once Stripe confirms the payment; the card is kept for auto top-up."""
+    c = _client(ctx).billing.checkout(credit_amount)
+    click.echo(c.url)
+    click.echo(f"Open this page to pay for {credit_amount:,} credits (purchase {c.purchase_id}); they "
+               "arrive once Stripe confirms the payment (see e2a credits).", err=True)
+
+
+@credits_group.command("auto-topup")
+@click.option("--enable/--disable", "enabled", default=None, help="Turn auto top-up on or off.")
+@click.option("--threshold", type=click.IntRange(0, 1_000_000), metavar="CREDITS",
+              help="Top up whenever the balance falls below this.")
+@click.option("--amount", type=click.IntRange(0, 1_000_000), metavar="CREDITS",
+              help="Credits bought by each top-up (at least the server's checkout minimum).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def credits_auto_topup(ctx, enabled, threshold, amount, as_json):
+    """Show auto top-up's settings, or change them: the card saved by a purchase (e2a credits
+    buy) is charged for --amount credits whenever the balance falls below --threshold. What is
+    not given stays as it is; saving again lifts the hold of a failed charge."""
+    billing = _client(ctx).billing
+    if enabled is None and threshold is None and amount is None:
+        t = billing.auto_topup()
+    else:
+        current = billing.auto_topup()
+        t = billing.set_auto_topup(current.enabled if enabled is None else enabled,
+                                   current.threshold if threshold is None else threshold,
+                                   current.credit_amount if amount is None else amount)
+    if as_json:
+        return _print_json(t.to_dict())
+    click.echo(f"Auto top-up: {_topup_state(t)}")
+    if t.last_failure:
+        click.echo(f"Last top-up failed at {_short_time(t.last_failure.get('at'))} UTC: "
+                   f"{t.last_failure.get('message')}")
 
 
 if __name__ == "__main__":
