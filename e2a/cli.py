@@ -1534,7 +1534,7 @@ def _credits(value: float) -> str:
 
 
 def _topup_state(t) -> str:
-    card = "a card is saved" if t.payment_method_saved else "no card saved yet (buy credits once first)"
+    card = "a card is saved" if t.payment_method_saved else "no card saved: buying credits once saves one"
     if not t.enabled:
         return f"off ({card})"
     return f"on: {t.credit_amount:,} credits whenever the balance falls below {t.threshold:,} ({card})"

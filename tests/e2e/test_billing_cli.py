@@ -214,7 +214,7 @@ def test_cli_credits_end_to_end(account):
     r = account.cli("credits")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["Balance: 100 credits",
-                                     "Auto top-up: off (no card saved yet (buy credits once first))"]
+                                     "Auto top-up: off (no card saved: buying credits once saves one)"]
     assert json.loads(account.cli("credits", "--json").stdout)["credit_balance_micro"] == 100 * MICRO
 
     vm, cost = ran_for_a_moment(account)
@@ -264,7 +264,7 @@ def test_cli_credits_end_to_end(account):
     assert r.stderr.splitlines()[1].startswith("hint: buy credits once with `e2a credits buy CREDITS`")
     r = account.cli("credits", "auto-topup", "--threshold", "70", "--amount", "800")
     assert r.returncode == 0, r.stderr
-    assert r.stdout == "Auto top-up: off (no card saved yet (buy credits once first))\n"
+    assert r.stdout == "Auto top-up: off (no card saved: buying credits once saves one)\n"
     shown = json.loads(account.cli("credits", "auto-topup", "--json").stdout)
     assert (shown["enabled"], shown["threshold"], shown["credit_amount"]) == (False, 70, 800)
     assert account.client.billing.auto_topup().threshold == 70

@@ -407,7 +407,7 @@ def test_cli_balance(cli_fake):
     r = run_cli("credits")
     assert r.exit_code == 0, r.output
     assert r.stdout.splitlines() == ["Balance: 99.873 credits",
-                                     "Auto top-up: off (no card saved yet (buy credits once first))"]
+                                     "Auto top-up: off (no card saved: buying credits once saves one)"]
     cli_fake.micro = -12_345
     cli_fake.topup = {"enabled": True, "threshold": 1000, "credit_amount": 2500, "payment_method_saved": True,
                       "last_failure": {"at": "2026-03-01T12:00:00.123+00:00", "message": "Your card was declined."}}
@@ -473,7 +473,7 @@ def test_cli_buy(cli_fake):
 def test_cli_auto_topup(cli_fake):
     r = run_cli("credits", "auto-topup")
     assert r.exit_code == 0 and [q["method"] for q in cli_fake.api(path="/v1/billing/auto-topup")] == ["GET"]
-    assert r.stdout == "Auto top-up: off (no card saved yet (buy credits once first))\n"
+    assert r.stdout == "Auto top-up: off (no card saved: buying credits once saves one)\n"
     r = run_cli("credits", "auto-topup", "--enable", "--threshold", "100", "--amount", "500")
     assert r.exit_code == 1
     assert r.stderr.splitlines() == [
