@@ -26,6 +26,12 @@ def to_credits(micro: int) -> float:
     return round(micro / MICRO, 6)
 
 
+def show(micro: int) -> str:
+    """Credits for a message: exact, without trailing zeros (0, 0.0555, 99.999075)."""
+    text = f"{Decimal(micro) / MICRO:f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 @dataclass(frozen=True)
 class Rates:
     vcpu_second: int          # micro-credits per vCPU-second

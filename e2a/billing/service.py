@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from e2a.billing import ledger
 from e2a.billing.metering import Metering
-from e2a.billing.rates import MICRO, Rates, to_credits, to_micro, vcpu_milli
+from e2a.billing.rates import MICRO, Rates, show, to_credits, to_micro, vcpu_milli
 from e2a.billing.stripe_gateway import StripeGateway, StripeUnavailable, WebhookRejected
 from e2a.ids import new_id
 from e2a.sandboxes.host import Catalog, SandboxHost
@@ -102,8 +102,8 @@ class Billing:
         if have < need:
             raise BillingError(
                 402, "insufficient_credits",
-                f"your balance is {to_credits(have)} credits; the first minute of a {template} "
-                f"sandbox costs {to_credits(need)}. Buy credits (POST /v1/billing/checkout) or "
+                f"your balance is {show(have)} credits; the first minute of a {template} "
+                f"sandbox costs {show(need)}. Buy credits (POST /v1/billing/checkout) or "
                 "turn on auto top-up")
 
     # ---- what the user sees -----------------------------------------------------------------

@@ -208,7 +208,7 @@ def test_a_balance_that_cannot_pay_the_first_minute_is_402(server, payer):
     assert r.status_code == 402, r.text
     err = r.json()["error"]
     assert err["code"] == "insufficient_credits"
-    assert "0.0555" in err["message"] and "balance is 0" in err["message"]
+    assert "balance is 0 credits" in err["message"] and "costs 0.0555." in err["message"]
     r = payer.http.post("/v1/sessions", json={"user_id": "u1", "agent": {"kind": "deictic"},
                                               "llm": {"vendor": "anthropic",
                                                       "api_key": "sk-test-1234567890"}})
