@@ -32,8 +32,8 @@ def _api(exc: AccountError) -> ApiError:
 
 
 def _client(request: Request) -> str | None:
-    # The peer's address; behind a reverse proxy uvicorn takes it from X-Forwarded-For when the
-    # proxy is trusted (FORWARDED_ALLOW_IPS, default 127.0.0.1).
+    # The peer's address; behind a reverse proxy uvicorn takes it from X-Forwarded-For when
+    # E2A_TRUSTED_PROXIES names that proxy (by default no proxy is believed).
     return request.client.host if request.client else None
 
 
