@@ -204,6 +204,29 @@ def _revoke_saved(saved: dict[str, str]) -> None:
         c.revoke_api_key(saved["key_id"])
 
 
+def _server_url(ctx: click.Context) -> str:
+    url = ctx.find_object(_State).url or os.environ.get("E2A_URL") or "http://127.0.0.1:8080"
+    return url.rstrip("/")
+
+
+def _sign_in(url: str, email: str | None):
+    """The sign-in flow: a code mailed to the address, typed in here; the login token. Prompts
+    and notices go to stderr: stdout is the command's own output (--json)."""
+    email = (email or click.prompt("Email", err=True)).strip()
+    sent = E2A.login(email, url)
+    click.echo(sent.message[:1].upper() + sent.message[1:] + "." if sent.message
+               else f"A login code was sent to {sent.email}.", err=True)
+    for attempt in range(3):
+        code = click.prompt("Code", err=True).strip()
+        try:
+            return E2A.verify_otp(sent.email, code, url)
+        except E2AError as e:
+            if e.code != "invalid_code" or attempt == 2:
+                raise
+            click.echo("That code is wrong or expired; try again (or run e2a login for a new one).",
+                       err=True)
+
+
 @main.command("login")
 @click.option("--email", help="Your email address (asked for when not given).")
 @click.pass_context
@@ -214,22 +237,8 @@ def login_cmd(ctx: click.Context, email: str | None) -> None:
     ~/.config/e2a/credentials, mode 0600) and used whenever E2A_API_KEY is not set. Logging in
     again replaces (and revokes) the saved key.
     """
-    url = ctx.find_object(_State).url or os.environ.get("E2A_URL") or "http://127.0.0.1:8080"
-    url = url.rstrip("/")
-    email = (email or click.prompt("Email")).strip()
-    sent = E2A.login(email, url)
-    click.echo(sent.message[:1].upper() + sent.message[1:] + "." if sent.message
-               else f"A login code was sent to {sent.email}.")
-    for attempt in range(3):
-        code = click.prompt("Code").strip()
-        try:
-            token = E2A.verify_otp(sent.email, code, url)
-            break
-        except E2AError as e:
-            if e.code != "invalid_code" or attempt == 2:
-                raise
-            click.echo("That code is wrong or expired; try again (or run e2a login for a new one).",
-                       err=True)
+    url = _server_url(ctx)
+    token = _sign_in(url, email)
     with E2A(url, token.token) as account:
         key = account.create_api_key()
     old = _load_credentials()
@@ -1621,20 +1630,28 @@ def credits_buy(ctx, credit_amount):
               help="Top up whenever the balance falls below this.")
 @click.option("--amount", type=click.IntRange(0, 1_000_000), metavar="CREDITS",
               help="Credits bought by each top-up (at least the server's checkout minimum).")
+@click.option("--email", help="Your email address, to sign in (changes need it; asked for when "
+              "not given and not saved by e2a login).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def credits_auto_topup(ctx, enabled, threshold, amount, as_json):
+def credits_auto_topup(ctx, enabled, threshold, amount, email, as_json):
     """Show auto top-up's settings, or change them: the card saved by a purchase (e2a credits
     buy) is charged for --amount credits whenever the balance falls below --threshold. What is
-    not given stays as it is; saving again lifts the hold of a failed charge."""
+    not given stays as it is; saving again lifts the hold of a failed charge. A change charges
+    your card without you, so it takes a sign-in (a code mailed to you), not the API key."""
     billing = _client(ctx).billing
     if enabled is None and threshold is None and amount is None:
         t = billing.auto_topup()
     else:
         current = billing.auto_topup()
-        t = billing.set_auto_topup(current.enabled if enabled is None else enabled,
-                                   current.threshold if threshold is None else threshold,
-                                   current.credit_amount if amount is None else amount)
+        url = _client(ctx).base_url  # the server just read: --url, E2A_URL or e2a login's
+        saved = _load_credentials() or {}
+        token = _sign_in(url, email or (saved.get("email") if saved.get("url") == url else None))
+        with E2A(url, token.token) as account:
+            t = account.billing.set_auto_topup(
+                current.enabled if enabled is None else enabled,
+                current.threshold if threshold is None else threshold,
+                current.credit_amount if amount is None else amount)
     if as_json:
         return _print_json(t.to_dict())
     click.echo(f"Auto top-up: {_topup_state(t)}")

@@ -4,6 +4,7 @@ Stripe's signature instead (the request guard lets it through without credential
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime, timedelta, timezone
 from typing import Literal
 
@@ -11,7 +12,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from e2a.api.deps import account_user
+from e2a.api.deps import account_user, login_user
 from e2a.api.errors import ApiError
 from e2a.auth import Caller
 from e2a.billing.service import Billing, BillingError, TopupConfig
@@ -19,22 +20,28 @@ from e2a.billing.service import Billing, BillingError, TopupConfig
 router = APIRouter(tags=["billing"])
 
 MAX_WEBHOOK = 1024 * 1024  # Stripe's events are a few KB
+EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
+LATEST = datetime(9998, 12, 31, tzinfo=timezone.utc)
 
 
 def billing(request: Request) -> Billing:
     return request.app.state.billing
 
 
-async def require_funds(request: Request, user_id: str, template: str) -> None:
-    """402 `insufficient_credits` when the user cannot pay a new sandbox's first minute."""
+@contextlib.asynccontextmanager
+async def funds_for(request: Request, user_id: str, template: str):
+    """Around a create: 402 `insufficient_credits` unless the user's balance pays a minute of
+    it and of their other sandboxes (Billing.funds_for)."""
     try:
-        await request.app.state.billing.require_funds(user_id, template)
+        async with request.app.state.billing.funds_for(user_id, template):
+            yield
     except BillingError as exc:
         raise _api(exc) from None
 
 
 def _api(exc: BillingError) -> ApiError:
-    return ApiError(exc.status, exc.code, exc.message, exc.field)
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return ApiError(exc.status, exc.code, exc.message, exc.field, headers)
 
 
 class AutoTopupFailure(BaseModel):
@@ -145,11 +152,18 @@ def _when(value: str | None, name: str, default: datetime) -> datetime:
         return default
     try:
         when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        # UTC, as the ledger's times are stored (SQLite keeps no offset); the window's default
+        # start is 30 days before its end, so both must leave room for that
+        when = when.astimezone(timezone.utc) if when.tzinfo else when.replace(tzinfo=timezone.utc)
+        if not EARLIEST <= when <= LATEST:
+            raise OverflowError
     except ValueError:
         raise ApiError(400, "invalid_field", f"{name} must be an ISO 8601 date or time, such "
                        "as 2026-11-01 or 2026-11-01T12:00:00Z", name) from None
-    # UTC, as the ledger's times are stored (SQLite keeps no offset)
-    return when.astimezone(timezone.utc) if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    except OverflowError:
+        raise ApiError(400, "invalid_field", f"{name} must be between the years 1970 and 9998",
+                       name) from None
+    return when
 
 
 @router.get("/v1/usage", response_model=UsageOut, response_model_by_alias=True,
@@ -170,7 +184,7 @@ async def usage(from_: str | None = Query(None, alias="from", max_length=40,
 
 
 @router.post("/v1/billing/checkout", response_model=CheckoutOut,
-             responses={400: {}, 401: {}, 501: {}, 503: {}})
+             responses={400: {}, 401: {}, 429: {}, 501: {}, 503: {}})
 async def checkout(req: Checkout, request: Request, user: Caller = Depends(account_user),
                    b: Billing = Depends(billing)):
     """A Stripe Checkout page for `credit_amount` credits; they arrive when Stripe's webhook
@@ -210,10 +224,11 @@ async def get_auto_topup(user: Caller = Depends(account_user), b: Billing = Depe
 
 @router.put("/v1/billing/auto-topup", response_model=AutoTopupOut,
             responses={400: {}, 401: {}, 409: {}, 501: {}})
-async def put_auto_topup(req: AutoTopupIn, user: Caller = Depends(account_user),
+async def put_auto_topup(req: AutoTopupIn, user: Caller = Depends(login_user),
                          b: Billing = Depends(billing)):
     """When the balance falls below `threshold`, charge the card saved by a checkout for
-    `credit_amount` credits. A declined charge is shown here and in the transactions, and no
+    `credit_amount` credits. Takes the login JWT only: these settings charge the card without
+    its owner, so a leaked API key must not be able to change them. A declined charge is shown here and in the transactions, and no
     other is tried until these settings are saved again or credits are bought."""
     try:
         return await b.set_topup(user.id, TopupConfig(req.enabled, req.threshold,

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
-from e2a.api.billing import require_funds
+from e2a.api.billing import funds_for
 from e2a.api.deps import catalog, current_user, host, owned_sandbox
 from e2a.api.errors import ApiError
 from e2a.api.schemas import (CreateSandbox, SandboxEventsOut, SandboxOut, reserved_env_key)
@@ -60,13 +60,20 @@ async def create_sandbox(request: Request, req: CreateSandbox,
                        f"template {req.template!r} is not available on this e2a "
                        f"(available: {', '.join(recipes.available())})", "template")
     params = _template_params(req)
-    await require_funds(request, user.id, req.template)
+    spec = CreateSpec(
+        user_id=user.id, template=req.template, env_vars=req.env_vars, metadata=req.metadata,
+        idle_timeout=idle, max_lifetime=req.max_lifetime_seconds, internet=req.internet,
+        params=params, workspace=_workspace_scope(req, user))
+    async with funds_for(request, user.id, req.template):
+        rec = await _create(sandboxes, spec)
+    if agent is not None:
+        await _start_agent(request, rec, agent, req.task)
+    return out(rec)
+
+
+async def _create(sandboxes: SandboxHost, spec: CreateSpec) -> SandboxRecord:
     try:
-        rec = await sandboxes.create(CreateSpec(
-            user_id=user.id, template=req.template, env_vars=req.env_vars,
-            metadata=req.metadata, idle_timeout=idle, max_lifetime=req.max_lifetime_seconds,
-            internet=req.internet, params=params,
-            workspace=_workspace_scope(req, user)))
+        return await sandboxes.create(spec)
     except NoCapacity as exc:
         raise ApiError(409, "no_capacity", str(exc)) from exc
     except UserLimit as exc:
@@ -79,9 +86,6 @@ async def create_sandbox(request: Request, req: CreateSandbox,
         raise ApiError(503, "runtime_unavailable", str(exc)) from exc
     except CreateFailed as exc:
         raise ApiError(503, "create_failed", str(exc)) from exc
-    if agent is not None:
-        await _start_agent(request, rec, agent, req.task)
-    return out(rec)
 
 
 async def _start_agent(request: Request, rec: SandboxRecord, agent, task: str | None) -> None:

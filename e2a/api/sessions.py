@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Query, Request, WebSocket
 from pydantic import ValidationError
 
 from e2a.agents.tasks import TaskConflict
-from e2a.api.billing import require_funds
+from e2a.api.billing import funds_for
 from e2a.api.tasks import MAX_SEQ
 from e2a.api import session_protocol as proto
 from e2a.api.deps import bearer, current_user
@@ -103,12 +103,14 @@ async def create_session(request: Request, req: CreateSession,
                        api_key=req.llm.api_key),
         secrets=req.secrets, ttl=req.ttl_seconds, system_prompt=req.system_prompt,
         metadata=req.metadata)
-    if req.template in recipes.available():  # an unknown one is the service's 400
-        await require_funds(request, user.id, req.template)
-    try:
-        row, token = await sessions(request).create(spec)
-    except SessionError as exc:
-        raise _api_error(exc) from None
+    # (an unknown template is the service's 400)
+    funds = funds_for(request, user.id, req.template) if req.template in recipes.available() \
+        else contextlib.nullcontext()
+    async with funds:
+        try:
+            row, token = await sessions(request).create(spec)
+        except SessionError as exc:
+            raise _api_error(exc) from None
     return SessionTicket(chat_session_id=row.id, jwt=token,
                          connect_url=connect_url(request, row.id), expires_at=row.expires_at)
 

@@ -5,6 +5,7 @@ and admin grants (docs/billing.md)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -30,7 +31,10 @@ log = logging.getLogger("e2a.billing")
 MAX_PURCHASE = 1_000_000        # credits in one purchase ($10,000)
 STRIPE_RETRY = 300.0            # seconds before an auto top-up is tried again after Stripe was
                                 # unreachable (a declined card waits for the user instead)
-PENDING_FOR = timedelta(hours=24)  # an auto top-up Stripe never answered stops holding others
+DAY = timedelta(hours=24)
+CHECKOUTS_PER_HOUR = 30        # Checkout pages one user may open per hour
+MAX_TOPUPS = 10                 # auto top-ups per user per 24 hours, whatever their outcome
+MAX_TOPUP_FAILURES = 2          # failed ones per 24 hours (each save of the settings retries)
 
 
 def _text(value) -> str | None:
@@ -39,9 +43,11 @@ def _text(value) -> str | None:
 
 
 class BillingError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 retry_after: int | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.field = status, code, message, field
+        self.retry_after = retry_after
 
 
 def utcnow() -> datetime:
@@ -66,6 +72,8 @@ class Billing:
         self.rates = Rates.from_settings(settings)
         self.grace = to_micro(settings.credit_grace)
         self.metering = Metering(sessions, settings, self.rates, on_charged=self.after_charge)
+        self._held: dict[str, int] = {}         # a minute of each create under way, per user
+        self._funds_locks: dict[str, asyncio.Lock] = {}
         self._ending: set[str] = set()          # sandboxes being ended for credits
         self._topping: set[str] = set()         # users with a top-up under way here
         self._stripe_down_until: dict[str, float] = {}
@@ -95,16 +103,37 @@ class Billing:
         return 60 * self.rates.per_second(vcpu_milli(recipe.vcpu, recipe.cpu_fraction),
                                           recipe.memory_mib)
 
-    async def require_funds(self, user_id: str, template: str) -> None:
-        """402 when the balance cannot pay for a new sandbox's first minute."""
+    @contextlib.asynccontextmanager
+    async def funds_for(self, user_id: str, template: str):
+        """Around a create: 402 `insufficient_credits` unless the balance pays a minute of the
+        new sandbox and of every sandbox the user already runs or is creating; that minute is
+        held while the create runs, so creates sent at once cannot all pass one check."""
         need = self.first_minute(template)
-        have = (await self.account(user_id)).balance_micro
-        if have < need:
-            raise BillingError(
-                402, "insufficient_credits",
-                f"your balance is {show(have)} credits; the first minute of a {template} "
-                f"sandbox costs {show(need)}. Buy credits (POST /v1/billing/checkout) or "
-                "turn on auto top-up")
+        async with self._funds_locks.setdefault(user_id, asyncio.Lock()):
+            have = (await self.account(user_id)).balance_micro
+            running = sum(60 * self.rates.per_second(vcpu_milli(r.vcpu, r.cpu_fraction),
+                                                     r.memory_mib)
+                          for r in await self.catalog.list(user_id)
+                          if r.state not in ("paused", "stopping", "destroyed"))
+            held = self._held.get(user_id, 0)
+            if have < need + running + held:
+                others = (f" and a minute of the {show(running + held)} credits' worth of "
+                          "sandboxes you already have" if running + held else "")
+                raise BillingError(
+                    402, "insufficient_credits",
+                    f"your balance is {show(have)} credits; the first minute of a {template} "
+                    f"sandbox costs {show(need)}{others}. Buy credits (POST "
+                    "/v1/billing/checkout) or turn on auto top-up")
+            self._held[user_id] = held + need
+        try:
+            yield
+        finally:  # created (now in the catalog, counted as running) or failed
+            left = self._held.get(user_id, 0) - need
+            if left > 0:
+                self._held[user_id] = left
+            else:
+                self._held.pop(user_id, None)
+                self._funds_locks.pop(user_id, None)
 
     # ---- what the user sees -----------------------------------------------------------------
 
@@ -182,8 +211,16 @@ class Billing:
         for acct in accts:
             if acct.balance_micro < -self.grace:
                 await self._end_sandboxes(acct.user_id)
-            if (acct.topup_enabled and acct.balance_micro < acct.topup_threshold * MICRO
-                    and acct.topup_failed_at is None and acct.user_id not in self._topping):
+            if not acct.topup_enabled:
+                continue
+            below = acct.balance_micro < acct.topup_threshold * MICRO
+            if not below and not acct.topup_armed:  # back over the threshold: the next fall tops up
+                async with self.db() as db:
+                    await db.execute(update(Account).where(Account.user_id == acct.user_id)
+                                     .values(topup_armed=True))
+                    await db.commit()
+            elif (below and acct.topup_armed and acct.topup_failed_at is None
+                  and acct.user_id not in self._topping):
                 self._topping.add(acct.user_id)
                 self._in_background(self._auto_topup(acct.user_id))
 
@@ -226,7 +263,8 @@ class Billing:
             # Saving the settings is the user's answer to a failed charge: it lifts the hold.
             await db.execute(update(Account).where(Account.user_id == user_id).values(
                 topup_enabled=cfg.enabled, topup_threshold=cfg.threshold,
-                topup_credits=cfg.credit_amount, topup_failed_at=None, topup_error=None))
+                topup_credits=cfg.credit_amount, topup_failed_at=None, topup_error=None,
+                topup_armed=True))
             await db.commit()
         self._stripe_down_until.pop(user_id, None)
         await self.after_charge({user_id})  # already below the new threshold: top up now
@@ -238,12 +276,28 @@ class Billing:
                 return
             async with self.db() as db:
                 acct = await db.get(Account, user_id)
-                pending = await db.scalar(select(func.count()).select_from(Purchase).where(
-                    Purchase.user_id == user_id, Purchase.kind == "auto_topup",
-                    Purchase.state == "pending", Purchase.created_at > utcnow() - PENDING_FOR))
+                recent = dict((await db.execute(
+                    select(Purchase.state, func.count()).where(
+                        Purchase.user_id == user_id, Purchase.kind == "auto_topup",
+                        Purchase.created_at > utcnow() - DAY).group_by(Purchase.state))).all())
+            pending = recent.get("pending", 0)
             if (self.gateway is None or acct is None or not acct.topup_enabled or pending
                     or acct.payment_method_id is None or acct.topup_failed_at is not None
+                    or not acct.topup_armed
                     or acct.balance_micro >= acct.topup_threshold * MICRO):
+                return
+            if (recent.get("failed", 0) >= MAX_TOPUP_FAILURES
+                    or sum(recent.values()) >= MAX_TOPUPS):
+                await self._hold(user_id, f"{sum(recent.values())} auto top-ups in 24 hours, "
+                                 f"{recent.get('failed', 0)} of them failed: no more are tried "
+                                 "for now; buy credits through checkout")
+                return
+            async with self.db() as db:  # disarmed here, once, whichever process gets there
+                taken = await db.execute(update(Account).where(
+                    Account.user_id == user_id, Account.topup_armed.is_(True))
+                    .values(topup_armed=False))
+                await db.commit()
+            if taken.rowcount != 1:
                 return
             purchase = await self._new_purchase(user_id, "auto_topup", acct.topup_credits)
             try:
@@ -255,7 +309,11 @@ class Billing:
                 log.warning("auto top-up of %s: Stripe unreachable (%s); tried again in %.0f s",
                             user_id, exc, STRIPE_RETRY)
                 self._stripe_down_until[user_id] = time.monotonic() + STRIPE_RETRY
-                await self._set_state(purchase.id, "failed", "Stripe could not be reached")
+                await self._set_state(purchase.id, "unsent", "Stripe could not be reached")
+                async with self.db() as db:  # not the user's card's fault: tried again later
+                    await db.execute(update(Account).where(Account.user_id == user_id)
+                                     .values(topup_armed=True))
+                    await db.commit()
                 return
             await self._set_state(purchase.id, "pending", None, charge.payment_intent_id)
             if charge.status == "succeeded":
@@ -265,6 +323,12 @@ class Billing:
             # pending: Stripe's webhook says how it ended
         finally:
             self._topping.discard(user_id)
+
+    async def _hold(self, user_id: str, message: str) -> None:
+        async with self.db() as db:
+            await db.execute(update(Account).where(Account.user_id == user_id).values(
+                topup_failed_at=utcnow(), topup_error=message[:300]))
+            await db.commit()
 
     # ---- purchases --------------------------------------------------------------------------
 
@@ -305,6 +369,12 @@ class Billing:
         acct = await self.account(user_id)
         async with self.db() as db:
             email = await db.scalar(select(User.email).where(User.id == user_id))
+            opened = await db.scalar(select(func.count()).select_from(Purchase).where(
+                Purchase.user_id == user_id, Purchase.kind == "checkout",
+                Purchase.created_at > utcnow() - timedelta(hours=1)))
+        if opened >= CHECKOUTS_PER_HOUR:  # each is a call on the operator's Stripe account
+            raise BillingError(429, "rate_limited", f"{opened} checkouts opened in the last hour: "
+                               "pay one of them, or try again later", retry_after=600)
         try:
             customer = await gateway.customer(user_id, email, acct.stripe_customer_id)
             if customer != acct.stripe_customer_id:
@@ -359,6 +429,8 @@ class Billing:
                 await self._failed(purchase_id, str(error or "the payment failed"))
             elif kind == "checkout.session.expired":
                 await self._expired(purchase_id)
+        if kind in ("charge.refunded", "charge.dispute.created", "charge.dispute.closed"):
+            await self._money_back(kind, obj)
         async with self.db() as db:
             await db.execute(ledger.insert(db, StripeEvent.__table__).values(
                 id=event["id"], type=kind[:64], received_at=utcnow()).on_conflict_do_nothing())
@@ -433,6 +505,44 @@ class Billing:
                                   f"auto top-up of {p.credits} credits failed: {message}. Auto "
                                   "top-up is held until its settings are saved again or credits "
                                   "are bought", ref=f"topup_failed:{p.id}")
+            await db.commit()
+
+    async def _money_back(self, kind: str, obj: dict) -> None:
+        """The money of a paid purchase went back (a refund, a dispute): its credits are taken
+        back, at most what it granted; a dispute won gives them again. Once per refund total
+        and per dispute, however often Stripe tells."""
+        pi = _text(obj.get("payment_intent"))
+        async with self.db() as db:
+            p = await db.scalar(select(Purchase).where(
+                Purchase.stripe_payment_intent_id == pi, Purchase.state == "succeeded")) \
+                if pi else None
+        if p is None:
+            return
+        amount = obj.get("amount_refunded" if kind == "charge.refunded" else "amount")
+        if not isinstance(amount, int) or amount <= 0:
+            return
+        back = min(amount, p.amount_cents) * p.credits // p.amount_cents  # cents → credits
+        dispute = _text(obj.get("id"))
+        if kind == "charge.refunded":
+            ref, sign, why = f"refund:{p.id}:{back}", -1, "refunded"
+        elif kind == "charge.dispute.created" and dispute:
+            ref, sign, why = f"dispute:{dispute}", -1, "disputed"
+        elif kind == "charge.dispute.closed" and dispute and obj.get("status") == "won":
+            ref, sign, why = f"dispute_won:{dispute}", 1, "dispute won"
+        else:
+            return
+        async with self.db() as db:
+            if kind == "charge.refunded":  # amount_refunded is the total so far
+                taken = -int(await db.scalar(
+                    select(func.coalesce(func.sum(LedgerEntry.amount_micro), 0)).where(
+                        LedgerEntry.user_id == p.user_id, LedgerEntry.kind == "refund",
+                        LedgerEntry.ref.like(f"refund:{p.id}:%"))) or 0)
+                micro = back * MICRO - taken
+            else:
+                micro = back * MICRO
+            if micro > 0:
+                await ledger.post(db, p.user_id, sign * micro, "refund",
+                                  f"purchase {p.id}: {back} credits {why}", ref=ref)
             await db.commit()
 
     async def _expired(self, purchase_id: str) -> None:

@@ -211,6 +211,9 @@ class Account(Base):
     topup_enabled: Mapped[bool] = mapped_column(Boolean, default=False)
     topup_threshold: Mapped[int] = mapped_column(Integer, default=0)      # credits
     topup_credits: Mapped[int] = mapped_column(Integer, default=0)
+    # One charge per fall below the threshold: cleared by a top-up, set again when a tick sees
+    # the balance at or above the threshold, or the settings are saved.
+    topup_armed: Mapped[bool] = mapped_column(Boolean, default=True)
     # A failed auto top-up holds further ones until the user saves the settings again or buys.
     topup_failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
                                                              nullable=True)
@@ -291,7 +294,8 @@ class Purchase(Base):
     credits: Mapped[int] = mapped_column(Integer)
     amount_cents: Mapped[int] = mapped_column(Integer)
     currency: Mapped[str] = mapped_column(String(8))
-    state: Mapped[str] = mapped_column(String(16), index=True)  # pending | succeeded | failed | expired
+    # pending | succeeded | failed | expired | unsent (Stripe was not reached)
+    state: Mapped[str] = mapped_column(String(16), index=True)
     stripe_session_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
     stripe_payment_intent_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
     error: Mapped[str | None] = mapped_column(String(300), nullable=True)

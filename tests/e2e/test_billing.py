@@ -21,6 +21,7 @@ from e2a.config import Settings
 from e2a.sdk import E2A
 from tests import stripe_mock as sm
 from tests.e2e import sessions
+from tests.e2e.mailbox import sign_in
 from tests.conftest import own_server, wait_for
 from tests.e2e.server import STRIPE_WEBHOOK_SECRET
 
@@ -55,6 +56,17 @@ class Payer:
 
     def grant(self, credits, reason: str = "test") -> None:
         self.server.admin("grant", "--reason", reason, "--", self.email, str(credits))
+
+    def signed_in(self, mailbox) -> httpx.Client:
+        """HTTP with the login JWT (signed in by a code mailed to the tests' SMTP server): what
+        changing auto top-up takes."""
+        token = sign_in(self.server.url, mailbox, self.email).token
+        return httpx.Client(base_url=self.server.url, timeout=60,
+                            headers={"Authorization": f"Bearer {token}"})
+
+    def set_topup(self, mailbox, **body) -> httpx.Response:
+        with self.signed_in(mailbox) as c:
+            return c.put("/v1/billing/auto-topup", json=body)
 
     def set_balance(self, micro: int, reason: str = "set up the test") -> None:
         """An admin adjustment that brings the balance to `micro` micro-credits (as of now)."""
@@ -397,22 +409,25 @@ def topups(payer: Payer) -> list[tuple]:
         db.close()
 
 
-def test_auto_topup_needs_a_saved_card_and_a_real_amount(payer):
-    r = payer.http.put("/v1/billing/auto-topup", json={"enabled": True, "threshold": 50,
-                                                       "credit_amount": 500})
-    assert r.status_code == 409 and r.json()["error"]["code"] == "no_payment_method"
-    r = payer.http.put("/v1/billing/auto-topup", json={"enabled": True, "threshold": 50,
-                                                       "credit_amount": 10})
-    assert r.status_code == 400 and r.json()["error"]["field"] == "credit_amount"
+def test_auto_topup_needs_a_saved_card_and_a_real_amount(payer, mailbox):
+    with payer.signed_in(mailbox) as c:
+        r = c.put("/v1/billing/auto-topup", json={"enabled": True, "threshold": 50,
+                                                  "credit_amount": 500})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "no_payment_method"
+        r = c.put("/v1/billing/auto-topup", json={"enabled": True, "threshold": 50,
+                                                  "credit_amount": 10})
+        assert r.status_code == 400 and r.json()["error"]["field"] == "credit_amount"
+    # the API key reads the settings but cannot change them
+    r = payer.http.put("/v1/billing/auto-topup", json={"enabled": False})
+    assert r.status_code == 401
 
 
-def test_metering_triggers_auto_topup_and_the_payment_grants_once(server, payer):
+def test_metering_triggers_auto_topup_and_the_payment_grants_once(server, payer, mailbox):
     saved_card(server, payer)
     # a balance a hair above the threshold: the running sandbox's next tick crosses it
     threshold = 600
     payer.set_balance(threshold * MICRO + 2000)
-    r = payer.http.put("/v1/billing/auto-topup", json={"enabled": True, "threshold": threshold,
-                                                       "credit_amount": 700})
+    r = payer.set_topup(mailbox, enabled=True, threshold=threshold, credit_amount=700)
     assert r.status_code == 200 and r.json()["enabled"]
     assert topups(payer) == []  # not below the threshold yet
     sb = payer.create()
@@ -433,11 +448,11 @@ def test_metering_triggers_auto_topup_and_the_payment_grants_once(server, payer)
     payer.kill(sb["vm_id"])
 
 
-def test_a_failed_topup_is_shown_and_not_retried_until_saved_again(server, payer):
+def test_a_failed_topup_is_shown_and_not_retried_until_saved_again(server, payer, mailbox):
     saved_card(server, payer)
     payer.set_balance(600 * MICRO + 2000)
-    payer.http.put("/v1/billing/auto-topup", json={"enabled": True, "threshold": 600,
-                                                   "credit_amount": 500})
+    assert payer.set_topup(mailbox, enabled=True, threshold=600,
+                           credit_amount=500).status_code == 200
     sb = payer.create()
     [(purchase, state, pi)] = wait_for(lambda: topups(payer), timeout=15)
     if state != "failed":
@@ -453,8 +468,8 @@ def test_a_failed_topup_is_shown_and_not_retried_until_saved_again(server, payer
     time.sleep(3)
     assert len(topups(payer)) == 1
     # saving the settings again is the user's answer: one new attempt
-    payer.http.put("/v1/billing/auto-topup", json={"enabled": True, "threshold": 600,
-                                                   "credit_amount": 500})
+    assert payer.set_topup(mailbox, enabled=True, threshold=600,
+                           credit_amount=500).status_code == 200
     wait_for(lambda: len(topups(payer)) == 2, timeout=15)
     payer.kill(sb["vm_id"])
 

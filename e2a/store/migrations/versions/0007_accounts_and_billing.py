@@ -41,6 +41,7 @@ def upgrade() -> None:
         sa.Column("topup_enabled", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("topup_threshold", sa.Integer, nullable=False, server_default="0"),
         sa.Column("topup_credits", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("topup_armed", sa.Boolean, nullable=False, server_default=sa.true()),
         _at("topup_failed_at", True),
         sa.Column("topup_error", sa.String(300), nullable=True),
         _at("created_at"),
