@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import uuid
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -22,7 +23,7 @@ from e2a.billing.rates import MICRO, Rates, compute_cost
 from e2a.config import Settings
 from e2a.sdk import AsyncE2A, AutoTopup, E2A, E2AError, InsufficientCredits
 from tests.conftest import wait_for
-from tests.e2e.mailbox import sign_in
+from tests.e2e.mailbox import client as http_client, sign_in
 
 pytestmark = pytest.mark.e2e
 
@@ -42,6 +43,29 @@ class Account:
     def cli(self, *args: str, key: str | None = None) -> subprocess.CompletedProcess:
         env = {**os.environ, "E2A_URL": self.server.url, "E2A_API_KEY": key or self.key}
         return subprocess.run([E2A_BIN, *args], env=env, capture_output=True, text=True, timeout=120)
+
+    def cli_signing_in(self, mailbox, *args: str, type_email: bool = False) -> subprocess.CompletedProcess:
+        """The CLI for a command that signs in: its prompts answered on stdin, the Email (when
+        `type_email`, else it is expected to be given or saved) and the code mailed to it."""
+        with tempfile.TemporaryDirectory() as config:  # no credentials saved by e2a login
+            env = {**os.environ, "E2A_URL": self.server.url, "E2A_API_KEY": self.key,
+                   "XDG_CONFIG_HOME": config}
+            since = mailbox.mark()
+            proc = subprocess.Popen([E2A_BIN, *args], env=env, stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                if type_email:
+                    proc.stdin.write(self.email + "\n")
+                    proc.stdin.flush()
+                try:
+                    code = mailbox.mail(self.email, since).code
+                except AssertionError:
+                    proc.kill()
+                    raise AssertionError(f"no code mailed; the CLI said: {proc.communicate()}") from None
+                out, err = proc.communicate(code + "\n", timeout=120)
+            finally:
+                proc.kill()
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     def grant(self, credits: str, reason: str = "x") -> None:
         self.server.admin("grant", "--reason", reason, "--", self.email, credits)
@@ -181,18 +205,26 @@ def test_checkout_returns_a_stripe_page(account):
     assert [t.kind for t in account.client.billing.transactions()] == ["grant"]
 
 
-def test_auto_topup_needs_a_saved_card(account):
-    billing = account.client.billing
-    assert billing.auto_topup() == AutoTopup()
+def test_auto_topup_needs_a_saved_card(account, mailbox):
+    assert account.client.billing.auto_topup() == AutoTopup()  # read with the API key
+    # saved with the login token only: they charge the card without its owner
     with pytest.raises(E2AError) as e:
-        billing.set_auto_topup(True, 100, 500)
-    assert (e.value.status, e.value.code) == (409, "no_payment_method")
-    assert billing.auto_topup().enabled is False
-    # turned off, the settings are kept without a card; what is left out stays as saved
-    assert billing.set_auto_topup(False, 50, 600) == AutoTopup(enabled=False, threshold=50, credit_amount=600)
-    assert billing.set_auto_topup(False, threshold=75) == AutoTopup(enabled=False, threshold=75,
-                                                                     credit_amount=600)
-    assert billing.balance().auto_topup == billing.auto_topup()
+        account.client.billing.set_auto_topup(False, 50, 600)
+    assert (e.value.status, e.value.code) == (401, "unauthorized")
+    signed = sign_in(account.server.url, mailbox, account.email)
+    with E2A(account.server.url, signed.token) as c:
+        billing = c.billing
+        with pytest.raises(E2AError) as e:
+            billing.set_auto_topup(True, 100, 500)
+        assert (e.value.status, e.value.code) == (409, "no_payment_method")
+        assert billing.auto_topup().enabled is False
+        # turned off, the settings are kept without a card; what is left out stays as saved
+        assert billing.set_auto_topup(False, 50, 600) == AutoTopup(enabled=False, threshold=50,
+                                                                    credit_amount=600)
+        assert billing.set_auto_topup(False, threshold=75) == AutoTopup(enabled=False, threshold=75,
+                                                                         credit_amount=600)
+    assert account.client.billing.auto_topup() == AutoTopup(enabled=False, threshold=75, credit_amount=600)
+    assert account.client.billing.balance().auto_topup == account.client.billing.auto_topup()
 
 
 def test_the_login_token_reads_credits_too(server, mailbox):
@@ -210,7 +242,7 @@ def test_the_login_token_reads_credits_too(server, mailbox):
 # ---------------------------------------------------------------------------- the CLI
 
 
-def test_cli_credits_end_to_end(account):
+def test_cli_credits_end_to_end(account, mailbox):
     r = account.cli("credits")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["Balance: 100 credits",
@@ -258,13 +290,24 @@ def test_cli_credits_end_to_end(account):
     r = account.cli("credits", "buy", "10")
     assert r.returncode == 1 and r.stderr.startswith("error: invalid_field: credit_amount must be from 500")
 
-    r = account.cli("credits", "auto-topup", "--enable", "--threshold", "100", "--amount", "500")
-    assert r.returncode == 1
-    assert r.stderr.splitlines()[0].startswith("error: no_payment_method: auto top-up charges the card")
-    assert r.stderr.splitlines()[1].startswith("hint: buy credits once with `e2a credits buy CREDITS`")
-    r = account.cli("credits", "auto-topup", "--threshold", "70", "--amount", "800")
+    # a change signs in (the code mailed to the address) and saves with the login token
+    r = account.cli_signing_in(mailbox, "credits", "auto-topup", "--enable", "--threshold", "100",
+                               "--amount", "500", "--email", account.email)
+    assert r.returncode == 1 and r.stdout == ""
+    # (after the prompt "Code: ": a pipe does not echo the code's newline as a terminal would)
+    assert "error: no_payment_method: auto top-up charges the card" in r.stderr
+    assert r.stderr.splitlines()[-1].startswith("hint: buy credits once with `e2a credits buy CREDITS`")
+    assert "Code:" in r.stderr and "Email:" not in r.stderr  # --email: only the code is asked
+    r = account.cli_signing_in(mailbox, "credits", "auto-topup", "--threshold", "70", "--amount", "800",
+                               type_email=True)
     assert r.returncode == 0, r.stderr
+    assert "Email:" in r.stderr and f"A login code was sent to {account.email}" in r.stderr
     assert r.stdout == "Auto top-up: off (no card saved: buying credits once saves one)\n"
-    shown = json.loads(account.cli("credits", "auto-topup", "--json").stdout)
+    shown = json.loads(account.cli("credits", "auto-topup", "--json").stdout)  # a read: no sign-in
     assert (shown["enabled"], shown["threshold"], shown["credit_amount"]) == (False, 70, 800)
+    assert account.client.billing.auto_topup().threshold == 70
+    # the same PUT with the API key is refused, and changes nothing
+    with http_client(account.server.url, token=account.key) as c:
+        r = c.put("/v1/billing/auto-topup", json={"enabled": False, "threshold": 5, "credit_amount": 800})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
     assert account.client.billing.auto_topup().threshold == 70

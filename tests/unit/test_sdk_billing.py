@@ -2,7 +2,9 @@
 behind an httpx.MockTransport.
 
 The fake answers with the shapes of e2a/api/billing.py (field for field, plus a field from a
-newer server) and records every request, so tests check paths, queries and bodies.
+newer server) and records every request, so tests check paths, queries, bodies and credentials.
+Like the server, it reads credits with the API key or the login token, and saves auto top-up
+with the login token only (from its fake sign-in, POST /v1/auth/login and /v1/auth/verify-otp).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from e2a.sdk import (E2A, AsyncBilling, AsyncE2A, AutoTopup, Balance, Billing, C
                      InsufficientCredits, Transaction, Usage, UsageItem)
 
 KEY = "test-key"
+TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1c3JfbWUifQ.login"  # the login JWT of EMAIL, for CODE
+EMAIL, CODE = "me@example.com", "123456"
 API = "http://e2a.test"
 
 SB = {"vm_id": "sb1", "state": "running", "template": "standard", "vcpu": 1, "cpu_fraction": 0.5,
@@ -64,6 +68,7 @@ class Fake:
 
     def __init__(self):
         self.requests: list[dict] = []
+        self.credentials: list[str] = []  # each request's bearer token, in the same order
         self.micro = 99_873_000
         # newest first, as the route orders them: 1 grant, then 44 usage entries
         self.ledger = [txn(n) for n in range(44, 0, -1)] + [txn(0, "grant", 100_000_000,
@@ -84,9 +89,26 @@ class Fake:
                "query": dict(parse_qsl(request.url.query.decode())),
                "json": json.loads(body) if body else None}
         self.requests.append(rec)
-        if request.headers.get("authorization") != f"Bearer {KEY}":
-            return err(401, "unauthorized", "bad api key")
+        auth = request.headers.get("authorization", "").removeprefix("Bearer ")
+        self.credentials.append(auth)
         route = (request.method, request.url.path)
+        if route == ("POST", "/v1/auth/login"):  # no credentials
+            to = rec["json"]["email"].strip().lower()
+            return httpx.Response(200, json={"email": to, "expires_in": 600, "message":
+                                             f"a login code was sent to {to}; it expires in 10 minutes"})
+        if route == ("POST", "/v1/auth/verify-otp"):
+            if (rec["json"]["email"], rec["json"]["code"]) != (EMAIL, CODE):
+                return err(401, "invalid_code", "wrong or expired code")
+            return httpx.Response(200, json={"token": TOKEN, "user_id": "usr_me", "email": EMAIL})
+        if route == ("PUT", "/v1/billing/auto-topup"):  # it charges the card: the login token only
+            takes = {TOKEN}
+        elif request.url.path.startswith(("/v1/billing/", "/v1/usage")):
+            takes = {KEY, TOKEN}
+        else:
+            takes = {KEY}
+        if auth not in takes:
+            return err(401, "unauthorized", "this route takes the login token, not an API key"
+                       if auth == KEY else "bad api key")
         if route in (("POST", "/v1/sandboxes"), ("POST", "/v1/sessions")):
             if self.micro < 55_500:
                 return err(402, "insufficient_credits",
@@ -273,27 +295,32 @@ def test_checkout(client, fake):
 
 
 def test_auto_topup_read_and_saved_whole(client, fake):
-    assert client.billing.auto_topup() == AutoTopup()
+    assert client.billing.auto_topup() == AutoTopup()  # read with the API key
     assert fake.api()[-1]["path"] == "/v1/billing/auto-topup"
-    with pytest.raises(E2AError) as e:  # no card saved yet
-        client.billing.set_auto_topup(True, 100, 500)
-    assert (e.value.status, e.value.code) == (409, "no_payment_method")
-    assert fake.api()[-1]["json"] == {"enabled": True, "threshold": 100, "credit_amount": 500}
-    fake.topup["payment_method_saved"] = True
-    n = len(fake.requests)
-    t = client.billing.set_auto_topup(True, 100, 500)
-    assert [r["method"] for r in fake.requests[n:]] == ["PUT"]  # all three given: no read first
-    assert t == AutoTopup(enabled=True, threshold=100, credit_amount=500, payment_method_saved=True)
-    # what is left out stays as saved (the PUT replaces all three: they are read first)
-    n = len(fake.requests)
-    t = client.billing.set_auto_topup(False)
-    assert [r["method"] for r in fake.requests[n:]] == ["GET", "PUT"]
-    assert fake.api("PUT")[-1]["json"] == {"enabled": False, "threshold": 100, "credit_amount": 500}
-    client.billing.set_auto_topup(True, threshold=250)
-    assert fake.api("PUT")[-1]["json"] == {"enabled": True, "threshold": 250, "credit_amount": 500}
-    with pytest.raises(E2AError) as e:
-        client.billing.set_auto_topup(True, credit_amount=10)
-    assert (e.value.status, e.value.field) == (400, "credit_amount")
+    with pytest.raises(E2AError) as e:  # saved with the login token only
+        client.billing.set_auto_topup(False, 100, 500)
+    assert (e.value.status, e.value.code) == (401, "unauthorized")
+    with E2A(API, TOKEN, transport=httpx.MockTransport(fake)) as account:
+        with pytest.raises(E2AError) as e:  # no card saved yet
+            account.billing.set_auto_topup(True, 100, 500)
+        assert (e.value.status, e.value.code) == (409, "no_payment_method")
+        assert fake.api()[-1]["json"] == {"enabled": True, "threshold": 100, "credit_amount": 500}
+        fake.topup["payment_method_saved"] = True
+        n = len(fake.requests)
+        t = account.billing.set_auto_topup(True, 100, 500)
+        assert [r["method"] for r in fake.requests[n:]] == ["PUT"]  # all three given: no read first
+        assert fake.credentials[n:] == [TOKEN]
+        assert t == AutoTopup(enabled=True, threshold=100, credit_amount=500, payment_method_saved=True)
+        # what is left out stays as saved (the PUT replaces all three: they are read first)
+        n = len(fake.requests)
+        t = account.billing.set_auto_topup(False)
+        assert [r["method"] for r in fake.requests[n:]] == ["GET", "PUT"]
+        assert fake.api("PUT")[-1]["json"] == {"enabled": False, "threshold": 100, "credit_amount": 500}
+        account.billing.set_auto_topup(True, threshold=250)
+        assert fake.api("PUT")[-1]["json"] == {"enabled": True, "threshold": 250, "credit_amount": 500}
+        with pytest.raises(E2AError) as e:
+            account.billing.set_auto_topup(True, credit_amount=10)
+        assert (e.value.status, e.value.field) == (400, "credit_amount")
 
 
 def test_402_is_insufficient_credits_an_e2a_error(client, fake):
@@ -339,12 +366,16 @@ def test_async_client_mirrors_the_sync_one(fake):
             assert fake.api()[-1]["query"] == {"from": "2026-02-01", "group_by": "sandbox"}
             assert [i.key for i in u.items] == ["sbx_a", "workspaces"] and u.total.credits == 1.284567
             assert (await c.billing.checkout(700)).purchase_id == "pur_1"
-            with pytest.raises(E2AError) as e:
-                await c.billing.set_auto_topup(True, 10, 500)
-            assert e.value.code == "no_payment_method"
-            fake.topup["payment_method_saved"] = True
-            assert (await c.billing.set_auto_topup(True, 10, 500)).enabled is True
-            t = await c.billing.set_auto_topup(False)
+            with pytest.raises(E2AError) as e:  # an API key cannot save auto top-up
+                await c.billing.set_auto_topup(False, 10, 500)
+            assert e.value.status == 401
+            async with AsyncE2A(API, TOKEN, transport=httpx.MockTransport(fake)) as account:
+                with pytest.raises(E2AError) as e:
+                    await account.billing.set_auto_topup(True, 10, 500)
+                assert e.value.code == "no_payment_method"
+                fake.topup["payment_method_saved"] = True
+                assert (await account.billing.set_auto_topup(True, 10, 500)).enabled is True
+                t = await account.billing.set_auto_topup(False)
             assert fake.api("PUT")[-1]["json"] == {"enabled": False, "threshold": 10, "credit_amount": 500}
             assert t == await c.billing.auto_topup()
             fake.micro = 1
@@ -391,11 +422,26 @@ def test_models_and_fake_match_the_routes():
 
 
 @pytest.fixture
-def cli_fake(fake, monkeypatch):
-    """The CLI's client, talking to the fake through the mock transport."""
+def cli_fake(fake, monkeypatch, tmp_path):
+    """The CLI's clients, and its sign-in, talking to the fake through the mock transport."""
+    transport = httpx.MockTransport(fake)
+
+    class FakeE2A(E2A):
+        def __init__(self, url, key):
+            super().__init__(url, key, transport=transport)
+
+        @classmethod
+        def login(cls, email, base_url=None):
+            return E2A.login(email, base_url, transport=transport)
+
+        @classmethod
+        def verify_otp(cls, email, code, base_url=None):
+            return E2A.verify_otp(email, code, base_url, transport=transport)
+
     monkeypatch.setenv("E2A_URL", API)
     monkeypatch.setenv("E2A_API_KEY", KEY)
-    monkeypatch.setattr(cli, "E2A", lambda url, key: E2A(url, key, transport=httpx.MockTransport(fake)))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))  # no saved credentials
+    monkeypatch.setattr(cli, "E2A", FakeE2A)
     return fake
 
 
@@ -470,28 +516,54 @@ def test_cli_buy(cli_fake):
                         "is unset): credits come from the free grant and from its administrators\n")
 
 
+SIGNED_IN = [f"Email: {EMAIL}", f"A login code was sent to {EMAIL}; it expires in 10 minutes.",
+             f"Code: {CODE}"]  # the sign-in's prompts and notice, on stderr
+
+
 def test_cli_auto_topup(cli_fake):
-    r = run_cli("credits", "auto-topup")
-    assert r.exit_code == 0 and [q["method"] for q in cli_fake.api(path="/v1/billing/auto-topup")] == ["GET"]
+    topup = "/v1/billing/auto-topup"
+    r = run_cli("credits", "auto-topup")  # showing them: the API key, no sign-in
+    assert r.exit_code == 0 and [(q["method"], q["path"]) for q in cli_fake.requests] == [("GET", topup)]
+    assert cli_fake.credentials == [KEY]
     assert r.stdout == "Auto top-up: off (no card saved: buying credits once saves one)\n"
-    r = run_cli("credits", "auto-topup", "--enable", "--threshold", "100", "--amount", "500")
-    assert r.exit_code == 1
-    assert r.stderr.splitlines() == [
+    # changing them signs in (Email, then the mailed Code) and PUTs with the login token: the
+    # fake, like the server, refuses the API key there
+    n = len(cli_fake.requests)
+    r = run_cli("credits", "auto-topup", "--enable", "--threshold", "100", "--amount", "500",
+                input=f"{EMAIL}\n{CODE}\n")
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.splitlines() == SIGNED_IN + [
         "error: no_payment_method: auto top-up charges the card saved by a purchase: buy credits once "
         "through POST /v1/billing/checkout first",
         "hint: buy credits once with `e2a credits buy CREDITS`: its card is the one auto top-up charges"]
+    assert [(q["method"], q["path"]) for q in cli_fake.requests[n:]] == [
+        ("GET", topup), ("POST", "/v1/auth/login"), ("POST", "/v1/auth/verify-otp"), ("PUT", topup)]
+    assert cli_fake.credentials[n:] == [KEY, "", "", TOKEN]
+    assert cli_fake.api("POST", "/v1/auth/verify-otp")[-1]["json"] == {"email": EMAIL, "code": CODE}
     cli_fake.topup["payment_method_saved"] = True
-    r = run_cli("credits", "auto-topup", "--enable", "--threshold", "100", "--amount", "500")
+    r = run_cli("credits", "auto-topup", "--enable", "--threshold", "100", "--amount", "500",
+                "--email", EMAIL, input=f"{CODE}\n")  # --email: only the code is asked
     assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines() == SIGNED_IN[1:]
     assert cli_fake.api("PUT")[-1]["json"] == {"enabled": True, "threshold": 100, "credit_amount": 500}
+    assert cli_fake.credentials[-1] == TOKEN
     assert r.stdout == "Auto top-up: on: 500 credits whenever the balance falls below 100 (a card is saved)\n"
-    run_cli("credits", "auto-topup", "--threshold", "250")  # the rest stays as saved
+    # the address e2a login saved for this server is used; a wrong code is asked again
+    cli._save_credentials({"url": API, "api_key": "e2a_live_saved", "key_id": "key_a", "email": EMAIL,
+                           "user_id": "usr_me"})
+    r = run_cli("credits", "auto-topup", "--threshold", "250", input=f"000000\n{CODE}\n")
+    assert r.exit_code == 0, r.output
+    assert "Email:" not in r.stderr and "That code is wrong or expired; try again" in r.stderr
     assert cli_fake.api("PUT")[-1]["json"] == {"enabled": True, "threshold": 250, "credit_amount": 500}
-    r = run_cli("credits", "auto-topup", "--disable", "--json")
+    r = run_cli("credits", "auto-topup", "--disable", "--json", input=f"{CODE}\n")
     assert cli_fake.api("PUT")[-1]["json"] == {"enabled": False, "threshold": 250, "credit_amount": 500}
-    assert json.loads(r.stdout)["enabled"] is False
-    r = run_cli("credits", "auto-topup", "--enable", "--amount", "10")
+    assert json.loads(r.stdout)["enabled"] is False  # stdout holds the JSON alone
+    r = run_cli("credits", "auto-topup", "--enable", "--amount", "10", input=f"{CODE}\n")
     assert r.exit_code == 1 and "error: invalid_field: credit_amount must be at least 500" in r.stderr
+    # no code given: nothing is saved
+    n = len(cli_fake.api("PUT"))
+    r = run_cli("credits", "auto-topup", "--enable", input="")
+    assert r.exit_code == 1 and len(cli_fake.api("PUT")) == n
 
 
 def test_cli_402_says_what_to_do(cli_fake):
