@@ -108,7 +108,7 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
         await app.state.chat_sessions.start()
         # Credits: metering from the sandbox feed, purchases through Stripe (docs/billing.md).
         app.state.billing = Billing(app.state.sessions, settings, manager, manager.catalog,
-                                    StripeGateway.from_settings(settings))
+                                    StripeGateway.from_settings(settings), manager.workspaces)
         await app.state.billing.start()
         log.info("e2a %s serving on %s:%s", __version__, settings.host, settings.port)
         try:

@@ -31,7 +31,8 @@ def bearer(header: str | None) -> str | None:
 KEY_ONLY = ("this route takes an API key (Authorization: Bearer e2a_live_...), not the login "
             "token: create a key with POST /v1/api-keys")
 LOGIN_ONLY = ("this route takes the login token (Authorization: Bearer <token from POST "
-              "/v1/auth/verify-otp>), not an API key: a key cannot manage keys")
+              "/v1/auth/verify-otp>), not an API key: a leaked key must not manage keys or "
+              "change what is charged to the card")
 
 
 async def caller_from_header(app, header: str | None, allow_login: bool = False) -> Caller:

@@ -17,7 +17,7 @@ from e2a.sandboxes.host import SandboxHost
 from e2a.sandboxes.records import aware
 from e2a.store.models import Workspace
 from e2a.workspaces import s3, scope
-from e2a.workspaces.service import WorkspaceBusy, Workspaces
+from e2a.workspaces.service import QuotaExceeded, WorkspaceBusy, Workspaces
 
 router = APIRouter(prefix="/v1/workspaces", tags=["workspaces"])
 
@@ -174,10 +174,11 @@ async def presign(workspace_id: str, req: PresignIn, user: Caller = Depends(curr
     if req.method == "GET" and await store_call(ws.store.exists, row.id, path) is None:
         raise ApiError(404, "file_not_found", f"no file {path!r} in workspace {row.id}", "path")
     if req.method == "PUT":
-        free = await ws.free_quota(user.id)
-        if free <= 0 or (req.size is not None and req.size > free):
+        try:  # with a size, that much of the quota is held until the file is in S3
+            await ws.claim_upload(user.id, row.id, path, req.size, req.expires_in)
+        except QuotaExceeded as exc:
             raise ApiError(507, "quota_exceeded", f"the upload does not fit the storage quota "
-                           f"({max(free, 0)} bytes left of {ws.quota})", "size")
+                           f"({exc.free} bytes left of {ws.quota})", "size") from None
     elif req.size is not None:
         raise ApiError(400, "invalid_field", "size applies to PUT only", "size")
     url = await store_call(ws.store.presign, row.id, path, req.method, req.expires_in,

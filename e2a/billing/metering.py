@@ -55,11 +55,14 @@ class Tick:
 
 class Metering:
     def __init__(self, sessions: async_sessionmaker, settings, rates: Rates,
-                 on_charged: Callable[[set[str]], Awaitable[None]] | None = None):
+                 on_charged: Callable[[set[str]], Awaitable[None]] | None = None,
+                 count_storage: Callable[[], Awaitable[None]] | None = None):
         self.db = sessions
         self.settings = settings
         self.rates = rates
         self.on_charged = on_charged
+        # counts again what was written to workspaces outside a sandbox (presigned PUTs)
+        self.count_storage = count_storage
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()  # one tick at a time in this process
         self._storage_due = 0.0
@@ -244,6 +247,11 @@ class Metering:
     async def charge_storage(self, now: datetime | None = None) -> set[str]:
         """Charge every workspace for its measured size since its last charge (one transaction;
         its writes batched as a compute tick's are)."""
+        if self.count_storage is not None:
+            try:
+                await self.count_storage()
+            except Exception as exc:  # charged from the last counts instead
+                log.warning("metering: counting workspaces failed: %s", exc)
         now = now or utcnow()
         tick = Tick()
         async with self._lock:

@@ -63,7 +63,7 @@ class TopupConfig:
 
 class Billing:
     def __init__(self, sessions: async_sessionmaker, settings, host: SandboxHost,
-                 catalog: Catalog, gateway: StripeGateway | None):
+                 catalog: Catalog, gateway: StripeGateway | None, workspaces=None):
         self.db = sessions
         self.settings = settings
         self.host = host
@@ -71,7 +71,9 @@ class Billing:
         self.gateway = gateway
         self.rates = Rates.from_settings(settings)
         self.grace = to_micro(settings.credit_grace)
-        self.metering = Metering(sessions, settings, self.rates, on_charged=self.after_charge)
+        self.metering = Metering(
+            sessions, settings, self.rates, on_charged=self.after_charge,
+            count_storage=workspaces.count_touched if workspaces is not None else None)
         self._held: dict[str, int] = {}         # a minute of each create under way, per user
         self._funds_locks: dict[str, asyncio.Lock] = {}
         self._ending: set[str] = set()          # sandboxes being ended for credits

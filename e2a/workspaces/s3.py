@@ -140,6 +140,16 @@ class S3Store:
                     raise
         return None
 
+    def stat(self, workspace_id: str, path: str) -> tuple[int, datetime] | None:
+        """The size and last write of the file at `path`, or None."""
+        try:
+            head = self.client.head_object(Bucket=self.ep.bucket, Key=self.key(workspace_id, path))
+        except ClientError as exc:
+            if _code(exc) not in ("404", "NoSuchKey", "NotFound"):
+                raise
+            return None
+        return head["ContentLength"], head["LastModified"]
+
     def presign(self, workspace_id: str, path: str, method: str, expires_in: int,
                 size: int | None = None) -> str:
         """A SigV4 presigned URL; with `size`, a PUT must send exactly that many bytes (the

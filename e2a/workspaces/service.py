@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from e2a.runtime import quota as disk
@@ -23,6 +25,27 @@ REMOTE = "ws"  # the S3 remote's name in each mount's environment
 
 class WorkspaceBusy(Exception):
     """The workspace is being deleted (409)."""
+
+
+class QuotaExceeded(Exception):
+    """A presigned PUT does not fit what is left of the user's quota (507)."""
+
+    def __init__(self, free: int):
+        super().__init__(f"{free} bytes left")
+        self.free = free
+
+
+@dataclass
+class Upload:
+    """A sized presigned PUT handed out: its bytes held from the user's quota until they are in
+    S3 or the URL expires."""
+
+    user_id: str
+    workspace_id: str
+    path: str
+    size: int
+    since: datetime       # when the URL was made (the file must be written after it)
+    deadline: float       # monotonic time the URL expires
 
 
 @dataclass
@@ -68,6 +91,13 @@ class Workspaces:
         self.deleting: set[str] = set()
         self._next_lease = 0
         self._sharing = asyncio.Lock()
+        self._claiming = asyncio.Lock()
+        # Sized presigned PUTs whose bytes are not in S3 yet: they hold their part of the
+        # quota until the file is there (then its count holds it) or the URL expires.
+        self.uploads: list[Upload] = []
+        # Workspaces written through presigned URLs since they were last counted (by id: the
+        # user), counted again before the next quota check and the next storage charge.
+        self.touched: dict[str, str] = {}
 
     @property
     def store(self) -> S3Store:
@@ -126,7 +156,8 @@ class Workspaces:
             leases = [p for p in self.leases.values() if p.user_id == user_id]
             written = {p.lease: await asyncio.to_thread(_written, p) for p in leases}
             left = (self.quota - await self.registry.stored_bytes(user_id)
-                    - sum(written.values()))
+                    - sum(written.values())
+                    - sum(u.size for u in self.uploads if u.user_id == user_id))
             share = max(0, left) // max(1, len(leases))
             for p in leases:
                 p.grant = written[p.lease] + share
@@ -138,9 +169,51 @@ class Workspaces:
             return left
 
     async def free_quota(self, user_id: str) -> int:
-        """What of the user's quota neither stored files nor running mounts' writes take (may
-        be negative)."""
+        """What of the user's quota neither stored files, running mounts' writes nor sized
+        presigned PUTs under way take (may be negative)."""
+        await self._settle_uploads(user_id)
         return await self._share(user_id)
+
+    async def claim_upload(self, user_id: str, workspace_id: str, path: str, size: int | None,
+                           seconds: int) -> int:
+        """Before a presigned PUT is handed out: what is free of the quota, and with `size`
+        that much held for the upload (QuotaExceeded when it does not fit). Checked and held
+        under one lock, so URLs asked for at once cannot each get the same free space."""
+        async with self._claiming:
+            free = await self.free_quota(user_id)
+            if free <= 0 or (size is not None and size > free):
+                raise QuotaExceeded(max(free, 0))
+            if size:
+                self.uploads.append(Upload(user_id, workspace_id, path, size,
+                                           datetime.now(timezone.utc),
+                                           time.monotonic() + seconds))
+            self.touched[workspace_id] = user_id
+            return free
+
+    async def _settle_uploads(self, user_id: str) -> None:
+        """Count again the user's workspaces written through presigned URLs, and let go of the
+        holds of uploads now in S3 (their bytes are in that count) or whose URL expired."""
+        for workspace_id in [w for w, u in self.touched.items() if u == user_id]:
+            self.touched.pop(workspace_id, None)
+            await self.refresh_usage(workspace_id)
+        now = time.monotonic()
+        for up in [u for u in self.uploads if u.user_id == user_id]:
+            done = up.deadline < now
+            if not done:
+                try:
+                    found = await s3.run(self.store.stat, up.workspace_id, up.path)
+                except Exception:
+                    found = None
+                done = (found is not None and found[0] == up.size
+                        and found[1] >= up.since - timedelta(seconds=2))
+            if done:
+                self.uploads.remove(up)
+
+    async def count_touched(self) -> None:
+        """Count every workspace written through presigned URLs since its last count (before
+        storage is charged from the counts)."""
+        for user_id in set(self.touched.values()):
+            await self._settle_uploads(user_id)
 
     def adopt(self, workspace_id: str, user_id: str) -> MountPlan:
         """The lease of a sandbox found running at start. What it had at mount is not known:

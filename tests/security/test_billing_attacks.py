@@ -365,12 +365,6 @@ def storage_sizes_after(p: Payer, workspace_id: str, since: datetime) -> list[in
     return sizes
 
 
-@pytest.mark.xfail(strict=True, reason="hole: storage is charged from a workspace's last counted "
-                   "size (billing/metering.py charge_storage reads Workspace.bytes_used), which "
-                   "is counted only after a sandbox that mounted it ends and by GET "
-                   "/v1/workspaces/{id}/usage; files uploaded with a presigned PUT are never "
-                   "counted, so never billed, as long as the tenant neither mounts the workspace "
-                   "again nor asks its usage")
 def test_files_uploaded_with_a_presigned_put_are_billed(server, payer):
     sb = payer.create(workspace={"app_id": "presigned", "capset_id": "default"})
     wid = sb["workspace_id"]
@@ -397,12 +391,6 @@ def small_quota_server():
         srv.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="hole: the quota check of a sized presigned PUT (api/"
-                   "workspaces.py presign → Workspaces.free_quota) counts stored bytes as last "
-                   "counted, which never includes earlier presigned uploads: each new URL gets the "
-                   "whole quota again, so a tenant stores any multiple of it (on the host's disk "
-                   "with the embedded S3, outside the sandboxes' disk pool), unbilled (see the "
-                   "test above)")
 def test_sized_presigned_puts_cannot_store_past_the_quota(small_quota_server):
     srv = small_quota_server
     p = Payer(srv, "quota")
