@@ -503,10 +503,14 @@ class Tasks:
         the call is stored, also one a concurrent flush took but had not committed yet."""
         async with s.flushing:
             while s.pending:
-                batch, s.pending = s.pending, []
+                # Taken off `pending` only once stored: a follower that finds no new row and
+                # the task over must also find nothing pending, or it would stop one batch
+                # short of task_finished (it stopped there while this commit was under way).
+                batch = list(s.pending)
                 async with self.sessions() as db:
                     db.add_all(batch)
                     await db.commit()
+                del s.pending[:len(batch)]
                 async with s.changed:
                     s.changed.notify_all()
 
