@@ -37,6 +37,7 @@ from e2a import auth
 from e2a.accounts.mail import Mailer, MailError
 from e2a.accounts.tokens import LoginTokens
 from e2a.config import Settings
+from e2a.refusal import Refusal
 from e2a.sandboxes.agent_keys import AgentKeys
 from e2a.store.models import ApiKey, LoginCode, User
 
@@ -56,12 +57,8 @@ _LOCAL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[a-z0-9!#$%&'*+/=?^_`{|}~-
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
-class AccountError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 retry_after: int | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.field = status, code, message, field
-        self.retry_after = retry_after
+class AccountError(Refusal):
+    """A sign-in or key request refused (400, 401, 429, 503, …)."""
 
 
 def utcnow() -> datetime:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from e2a.accounts.service import AccountError, Accounts
+from e2a.accounts.service import Accounts
 from e2a.api.deps import LOGIN_ONLY, account_user, login_user
 from e2a.api.errors import ApiError
 from e2a.api.schemas import (ApiKeyCreated, ApiKeyOut, ApiKeysOut, LoginIn, LoginOut,
@@ -24,11 +24,6 @@ router = APIRouter(tags=["accounts"])
 
 def accounts(request: Request) -> Accounts:
     return request.app.state.accounts
-
-
-def _api(exc: AccountError) -> ApiError:
-    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-    return ApiError(exc.status, exc.code, exc.message, exc.field, headers)
 
 
 def _client(request: Request) -> str | None:
@@ -48,10 +43,7 @@ async def login(req: LoginIn, request: Request, svc: Accounts = Depends(accounts
     """Send a one-time login code to `email`, making the account (with the free credits) if it is
     new. The answer is the same either way. 429 with Retry-After beyond 5 codes per address or
     E2A_LOGIN_PER_CLIENT per client address in 15 minutes; 503 when the mail server fails."""
-    try:
-        sent = await svc.login(req.email, _client(request))
-    except AccountError as exc:
-        raise _api(exc) from None
+    sent = await svc.login(req.email, _client(request))
     minutes = max(1, sent.expires_in // 60)
     where = ("the e2a server's log (E2A_SMTP_HOST is unset)" if sent.to_log
              else sent.email)
@@ -66,10 +58,7 @@ async def verify_otp(req: VerifyOtpIn, request: Request,
                      svc: Accounts = Depends(accounts)) -> VerifyOtpOut:
     """Trade the emailed code for a login JWT. 401 `invalid_code` when it is wrong, expired,
     used, superseded by a newer one or dead after 5 tries."""
-    try:
-        done = await svc.verify(req.email, req.code, _client(request))
-    except AccountError as exc:
-        raise _api(exc) from None
+    done = await svc.verify(req.email, req.code, _client(request))
     return VerifyOtpOut(token=done.token, user_id=done.user_id, email=done.email)
 
 
@@ -78,10 +67,7 @@ async def verify_otp(req: VerifyOtpIn, request: Request,
 async def create_api_key(user: Caller = Depends(login_user),
                          svc: Accounts = Depends(accounts)) -> ApiKeyCreated:
     """A new API key (`e2a_live_...`), shown this once. Takes the login JWT."""
-    try:
-        row, secret = await svc.create_key(user.id)
-    except AccountError as exc:
-        raise _api(exc) from None
+    row, secret = await svc.create_key(user.id)
     return ApiKeyCreated(key_id=row.id, key=secret, prefix=row.prefix)
 
 
@@ -99,7 +85,4 @@ async def revoke_api_key(key_id: str, user: Caller = Depends(account_user),
     caller's keys; with an API key, that key only. Another user's key: 404."""
     if user.via != "login" and key_id != user.key_id:
         raise ApiError(401, "unauthorized", LOGIN_ONLY + " (an API key may revoke only itself)")
-    try:
-        return _key_out(await svc.revoke_key(user.id, key_id))
-    except AccountError as exc:
-        raise _api(exc) from None
+    return _key_out(await svc.revoke_key(user.id, key_id))

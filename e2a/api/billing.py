@@ -4,7 +4,6 @@ Stripe's signature instead (the request guard lets it through without credential
 
 from __future__ import annotations
 
-import contextlib
 from datetime import datetime, timedelta, timezone
 from typing import Literal
 
@@ -15,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from e2a.api.deps import account_user, login_user
 from e2a.api.errors import ApiError
 from e2a.auth import Caller
-from e2a.billing.service import Billing, BillingError, TopupConfig
+from e2a.billing.service import Billing, TopupConfig
 
 router = APIRouter(tags=["billing"])
 
@@ -26,22 +25,6 @@ LATEST = datetime(9998, 12, 31, tzinfo=timezone.utc)
 
 def billing(request: Request) -> Billing:
     return request.app.state.billing
-
-
-@contextlib.asynccontextmanager
-async def funds_for(request: Request, user_id: str, template: str):
-    """Around a create: 402 `insufficient_credits` unless the user's balance pays a minute of
-    it and of their other sandboxes (Billing.funds_for)."""
-    try:
-        async with request.app.state.billing.funds_for(user_id, template):
-            yield
-    except BillingError as exc:
-        raise _api(exc) from None
-
-
-def _api(exc: BillingError) -> ApiError:
-    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-    return ApiError(exc.status, exc.code, exc.message, exc.field, headers)
 
 
 class AutoTopupFailure(BaseModel):
@@ -190,10 +173,7 @@ async def checkout(req: Checkout, request: Request, user: Caller = Depends(accou
     """A Stripe Checkout page for `credit_amount` credits; they arrive when Stripe's webhook
     says the payment succeeded."""
     base = request.app.state.settings.public_url or str(request.base_url).rstrip("/")
-    try:
-        return await b.checkout(user.id, req.credit_amount, base.rstrip("/"))
-    except BillingError as exc:
-        raise _api(exc) from None
+    return await b.checkout(user.id, req.credit_amount, base.rstrip("/"))
 
 
 @router.get("/v1/billing/checkout/done", response_class=HTMLResponse, include_in_schema=False)
@@ -210,10 +190,7 @@ async def webhook(request: Request, b: Billing = Depends(billing)):
     payload = await request.body()
     if len(payload) > MAX_WEBHOOK:
         raise ApiError(413, "body_too_large", "a Stripe event is at most 1 MiB")
-    try:
-        await b.webhook(payload, request.headers.get("stripe-signature"))
-    except BillingError as exc:
-        raise _api(exc) from None
+    await b.webhook(payload, request.headers.get("stripe-signature"))
     return {"received": True}
 
 
@@ -230,8 +207,5 @@ async def put_auto_topup(req: AutoTopupIn, user: Caller = Depends(login_user),
     `credit_amount` credits. Takes the login JWT only: these settings charge the card without
     its owner, so a leaked API key must not be able to change them. A declined charge is shown here and in the transactions, and no
     other is tried until these settings are saved again or credits are bought."""
-    try:
-        return await b.set_topup(user.id, TopupConfig(req.enabled, req.threshold,
-                                                      req.credit_amount))
-    except BillingError as exc:
-        raise _api(exc) from None
+    return await b.set_topup(user.id, TopupConfig(req.enabled, req.threshold,
+                                                  req.credit_amount))

@@ -8,7 +8,6 @@ from dataclasses import asdict
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
-from e2a.api.billing import funds_for
 from e2a.api.deps import catalog, current_user, host, owned_sandbox
 from e2a.api.errors import ApiError
 from e2a.api.schemas import (CreateSandbox, SandboxEventsOut, SandboxOut, reserved_env_key)
@@ -64,7 +63,8 @@ async def create_sandbox(request: Request, req: CreateSandbox,
         user_id=user.id, template=req.template, env_vars=req.env_vars, metadata=req.metadata,
         idle_timeout=idle, max_lifetime=req.max_lifetime_seconds, internet=req.internet,
         params=params, workspace=_workspace_scope(req, user))
-    async with funds_for(request, user.id, req.template):
+    # 402 unless the balance pays a minute of it and of the user's other sandboxes
+    async with request.app.state.billing.funds_for(user.id, req.template):
         rec = await _create(sandboxes, spec)
     if agent is not None:
         await _start_agent(request, rec, agent, req.task)

@@ -16,7 +16,6 @@ from fastapi import APIRouter, Depends, Query, Request, WebSocket
 from pydantic import ValidationError
 
 from e2a.agents.tasks import TaskConflict
-from e2a.api.billing import funds_for
 from e2a.api.tasks import MAX_SEQ
 from e2a.api import session_protocol as proto
 from e2a.api.deps import bearer, current_user
@@ -103,10 +102,11 @@ async def create_session(request: Request, req: CreateSession,
                        api_key=req.llm.api_key),
         secrets=req.secrets, ttl=req.ttl_seconds, system_prompt=req.system_prompt,
         metadata=req.metadata)
-    # (an unknown template is the service's 400)
-    funds = funds_for(request, user.id, req.template) if req.template in recipes.available() \
-        else contextlib.nullcontext()
-    async with funds:
+    # 402 unless the balance pays a minute of it and of the user's other sandboxes (an unknown
+    # template is the service's 400)
+    billing = request.app.state.billing
+    async with (billing.funds_for(user.id, req.template) if req.template in recipes.available()
+                else contextlib.nullcontext()):
         try:
             row, token = await sessions(request).create(spec)
         except SessionError as exc:

@@ -20,6 +20,7 @@ from e2a.billing.metering import Metering
 from e2a.billing.rates import MICRO, Rates, show, to_credits, to_micro, vcpu_milli
 from e2a.billing.stripe_gateway import StripeGateway, StripeUnavailable, WebhookRejected
 from e2a.ids import new_id
+from e2a.refusal import Refusal
 from e2a.sandboxes.host import Catalog, SandboxHost
 from e2a.sandboxes.records import aware
 from e2a.sandboxes.states import EndReason
@@ -42,12 +43,8 @@ def _text(value) -> str | None:
     return value if isinstance(value, str) and 0 < len(value) <= 255 else None
 
 
-class BillingError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 retry_after: int | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.field = status, code, message, field
-        self.retry_after = retry_after
+class BillingError(Refusal):
+    """A billing request refused (402, 409, 429, 501, …)."""
 
 
 def utcnow() -> datetime:
