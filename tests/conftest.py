@@ -29,7 +29,7 @@ def new_server(tag: str) -> Server:
     """Instance names and subnets differ per worker and per tag, so servers never collide."""
     w = worker_index()
     n = {"main": 0, "restart": 1, "pool": 2, "pg": 3, "core": 4, "disk": 5, "ws": 6, "wsbench": 7,
-         "billing": 8}[tag]
+         "billing": 8, "quota": 9}[tag]
     return Server(instance=f"t{w}{n}", subnet=f"10.{210 + w}.{n * 16}.0/20",
                   base=Path(f"/tmp/e2a-test/{w}-{tag}"))
 

@@ -385,7 +385,9 @@ def test_files_uploaded_with_a_presigned_put_are_billed(server, payer):
 @pytest.fixture(scope="module")
 def small_quota_server():
     """A server of this module's own whose users may store 16 MiB of workspaces."""
-    with own_server("billing", E2A_WORKSPACE_QUOTA_MIB="16") as srv:
+    # (its own tag: xdist may run tests/e2e/test_billing.py's "billing" server on this worker
+    # while this module-scoped one is up)
+    with own_server("quota", E2A_WORKSPACE_QUOTA_MIB="16") as srv:
         srv.start()
         yield srv
         srv.stop()

@@ -15,7 +15,10 @@ from e2a.store import db as store
 
 async def migrated(url: str, emails=("a@example.com", "b@example.com"), free_credits: int = 0):
     """(engine, sessionmaker, user ids) of a fresh store at `url`."""
-    engine = store.make_engine(url)
+    return await _filled(store.make_engine(url), emails, free_credits)
+
+
+async def _filled(engine, emails, free_credits: int):
     await store.migrate(engine)
     sessions = store.sessionmaker(engine)
     async with sessions() as db:
@@ -46,11 +49,17 @@ async def pg_engine(schema: str):
 async def migrated_pg(schema: str, emails=("a@example.com", "b@example.com"),
                       free_credits: int = 0):
     engine = await pg_engine(schema)
-    if engine is None:
-        return None
-    await store.migrate(engine)
-    sessions = store.sessionmaker(engine)
-    async with sessions() as db:
-        users = [(await auth.create_user(db, e, free_credits)).id for e in emails]
-        await db.commit()
-    return engine, sessions, users
+    return None if engine is None else await _filled(engine, emails, free_credits)
+
+
+async def either(backend: str, tmp_path, name: str, free_credits: int = 0):
+    """A migrated store on `backend` ("sqlite" or "postgresql", in the schema `name` of this
+    xdist worker), or a pytest skip when PostgreSQL is not set up."""
+    import pytest
+    if backend == "sqlite":
+        return await migrated(sqlite_url(tmp_path), free_credits=free_credits)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    made = await migrated_pg(f"{name}_{worker}", free_credits=free_credits)
+    if made is None:
+        pytest.skip("E2A_TEST_PG_URL not set (make test starts PostgreSQL and sets it)")
+    return made

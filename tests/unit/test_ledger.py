@@ -5,7 +5,6 @@ the ledger, and an entry with a ref is posted once however many times it is trie
 from __future__ import annotations
 
 import asyncio
-import os
 
 import pytest
 
@@ -24,15 +23,8 @@ def anyio_backend():
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def store(request, tmp_path):
-    if request.param == "sqlite":
-        engine, sessions, users = await stores.migrated(stores.sqlite_url(tmp_path),
-                                                        free_credits=100)
-    else:
-        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-        made = await stores.migrated_pg(f"ledger_{worker}", free_credits=100)
-        if made is None:
-            pytest.skip("E2A_TEST_PG_URL not set (make test starts PostgreSQL and sets it)")
-        engine, sessions, users = made
+    engine, sessions, users = await stores.either(request.param, tmp_path, "ledger",
+                                                  free_credits=100)
     yield sessions, users
     await engine.dispose()
 

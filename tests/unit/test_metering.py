@@ -5,7 +5,6 @@ skips one. The server-level tests (a real sandbox, a SIGKILL) are in tests/e2e/t
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -30,15 +29,8 @@ def anyio_backend():
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def env(request, tmp_path):
-    if request.param == "sqlite":
-        engine, sessions, users = await stores.migrated(stores.sqlite_url(tmp_path),
-                                                        free_credits=100)
-    else:
-        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-        made = await stores.migrated_pg(f"metering_{worker}", free_credits=100)
-        if made is None:
-            pytest.skip("E2A_TEST_PG_URL not set (make test starts PostgreSQL and sets it)")
-        engine, sessions, users = made
+    engine, sessions, users = await stores.either(request.param, tmp_path, "metering",
+                                                  free_credits=100)
     settings = Settings(data_dir=tmp_path)
     yield sessions, users, settings
     await engine.dispose()
