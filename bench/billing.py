@@ -25,18 +25,19 @@ schema is touched). Everything runs in this one process on one event loop, as in
                      (40 runs) for a baseline: `sandbox_write` (UPDATE of one sandbox row and
                      commit: what a create or a state transition writes), `ledger_post` (a post
                      of +1 micro-credit to a user the tick is charging: a purchase or a grant
-                     arriving mid-tick), `funds_check` (Billing.require_funds, a read).
+                     arriving mid-tick), `funds_check` (Billing.funds_for around nothing: two reads).
   posts    Ledger throughput: C posts at once (50 and 200), each `ledger.post` in its own
            session and transaction, then commit; `hot` = every post to one account, `spread` =
            each post to its own account. R rounds (5) per case: posts/s of each round
            (C / wall time of the round), each post's latency, failures, this process's CPU time
            over the rounds' wall time, and the database connections the pool opened; afterwards
            every account touched is checked: cached balance == sum of its ledger rows.
-  funds    `Billing.require_funds(user, "standard")` (Billing built with host, catalog and
-           gateway None: its constructor only stores them), 1000 calls back to back, and its
-           two halves alone: `first_minute("standard")` (the price, from the template's
-           recipe, which recipes.load caches) and `db.get(Account, user)` in a new session (the
-           one query).
+  funds    `async with Billing.funds_for(user, "standard")` around nothing (Billing built with
+           the store's own catalog, host and gateway None), for a user with 5 sandboxes
+           running, 1000 calls back to back, and its parts alone: `first_minute("standard")`
+           (the price, from the template's recipe, which recipes.load caches),
+           `db.get(Account, user)` in a new session (the balance) and the catalog's list of the
+           user's sandboxes (what they already run).
   storage  `Metering.charge_storage(now)` over W workspaces (1000, 50 users, sizes 1 MiB-4 GiB
            fixed by a seed): the first pass (opens the meters, writes no ledger row), then 5
            passes an hour apart (E2A_STORAGE_METERING_INTERVAL's default), each writing a
@@ -79,6 +80,7 @@ from e2a.billing.metering import Metering  # noqa: E402
 from e2a.billing.rates import Rates  # noqa: E402
 from e2a.billing.service import Billing  # noqa: E402
 from e2a.config import Settings  # noqa: E402
+from e2a.sandboxes.records import Records, StoreCatalog  # noqa: E402
 from e2a.store import db as store  # noqa: E402
 from e2a.store.models import (Account, LedgerEntry, Sandbox, SandboxEvent,  # noqa: E402
                               Workspace)
@@ -232,6 +234,12 @@ def sandbox_row(sid: str, user: str | None, state: str) -> dict:
                 created_at=T0, expires_at=at(7200))
 
 
+async def add_running_sandbox(s: Store, sid: str, user: str) -> None:
+    async with s.sessions() as db:
+        await db.execute(insert(Sandbox), [sandbox_row(sid, user, "running")])
+        await db.commit()
+
+
 async def boot_many(s: Store, n: int, users: list[str]) -> None:
     """N sandboxes running, each with boot()'s four transitions, in one transaction."""
     sandboxes, events = [], []
@@ -279,7 +287,8 @@ def probe_fns(s: Store, users: list[str], billing: Billing) -> dict:
             await db.commit()
 
     async def funds_check(i: int) -> None:
-        await billing.require_funds(users[0], "standard")
+        async with billing.funds_for(users[0], "standard"):
+            pass
 
     return {"sandbox_write": sandbox_write, "ledger_post": ledger_post,
             "funds_check": funds_check}
@@ -345,7 +354,8 @@ async def ticks_level(backend: str, n: int, samples: int, probe: bool) -> dict:
         out["consistent"] = await s.consistent(users)
         out["ledger_bytes_per_row"] = await s.ledger_bytes_per_row()
         if probe:
-            billing = Billing(s.sessions, s.settings, None, None, None)
+            catalog = StoreCatalog(Records(s.sessions), lambda _: None, "bench")
+            billing = Billing(s.sessions, s.settings, None, catalog, None)
             fns = probe_fns(s, users, billing)
             k = samples + 1
             out["probes"] = {}
@@ -448,10 +458,17 @@ async def funds_part(args, backends: list[str]) -> dict:
     for backend in backends:
         async with Store(backend, "funds") as s:
             users = await s.add_users(1)
-            billing = Billing(s.sessions, s.settings, None, None, None)
+            catalog = StoreCatalog(Records(s.sessions), lambda _: None, "bench")
+            billing = Billing(s.sessions, s.settings, None, catalog, None)
+            for i in range(5):  # what the user already runs: counted by the check
+                await add_running_sandbox(s, f"sbx_funds{i}", users[0])
 
             async def require() -> None:
-                await billing.require_funds(users[0], "standard")
+                async with billing.funds_for(users[0], "standard"):
+                    pass
+
+            async def list_sandboxes() -> None:
+                await catalog.list(users[0])
 
             async def get_account() -> None:
                 async with s.sessions() as db:
@@ -461,8 +478,8 @@ async def funds_part(args, backends: list[str]) -> dict:
                 billing.first_minute("standard")
 
             out = {}
-            for name, fn in (("require_funds", require), ("db_get_account", get_account),
-                             ("first_minute", first_minute)):
+            for name, fn in (("funds_for", require), ("db_get_account", get_account),
+                             ("catalog_list", list_sandboxes), ("first_minute", first_minute)):
                 for _ in range(50):  # warm-up: the pool's connections, the statement cache
                     await fn()
                 us = []
