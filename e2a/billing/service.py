@@ -130,9 +130,8 @@ class Billing:
             left = self._held.get(user_id, 0) - need
             if left > 0:
                 self._held[user_id] = left
-            else:
+            else:  # (the user's lock stays: a create may be waiting on it)
                 self._held.pop(user_id, None)
-                self._funds_locks.pop(user_id, None)
 
     # ---- what the user sees -----------------------------------------------------------------
 
