@@ -149,14 +149,23 @@ class Server:
         """Returns a new API key for a new user."""
         return re.search(r"api_key=(\S+)", self.admin("create-user", email)).group(1)
 
-    def start(self) -> None:
+    def start(self, attempts: int = 3) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
         log = open(self.base / "server.log", "ab")
+        start = log.tell()
         self.proc = subprocess.Popen([E2A, "serve"], env=self.env(), stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                said = (self.base / "server.log").read_bytes()[start:]
+                if b"Address already in use" in said and attempts > 1:
+                    # free_port() gives a port back to the kernel until e2a binds it, and this
+                    # machine's many connections can take it as their source port meanwhile:
+                    # the inner ports are picked again (clients know only the API port)
+                    self.s3_port, self.egress_port = free_port(), free_port()
+                    log.close()
+                    return self.start(attempts - 1)
                 raise RuntimeError("e2a serve exited:\n" + self.log_tail())
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
