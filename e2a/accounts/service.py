@@ -26,7 +26,7 @@ import math
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Callable
 
 from sqlalchemy import func, select, update
@@ -39,6 +39,7 @@ from e2a.accounts.tokens import LoginTokens
 from e2a.config import Settings
 from e2a.refusal import Refusal
 from e2a.sandboxes.agent_keys import AgentKeys
+from e2a.sandboxes.records import aware, utcnow
 from e2a.store.models import ApiKey, LoginCode, User
 
 WINDOW = 15 * 60                 # seconds every rate limit counts over
@@ -59,15 +60,6 @@ _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 class AccountError(Refusal):
     """A sign-in or key request refused (400, 401, 429, 503, …)."""
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def aware(t: datetime) -> datetime:
-    """SQLite hands back naive datetimes (stored as UTC)."""
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
 def normalise_email(raw: str) -> str:

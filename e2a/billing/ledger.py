@@ -8,21 +8,18 @@ the same ref is a no-op (the database's unique index decides, not a read before 
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from e2a.ids import new_id
+from e2a.sandboxes.records import utcnow
 from e2a.billing.rates import MICRO
 from e2a.store.models import Account, LedgerEntry
 
 KINDS = ("grant", "purchase", "usage", "storage", "refund", "adjustment", "topup_failed")
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def insert(db: AsyncSession, table):

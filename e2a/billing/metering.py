@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Awaitable, Callable
 
 from sqlalchemy import select
@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from e2a.billing import ledger
 from e2a.billing.rates import GIB, Rates, compute_cost, vcpu_milli
-from e2a.sandboxes.records import aware
+from e2a.sandboxes.records import aware, utcnow
 from e2a.store.models import (Account, MeteringCursor, Sandbox, SandboxEvent, SandboxMeter, StorageMeter,
                               Workspace)
 
@@ -35,10 +35,6 @@ log = logging.getLogger("e2a.billing")
 # meter remembers the last event it applied, so a second reading changes nothing).
 SETTLE = timedelta(seconds=5)
 BATCH = 2000
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def ms_between(a: datetime, b: datetime) -> int:

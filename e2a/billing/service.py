@@ -9,7 +9,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 
 from sqlalchemy import Date, cast, func, select, update
@@ -22,7 +22,7 @@ from e2a.billing.stripe_gateway import StripeGateway, StripeUnavailable, Webhook
 from e2a.ids import new_id
 from e2a.refusal import Refusal
 from e2a.sandboxes.host import Catalog, SandboxHost
-from e2a.sandboxes.records import aware
+from e2a.sandboxes.records import aware, utcnow
 from e2a.sandboxes.states import EndReason
 from e2a.store.models import Account, LedgerEntry, Purchase, StripeEvent, User
 from e2a.templates import recipes
@@ -45,10 +45,6 @@ def _text(value) -> str | None:
 
 class BillingError(Refusal):
     """A billing request refused (402, 409, 429, 501, …)."""
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 @dataclass(frozen=True)
