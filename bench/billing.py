@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
@@ -73,7 +72,7 @@ import sqlalchemy.event  # noqa: E402
 from sqlalchemy import func, insert, select, text, update  # noqa: E402
 from sqlalchemy.ext.asyncio import create_async_engine  # noqa: E402
 
-from bench.common import others, pct  # noqa: E402
+from bench.common import others, pct, save  # noqa: E402
 from e2a import auth  # noqa: E402
 from e2a.billing import ledger  # noqa: E402
 from e2a.billing.metering import Metering  # noqa: E402
@@ -589,10 +588,7 @@ def main() -> None:
         shutil.rmtree(BASE, ignore_errors=True)
     out["took_s"] = round(time.perf_counter() - t, 1)
     out["others_at_end"] = others()
-    if RESULTS.exists() and set(args.only.split(",")) != set(PARTS):
-        old = json.loads(RESULTS.read_text())   # a partial run keeps the other parts' figures
-        out = {**old, **out}
-    RESULTS.write_text(json.dumps(out, indent=1) + "\n")
+    save(RESULTS, out, partial=set(args.only.split(",")) != set(PARTS))
     print(f"took {out['took_s']} s; written to {RESULTS}")
 
 

@@ -3,8 +3,10 @@ machine is shared, so each figure is stored with the load beside it)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+from pathlib import Path
 
 
 def pct(values: list[float], p: float) -> float:
@@ -26,3 +28,11 @@ def others() -> dict:
         return len([p for p in out.split() if int(p) != os.getpid()])
     return {"e2a_serve": count("bin/e2a serve"), "pytest": count("pytest"),
             "runsc_sandboxes": count("runsc-sandbox"), "load": load()}
+
+
+def save(results: Path, out: dict, partial: bool) -> None:
+    """Write a run's figures; a partial run (some parts only) keeps the other parts' figures
+    from the file."""
+    if partial and results.exists():
+        out = {**json.loads(results.read_text()), **out}
+    results.write_text(json.dumps(out, indent=1) + "\n")

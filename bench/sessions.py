@@ -91,7 +91,7 @@ from websockets.exceptions import ConnectionClosed
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import load, others as _others, pct  # noqa: E402
+from bench.common import load, others as _others, pct, save  # noqa: E402
 from tests.e2e.server import Server, llm_mock  # noqa: E402
 
 RESULTS = ROOT / "bench" / "sessions.json"
@@ -626,10 +626,7 @@ def main() -> None:
             Path("/tmp/e2a-bench-sessions.log").write_bytes((BASE / "server.log").read_bytes())
         srv.cleanup()
     out["others_at_end"] = others()
-    if RESULTS.exists() and set(args.only.split(",")) != set(PARTS):
-        old = json.loads(RESULTS.read_text())   # a partial run keeps the other parts' figures
-        out = {**old, **out}
-    RESULTS.write_text(json.dumps(out, indent=1) + "\n")
+    save(RESULTS, out, partial=set(args.only.split(",")) != set(PARTS))
     print(f"written to {RESULTS}")
 
 
