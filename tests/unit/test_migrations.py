@@ -33,10 +33,12 @@ def _head() -> str:
     return ScriptDirectory.from_config(cfg).get_current_head()
 
 
-def test_upgrade_from_0002_keeps_sandboxes_and_their_events(tmp_path):
+def _old_store(tmp_path, revision: str):
+    """A store at an older revision holding a user and a destroyed sandbox of theirs: (engine,
+    path, an open sqlite3 connection with foreign keys on, as the server has them)."""
     path = tmp_path / "e2a.db"
     engine = db.make_engine(f"sqlite+aiosqlite:///{path}")
-    _upgrade_to(engine, "0002")
+    _upgrade_to(engine, revision)
     c = sqlite3.connect(path)
     c.execute("PRAGMA foreign_keys=ON")
     c.execute("INSERT INTO users VALUES ('usr_1', 'a@example.com', 0, '2026-11-01')")
@@ -45,6 +47,11 @@ def test_upgrade_from_0002_keeps_sandboxes_and_their_events(tmp_path):
               "max_lifetime_seconds, slot, envd_token, created_at, expires_at) VALUES "
               "('sbx_1', 'usr_1', 'standard', 'destroyed', 1, 0.5, 512, 1, '{}', '{}', 60, "
               "7200, NULL, '', '2026-11-01', '2026-11-01')")
+    return engine, path, c
+
+
+def test_upgrade_from_0002_keeps_sandboxes_and_their_events(tmp_path):
+    engine, path, c = _old_store(tmp_path, "0002")
     c.execute("INSERT INTO sandbox_events (sandbox_id, from_state, to_state, at) VALUES "
               "('sbx_1', 'running', 'destroyed', '2026-11-01')")
     c.commit()
@@ -70,16 +77,7 @@ def test_upgrading_to_credits_bills_none_of_the_feeds_history(tmp_path):
     from e2a.billing.rates import Rates
     from e2a.config import Settings
 
-    path = tmp_path / "e2a.db"
-    engine = db.make_engine(f"sqlite+aiosqlite:///{path}")
-    _upgrade_to(engine, "0006")
-    c = sqlite3.connect(path)
-    c.execute("INSERT INTO users VALUES ('usr_1', 'a@example.com', 0, '2026-11-01')")
-    c.execute("INSERT INTO sandboxes (id, user_id, template, state, vcpu, cpu_fraction, "
-              "memory_mib, internet, metadata, env_vars, idle_timeout_seconds, "
-              "max_lifetime_seconds, slot, envd_token, created_at, expires_at) VALUES "
-              "('sbx_1', 'usr_1', 'standard', 'destroyed', 1, 0.5, 512, 1, '{}', '{}', 60, "
-              "7200, NULL, '', '2026-11-01', '2026-11-01')")
+    engine, path, c = _old_store(tmp_path, "0006")
     for old, new, at in ((None, "creating", "2026-11-01 10:00:00"),
                          ("booting", "running", "2026-11-01 10:00:01"),
                          ("stopping", "destroyed", "2026-11-01 12:00:00")):
