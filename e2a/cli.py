@@ -85,6 +85,7 @@ class _Main(click.Group):
 HINTS = {
     "insufficient_credits": "see your balance with `e2a credits`; buy credits with `e2a credits buy CREDITS`",
     "no_payment_method": "buy credits once with `e2a credits buy CREDITS`: its card is the one auto top-up charges",
+    "resume_failed": "the sandbox is still paused, nothing is lost: `e2a sandbox resume` again may work",
 }
 
 
@@ -351,9 +352,14 @@ def _tools_file(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--env", "env_vars", multiple=True, callback=_key_values, metavar="K=V",
               help="Environment variable for every command (repeatable).")
 @click.option("--metadata", multiple=True, callback=_key_values, metavar="K=V", help="Metadata tag (repeatable).")
-@click.option("--idle-timeout", type=int, help="Destroy after this many idle seconds.")
+@click.option("--idle-timeout", type=int, help="Destroy (or pause: --on-idle) after this many idle seconds.")
 @click.option("--max-lifetime", type=int, help="Destroy after this many seconds in total.")
 @click.option("--internet/--no-internet", default=None, help="Allow outbound internet (server default if unset).")
+@click.option("--on-idle", type=click.Choice(["destroy", "pause"]),
+              help="What the idle timeout does to it [server default: destroy]; a paused one keeps its "
+                   "memory and files until `e2a sandbox resume`.")
+@click.option("--auto-resume", is_flag=True, default=None,
+              help="An exec, files or port call on it while paused resumes it first.")
 @click.option("--workspace", is_flag=True, help="Mount your default workspace on /home/user (kept after the sandbox).")
 @click.option("--app-id", help="Workspace of this app (implies --workspace).")
 @click.option("--capset-id", help="Workspace of this capability set (implies --workspace).")
@@ -378,9 +384,10 @@ def _tools_file(ctx: click.Context, param: click.Parameter, value: str | None) -
                                              "(exit 0 if it succeeded, 1 if not).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole sandbox as JSON.")
 @click.pass_context
-def sandbox_create(ctx, template, env_vars, metadata, idle_timeout, max_lifetime, internet, workspace,
-                   app_id, capset_id, end_user_id, agent, task, model, llm_key_env, llm_vendor, llm_base_url,
-                   system_prompt, tools_file, max_steps, task_timeout, keep_after_task, follow, as_json):
+def sandbox_create(ctx, template, env_vars, metadata, idle_timeout, max_lifetime, internet, on_idle,
+                   auto_resume, workspace, app_id, capset_id, end_user_id, agent, task, model, llm_key_env,
+                   llm_vendor, llm_base_url, system_prompt, tools_file, max_steps, task_timeout,
+                   keep_after_task, follow, as_json):
     """Create a sandbox from TEMPLATE (default: standard) and print its id.
 
     \b
@@ -399,7 +406,8 @@ def sandbox_create(ctx, template, env_vars, metadata, idle_timeout, max_lifetime
                                internet=internet, workspace=scope or (True if workspace else None),
                                agent=agent, llm_key=llm_key, task=_text_arg(task), model=model, llm=llm,
                                system_prompt=system_prompt, tools=tools_file, max_steps=max_steps,
-                               task_timeout_seconds=task_timeout, keep_after_task_seconds=keep_after_task)
+                               task_timeout_seconds=task_timeout, keep_after_task_seconds=keep_after_task,
+                               on_idle=on_idle, auto_resume=auto_resume)
     _print_json(sb.to_dict()) if as_json else click.echo(sb.vm_id)
     if follow:
         ctx.exit(_follow_task(ctx, sb.vm_id, 0, as_json=False, until_finished=True))
@@ -411,7 +419,7 @@ def sandbox_create(ctx, template, env_vars, metadata, idle_timeout, max_lifetime
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def sandbox_ls(ctx, state, metadata, as_json):
-    """List your sandboxes."""
+    """List your sandboxes (a paused one's STATE says the disk it holds)."""
     boxes = _client(ctx).list_sandboxes(state=state, metadata=metadata)
     if as_json:
         return _print_json([b.to_dict() for b in boxes])
@@ -420,14 +428,26 @@ def sandbox_ls(ctx, state, metadata, as_json):
     table = Table(box=None, header_style="bold")
     # Ids and times are copied by people: never wrapped or cut; metadata may fold.
     # Sizes follow from the template, expiry is in `sandbox get`: an 80-column terminal fits.
+    # The disk a paused sandbox holds is in its STATE ("paused 1.5G"): a column of its own
+    # would leave metadata no room at 80 columns.
     table.add_column("VM ID", no_wrap=True, min_width=24)
     for col in ("STATE", "TEMPLATE", "CREATED (UTC)"):
         table.add_column(col, no_wrap=True)
     table.add_column("METADATA")
     for b in boxes:
         meta = ",".join(f"{k}={v}" for k, v in (b.metadata or {}).items())
-        table.add_row(b.vm_id, b.state, b.template, _short_time(b.created_at), meta)
+        state = b.state if b.disk_bytes is None else f"{b.state} {_short_size(b.disk_bytes)}"
+        table.add_row(b.vm_id, state, b.template, _short_time(b.created_at), meta)
     _console().print(table)
+
+
+def _short_size(n: int) -> str:
+    """A size in at most 5 characters, binary units: 900B, 1.5K, 512M, 12G."""
+    value = float(n)
+    for unit in "BKMGT":
+        if value < 999.5 or unit == "T":
+            return f"{value:.0f}{unit}" if unit == "B" or value >= 9.95 else f"{value:.1f}{unit}"
+        value /= 1024
 
 
 def _short_time(ts: str | None) -> str:
@@ -445,6 +465,8 @@ def sandbox_get(ctx, vm_id, as_json):
     if as_json:
         return _print_json(data)
     for key, value in data.items():
+        if key == "disk_bytes" and value is not None:
+            value = f"{value} ({_size(value)})"
         click.echo(f"{key + ':':<22} {json.dumps(value) if isinstance(value, dict) else value}")
 
 
@@ -464,6 +486,55 @@ def sandbox_keepalive(ctx, vm_id):
     """Reset a sandbox's idle timer."""
     sb = _client(ctx).keepalive(vm_id)
     click.echo(f"{sb.vm_id} expires_at={sb.expires_at}")
+
+
+def _paused_line(sb) -> str:
+    """sbx_... paused, 1.2 GiB on disk until 2026-01-02 00:00:00 UTC."""
+    line = f"{sb.vm_id} {sb.state}"
+    held = [f"{_size(sb.disk_bytes)} on disk" if sb.disk_bytes is not None else "",
+            f"until {_short_time(sb.pause_expires_at)} UTC" if sb.pause_expires_at else ""]
+    return line + (", " + " ".join(x for x in held if x) if any(held) else "")
+
+
+@sandbox.command("pause")
+@click.argument("vm_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole sandbox as JSON.")
+@click.pass_context
+def sandbox_pause(ctx, vm_id, as_json):
+    """Pause a running sandbox, keeping its memory and files.
+
+    Its processes stop until `e2a sandbox resume`; it is destroyed when the pause expires (the
+    time printed), unless resumed first."""
+    sb = _client(ctx).pause(vm_id)
+    _print_json(sb.to_dict()) if as_json else click.echo(_paused_line(sb))
+
+
+@sandbox.command("resume")
+@click.argument("vm_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole sandbox as JSON.")
+@click.pass_context
+def sandbox_resume(ctx, vm_id, as_json):
+    """Resume a paused sandbox where it stopped."""
+    sb = _client(ctx).resume(vm_id)
+    _print_json(sb.to_dict()) if as_json else click.echo(f"{sb.vm_id} {sb.state}")
+
+
+@sandbox.command("fork")
+@click.argument("vm_id")
+@click.option("--count", type=click.IntRange(1), default=1, show_default=True,
+              help="How many copies (the server allows up to 10).")
+@click.option("--json", "as_json", is_flag=True, help="Print the new sandboxes as a JSON list.")
+@click.pass_context
+def sandbox_fork(ctx, vm_id, count, as_json):
+    """Copy a running sandbox into new ones and print their ids.
+
+    Each copy starts running with the sandbox's memory and files as they are now; the ids are
+    printed one a line. A sandbox with a workspace cannot be forked."""
+    boxes = _client(ctx).fork(vm_id, count)
+    if as_json:
+        return _print_json([b.to_dict() for b in boxes])
+    for b in boxes:
+        click.echo(b.vm_id)
 
 
 @sandbox.command("logs")

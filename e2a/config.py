@@ -13,7 +13,7 @@ import os
 import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,11 +47,12 @@ _EXPECTED = {
     "metering_interval": "must be a number of seconds from 0.2 to 300",
     "storage_metering_interval": "must be a number of seconds from 0.2 to 86400",
     "checkout_min_credits": "must be an integer of at least 1 (credits)",
+    "paused_ttl": "must be an integer of at least 1 (seconds a paused sandbox is kept)",
 }
 
 # Settings whose value no error line (nor the settings' repr) shows: a bad key is likely a typo
 # of the real one.
-_HIDDEN = {"secrets_key", "secrets_old_keys", "smtp_password", "stripe_secret_key",
+_HIDDEN = {"agent_key", "secrets_key", "secrets_old_keys", "smtp_password", "stripe_secret_key",
            "stripe_webhook_secret"}
 
 
@@ -103,6 +104,13 @@ class Settings(BaseSettings):
     reaper_interval: float = Field(1.0, gt=0, allow_inf_nan=False)
     # Name prefix of every host object (netns, veth, cgroup, runsc id): lets tests run two servers.
     instance: str = "e2a"
+    # The host key every envd token, per-sandbox secret and access token is derived from: at
+    # least 32 characters (e.g. `openssl rand -hex 32`). Empty = generated once into
+    # <data_dir>/agent.key (mode 0600). Replicas of one e2a (docs/kubernetes.md) share it.
+    agent_key: str = Field("", repr=False)
+    # How long a paused sandbox is kept (its checkpoint on disk) before it is destroyed with
+    # end_reason paused_expired (docs/pause.md). 7 days.
+    paused_ttl: int = Field(604_800, ge=1)
     # Seconds between checks that each sandbox's host processes are still alive.
     death_check_interval: float = Field(0.5, gt=0, le=2, allow_inf_nan=False)
     # The largest JSON request body the API accepts.
@@ -112,6 +120,37 @@ class Settings(BaseSettings):
     # first made; each sandbox also has its template's own limit). 0 = half the free space then
     # (at most 64 GiB).
     disk_gib: int = Field(0, ge=0)
+
+    # ---- where sandboxes run (docs/kubernetes.md) ----
+    # "embedded": gVisor sandboxes on this machine (runsc, e2a's own network and disk pool).
+    # "kubernetes": each sandbox a gVisor pod in a cluster, through its API.
+    backend: Literal["embedded", "kubernetes"] = "embedded"
+    # A kubeconfig file; empty: the service account of the pod e2a runs in.
+    kube_config: str = ""
+    # The namespace of the sandboxes' pods, secrets and policies (e2a needs only its verbs there).
+    kube_namespace: str = "e2a-sandboxes"
+    # The RuntimeClass that runs pods in gVisor; e2a refuses to start on a cluster without it.
+    kube_runtime_class: str = "gvisor"
+    # What a sandbox pod requests of the CPU its template may use (its limit): CPU is shared as
+    # on one host, where idle sandboxes hold no core. 1 = a core reserved per vCPU.
+    kube_cpu_request_ratio: float = Field(0.1, gt=0, le=1, allow_inf_nan=False)
+    # What a sandbox pod requests of its memory limit. 1: never overcommitted (a node never runs
+    # out). Below 1 packs more sandboxes on a node (an idle gVisor sandbox touches ~43 MiB of
+    # its 544), at the risk that the node's OOM killer ends some when many use their limit.
+    kube_memory_request_ratio: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    # Where the cluster pulls template images (e2a-<template>:<hash>) from.
+    kube_registry: str = "e2a.local"
+    # Address ranges e2a connects to sandboxes from, besides e2a's own pods in the cluster
+    # (the policies' only ingress): e.g. the node's address on the pod network.
+    kube_api_cidrs: list[str] = Field(default_factory=list)
+    # The resolvers sandboxes use (their policies allow DNS to these alone). Empty: those of
+    # e2a's own /etc/resolv.conf, right for an e2a outside the cluster; one inside it must name
+    # resolvers outside the cluster (its own DNS would resolve, and carry data to, the
+    # cluster's names), and does not start without them.
+    kube_nameservers: list[str] = Field(default_factory=list)
+    # e2a starts only where its NetworkPolicies are proven enforced, unless this accepts that
+    # sandboxes may reach each other and the cluster.
+    kube_allow_unenforced_policies: bool = False
 
     # ---- workspaces (docs/workspaces.md) ----
     # The S3 store of every workspace. Empty endpoint: e2a starts its own S3 server (rclone serve
@@ -291,6 +330,24 @@ class Settings(BaseSettings):
             raise ValueError("must be the http(s) URL of the provider's API root, such as "
                              "https://api.anthropic.com")
         return v.rstrip("/")
+
+    @field_validator("kube_nameservers")
+    @classmethod
+    def _nameservers(cls, v: list[str]) -> list[str]:
+        for ns in v:
+            try:
+                ipaddress.IPv4Address(ns)
+            except ValueError:
+                raise ValueError(f"must be IPv4 addresses, e.g. [\"1.1.1.1\"]; {ns!r} is not "
+                                 "one") from None
+        return v
+
+    @field_validator("agent_key")
+    @classmethod
+    def _agent_key(cls, v: str) -> str:
+        if v and len(v.strip()) < 32:
+            raise ValueError("must be at least 32 characters, e.g. from `openssl rand -hex 32`")
+        return v.strip()
 
     @field_validator("secrets_key", "secrets_old_keys")
     @classmethod

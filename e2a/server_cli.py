@@ -65,7 +65,9 @@ def serve(host: str | None, port: int | None) -> None:
     settings.host = host or settings.host
     settings.port = port or settings.port
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request is noise
+    # one line per proxied request (httpx) or Kubernetes API call (httpx2, lightkube's) is noise
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     # loop="asyncio", not uvloop: asyncio spawns subprocesses with vfork (about 2 ms), libuv with
     # fork (about 18 ms for this process), and every sandbox start runs several (ip, runsc).
     for name in ("uvicorn.error", "uvicorn.access"):  # no URL token in the log
@@ -260,3 +262,24 @@ def build_templates(names: tuple[str, ...]) -> None:
             except Exception as exc:
                 raise click.ClickException(f"building {recipe.image} failed: {exc}; "
                                            f"see {log}") from None
+
+
+@admin.command("image")
+def image() -> None:
+    """Build e2a's own OCI image (cached by content hash) and print its archive and name."""
+    from pathlib import Path
+
+    from e2a.deploy import image as e2a_image
+
+    settings = load_settings()
+    log = settings.cache_dir / "images" / "build.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as out:
+        try:
+            archive, name = e2a_image.build(settings.cache_dir, Path(settings.envd),
+                                            settings.kube_registry, log=out,
+                                            progress=lambda line: click.echo(line, err=True))
+        except Exception as exc:
+            raise click.ClickException(f"building e2a's image failed: {exc}; see {log}") from None
+    click.echo(f"archive={archive}")
+    click.echo(f"image={name}")

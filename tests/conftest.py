@@ -15,6 +15,7 @@ import pytest
 from e2a.sdk import E2A
 from tests.e2e.mailbox import Mailbox, running as _mailbox
 from tests.e2e.server import LlmMock, Server, llm_mock as _llm_mock
+from tests.kube.cluster import cluster, kserver, kube_clients  # noqa: F401  (tests/kube, security)
 
 
 
@@ -29,7 +30,8 @@ def new_server(tag: str) -> Server:
     """Instance names and subnets differ per worker and per tag, so servers never collide."""
     w = worker_index()
     n = {"main": 0, "restart": 1, "pool": 2, "pg": 3, "core": 4, "disk": 5, "ws": 6, "wsbench": 7,
-         "billing": 8, "quota": 9}[tag]
+         "billing": 8, "quota": 9, "pause": 10, "pausesec": 11, "pausebench": 12, "kube": 13,
+         "kubeprobe": 14, "kubepool": 15}[tag]
     return Server(instance=f"t{w}{n}", subnet=f"10.{210 + w}.{n * 16}.0/20",
                   base=Path(f"/tmp/e2a-test/{w}-{tag}"))
 
@@ -134,9 +136,12 @@ def sandbox(alice):
 @pytest.fixture(scope="session")
 def outside(tmp_path_factory):
     """A test host in its own network namespace on a documentation range: the 'internet'. It
-    serves a directory listing at / and a page and a file of the tests' own."""
+    serves a directory listing at / and a page and a file of the tests' own. Half of
+    198.51.100.0/24 per worker: the machines here reach their package registries on
+    203.0.113.80, and a route of the tests' own to 203.0.113.0/24 cut the host off them."""
     w = worker_index()
-    net = ("198.51.100", "203.0.113")[w % 2]
+    low = 128 * (w % 2)
+    host, there = f"198.51.100.{low + 1}/25", f"198.51.100.{low + 2}"
     ns, h, s = f"e2a-inet-test{w}", f"xinet{w}h", f"xinet{w}s"
     site = tmp_path_factory.mktemp("outside")
     (site / "page.html").write_text(
@@ -147,18 +152,18 @@ def outside(tmp_path_factory):
     subprocess.run(["ip", "link", "del", h], capture_output=True)
     cmds = [["ip", "netns", "add", ns],
             ["ip", "link", "add", h, "type", "veth", "peer", "name", s, "netns", ns],
-            ["ip", "addr", "add", f"{net}.1/24", "dev", h], ["ip", "link", "set", h, "up"],
-            ["ip", "-n", ns, "addr", "add", f"{net}.2/24", "dev", s],
+            ["ip", "addr", "add", host, "dev", h], ["ip", "link", "set", h, "up"],
+            ["ip", "-n", ns, "addr", "add", f"{there}/25", "dev", s],
             ["ip", "-n", ns, "link", "set", s, "up"], ["ip", "-n", ns, "link", "set", "lo", "up"]]
     for c in cmds:
         subprocess.run(c, check=True)
     srv = subprocess.Popen(["ip", "netns", "exec", ns, "python3", "-m", "http.server", "80",
-                            "--bind", f"{net}.2", "--directory", str(site)],
+                            "--bind", there, "--directory", str(site)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: subprocess.run(["ip", "netns", "exec", ns, "python3", "-c",
-                                     f"import socket; socket.create_connection(('{net}.2', 80))"],
+                                     f"import socket; socket.create_connection(('{there}', 80))"],
                                     capture_output=True).returncode == 0, timeout=10)
-    yield f"{net}.2"
+    yield there
     srv.kill()
     srv.wait()
     subprocess.run(["ip", "netns", "del", ns], capture_output=True)
@@ -176,6 +181,19 @@ def goto(page, url: str, attempts: int = 5) -> None:
             if "ERR_NETWORK_CHANGED" not in str(exc) or attempt == attempts - 1:
                 raise
             time.sleep(0.5)
+
+
+def goto_once_served(page, url: str, attempts: int = 50) -> None:
+    """page.goto of a server a sandbox started in the background a moment ago: tried again
+    every 200 ms until it answers (the last failure is raised)."""
+    for attempt in range(attempts):
+        try:
+            page.goto(url)
+            return
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            page.wait_for_timeout(200)
 
 
 def wait_for(predicate, timeout: float = 30, interval: float = 0.2):

@@ -73,7 +73,11 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
             await engine.dispose()
             raise
         app.state.keys = auth.KeyCache()
-        manager = Manager(settings, app.state.sessions)
+        if settings.backend == "kubernetes":  # docs/kubernetes.md
+            from e2a.kube.host import KubeHost
+            manager = KubeHost(settings, app.state.sessions)
+        else:
+            manager = Manager(settings, app.state.sessions)
         # The API sees the manager only through its two interfaces (sandboxes/host.py).
         app.state.host, app.state.catalog = manager, manager.catalog
         app.state.workspaces = manager.workspaces

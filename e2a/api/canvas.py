@@ -70,6 +70,13 @@ async def _render(request: Request, sid: str, port: int, req: RenderRequest) -> 
         else f"file://{CANVAS_DIR}/"
     async with _opened((502, "browser_unreachable", "the sandbox's Chromium did not answer",
                         None)):
+        if req.html is not None:  # the string's base URL is the canvas, which may not exist yet
+            up = await host.agent_request(sid, "POST", "/files/mkdir", json={
+                "path": CANVAS_DIR, "parents": True, "user": "user"})
+            try:
+                await up.response.read()  # a failure shows in the render's own error
+            finally:
+                up.close()
         path = await browser_ws_path(host, sid, port)
         up = await host.agent_websocket(sid, f"/proxy/{port}{path}",
                                         max_size=_largest_answer(req))

@@ -10,7 +10,7 @@ from e2a import auth
 from e2a.accounts.tokens import InvalidToken, looks_like_jwt
 from e2a.api.errors import ApiError
 from e2a.auth import Caller
-from e2a.sandboxes.host import Catalog, SandboxHost, SandboxRecord
+from e2a.sandboxes.host import Catalog, PauseFailed, SandboxHost, SandboxRecord, WrongState
 
 
 def host(request: Request) -> SandboxHost:
@@ -101,8 +101,32 @@ async def owned_sandbox(app, user: Caller, sandbox_id: str) -> SandboxRecord:
 
 
 async def running_sandbox(app, user: Caller, sandbox_id: str) -> str:
-    """The id of the caller's running sandbox (answered from memory on the hot path)."""
-    return require_running(await owned_sandbox(app, user, sandbox_id))
+    """The id of the caller's running sandbox (answered from memory on the hot path). A paused
+    one created with auto_resume is resumed first (docs/pause.md)."""
+    return require_running(await awake(app, user, await owned_sandbox(app, user, sandbox_id)))
+
+
+async def awake(app, user: Caller, rec: SandboxRecord) -> SandboxRecord:
+    if rec.state == "paused" and rec.auto_resume:
+        return await resume_sandbox(app, user, rec, wake=True)
+    return rec
+
+
+async def resume_sandbox(app, user: Caller, rec: SandboxRecord,
+                         wake: bool = False) -> SandboxRecord:
+    """Resume, after the funds check a create makes (it runs, so it costs again). `wake`: a
+    call into an auto_resume sandbox, for which one already running again is fine."""
+    try:
+        async with app.state.billing.funds_for(user.id, rec.template):
+            return await app.state.host.resume(rec.id, wake=wake)
+    except WrongState as exc:
+        raise wrong_state(exc) from exc
+    except PauseFailed as exc:
+        raise ApiError(503, "resume_failed", str(exc), "vm_id") from exc
+
+
+def wrong_state(exc: WrongState) -> ApiError:
+    return ApiError(409, "invalid_state", str(exc), "vm_id")
 
 
 def require_running(rec: SandboxRecord) -> str:

@@ -173,9 +173,11 @@ async def view_page(request: Request, token: str) -> HTMLResponse:
     # The VNC servers' passwords, for this page's noVNC: the view server's, and the control
     # server's when the link may take control (both servers are reachable only through e2a).
     keys = tokens(request)
-    config = {"view": keys.vnc_password(grant.sandbox_id, "view"),
-              "control": None if grant.view_only else keys.vnc_password(grant.sandbox_id,
-                                                                          "control")}
+    # A fork's VNC servers run from its origin's memory, with its origin's passwords.
+    rec = await request.app.state.catalog.get(grant.sandbox_id)
+    owner = (rec.secrets_of if rec else None) or grant.sandbox_id
+    config = {"view": keys.vnc_password(owner, "view"),
+              "control": None if grant.view_only else keys.vnc_password(owner, "control")}
     page = VIEW_PAGE.replace("{{SANDBOX}}", html.escape(grant.sandbox_id)).replace(
         "{{CONFIG}}", json.dumps(config))
     return HTMLResponse(page, headers={"Cache-Control": "no-store",

@@ -9,7 +9,7 @@ import json
 from fastapi import Request, WebSocket
 
 from e2a.api.access import AccessTokens, Grant
-from e2a.api.deps import current_user, owned_sandbox, require_running
+from e2a.api.deps import awake, current_user, owned_sandbox, require_running
 from e2a.api.errors import ApiError
 from e2a.api.proxy import Slots
 from e2a.templates import recipes
@@ -31,7 +31,7 @@ async def sandbox_with(request: Request, vm_id: str, endpoint: str, what: str) -
         with_it = [n for n in recipes.available() if endpoint_port(n, endpoint)]
         raise ApiError(409, "wrong_template", f"sandbox {rec.id} is a {rec.template} sandbox; "
                        f"{what} is in {' and '.join(with_it)} sandboxes", "vm_id")
-    request.app.state.host.touch(require_running(rec))
+    request.app.state.host.touch(require_running(await awake(request.app, user, rec)))
     return rec.id, port
 
 

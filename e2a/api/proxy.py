@@ -26,7 +26,7 @@ from e2a.api.schemas import (CommandRequest, MkdirRequest, RenameRequest, Signal
                              StdinRequest)
 from e2a.auth import Caller
 from e2a.runtime.runsc import ENVD_PORT
-from e2a.sandboxes.host import (NotRunning, SandboxHost, TooManyConnections, Unreachable,
+from e2a.sandboxes.host import (PAUSED, NotRunning, SandboxHost, TooManyConnections, Unreachable,
                                 Upstream)
 
 router = APIRouter(prefix="/v1/sandboxes/{vm_id}", tags=["inside a sandbox"])
@@ -94,7 +94,11 @@ async def _unless_client_leaves(request: Request, opening) -> Upstream:
 
 
 def _ended_event(up: Upstream, exc: BaseException | None) -> bytes:
-    if up.ended is not None:
+    if up.ended == PAUSED:
+        event = {"type": "error", "code": "sandbox_paused", "reason": PAUSED,
+                 "message": "the sandbox was paused; the command is paused with it: after a "
+                            "resume, reconnect with GET /commands/{pid}"}
+    elif up.ended is not None:
         event = {"type": "error", "code": "sandbox_ended", "reason": up.ended.value,
                  "message": f"the sandbox ended ({up.ended.value}) before the command did"}
     else:
@@ -527,7 +531,14 @@ async def _relay(client: WebSocket, up: Upstream) -> None:
                 t.result()
         if downward in done and upward not in done:  # the sandbox's side ended: say why
             await up.settle()
-        if up.ended is not None:
+        if up.ended == PAUSED:
+            with contextlib.suppress(Exception):
+                await client.send_text(json.dumps({
+                    "type": "error", "code": "sandbox_paused", "reason": PAUSED,
+                    "message": "the sandbox was paused"}))
+            with contextlib.suppress(Exception):
+                await client.close(code=1012, reason="sandbox paused")
+        elif up.ended is not None:
             with contextlib.suppress(Exception):
                 await client.send_text(json.dumps({
                     "type": "error", "code": "sandbox_ended", "reason": up.ended.value,

@@ -1,21 +1,25 @@
-"""Sandbox lifecycle routes: create, list, get, destroy, keepalive, the event feed."""
+"""Sandbox lifecycle routes: create, list, get, destroy, keepalive, the event feed, and pause,
+resume and fork (docs/pause.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
-from e2a.api.deps import catalog, current_user, host, owned_sandbox
+from e2a.api.deps import (catalog, current_user, host, owned_sandbox, resume_sandbox,
+                          wrong_state)
 from e2a.api.errors import ApiError
-from e2a.api.schemas import (CreateSandbox, SandboxEventsOut, SandboxOut, reserved_env_key)
+from e2a.api.schemas import (CreateSandbox, ForkOut, ForkRequest, SandboxEventsOut, SandboxOut,
+                             reserved_env_key)
 from e2a.api.tasks import agent_config
 from e2a.auth import Caller
 from e2a.sandboxes.host import (Catalog, Conflict, CreateFailed, CreateSpec, DeletedDuringCreate,
-                                NoCapacity, SandboxHost, SandboxRecord, Unavailable,
-                                UserLimit)
+                                NoCapacity, NotForkable, PauseFailed, SandboxHost, SandboxRecord,
+                                Unavailable, UserLimit, WrongState)
 from e2a.sandboxes.states import EndReason, State
 from e2a.templates import recipes
 from e2a.workspaces.scope import Scope
@@ -33,7 +37,9 @@ def out(rec: SandboxRecord) -> SandboxOut:
         metadata=rec.metadata, idle_timeout_seconds=rec.idle_timeout_seconds,
         max_lifetime_seconds=rec.max_lifetime_seconds, created_at=rec.created_at,
         expires_at=rec.expires_at, destroyed_at=rec.destroyed_at, end_reason=rec.end_reason,
-        workspace_id=rec.workspace_id)
+        workspace_id=rec.workspace_id, on_idle=rec.on_idle, auto_resume=rec.auto_resume,
+        paused_at=rec.paused_at, pause_expires_at=rec.pause_expires_at,
+        disk_bytes=rec.disk_bytes, forked_from=rec.forked_from)
 
 
 @router.post("", status_code=201, response_model=SandboxOut,
@@ -62,7 +68,8 @@ async def create_sandbox(request: Request, req: CreateSandbox,
     spec = CreateSpec(
         user_id=user.id, template=req.template, env_vars=req.env_vars, metadata=req.metadata,
         idle_timeout=idle, max_lifetime=req.max_lifetime_seconds, internet=req.internet,
-        params=params, workspace=_workspace_scope(req, user))
+        params=params, workspace=_workspace_scope(req, user), on_idle=req.on_idle,
+        auto_resume=req.auto_resume)
     # 402 unless the balance pays a minute of it and of the user's other sandboxes
     async with request.app.state.billing.funds_for(user.id, req.template):
         rec = await _create(sandboxes, spec)
@@ -71,19 +78,28 @@ async def create_sandbox(request: Request, req: CreateSandbox,
     return out(rec)
 
 
-async def _create(sandboxes: SandboxHost, spec: CreateSpec) -> SandboxRecord:
+@contextlib.contextmanager
+def _no_room():
+    """What a create and a fork are refused for alike: no room on the host, the user's limit,
+    no runtime."""
     try:
-        return await sandboxes.create(spec)
+        yield
     except NoCapacity as exc:
         raise ApiError(409, "no_capacity", str(exc)) from exc
     except UserLimit as exc:
         raise ApiError(429, "sandbox_limit", str(exc)) from exc
+    except Unavailable as exc:
+        raise ApiError(503, "runtime_unavailable", str(exc)) from exc
+
+
+async def _create(sandboxes: SandboxHost, spec: CreateSpec) -> SandboxRecord:
+    try:
+        with _no_room():
+            return await sandboxes.create(spec)
     except DeletedDuringCreate as exc:
         raise ApiError(409, "sandbox_deleted", str(exc)) from exc
     except Conflict as exc:
         raise ApiError(409, "workspace_busy", str(exc), "workspace") from exc
-    except Unavailable as exc:
-        raise ApiError(503, "runtime_unavailable", str(exc)) from exc
     except CreateFailed as exc:
         raise ApiError(503, "create_failed", str(exc)) from exc
 
@@ -181,3 +197,49 @@ async def events(request: Request, vm_id: str, user: Caller = Depends(current_us
     """Every state transition of the sandbox, oldest first, each with its reason."""
     rec = await owned_sandbox(request.app, user, vm_id)
     return SandboxEventsOut(events=[asdict(e) for e in await cat.events(rec.id)])
+
+
+# ---- pause, resume, fork (docs/pause.md) ---------------------------------------------------
+
+@router.post("/{vm_id}/pause", response_model=SandboxOut,
+             responses={401: {}, 404: {}, 409: {}, 503: {}})
+async def pause(request: Request, vm_id: str, user: Caller = Depends(current_user),
+                sandboxes: SandboxHost = Depends(host)) -> SandboxOut:
+    """Save the sandbox (memory, processes, files) to disk and free its CPU and memory."""
+    rec = await owned_sandbox(request.app, user, vm_id)
+    try:
+        return out(await sandboxes.pause(rec.id))
+    except WrongState as exc:
+        raise wrong_state(exc) from exc
+    except PauseFailed as exc:
+        raise ApiError(503, "pause_failed", str(exc), "vm_id") from exc
+
+
+@router.post("/{vm_id}/resume", response_model=SandboxOut,
+             responses={401: {}, 402: {}, 404: {}, 409: {}, 503: {}})
+async def resume(request: Request, vm_id: str, user: Caller = Depends(current_user)) -> SandboxOut:
+    """Bring a paused sandbox back where it was: same id, processes, files and address."""
+    rec = await owned_sandbox(request.app, user, vm_id)
+    return out(await resume_sandbox(request.app, user, rec))
+
+
+@router.post("/{vm_id}/fork", status_code=201, response_model=ForkOut,
+             responses={400: {}, 401: {}, 402: {}, 404: {}, 409: {}, 429: {}, 503: {}})
+async def fork(request: Request, vm_id: str, req: ForkRequest | None = None,
+               user: Caller = Depends(current_user),
+               sandboxes: SandboxHost = Depends(host)) -> ForkOut:
+    """`count` new sandboxes from one checkpoint of a running one: each its own id, network and
+    writable layer, all carrying on from the same moment. The original keeps running."""
+    count = req.count if req else 1
+    rec = await owned_sandbox(request.app, user, vm_id)
+    try:
+        async with request.app.state.billing.funds_for(user.id, rec.template, count):
+            with _no_room():
+                forks = await sandboxes.fork(rec.id, count)
+    except WrongState as exc:
+        raise wrong_state(exc) from exc
+    except NotForkable as exc:
+        raise ApiError(409, "not_forkable", str(exc), "vm_id") from exc
+    except (CreateFailed, PauseFailed) as exc:
+        raise ApiError(503, "fork_failed", str(exc)) from exc
+    return ForkOut(sandboxes=[out(r) for r in forks])

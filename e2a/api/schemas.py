@@ -106,6 +106,10 @@ class CreateSandbox(BaseModel):
     resolution: str | None = Field(default=None, max_length=16)
     # A persistent /home/user (docs/workspaces.md): true for the defaults, or its scope.
     workspace: WorkspaceRequest | None = None
+    # What an idle sandbox does: "destroy" (documented default) or "pause" (docs/pause.md).
+    on_idle: Literal["destroy", "pause"] = "destroy"
+    # A call into the sandbox (commands, files, ports) while it is paused resumes it first.
+    auto_resume: bool = False
 
     @field_validator("workspace", mode="before")
     @classmethod
@@ -134,6 +138,24 @@ class SandboxOut(BaseModel):
     end_reason: str | None = None
     # The workspace mounted on /home/user, if any (GET /v1/workspaces/{id}).
     workspace_id: str | None = None
+    # Pause, resume and fork (docs/pause.md). While paused: since when, until when it is kept
+    # (then destroyed: paused_expired), and the disk it holds (writable layer and checkpoint).
+    on_idle: str = "destroy"
+    auto_resume: bool = False
+    paused_at: datetime | None = None
+    pause_expires_at: datetime | None = None
+    disk_bytes: int | None = None
+    forked_from: str | None = None
+
+
+class ForkRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    count: int = Field(default=1, ge=1, le=10)
+
+
+class ForkOut(BaseModel):
+    sandboxes: list[SandboxOut]
 
 
 class SandboxEventOut(BaseModel):

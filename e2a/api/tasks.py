@@ -46,6 +46,9 @@ async def agent_config(req: CreateSandbox, settings: Settings) -> AgentConfig | 
             raise ApiError(400, "invalid_field", "task_timeout_seconds and "
                            "keep_after_task_seconds apply only with an agent", "agent")
         return None
+    if settings.backend == "kubernetes":  # the egress proxy's grants are one process's
+        raise ApiError(501, "agent_not_available", "agents are not on the Kubernetes backend "
+                       "yet (docs/kubernetes.md)", "agent")
     if req.agent not in AGENTS:
         raise ApiError(501, "agent_not_available", f"agent {req.agent!r} is not available "
                        f"(available: {', '.join(AGENTS)})", "agent")

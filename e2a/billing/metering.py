@@ -8,7 +8,9 @@ the whole time minus what was charged before (billing/rates.py), in the same tra
 meter's new mark, so a tick cut off by a crash or a SIGKILL leaves nothing half done, and the
 next one charges exactly what is owed: no interval twice, none skipped.
 
-Storage is charged every `storage_metering_interval` from each workspace's measured size.
+Storage is charged every `storage_metering_interval` from each workspace's measured size. A
+paused sandbox's disk (its writable layer and checkpoint) is storage too, charged at the same
+rate by the compute ticks, for the size each pause held (on its `paused` event).
 """
 
 from __future__ import annotations
@@ -187,7 +189,8 @@ class Metering:
                 sandbox_id=sb.id, user_id=sb.user_id, template=sb.template, vcpu_milli=milli,
                 memory_mib=sb.memory_mib, rate_num=self.rates.rate_num(milli, sb.memory_mib),
                 open_since=aware(ev.at), closed_ms=0, billed_ms=0, charged_micro=0,
-                last_event_id=ev.id, finished=False)
+                last_event_id=ev.id, finished=False, paused_since=None, paused_bytes=0,
+                paused_byte_s=0, storage_billed_byte_s=0, storage_charged_micro=0)
         meter.last_event_id = ev.id
         if meter.finished:
             return meter
@@ -196,10 +199,22 @@ class Metering:
         elif ev.to_state in ("paused", "destroyed") and meter.open_since is not None:
             meter.closed_ms += ms_between(meter.open_since, ev.at)
             meter.open_since = None
+        if ev.from_state == "paused" and meter.paused_since is not None:
+            self._unpause(meter, ev.at)
+        if ev.to_state == "paused":
+            meter.paused_since, meter.paused_bytes = aware(ev.at), ev.disk_bytes or 0
         if ev.to_state == "destroyed":
             meter.finished = True
+            self._unpause(meter, ev.at)
             self._charge(meter, meter.closed_ms, tick)
+            self._charge_paused(meter, meter.paused_byte_s, tick)
         return meter
+
+    @staticmethod
+    def _unpause(meter: SandboxMeter, at: datetime) -> None:
+        if meter.paused_since is not None:
+            meter.paused_byte_s += meter.paused_bytes * ms_between(meter.paused_since, at) // 1000
+            meter.paused_since, meter.paused_bytes = None, 0
 
     async def _charge_open(self, db: AsyncSession, now: datetime, tick: Tick) -> None:
         meters = (await db.execute(
@@ -207,15 +222,21 @@ class Metering:
             .join(Sandbox, Sandbox.id == SandboxMeter.sandbox_id)
             .where(SandboxMeter.finished.is_(False)))).all()
         for meter, state, destroyed_at in meters:
-            if state == "destroyed" and meter.open_since is not None:
+            if state == "destroyed" and (meter.open_since or meter.paused_since) is not None:
                 # Destroyed without a `destroyed` event (a row marked after a crash): closed
                 # when its row says it ended.
-                end = aware(destroyed_at) or now
-                meter.closed_ms += ms_between(meter.open_since, min(end, now))
+                end = min(aware(destroyed_at) or now, now)
+                if meter.open_since is not None:
+                    meter.closed_ms += ms_between(meter.open_since, end)
+                self._unpause(meter, end)
                 meter.open_since, meter.finished = None, True
             total = meter.closed_ms + (ms_between(meter.open_since, now)
                                        if meter.open_since is not None else 0)
             self._charge(meter, total, tick)
+            paused = meter.paused_byte_s + (
+                meter.paused_bytes * ms_between(meter.paused_since, now) // 1000
+                if meter.paused_since is not None else 0)
+            self._charge_paused(meter, paused, tick)
 
     @staticmethod
     def _charge(meter: SandboxMeter, total_ms: int, tick: Tick) -> None:
@@ -236,6 +257,26 @@ class Metering:
             ref=f"usage:{meter.sandbox_id}:{total_ms}", sandbox_id=meter.sandbox_id,
             template=meter.template, vcpu_seconds=vcpu * delta_ms / 1000,
             gib_seconds=meter.memory_mib / 1024 * delta_ms / 1000))
+        tick.charged.add(meter.user_id)
+
+    def _charge_paused(self, meter: SandboxMeter, byte_s: int, tick: Tick) -> None:
+        """Charge the sandbox's paused disk up to `byte_s` byte-seconds, as `_charge` does. A
+        share worth less than a micro-credit waits for the next tick (an idle paused sandbox's
+        2 MiB come to one micro-credit every ~3 minutes): no rows of 0."""
+        done = meter.storage_billed_byte_s
+        if byte_s <= done:
+            return
+        cost = self.rates.storage_cost(byte_s)
+        amount = cost - meter.storage_charged_micro
+        if amount <= 0:
+            return
+        meter.storage_billed_byte_s, meter.storage_charged_micro = byte_s, cost
+        gib_hours = (byte_s - done) / GIB / 3600
+        tick.entries.append(ledger.entry(
+            meter.user_id, -amount, "storage",
+            f"paused {meter.template} sandbox {meter.sandbox_id}: {gib_hours:.6f} GiB-hours on "
+            "disk", ref=f"paused:{meter.sandbox_id}:{byte_s}", sandbox_id=meter.sandbox_id,
+            template=meter.template, gib_hours=gib_hours))
         tick.charged.add(meter.user_id)
 
     # ---- storage ----------------------------------------------------------------------------

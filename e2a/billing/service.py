@@ -99,11 +99,12 @@ class Billing:
                                           recipe.memory_mib)
 
     @contextlib.asynccontextmanager
-    async def funds_for(self, user_id: str, template: str):
-        """Around a create: 402 `insufficient_credits` unless the balance pays a minute of the
-        new sandbox and of every sandbox the user already runs or is creating; that minute is
-        held while the create runs, so creates sent at once cannot all pass one check."""
-        need = self.first_minute(template)
+    async def funds_for(self, user_id: str, template: str, count: int = 1):
+        """Around a create (or a resume, or a fork of `count`): 402 `insufficient_credits` unless
+        the balance pays a minute of the new sandboxes and of every sandbox the user already
+        runs or is creating; that minute is held while the create runs, so creates sent at once
+        cannot all pass one check."""
+        need = self.first_minute(template) * count
         async with self._funds_locks.setdefault(user_id, asyncio.Lock()):
             have = (await self.account(user_id)).balance_micro
             running = sum(60 * self.rates.per_second(vcpu_milli(r.vcpu, r.cpu_fraction),
@@ -116,8 +117,9 @@ class Billing:
                           "sandboxes you already have" if running + held else "")
                 raise BillingError(
                     402, "insufficient_credits",
-                    f"your balance is {show(have)} credits; the first minute of a {template} "
-                    f"sandbox costs {show(need)}{others}. Buy credits (POST "
+                    f"your balance is {show(have)} credits; the first minute of "
+                    f"{f'{count} {template} sandboxes' if count > 1 else f'a {template} sandbox'}"
+                    f" costs {show(need)}{others}. Buy credits (POST "
                     "/v1/billing/checkout) or turn on auto top-up")
             self._held[user_id] = held + need
         try:

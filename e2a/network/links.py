@@ -55,14 +55,22 @@ async def create(link: Link) -> None:
             f"link add {link.host_if} type veth peer name eth0 netns {link.netns}\n"
             f"addr add {link.host_ip}/30 dev {link.host_if}\n"
             f"link set {link.host_if} up\n").encode())
-        await proc.run(["ip", "-n", link.netns, "-batch", "-"], stdin=(
-            f"addr add {link.sandbox_ip}/30 dev eth0\n"
-            "link set eth0 up\n"
-            "link set lo up\n"
-            f"route add default via {link.host_ip}\n").encode())
+        await arm(link)
     except BaseException:
         await destroy(link)
         raise
+
+
+async def arm(link: Link) -> None:
+    """Give the namespace's eth0 the sandbox's address and route. runsc takes them over when
+    the sandbox starts (they move into gVisor's netstack and are gone from eth0), so a restore
+    (resume, fork) in the same namespace needs them put back: runsc reads them from there.
+    Idempotent."""
+    await proc.run(["ip", "-n", link.netns, "-batch", "-"], stdin=(
+        f"addr replace {link.sandbox_ip}/30 dev eth0\n"
+        "link set eth0 up\n"
+        "link set lo up\n"
+        f"route replace default via {link.host_ip}\n").encode())
 
 
 async def destroy(link: Link) -> None:

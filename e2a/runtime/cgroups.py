@@ -70,6 +70,15 @@ class Cgroup:
             if f.exists():
                 f.write_text(str(limit_bytes))
 
+    def prepare_memory(self, limit_bytes: int) -> None:
+        """Make the memory cgroup before runsc does, with `limit_bytes`: runsc then uses it as
+        it is ("pre-created") instead of setting the OCI spec's limit. A restore needs this:
+        it loads the sandbox's whole memory before returning, past the spec's limit when the
+        sandbox had used its margin, and runsc refuses a spec whose limit differs from the
+        checkpointed one."""
+        self._memory_dir().mkdir(parents=True, exist_ok=True)
+        self.set_memory_limit(limit_bytes)
+
     def memory_limit(self) -> int:
         """The host limit in bytes (a very large number when unlimited)."""
         d = self._memory_dir()

@@ -24,7 +24,15 @@ together.
 Deleting a subvolume is removing its directory (SandboxDir does it, after the overlay is
 unmounted); the kernel drops the subvolume at the next transaction commit, which destroy starts,
 and (this kernel, 6.18) its qgroup with it. The qgroups of dropped subvolumes that older kernels
-leave are removed here (`remove_stale_qgroups`), after each destroy and at start.
+leave are removed here (`remove_stale_qgroups`), after each destroy and at start, but only once
+the drop is accounted (their numbers are zero).
+
+The limits hold only while btrfs's quota accounting is consistent. Removing a qgroup whose
+numbers are not zero yet, or dropping a subvolume whose tree is deeper than the kernel's
+`drop_subtree_threshold`, marks it inconsistent, and from then on this kernel stops accounting
+(BTRFS_QGROUP_RUNTIME_FLAG_NO_ACCOUNTING): every sandbox could write past its limit, measured
+here (300 MiB written into a 100 MiB volume). So the pool traces every drop (threshold at its
+maximum), removes only zeroed qgroups, and `keep_consistent` rescans if the flag is ever set.
 """
 
 from __future__ import annotations
@@ -61,9 +69,13 @@ def _ioc(direction: int, nr: int, size: int) -> int:
 SUBVOL_CREATE_V2 = _ioc(_W, 24, 4096)  # struct btrfs_ioctl_vol_args_v2
 TREE_SEARCH = _ioc(_RW, 17, 4096)
 START_SYNC = _ioc(_R, 24, 8)
+WAIT_SYNC = _ioc(_W, 22, 8)
 QUOTA_CTL = _ioc(_RW, 40, 16)
 QGROUP_CREATE = _ioc(_W, 42, 16)
 QGROUP_LIMIT = _ioc(_R, 43, 48)  # declared _IOR in the kernel header, though it writes
+QUOTA_RESCAN = _ioc(_W, 44, 64)  # struct btrfs_ioctl_quota_rescan_args
+QUOTA_RESCAN_WAIT = _ioc(0, 46, 0)
+FS_INFO = _ioc(_R, 31, 1024)  # struct btrfs_ioctl_fs_info_args: max_id, num_devices, fsid...
 
 QUOTA_CTL_ENABLE = 1
 QGROUP_LIMIT_MAX_RFER = 1
@@ -76,7 +88,10 @@ QGROUP_INHERIT_SET_LIMITS = 1 << 0
 POOL_QGROUP = (1 << 48) | 1
 POOL_HEADROOM = 0.10  # of the pool, at least 256 MiB
 ROOT_TREE, QUOTA_TREE = 1, 8
-ROOT_BACKREF_KEY, QGROUP_INFO_KEY = 144, 242
+ROOT_BACKREF_KEY, QGROUP_STATUS_KEY, QGROUP_INFO_KEY = 144, 240, 242
+STATUS_INCONSISTENT = 1 << 2  # BTRFS_QGROUP_STATUS_FLAG_INCONSISTENT
+_QGROUP_INFO = struct.Struct("=5Q")  # generation, rfer, rfer_cmpr, excl, excl_cmpr
+MAX_LEVEL = 8  # BTRFS_MAX_LEVEL: a drop_subtree_threshold no tree reaches
 FIRST_FREE_OBJECTID = 256  # inode number of a subvolume's root; lowest subvolume id
 _SEARCH_KEY = struct.Struct("=7Q4I4Q")    # struct btrfs_ioctl_search_key (104 bytes)
 _SEARCH_HEADER = struct.Struct("=3Q2I")   # struct btrfs_ioctl_search_header (32 bytes)
@@ -139,6 +154,7 @@ async def ensure_pool(sandboxes_dir: Path, size_gib: int = 0) -> None:
         raise PoolError(f"{sandboxes_dir} is a {fstype} mount, not e2a's btrfs disk pool")
     with _opendir(sandboxes_dir) as fd:
         fcntl.ioctl(fd, QUOTA_CTL, bytearray(struct.pack("=QQ", QUOTA_CTL_ENABLE, 0)))
+        fcntl.ioctl(fd, QUOTA_RESCAN_WAIT)  # the first scan, which enabling starts
         try:
             fcntl.ioctl(fd, QGROUP_CREATE, bytearray(struct.pack("=QQ", 1, POOL_QGROUP)))
         except FileExistsError:
@@ -146,6 +162,12 @@ async def ensure_pool(sandboxes_dir: Path, size_gib: int = 0) -> None:
         st = os.fstatvfs(fd)
         size = st.f_blocks * st.f_frsize
         _limit(fd, POOL_QGROUP, size - max(int(size * POOL_HEADROOM), 256 * MiB))
+    # Account every dropped subvolume however deep its tree (slower drops, in the kernel's
+    # cleaner thread) rather than give up and mark the quota inconsistent.
+    threshold = _qgroups_sysfs(sandboxes_dir, "drop_subtree_threshold")
+    if threshold.exists():  # Linux 6.2 on; older kernels always account drops
+        threshold.write_text(str(MAX_LEVEL))
+    keep_consistent(sandboxes_dir)
     os.chmod(sandboxes_dir, 0o700)
 
 
@@ -267,6 +289,16 @@ def commit(pool: Path) -> None:
         fcntl.ioctl(fd, START_SYNC, bytearray(8))
 
 
+def commit_and_wait(pool: Path) -> None:
+    """Commit the running transaction and wait for it. Quota accounting of shared extents
+    (reflinks) happens at the commit: until then a subvolume's count leaves them out, and
+    writes into it pass its limit by as much."""
+    with _opendir(pool) as fd:
+        transid = bytearray(8)
+        fcntl.ioctl(fd, START_SYNC, transid)
+        fcntl.ioctl(fd, WAIT_SYNC, transid)
+
+
 def volume_qgroups(pool: Path) -> list[int]:
     """The ids of the pool's subvolume qgroups (level 0, not the top level's)."""
     with _opendir(pool) as fd:
@@ -283,8 +315,12 @@ def stale_qgroups(pool: Path) -> list[int]:
 
 def remove_qgroup(pool: Path, qgroup: int) -> bool:
     """Remove a deleted subvolume's qgroup. False while the kernel still drops the subvolume
-    (EBUSY from Linux 6.8 on; the kernel then removes the qgroup itself, or the next sweep)."""
+    (EBUSY from Linux 6.8 on; the kernel then removes the qgroup itself, or the next sweep), or
+    has dropped it but not yet committed the accounting of that: the kernel then still counts
+    bytes in the qgroup, and removing it would mark the whole quota inconsistent."""
     with _opendir(pool) as fd:
+        if _qgroup_numbers(fd, qgroup) not in (None, (0, 0)):
+            return False
         try:
             fcntl.ioctl(fd, QGROUP_CREATE, bytearray(struct.pack("=QQ", 0, qgroup)))
         except OSError as exc:
@@ -301,11 +337,58 @@ def remove_stale_qgroups(pool: Path) -> list[int]:
     return [q for q in stale_qgroups(pool) if remove_qgroup(pool, q)]
 
 
+def inconsistent(pool: Path) -> bool:
+    """Whether btrfs's quota accounting is marked inconsistent (limits no longer hold): the
+    kernel's own flag in sysfs, or where a kernel has none there, the status item on disk (as
+    of the last commit)."""
+    try:
+        return _qgroups_sysfs(pool, "inconsistent").read_text().strip() == "1"
+    except FileNotFoundError:
+        with _opendir(pool) as fd:
+            for _, _, data in _items(fd, QUOTA_TREE, 0, 0, QGROUP_STATUS_KEY):
+                return bool(struct.unpack_from("=4Q", data)[2] & STATUS_INCONSISTENT)
+        return False
+
+
+def keep_consistent(pool: Path) -> bool:
+    """If the quota accounting is inconsistent, start a rescan that makes it whole again (the
+    kernel clears the mark when it ends). True if one was started."""
+    if not inconsistent(pool):
+        return False
+    log.warning("the disk pool's quota accounting is inconsistent (sandboxes could write past "
+                "their limits): rescanning it")
+    with _opendir(pool) as fd:
+        try:
+            fcntl.ioctl(fd, QUOTA_RESCAN, bytearray(64))
+        except OSError as exc:
+            if exc.errno != errno.EINPROGRESS:
+                raise
+    return True
+
+
 # ---- ioctl helpers ---------------------------------------------------------------------------
 
 def _limit(fd: int, qgroup: int, max_rfer: int) -> None:
     fcntl.ioctl(fd, QGROUP_LIMIT, bytearray(struct.pack(
         "=6Q", qgroup, QGROUP_LIMIT_MAX_RFER, max_rfer, 0, 0, 0)))
+
+
+def _qgroup_numbers(fd: int, qgroup: int) -> tuple[int, int] | None:
+    """A qgroup's referenced and exclusive bytes as of the last commit; None if it has none."""
+    for _, _, data in _items(fd, QUOTA_TREE, 0, 0, QGROUP_INFO_KEY, qgroup, qgroup):
+        _, rfer, _, excl, _ = _QGROUP_INFO.unpack_from(data)
+        return rfer, excl
+    return None
+
+
+def _qgroups_sysfs(pool: Path, name: str) -> Path:
+    """A file of the pool's /sys/fs/btrfs/<fsid>/qgroups."""
+    with _opendir(pool) as fd:
+        buf = bytearray(1024)
+        fcntl.ioctl(fd, FS_INFO, buf)
+    fsid = buf[16:32].hex()
+    uuid = f"{fsid[:8]}-{fsid[8:12]}-{fsid[12:16]}-{fsid[16:20]}-{fsid[20:]}"
+    return Path("/sys/fs/btrfs") / uuid / "qgroups" / name
 
 
 @contextmanager
@@ -320,6 +403,13 @@ def _opendir(path: Path):
 def _search(fd: int, tree: int, min_obj: int, max_obj: int, key_type: int,
             min_off: int = 0, max_off: int = 2**64 - 1) -> list[tuple[int, int]]:
     """Keys (objectid, offset) of one item type in a btrfs tree (BTRFS_IOC_TREE_SEARCH)."""
+    return [(o, off) for o, off, _ in _items(fd, tree, min_obj, max_obj, key_type, min_off,
+                                             max_off)]
+
+
+def _items(fd: int, tree: int, min_obj: int, max_obj: int, key_type: int,
+           min_off: int = 0, max_off: int = 2**64 - 1) -> list[tuple[int, int, bytes]]:
+    """Items (objectid, offset, data) of one item type in a btrfs tree."""
     found = []
     while True:
         buf = bytearray(4096)
@@ -334,7 +424,7 @@ def _search(fd: int, tree: int, min_obj: int, max_obj: int, key_type: int,
             _, objectid, offset, typ, length = _SEARCH_HEADER.unpack_from(buf, pos)
             pos += _SEARCH_HEADER.size
             if typ == key_type:
-                found.append((objectid, offset))
+                found.append((objectid, offset, bytes(buf[pos:pos + length])))
             pos += length
             last = (objectid, offset)
         # Next batch: after the last key seen (objectid, then offset, within the one type).

@@ -15,6 +15,7 @@ gVisor reports, for gVisor's own overhead.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import os
@@ -48,6 +49,11 @@ _CAPS = [
 # standard sandbox holds 17 MiB (docs/runtime.md, "Memory"); with this margin a process inside can
 # use about what MemTotal says (a python got 488 MiB of 512 without it, 520 with it).
 MEMORY_OVERHEAD_MIB = 32
+# Host memory a restore needs beyond the running sandbox's limit, and only while it restores:
+# the Sentry maps the whole saved memory and builds its kernel state on its own heap at once, so
+# a sandbox that used all of its memory went past its limit and the restore was OOM-killed. The
+# limit goes back to the running one right after (if the kernel can reclaim down to it).
+RESTORE_MARGIN_MIB = 64
 # oom_score_adj of the systrap stub processes (one per process in the sandbox): the highest, so
 # that the host's OOM killer takes one of them, not the Sentry (which would kill the sandbox).
 STUB_OOM_SCORE_ADJ = 1000
@@ -73,7 +79,6 @@ class SandboxSpec:
     cgroup: Cgroup
     memory_overhead_mib: int = MEMORY_OVERHEAD_MIB  # host limit = memory_mib + this
     nproc_limit: int = 0  # RLIMIT_NPROC inside: tasks per user; 0: TASKS_PER_MIB × memory_mib
-    sandbox_ip: str = "0.0.0.0"  # envd listens on this address only (the sandbox's own)
     env: dict[str, str] = field(default_factory=dict)  # the template's, and envd's settings
     home: Path | None = None  # bound on /home/user: the workspace's mount (else the image's)
 
@@ -84,7 +89,10 @@ def oci_config(spec: SandboxSpec) -> dict:
         "ociVersion": "1.0.2",
         "process": {
             "user": {"uid": 0, "gid": 0},
-            "args": [ENVD_PATH, "--listen", f"{spec.sandbox_ip}:{ENVD_PORT}"],
+            # Every address: a fork restored from this sandbox's checkpoint has another one
+            # (docs/pause.md), and its envd must answer there too. envd holds the port without
+            # SO_REUSEADDR, so nothing inside can bind it on any address beside it.
+            "args": [ENVD_PATH, "--listen", f"0.0.0.0:{ENVD_PORT}"],
             "env": [
                 "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 f"E2A_ENVD_TOKEN={spec.envd_token}",
@@ -129,6 +137,22 @@ def oci_config(spec: SandboxSpec) -> dict:
     }
 
 
+def rebase(config: dict, spec: SandboxSpec) -> dict:
+    """Another sandbox's OCI config for the sandbox of `spec` (a fork restored from the other's
+    checkpoint): its own root, /tmp, network namespace and cgroup. The process, its environment
+    and every mount's destination stay: runsc refuses a restore whose spec differs in those."""
+    config = copy.deepcopy(config)
+    config["root"]["path"] = str(spec.rootfs)
+    for mount in config["mounts"]:
+        if mount["destination"] == "/tmp":
+            mount["source"] = str(spec.bundle_dir / "tmp")
+    for ns in config["linux"]["namespaces"]:
+        if ns["type"] == "network":
+            ns["path"] = spec.netns_path
+    config["linux"]["cgroupsPath"] = spec.cgroup.path
+    return config
+
+
 class RunscError(Exception):
     """runsc failed to answer a question about its containers."""
 
@@ -146,18 +170,35 @@ class Runsc:
 
     async def start(self, spec: SandboxSpec) -> None:
         """Create and start the sandbox; returns once its init (envd) runs."""
+        self._bundle(spec, oci_config(spec))
+        await self._launch(spec, ["run", "--detach", "--bundle", str(spec.bundle_dir),
+                                  spec.runtime_id])
+
+    async def restore(self, spec: SandboxSpec, image: Path, config: dict | None = None) -> None:
+        """Start the sandbox from a checkpoint in `image`: its processes carry on where they
+        were saved. `config` (a fork's) replaces the bundle's config.json; without it the
+        bundle's own is used (a resume: the spec must match the checkpointed one)."""
+        if config is not None:
+            self._bundle(spec, config)
+        spec.cgroup.prepare_memory(
+            (spec.memory_mib + spec.memory_overhead_mib + RESTORE_MARGIN_MIB) << 20)
+        await self._launch(spec, ["restore", "--detach", "--bundle", str(spec.bundle_dir),
+                                  "--image-path", str(image), spec.runtime_id], restored=True)
+
+    @staticmethod
+    def _bundle(spec: SandboxSpec, config: dict) -> None:
         spec.bundle_dir.mkdir(parents=True, exist_ok=True)
         tmp = spec.bundle_dir / "tmp"
         tmp.mkdir(exist_ok=True)
         tmp.chmod(0o1777)
-        (spec.bundle_dir / "config.json").write_text(json.dumps(oci_config(spec)))
+        (spec.bundle_dir / "config.json").write_text(json.dumps(config))
+
+    async def _launch(self, spec: SandboxSpec, command: list[str], restored: bool = False) -> None:
         console = os.open(spec.bundle_dir / "console.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                           0o600)
         try:
-            args = self._base(spec.platform) + [
-                "--overlay2", "none",  # the rootfs is already an overlay, on the host
-                "run", "--detach", "--bundle", str(spec.bundle_dir), spec.runtime_id,
-            ]
+            # the rootfs is already an overlay, on the host
+            args = self._base(spec.platform) + ["--overlay2", "none", *command]
             # The sandbox inherits the console fd as its stdout/stderr (envd's own log).
             p = await asyncio.create_subprocess_exec(
                 *args, stdin=asyncio.subprocess.DEVNULL, stdout=console, stderr=console)
@@ -167,16 +208,31 @@ class Runsc:
         if code != 0:
             tail = (spec.bundle_dir / "console.log").read_text(errors="replace")[-800:]
             raise proc.CommandFailed(args, code, tail)
-        self._memory_after_boot(spec)
+        self._memory_after_boot(spec, restored)
+
+    async def checkpoint(self, runtime_id: str, image: Path, leave_running: bool = False) -> None:
+        """Save the sandbox's memory and kernel state to `image` (a directory). Without
+        `leave_running` the sandbox stops once saved (its host processes exit); with it, it
+        carries on (a paused one stays paused)."""
+        await proc.run(self._base() + ["checkpoint", "--image-path", str(image),
+                                       *(["--leave-running"] if leave_running else []),
+                                       runtime_id], timeout=300)
+
+    async def freeze(self, runtime_id: str) -> None:
+        """Stop every task of the sandbox where it is (`runsc pause`), memory kept."""
+        await proc.run(self._base() + ["pause", runtime_id], timeout=30)
+
+    async def thaw(self, runtime_id: str) -> None:
+        await proc.run(self._base() + ["resume", runtime_id], timeout=30)
 
     @staticmethod
-    def _memory_after_boot(spec: SandboxSpec) -> None:
+    def _memory_after_boot(spec: SandboxSpec, restored: bool = False) -> None:
         """The limit gVisor read at boot (MemTotal) stays; the host's grows by the overhead. And
         the host's OOM killer is pointed at the sandbox's processes, not at the Sentry. Either
         failing leaves a working sandbox with a stricter limit or the old OOM behaviour."""
         try:
             if spec.platform == "systrap":
-                stubs_first_for_oom(spec.cgroup)
+                stubs_first_for_oom(spec.cgroup, restored)
         except OSError as exc:
             log.warning("%s: could not steer the OOM killer at the stubs: %s", spec.runtime_id, exc)
         if spec.memory_overhead_mib > 0:
@@ -222,7 +278,7 @@ def _ppid_and_start(pid: int) -> tuple[int, int]:
     return int(fields[1]), int(fields[19])  # ppid, start time in clock ticks
 
 
-def stubs_first_for_oom(cgroup: Cgroup) -> int:
+def stubs_first_for_oom(cgroup: Cgroup, restored: bool = False) -> int:
     """Make the host's OOM killer take a process of the sandbox, not the sandbox.
 
     When the sandbox's cgroup reaches its limit, the kernel kills the process with the highest
@@ -234,6 +290,11 @@ def stubs_first_for_oom(cgroup: Cgroup) -> int:
     oom_score_adj: set to 1000 there, it puts every later process of the sandbox ahead of the
     Sentry and the gofer (which stay at the host's value), envd's own stub staying where it was.
     Raising the value needs no privilege (lowering the Sentry's would, CAP_SYS_RESOURCE).
+
+    After a restore (`restored`) the stubs of every restored process exist already, made from
+    the source before this runs: each is set too. envd's among them (nothing tells which it
+    is): the killer then chooses among stubs by their resident memory, which holds the guest
+    memory they map, so it takes the process that used the memory, not envd.
 
     Returns the source stub's pid; OSError if it is not found."""
     procs = cgroup.procs()
@@ -253,7 +314,12 @@ def stubs_first_for_oom(cgroup: Cgroup) -> int:
     if not candidates:
         raise OSError("no systrap source stub in the sandbox's cgroup")
     source = min(candidates, key=lambda p: (info[p][1], p))
-    Path(f"/proc/{source}/oom_score_adj").write_text(str(STUB_OOM_SCORE_ADJ))
+    for pid in info if restored else [source]:
+        try:
+            Path(f"/proc/{pid}/oom_score_adj").write_text(str(STUB_OOM_SCORE_ADJ))
+        except (FileNotFoundError, ProcessLookupError):  # exited meanwhile
+            if pid == source:
+                raise
     return source
 
 

@@ -16,9 +16,14 @@ from pathlib import Path
 
 
 class AgentKeys:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, key: str = ""):
+        """`key` (the setting E2A_AGENT_KEY) when given; else the file at `path`, made once."""
         self.path = path
-        self._key = self._load_or_create()
+        self._key = key.encode() if key else self._load_or_create()
+
+    @classmethod
+    def of(cls, settings) -> AgentKeys:
+        return cls(settings.data_dir / "agent.key", settings.agent_key)
 
     def _load_or_create(self) -> bytes:
         self.path.parent.mkdir(parents=True, exist_ok=True)

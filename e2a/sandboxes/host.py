@@ -58,6 +58,22 @@ class NotRunning(Exception):
         self.state = state
 
 
+class WrongState(Exception):
+    """Pause, resume or fork asked of a sandbox in a state that does not allow it (409)."""
+
+    def __init__(self, message: str, state: str):
+        super().__init__(message)
+        self.state = state
+
+
+class NotForkable(Exception):
+    """The sandbox cannot be forked (it has a workspace; 409)."""
+
+
+class PauseFailed(Exception):
+    """Saving or restoring a sandbox failed; it is left in the state it was in (503)."""
+
+
 class Unreachable(Exception):
     """Nothing answered inside the sandbox (502)."""
 
@@ -87,6 +103,13 @@ class SandboxRecord:
     destroyed_at: datetime | None = None
     end_reason: str | None = None
     workspace_id: str | None = None
+    on_idle: str = "destroy"
+    auto_resume: bool = False
+    paused_at: datetime | None = None
+    pause_expires_at: datetime | None = None
+    disk_bytes: int | None = None
+    forked_from: str | None = None
+    secrets_of: str | None = None  # not shown: whose per-sandbox secrets it holds (a fork's)
 
 
 @dataclass
@@ -109,6 +132,8 @@ class CreateSpec:
     internet: bool = True
     params: dict[str, str] = field(default_factory=dict)  # the template's (e.g. resolution)
     workspace: Scope | None = None  # mounted on /home/user; None: the home is the sandbox's own
+    on_idle: str = "destroy"  # or "pause"
+    auto_resume: bool = False  # a call into it while paused resumes it
 
 
 class Catalog(ABC):
@@ -122,6 +147,10 @@ class Catalog(ABC):
     async def events(self, sandbox_id: str) -> list[SandboxEventRecord]: ...
 
 
+# What `Upstream.ended` says when the connection was cut because its sandbox was paused.
+PAUSED = "paused"
+
+
 class Upstream:
     """One open connection from the API into a sandbox (an HTTP answer being streamed, or a
     WebSocket). While it is open the sandbox counts as in use; when the sandbox dies the host
@@ -130,7 +159,7 @@ class Upstream:
     def __init__(self, sandbox_id: str, conn: Any, on_close):
         self.sandbox_id = sandbox_id
         self.conn = conn                    # aiohttp.ClientResponse or a websockets connection
-        self.ended: EndReason | None = None
+        self.ended: EndReason | str | None = None  # why the host cut it (or PAUSED)
         self._aborted = asyncio.Event()
         self._on_close = on_close
         self._closed = False
@@ -139,8 +168,9 @@ class Upstream:
     def response(self) -> aiohttp.ClientResponse:
         return self.conn
 
-    async def abort(self, reason: EndReason) -> None:
-        """The sandbox is going: cut the connection so whoever reads it stops at once."""
+    async def abort(self, reason: EndReason | str) -> None:
+        """The sandbox is going (or pausing): cut the connection so whoever reads it stops at
+        once."""
         self.ended = reason
         self._aborted.set()
         conn = self.conn
@@ -185,6 +215,19 @@ class SandboxHost(ABC):
 
     @abstractmethod
     async def destroy(self, sandbox_id: str, reason: EndReason) -> None: ...
+
+    @abstractmethod
+    async def pause(self, sandbox_id: str) -> SandboxRecord:
+        """Save a running sandbox to disk and free its CPU and memory (docs/pause.md)."""
+
+    @abstractmethod
+    async def resume(self, sandbox_id: str, wake: bool = False) -> SandboxRecord:
+        """Bring a paused sandbox back, processes and all. `wake`: for a call into a sandbox
+        created with auto_resume, one that runs already is no error."""
+
+    @abstractmethod
+    async def fork(self, sandbox_id: str, count: int) -> list[SandboxRecord]:
+        """`count` new sandboxes restored from one checkpoint of a running one."""
 
     @abstractmethod
     def list(self) -> list[str]:

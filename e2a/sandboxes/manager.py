@@ -20,51 +20,43 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
-
-import aiohttp
-import websockets
-from yarl import URL
+from typing import Awaitable, Callable, TypeVar
 
 from e2a.config import Settings
 from e2a.ids import new_id
 from e2a.network import links
 from e2a.network.firewall import Firewall, host_nameservers
 from e2a.runtime import cgroups, quota
-from e2a.runtime.runsc import Runsc
-from e2a.sandboxes import envd, resources, states
+from e2a.runtime.runsc import MEMORY_OVERHEAD_MIB, Runsc, rebase
+from e2a.sandboxes import envd, resources
 from e2a.sandboxes.agent_keys import AgentKeys
-from e2a.sandboxes.host import (Conflict, CreateFailed, CreateSpec, DeletedDuringCreate,
-                                NoCapacity, NotRunning, SandboxHost, SandboxRecord,
-                                TooManyConnections, Unavailable, Unreachable, Upstream,
-                                UserLimit)
+from e2a.sandboxes.connections import Connections
+from e2a.sandboxes.lifecycle import Lifecycle
+from e2a.sandboxes.host import (PAUSED, Conflict, CreateFailed, CreateSpec,
+                                NoCapacity, NotForkable, NotRunning,
+                                PauseFailed, SandboxHost, SandboxRecord, Unavailable, Upstream,
+                                UserLimit, WrongState)
 from e2a.sandboxes.hostlog import HostLog
-from e2a.sandboxes.records import Records, StoreCatalog, aware, utcnow
+from e2a.sandboxes.records import Records, StoreCatalog, aware, pause_expiry, utcnow
 from e2a.sandboxes.states import EndReason, State
 from e2a.sandboxes.watch import DeathWatch, runsc_processes
 from e2a.store.models import Sandbox
 from e2a.templates import builder, recipes
+from e2a.templates.recipes import DEFAULT_DISK_MIB
 from e2a.workspaces.service import MountPlan, WorkspaceBusy, Workspaces
 
 log = logging.getLogger("e2a.sandboxes")
 T = TypeVar("T")
+R = TypeVar("R", bound=resources.Resource)
 
 POOL_LIFETIME = 7200  # a warm sandbox's own limits until a user claims it
-# Open connections into one sandbox (command streams, file transfers, PTYs, proxied requests):
-# one more is refused with 429 rather than queued behind the others.
-MAX_CONNECTIONS_PER_SANDBOX = 128
-# The port proxy gives up on an app that accepts but does not answer: connect, and the gap
-# between two reads of its answer (headers or body).
-PORT_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
-AGENT = "the sandbox's agent"
 OOM_RECENT = 5.0  # seconds: see LiveSandbox.oom_rose_at
-# WebSocket messages from a sandbox (PTY output, a proxied app): at most 4 MiB each and 2
-# waiting, so a client that stops reading makes the server hold a few MiB, not hundreds.
-WS_MAX_MESSAGE = 4 * 1024 * 1024
+# A paused sandbox's checkpoint: a subvolume in its directory, with room for its memory.
+CHECKPOINT = "checkpoint"
+CHECKPOINT_MARGIN_MIB = 64
+# A fork's checkpoint and copied layer, in the sandboxes directory while the forks start.
+FORK_STAGE = "fork-"
 SECRET_LENGTH = 8  # of a template's per-sandbox secrets: VNC's authentication uses 8 characters
-# Failures that may mean the sandbox is gone: it refused, dropped or never answered the link.
-SANDBOX_SIDE_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
-                       aiohttp.ServerTimeoutError, asyncio.TimeoutError, ConnectionResetError)
 
 
 class StartupError(Exception):
@@ -103,6 +95,14 @@ class LiveSandbox:
     oom_kills_seen: int = 0
     oom_rose_at: float = float("-inf")
     probing: bool = False
+    # Pause, resume and fork (docs/pause.md).
+    on_idle: str = "destroy"
+    auto_resume: bool = False
+    paused_at: datetime | None = None
+    disk_bytes: int | None = None
+    forked_from: str | None = None
+    secrets_of: str | None = None  # whose per-sandbox secrets its memory holds (a fork's origin)
+    pausing: bool = False  # being saved: nothing new may connect
 
     @property
     def id(self) -> str:
@@ -119,7 +119,7 @@ class LiveSandbox:
     def touch(self) -> None:
         self.last_activity = time.monotonic()
 
-    def record(self, node: str) -> SandboxRecord:
+    def record(self, node: str, paused_ttl: int) -> SandboxRecord:
         return SandboxRecord(
             id=self.id, user_id=self.user_id, node=node, template=self.template,
             state=self.state.value, vcpu=self.vcpu, cpu_fraction=self.cpu_fraction,
@@ -127,7 +127,10 @@ class LiveSandbox:
             idle_timeout_seconds=self.idle_timeout, max_lifetime_seconds=self.max_lifetime,
             created_at=self.created_at, expires_at=self.expires_at,
             end_reason=self.end_reason.value if self.end_reason else None,
-            workspace_id=self.workspace_id)
+            workspace_id=self.workspace_id, on_idle=self.on_idle, auto_resume=self.auto_resume,
+            paused_at=self.paused_at,
+            pause_expires_at=pause_expiry(self.paused_at, paused_ttl),
+            disk_bytes=self.disk_bytes, forked_from=self.forked_from, secrets_of=self.secrets_of)
 
     @property
     def workspace_id(self) -> str | None:
@@ -150,7 +153,7 @@ async def retry(what: str, fn: Callable[[], Awaitable[T]], attempts: int = 3,
     raise AssertionError("unreachable")
 
 
-class Manager(SandboxHost):
+class Manager(Lifecycle, Connections, SandboxHost):
     def __init__(self, settings: Settings, sessions,
                  kinds: tuple[type[resources.Resource], ...] = resources.KINDS):
         self.settings = settings
@@ -165,8 +168,9 @@ class Manager(SandboxHost):
         self.workspaces = Workspaces(settings, sessions)
         self.env.rclone, self.env.workspaces = settings.rclone, self.workspaces
         self.records = Records(sessions)
-        self.keys = AgentKeys(settings.data_dir / "agent.key")
-        self.catalog = StoreCatalog(self.records, self._live_record, self.node)
+        self.keys = AgentKeys.of(settings)
+        self.catalog = StoreCatalog(self.records, self._live_record, self.node,
+                                    settings.paused_ttl)
         self.hostlog = HostLog(settings.data_dir / "logs")
         self.http = envd.make_client()
         # Health checks have a client of their own, so they never wait behind a tenant's streams.
@@ -242,9 +246,12 @@ class Manager(SandboxHost):
 
     # ---- the catalog's view of live sandboxes ----------------------------------------------
 
+    def _record(self, sb: LiveSandbox) -> SandboxRecord:
+        return sb.record(self.node, self.settings.paused_ttl)
+
     def _live_record(self, sandbox_id: str) -> SandboxRecord | None:
         sb = self.sandboxes.get(sandbox_id)
-        return sb.record(self.node) if sb is not None else None
+        return self._record(sb) if sb is not None else None
 
     def list(self) -> list[str]:
         return list(self.sandboxes)
@@ -254,15 +261,6 @@ class Manager(SandboxHost):
 
     def workspace_mounted(self, workspace_id: str) -> bool:
         return self.workspaces.leased(workspace_id)
-
-    # ---- state -----------------------------------------------------------------------------
-
-    async def _move(self, sb: LiveSandbox, new: State, reason: str | None = None,
-                    detail: str | None = None, **values: Any) -> None:
-        """The one way a sandbox changes state: checked, written with its event, then true."""
-        states.check(sb.id, sb.state, new)
-        await self.records.transition(sb.id, sb.state, new, reason, detail, **values)
-        sb.state = new
 
     # ---- create ----------------------------------------------------------------------------
 
@@ -277,11 +275,9 @@ class Manager(SandboxHost):
                 if claimed is not None:
                     return claimed
             sb = await self._launch(recipe, spec)
-            return sb.record(self.node)
+            return self._record(sb)
         finally:
-            self._creating[spec.user_id] -= 1
-            if not self._creating[spec.user_id]:
-                del self._creating[spec.user_id]
+            self._count_out(spec.user_id)
 
     def _count_in(self, user_id: str) -> None:
         """Count a create of the user's, or refuse it past E2A_MAX_SANDBOXES_PER_USER. Creates
@@ -294,8 +290,14 @@ class Manager(SandboxHost):
                             "included); end one first")
         self._creating[user_id] = self._creating.get(user_id, 0) + 1
 
+    def _count_out(self, user_id: str) -> None:
+        self._creating[user_id] -= 1
+        if not self._creating[user_id]:
+            del self._creating[user_id]
+
     def _reserve(self, recipe: recipes.Recipe, spec: CreateSpec, image: Path,
-                 workspace: MountPlan | None = None) -> LiveSandbox:
+                 workspace: MountPlan | None = None,
+                 origin: LiveSandbox | None = None) -> LiveSandbox:
         """Take capacity and a network slot, with no await between the check and the taking:
         concurrent creates can never pass the check together. Warm sandboxes count too."""
         if len(self.sandboxes) >= self.settings.max_sandboxes:
@@ -306,20 +308,29 @@ class Manager(SandboxHost):
             raise NoCapacity("no free network slot")
         now = utcnow()
         sid = new_id("sbx")
-        plan = resources.Plan(
-            id=sid, slot=slot, internet=spec.internet, token=self.keys.token(sid), image=image,
-            memory_mib=recipe.memory_mib, disk_mib=recipe.disk_mib,
-            platform=self.settings.platform or recipe.platform, workspace=workspace,
-            env=sandbox_env(recipe, {**spec.params, **{
-                name: self.keys.secret(name, sid, SECRET_LENGTH)
-                for name in recipe.secrets}})).bind(self.env)
+        if origin is not None:  # a fork: its memory, and so its secrets, are its origin's
+            plan = resources.Plan(
+                id=sid, slot=slot, internet=spec.internet, token=origin.plan.token, image=image,
+                memory_mib=origin.memory_mib, disk_mib=recipe.disk_mib,
+                platform=origin.plan.platform, env=origin.plan.env).bind(self.env)
+        else:
+            plan = resources.Plan(
+                id=sid, slot=slot, internet=spec.internet, token=self.keys.token(sid),
+                image=image, memory_mib=recipe.memory_mib, disk_mib=recipe.disk_mib,
+                platform=self.settings.platform or recipe.platform, workspace=workspace,
+                env=sandbox_env(recipe, {**spec.params, **{
+                    name: self.keys.secret(name, sid, SECRET_LENGTH)
+                    for name in recipe.secrets}})).bind(self.env)
         sb = LiveSandbox(
             plan=plan, units=resources.units_for(self.env, plan, self.kinds), user_id=spec.user_id,
             template=recipe.name, vcpu=recipe.vcpu, cpu_fraction=recipe.cpu_fraction,
             memory_mib=recipe.memory_mib, cpu_quota_us=recipe.cpu_quota_us,
             metadata=spec.metadata, idle_timeout=spec.idle_timeout,
             max_lifetime=spec.max_lifetime, created_at=now,
-            expires_at=now + timedelta(seconds=spec.max_lifetime))
+            expires_at=now + timedelta(seconds=spec.max_lifetime), on_idle=spec.on_idle,
+            auto_resume=spec.auto_resume)
+        if origin is not None:
+            sb.forked_from, sb.secrets_of = origin.id, origin.secrets_of or origin.id
         self.sandboxes[plan.id] = sb
         self.slots[slot] = plan.id
         return sb
@@ -341,34 +352,27 @@ class Manager(SandboxHost):
             if workspace is not None:
                 self.workspaces.release(workspace)
             raise
-        row = Sandbox(
-            id=sb.id, user_id=spec.user_id, template=recipe.name, state=State.CREATING.value,
-            vcpu=recipe.vcpu, cpu_fraction=recipe.cpu_fraction, memory_mib=recipe.memory_mib,
-            internet=spec.internet, metadata_=spec.metadata, env_vars=spec.env_vars,
-            idle_timeout_seconds=spec.idle_timeout, max_lifetime_seconds=spec.max_lifetime,
-            slot=sb.plan.slot, envd_token="", created_at=sb.created_at,
-            expires_at=sb.expires_at, workspace_id=sb.workspace_id)
         try:
-            await self.records.insert(row, "create" if spec.user_id else "warm_pool")
+            await self.records.insert(self._row(sb, spec.env_vars),
+                                      "create" if spec.user_id else "warm_pool")
         except BaseException:
             self._release(sb)
             if workspace is not None:
                 self.workspaces.release(workspace)
             raise
-        sb.boot_task = asyncio.create_task(self._boot(sb, spec.env_vars), name=f"boot {sb.id}")
-        try:
-            await asyncio.shield(sb.boot_task)
-        except asyncio.CancelledError:
-            me = asyncio.current_task()
-            if sb.boot_task.cancelled() and not (me and me.cancelling()):
-                raise DeletedDuringCreate(f"sandbox {sb.id} was deleted while it was being "
-                                          "created") from None
-            raise
-        except (NoCapacity, Unavailable):
-            raise
-        except Exception as exc:
-            raise CreateFailed(f"sandbox {sb.id} could not start: {exc}") from exc
+        await self._boot_and_wait(sb, self._boot(sb, spec.env_vars))
         return sb
+
+    @staticmethod
+    def _row(sb: LiveSandbox, env_vars: dict[str, str]) -> Sandbox:
+        return Sandbox(
+            id=sb.id, user_id=sb.user_id, template=sb.template, state=State.CREATING.value,
+            vcpu=sb.vcpu, cpu_fraction=sb.cpu_fraction, memory_mib=sb.memory_mib,
+            internet=sb.plan.internet, metadata_=sb.metadata, env_vars=env_vars,
+            idle_timeout_seconds=sb.idle_timeout, max_lifetime_seconds=sb.max_lifetime,
+            slot=sb.plan.slot, envd_token="", created_at=sb.created_at,
+            expires_at=sb.expires_at, workspace_id=sb.workspace_id, on_idle=sb.on_idle,
+            auto_resume=sb.auto_resume, forked_from=sb.forked_from, secrets_of=sb.secrets_of)
 
     async def _plan_workspace(self, spec: CreateSpec) -> MountPlan:
         """Find (or make) the scope's workspace, size its mount and lease it (so that it cannot
@@ -474,14 +478,16 @@ class Manager(SandboxHost):
                 sb.user_id, sb.metadata = spec.user_id, spec.metadata
                 sb.idle_timeout, sb.max_lifetime = spec.idle_timeout, spec.max_lifetime
                 sb.created_at, sb.expires_at = now, now + timedelta(seconds=spec.max_lifetime)
+                sb.on_idle, sb.auto_resume = spec.on_idle, spec.auto_resume
                 sb.touch()
                 await self.records.claim(
                     sid, spec.user_id, spec.metadata, internet=spec.internet,
                     env_vars=spec.env_vars, idle_timeout_seconds=spec.idle_timeout,
                     max_lifetime_seconds=spec.max_lifetime, created_at=sb.created_at,
-                    expires_at=sb.expires_at)
+                    expires_at=sb.expires_at, on_idle=spec.on_idle,
+                    auto_resume=spec.auto_resume)
                 self.hostlog.write(sid, f"handed out from the warm pool to {spec.user_id}")
-                return sb.record(self.node)
+                return self._record(sb)
         return None
 
     async def _pool_filler(self) -> None:
@@ -551,74 +557,275 @@ class Manager(SandboxHost):
         except (OSError, ValueError):
             return  # no CPU accounting here: nothing to wait for
 
-    # ---- destroy ---------------------------------------------------------------------------
+    # ---- pause, resume, fork (docs/pause.md) -----------------------------------------------
 
-    async def destroy(self, sandbox_id: str, reason: EndReason, detail: str | None = None) -> None:
-        """Remove a sandbox; returns once it is destroyed (or, if a step failed, left in
-        `stopping` for the reaper to finish). Safe to call concurrently and repeatedly."""
+    def _user_sandbox(self, sandbox_id: str) -> LiveSandbox:
         sb = self.sandboxes.get(sandbox_id)
-        if sb is None:
-            return
-        boot = sb.boot_task
-        if boot is not None and not boot.done() and boot is not asyncio.current_task():
-            if sb.end_reason is None:  # the first to stop a boot cancels it; the others wait
-                sb.end_reason = reason
-                boot.cancel()  # its own failure path stops the sandbox, holding the lock
-            await asyncio.wait([boot])
+        if sb is None or sb.user_id is None:
+            raise WrongState(f"sandbox {sandbox_id} is destroyed", State.DESTROYED.value)
+        return sb
+
+    @staticmethod
+    def _must_be(sb: LiveSandbox, state: State, to_be: str) -> None:
+        """WrongState (409) unless the sandbox is in `state`, naming the state it is in."""
+        if sb.state is not state:
+            raise WrongState(f"sandbox {sb.id} is {sb.state.value}; only a {state.value} "
+                             f"sandbox can be {to_be}", sb.state.value)
+
+    async def pause(self, sandbox_id: str) -> SandboxRecord:
+        sb = self._user_sandbox(sandbox_id)
         async with sb.lock:
-            await self._stop(sb, reason, detail)
+            self._must_be(sb, State.RUNNING, "paused")
+            await self._pause(sb)
+        return self._record(sb)
+
+    async def _pause(self, sb: LiveSandbox) -> None:
+        """Save the sandbox's memory and kernel state (runsc checkpoint), end its host
+        processes and cgroup, flush its workspace to S3 and unmount it. Its network link,
+        writable layer and directory stay, for the resume. The caller holds `sb.lock`."""
+        t0 = time.perf_counter()
+        image = sb.plan.dir / CHECKPOINT
+        sb.pausing = True  # from here nothing new connects (`_running`)
+        try:
+            try:
+                if image.exists():  # a failed attempt's
+                    await resources.remove_dir(image)
+                await asyncio.to_thread(quota.create_volume, image, self._image_limit(sb))
+            except Exception as exc:
+                raise PauseFailed(f"sandbox {sb.id} could not be paused (no room for its "
+                                  f"checkpoint: {exc}); it runs on") from exc
+            self.watch.unwatch(sb.id)  # its processes are about to exit: no death
+            try:
+                await self.runsc.checkpoint(sb.plan.runtime_id, image)
+            except Exception as exc:
+                await self._pause_failed(sb, image, exc)
+            # Saved and stopped: its connections get no answer any more (their far end was in
+            # the Sentry), so they are cut now, saying why. Not before: a pause that fails
+            # leaves them be.
+            await asyncio.gather(*(up.abort(PAUSED) for up in list(sb.upstreams)),
+                                 return_exceptions=True)
+            await self._saved(sb, t0)
+        finally:
+            sb.pausing = False
+
+    async def _saved(self, sb: LiveSandbox, t0: float | None = None) -> None:
+        """The checkpoint is saved: from here on the sandbox is paused whatever else fails
+        (what is left of its container or cgroup goes at the resume or the destroy). `t0`:
+        when the pause began (None: a pause cut off by a restart of e2a)."""
+        try:
+            await self.runsc.delete(sb.plan.runtime_id)
+            await resources.empty_and_remove(self._cgroup(sb))
+        except Exception as exc:
+            log.warning("%s: host processes left at pause: %s", sb.id, exc)
+        await self._unmount_workspace(sb)
+        disk = await asyncio.to_thread(self._disk_bytes, sb)
+        now = utcnow()
+        how = (f"in {1000 * (time.perf_counter() - t0):.0f} ms" if t0 is not None
+               else "(its pause was cut off by a restart of e2a)")
+        try:
+            await self._move(sb, State.PAUSED, "paused", f"{how}, {disk} bytes on disk",
+                             paused_at=now, disk_bytes=disk)
+        except Exception as exc:  # the host's truth; the row is fixed by the next move
+            log.error("recording %s paused failed: %s", sb.id, exc)
+            sb.state = State.PAUSED
+        sb.paused_at, sb.disk_bytes = now, disk
+        self.hostlog.write(sb.id, f"paused {how} ({disk} bytes on disk)")
+
+    async def _pause_failed(self, sb: LiveSandbox, image: Path, exc: Exception) -> None:
+        """The checkpoint failed: if the sandbox still runs it carries on as before, else it is
+        lost and destroyed. Raises PauseFailed either way."""
+        state = await self.runsc.state(sb.plan.runtime_id)
+        if (state or {}).get("status") == "running" and self.watch.watch(
+                sb.id, runsc_processes(self._cgroup(sb).procs())):
+            await resources.remove_dir(image)
+            self.hostlog.write(sb.id, f"pause failed, running on: {exc}")
+            raise PauseFailed(f"sandbox {sb.id} could not be paused ({exc}); it runs on")
+        await self._stop(sb, EndReason.CRASHED, f"its checkpoint failed: {exc}")
+        raise PauseFailed(f"sandbox {sb.id} could not be paused and was lost: {exc}")
+
+    def _image_limit(self, sb: LiveSandbox) -> int:
+        """The most a checkpoint of the sandbox can take: its memory, gVisor's own, a margin."""
+        return (sb.memory_mib + MEMORY_OVERHEAD_MIB + CHECKPOINT_MARGIN_MIB) * quota.MiB
+
+    @staticmethod
+    def _disk_bytes(sb: LiveSandbox) -> int:
+        """What the paused sandbox holds on disk: its writes (rootfs, /tmp) and checkpoint."""
+        return sum(quota.allocated(sb.plan.dir / d) for d in ("upper", "tmp", CHECKPOINT))
+
+    def _unit(self, sb: LiveSandbox, kind: type[R]) -> R | None:
+        return next((u for u in sb.units if isinstance(u, kind)), None)
+
+    async def _unmount_workspace(self, sb: LiveSandbox) -> None:
+        """Upload the workspace and unmount it; its lease stays with the sandbox. If S3 does not
+        take everything now, the mount stays (its files safe in its cache) and is used again
+        by the resume, or flushed by the destroy."""
+        unit = self._unit(sb, resources.WorkspaceMount)
+        if unit is None or sb.plan.workspace is None:
+            return
+        try:
+            await unit.destroy()
+        except Exception as exc:
+            log.warning("%s: workspace not flushed at pause, kept mounted: %s", sb.id, exc)
+            self.hostlog.write(sb.id, f"workspace not flushed at pause (kept mounted): {exc}")
+
+    async def resume(self, sandbox_id: str, wake: bool = False) -> SandboxRecord:
+        """`wake`: a call into a sandbox created with auto_resume; one that runs is fine."""
+        sb = self._user_sandbox(sandbox_id)
+        async with sb.lock:
+            if not (wake and sb.state is State.RUNNING):
+                self._must_be(sb, State.PAUSED, "resumed")
+                await self._resume(sb)
+        return self._record(sb)
+
+    async def _resume(self, sb: LiveSandbox) -> None:
+        """Restore the sandbox from its checkpoint in its own network namespace, cgroup and
+        workspace mount. On failure it stays paused, its checkpoint kept: a retry may work."""
+        t0 = time.perf_counter()
+        image = sb.plan.dir / CHECKPOINT
+        try:
+            await links.arm(sb.link)
+            await self._mount_workspace(sb)
+            await resources.uninterrupted(self.runsc.restore(
+                resources.RunscContainer.spec(self.env, sb.plan), image))
+            await self._agent_up(sb, {})
+        except BaseException as exc:
+            await resources.uninterrupted(self._undo_resume(sb, exc))
+            if isinstance(exc, Exception):
+                raise PauseFailed(f"sandbox {sb.id} could not be resumed ({exc}); it stays "
+                                  "paused: try again") from exc
+            raise
+        ms = 1000 * (time.perf_counter() - t0)
+        # max_lifetime_seconds counts running time: the pause moves the end out
+        sb.expires_at += utcnow() - (sb.paused_at or utcnow())
+        await self._move(sb, State.RUNNING, "resumed", f"{ms:.0f} ms", paused_at=None,
+                         disk_bytes=None, expires_at=sb.expires_at)
+        sb.paused_at = sb.disk_bytes = None
+        sb.touch()
+        self.hostlog.write(sb.id, f"resumed in {ms:.0f} ms")
+        # Its pages are all loaded (a restore without --background): the image can go. Renamed
+        # first, so that a pause right after never meets it.
+        old = sb.plan.dir / f"{CHECKPOINT}.{new_id('old')}"
+        image.rename(old)
+        self._in_background(resources.remove_dir(old))
+
+    async def _mount_workspace(self, sb: LiveSandbox) -> None:
+        unit = self._unit(sb, resources.WorkspaceMount)
+        if unit is None or sb.plan.workspace is None or self._workspace_alive(sb):
+            return
+        sb.plan.workspace.fresh = False  # seeded at create, never again
+        await unit.create()
+
+    async def _undo_resume(self, sb: LiveSandbox, exc: BaseException) -> None:
+        self.watch.unwatch(sb.id)
+        await self.runsc.delete(sb.plan.runtime_id)
+        try:
+            await resources.empty_and_remove(self._cgroup(sb))
+        except Exception as cg:
+            log.error("%s: cgroup left after a failed resume: %s", sb.id, cg)
+        log.warning("resume of %s failed: %s", sb.id, exc)
+        self.hostlog.write(sb.id, f"resume failed, still paused: {exc!r}"[:500])
+
+    async def fork(self, sandbox_id: str, count: int) -> list[SandboxRecord]:
+        """`count` new sandboxes restored from one checkpoint of a running one, each with its
+        own id, network, writable layer (a copy of the origin's) and cgroup. All or none: if
+        one cannot start, the others are destroyed again."""
+        src = self._user_sandbox(sandbox_id)
+        self._must_be(src, State.RUNNING, "forked")
+        if src.plan.workspace is not None:
+            raise NotForkable(f"sandbox {src.id} has a workspace on /home/user, which one "
+                              "sandbox mounts at a time: it cannot be forked")
+        recipe = recipes.load(src.template)
+        if recipe is None:
+            raise Unavailable(f"template {src.template!r} is not available")
+        image = self.check_runtime(recipe)
+        spec = CreateSpec(user_id=src.user_id, template=src.template,
+                          metadata=dict(src.metadata), idle_timeout=src.idle_timeout,
+                          max_lifetime=src.max_lifetime, internet=src.plan.internet,
+                          on_idle=src.on_idle, auto_resume=src.auto_resume)
+        counted, forks, rows = 0, [], 0
+        stage = self.env.sandboxes_dir / f"{FORK_STAGE}{new_id('f')}"
+        try:
+            for _ in range(count):
+                self._count_in(src.user_id)
+                counted += 1
+            for _ in range(count):
+                forks.append(self._reserve(recipe, spec, image, origin=src))
+            for sb in forks:
+                await self.records.insert(self._row(sb, {}), "fork")
+                rows += 1
+            async with src.lock:
+                self._must_be(src, State.RUNNING, "forked")
+                await self._stage_fork(src, stage)
+                config = json.loads((src.plan.dir / "config.json").read_text())
+            for sb in forks:
+                sb.plan.seed, sb.plan.restore_image = stage, stage / CHECKPOINT
+                sb.plan.restore_config = rebase(
+                    config, resources.RunscContainer.spec(self.env, sb.plan))
+                sb.boot_task = asyncio.create_task(self._boot(sb, {}), name=f"fork {sb.id}")
+            done = await asyncio.gather(*(asyncio.shield(sb.boot_task) for sb in forks),
+                                        return_exceptions=True)
+            failed = [r for r in done if isinstance(r, BaseException)]
+            if failed:
+                raise CreateFailed(f"{len(failed)} of {count} forks of {src.id} could not "
+                                   f"start: {failed[0]}")
+            for sb in forks:
+                self.hostlog.write(sb.id, f"forked from {src.id}")
+            return [self._record(sb) for sb in forks]
+        except BaseException:
+            for sb in forks[rows:]:  # never stored, nothing of them made
+                self._release(sb)
+            await resources.uninterrupted(asyncio.gather(*(
+                self.destroy(sb.id, EndReason.CREATE_FAILED, "its fork was undone")
+                for sb in forks[:rows]), return_exceptions=True))
+            raise
+        finally:
+            for _ in range(counted):
+                self._count_out(src.user_id)
+            if stage.exists():
+                await resources.uninterrupted(resources.remove_dir(stage))
+
+    async def _stage_fork(self, src: LiveSandbox, stage: Path) -> None:
+        """One checkpoint of `src` and a copy of its writable layer and /tmp, taken while it is
+        frozen so that they agree; it runs on after (its processes never notice)."""
+        limit = self._image_limit(src) + src.plan.disk_mib * quota.MiB
+        await asyncio.to_thread(quota.create_volume, stage, limit)
+        (stage / CHECKPOINT).mkdir()
+        rid = src.plan.runtime_id
+        await self.runsc.freeze(rid)
+        try:
+            await self.runsc.checkpoint(rid, stage / CHECKPOINT, leave_running=True)
+            await resources.copy_tree(src.plan.dir / "upper", stage / "upper")
+            await resources.copy_tree(src.plan.dir / "tmp", stage / "tmp")
+        finally:
+            await self.runsc.thaw(rid)
+
+    # ---- destroy (Lifecycle.destroy, then this) ---------------------------------------------
 
     async def _stop(self, sb: LiveSandbox, reason: EndReason, detail: str | None = None) -> None:
         """The one teardown path. The caller holds `sb.lock`."""
-        if sb.state is State.DESTROYED:
-            return
-        sb.end_reason = sb.end_reason or reason
-        reason = sb.end_reason
-        detail = detail or reason.value
-        if sb.state is not State.STOPPING:
-            sb.gone.set()
-            try:
-                await self._move(sb, State.STOPPING, reason.value, detail,
-                                 end_reason=reason.value)
-            except Exception as exc:
-                log.error("recording %s stopping failed: %s", sb.id, exc)
-                sb.state = State.STOPPING
-            self.hostlog.write(sb.id, f"stopping: {detail}")
-            for listener in self._stop_listeners:
-                listener(sb.id, reason)
         self.watch.unwatch(sb.id)
         for ready in self.pool.values():
             if sb.id in ready:
                 ready.remove(sb.id)
-        await asyncio.gather(*(up.abort(reason) for up in list(sb.upstreams)),
-                             return_exceptions=True)
+        said = await self._stopping(sb, reason, detail)
+        if said is None:
+            return
+        reason, detail = said
         failed = await resources.teardown(sb.units)
         if failed:
             self.stuck.add(sb.id)
             self.hostlog.write(sb.id, f"teardown incomplete, retrying: {'; '.join(failed)}")
             return
-        self.stuck.discard(sb.id)
-        self.retry_at.pop(sb.id, None)
+        self._unstuck(sb)
         self._release(sb)
         if sb.plan.workspace:  # counted again now that all is in S3; its lease ends after that
             self._in_background(self.workspaces.ended(sb.plan.workspace))
-        try:
-            await self._move(sb, State.DESTROYED, reason.value, detail, destroyed_at=utcnow(),
-                             end_reason=reason.value, host_reason=detail[:200])
-        except Exception as exc:  # nothing is left on the host; the row is fixed at next start
-            log.error("recording %s destroyed failed: %s", sb.id, exc)
-            sb.state = State.DESTROYED
-        self.hostlog.write(sb.id, f"destroyed: {detail}")
+        await self._destroyed(sb, reason, detail)
 
     # ---- death -----------------------------------------------------------------------------
 
     def _on_death(self, sandbox_id: str, pid: int) -> None:
         self._in_background(self._died(sandbox_id, pid))
-
-    def _in_background(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     async def _died(self, sandbox_id: str, pid: int) -> None:
         sb = self.sandboxes.get(sandbox_id)
@@ -695,17 +902,9 @@ class Manager(SandboxHost):
 
     # ---- idle, lifetime, retries -----------------------------------------------------------
 
-    def on_stop(self, listener: Callable[[str, EndReason], None]) -> None:
-        self._stop_listeners.append(listener)
-
     def addresses(self, sandbox_id: str) -> tuple[str, str]:
         sb = self._running(sandbox_id)
         return sb.link.host_ip, sb.link.sandbox_ip
-
-    def touch(self, sandbox_id: str) -> None:
-        sb = self.sandboxes.get(sandbox_id)
-        if sb is not None:
-            sb.touch()
 
     async def _running_commands(self, sb: LiveSandbox) -> int:
         data = await envd.get_json(self.http, envd.base_url(sb.link.sandbox_ip) + "/commands",
@@ -715,41 +914,37 @@ class Manager(SandboxHost):
     async def _reap_once(self) -> None:
         now_wall, now = utcnow(), time.monotonic()
         for sb in list(self.sandboxes.values()):
-            if sb.id in self.stuck:
-                # In the background: a teardown that waits (a workspace that cannot upload
-                # yet) must not hold up the other sandboxes' timeouts. Backing off to a try a
-                # minute: one that keeps failing (S3 down for long) costs little.
-                at, pause = self.retry_at.get(sb.id, (0.0, 0.5))
-                if sb.id not in self.retrying and now >= at:
-                    self.retrying.add(sb.id)
-                    self.retry_at[sb.id] = (now + pause, min(60.0, pause * 2))
-                    self._in_background(self._retry_stop(sb))
+            if self._retry_if_stuck(sb, now):
                 continue
-            if sb.state is not State.RUNNING or sb.user_id is None:
+            if sb.state is State.PAUSED:
+                expiry = pause_expiry(sb.paused_at, self.settings.paused_ttl)
+                if expiry is not None and now_wall >= expiry:
+                    await self.destroy(sb.id, EndReason.PAUSED_EXPIRED,
+                                       f"paused for longer than {self.settings.paused_ttl} s")
+                continue
+            if sb.state is not State.RUNNING or sb.user_id is None or sb.pausing:
                 continue
             if now_wall >= sb.expires_at:
                 await self.destroy(sb.id, EndReason.MAX_LIFETIME)
             elif not sb.in_use and now - sb.last_activity >= sb.idle_timeout:
                 if await self._running_commands(sb):
                     sb.touch()  # a command started through the API still runs
+                elif sb.on_idle == "pause":
+                    sb.touch()  # not again while this pause runs
+                    self._in_background(self._pause_idle(sb))
                 else:
                     await self.destroy(sb.id, EndReason.IDLE_TIMEOUT)
 
-    async def _retry_stop(self, sb: LiveSandbox) -> None:
-        try:
-            await self.destroy(sb.id, sb.end_reason or EndReason.CRASHED)
-        finally:
-            self.retrying.discard(sb.id)
-
-    async def _reaper(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.reaper_interval)
+    async def _pause_idle(self, sb: LiveSandbox) -> None:
+        """on_idle "pause": in the background, so that a slow workspace flush holds up no other
+        sandbox's timeouts. A sandbox used again meanwhile stays running."""
+        async with sb.lock:
+            if sb.state is not State.RUNNING or sb.in_use:
+                return
             try:
-                await self._reap_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.error("reaper: %s", exc)
+                await self._pause(sb)
+            except PauseFailed as exc:
+                log.warning("idle pause: %s", exc)
 
     # ---- reconciliation --------------------------------------------------------------------
 
@@ -767,13 +962,27 @@ class Manager(SandboxHost):
         else:
             containers = []
         running = {c.get("id") for c in containers if c.get("status") == "running"}
+        # Frozen: a fork's origin when e2a stopped in the middle of the fork (nothing else is
+        # ever left frozen). It is thawed, and runs on.
+        for c in containers:
+            if c.get("status") == "paused" and c.get("id"):
+                try:
+                    await self.runsc.thaw(c["id"])
+                    running.add(c["id"])
+                except Exception as exc:
+                    log.error("could not thaw %s, frozen by a cut-off fork: %s", c["id"], exc)
         for row in rows:
             if row.slot is None or row.slot in self.slots:
                 await self.records.mark_unknown_destroyed(row.id, EndReason.SERVER_RESTART.value,
                                                           "no network slot recorded")
                 continue
             sb = self._adopt(row)
-            alive = (sb.state in (State.RUNNING, State.PAUSED)
+            if sb.state is State.PAUSED:
+                await self._adopt_paused(sb, {c.get("id") for c in containers})
+                continue
+            if sb.state is State.RUNNING and (sb.plan.dir / CHECKPOINT).exists():
+                await self._pause_settled(sb, running)
+            alive = (sb.state is State.RUNNING
                      and sb.plan.runtime_id in running and sb.expires_at > utcnow())
             if alive:
                 cgroup = self._cgroup(sb)
@@ -789,27 +998,76 @@ class Manager(SandboxHost):
                 if sb.user_id is None:
                     self.pool.setdefault(sb.template, []).append(sb.id)
                 self.hostlog.write(sb.id, "adopted after a restart of e2a")
-            elif sb.expires_at <= utcnow() and sb.state in (State.RUNNING, State.PAUSED):
+            elif sb.expires_at <= utcnow() and sb.state is State.RUNNING:
                 async with sb.lock:
                     await self._stop(sb, EndReason.MAX_LIFETIME,
                                      "its max_lifetime_seconds ran out while e2a was down")
+            elif sb.state is State.RUNNING and self._checkpointed(sb):
+                await self._finish_pause(sb)
             else:
                 gone = "its runsc container had stopped" if sb.state is State.RUNNING \
                     else f"its create was cut off ({row.state})"
                 async with sb.lock:
                     await self._stop(sb, EndReason.SERVER_RESTART,
                                      f"not running when e2a restarted: {gone}")
+        for sb in self.sandboxes.values():  # images of resumes cut off before their removal
+            for old in sb.plan.dir.glob(f"{CHECKPOINT}.*"):
+                await resources.remove_dir(old)
         keep = resources.Keep(ids=set(self.sandboxes),
                               links={sb.link for sb in self.sandboxes.values()})
         removed = await resources.sweep_orphans(self.env, keep)
         if removed:
             log.info("removed orphans: %s", ", ".join(removed))
 
+    async def _pause_settled(self, sb: LiveSandbox, running: set[str],
+                             wait: float = 30.0) -> None:
+        """A running sandbox with a checkpoint: e2a stopped during its pause. runsc saves on
+        without e2a and the sandbox exits once saved, so wait for that (bounded): then it is
+        no longer `running` (and reconcile pauses it). One that runs on had a pause that
+        failed: its leftover image goes."""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            state = await self.runsc.state(sb.plan.runtime_id)
+            if (state or {}).get("status") != "running":
+                running.discard(sb.plan.runtime_id)
+                return
+            await asyncio.sleep(0.1)
+        await resources.remove_dir(sb.plan.dir / CHECKPOINT)
+
+    @staticmethod
+    def _checkpointed(sb: LiveSandbox) -> bool:
+        """Whether the sandbox's checkpoint is whole: runsc writes its state file last, and
+        stops the sandbox only after a whole save."""
+        return (sb.plan.dir / CHECKPOINT / "checkpoint.img").is_file()
+
+    async def _finish_pause(self, sb: LiveSandbox) -> None:
+        """A pause cut off by the restart after its checkpoint was saved (the sandbox stopped,
+        the store still says running): it is paused, not lost."""
+        async with sb.lock:
+            await self._saved(sb)
+
+    async def _adopt_paused(self, sb: LiveSandbox, containers: set[str]) -> None:
+        """A paused sandbox stays paused if its checkpoint is whole. A container of it that runs
+        is a resume cut off by the restart (the store still says paused): it goes, and the
+        checkpoint is resumed again when asked."""
+        if self._checkpointed(sb):
+            if sb.plan.runtime_id in containers:
+                await self.runsc.delete(sb.plan.runtime_id)
+                await resources.empty_and_remove(self._cgroup(sb))
+            self.hostlog.write(sb.id, "adopted paused after a restart of e2a")
+            return
+        async with sb.lock:
+            await self._stop(sb, EndReason.SERVER_RESTART,
+                             "its checkpoint was gone when e2a restarted")
+
     def _adopt(self, row: Sandbox) -> LiveSandbox:
         recipe = recipes.load(row.template)
         plan = resources.Plan(id=row.id, slot=row.slot, internet=row.internet,
-                              token=row.envd_token or self.keys.token(row.id), image=None,
-                              memory_mib=row.memory_mib, platform="",
+                              token=row.envd_token or self.keys.token(row.secrets_of or row.id),
+                              image=None, memory_mib=row.memory_mib,
+                              disk_mib=recipe.disk_mib if recipe else DEFAULT_DISK_MIB,
+                              platform=self.settings.platform or (recipe.platform if recipe
+                                                                  else ""),
                               workspace=self.workspaces.adopt(row.workspace_id, row.user_id)
                               if row.workspace_id else None).bind(self.env)
         if plan.workspace is not None:
@@ -822,7 +1080,9 @@ class Manager(SandboxHost):
             metadata=row.metadata_ or {}, idle_timeout=row.idle_timeout_seconds,
             max_lifetime=row.max_lifetime_seconds, created_at=aware(row.created_at),
             expires_at=aware(row.expires_at), state=State(row.state),
-            end_reason=EndReason(row.end_reason) if row.end_reason else None)
+            end_reason=EndReason(row.end_reason) if row.end_reason else None,
+            on_idle=row.on_idle, auto_resume=row.auto_resume, paused_at=aware(row.paused_at),
+            disk_bytes=row.disk_bytes, forked_from=row.forked_from, secrets_of=row.secrets_of)
         self.sandboxes[sb.id] = sb
         self.slots[plan.slot] = sb.id
         return sb
@@ -831,89 +1091,21 @@ class Manager(SandboxHost):
 
     def _running(self, sandbox_id: str) -> LiveSandbox:
         sb = self.sandboxes.get(sandbox_id)
-        if sb is None or sb.state is not State.RUNNING:
-            raise NotRunning(sandbox_id, sb.state.value if sb else "not running")
+        if sb is None or sb.state is not State.RUNNING or sb.pausing:
+            raise NotRunning(sandbox_id, "pausing" if sb and sb.pausing else
+                             sb.state.value if sb else "not running")
         sb.touch()
         return sb
 
-    def _closed(self, up: Upstream) -> None:
-        sb = self.sandboxes.get(up.sandbox_id)
-        if sb is not None:
-            sb.upstreams.discard(up)
-            sb.touch()
+    def _address(self, sb: LiveSandbox) -> str:
+        return sb.link.sandbox_ip
 
-    async def _connect(self, sb: LiveSandbox, open_: Callable[[], Awaitable[Any]],
-                       what: str) -> Upstream:
-        """Open a connection into the sandbox, given up on at once if the sandbox goes."""
-        if sb.inflight + len(sb.upstreams) >= MAX_CONNECTIONS_PER_SANDBOX:
-            raise TooManyConnections(f"sandbox {sb.id} already has "
-                                     f"{MAX_CONNECTIONS_PER_SANDBOX} open connections")
-        sb.inflight += 1
-        attempt = asyncio.ensure_future(open_())
-        gone = asyncio.ensure_future(sb.gone.wait())
-        try:
-            await asyncio.wait({attempt, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sb.inflight -= 1
-            gone.cancel()
-            if not attempt.done():
-                attempt.cancel()
-        if not attempt.done() or attempt.cancelled():
-            reason = sb.end_reason.value if sb.end_reason else "stopping"
-            raise Unreachable(f"the sandbox ended ({reason}) before {what} answered")
-        exc = attempt.exception()
-        if exc is not None:
-            if what == AGENT and isinstance(exc, SANDBOX_SIDE_ERRORS):
-                # Is it the request, or the sandbox? (3 tries of 2 s: not a blip.) A failure on
-                # our side (the client's upload broke off) says nothing about the sandbox.
-                self._probe_later(sb, 3, 2.0, f"a request failed with {exc.__class__.__name__}")
-            raise Unreachable(f"{what} did not answer: {exc.__class__.__name__}") from exc
-        up = Upstream(sb.id, attempt.result(), self._closed)
-        if sb.gone.is_set():
-            await up.abort(sb.end_reason or EndReason.CRASHED)
-            up.close()
-            raise Unreachable(f"the sandbox ended before {what} answered")
-        sb.upstreams.add(up)
-        return up
+    def _token(self, sb: LiveSandbox) -> str:
+        return sb.plan.token
 
-    async def agent_request(self, sandbox_id: str, method: str, path: str,
-                            **kwargs: Any) -> Upstream:
-        sb = self._running(sandbox_id)
-        return await self._connect(sb, lambda: envd.send(
-            self.http, sb.link.sandbox_ip, sb.plan.token, method, path, **kwargs), AGENT)
-
-    async def agent_websocket(self, sandbox_id: str, path: str,
-                              max_size: int = WS_MAX_MESSAGE) -> Upstream:
-        sb = self._running(sandbox_id)
-        return await self._connect(sb, lambda: envd.websocket(
-            sb.link.sandbox_ip, sb.plan.token, path, max_size=max_size, max_queue=2,
-            open_timeout=10), AGENT)
-
-    async def port_request(self, sandbox_id: str, port: int, method: str, target: str,
-                           **kwargs: Any) -> Upstream:
-        sb = self._running(sandbox_id)
-        url = URL(f"http://{sb.link.sandbox_ip}:{port}{target}", encoded=True)
-        return await self._connect(sb, lambda: self.http.request(
-            method, url, timeout=PORT_TIMEOUT, **kwargs), f"port {port}")
-
-    async def port_websocket(self, sandbox_id: str, port: int, target: str) -> Upstream:
-        sb = self._running(sandbox_id)
-        return await self._connect(sb, lambda: websockets.connect(
-            f"ws://{sb.link.sandbox_ip}:{port}{target}", max_size=WS_MAX_MESSAGE, max_queue=2,
-            open_timeout=10),
-            f"port {port}")
-
-    async def logs(self, sandbox_id: str) -> list[dict]:
-        lines = self.hostlog.read(sandbox_id)
-        sb = self.sandboxes.get(sandbox_id)
-        if sb is not None and sb.state is State.RUNNING:
-            sb.touch()
-            data = await envd.get_json(self.http, envd.base_url(sb.link.sandbox_ip) + "/logs",
-                                       sb.plan.token)
-            lines += (data or {}).get("lines", [])
-        lines.sort(key=lambda line: line.get("ts", ""))
-        return lines
-
+    def _agent_failed(self, sb: LiveSandbox, exc: BaseException) -> None:
+        # Is it the request, or the sandbox? (3 tries of 2 s: not a blip.)
+        self._probe_later(sb, 3, 2.0, f"a request failed with {exc.__class__.__name__}")
 
 def sandbox_env(recipe: recipes.Recipe, params: dict[str, str]) -> dict[str, str]:
     """What the sandbox's OCI process (envd) gets in its environment: the template's variables

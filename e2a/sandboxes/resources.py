@@ -62,6 +62,12 @@ class Plan:
     disk_mib: int = DEFAULT_DISK_MIB  # the sandbox's writes (rootfs and /tmp) together
     env: dict[str, str] = field(default_factory=dict)  # every process's, and envd's settings
     workspace: MountPlan | None = None  # mounted on /home/user
+    # A fork (docs/pause.md): its writable layer and /tmp start as copies of `seed`'s, and it
+    # starts from the checkpoint in `restore_image` with `restore_config` (its origin's OCI
+    # config, rebased on this sandbox's paths) instead of booting.
+    seed: Path | None = None
+    restore_image: Path | None = None
+    restore_config: dict | None = None
     link: links.Link = field(init=False)
     dir: Path = field(init=False)
     runtime_id: str = field(init=False)
@@ -146,6 +152,10 @@ class DiskQuota(Resource):
             raise RuntimeError(f"subvolume {self.plan.dir} is still there")
         if quota.is_pool(self.env.sandboxes_dir):
             await _drop_deleted(self.env.sandboxes_dir)
+            try:  # a guard of every sandbox's limit: it never fails this destroy
+                await asyncio.to_thread(quota.keep_consistent, self.env.sandboxes_dir)
+            except OSError as exc:
+                log.error("checking the disk pool's quota accounting: %s", exc)
 
     @classmethod
     async def orphans(cls, env: HostEnv, keep: Keep) -> list[Orphan]:
@@ -273,7 +283,13 @@ class RootfsLayer(Resource):
     kind = "rootfs overlay"
 
     async def create(self) -> None:
-        await rootfs.Layer(self.plan.dir).mount(self.plan.image)
+        layer = rootfs.Layer(self.plan.dir)
+        if self.plan.seed is not None:
+            await copy_tree(self.plan.seed / "upper", layer.upper)
+            await copy_tree(self.plan.seed / "tmp", self.plan.dir / "tmp")
+            if quota.is_pool(self.env.sandboxes_dir):  # the copy counts against its limit now
+                await asyncio.to_thread(quota.commit_and_wait, self.env.sandboxes_dir)
+        await layer.mount(self.plan.image)
 
     async def destroy(self) -> None:
         layer = rootfs.Layer(self.plan.dir)
@@ -290,6 +306,14 @@ class RootfsLayer(Resource):
                 found.append(Orphan(cls.kind, target, lambda t=target: rootfs.Layer(
                     Path(t).parent).unmount()))
         return found
+
+
+async def copy_tree(source: Path, target: Path) -> None:
+    """`source`'s tree into `target` (made if missing): owners, modes, xattrs (overlayfs keeps
+    its opaque-directory marks in them) and whiteouts (device nodes) kept; the data shared
+    with the source, not copied, where the filesystem can (btrfs: a reflink per file)."""
+    target.mkdir(parents=True, exist_ok=True)
+    await proc.run(["cp", "-a", "--reflink=auto", f"{source}/.", str(target)], timeout=600)
 
 
 class WorkspaceMount(Resource):
@@ -407,15 +431,20 @@ class RunscContainer(Resource):
         await uninterrupted(self._start())
 
     async def _start(self) -> None:
-        p = self.plan
-        await self.env.runsc.start(SandboxSpec(
+        spec = self.spec(self.env, self.plan)
+        if self.plan.restore_image is not None:
+            await self.env.runsc.restore(spec, self.plan.restore_image, self.plan.restore_config)
+        else:
+            await self.env.runsc.start(spec)
+
+    @staticmethod
+    def spec(env: HostEnv, p: Plan) -> SandboxSpec:
+        return SandboxSpec(
             runtime_id=p.runtime_id, bundle_dir=p.dir, rootfs=rootfs.Layer(p.dir).merged,
-            netns_path=p.link.netns_path, envd_binary=self.env.envd_binary, envd_token=p.token,
-            memory_mib=p.memory_mib, platform=p.platform, resolv_conf=self.env.resolv_conf,
-            cgroup=cgroups.Cgroup(self.env.instance, p.runtime_id),
-            sandbox_ip=p.link.sandbox_ip, env=p.env,
-            home=p.dir / "home" if p.workspace else None,
-        ))
+            netns_path=p.link.netns_path, envd_binary=env.envd_binary, envd_token=p.token,
+            memory_mib=p.memory_mib, platform=p.platform, resolv_conf=env.resolv_conf,
+            cgroup=cgroups.Cgroup(env.instance, p.runtime_id), env=p.env,
+            home=p.dir / "home" if p.workspace else None)
 
     async def destroy(self) -> None:
         await self.env.runsc.delete(self.plan.runtime_id)

@@ -34,6 +34,7 @@ class EndReason(str, enum.Enum):
     TASK_FINISHED = "task_finished"    # its agent's task ended (docs/agents.md)
     SESSION_ENDED = "session_ended"    # the agent session it served ended (docs/sessions.md)
     OUT_OF_CREDITS = "out_of_credits"  # its owner's balance ran out (docs/billing.md)
+    PAUSED_EXPIRED = "paused_expired"  # it stayed paused longer than E2A_PAUSED_TTL (docs/pause.md)
 
 
 LIVE = frozenset({State.CREATING, State.CONFIGURING, State.BOOTING, State.RUNNING, State.PAUSED,

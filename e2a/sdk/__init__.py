@@ -48,14 +48,22 @@ Credits (1 credit = 1 US cent; docs/billing.md), with an API key or the login JW
     print(client.billing.checkout(500).url)               # a Stripe Checkout page for 500 credits
     # a create the balance cannot pay raises InsufficientCredits (402, an E2AError)
 
+Pause, resume, fork: a paused sandbox keeps its memory and files on the host's disk and carries
+on where it stopped; a fork is a running copy of a running sandbox (not one with a workspace):
+
+    sb = client.create_sandbox("standard", on_idle="pause", auto_resume=True)  # idle: paused, not destroyed
+    paused = client.pause(sb)        # .paused_at, .pause_expires_at (then destroyed), .disk_bytes
+    client.resume(sb)                # ResumeFailed (503) if the restore failed: still paused, retry
+    copies = client.fork(sb, count=3)    # three new running sandboxes, .forked_from == sb.vm_id
+
 ``AsyncE2A`` has the same methods as coroutines / async iterators.
 """
 
 from ._core import WaitTimeout
 from .async_client import AsyncBilling, AsyncE2A, AsyncFiles, AsyncSecrets
 from .client import E2A, Billing, Files, Secrets
-from .errors import (E2AError, InsufficientCredits, SessionDisconnected, SessionEnded, SessionError,
-                     SessionTakenOver)
+from .errors import (E2AError, InsufficientCredits, ResumeFailed, SessionDisconnected, SessionEnded,
+                     SessionError, SessionTakenOver)
 from .models import (CommandEvent, CommandInfo, CommandResult, FileEntry, LogLine, PresignedUrl, Sandbox,
                      SandboxEvent, SecretBundle, Session, SessionEvent, SessionReady, SessionTicket, Task,
                      TaskEvent, Tool, Workspace, WorkspaceFile, WorkspaceUsage)
@@ -70,4 +78,5 @@ __all__ = ["E2A", "AsyncE2A", "Files", "AsyncFiles", "E2AError", "Sandbox", "Com
            "SessionReady", "SessionEvent", "SessionConnection", "AsyncSessionConnection",
            "SessionError", "SessionEnded", "SessionTakenOver", "SessionDisconnected",
            "LoginCode", "LoginToken", "NewApiKey", "ApiKey", "Billing", "AsyncBilling", "Balance",
-           "AutoTopup", "Transaction", "Usage", "UsageItem", "Checkout", "InsufficientCredits"]
+           "AutoTopup", "Transaction", "Usage", "UsageItem", "Checkout", "InsufficientCredits",
+           "ResumeFailed"]

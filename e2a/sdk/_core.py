@@ -120,15 +120,19 @@ def _sb(vm_id: str) -> str:
 
 def create_sandbox(template: str, env_vars=None, metadata=None, idle_timeout_seconds=None,
                    max_lifetime_seconds=None, internet=None, resolution=None, workspace=None,
-                   agent: dict[str, Any] | None = None) -> Call:
+                   agent: dict[str, Any] | None = None, *, on_idle: str | None = None,
+                   auto_resume: bool | None = None) -> Call:
     """``agent``: create's agent fields (agent, llm_key, task, model, llm, system_prompt, tools,
-    max_steps, task_timeout_seconds, keep_after_task_seconds), None for those not given."""
+    max_steps, task_timeout_seconds, keep_after_task_seconds), None for those not given.
+    ``on_idle`` ("destroy" or "pause") and ``auto_resume``: left out when None (the server's
+    defaults, destroy and false), so that a server without pause takes the call as before."""
     if isinstance(workspace, dict):  # {"app_id": "a", "end_user_id": None}: None = the default
         workspace = _drop_none(workspace)
     body = _drop_none(dict(template=template, env_vars=env_vars, metadata=metadata,
                            idle_timeout_seconds=idle_timeout_seconds,
                            max_lifetime_seconds=max_lifetime_seconds, internet=internet,
-                           resolution=resolution, workspace=workspace))
+                           resolution=resolution, workspace=workspace, on_idle=on_idle,
+                           auto_resume=None if auto_resume is None else bool(auto_resume)))
     fields = _drop_none(agent or {})
     if isinstance(fields.get("llm"), dict):  # {"vendor": "openai", "model": None}: None = inferred
         fields["llm"] = _drop_none(fields["llm"])
@@ -199,6 +203,33 @@ def kill(vm_id: str) -> Call:
 
 def keepalive(vm_id: str) -> Call:
     return Call("POST", _sb(vm_id) + "/keepalive")
+
+
+# Pausing writes the sandbox's memory to disk and resuming reads it back; a fork copies it: seconds
+# for a big sandbox on a busy host, so more than a plain call's minute before giving up.
+CHECKPOINT_TIMEOUT = httpx.Timeout(300.0, connect=10.0)
+
+
+def pause(vm_id: str) -> Call:
+    """The sandbox, paused (200), or 409 invalid_state if it is not running."""
+    return Call("POST", _sb(vm_id) + "/pause", timeout=CHECKPOINT_TIMEOUT)
+
+
+def resume(vm_id: str) -> Call:
+    """The sandbox, running (200); 409 invalid_state if it is not paused, 503 resume_failed if the
+    restore failed (it stays paused: a retry may work)."""
+    return Call("POST", _sb(vm_id) + "/resume", timeout=CHECKPOINT_TIMEOUT)
+
+
+def fork(vm_id: str, count: int = 1) -> Call:
+    """``count`` new running sandboxes (201 ``{"sandboxes": [...]}``), each a copy of ``vm_id``'s
+    memory and disk at this moment. The answer is the list of their dicts. The server bounds
+    ``count`` (1 to 10 today) and says so in a 400 (invalid_field, field count); only what
+    can never be a count stops here."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise E2AError(0, "invalid_count", f"count is a positive int, not {count!r}", "count")
+    return Call("POST", _sb(vm_id) + "/fork", json={"count": count}, parse=lambda d: d["sandboxes"],
+                timeout=CHECKPOINT_TIMEOUT)
 
 
 def logs(vm_id: str) -> Call:

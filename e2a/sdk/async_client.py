@@ -143,16 +143,18 @@ class AsyncE2A:
                              model: str | None = None, llm: LlmSpec | None = None,
                              system_prompt: str | None = None, tools: list[Tool | dict] | None = None,
                              max_steps: int | None = None, task_timeout_seconds: int | None = None,
-                             keep_after_task_seconds: int | None = None) -> Sandbox:
+                             keep_after_task_seconds: int | None = None,
+                             on_idle: str | None = None, auto_resume: bool | None = None) -> Sandbox:
         """``workspace``: True or ``{"app_id", "capset_id", "end_user_id"}``; ``agent`` and its
-        fields: as for ``E2A.create_sandbox``."""
+        fields, ``on_idle`` and ``auto_resume``: as for ``E2A.create_sandbox``."""
         return self._sandbox(await self._call(api.create_sandbox(
             template, env_vars, metadata, idle_timeout_seconds, max_lifetime_seconds, internet,
             resolution, workspace, agent=dict(
                 agent=agent, llm_key=llm_key, task=task, model=model, llm=llm,
                 system_prompt=system_prompt, tools=tools, max_steps=max_steps,
                 task_timeout_seconds=task_timeout_seconds,
-                keep_after_task_seconds=keep_after_task_seconds))))
+                keep_after_task_seconds=keep_after_task_seconds),
+            on_idle=on_idle, auto_resume=auto_resume)))
 
     async def list_sandboxes(self, state: str | None = None, metadata: dict[str, str] | None = None) -> list[Sandbox]:
         return [self._sandbox(d) for d in await self._call(api.list_sandboxes(state, metadata))]
@@ -165,6 +167,18 @@ class AsyncE2A:
 
     async def keepalive(self, vm_id: str) -> Sandbox:
         return self._sandbox(await self._call(api.keepalive(sandbox_id(vm_id))))
+
+    async def pause(self, vm_id: str) -> Sandbox:
+        """As ``E2A.pause``: the sandbox, paused."""
+        return self._sandbox(await self._call(api.pause(sandbox_id(vm_id))))
+
+    async def resume(self, vm_id: str) -> Sandbox:
+        """As ``E2A.resume``: the sandbox, running (``ResumeFailed`` if the restore failed)."""
+        return self._sandbox(await self._call(api.resume(sandbox_id(vm_id))))
+
+    async def fork(self, vm_id: str, count: int = 1) -> list[Sandbox]:
+        """As ``E2A.fork``: ``count`` new running copies of the sandbox."""
+        return [self._sandbox(d) for d in await self._call(api.fork(sandbox_id(vm_id), count))]
 
     async def logs(self, vm_id: str) -> list[LogLine]:
         return await self._call(api.logs(sandbox_id(vm_id)))

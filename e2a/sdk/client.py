@@ -143,7 +143,8 @@ class E2A:
                        model: str | None = None, llm: LlmSpec | None = None,
                        system_prompt: str | None = None, tools: list[Tool | dict] | None = None,
                        max_steps: int | None = None, task_timeout_seconds: int | None = None,
-                       keep_after_task_seconds: int | None = None) -> Sandbox:
+                       keep_after_task_seconds: int | None = None,
+                       on_idle: str | None = None, auto_resume: bool | None = None) -> Sandbox:
         """``workspace=True`` mounts the caller's default workspace on /home/user (made on first
         use); ``workspace={"app_id": .., "capset_id": .., "end_user_id": ..}`` chooses one (any key
         may be left out). The sandbox's ``workspace_id`` names it.
@@ -153,14 +154,19 @@ class E2A:
         ``task``; follow it with ``iter_task_events`` or ``wait_task``. ``model``, and for e2a's
         own agent ``llm={"vendor", "model", "base_url"}``, ``system_prompt``, ``tools`` and
         ``max_steps``. The sandbox is destroyed when the task ends unless
-        ``keep_after_task_seconds`` keeps it for a follow-up (``send_task``). docs/agents.md."""
+        ``keep_after_task_seconds`` keeps it for a follow-up (``send_task``). docs/agents.md.
+
+        ``on_idle="pause"`` pauses the sandbox when its idle timeout passes instead of destroying
+        it (``"destroy"``, the default); ``auto_resume=True`` has any exec, files or port call
+        on a paused sandbox resume it first (default False)."""
         return self._sandbox(self._call(api.create_sandbox(
             template, env_vars, metadata, idle_timeout_seconds, max_lifetime_seconds, internet,
             resolution, workspace, agent=dict(
                 agent=agent, llm_key=llm_key, task=task, model=model, llm=llm,
                 system_prompt=system_prompt, tools=tools, max_steps=max_steps,
                 task_timeout_seconds=task_timeout_seconds,
-                keep_after_task_seconds=keep_after_task_seconds))))
+                keep_after_task_seconds=keep_after_task_seconds),
+            on_idle=on_idle, auto_resume=auto_resume)))
 
     def list_sandboxes(self, state: str | None = None, metadata: dict[str, str] | None = None) -> list[Sandbox]:
         return [self._sandbox(d) for d in self._call(api.list_sandboxes(state, metadata))]
@@ -173,6 +179,26 @@ class E2A:
 
     def keepalive(self, vm_id: str) -> Sandbox:
         return self._sandbox(self._call(api.keepalive(sandbox_id(vm_id))))
+
+    def pause(self, vm_id: str) -> Sandbox:
+        """Checkpoint a running sandbox and stop it: its memory and files are kept on the host's
+        disk (``disk_bytes``), and ``resume`` carries on where it stopped. It is destroyed at
+        ``pause_expires_at`` (end_reason paused_expired) unless resumed first. 409 invalid_state
+        if it is not running."""
+        return self._sandbox(self._call(api.pause(sandbox_id(vm_id))))
+
+    def resume(self, vm_id: str) -> Sandbox:
+        """Start a paused sandbox again where it stopped (its processes, memory and files). 409
+        invalid_state if it is not paused; ``ResumeFailed`` (503 resume_failed) if the restore
+        failed: it is still paused, and a retry may work."""
+        return self._sandbox(self._call(api.resume(sandbox_id(vm_id))))
+
+    def fork(self, vm_id: str, count: int = 1) -> list[Sandbox]:
+        """``count`` new sandboxes, running, each a copy of this running one as it is now (memory
+        and disk); their ``forked_from`` is ``vm_id``. 409 invalid_state if it is not running,
+        not_forkable if it has a workspace; a new sandbox's limits apply (402, 429, 409
+        no_capacity)."""
+        return [self._sandbox(d) for d in self._call(api.fork(sandbox_id(vm_id), count))]
 
     def logs(self, vm_id: str) -> list[LogLine]:
         return self._call(api.logs(sandbox_id(vm_id)))

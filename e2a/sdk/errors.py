@@ -30,8 +30,14 @@ class InsufficientCredits(E2AError):
     ``code`` works as well."""
 
 
+class ResumeFailed(E2AError):
+    """503 ``resume_failed``: restoring a paused sandbox failed. It is still paused (nothing was
+    lost), and calling ``resume`` again may work. An E2AError: matching on ``code`` works too."""
+
+
 # Codes the server answers with that have a class of their own (all E2AErrors).
-ERRORS: dict[str, type[E2AError]] = {"insufficient_credits": InsufficientCredits}
+ERRORS: dict[str, type[E2AError]] = {"insufficient_credits": InsufficientCredits,
+                                     "resume_failed": ResumeFailed}
 
 
 def error_from_response(resp: httpx.Response) -> E2AError:

@@ -53,18 +53,37 @@ class Sandbox:
     created_at: str | None = None
     expires_at: str | None = None
     destroyed_at: str | None = None
-    # Why it ended: deleted, idle_timeout, max_lifetime, out_of_memory, crashed, server_restart, create_failed.
+    # Why it ended: deleted, idle_timeout, max_lifetime, out_of_memory, crashed, server_restart,
+    # create_failed, paused_expired.
     end_reason: str | None = None
     # The workspace mounted on /home/user, if the sandbox was created with one.
     workspace_id: str | None = None
+    # Pause, resume, fork. What idleness does to it: "destroy" or "pause"; whether an exec, files or
+    # port call resumes it when paused. The defaults are what a server without pause does.
+    on_idle: str = "destroy"
+    auto_resume: bool = False
+    # While paused: since when, when it will be destroyed (end_reason paused_expired) unless
+    # resumed, and the disk it holds (its writable layer and its checkpoint), in bytes.
+    paused_at: str | None = None
+    pause_expires_at: str | None = None
+    disk_bytes: int | None = None
+    # The vm_id of the sandbox this one was forked from.
+    forked_from: str | None = None
     # The client that fetched this sandbox, so ``sb.run(...)`` works; an AsyncE2A makes these coroutines.
     _client: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], client: Any = None) -> "Sandbox":
+        # A null where this SDK has a default (an older row, a server that does not know the
+        # field yet) is the default, so ``sb.on_idle`` is always a str and ``auto_resume`` a bool.
+        data = {k: v for k, v in data.items() if not (v is None and k in _SANDBOX_DEFAULTS)}
         sb = _from_dict(cls, data)
         sb._client = client
         return sb
+
+    @property
+    def paused(self) -> bool:
+        return self.state == "paused"
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
@@ -98,6 +117,10 @@ class Sandbox:
     def wait_task(self, *a, **kw): return self._c().wait_task(self.vm_id, *a, **kw)  # noqa: E704
     def keepalive(self): return self._c().keepalive(self.vm_id)  # noqa: E704
     def kill(self): return self._c().kill(self.vm_id)  # noqa: E704
+    # pause, resume, fork: each returns fresh Sandbox objects (this one is not updated)
+    def pause(self): return self._c().pause(self.vm_id)  # noqa: E704
+    def resume(self): return self._c().resume(self.vm_id)  # noqa: E704
+    def fork(self, count: int = 1): return self._c().fork(self.vm_id, count)  # noqa: E704
 
     # ``with client.create_sandbox() as sb:`` destroys the sandbox on exit (sync client only).
     def __enter__(self) -> "Sandbox":
@@ -112,6 +135,10 @@ class Sandbox:
 
     async def __aexit__(self, *exc) -> None:
         await self.kill()
+
+
+# Sandbox fields of pause whose default is not None: a null sent for one of them is that default.
+_SANDBOX_DEFAULTS = {"on_idle", "auto_resume"}
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text,
-                        UniqueConstraint)
+                        UniqueConstraint, false)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -62,6 +62,21 @@ class Sandbox(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     destroyed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Pause, resume and fork (docs/pause.md): what an idle sandbox does ("destroy" | "pause"),
+    # whether a call into a paused one resumes it, since when it is paused and how much disk it
+    # holds then, the sandbox it was forked from, and the sandbox whose per-sandbox secrets
+    # (envd's token, a template's passwords) it carries: a fork's memory is its origin's.
+    on_idle: Mapped[str] = mapped_column(String(8), default="destroy", server_default="destroy")
+    auto_resume: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    paused_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    disk_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    forked_from: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    secrets_of: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # Replicas on one database (Kubernetes backend, docs/kubernetes.md): the replica that
+    # creates or tears the sandbox down (its liveness lock's key: a dead one's work is taken
+    # over), and when a call last went into it through any replica (the idle timeout's clock).
+    replica: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    active_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Workspace(Base):
@@ -96,6 +111,7 @@ class SandboxEvent(Base):
     reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
     detail: Mapped[str | None] = mapped_column(String(500), nullable=True)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    disk_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # a pause's disk
 
 
 class Task(Base):
@@ -262,6 +278,13 @@ class SandboxMeter(Base):
     charged_micro: Mapped[int] = mapped_column(BigInteger, default=0)
     last_event_id: Mapped[int] = mapped_column(Integer, default=0)
     finished: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    # While paused its disk (writable layer and checkpoint) is billed as storage: the current
+    # pause's start and size, the byte-seconds of pauses closed, and what has been charged.
+    paused_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    paused_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    paused_byte_s: Mapped[int] = mapped_column(BigInteger, default=0)
+    storage_billed_byte_s: Mapped[int] = mapped_column(BigInteger, default=0)
+    storage_charged_micro: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class StorageMeter(Base):

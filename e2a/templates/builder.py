@@ -168,16 +168,22 @@ def _finish(root: Path, log) -> None:
     _link_playwright_chromium(root)
 
 
-def _debootstrap(root: Path, recipe: Recipe, log) -> None:
+def debootstrap(root: Path, suite: str, log) -> None:
+    """A minimal Debian of `suite` at `root`, with its updates' sources (also e2a's own image,
+    e2a/deploy/image.py)."""
     # minbase + apt in a chroot: debootstrap's own --include resolves dependencies poorly
     # (npm's node-* packages fail to configure in its ordering).
-    _run(["debootstrap", "--variant=minbase", "--include=ca-certificates", recipe.suite,
+    _run(["debootstrap", "--variant=minbase", "--include=ca-certificates", suite,
           str(root), MIRROR], log)
     # Security and point-release updates too: a browser from the release alone is months old.
     (root / "etc/apt/sources.list").write_text(
-        f"deb {MIRROR} {recipe.suite} main\n"
-        f"deb {MIRROR} {recipe.suite}-updates main\n"
-        f"deb {SECURITY_MIRROR} {recipe.suite}-security main\n")
+        f"deb {MIRROR} {suite} main\n"
+        f"deb {MIRROR} {suite}-updates main\n"
+        f"deb {SECURITY_MIRROR} {suite}-security main\n")
+
+
+def _debootstrap(root: Path, recipe: Recipe, log) -> None:
+    debootstrap(root, recipe.suite, log)
     _chroot(root, f"useradd --create-home --uid {SANDBOX_UID} --shell /bin/bash user", log)
     # Mount points and files the runtime relies on.
     (root / ".e2a").mkdir(exist_ok=True)

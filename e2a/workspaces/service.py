@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from e2a.refusal import Refusal
 from e2a.runtime import quota as disk
 
 from e2a.workspaces import s3
@@ -79,6 +80,11 @@ class Workspaces:
                 url=settings.s3_endpoint, region=settings.s3_region, bucket=settings.s3_bucket,
                 access_key=settings.s3_access_key, secret_key=settings.s3_secret_key,
                 sse=settings.s3_sse, public_url=settings.s3_public_url)
+        elif settings.backend == "kubernetes":
+            # Not mounted on this backend yet (docs/kubernetes.md), and e2a's pods have no
+            # rclone: no embedded server. The workspace calls answer 503 until an S3 is set.
+            self.server = None
+            endpoint = None
         else:
             self.server = EmbeddedS3(settings)
             endpoint = None
@@ -101,6 +107,9 @@ class Workspaces:
 
     @property
     def store(self) -> S3Store:
+        if self._endpoint is None and self.server is None:
+            raise Refusal(503, "storage_unavailable", "no workspace store: set E2A_S3_ENDPOINT "
+                          "(workspaces on Kubernetes, docs/kubernetes.md)")
         if self._store is None:
             self._store = S3Store(self._endpoint or self.server.endpoint())
         return self._store
@@ -108,7 +117,8 @@ class Workspaces:
     async def start(self) -> None:
         if self.server is not None:
             await self.server.start()
-        await s3.run(self.store.ensure_bucket)
+        if self.server is not None or self._endpoint is not None:
+            await s3.run(self.store.ensure_bucket)
 
     async def stop(self, mounts_left: bool) -> None:
         """The embedded server stays up while a sandbox still has its workspace mounted: the

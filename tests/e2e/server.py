@@ -219,6 +219,8 @@ class Server:
             "cgroups": len(cgroups),
             "sandbox_dirs": len(list(sandboxes.iterdir())) if sandboxes.is_dir() else 0,
             "qgroups": len(quota.volume_qgroups(pool)) if quota.is_pool(pool) else 0,
+            # not a leak but a broken pool: disk limits stop holding (quota.py says why)
+            "quota_inconsistent": int(quota.is_pool(pool) and quota.inconsistent(pool)),
         }
 
     def mount_pids(self) -> list[int]:

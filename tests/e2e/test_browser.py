@@ -9,6 +9,8 @@ import pytest
 import websockets.sync.client as ws_client
 from playwright.sync_api import sync_playwright
 
+from tests.conftest import goto_once_served
+
 SITE = ("<!doctype html><title>inside</title><h1 id=where>served inside</h1>"
         "<script>document.title = 'js ran ' + (6 * 7)</script>")
 
@@ -37,12 +39,7 @@ def test_playwright_over_cdp_pages_inside_and_outside(alice, http, browser_sb, o
         browser = p.chromium.connect_over_cdp(url)
         context = browser.contexts[0] if browser.contexts else browser.new_context()
         page = context.new_page()
-        for _ in range(50):  # the server started in the background a moment ago
-            try:
-                page.goto("http://127.0.0.1:8000/index.html")
-                break
-            except Exception:
-                page.wait_for_timeout(200)
+        goto_once_served(page, "http://127.0.0.1:8000/index.html")
         assert page.locator("#where").inner_text() == "served inside"
         assert page.title() == "js ran 42"
         shot = page.screenshot()

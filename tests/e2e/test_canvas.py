@@ -108,3 +108,16 @@ def test_sdk_renders_and_gives_the_view_url(alice, canvas_sb):
     png = alice.render_canvas(canvas_sb.vm_id, "index.html", width=120, height=90)
     assert Image.open(io.BytesIO(png)).size == (120, 90)
     assert "/v1/canvas/" in alice.canvas_view_url(canvas_sb.vm_id)
+
+
+def test_an_html_string_renders_before_anything_is_drawn(alice):
+    """A fresh canvas sandbox has no /home/user/canvas yet: the string's base URL is made."""
+    sb = alice.create_sandbox("canvas", idle_timeout_seconds=120)
+    try:
+        png = alice.render_canvas(sb.vm_id, html="<body style='margin:0;background:#0f0'>",
+                                  width=80, height=60)
+        img = Image.open(io.BytesIO(png)).convert("RGB")
+        assert img.size == (80, 60) and close(img.getpixel((40, 30)), (0, 255, 0))
+        assert alice.files.stat(sb.vm_id, "/home/user/canvas").type == "dir"
+    finally:
+        alice.kill(sb.vm_id)

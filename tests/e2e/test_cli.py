@@ -47,6 +47,34 @@ def test_cli_sandbox_and_files(server, keys, tmp_path):
     assert r.returncode == 1 and "sandbox_not_running" in r.stderr
 
 
+def test_cli_pause_resume_fork(server, keys):
+    key = keys["alice"]
+    r = cli(server, key, "sandbox", "create", "standard", "--on-idle", "pause", "--auto-resume")
+    assert r.returncode == 0, r.stderr
+    vm = r.stdout.strip()
+    forks = []
+    try:
+        assert cli(server, key, "sandbox", "exec", vm, "--", "echo v1 > /tmp/f").returncode == 0
+        r = cli(server, key, "sandbox", "pause", vm)
+        assert r.returncode == 0 and "paused" in r.stdout, r.stderr
+        r = cli(server, key, "sandbox", "ls")
+        assert vm in r.stdout and "paused" in r.stdout
+        r = cli(server, key, "sandbox", "pause", vm)
+        assert r.returncode == 1 and "invalid_state" in r.stderr
+        r = cli(server, key, "sandbox", "resume", vm)
+        assert r.returncode == 0 and "running" in r.stdout, r.stderr
+        r = cli(server, key, "sandbox", "fork", vm, "--count", "2")
+        assert r.returncode == 0, r.stderr
+        forks = r.stdout.split()
+        assert len(forks) == 2 and all(f.startswith("sbx_") and f != vm for f in forks)
+        for f in forks:
+            r = cli(server, key, "sandbox", "exec", f, "--", "cat /tmp/f")
+            assert (r.returncode, r.stdout) == (0, "v1\n")
+    finally:
+        for f in [vm, *forks]:
+            cli(server, key, "sandbox", "kill", f)
+
+
 def test_cli_errors_are_clear(server):
     r = cli(server, "e2a_live_nope", "sandbox", "ls")
     assert r.returncode == 1 and "unauthorized" in r.stderr

@@ -49,6 +49,18 @@ def test_warm_pool_hands_out_and_refills(pool_server):
         assert len(allowed(srv)) == 2
         c.kill(a.vm_id)
         assert host_if not in allowed(srv)
+        # a pooled sandbox takes the create's on_idle and auto_resume, and pauses and resumes
+        # like a cold one (its config, token and address are the pool's)
+        b = c.create_sandbox("standard", env_vars={"FROM_POOL": "b"}, on_idle="pause",
+                             auto_resume=True, idle_timeout_seconds=600)
+        assert any("warm pool" in line.message for line in c.logs(b.vm_id))
+        assert (b.on_idle, b.auto_resume) == ("pause", True)
+        assert (c.get_sandbox(b.vm_id).on_idle, c.get_sandbox(b.vm_id).auto_resume) == \
+            ("pause", True)
+        assert c.pause(b.vm_id).state == "paused"
+        assert c.run(b.vm_id, "echo $FROM_POOL").stdout == "b\n"  # woken by the call
+        assert c.get_sandbox(b.vm_id).state == "running"
+        c.kill(b.vm_id)
     srv.stop()
     # the pool's own sandboxes are adopted at the next start, or destroyed by cleanup
     srv.cleanup()
@@ -90,11 +102,19 @@ def test_postgresql_store(pg_server):
         sb = c.create_sandbox("standard", metadata={"db": "postgres"}, idle_timeout_seconds=600)
         assert c.run(sb.vm_id, "echo on-postgres").stdout == "on-postgres\n"
         assert [s.vm_id for s in c.list_sandboxes(metadata={"db": "postgres"})] == [sb.vm_id]
+        paused = c.create_sandbox("standard", idle_timeout_seconds=600)
+        c.run(paused.vm_id, "echo kept > /tmp/f")
+        assert c.pause(paused.vm_id).disk_bytes > 0
     srv.stop()
     srv.start()  # migrations run again (no-op) and the sandbox is adopted from PostgreSQL
     with E2A(srv.url, key) as c:
         assert c.get_sandbox(sb.vm_id).state == "running"
         c.kill(sb.vm_id)
+        # a paused sandbox too, and resumes from its checkpoint
+        assert c.get_sandbox(paused.vm_id).state == "paused"
+        assert c.resume(paused.vm_id).state == "running"
+        assert c.files.read_text(paused.vm_id, "/tmp/f") == "kept\n"
+        c.kill(paused.vm_id)
         assert c.get_sandbox(sb.vm_id).state == "destroyed"
     out = subprocess.run(["psql", os.environ["E2A_TEST_PG_URL"].replace("+asyncpg", ""), "-tAc",
                           f"select state from sandboxes where id = '{sb.vm_id}'"],

@@ -176,7 +176,7 @@ def test_foreground_commands_end_with_an_error_event_on_delete(http, alice):
 
 
 def test_connections_per_sandbox_are_capped_with_429_not_queued(server, keys, alice):
-    from e2a.sandboxes.manager import MAX_CONNECTIONS_PER_SANDBOX as cap
+    from e2a.sandboxes.connections import MAX_CONNECTIONS_PER_SANDBOX as cap
     sb = alice.create_sandbox("standard", idle_timeout_seconds=600)
 
     async def go():

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, modes
 from e2a.api.access import AccessTokens, Grant
 from e2a.runtime.runsc import ENVD_PORT
 from e2a.sandboxes.agent_keys import AgentKeys
-from e2a.sandboxes.manager import MAX_CONNECTIONS_PER_SANDBOX
+from e2a.sandboxes.connections import MAX_CONNECTIONS_PER_SANDBOX
 from e2a.templates.builder import SANDBOX_UID
 from tests.conftest import wait_for
 from tests.security.conftest import NOBODY, as_user, envd_launch, raw_request, rss_kib

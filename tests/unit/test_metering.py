@@ -197,6 +197,60 @@ async def test_paused_time_is_not_charged_for_compute(env):
     assert (await usage(sessions, a))[0] == compute_cost(15_000, STANDARD)
 
 
+async def storage_rows(sessions, sid):
+    async with sessions() as db:
+        return (await db.execute(select(LedgerEntry).where(
+            LedgerEntry.kind == "storage", LedgerEntry.sandbox_id == sid))).scalars().all()
+
+
+async def test_a_paused_sandbox_is_charged_storage_for_the_disk_each_pause_held(env):
+    """Two pauses of different sizes, a tick inside the second, the sandbox destroyed while
+    paused: storage for exactly 1 GiB × 1 h + 3 GiB × 2 h, and compute for running time only."""
+    sessions, (a, _), settings = env
+    m = Metering(sessions, settings, Rates.from_settings(settings))
+    await boot(sessions, "sbx_d", a, at(0))
+    async with sessions() as db:  # the two pauses, as the manager writes them
+        db.add_all([
+            SandboxEvent(sandbox_id="sbx_d", from_state="running", to_state="paused",
+                         at=at(10), disk_bytes=GIB),
+            SandboxEvent(sandbox_id="sbx_d", from_state="paused", to_state="running",
+                         at=at(3610)),
+            SandboxEvent(sandbox_id="sbx_d", from_state="running", to_state="paused",
+                         at=at(3620), disk_bytes=3 * GIB)])
+        await db.commit()
+    await m.tick(now=at(3620 + 3600))  # one hour into the second pause: charged so far
+    first = -sum(r.amount_micro for r in await storage_rows(sessions, "sbx_d"))
+    assert first == (1 + 3) * 10_000
+    await event(sessions, "sbx_d", "paused", "stopping", at(3620 + 7200))
+    await event(sessions, "sbx_d", "stopping", "destroyed", at(3620 + 7200), "deleted",
+                destroyed_at=at(3620 + 7200))
+    await m.tick(now=at(20_000))
+    await m.tick(now=at(30_000))  # nothing more after the end
+    rows = await storage_rows(sessions, "sbx_d")
+    assert -sum(r.amount_micro for r in rows) == (1 + 6) * 10_000
+    assert sum(r.gib_hours for r in rows) == pytest.approx(7.0)
+    assert (await usage(sessions, a))[0] == compute_cost(20_000, STANDARD)  # 10 s + 10 s
+
+
+async def test_a_small_paused_disk_is_charged_once_it_is_worth_a_micro_credit(env):
+    """2 MiB paused: no rows of 0 every tick, one row when a micro-credit is due, covering the
+    whole time (its GiB-hours add up)."""
+    sessions, (a, _), settings = env
+    m = Metering(sessions, settings, Rates.from_settings(settings))
+    await boot(sessions, "sbx_s", a, at(0))
+    async with sessions() as db:
+        db.add(SandboxEvent(sandbox_id="sbx_s", from_state="running", to_state="paused",
+                            at=at(10), disk_bytes=2 << 20))
+        await db.commit()
+    for t in range(11, 200, 30):  # ~190 s: under one micro-credit (2 MiB × 194 s)
+        await m.tick(now=at(t))
+    assert await storage_rows(sessions, "sbx_s") == []
+    await m.tick(now=at(10 + 400))
+    rows = await storage_rows(sessions, "sbx_s")
+    assert [r.amount_micro for r in rows] == [-2]  # 2 MiB × 400 s = 2.07 micro-credits
+    assert rows[0].gib_hours == pytest.approx(2 / 1024 * 400 / 3600)
+
+
 async def test_storage_is_charged_per_gib_hour_of_measured_size(env):
     sessions, (a, _), settings = env
     m = Metering(sessions, settings, Rates.from_settings(settings))

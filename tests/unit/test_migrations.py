@@ -96,3 +96,36 @@ def test_upgrading_to_credits_bills_none_of_the_feeds_history(tmp_path):
     c = sqlite3.connect(path)
     assert c.execute("SELECT count(*) FROM ledger WHERE kind = 'usage'").fetchone() == (0,)
     assert c.execute("SELECT value FROM metering_cursor").fetchall() == [(3,)]
+
+
+def test_pause_columns_upgrade_a_store_with_sandboxes_and_downgrade_again(tmp_path):
+    """0008 adds its columns in place (no copy of `sandboxes` under the tables that refer to
+    it): old rows get the documented defaults, and the downgrade takes them away again."""
+    engine, path, c = _old_store(tmp_path, "0007")
+    c.execute("INSERT INTO sandbox_events (sandbox_id, from_state, to_state, at) VALUES "
+              "('sbx_1', 'running', 'destroyed', '2026-11-01')")
+    c.commit()
+    c.close()
+    _upgrade_to(engine, "0008")
+    c = sqlite3.connect(path)
+    assert c.execute("SELECT on_idle, auto_resume, paused_at, disk_bytes, forked_from, "
+                     "secrets_of FROM sandboxes").fetchall() == [("destroy", 0, None, None,
+                                                                  None, None)]
+    assert c.execute("SELECT disk_bytes FROM sandbox_events").fetchall() == [(None,)]
+    c.close()
+
+    def down(connection) -> None:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(db.MIGRATIONS))
+        cfg.attributes["connection"] = connection
+        command.downgrade(cfg, "0007")
+
+    async def go() -> None:
+        async with engine.begin() as conn:
+            await conn.run_sync(down)
+        await engine.dispose()
+    asyncio.run(go())
+    c = sqlite3.connect(path)
+    columns = {r[1] for r in c.execute("PRAGMA table_info(sandboxes)")}
+    assert "on_idle" not in columns and "id" in columns
+    assert c.execute("SELECT count(*) FROM sandbox_events").fetchone() == (1,)

@@ -34,7 +34,8 @@ SB = {"vm_id": "sb1", "state": "running", "template": "standard", "vcpu": 1, "cp
       "memory_mib": 512, "internet": True, "metadata": {}, "idle_timeout_seconds": 60,
       "max_lifetime_seconds": 7200, "created_at": "2026-01-01T00:00:00Z",
       "expires_at": "2026-01-01T01:00:00Z", "destroyed_at": None, "end_reason": None,
-      "workspace_id": None}
+      "workspace_id": None, "on_idle": "destroy", "auto_resume": False, "paused_at": None,
+      "pause_expires_at": None, "disk_bytes": None, "forked_from": None}
 
 
 def ws_out(workspace_id: str, **kw) -> dict:

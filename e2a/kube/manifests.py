@@ -1,0 +1,168 @@
+"""What the Kubernetes backend asks the cluster for, per sandbox: a Secret (envd's token and the
+sandbox's environment), a NetworkPolicy, and the Pod. Plain dicts in the API's own shape, so
+that they read like the YAML an operator knows and the tests can check them field by field.
+
+Every object carries the same labels: which e2a instance made it (several may share a cluster,
+each reconciles only its own), the sandbox, its template, and its owner as a hash (labels are
+readable by anyone who may list pods; a user id is not theirs to read).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from e2a.network.firewall import BLOCKED_V4
+from e2a.runtime.runsc import ENVD_PATH, ENVD_PORT, MEMORY_OVERHEAD_MIB
+
+GROUP = "e2a.dev"
+INSTANCE, SANDBOX, TEMPLATE, OWNER = (f"{GROUP}/{k}" for k in
+                                      ("instance", "sandbox", "template", "owner"))
+API = f"{GROUP}/api"  # on e2a's own pods (deploy/): value the instance; the policies let them in
+# Docker's default capabilities, as the embedded backend gives envd (root in the sandbox, so
+# that it can run commands as `user` or `root`): gVisor, not these bits, is the boundary.
+CAPABILITIES = ["CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID",
+                "SETUID", "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL",
+                "AUDIT_WRITE"]
+# Where a sandbox may never connect, whatever its `internet`: the cluster (pods, services,
+# nodes) and every private, local or reserved range, the embedded firewall's own list.
+PRIVATE_RANGES = [r.strip() for r in BLOCKED_V4.split(",")]
+
+
+def pod_name(sandbox_id: str) -> str:
+    """A sandbox's pod's, secret's and policy's name: its id, DNS-label safe."""
+    return sandbox_id.replace("_", "-")
+
+
+def sandbox_of(pod_name: str) -> str:
+    return pod_name.replace("-", "_")
+
+
+@dataclass
+class PodPlan:
+    """One sandbox as the cluster runs it."""
+    sandbox_id: str
+    instance: str
+    template: str
+    user_id: str | None
+    image: str                     # name:tag the cluster knows (imported or in a registry)
+    vcpu: int
+    cpu_fraction: float
+    memory_mib: int
+    disk_mib: int
+    internet: bool
+    envd_token: str
+    env: dict[str, str] = field(default_factory=dict)
+    runtime_class: str = "gvisor"
+    cpu_request_ratio: float = 0.1  # of the CPU limit, what the pod asks the scheduler for
+    memory_request_ratio: float = 1.0  # of the memory limit, likewise
+    nameservers: list[str] = field(default_factory=list)
+    api_cidrs: list[str] = field(default_factory=list)  # where e2a connects from (ingress)
+    api_namespace: str | None = None  # e2a's own, when it runs in the cluster: its pods too
+
+    @property
+    def name(self) -> str:
+        return pod_name(self.sandbox_id)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        owner = hashlib.sha256((self.user_id or "").encode()).hexdigest()[:16] \
+            if self.user_id else "pool"
+        return {INSTANCE: self.instance, SANDBOX: self.name, TEMPLATE: self.template,
+                OWNER: owner}
+
+
+def secret(plan: PodPlan) -> dict:
+    """envd's token and the sandbox's environment, out of the pod's spec (which anyone who may
+    read pods sees)."""
+    return {
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": plan.name, "labels": plan.labels},
+        "type": "Opaque",
+        "stringData": {"E2A_ENVD_TOKEN": plan.envd_token, **plan.env},
+    }
+
+
+def pod(plan: PodPlan, namespace: str) -> dict:
+    memory = f"{plan.memory_mib + MEMORY_OVERHEAD_MIB}Mi"
+    cpu = f"{cpu_limit(plan.vcpu, plan.cpu_fraction)}m"
+    cpu_request, memory_request = requests(plan.vcpu, plan.cpu_fraction, plan.memory_mib,
+                                           plan.cpu_request_ratio, plan.memory_request_ratio)
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": plan.name, "namespace": namespace, "labels": plan.labels},
+        "spec": {
+            "runtimeClassName": plan.runtime_class,
+            "restartPolicy": "Never",  # a sandbox that dies is destroyed, never restarted
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,  # no cluster addresses in its environment
+            "hostNetwork": False, "hostPID": False, "hostIPC": False,
+            "hostname": "sandbox",
+            "terminationGracePeriodSeconds": 0,
+            "dnsPolicy": "None",
+            "dnsConfig": {"nameservers": plan.nameservers or ["1.1.1.1"]},
+            "containers": [{
+                "name": "sandbox",
+                "image": plan.image,
+                "imagePullPolicy": "IfNotPresent",
+                "command": [ENVD_PATH, "--listen", f"0.0.0.0:{ENVD_PORT}"],
+                "envFrom": [{"secretRef": {"name": plan.name}}],
+                "ports": [{"name": "envd", "containerPort": ENVD_PORT}],
+                "resources": {
+                    # CPU is shared as on one host: the limit is the template's quota, the
+                    # request a part of it (E2A_KUBE_CPU_REQUEST_RATIO), so idle sandboxes do
+                    # not hold cores. Memory is asked for whole (it cannot be taken back),
+                    # unless E2A_KUBE_MEMORY_REQUEST_RATIO overcommits it.
+                    "requests": {"cpu": f"{cpu_request}m", "memory": f"{memory_request}Mi",
+                                 "ephemeral-storage": f"{plan.disk_mib}Mi"},
+                    "limits": {"cpu": cpu, "memory": memory,
+                               "ephemeral-storage": f"{plan.disk_mib}Mi"},
+                },
+                "securityContext": {
+                    "privileged": False,
+                    "capabilities": {"drop": ["ALL"], "add": CAPABILITIES},
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+            }],
+        },
+    }
+
+
+def cpu_limit(vcpu: int, cpu_fraction: float) -> int:
+    """Millicores: the template's CPU quota."""
+    return int(vcpu * cpu_fraction * 1000)
+
+
+def requests(vcpu: int, cpu_fraction: float, memory_mib: int, cpu_ratio: float,
+             memory_ratio: float) -> tuple[int, int]:
+    """What a pod of this size asks the scheduler for, millicores and MiB: parts of its limits
+    (memory whole unless the settings overcommit it). The capacity check counts the same."""
+    return (max(1, int(cpu_limit(vcpu, cpu_fraction) * cpu_ratio)),
+            max(1, int((memory_mib + MEMORY_OVERHEAD_MIB) * memory_ratio)))
+
+
+def network_policy(plan: PodPlan, namespace: str) -> dict:
+    """Ingress only from e2a; egress only to the internet (if allowed) and DNS, never to the
+    cluster, its nodes or a private range. Enforced only by a CNI that implements policies
+    (docs/kubernetes.md)."""
+    egress = []
+    if plan.internet:
+        egress.append({"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": PRIVATE_RANGES}}]})
+    egress += [{"to": [{"ipBlock": {"cidr": f"{ns}/32"}}],
+                "ports": [{"protocol": p, "port": 53} for p in ("UDP", "TCP")]}
+               for ns in plan.nameservers]
+    peers: list[dict] = [{"ipBlock": {"cidr": c}} for c in plan.api_cidrs]
+    if plan.api_namespace:  # e2a's pods, in its namespace only
+        peers.append({"namespaceSelector": {"matchLabels": {
+                          "kubernetes.io/metadata.name": plan.api_namespace}},
+                      "podSelector": {"matchLabels": {API: plan.instance}}})
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": plan.name, "namespace": namespace, "labels": plan.labels},
+        "spec": {
+            "podSelector": {"matchLabels": {SANDBOX: plan.name, INSTANCE: plan.instance}},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": peers}] if peers else [],
+            "egress": egress,
+        },
+    }

@@ -1,0 +1,64 @@
+"""The browser and canvas templates on the Kubernetes backend: their image (the template
+builder's, one layer with envd) imported into the test cluster, Chromium started by envd in a
+gVisor pod, driven through the same endpoints as on the embedded backend."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from playwright.sync_api import sync_playwright
+
+from e2a.config import Settings
+from e2a.kube import images
+from e2a.templates import recipes
+from tests.conftest import goto_once_served
+from tests.kube.cluster import CLUSTER_DIR, NAMESPACE
+
+pytestmark = pytest.mark.kube  # one cluster per machine: run apart from xdist (Makefile)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def alice(cluster, kube_clients):
+    # the browser's image (canvas runs it too), as an operator would push it to the registry
+    images.import_to(Settings(envd=str(ROOT / "build/envd")), recipes.load("browser"),
+                     str(cluster.bin / "ctr"), str(CLUSTER_DIR / "containerd/containerd.sock"))
+    return kube_clients["alice"]
+
+
+def test_a_browser_sandbox_is_driven_over_cdp(cluster, alice):
+    sb = alice.create_sandbox("browser", idle_timeout_seconds=300)
+    try:
+        pod = cluster.json("get", "pod", sb.vm_id.replace("_", "-"), "-n", NAMESPACE)
+        assert pod["spec"]["runtimeClassName"] == "gvisor"
+        assert pod["spec"]["containers"][0]["resources"]["limits"]["memory"] == "1056Mi"
+        alice.files.write(sb.vm_id, "/home/user/site/index.html",
+                          b"<title>in a pod</title><p id=w>served inside</p>")
+        alice.run_background(sb.vm_id, "python3 -m http.server 8000 --bind 127.0.0.1",
+                             cwd="/home/user/site")
+        with sync_playwright() as p:
+            browser = p.chromium.connect_over_cdp(alice.cdp_url(sb.vm_id))
+            page = (browser.contexts[0] if browser.contexts else browser.new_context()).new_page()
+            goto_once_served(page, "http://127.0.0.1:8000/index.html")
+            assert page.locator("#w").inner_text() == "served inside"
+            assert page.title() == "in a pod"
+            browser.close()
+    finally:
+        alice.kill(sb.vm_id)
+
+
+def test_a_canvas_sandbox_renders(alice):
+    sb = alice.create_sandbox("canvas", idle_timeout_seconds=300)
+    try:
+        png = alice.render_canvas(sb.vm_id, html="<body style='background:#f00'>x</body>",
+                                  width=120, height=90)
+        img = Image.open(io.BytesIO(png))
+        assert img.size == (120, 90)
+        assert img.convert("RGB").getpixel((60, 80)) == (255, 0, 0)
+        assert "/v1/canvas/" in alice.canvas_view_url(sb.vm_id)
+    finally:
+        alice.kill(sb.vm_id)

@@ -1,0 +1,106 @@
+"""The objects the Kubernetes backend asks for (e2a/kube/manifests.py), field by field."""
+
+from __future__ import annotations
+
+import json
+
+from e2a.kube import manifests
+from e2a.kube.cluster import _mib, _millicores, ended
+from lightkube.codecs import from_dict
+
+
+def plan(**kw) -> manifests.PodPlan:
+    base = dict(sandbox_id="sbx_abc123", instance="e2a", template="standard",
+                user_id="usr_secret_id", image="e2a.local/e2a-standard:1-2", vcpu=2,
+                cpu_fraction=0.5, memory_mib=512, disk_mib=2048, internet=True,
+                envd_token="tok-123", env={"TZ": "UTC"}, nameservers=["10.0.0.53"],
+                api_cidrs=["10.244.0.1/32"])
+    return manifests.PodPlan(**{**base, **kw})
+
+
+def test_the_pod_runs_gvisor_with_nothing_of_the_host_or_the_cluster():
+    pod = manifests.pod(plan(), "ns")
+    spec = pod["spec"]
+    assert pod["metadata"]["name"] == "sbx-abc123"  # DNS-label safe
+    assert spec["runtimeClassName"] == "gvisor"
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["enableServiceLinks"] is False
+    assert spec["restartPolicy"] == "Never"
+    assert not (spec["hostNetwork"] or spec["hostPID"] or spec["hostIPC"])
+    (c,) = spec["containers"]
+    assert c["command"] == ["/.e2a/envd", "--listen", "0.0.0.0:984"]
+    assert c["resources"]["limits"] == {"cpu": "1000m", "memory": "544Mi",
+                                        "ephemeral-storage": "2048Mi"}
+    # CPU shared (a tenth asked of the scheduler), memory asked for whole
+    assert c["resources"]["requests"] == {"cpu": "100m", "memory": "544Mi",
+                                          "ephemeral-storage": "2048Mi"}
+    assert manifests.pod(plan(cpu_request_ratio=1.0), "ns")["spec"]["containers"][0][
+        "resources"]["requests"]["cpu"] == "1000m"
+    # memory overcommitted only when asked: the limit stays whole
+    res = manifests.pod(plan(memory_request_ratio=0.25), "ns")["spec"]["containers"][0][
+        "resources"]
+    assert (res["requests"]["memory"], res["limits"]["memory"]) == ("136Mi", "544Mi")
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert "SYS_ADMIN" not in c["securityContext"]["capabilities"]["add"]
+    assert c["envFrom"] == [{"secretRef": {"name": "sbx-abc123"}}]
+    assert spec["dnsConfig"] == {"nameservers": ["10.0.0.53"]}
+    from_dict(pod)  # a valid Pod to the API's own models
+
+
+def test_secrets_and_user_ids_stay_out_of_what_others_can_list():
+    p = plan()
+    pod, policy = manifests.pod(p, "ns"), manifests.network_policy(p, "ns")
+    for obj in (pod, policy):
+        text = json.dumps(obj)
+        assert "tok-123" not in text and "usr_secret_id" not in text
+    assert manifests.secret(p)["stringData"] == {"E2A_ENVD_TOKEN": "tok-123", "TZ": "UTC"}
+    assert pod["metadata"]["labels"][manifests.OWNER] != "usr_secret_id"
+    assert plan(user_id=None).labels[manifests.OWNER] == "pool"
+
+
+def test_the_policy_lets_in_only_e2a_and_out_only_to_the_internet_and_dns():
+    spec = manifests.network_policy(plan(), "ns")["spec"]
+    assert spec["podSelector"]["matchLabels"] == {manifests.SANDBOX: "sbx-abc123",
+                                                   manifests.INSTANCE: "e2a"}
+    assert spec["ingress"] == [{"from": [{"ipBlock": {"cidr": "10.244.0.1/32"}}]}]
+    internet, dns = spec["egress"]
+    assert internet["to"][0]["ipBlock"]["cidr"] == "0.0.0.0/0"
+    assert "10.0.0.0/8" in internet["to"][0]["ipBlock"]["except"]
+    assert "169.254.0.0/16" in internet["to"][0]["ipBlock"]["except"]
+    assert dns["to"] == [{"ipBlock": {"cidr": "10.0.0.53/32"}}]
+    assert {p["port"] for p in dns["ports"]} == {53}
+    offline = manifests.network_policy(plan(internet=False), "ns")["spec"]
+    assert offline["egress"] == [dns]  # DNS only
+    assert manifests.network_policy(plan(api_cidrs=[]), "ns")["spec"]["ingress"] == []
+    from_dict(manifests.network_policy(plan(), "ns"))
+
+
+def test_quantities_and_ends_as_the_cluster_writes_them():
+    assert _millicores("1500m") == 1500 and _millicores("2") == 2000
+    assert _mib("24576Mi") == 24576 and _mib("2Gi") == 2048 and _mib("1048576Ki") == 1024
+    oom = from_dict({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
+                     "status": {"phase": "Failed", "containerStatuses": [{
+                         "name": "sandbox", "image": "i", "imageID": "", "ready": False,
+                         "restartCount": 0,
+                         "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}})
+    assert ended(oom).oom
+    evicted = from_dict({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
+                         "status": {"phase": "Failed", "reason": "Evicted",
+                                    "message": "low on memory"}})
+    end = ended(evicted)
+    assert not end.oom and "Evicted" in end.detail and "low on memory" in end.detail
+    running = from_dict({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
+                         "status": {"phase": "Running", "podIP": "10.244.0.5"}})
+    assert ended(running) is None
+
+
+def test_policy_lets_in_e2a_pods_of_its_own_namespace_only():
+    peers = manifests.network_policy(plan(api_namespace="e2a-system"), "e2a-sandboxes")[
+        "spec"]["ingress"][0]["from"]
+    assert peers == [
+        {"ipBlock": {"cidr": "10.244.0.1/32"}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "e2a-system"}},
+         "podSelector": {"matchLabels": {"e2a.dev/api": "e2a"}}}]
+    # outside the cluster, only the address ranges
+    assert manifests.network_policy(plan(), "ns")["spec"]["ingress"][0]["from"] == [
+        {"ipBlock": {"cidr": "10.244.0.1/32"}}]
