@@ -285,7 +285,8 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
         try:
             try:
                 await self.records.insert(self._row(sb, spec.env_vars),
-                                          "create" if spec.user_id else "warm_pool")
+                                          "create" if spec.user_id else "warm_pool",
+                                          user_cap=self.settings.max_sandboxes_per_user)
             except BaseException:
                 self.sandboxes.pop(sb.id, None)
                 raise
@@ -295,7 +296,9 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
         return sb
 
     async def _count_in(self, user_id: str | None) -> None:
-        """The per-user limit, counted in the store: every replica's sandboxes count."""
+        """The per-user limit, counted in the store: every replica's sandboxes count. A quick
+        refusal before any work; the exact count is the one made with the row's insert or
+        claim (records.within_user_limit), which replicas' creates take in turn."""
         cap = self.settings.max_sandboxes_per_user
         if user_id is None:
             return
@@ -308,8 +311,7 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
                 Sandbox.user_id == user_id, Sandbox.state.in_(live)))
         if held + self._creating[user_id] - 1 >= cap:
             self._count_out(user_id)
-            raise UserLimit(f"a user may have at most {cap} sandboxes at once (sessions' "
-                            "included); end one first")
+            raise UserLimit(cap)
 
     def _count_out(self, user_id: str | None) -> None:
         if user_id is None:
@@ -464,7 +466,8 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
             now = utcnow()
             expires = now + timedelta(seconds=spec.max_lifetime)
             if not await self.records.claim(
-                    row.id, spec.user_id, spec.metadata, internet=spec.internet,
+                    row.id, spec.user_id, spec.metadata,
+                    user_cap=self.settings.max_sandboxes_per_user, internet=spec.internet,
                     env_vars=spec.env_vars, idle_timeout_seconds=spec.idle_timeout,
                     max_lifetime_seconds=spec.max_lifetime, created_at=now, expires_at=expires,
                     active_at=now):

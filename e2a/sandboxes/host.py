@@ -31,6 +31,10 @@ class NoCapacity(Exception):
 class UserLimit(Exception):
     """The user has as many sandboxes as one user may (E2A_MAX_SANDBOXES_PER_USER; 429)."""
 
+    def __init__(self, cap: int):
+        super().__init__(f"a user may have at most {cap} sandboxes at once (sessions' "
+                         "included); end one first")
+
 
 class Unavailable(Exception):
     """The runtime cannot start sandboxes at all: runsc, envd or the template image is

@@ -286,8 +286,7 @@ class Manager(Lifecycle, Connections, SandboxHost):
         cap = self.settings.max_sandboxes_per_user
         held = sum(1 for sb in self.sandboxes.values() if sb.user_id == user_id)
         if cap and held + self._creating.get(user_id, 0) >= cap:
-            raise UserLimit(f"a user may have at most {cap} sandboxes at once (sessions' "
-                            "included); end one first")
+            raise UserLimit(cap)
         self._creating[user_id] = self._creating.get(user_id, 0) + 1
 
     def _count_out(self, user_id: str) -> None:

@@ -8,12 +8,15 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
-from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy import func, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from e2a.sandboxes.host import Catalog, SandboxEventRecord, SandboxRecord
+from e2a.sandboxes.host import Catalog, SandboxEventRecord, SandboxRecord, UserLimit
 from e2a.sandboxes.states import LIVE, State
 from e2a.store.models import Sandbox, SandboxEvent
+
+
+USER_LIMIT_CLASS = 0x0E2B  # a PostgreSQL advisory lock's first key (two-key form): a user's creates
 
 
 def utcnow() -> datetime:
@@ -51,8 +54,12 @@ class Records:
     def __init__(self, sessions: async_sessionmaker):
         self.sessions = sessions
 
-    async def insert(self, row: Sandbox, reason: str | None) -> None:
+    async def insert(self, row: Sandbox, reason: str | None, user_cap: int = 0) -> None:
+        """A new row and its first event. `user_cap`: refuse (UserLimit) if its user already
+        has that many live sandboxes, counted in the same transaction."""
         async with self.sessions() as db:
+            if user_cap and row.user_id:
+                await within_user_limit(db, row.user_id, user_cap, row.id)
             db.add(row)
             await db.flush()
             db.add(SandboxEvent(sandbox_id=row.id, from_state=None, to_state=row.state,
@@ -83,12 +90,15 @@ class Records:
             await db.commit()
         return True
 
-    async def claim(self, sandbox_id: str, user_id: str, metadata: dict, **values) -> bool:
+    async def claim(self, sandbox_id: str, user_id: str, metadata: dict, user_cap: int = 0,
+                    **values) -> bool:
         """A warm sandbox handed to a user: one UPDATE (Core; the ORM's costs ~7 ms more here)
         and its event in the feed (billing starts here). Only a running one nobody claimed:
-        False if another replica was first."""
+        False if another replica was first. `user_cap` as for insert."""
         table = Sandbox.__table__
         async with self.sessions() as db:
+            if user_cap:
+                await within_user_limit(db, user_id, user_cap, sandbox_id)
             done = await db.execute(table.update().where(
                 table.c.id == sandbox_id, table.c.user_id.is_(None),
                 table.c.state == State.RUNNING.value).values(
@@ -170,3 +180,19 @@ class StoreCatalog(Catalog):
             rows = (await db.execute(q)).scalars().all()
         return [SandboxEventRecord(from_state=r.from_state, to_state=r.to_state, reason=r.reason,
                                    detail=r.detail, at=aware(r.at)) for r in rows]
+
+
+async def within_user_limit(db: AsyncSession, user_id: str, cap: int, sandbox_id: str) -> None:
+    """Raise UserLimit if the user has `cap` live sandboxes besides `sandbox_id`. Called in the
+    transaction that gives the user the sandbox: on PostgreSQL it first takes the user's lock
+    (held to that transaction's end), so the creates of one user through several replicas
+    count one after another, each seeing the rows the others committed. SQLite has one
+    process, whose own count (held per user in memory) is exact already."""
+    if db.bind.dialect.name == "postgresql":
+        await db.execute(text("SELECT pg_advisory_xact_lock(:c, hashtext(:u))"),
+                         {"c": USER_LIMIT_CLASS, "u": user_id})
+    held = await db.scalar(select(func.count()).select_from(Sandbox).where(
+        Sandbox.user_id == user_id, Sandbox.id != sandbox_id,
+        Sandbox.state.in_([s.value for s in LIVE])))
+    if held >= cap:
+        raise UserLimit(cap)

@@ -1,6 +1,7 @@
 """Leader election and replica liveness on the suite's PostgreSQL (e2a/kube/replicas.py): one
 leader at a time, a successor once it goes, and a replica counted gone only after its lock
-stayed free for the grace time (a connection that blinks is not a death)."""
+stayed free for the grace time (a connection that blinks is not a death); and the per-user
+limit exact across replicas."""
 
 from __future__ import annotations
 
@@ -8,12 +9,20 @@ import asyncio
 import os
 import secrets
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from e2a.ids import new_id
 from e2a.kube import replicas
 from e2a.kube.replicas import Replica
+from e2a.sandboxes.host import UserLimit
+from e2a.sandboxes.records import Records
+from e2a.sandboxes.states import State
+from e2a.store.models import Sandbox
+from tests.unit.stores import either
 
 pytestmark = pytest.mark.anyio
 
@@ -88,3 +97,56 @@ async def test_sqlite_is_one_process_that_leads(tmp_path):
     assert await r.gone(r.key + 1) and not await r.gone(r.key)
     await r.stop()
     await engine.dispose()
+
+
+# ---- the per-user limit across replicas (records.within_user_limit) -------------------------
+
+def _row(user_id: str | None, state: State = State.CREATING) -> Sandbox:
+    now = datetime.now(timezone.utc)
+    return Sandbox(id=new_id("sbx"), user_id=user_id, template="standard", state=state.value,
+                   vcpu=1, cpu_fraction=1.0, memory_mib=512, internet=False, metadata_={},
+                   env_vars={}, idle_timeout_seconds=60, max_lifetime_seconds=600, slot=None,
+                   envd_token="", created_at=now, expires_at=now + timedelta(minutes=10))
+
+
+async def _at_once(*calls) -> list:
+    return await asyncio.gather(*calls, return_exceptions=True)
+
+
+async def test_a_users_limit_holds_for_creates_racing_through_replicas(tmp_path):
+    """Ten creates of one user at once, through two replicas (two Records, each its own
+    connections): exactly the limit get a row, the others UserLimit; another user is not
+    held up by it."""
+    engine, sessions, (alice, bob) = await either("postgresql", tmp_path, "user_limit")
+    try:
+        a, b = Records(sessions), Records(sessions)
+        got = await _at_once(*[(a if i % 2 else b).insert(_row(alice), "create", user_cap=3)
+                               for i in range(10)])
+        assert sum(g is None for g in got) == 3, got
+        assert all(g is None or isinstance(g, UserLimit) for g in got), got
+        async with sessions() as db:
+            assert await db.scalar(select(func.count()).select_from(Sandbox).where(
+                Sandbox.user_id == alice)) == 3
+        await a.insert(_row(bob), "create", user_cap=3)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_users_limit_holds_for_warm_claims_racing_through_replicas(tmp_path):
+    """The same for claims of pooled sandboxes: a user with one sandbox and a limit of 3 gets
+    two of six pooled ones claimed at once, and the other four stay in the pool."""
+    engine, sessions, (alice, _) = await either("postgresql", tmp_path, "user_limit_claims")
+    try:
+        a, b = Records(sessions), Records(sessions)
+        await a.insert(_row(alice, State.RUNNING), "create", user_cap=3)
+        pooled = [_row(None, State.RUNNING) for _ in range(6)]
+        for row in pooled:
+            await a.insert(row, "warm_pool")
+        got = await _at_once(*[(a if i % 2 else b).claim(row.id, alice, {}, user_cap=3)
+                               for i, row in enumerate(pooled)])
+        assert got.count(True) == 2 and sum(isinstance(g, UserLimit) for g in got) == 4, got
+        async with sessions() as db:
+            assert await db.scalar(select(func.count()).select_from(Sandbox).where(
+                Sandbox.user_id.is_(None))) == 4
+    finally:
+        await engine.dispose()
