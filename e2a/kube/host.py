@@ -467,7 +467,8 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
             expires = now + timedelta(seconds=spec.max_lifetime)
             if not await self.records.claim(
                     row.id, spec.user_id, spec.metadata,
-                    user_cap=self.settings.max_sandboxes_per_user, internet=spec.internet,
+                    user_cap=self.settings.max_sandboxes_per_user, replica=self.replica.key,
+                    internet=spec.internet,
                     env_vars=spec.env_vars, idle_timeout_seconds=spec.idle_timeout,
                     max_lifetime_seconds=spec.max_lifetime, created_at=now, expires_at=expires,
                     active_at=now):
@@ -733,6 +734,14 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
         except OSError:  # no envd to hash here: nothing to compare with
             return False
 
+    async def _half_claimed(self, row: Sandbox, pod) -> bool:
+        """A warm sandbox whose row a replica claimed (and names it) but whose pod still
+        carries the pool's label: that replica died before handing it out. Its user never got
+        the answer; left alone, the sandbox would be billed to them until its idle timeout."""
+        return (row.user_id is not None
+                and (pod.metadata.labels or {}).get(manifests.OWNER) == manifests.POOL_OWNER
+                and row.replica != self.replica.key and await self.replica.gone(row.replica))
+
     async def _sweep(self, restart: bool) -> None:
         """The leader's look at every row and pod of this instance: a running sandbox whose
         pod is gone ends (`server_restart` in the sweep that starts a lead, when no e2a may
@@ -747,6 +756,9 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
                     if row.user_id is None and self._stale(row, pod):
                         await self._unpool(row, EndReason.DELETED,
                                            "warm, of an image no longer the template's")
+                    elif await self._half_claimed(row, pod):
+                        await self.destroy(row.id, EndReason.SERVER_RESTART,
+                                           "its e2a stopped during its claim from the warm pool")
                     continue
                 if pod is None and await self.cluster.pod_ip(manifests.pod_name(row.id)):
                     continue  # its create ended between the two lists

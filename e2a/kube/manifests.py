@@ -18,6 +18,7 @@ from e2a.runtime.runsc import ENVD_PATH, ENVD_PORT, MEMORY_OVERHEAD_MIB
 GROUP = "e2a.dev"
 INSTANCE, SANDBOX, TEMPLATE, OWNER = (f"{GROUP}/{k}" for k in
                                       ("instance", "sandbox", "template", "owner"))
+POOL_OWNER = "pool"  # the owner label of a warm pod nobody has claimed
 API = f"{GROUP}/api"  # on e2a's own pods (deploy/): value the instance; the policies let them in
 # Docker's default capabilities, as the embedded backend gives envd (root in the sandbox, so
 # that it can run commands as `user` or `root`): gVisor, not these bits, is the boundary.
@@ -67,7 +68,7 @@ class PodPlan:
     @property
     def labels(self) -> dict[str, str]:
         owner = hashlib.sha256((self.user_id or "").encode()).hexdigest()[:16] \
-            if self.user_id else "pool"
+            if self.user_id else POOL_OWNER
         return {INSTANCE: self.instance, SANDBOX: self.name, TEMPLATE: self.template,
                 OWNER: owner}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import subprocess
 import threading
 import time
 
@@ -49,6 +50,19 @@ def clients(kserver, second):
     yield a, b
     a.close()
     b.close()
+
+
+def half_claim(database: str, email: str) -> str | None:
+    """What a claim's UPDATE leaves of a replica that died right after it (the row names a
+    lock key that no replica holds): the id of a pooled sandbox, now the user's."""
+    meta = '{\\"half\\": \\"claimed\\"}'  # for the shell: {"half": "claimed"}
+    sql = (f"UPDATE sandboxes SET replica = 4242, metadata = '{meta}', "
+           f"user_id = (SELECT id FROM users WHERE email = '{email}') WHERE id = ("
+           "SELECT id FROM sandboxes WHERE user_id IS NULL AND state = 'running' "
+           "ORDER BY created_at LIMIT 1) RETURNING id")
+    out = subprocess.run(["su", "postgres", "-c", f'psql -d {database} -qtAc "{sql}"'],
+                         check=True, capture_output=True, text=True).stdout.split()
+    return out[0] if out else None
 
 
 def transitions(client: E2A, vm_id: str) -> list[str]:
@@ -204,6 +218,17 @@ def test_the_warm_pool_is_filled_once_and_claimed_through_every_replica(cluster,
                 assert not any(r["to"][0]["ipBlock"]["cidr"] == "0.0.0.0/0" for r in egress)
                 for sb in [*made, closed]:
                     a.kill(sb.vm_id)
+                # a replica that dies between a claim's UPDATE and the pod's relabelling: its
+                # row names the user and that replica, the pod still the pool
+                wait_for(lambda: len(mine()) == 2, timeout=90)
+                half = half_claim("e2a_kubepool", "pool@example.com")
+                assert half is not None
+                ended = wait_for(lambda: a.list_sandboxes(state="destroyed",
+                                                          metadata={"half": "claimed"}),
+                                 timeout=60, interval=0.5)[0]
+                assert ended.vm_id == half and ended.end_reason == "server_restart"
+                wait_for(lambda: pod_name(half) not in {p["metadata"]["name"] for p in mine()},
+                         timeout=30)
         finally:
             other.stop()
             first.stop()
