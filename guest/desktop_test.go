@@ -738,12 +738,14 @@ func TestDesktopWindowsFluxbox(t *testing.T) {
 	home := t.TempDir()
 	cmd := exec.Command(fb)
 	cmd.Env = append(os.Environ(), "DISPLAY="+v.display, "HOME="+home)
-	cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	// No pipes (nil: /dev/null), and a process group of its own that is killed whole:
+	// fluxbox starts helpers (fbsetbg, and an xmessage window when that finds no wallpaper
+	// setter) that would otherwise outlive it and hold cmd.Wait on their inherited output.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	t.Cleanup(func() { syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL); cmd.Wait() })
 	ds := startDesktopServer(t, v.display)
 
 	// Wait for fluxbox to own the screen (_NET_SUPPORTING_WM_CHECK on the root).

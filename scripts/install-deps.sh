@@ -5,7 +5,8 @@
 # btrfs-progs: mkfs.btrfs for the sandboxes' disk pool (e2a/runtime/quota.py).
 # novnc: the live view's client, served by e2a under /v1/novnc/ (e2a/api/desktop.py).
 # xvfb, fluxbox, x11-utils: envd's desktop tests run a real X server, a window manager and
-#   xev (guest/desktop_test.go).
+#   xev (guest/desktop_test.go). hsetroot: fluxbox's fbsetbg sets the wallpaper with it; without
+#   one, fluxbox opens an error window (xmessage) that takes the focus, as in the cua template.
 # fuse3: fusermount3, which the workspaces' rclone mounts use (e2a/workspaces/mount.py).
 # git: the workspace benchmark clones a repository into a workspace.
 # patch: applies e2a's patch to rclone's sources (scripts/build-rclone.sh).
@@ -15,7 +16,7 @@ set -eu
 export DEBIAN_FRONTEND=noninteractive
 need=""
 for pkg in debootstrap iproute2 nftables curl ca-certificates python3-venv btrfs-progs novnc \
-           xvfb fluxbox x11-utils chromium fuse3 git patch; do
+           xvfb fluxbox hsetroot x11-utils chromium fuse3 git patch; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need="$need $pkg"
 done
 if [ -n "$need" ]; then
