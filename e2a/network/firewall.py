@@ -60,13 +60,14 @@ class Firewall:
         t = self.table
         # At most EGRESS_CONNECTIONS open connections per sandbox address: the proxy runs in
         # e2a serve, so connections piled up by a sandbox would use up its file descriptors.
-        # Others' connections *to* the port are refused by state (new), not by port alone: the
-        # port is free while e2a is stopped, and a host connection that gets it as its source
-        # port would otherwise lose every reply (its SYN-ACK has this destination port).
+        # Others' packets to the port pass only as part of an established connection (not by
+        # port alone): the port is free while e2a is stopped, and a host connection that gets
+        # it as its source port would otherwise lose every reply (its SYN-ACK has this
+        # destination port). New, invalid, untracked and related ones are dropped.
         egress = (f"tcp dport {self.egress_port} iifname {self.ifglob} add @egress_conns "
                   f"{{ ip saddr ct count over {EGRESS_CONNECTIONS} }} drop\n"
                   f"    tcp dport {self.egress_port} iifname {self.ifglob} accept\n"
-                  f"    tcp dport {self.egress_port} ct state new,invalid drop\n"
+                  f"    tcp dport {self.egress_port} ct state != established drop\n"
                   ) if self.egress_port else ""
         return f"""
 table inet {t}
