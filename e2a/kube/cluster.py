@@ -148,14 +148,17 @@ class Cluster:
         return [p async for p in self.client.list(Pod, namespace=self.namespace,
                                                   labels={INSTANCE: self.instance})]
 
-    async def pod_ip(self, name: str) -> str | None:
+    async def pod(self, name: str) -> Pod | None:
         try:
-            pod = await self.client.get(Pod, name, namespace=self.namespace)
+            return await self.client.get(Pod, name, namespace=self.namespace)
         except ApiError as exc:
             if exc.status.code == 404:
                 return None
             raise
-        return pod.status.podIP if pod.status and pod.status.phase == "Running" else None
+
+    async def pod_ip(self, name: str) -> str | None:
+        pod = await self.pod(name)
+        return pod.status.podIP if pod and pod.status and pod.status.phase == "Running" else None
 
     async def wait_running(self, name: str, timeout: float) -> str:
         """Wait until the pod runs; returns its address. Raises Unschedulable or PodFailed

@@ -125,7 +125,6 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
         self.cluster: kc.Cluster | None = None
         self.api_namespace = kc.own_namespace(settings.kube_config)  # None: outside the cluster
         self.sandboxes: dict[str, KubeSandbox] = {}
-        self._creating: dict[str, int] = {}
         self._reserved: dict[str, KubeSandbox] = {}  # capacity taken, row not yet written
         self._allocatable: tuple[float, tuple[int, int]] | None = None
         self._pool_counts: dict[str, int] = {}
@@ -270,15 +269,12 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
         if spec.workspace is not None:
             raise Unavailable("workspaces are not mounted on the Kubernetes backend yet "
                               "(docs/kubernetes.md)")
-        await self._count_in(spec.user_id)
-        try:
-            claimed = await self._claim_from_pool(recipe, spec)
-            if claimed is not None:
-                return claimed
-            sb = await self._launch(recipe, spec)
-            return sb.record(self.node)
-        finally:
-            self._count_out(spec.user_id)
+        await self._within_user_limit(spec.user_id)
+        claimed = await self._claim_from_pool(recipe, spec)
+        if claimed is not None:
+            return claimed
+        sb = await self._launch(recipe, spec)
+        return sb.record(self.node)
 
     async def _launch(self, recipe: recipes.Recipe, spec: CreateSpec) -> KubeSandbox:
         sb = await self._reserve(recipe, spec)
@@ -295,30 +291,19 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
             self._reserved.pop(sb.id, None)
         return sb
 
-    async def _count_in(self, user_id: str | None) -> None:
-        """The per-user limit, counted in the store: every replica's sandboxes count. A quick
-        refusal before any work; the exact count is the one made with the row's insert or
-        claim (records.within_user_limit), which replicas' creates take in turn."""
+    async def _within_user_limit(self, user_id: str | None) -> None:
+        """A quick refusal, before any work, of a user whose rows (every replica's) are at the
+        limit already. The exact count is the one made with the row's insert or claim
+        (records.within_user_limit), which one user's creates through all replicas take in
+        turn; this one never refuses what that one would let through."""
         cap = self.settings.max_sandboxes_per_user
-        if user_id is None:
+        if user_id is None or not cap:
             return
-        self._creating[user_id] = self._creating.get(user_id, 0) + 1
-        if not cap:
-            return
-        live = [s.value for s in LIVE]
         async with self.sessions() as db:
             held = await db.scalar(select(func.count()).select_from(Sandbox).where(
-                Sandbox.user_id == user_id, Sandbox.state.in_(live)))
-        if held + self._creating[user_id] - 1 >= cap:
-            self._count_out(user_id)
+                Sandbox.user_id == user_id, Sandbox.state.in_([s.value for s in LIVE])))
+        if held >= cap:
             raise UserLimit(cap)
-
-    def _count_out(self, user_id: str | None) -> None:
-        if user_id is None:
-            return
-        self._creating[user_id] -= 1
-        if not self._creating[user_id]:
-            del self._creating[user_id]
 
     async def _reserve(self, recipe: recipes.Recipe, spec: CreateSpec) -> KubeSandbox:
         """Refuse at once what the cluster cannot hold, counting every replica's sandboxes
@@ -475,8 +460,13 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
                 continue  # another replica's create took it
             # /health's count, right at once here (and within a second on the other replicas)
             self._pool_counts[recipe.name] = max(0, self._pool_counts.get(recipe.name, 0) - 1)
-            sb = self.sandboxes.get(row.id) or self._adopt(
-                row, await self.cluster.pod_ip(manifests.pod_name(row.id)))
+            ip = None
+            if row.id not in self.sandboxes:
+                try:
+                    ip = await self.cluster.pod_ip(manifests.pod_name(row.id))
+                except Exception as exc:  # claimed, so ended below (not left claimed, unused)
+                    log.warning("warm sandbox %s: its pod's address: %s", row.id, exc)
+            sb = self.sandboxes.get(row.id) or self._adopt(row, ip)
             async with sb.lock:
                 sb.user_id, sb.metadata, sb.internet = spec.user_id, spec.metadata, spec.internet
                 sb.idle_timeout, sb.max_lifetime = spec.idle_timeout, spec.max_lifetime
@@ -737,10 +727,20 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
     async def _half_claimed(self, row: Sandbox, pod) -> bool:
         """A warm sandbox whose row a replica claimed (and names it) but whose pod still
         carries the pool's label: that replica died before handing it out. Its user never got
-        the answer; left alone, the sandbox would be billed to them until its idle timeout."""
-        return (row.user_id is not None
-                and (pod.metadata.labels or {}).get(manifests.OWNER) == manifests.POOL_OWNER
-                and row.replica != self.replica.key and await self.replica.gone(row.replica))
+        the answer; left alone, the sandbox would be billed to them until its idle timeout.
+        The sweep's lists may be seconds old: the row and the pod are read again before it
+        says so."""
+        def pooled(p) -> bool:
+            return (p.metadata.labels or {}).get(manifests.OWNER) == manifests.POOL_OWNER
+        if not (row.user_id is not None and pooled(pod) and row.replica != self.replica.key
+                and await self.replica.gone(row.replica)):
+            return False
+        now = await self.records.get(row.id)
+        if now is None or (now.state, now.user_id, now.replica) != (
+                State.RUNNING.value, row.user_id, row.replica):
+            return False
+        fresh = await self.cluster.pod(manifests.pod_name(row.id))
+        return fresh is not None and pooled(fresh)
 
     async def _sweep(self, restart: bool) -> None:
         """The leader's look at every row and pod of this instance: a running sandbox whose

@@ -33,6 +33,7 @@ log = logging.getLogger("e2a.kube")
 LEADER_CLASS = 0x0E2A  # the two-key form's first key: e2a's leader locks
 TRY_EVERY = 1.0        # seconds between a follower's attempts, and the leader's checks
 GRACE = 3.0            # seconds a replica's lock must stay free before it counts as gone
+LOOKS_APART = 15.0     # seconds between two looks at a free lock that still count as "stayed"
 # The lock connections: their own, never pooled (a pooled connection given back would keep its
 # session's locks, held by nobody), every statement bounded, and a dead peer noticed by TCP
 # keepalives in seconds rather than the kernel's two hours.
@@ -55,7 +56,7 @@ class Replica:
                                           connect_args=LOCK_CONNECT_ARGS) \
             if self.shared else engine
         self.leading = not self.shared
-        self._free_since: dict[int, float] = {}
+        self._free_since: dict[int, tuple[float, float]] = {}  # key -> (free since, last seen)
         self._conn: AsyncConnection | None = None
         self._task: asyncio.Task | None = None
         self._on_lead: Callable[[], Awaitable[None]] | None = None
@@ -82,7 +83,8 @@ class Replica:
         self.leading = not self.shared
 
     async def gone(self, key: int | None) -> bool:
-        """Has the replica whose lock key this is stopped (its lock free for GRACE)?"""
+        """Has the replica whose lock key this is stopped (its lock seen free for GRACE, by
+        looks at most LOOKS_APART apart: a key seen free once, long ago, proves nothing now)?"""
         if key == self.key:
             return False
         if key is None or not self.shared:
@@ -93,7 +95,11 @@ class Replica:
             self._free_since.pop(key, None)
             return False
         now = time.monotonic()
-        return now - self._free_since.setdefault(key, now) >= GRACE
+        since, seen = self._free_since.get(key, (now, now))
+        if now - seen > LOOKS_APART:
+            since = now
+        self._free_since[key] = (since, now)
+        return now - since >= GRACE
 
     # ---- the election ------------------------------------------------------------------------
 

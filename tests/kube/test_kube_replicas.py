@@ -52,11 +52,12 @@ def clients(kserver, second):
     b.close()
 
 
-def half_claim(database: str, email: str) -> str | None:
-    """What a claim's UPDATE leaves of a replica that died right after it (the row names a
-    lock key that no replica holds): the id of a pooled sandbox, now the user's."""
-    meta = '{\\"half\\": \\"claimed\\"}'  # for the shell: {"half": "claimed"}
-    sql = (f"UPDATE sandboxes SET replica = 4242, metadata = '{meta}', "
+def half_claim(database: str, email: str, tag: str, dead: bool) -> str | None:
+    """What a claim's UPDATE leaves before the pod is relabelled: a pooled sandbox's row now
+    the user's (with metadata {"half": tag}), naming a lock key no replica holds (`dead`: its
+    replica died there) or still its live maker's (a claim under way). Its id."""
+    meta = '{\\"half\\": \\"%s\\"}' % tag  # for the shell: {"half": "<tag>"}
+    sql = (f"UPDATE sandboxes SET {'replica = 4242, ' if dead else ''}metadata = '{meta}', "
            f"user_id = (SELECT id FROM users WHERE email = '{email}') WHERE id = ("
            "SELECT id FROM sandboxes WHERE user_id IS NULL AND state = 'running' "
            "ORDER BY created_at LIMIT 1) RETURNING id")
@@ -177,7 +178,8 @@ def test_idle_timeout_counts_use_through_every_replica(second, clients):
 
 def test_the_warm_pool_is_filled_once_and_claimed_through_every_replica(cluster, mailbox):
     from tests.conftest import own_server
-    env = {**kube_env(cluster, "e2a_kubepool"), "E2A_POOL_SIZES": json.dumps({"standard": 2})}
+    env = {**kube_env(cluster, "e2a_kubepool"), "E2A_POOL_SIZES": json.dumps({"standard": 2}),
+           "E2A_MAX_SANDBOXES_PER_USER": "3"}
     with own_server("kubepool", **env) as first:
         first.start()
         other = replica_of(first, "b")
@@ -219,16 +221,37 @@ def test_the_warm_pool_is_filled_once_and_claimed_through_every_replica(cluster,
                 for sb in [*made, closed]:
                     a.kill(sb.vm_id)
                 # a replica that dies between a claim's UPDATE and the pod's relabelling: its
-                # row names the user and that replica, the pod still the pool
-                wait_for(lambda: len(mine()) == 2, timeout=90)
-                half = half_claim("e2a_kubepool", "pool@example.com")
-                assert half is not None
+                # row names the user and that replica, the pod still the pool; beside it, a
+                # claim under way (its replica alive) that must be left alone
+                dead, alive = (wait_for(lambda: half_claim(  # once a pooled pod runs
+                    "e2a_kubepool", "pool@example.com", tag, dead=tag == "dead"), timeout=90)
+                    for tag in ("dead", "alive"))
                 ended = wait_for(lambda: a.list_sandboxes(state="destroyed",
-                                                          metadata={"half": "claimed"}),
+                                                          metadata={"half": "dead"}),
                                  timeout=60, interval=0.5)[0]
-                assert ended.vm_id == half and ended.end_reason == "server_restart"
-                wait_for(lambda: pod_name(half) not in {p["metadata"]["name"] for p in mine()},
+                assert ended.vm_id == dead and ended.end_reason == "server_restart"
+                wait_for(lambda: pod_name(dead) not in {p["metadata"]["name"] for p in mine()},
                          timeout=30)
+                time.sleep(6)  # one more sweep (every 5 s)
+                assert a.get_sandbox(alive).state == "running"
+                a.kill(alive)
+                # the per-user limit, exact across replicas: five creates at once through
+                # both, for a user allowed three, with pooled pods and new ones
+                wait_for(lambda: httpx.get(first.url + "/health").json()["pool"].get(
+                    "standard") == 2, timeout=90)
+                def create(c):
+                    try:
+                        return c.create_sandbox("standard", idle_timeout_seconds=600)
+                    except E2AError as exc:
+                        return exc
+                with concurrent.futures.ThreadPoolExecutor(5) as ex5:
+                    got = list(ex5.map(create, (a, b, a, b, a)))
+                made = [g for g in got if not isinstance(g, E2AError)]
+                assert len(made) == 3 and all(g.status == 429 for g in got
+                                              if isinstance(g, E2AError)), got
+                assert len(a.list_sandboxes(state="running")) == 3
+                for sb in made:
+                    a.kill(sb.vm_id)
         finally:
             other.stop()
             first.stop()

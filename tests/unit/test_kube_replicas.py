@@ -85,6 +85,24 @@ async def test_a_replica_whose_key_is_held_takes_another(engine):
         await b.stop()
 
 
+async def test_a_lock_seen_free_long_ago_must_stay_free_for_the_grace_again(engine, monkeypatch):
+    """A key seen free once, then not looked at for long, is not gone at the next look: the
+    grace counts from looks close enough together."""
+    monkeypatch.setattr(replicas, "GRACE", 0.3)
+    monkeypatch.setattr(replicas, "LOOKS_APART", 0.5)
+    a = Replica(engine, "t" + secrets.token_hex(4))
+    await a.start(lambda: asyncio.sleep(0))
+    try:
+        nobodys = secrets.randbits(62) + 1
+        assert not await a.gone(nobodys)   # free from now on
+        await asyncio.sleep(1.0)           # a look that long ago proves nothing now
+        assert not await a.gone(nobodys)
+        await asyncio.sleep(0.4)
+        assert await a.gone(nobodys)
+    finally:
+        await a.stop()
+
+
 async def test_sqlite_is_one_process_that_leads(tmp_path):
     engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'e2a.db'}")
     r = Replica(engine, "e2a")
