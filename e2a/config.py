@@ -151,6 +151,10 @@ class Settings(BaseSettings):
     # e2a starts only where its NetworkPolicies are proven enforced, unless this accepts that
     # sandboxes may reach each other and the cluster.
     kube_allow_unenforced_policies: bool = False
+    # Where sandbox pods reach this replica's LLM egress proxy (agents, docs/agents.md): in the
+    # cluster, the replica's own pod IP (deploy/kubernetes sets it from the downward API);
+    # outside it, the host's address on the pods' network. Empty: agents answer 501 here.
+    kube_egress_host: str = ""
 
     # ---- workspaces (docs/workspaces.md) ----
     # The S3 store of every workspace. Empty endpoint: e2a starts its own S3 server (rclone serve
@@ -340,6 +344,17 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError(f"must be IPv4 addresses, e.g. [\"1.1.1.1\"]; {ns!r} is not "
                                  "one") from None
+        return v
+
+    @field_validator("kube_egress_host")
+    @classmethod
+    def _egress_host(cls, v: str) -> str:
+        if v:
+            try:
+                ipaddress.IPv4Address(v)
+            except ValueError:
+                raise ValueError("must be an IPv4 address (this replica's, as sandbox pods "
+                                 "reach it)") from None
         return v
 
     @field_validator("agent_key")

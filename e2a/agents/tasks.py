@@ -28,7 +28,7 @@ from e2a.agents.outcome import Outcome
 from e2a.agents.ssrf import Policy
 from e2a.ids import new_id
 from e2a.sandboxes.host import NotRunning, SandboxHost, Unreachable
-from e2a.sandboxes.records import utcnow
+from e2a.sandboxes.records import aware, utcnow
 from e2a.sandboxes.states import EndReason
 from e2a.store.models import Task, TaskEvent
 
@@ -37,6 +37,12 @@ log = logging.getLogger("e2a.tasks")
 LIVE_STATES = ("starting", "running")
 # How often a held sandbox (a task running, or kept after one) is marked active.
 HOLD_INTERVAL = 2.0
+# Replicas (docs/kubernetes.md): how often a replica looks for cancels asked of its tasks through
+# another, and for tasks of replicas that died; and a follower through another replica polls.
+CANCEL_EVERY = 0.5
+CANCEL_WAIT = 15.0
+ORPHANS_EVERY = 5.0
+REMOTE_POLL = 0.25
 # Text deltas are stored in batches: one row per delta would be one write per token.
 FLUSH_EVERY = 0.05
 # One stdout or stderr line of a CLI, as stored.
@@ -115,6 +121,8 @@ class Tasks:
         self.egress = egress
         self.agents: dict[str, AgentSession] = {}
         self._hold: asyncio.Task | None = None
+        self._replicas: asyncio.Task | None = None
+        self._cancelling: set[str] = set()  # sandboxes whose cancel, asked elsewhere, is under way
         self._background: set[asyncio.Task] = set()
         host.on_stop(self._sandbox_stopping)
 
@@ -124,10 +132,13 @@ class Tasks:
         await self.egress.start()
         await self._fail_orphans()
         self._hold = asyncio.create_task(self._hold_loop(), name="agent holds")
+        if self.host.replica_key() is not None:
+            self._replicas = asyncio.create_task(self._replicas_loop(), name="task replicas")
 
     async def stop(self) -> None:
-        if self._hold:
-            self._hold.cancel()
+        for loop in (self._hold, self._replicas):
+            if loop:
+                loop.cancel()
         stopping = []
         for s in list(self.agents.values()):
             if s.running:
@@ -138,26 +149,74 @@ class Tasks:
         await self.egress.stop()
 
     async def _fail_orphans(self) -> None:
-        """Tasks that were running when e2a stopped cannot go on: the key was in memory only
-        (a CLI still running in its sandbox now gets 403 from the egress proxy). They fail,
-        and their sandboxes end as if the task had."""
+        """Tasks whose e2a stopped while they ran cannot go on: the key was in its memory
+        only (a CLI still running in its sandbox now gets 403 from the egress proxy). They
+        fail, and their sandboxes end as if the task had. With one process: every task live
+        at its start. With replicas: those of replicas that are gone (each replica looks)."""
         async with self.sessions() as db:
             rows = (await db.execute(select(Task).where(Task.state.in_(LIVE_STATES)))).scalars().all()
-            for t in rows:
-                t.state, t.ended_at = "failed", utcnow()
-                t.error = "e2a restarted while the task ran (the LLM key is held in memory only)"
-                last = (await db.execute(select(func.max(TaskEvent.seq)).where(
-                    TaskEvent.sandbox_id == t.sandbox_id))).scalar() or 0
-                db.add(TaskEvent(sandbox_id=t.sandbox_id, seq=last + 1, task_id=t.id,
-                                 type="task_finished", at=t.ended_at, data={
-                                     "task_id": t.id, "state": t.state, "result": None,
-                                     "error": t.error, "llm_requests": t.llm_requests,
-                                     "input_tokens": t.input_tokens,
-                                     "output_tokens": t.output_tokens}))
-            await db.commit()
+        ended = []
         for t in rows:
-            if t.sandbox_id in self.host.list():
-                self._in_background(self.host.destroy(t.sandbox_id, EndReason.SERVER_RESTART))
+            if t.id not in self._running_here() and await self.host.replica_gone(t.replica):
+                if await self._fail_orphan(t):
+                    ended.append(t.sandbox_id)
+        for sandbox_id in ended:  # (a sandbox already gone is no error)
+            self._in_background(self.host.destroy(sandbox_id, EndReason.SERVER_RESTART))
+
+    def _running_here(self) -> set[str]:
+        return {s.task_id for s in self.agents.values() if s.running and s.task_id}
+
+    async def _fail_orphan(self, t: Task) -> bool:
+        """The task failed, with its task_finished event; False if it was no longer live
+        (another replica was first)."""
+        error = ("e2a restarted while the task ran (the LLM key is held in memory only)"
+                 if self.host.replica_key() is None else "the e2a replica running the task "
+                 "stopped (the LLM key is held in its memory only)")
+        now = utcnow()
+        async with self.sessions() as db:
+            done = await db.execute(update(Task).where(
+                Task.id == t.id, Task.state.in_(LIVE_STATES)).values(
+                    state="failed", ended_at=now, error=error))
+            if done.rowcount == 0:
+                return False
+            last = (await db.execute(select(func.max(TaskEvent.seq)).where(
+                TaskEvent.sandbox_id == t.sandbox_id))).scalar() or 0
+            db.add(TaskEvent(sandbox_id=t.sandbox_id, seq=last + 1, task_id=t.id,
+                             type="task_finished", at=now, data={
+                                 "task_id": t.id, "state": "failed", "result": None,
+                                 "error": error, "llm_requests": t.llm_requests,
+                                 "input_tokens": t.input_tokens,
+                                 "output_tokens": t.output_tokens}))
+            await db.commit()
+        return True
+
+    async def _cancel_asked(self, sandbox_id: str) -> None:
+        """One cancel at a time per sandbox: the row keeps asking until the task has ended."""
+        self._cancelling.add(sandbox_id)
+        try:
+            await self.cancel(sandbox_id)
+        finally:
+            self._cancelling.discard(sandbox_id)
+
+    async def _replicas_loop(self) -> None:
+        """With replicas: carry out cancels asked of this replica's tasks through another, and
+        fail the tasks of replicas that died."""
+        orphans_at = time.monotonic() + ORPHANS_EVERY
+        while True:
+            await asyncio.sleep(CANCEL_EVERY)
+            try:
+                mine = self._running_here()
+                if mine:
+                    async with self.sessions() as db:
+                        asked = (await db.execute(select(Task.sandbox_id).where(
+                            Task.id.in_(mine), Task.cancel_requested.is_(True)))).scalars().all()
+                    for sandbox_id in set(asked) - self._cancelling:
+                        self._in_background(self._cancel_asked(sandbox_id))
+                if time.monotonic() >= orphans_at:
+                    orphans_at = time.monotonic() + ORPHANS_EVERY
+                    await self._fail_orphans()
+            except Exception as exc:  # the database blinked: the next pass tries again
+                log.warning("tasks of other replicas: %s", exc)
 
     # ---- agents and tasks --------------------------------------------------------------------
 
@@ -220,8 +279,9 @@ class Tasks:
                      timeout: float | None = None) -> Task:
         s = self.agents.get(sandbox_id)
         if s is None:
-            raise TaskConflict("this sandbox has no agent (create it with `agent` and `llm_key`; "
-                               "an agent's key does not survive a restart of e2a)")
+            raise TaskConflict("this sandbox has no agent here (create it with `agent` and "
+                               "`llm_key`; an agent's key is held by the e2a, or the replica, "
+                               "that started it, and does not survive its restart)")
         if s.running:
             raise TaskConflict(f"task {s.task_id} is still running")
         if s.tasks_done and not (s.config.keep_after or s.config.session):
@@ -236,7 +296,7 @@ class Tasks:
         task = Task(id=new_id("tsk"), sandbox_id=sandbox_id, user_id=s.user_id,
                     agent=s.config.agent, vendor=s.config.vendor, model=model, prompt=prompt,
                     state="starting", started_at=utcnow(), llm_requests=0, input_tokens=0,
-                    output_tokens=0, key_passed_in=False)
+                    output_tokens=0, key_passed_in=False, replica=self.host.replica_key())
         try:
             async with self.sessions() as db:
                 db.add(task)
@@ -254,13 +314,34 @@ class Tasks:
         return task
 
     async def cancel(self, sandbox_id: str, why: str = "cancelled through the API") -> bool:
-        """Cancel the running task; False if none runs."""
+        """Cancel the running task; False if none runs. A task that runs on another replica is
+        asked to stop through its row, and waited for (CANCEL_WAIT at most)."""
         s = self.agents.get(sandbox_id)
         if s is None or not s.running:
-            return False
+            return await self._cancel_elsewhere(sandbox_id)
         s.ending, s.ending_error = "cancelled", why
         await self._stop_run(s)
         return True
+
+    async def _cancel_elsewhere(self, sandbox_id: str) -> bool:
+        if self.host.replica_key() is None:
+            return False
+        t = await self.latest(sandbox_id)
+        if t is None or t.state not in LIVE_STATES:
+            return False
+        async with self.sessions() as db:
+            asked = await db.execute(update(Task).where(
+                Task.id == t.id, Task.state.in_(LIVE_STATES)).values(cancel_requested=True))
+            await db.commit()
+        if asked.rowcount == 0:
+            return False
+        deadline = time.monotonic() + CANCEL_WAIT
+        while time.monotonic() < deadline:
+            await asyncio.sleep(REMOTE_POLL)
+            async with self.sessions() as db:
+                if await db.scalar(select(Task.state).where(Task.id == t.id)) not in LIVE_STATES:
+                    return True
+        return True  # asked: its replica ends it at its next look (or, if gone, its orphans' pass)
 
     async def _stop_run(self, s: AgentSession) -> None:
         """Cancel a running task's run and wait for its end. A run cancelled before it ran a
@@ -531,7 +612,10 @@ class Tasks:
             if s is None:
                 batch = await self.events(sandbox_id, after, 500)
                 if not batch:
-                    return
+                    if until is not None or not await self.live_elsewhere(sandbox_id):
+                        return
+                    await asyncio.sleep(REMOTE_POLL)
+                    continue
             else:
                 async with s.changed:
                     batch = await self.events(sandbox_id, after, 500)
@@ -543,6 +627,24 @@ class Tasks:
             for e in batch:
                 yield e
                 after = e.seq
+
+    async def live_elsewhere(self, sandbox_id: str) -> bool:
+        """With replicas: the sandbox's latest task runs on another replica, or has ended
+        there but its task_finished event is not stored yet (the row is written first)."""
+        if self.host.replica_key() is None or sandbox_id in self.agents:
+            return False
+        t = await self.latest(sandbox_id)
+        if t is None:
+            return False
+        if t.state in LIVE_STATES:
+            return True
+        async with self.sessions() as db:
+            finished = await db.scalar(select(func.count()).select_from(TaskEvent).where(
+                TaskEvent.sandbox_id == sandbox_id, TaskEvent.task_id == t.id,
+                TaskEvent.type == "task_finished"))
+        # a replica that died between the two writes: not waited for past a few seconds
+        return not finished and t.ended_at is not None and \
+            (utcnow() - aware(t.ended_at)).total_seconds() < 5
 
     async def wake(self, sandbox_id: str) -> None:
         """Wake the sandbox's followers (to look at their `until` again)."""

@@ -46,9 +46,9 @@ async def agent_config(req: CreateSandbox, settings: Settings) -> AgentConfig | 
             raise ApiError(400, "invalid_field", "task_timeout_seconds and "
                            "keep_after_task_seconds apply only with an agent", "agent")
         return None
-    if settings.backend == "kubernetes":  # the egress proxy's grants are one process's
-        raise ApiError(501, "agent_not_available", "agents are not on the Kubernetes backend "
-                       "yet (docs/kubernetes.md)", "agent")
+    if settings.backend == "kubernetes" and not settings.kube_egress_host:
+        raise ApiError(501, "agent_not_available", "agents need E2A_KUBE_EGRESS_HOST on the "
+                       "Kubernetes backend (docs/kubernetes.md)", "agent")
     if req.agent not in AGENTS:
         raise ApiError(501, "agent_not_available", f"agent {req.agent!r} is not available "
                        f"(available: {', '.join(AGENTS)})", "agent")
@@ -182,7 +182,7 @@ async def events(request: Request, vm_id: str, after: int = Query(0, ge=0, le=MA
         return StreamingResponse(lines(), media_type="application/x-ndjson")
     batch = await t.events(rec.id, after, limit)
     s = t.session(rec.id)
-    live = s is not None and (s.running or bool(s.pending))
+    live = (s.running or bool(s.pending)) if s is not None else await t.live_elsewhere(rec.id)
     done = not live and len(batch) < limit
     return TaskEventsOut(events=[_event(e) for e in batch],
                          next=batch[-1].seq if batch else after, done=done)

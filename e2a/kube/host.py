@@ -224,12 +224,20 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
     def pool_sizes(self) -> dict[str, int]:
         return dict(self._pool_counts)
 
+    def replica_key(self) -> int | None:
+        return self.replica.key if self.replica.shared else None
+
+    async def replica_gone(self, key: int | None) -> bool:
+        return await self.replica.gone(key)
+
     def workspace_mounted(self, workspace_id: str) -> bool:
         return False
 
     def addresses(self, sandbox_id: str) -> tuple[str, str]:
+        """(this replica's egress proxy as pods reach it, the pod's address): an agent's task
+        runs on the replica that starts it, and its CLI calls that replica's proxy."""
         sb = self._running(sandbox_id)
-        return "", sb.ip or ""
+        return self.settings.kube_egress_host, sb.ip or ""
 
     def _adopt(self, row: Sandbox, ip: str | None = None) -> KubeSandbox:
         """This process's copy of a sandbox from its row (made by another replica, or
@@ -365,7 +373,8 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
             envd_token=sb.token, env=env, runtime_class=s.kube_runtime_class,
             cpu_request_ratio=s.kube_cpu_request_ratio,
             memory_request_ratio=s.kube_memory_request_ratio, nameservers=self._nameservers(),
-            api_cidrs=s.kube_api_cidrs, api_namespace=self.api_namespace)
+            api_cidrs=s.kube_api_cidrs, api_namespace=self.api_namespace,
+            egress_port=s.egress_port if s.kube_egress_host else None)
 
     async def _move(self, sb: KubeSandbox, new: State, reason: str | None = None,
                     detail: str | None = None, **values) -> None:

@@ -60,6 +60,7 @@ class PodPlan:
     nameservers: list[str] = field(default_factory=list)
     api_cidrs: list[str] = field(default_factory=list)  # where e2a connects from (ingress)
     api_namespace: str | None = None  # e2a's own, when it runs in the cluster: its pods too
+    egress_port: int | None = None  # e2a's LLM egress proxy, at its API peers (agents)
 
     @property
     def name(self) -> str:
@@ -143,9 +144,9 @@ def requests(vcpu: int, cpu_fraction: float, memory_mib: int, cpu_ratio: float,
 
 
 def network_policy(plan: PodPlan, namespace: str) -> dict:
-    """Ingress only from e2a; egress only to the internet (if allowed) and DNS, never to the
-    cluster, its nodes or a private range. Enforced only by a CNI that implements policies
-    (docs/kubernetes.md)."""
+    """Ingress only from e2a; egress only to the internet (if allowed), DNS and e2a's LLM
+    egress proxy (when agents are on), never to the rest of the cluster, its nodes or a private
+    range. Enforced only by a CNI that implements policies (docs/kubernetes.md)."""
     egress = []
     if plan.internet:
         egress.append({"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": PRIVATE_RANGES}}]})
@@ -157,6 +158,8 @@ def network_policy(plan: PodPlan, namespace: str) -> dict:
         peers.append({"namespaceSelector": {"matchLabels": {
                           "kubernetes.io/metadata.name": plan.api_namespace}},
                       "podSelector": {"matchLabels": {API: plan.instance}}})
+    if plan.egress_port and peers:  # the proxy alone: a grant-less sandbox gets a 403 there
+        egress.append({"to": peers, "ports": [{"protocol": "TCP", "port": plan.egress_port}]})
     return {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": plan.name, "namespace": namespace, "labels": plan.labels},

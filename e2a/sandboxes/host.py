@@ -275,6 +275,16 @@ class SandboxHost(ABC):
     def pool_sizes(self) -> dict[str, int]:
         return {}
 
+    def replica_key(self) -> int | None:
+        """The key that rows this process works on name, where several processes (replicas)
+        share the store; None where this process is the only one."""
+        return None
+
+    async def replica_gone(self, key: int | None) -> bool:
+        """Whether the process whose rows name `key` has stopped (with one process: any other
+        is one that ran before this one)."""
+        return key != self.replica_key() or key is None
+
     def workspace_mounted(self, workspace_id: str) -> bool:
         """Whether a sandbox of this host has (or is mounting) the workspace."""
         return False

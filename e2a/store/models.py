@@ -137,6 +137,11 @@ class Task(Base):
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     # True when the CLI could not be pointed at e2a's egress proxy and got the key itself.
     key_passed_in: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Replicas (docs/kubernetes.md): the lock key of the replica running the task, and a cancel
+    # asked for through another one (the runner carries it out).
+    replica: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False,
+                                                   server_default=false())
 
 
 class TaskEvent(Base):

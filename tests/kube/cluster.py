@@ -99,6 +99,8 @@ def kube_env(c: Cluster, database: str) -> dict[str, str]:
             # the test cluster's bridge CNI enforces no NetworkPolicy (docs/kubernetes.md)
             "E2A_KUBE_ALLOW_UNENFORCED_POLICIES": "true",
             "E2A_ENVD": str(ROOT / "build/envd"),
+            # agents: pods reach each replica's egress proxy at the host's bridge address
+            "E2A_KUBE_EGRESS_HOST": POD_GATEWAY.removesuffix("/32"),
             # what replicas of one e2a share: the database and the keys
             "E2A_DATABASE_URL": pg_database(database),
             "E2A_AGENT_KEY": secrets.token_hex(32),

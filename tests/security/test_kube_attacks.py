@@ -143,14 +143,32 @@ def test_no_token_or_user_id_where_others_can_read(cluster, kserver, alice, pair
     assert owner != getattr(user, "user_id", None) and len(owner) == 16
 
 
-def test_a_sandbox_without_internet_gets_a_policy_with_dns_only(cluster, alice):
+def test_a_sandbox_without_internet_gets_a_policy_with_dns_and_the_egress_proxy_only(
+        cluster, kserver, alice):
     sb = alice.create_sandbox("standard", idle_timeout_seconds=600, internet=False)
     try:
         spec = cluster.json("get", "networkpolicy", sb.vm_id.replace("_", "-"),
                             "-n", NAMESPACE)["spec"]
         assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
-        for rule in spec["egress"]:
+        *dns, proxy = spec["egress"]
+        for rule in dns:
             assert {p["port"] for p in rule["ports"]} == {53}
+        assert proxy == {"to": spec["ingress"][0]["from"],  # e2a, at its proxy's port alone
+                         "ports": [{"protocol": "TCP", "port": kserver.egress_port}]}
+    finally:
+        alice.kill(sb.vm_id)
+
+
+def test_a_sandbox_without_an_agent_gets_nothing_from_the_egress_proxy(kserver, alice):
+    """The proxy is open to every pod's policy; it serves only a pod whose task holds a grant
+    (by the pod's own address)."""
+    sb = alice.create_sandbox("standard", idle_timeout_seconds=600)
+    try:
+        gw = kserver.extra_env["E2A_KUBE_EGRESS_HOST"]
+        r = alice.run(sb.vm_id, f"curl -s -m 10 -w ' %{{http_code}}' "
+                                f"http://{gw}:{kserver.egress_port}/google/v1beta/models "
+                                "-H 'x-goog-api-key: AIzaSomebodyElsesPlaceholder'")
+        assert r.stdout.endswith(" 403") and "holds no agent key" in r.stdout, r.stdout
     finally:
         alice.kill(sb.vm_id)
 
@@ -163,11 +181,9 @@ def test_bad_input_on_this_backend_is_a_clear_error(cluster, alice):
     with pytest.raises(E2AError) as e:
         alice.create_sandbox("standard", idle_timeout_seconds=-5)
     assert 400 <= e.value.status < 500 and e.value.field
-    with pytest.raises(E2AError) as e:  # not on this backend yet: said, not half-done
-        alice.create_sandbox("standard", agent="claude-code", llm_key="sk-ant-api03-" + "x" * 40,
-                             task="hello")
-    assert (e.value.status, e.value.code, e.value.field) == (501, "agent_not_available",
-                                                             "agent")
+    with pytest.raises(E2AError) as e:
+        alice.create_sandbox("standard", agent="claude-code", task="hello")
+    assert (e.value.status, e.value.field) == (400, "llm_key")
     assert cluster.objects() == before  # nothing made for any
 
 

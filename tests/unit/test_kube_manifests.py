@@ -104,3 +104,16 @@ def test_policy_lets_in_e2a_pods_of_its_own_namespace_only():
     # outside the cluster, only the address ranges
     assert manifests.network_policy(plan(), "ns")["spec"]["ingress"][0]["from"] == [
         {"ipBlock": {"cidr": "10.244.0.1/32"}}]
+
+
+def test_with_agents_a_sandbox_reaches_e2a_at_its_egress_port_alone():
+    offline = manifests.network_policy(plan(internet=False, egress_port=8334,
+                                            api_namespace="e2a-system"), "ns")["spec"]
+    dns, proxy = offline["egress"]
+    assert {p["port"] for p in dns["ports"]} == {53}
+    assert proxy["ports"] == [{"protocol": "TCP", "port": 8334}]
+    assert proxy["to"] == offline["ingress"][0]["from"]  # e2a's peers, no one else
+    # no peers known (no CIDR, outside the cluster): no rule, rather than one to anywhere
+    bare = manifests.network_policy(plan(egress_port=8334, api_cidrs=[]), "ns")["spec"]
+    assert not any(8334 in {p["port"] for p in r.get("ports", [])} for r in bare["egress"])
+    from_dict(manifests.network_policy(plan(egress_port=8334), "ns"))
