@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Callable
 
 import aiohttp
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 
 from e2a.agents import clis, keys
 from e2a.agents.cli import CliAgent
@@ -122,7 +123,7 @@ class Tasks:
         self.agents: dict[str, AgentSession] = {}
         self._hold: asyncio.Task | None = None
         self._replicas: asyncio.Task | None = None
-        self._cancelling: set[str] = set()  # sandboxes whose cancel, asked elsewhere, is under way
+        self._cancelling: set[str] = set()  # tasks whose cancel, asked elsewhere, is under way
         self._background: set[asyncio.Task] = set()
         host.on_stop(self._sandbox_stopping)
 
@@ -155,11 +156,17 @@ class Tasks:
         at its start. With replicas: those of replicas that are gone (each replica looks)."""
         async with self.sessions() as db:
             rows = (await db.execute(select(Task).where(Task.state.in_(LIVE_STATES)))).scalars().all()
-        ended = []
+        ended, gone = [], {}
         for t in rows:
-            if t.id not in self._running_here() and await self.host.replica_gone(t.replica):
-                if await self._fail_orphan(t):
+            if t.id in self._running_here():
+                continue
+            try:
+                if t.replica not in gone:
+                    gone[t.replica] = await self.host.replica_gone(t.replica)
+                if gone[t.replica] and await self._fail_orphan(t):
                     ended.append(t.sandbox_id)
+            except Exception as exc:  # the next pass tries again
+                log.warning("failing orphaned task %s: %s", t.id, exc)
         for sandbox_id in ended:  # (a sandbox already gone is no error)
             self._in_background(self.host.destroy(sandbox_id, EndReason.SERVER_RESTART))
 
@@ -190,13 +197,16 @@ class Tasks:
             await db.commit()
         return True
 
-    async def _cancel_asked(self, sandbox_id: str) -> None:
-        """One cancel at a time per sandbox: the row keeps asking until the task has ended."""
-        self._cancelling.add(sandbox_id)
+    async def _cancel_asked(self, sandbox_id: str, task_id: str, why: str) -> None:
+        """One cancel at a time per task (the row keeps asking until the task has ended), and
+        only of that task: a follow-up started meanwhile is not the one asked about."""
+        self._cancelling.add(task_id)
         try:
-            await self.cancel(sandbox_id)
+            s = self.agents.get(sandbox_id)
+            if s is not None and s.running and s.task_id == task_id:
+                await self.cancel(sandbox_id, why)
         finally:
-            self._cancelling.discard(sandbox_id)
+            self._cancelling.discard(task_id)
 
     async def _replicas_loop(self) -> None:
         """With replicas: carry out cancels asked of this replica's tasks through another, and
@@ -208,10 +218,14 @@ class Tasks:
                 mine = self._running_here()
                 if mine:
                     async with self.sessions() as db:
-                        asked = (await db.execute(select(Task.sandbox_id).where(
-                            Task.id.in_(mine), Task.cancel_requested.is_(True)))).scalars().all()
-                    for sandbox_id in set(asked) - self._cancelling:
-                        self._in_background(self._cancel_asked(sandbox_id))
+                        rows = (await db.execute(select(
+                            Task.id, Task.sandbox_id, Task.state, Task.cancel_requested).where(
+                                Task.id.in_(mine)))).all()
+                    for task_id, sandbox_id, state, asked in rows:
+                        if (asked or state not in LIVE_STATES) and task_id not in self._cancelling:
+                            why = ("cancelled through the API" if state in LIVE_STATES else
+                                   "ended by another replica (it found this one gone)")
+                            self._in_background(self._cancel_asked(sandbox_id, task_id, why))
                 if time.monotonic() >= orphans_at:
                     orphans_at = time.monotonic() + ORPHANS_EVERY
                     await self._fail_orphans()
@@ -368,7 +382,10 @@ class Tasks:
         requests_before = self._requests(s)
         state, error = "failed", None
         try:
-            await self._update(task_id, state="running")
+            if not await self._update(task_id, state="running"):
+                # another replica ended it meanwhile (its end is recorded): nothing to run
+                await self._finish(s, task_id, state, "ended elsewhere", outcome, 0)
+                return
             work = (self._run_cli(s, prompt, model, follow_up, outcome) if s.cli
                     else self._run_own(s, prompt, outcome))
             await asyncio.wait_for(work, timeout)
@@ -395,8 +412,9 @@ class Tasks:
                  "input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens}
         # The row first, then the event and `running` together (no await between): a client
         # that reads task_finished finds the task over everywhere, and its next task is taken.
-        await self._update(task_id, ended_at=utcnow(), **ended)
-        await self.emit(s, "task_finished", {"task_id": task_id, **ended})
+        # A row another replica ended already (its orphans' pass) has its task_finished.
+        if await self._update(task_id, ended_at=utcnow(), **ended):
+            await self.emit(s, "task_finished", {"task_id": task_id, **ended})
         s.running = False
         await self._flush(s)
         self._close_retired(s)
@@ -588,9 +606,13 @@ class Tasks:
                 # the task over must also find nothing pending, or it would stop one batch
                 # short of task_finished (it stopped there while this commit was under way).
                 batch = list(s.pending)
-                async with self.sessions() as db:
-                    db.add_all(batch)
-                    await db.commit()
+                try:
+                    async with self.sessions() as db:
+                        db.add_all(batch)
+                        await db.commit()
+                except IntegrityError:  # another replica ended the task, numbering its end
+                    log.warning("events of %s not stored: its task was ended elsewhere",
+                                s.sandbox_id)
                 del s.pending[:len(batch)]
                 async with s.changed:
                     s.changed.notify_all()
@@ -610,9 +632,12 @@ class Tasks:
         while True:
             s = self.agents.get(sandbox_id)
             if s is None:
+                # live is looked at before the read: what was stored before the task's end is
+                # in this read, so an empty one after an end is really the last
+                live = until is None and await self.live_elsewhere(sandbox_id)
                 batch = await self.events(sandbox_id, after, 500)
                 if not batch:
-                    if until is not None or not await self.live_elsewhere(sandbox_id):
+                    if not live:
                         return
                     await asyncio.sleep(REMOTE_POLL)
                     continue
@@ -642,9 +667,10 @@ class Tasks:
             finished = await db.scalar(select(func.count()).select_from(TaskEvent).where(
                 TaskEvent.sandbox_id == sandbox_id, TaskEvent.task_id == t.id,
                 TaskEvent.type == "task_finished"))
+            now = aware(await db.scalar(select(func.now())))  # the database's clock
         # a replica that died between the two writes: not waited for past a few seconds
         return not finished and t.ended_at is not None and \
-            (utcnow() - aware(t.ended_at)).total_seconds() < 5
+            (now - aware(t.ended_at)).total_seconds() < 5
 
     async def wake(self, sandbox_id: str) -> None:
         """Wake the sandbox's followers (to look at their `until` again)."""
@@ -653,10 +679,14 @@ class Tasks:
             async with s.changed:
                 s.changed.notify_all()
 
-    async def _update(self, task_id: str, **values: Any) -> None:
+    async def _update(self, task_id: str, **values: Any) -> bool:
+        """The live task's row updated; False if it is no longer live (with replicas, another
+        failed it as an orphan: its end is recorded, and stays)."""
         async with self.sessions() as db:
-            await db.execute(update(Task).where(Task.id == task_id).values(**values))
+            done = await db.execute(update(Task).where(
+                Task.id == task_id, Task.state.in_(LIVE_STATES)).values(**values))
             await db.commit()
+        return done.rowcount > 0
 
 
 def _scrub_set(key: str) -> set[str]:

@@ -180,9 +180,11 @@ async def events(request: Request, vm_id: str, after: int = Query(0, ge=0, le=MA
             async for e in t.follow(rec.id, after):
                 yield json.dumps(_event(e).model_dump(mode="json")) + "\n"
         return StreamingResponse(lines(), media_type="application/x-ndjson")
-    batch = await t.events(rec.id, after, limit)
     s = t.session(rec.id)
-    live = (s.running or bool(s.pending)) if s is not None else await t.live_elsewhere(rec.id)
+    # before the read (as follow does): events stored before an end are in this batch
+    elsewhere = s is None and await t.live_elsewhere(rec.id)
+    batch = await t.events(rec.id, after, limit)
+    live = (s.running or bool(s.pending)) if s is not None else elsewhere
     done = not live and len(batch) < limit
     return TaskEventsOut(events=[_event(e) for e in batch],
                          next=batch[-1].seq if batch else after, done=done)

@@ -374,7 +374,8 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
             cpu_request_ratio=s.kube_cpu_request_ratio,
             memory_request_ratio=s.kube_memory_request_ratio, nameservers=self._nameservers(),
             api_cidrs=s.kube_api_cidrs, api_namespace=self.api_namespace,
-            egress_port=s.egress_port if s.kube_egress_host else None)
+            egress_port=s.egress_port if s.kube_egress_host else None,
+            egress_host=s.kube_egress_host or None)
 
     async def _move(self, sb: KubeSandbox, new: State, reason: str | None = None,
                     detail: str | None = None, **values) -> None:

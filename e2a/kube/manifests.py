@@ -60,7 +60,8 @@ class PodPlan:
     nameservers: list[str] = field(default_factory=list)
     api_cidrs: list[str] = field(default_factory=list)  # where e2a connects from (ingress)
     api_namespace: str | None = None  # e2a's own, when it runs in the cluster: its pods too
-    egress_port: int | None = None  # e2a's LLM egress proxy, at its API peers (agents)
+    egress_port: int | None = None  # e2a's LLM egress proxy (agents) ...
+    egress_host: str | None = None  # ... at this address, outside the cluster
 
     @property
     def name(self) -> str:
@@ -158,8 +159,14 @@ def network_policy(plan: PodPlan, namespace: str) -> dict:
         peers.append({"namespaceSelector": {"matchLabels": {
                           "kubernetes.io/metadata.name": plan.api_namespace}},
                       "podSelector": {"matchLabels": {API: plan.instance}}})
-    if plan.egress_port and peers:  # the proxy alone: a grant-less sandbox gets a 403 there
-        egress.append({"to": peers, "ports": [{"protocol": "TCP", "port": plan.egress_port}]})
+    if plan.egress_port:  # the proxy alone (a sandbox without a task gets a 403 there): e2a's
+        # pods by their label in the cluster, else the one address; never the ingress ranges,
+        # which may be wide enough to hold other sandboxes
+        proxy = ([p for p in peers if "podSelector" in p] if plan.api_namespace else
+                 [{"ipBlock": {"cidr": f"{plan.egress_host}/32"}}] if plan.egress_host else [])
+        if proxy:
+            egress.append({"to": proxy, "ports": [{"protocol": "TCP",
+                                                   "port": plan.egress_port}]})
     return {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": plan.name, "namespace": namespace, "labels": plan.labels},

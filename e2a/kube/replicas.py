@@ -106,9 +106,18 @@ class Replica:
     async def _connect(self) -> None:
         self._conn = await self.engine.connect()
         # its own key again, unless a session the server has not yet seen die still holds it
+        old = self.key
         while not await self._conn.scalar(text("SELECT pg_try_advisory_lock(:k)"),
                                           {"k": self.key}):
             self.key = secrets.randbits(62) + 1
+        if self.key != old:
+            # the rows this replica works on name it by its key: moved to the new one now,
+            # while the old is still held, or they would look a dead replica's once it is free
+            for table in ("sandboxes", "tasks"):
+                await self._conn.execute(text(f"UPDATE {table} SET replica = :new "
+                                              "WHERE replica = :old"),
+                                         {"new": self.key, "old": old})
+            log.warning("this replica's lock key was still held: it goes on under a new one")
         await self._conn.commit()
 
     async def _close(self) -> None:

@@ -115,10 +115,18 @@ class Lifecycle:
         return reason, detail
 
     async def _let_go(self, sb: Any, reason: EndReason) -> None:
-        """Forget a sandbox another replica ends, cutting this process's connections into it."""
+        """Forget a sandbox another replica ends, cutting this process's connections into it;
+        the listeners are told too (its agent may run here), with the row's reason."""
         sb.gone.set()
         if self.sandboxes.get(sb.id) is sb:
             del self.sandboxes[sb.id]
+        try:
+            row = await self.records.get(sb.id)
+            reason = EndReason(row.end_reason) if row is not None and row.end_reason else reason
+        except Exception as exc:  # the reason this replica saw will do
+            log.warning("reading why %s ended: %s", sb.id, exc)
+        for listener in self._stop_listeners:
+            listener(sb.id, reason)
         await asyncio.gather(*(up.abort(reason) for up in list(sb.upstreams)),
                              return_exceptions=True)
 

@@ -100,6 +100,19 @@ def test_a_task_is_cancelled_through_another_replica(kserver, second, alice, llm
     alice.kill(vm)
 
 
+def test_a_sandbox_deleted_through_another_replica_ends_its_task_there(
+        kserver, second, alice, llm_mock):
+    """The replica running the task lets go of the sandbox the other tears down, and ends its
+    task as the embedded backend does (cancelled: the sandbox was deleted)."""
+    vm, key = start(kserver, llm_mock, {"hang": True, "hang_seconds": 300})
+    wait_for(lambda: llm_mock.requests(key), timeout=120)
+    with api(second) as b:
+        assert b.delete(f"/v1/sandboxes/{vm}").status_code in (200, 204)
+        task = finished(b, vm, timeout=60)
+    assert task["state"] == "cancelled", task
+    assert "the sandbox ended (deleted)" in task["error"], task
+
+
 def test_a_replicas_death_fails_its_task_and_ends_its_sandbox(kserver, alice, llm_mock):
     doomed = replica_of(kserver, "agentsdie")
     doomed.cleanup()

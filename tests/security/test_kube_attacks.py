@@ -153,7 +153,8 @@ def test_a_sandbox_without_internet_gets_a_policy_with_dns_and_the_egress_proxy_
         *dns, proxy = spec["egress"]
         for rule in dns:
             assert {p["port"] for p in rule["ports"]} == {53}
-        assert proxy == {"to": spec["ingress"][0]["from"],  # e2a, at its proxy's port alone
+        gw = kserver.extra_env["E2A_KUBE_EGRESS_HOST"]  # e2a's one address, its proxy's port
+        assert proxy == {"to": [{"ipBlock": {"cidr": f"{gw}/32"}}],
                          "ports": [{"protocol": "TCP", "port": kserver.egress_port}]}
     finally:
         alice.kill(sb.vm_id)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from e2a.kube import manifests
 from e2a.kube.cluster import _mib, _millicores, ended
 from lightkube.codecs import from_dict
@@ -107,13 +109,39 @@ def test_policy_lets_in_e2a_pods_of_its_own_namespace_only():
 
 
 def test_with_agents_a_sandbox_reaches_e2a_at_its_egress_port_alone():
-    offline = manifests.network_policy(plan(internet=False, egress_port=8334,
-                                            api_namespace="e2a-system"), "ns")["spec"]
-    dns, proxy = offline["egress"]
+    # in the cluster: e2a's pods by their label, at the proxy's port; not the ingress ranges
+    # (they may be wide enough to hold other sandboxes)
+    inside = manifests.network_policy(plan(internet=False, egress_port=8334,
+                                           egress_host="10.244.3.7",
+                                           api_namespace="e2a-system"), "ns")["spec"]
+    dns, proxy = inside["egress"]
     assert {p["port"] for p in dns["ports"]} == {53}
     assert proxy["ports"] == [{"protocol": "TCP", "port": 8334}]
-    assert proxy["to"] == offline["ingress"][0]["from"]  # e2a's peers, no one else
-    # no peers known (no CIDR, outside the cluster): no rule, rather than one to anywhere
-    bare = manifests.network_policy(plan(egress_port=8334, api_cidrs=[]), "ns")["spec"]
-    assert not any(8334 in {p["port"] for p in r.get("ports", [])} for r in bare["egress"])
-    from_dict(manifests.network_policy(plan(egress_port=8334), "ns"))
+    assert proxy["to"] == [p for p in inside["ingress"][0]["from"] if "podSelector" in p]
+    # outside it: the one address of the replica, not E2A_KUBE_API_CIDRS
+    outside = manifests.network_policy(plan(internet=False, egress_port=8334,
+                                            egress_host="10.244.0.1",
+                                            api_cidrs=["10.0.0.0/8"]), "ns")["spec"]
+    assert outside["egress"][-1]["to"] == [{"ipBlock": {"cidr": "10.244.0.1/32"}}]
+    # agents off: no rule to e2a at all
+    off = manifests.network_policy(plan(internet=False), "ns")["spec"]
+    assert off["egress"] == [dns]
+    from_dict(manifests.network_policy(plan(egress_port=8334, egress_host="10.244.0.1"), "ns"))
+
+
+def test_agents_on_kubernetes_need_the_egress_host(tmp_path):
+    """Without E2A_KUBE_EGRESS_HOST no pod could reach a proxy: refused at once, naming it."""
+    import asyncio
+
+    from e2a.api.errors import ApiError
+    from e2a.api.schemas import CreateSandbox
+    from e2a.api.tasks import agent_config
+    from e2a.config import Settings
+    req = CreateSandbox(template="standard", agent="gemini-cli", task="hello",
+                        llm_key="AIza" + "x" * 35)
+    with pytest.raises(ApiError) as e:
+        asyncio.run(agent_config(req, Settings(data_dir=tmp_path, backend="kubernetes")))
+    assert (e.value.status, e.value.code, e.value.field) == (501, "agent_not_available", "agent")
+    assert "E2A_KUBE_EGRESS_HOST" in e.value.message
+    on = Settings(data_dir=tmp_path, backend="kubernetes", kube_egress_host="10.244.0.1")
+    assert asyncio.run(agent_config(req, on)).agent == "gemini-cli"

@@ -12,7 +12,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from e2a.ids import new_id
@@ -167,4 +167,49 @@ async def test_a_users_limit_holds_for_warm_claims_racing_through_replicas(tmp_p
             assert await db.scalar(select(func.count()).select_from(Sandbox).where(
                 Sandbox.user_id.is_(None))) == 4
     finally:
+        await engine.dispose()
+
+
+async def test_a_replica_that_must_take_a_new_key_moves_its_rows_to_it():
+    """A replica whose lock connection dropped while a session the server has not yet seen
+    die still holds its key goes on under a new key; the rows it works on (a create, a task)
+    move to the new key at once, or they would look a dead replica's once the old is free."""
+    from e2a import auth
+    from e2a.store import db as store
+    from e2a.store.models import Task
+    from tests.kube.cluster import pg_database
+    if not os.environ.get("E2A_TEST_PG_URL"):
+        pytest.skip("E2A_TEST_PG_URL not set (make test starts PostgreSQL and sets it)")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    engine = create_async_engine(pg_database(f"e2a_restamp_{worker}"))
+    await store.migrate(engine)
+    sessions = store.sessionmaker(engine)
+    a = Replica(engine, "t" + secrets.token_hex(4))
+    await a.start(lambda: asyncio.sleep(0))
+    ghost = None
+    try:
+        old = a.key
+        async with sessions() as db:
+            user = (await auth.create_user(db, "restamp@example.com", 0)).id
+            await db.commit()
+        row = _row(user)
+        row.replica = old
+        await Records(sessions).insert(row, "create")
+        async with sessions() as db:
+            db.add(Task(id=new_id("tsk"), sandbox_id=row.id, user_id=user, agent="gemini-cli",
+                        vendor="google", prompt="p", state="running",
+                        started_at=datetime.now(timezone.utc), replica=old))
+            await db.commit()
+        await a._close()  # its lock connection drops...
+        ghost = await a.engine.connect()  # ...and a session still holds its key
+        assert await ghost.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": old})
+        await a._connect()
+        assert a.key != old
+        async with sessions() as db:
+            assert await db.scalar(select(Sandbox.replica).where(Sandbox.id == row.id)) == a.key
+            assert await db.scalar(select(Task.replica).where(Task.sandbox_id == row.id)) == a.key
+    finally:
+        if ghost is not None:
+            await ghost.close()
+        await a.stop()
         await engine.dispose()
