@@ -202,22 +202,32 @@ class Workspaces:
 
     async def _settle_uploads(self, user_id: str) -> None:
         """Count again the user's workspaces written through presigned URLs, and let go of the
-        holds of uploads now in S3 (their bytes are in that count) or whose URL expired."""
-        for workspace_id in [w for w, u in self.touched.items() if u == user_id]:
-            self.touched.pop(workspace_id, None)
-            await self.refresh_usage(workspace_id)
+        holds of uploads now in S3 (their bytes are in that count) or whose URL expired.
+        Which uploads are in S3 is looked at *before* the count: a file that lands between the
+        two is then counted and still held (until the next settle), never neither, which let
+        a second URL take the same free space (CI: 24 MiB under a 16 MiB quota)."""
         now = time.monotonic()
+        done = []
         for up in [u for u in self.uploads if u.user_id == user_id]:
-            done = up.deadline < now
-            if not done:
+            landed = up.deadline < now
+            if not landed:
                 try:
                     found = await s3.run(self.store.stat, up.workspace_id, up.path)
                 except Exception:
                     found = None
-                done = (found is not None and found[0] == up.size
-                        and found[1] >= up.since - timedelta(seconds=2))
-            if done:
+                landed = (found is not None and found[0] == up.size
+                          and found[1] >= up.since - timedelta(seconds=2))
+            if landed:
+                done.append(up)
+        for workspace_id in [w for w, u in self.touched.items() if u == user_id]:
+            self.touched.pop(workspace_id, None)
+            await self.refresh_usage(workspace_id)
+        for up in done:
+            if up in self.uploads:  # a concurrent settle may have let it go already
                 self.uploads.remove(up)
+        for up in self.uploads:  # still held: their workspaces are counted again next time
+            if up.user_id == user_id:
+                self.touched[up.workspace_id] = user_id
 
     async def count_touched(self) -> None:
         """Count every workspace written through presigned URLs since its last count (before
