@@ -40,7 +40,7 @@ def second(kserver):
     srv.cleanup()
     srv.start()
     yield srv
-    srv.stop()
+    srv.cleanup()  # stopped, and its directory gone
 
 
 @pytest.fixture(scope="module")
