@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import httpx
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -43,6 +44,10 @@ HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", 
 # request with images is a few MiB).
 MAX_BODY = 64 << 20
 MAX_OPEN = 16
+# Open connections per client address, idle or half-sent ones included: the proxy runs in e2a's
+# process, whose file descriptors a sandbox must not use up. (The embedded backend's firewall
+# caps the same; on Kubernetes a NetworkPolicy cannot count, so this is the cap there.)
+MAX_CONNECTIONS = 32
 KEY_SHAPES = {"anthropic": "sk-ant-api03-e2a", "openai": "sk-proj-e2a", "deepseek": "sk-e2a",
               "google": "AIzaSyE2a"}
 
@@ -113,6 +118,7 @@ class Egress:
         app = Starlette(routes=[Route("/{path:path}", self._forward, methods=[
             "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])])
         config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning",
+                                http=_capped(MAX_CONNECTIONS),
                                 access_log=False, lifespan="off", proxy_headers=False,
                                 server_header=False, date_header=False,
                                 # a provider's answer still streaming must not hold e2a's stop
@@ -224,3 +230,31 @@ async def _scrubbed(upstream: httpx.Response, g: Grant):
 
 def _refuse(status: int, message: str) -> Response:
     return JSONResponse({"error": {"type": "e2a_egress", "message": message}}, status_code=status)
+
+
+def _capped(limit: int) -> type[HttpToolsProtocol]:
+    """uvicorn's HTTP/1.1 protocol (httptools, as its "auto" picks), closing at once a connection from an address that has
+    `limit` open already (counted from connect to close, before any request is read)."""
+    open_by_peer: dict[str, int] = {}
+
+    class Capped(HttpToolsProtocol):
+        peer: str | None = None
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            peer = (transport.get_extra_info("peername") or ("",))[0]
+            if open_by_peer.get(peer, 0) >= limit:
+                transport.abort()
+                return
+            open_by_peer[peer] = open_by_peer.get(peer, 0) + 1
+            self.peer = peer
+            super().connection_made(transport)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.peer is None:  # refused: uvicorn never saw it
+                return
+            open_by_peer[self.peer] -= 1
+            if not open_by_peer[self.peer]:
+                del open_by_peer[self.peer]
+            super().connection_lost(exc)
+
+    return Capped

@@ -257,3 +257,41 @@ def test_a_pooled_sandbox_is_nobodys_until_claimed(cluster, mailbox):
 def srv_pool(srv) -> int:
     import httpx
     return httpx.get(srv.url + "/health").json()["pool"].get("standard", 0)
+
+
+HOLD = """
+import socket, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+socks = []
+for _ in range(n):
+    try:
+        socks.append(socket.create_connection((host, port), timeout=5))
+    except OSError:
+        pass
+time.sleep(1)
+alive = 0
+for s in socks:
+    s.setblocking(False)
+    try:
+        alive += s.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        alive += 1
+    except OSError:
+        pass
+print(alive)
+"""
+
+
+def test_a_pod_holds_at_most_its_share_of_the_egress_proxys_connections(kserver, alice):
+    """No NetworkPolicy can count connections: the proxy itself closes a pod's connections
+    past MAX_CONNECTIONS (idle ones, that never send a byte), so no sandbox can use up the
+    file descriptors of the e2a replica it shares with every other."""
+    from e2a.agents.egress import MAX_CONNECTIONS
+    sb = alice.create_sandbox("standard", idle_timeout_seconds=600)
+    try:
+        gw = kserver.extra_env["E2A_KUBE_EGRESS_HOST"]
+        r = alice.run(sb.vm_id, ["python3", "-c", HOLD, gw, str(kserver.egress_port),
+                                 str(MAX_CONNECTIONS + 10)])
+        assert r.stdout.split() == [str(MAX_CONNECTIONS)], r.stdout + r.stderr
+    finally:
+        alice.kill(sb.vm_id)
