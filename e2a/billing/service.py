@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import Date, cast, func, select, update
+from sqlalchemy import Date, cast, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from e2a.billing import ledger
@@ -24,7 +24,9 @@ from e2a.refusal import Refusal
 from e2a.sandboxes.host import Catalog, SandboxHost
 from e2a.sandboxes.records import aware, utcnow
 from e2a.sandboxes.states import EndReason
-from e2a.store.models import Account, LedgerEntry, Purchase, StripeEvent, User
+from e2a.store import locks
+from e2a.store.models import (Account, CreditHold, LedgerEntry, Purchase, StripeEvent,
+                             User)
 from e2a.templates import recipes
 
 log = logging.getLogger("e2a.billing")
@@ -36,6 +38,9 @@ DAY = timedelta(hours=24)
 CHECKOUTS_PER_HOUR = 30        # Checkout pages one user may open per hour
 MAX_TOPUPS = 10                 # auto top-ups per user per 24 hours, whatever their outcome
 MAX_TOPUP_FAILURES = 2          # failed ones per 24 hours (each save of the settings retries)
+# A create's hold is deleted when the create ends; this frees one whose replica died first (a
+# create, cold image pull included, ends well within it).
+HOLD_TTL = timedelta(minutes=15)
 
 
 def _text(value) -> str | None:
@@ -67,7 +72,6 @@ class Billing:
         self.metering = Metering(
             sessions, settings, self.rates, on_charged=self.after_charge,
             count_storage=workspaces.count_touched if workspaces is not None else None)
-        self._held: dict[str, int] = {}         # a minute of each create under way, per user
         self._funds_locks: dict[str, asyncio.Lock] = {}
         self._ending: set[str] = set()          # sandboxes being ended for credits
         self._topping: set[str] = set()         # users with a top-up under way here
@@ -103,15 +107,44 @@ class Billing:
         """Around a create (or a resume, or a fork of `count`): 402 `insufficient_credits` unless
         the balance pays a minute of the new sandboxes and of every sandbox the user already
         runs or is creating; that minute is held while the create runs, so creates sent at once
-        cannot all pass one check."""
+        cannot all pass one check. The holds are rows (CreditHold), checked and added under the
+        user's lock in one transaction: creates through other replicas see them too."""
         need = self.first_minute(template) * count
         async with self._funds_locks.setdefault(user_id, asyncio.Lock()):
-            have = (await self.account(user_id)).balance_micro
+            hold = await self._hold_first_minute(user_id, template, count, need)
+        try:
+            yield
+        finally:  # created (now in the catalog, counted as running) or failed
+            async with self.db() as db:  # (with any hold of the user's that expired)
+                await db.execute(delete(CreditHold).where(or_(
+                    CreditHold.id == hold, (CreditHold.user_id == user_id)
+                    & (CreditHold.expires_at < utcnow()))))
+                await db.commit()
+
+    async def _hold_first_minute(self, user_id: str, template: str, count: int, need: int) -> str:
+        """Check that the balance pays `need` besides what the user runs and holds; hold it."""
+        async with self.db() as db:
+            try:
+                await locks.lock_user(db, locks.FUNDS, user_id)
+            except locks.LockBusy as exc:
+                raise BillingError(503, "unavailable", "another create of this user is "
+                                   "checking its credits; try again") from exc
+            # Read under the lock: a create through another replica is seen as its hold until
+            # its row is in (the row goes in before the hold goes), so never as neither.
+            now = utcnow()
+            held = (select(func.coalesce(func.sum(CreditHold.amount_micro), 0))
+                    .where(CreditHold.user_id == user_id, CreditHold.expires_at >= now)
+                    .scalar_subquery())
+            found = (await db.execute(select(Account.balance_micro, held)
+                                      .where(Account.user_id == user_id))).one_or_none()
+            if found is None:  # its first use: opened with the free credits
+                have, held = (await self.account(user_id)).balance_micro, 0
+            else:
+                have, held = found
             running = sum(60 * self.rates.per_second(vcpu_milli(r.vcpu, r.cpu_fraction),
                                                      r.memory_mib)
                           for r in await self.catalog.list(user_id)
                           if r.state not in ("paused", "stopping", "destroyed"))
-            held = self._held.get(user_id, 0)
             if have < need + running + held:
                 others = (f" and a minute of the {show(running + held)} credits' worth of "
                           "sandboxes you already have" if running + held else "")
@@ -121,15 +154,11 @@ class Billing:
                     f"{f'{count} {template} sandboxes' if count > 1 else f'a {template} sandbox'}"
                     f" costs {show(need)}{others}. Buy credits (POST "
                     "/v1/billing/checkout) or turn on auto top-up")
-            self._held[user_id] = held + need
-        try:
-            yield
-        finally:  # created (now in the catalog, counted as running) or failed
-            left = self._held.get(user_id, 0) - need
-            if left > 0:
-                self._held[user_id] = left
-            else:  # (the user's lock stays: a create may be waiting on it)
-                self._held.pop(user_id, None)
+            hold = new_id("hold")
+            await db.execute(insert(CreditHold).values(
+                id=hold, user_id=user_id, amount_micro=need, expires_at=now + HOLD_TTL))
+            await db.commit()
+        return hold
 
     # ---- what the user sees -----------------------------------------------------------------
 

@@ -8,18 +8,14 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
-from sqlalchemy import func, select, text, update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from e2a.sandboxes.host import (Catalog, SandboxEventRecord, SandboxRecord, Unavailable,
                                 UserLimit)
 from e2a.sandboxes.states import LIVE, State
+from e2a.store import locks
 from e2a.store.models import Sandbox, SandboxEvent
-
-
-USER_LIMIT_CLASS = 0x0E2B  # a PostgreSQL advisory lock's first key (two-key form): a user's creates
-USER_LOCK_WAIT = "10s"     # at most, for that lock
 
 
 def utcnow() -> datetime:
@@ -191,15 +187,10 @@ async def within_user_limit(db: AsyncSession, user_id: str, cap: int, sandbox_id
     (held to that transaction's end), so the creates of one user through several replicas
     count one after another, each seeing the rows the others committed. SQLite has one
     process, whose own count (held per user in memory) is exact already."""
-    if db.bind.dialect.name == "postgresql":
-        # bounded: a holder cut off from the database mid-transaction would otherwise hold
-        # every create of this user until PostgreSQL noticed (a retryable 503 instead)
-        await db.execute(text(f"SET LOCAL lock_timeout = '{USER_LOCK_WAIT}'"))
-        try:
-            await db.execute(text("SELECT pg_advisory_xact_lock(:c, hashtext(:u))"),
-                             {"c": USER_LIMIT_CLASS, "u": user_id})
-        except DBAPIError as exc:
-            raise Unavailable("another create of this user holds its count; try again") from exc
+    try:
+        await locks.lock_user(db, locks.USER_LIMIT, user_id)
+    except locks.LockBusy as exc:
+        raise Unavailable("another create of this user holds its count; try again") from exc
     held = await db.scalar(select(func.count()).select_from(Sandbox).where(
         Sandbox.user_id == user_id, Sandbox.id != sandbox_id,
         Sandbox.state.in_([s.value for s in LIVE])))

@@ -242,6 +242,18 @@ class Account(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class CreditHold(Base):
+    """A minute of credits held for a create under way (billing/service.py `funds_for`): in the
+    database, so that the creates of one user through several replicas see each other's. Gone
+    when the create ends; `expires_at` frees one whose replica died meanwhile."""
+
+    __tablename__ = "credit_holds"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(40), index=True)
+    amount_micro: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class LedgerEntry(Base):
     """One change of a balance, never updated nor deleted. Amounts are integer micro-credits
     (1 credit = 1 US cent = 1,000,000 micro-credits); usage rows also keep the raw quantities."""
