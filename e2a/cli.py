@@ -36,6 +36,7 @@ from e2a.sdk import E2A, AsyncE2A, E2AError
 SERVER_COMMANDS = {
     "admin": "Administer the e2a server (runs on the host).",
     "serve": "Run the e2a server: API, sandbox host and store, on the embedded defaults.",
+    "node-agent": "Mount workspaces for the sandbox pods of this Kubernetes node.",
 }
 
 
@@ -50,7 +51,7 @@ class _Main(click.Group):
         if cmd_name in SERVER_COMMANDS and cmd_name not in self.commands:
             from e2a import server_cli
 
-            self.add_command(getattr(server_cli, cmd_name), cmd_name)
+            self.add_command(getattr(server_cli, cmd_name.replace("-", "_")), cmd_name)
         return super().get_command(ctx, cmd_name)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:

@@ -52,8 +52,8 @@ _EXPECTED = {
 
 # Settings whose value no error line (nor the settings' repr) shows: a bad key is likely a typo
 # of the real one.
-_HIDDEN = {"agent_key", "secrets_key", "secrets_old_keys", "smtp_password", "stripe_secret_key",
-           "stripe_webhook_secret"}
+_HIDDEN = {"agent_key", "kube_node_token", "s3_secret_key", "secrets_key", "secrets_old_keys",
+           "smtp_password", "stripe_secret_key", "stripe_webhook_secret"}
 
 
 def env_name(field: str) -> str:
@@ -155,6 +155,11 @@ class Settings(BaseSettings):
     # cluster, the replica's own pod IP (deploy/kubernetes sets it from the downward API);
     # outside it, the host's address on the pods' network. Empty: agents answer 501 here.
     kube_egress_host: str = ""
+    # Workspaces on Kubernetes: each node runs `e2a node-agent`, which mounts them for its pods
+    # (docs/kubernetes.md, "Workspaces"); the replicas call it on the node's address and this
+    # port, with this token. Empty token: a create with a workspace answers 503 here.
+    kube_node_token: str = Field("", repr=False)
+    kube_node_port: int = Field(8335, ge=1, le=65535)
 
     # ---- workspaces (docs/workspaces.md) ----
     # The S3 store of every workspace. Empty endpoint: e2a starts its own S3 server (rclone serve

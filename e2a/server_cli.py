@@ -78,6 +78,25 @@ def serve(host: str | None, port: int | None) -> None:
                 forwarded_allow_ips=settings.trusted_proxies or None)
 
 
+
+@click.command()
+@click.option("--host", default="0.0.0.0", show_default=True,
+              help="listen address (the node's: replicas call it there)")
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help="listen port (default 8335, E2A_KUBE_NODE_PORT)")
+def node_agent(host: str, port: int | None) -> None:
+    """Mount workspaces for the sandbox pods of this Kubernetes node."""
+    settings = load_settings()
+    from e2a.kube import node_agent as agent
+
+    problems = agent.check(settings)
+    if problems:
+        for line in problems:
+            click.echo(line, err=True)
+        sys.exit(BAD_SETTINGS)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(agent.serve(settings, host, port or settings.kube_node_port))
+
 @click.group()
 def admin() -> None:
     """Administer the e2a server (runs on the host)."""

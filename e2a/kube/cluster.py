@@ -46,6 +46,15 @@ class Unschedulable(Exception):
 
 
 @dataclass
+class NodeRoom:
+    """A node pods may go to: its name, its address (InternalIP), what it offers pods."""
+    name: str
+    address: str | None
+    cpu: int      # millicores
+    memory: int   # MiB
+
+
+@dataclass
 class PodEnd:
     """How a pod of a sandbox ended, as the cluster tells it."""
     oom: bool
@@ -90,14 +99,22 @@ class Cluster:
 
     async def allocatable(self) -> tuple[int, int]:
         """What the cluster's ready nodes offer pods: millicores and MiB of memory."""
-        cpu = mem = 0
+        nodes = await self.nodes()
+        return sum(n.cpu for n in nodes), sum(n.memory for n in nodes)
+
+    async def nodes(self) -> list[NodeRoom]:
+        """The nodes pods may go to (ready, schedulable), with what they offer pods."""
+        found = []
         async for node in self.client.list(Node):
             ready = any(c.type == "Ready" and c.status == "True"
                         for c in (node.status.conditions or []))
             if ready and not (node.spec and node.spec.unschedulable):
-                cpu += _millicores(node.status.allocatable["cpu"])
-                mem += _mib(node.status.allocatable["memory"])
-        return cpu, mem
+                address = next((a.address for a in node.status.addresses or ()
+                                if a.type == "InternalIP"), None)
+                found.append(NodeRoom(node.metadata.name, address,
+                                      _millicores(node.status.allocatable["cpu"]),
+                                      _mib(node.status.allocatable["memory"])))
+        return found
 
     async def create(self, manifest: dict) -> None:
         await self.client.create(from_dict(manifest), namespace=self.namespace)

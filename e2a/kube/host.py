@@ -23,13 +23,13 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from e2a.config import Settings
 from e2a.ids import new_id
 from e2a.kube import cluster as kc
-from e2a.kube import images, manifests, policy_probe
+from e2a.kube import images, manifests, node_mounts, policy_probe
 from e2a.kube.replicas import Replica
 from e2a.network.firewall import host_nameservers
 from e2a.sandboxes import envd
 from e2a.sandboxes.agent_keys import AgentKeys
 from e2a.sandboxes.connections import Connections
-from e2a.sandboxes.host import (CreateSpec, NoCapacity,
+from e2a.sandboxes.host import (Conflict, CreateSpec, NoCapacity,
                                 NotRunning, SandboxHost, SandboxRecord, Unavailable, Upstream,
                                 UserLimit, WrongState)
 from e2a.sandboxes.hostlog import HostLog
@@ -40,7 +40,7 @@ from e2a.sandboxes.resources import uninterrupted
 from e2a.sandboxes.states import BOOTING, LIVE, EndReason, State
 from e2a.store.models import Sandbox
 from e2a.templates import recipes
-from e2a.workspaces.service import Workspaces
+from e2a.workspaces.service import MountPlan, WorkspaceBusy, Workspaces
 
 log = logging.getLogger("e2a.kube")
 
@@ -78,6 +78,8 @@ class KubeSandbox:
     upstreams: set[Upstream] = field(default_factory=set)
     end_reason: EndReason | None = None
     boot_task: asyncio.Task | None = None
+    workspace_id: str | None = None
+    workspace: MountPlan | None = None  # its lease, held by the replica that made it
 
     @property
     def name(self) -> str:
@@ -97,7 +99,8 @@ class KubeSandbox:
             memory_mib=self.memory_mib, internet=self.internet, metadata=self.metadata,
             idle_timeout_seconds=self.idle_timeout, max_lifetime_seconds=self.max_lifetime,
             created_at=self.created_at, expires_at=self.expires_at,
-            end_reason=self.end_reason.value if self.end_reason else None)
+            end_reason=self.end_reason.value if self.end_reason else None,
+            workspace_id=self.workspace_id)
 
 
 class KubeHost(Lifecycle, Connections, SandboxHost):
@@ -123,6 +126,7 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
         self.hostlog = HostLog(settings.data_dir / "logs")
         self.http = envd.make_client()
         self.cluster: kc.Cluster | None = None
+        self.mounts: node_mounts.NodeMounts | None = None
         self.api_namespace = kc.own_namespace(settings.kube_config)  # None: outside the cluster
         self.sandboxes: dict[str, KubeSandbox] = {}
         self._reserved: dict[str, KubeSandbox] = {}  # capacity taken, row not yet written
@@ -169,6 +173,9 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
                 "a policy that denies it all ingress): sandboxes could reach each other and the "
                 "cluster. Use a CNI that enforces policies, or set "
                 "E2A_KUBE_ALLOW_UNENFORCED_POLICIES=true to accept that risk")
+        self.mounts = node_mounts.NodeMounts(self.http, self.cluster, s.kube_node_token,
+                                             s.kube_node_port)
+        self.workspaces.in_use_elsewhere = self._workspace_in_rows
         await self.workspaces.start()
         self._tasks.append(asyncio.create_task(self._watch_deaths(), name="pod watch"))
         # leading from the start (alone, or the first of several): the sweep runs before e2a
@@ -231,7 +238,14 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
         return await self.replica.gone(key)
 
     def workspace_mounted(self, workspace_id: str) -> bool:
-        return False
+        return self.workspaces.leased(workspace_id)
+
+    async def _workspace_in_rows(self, workspace_id: str) -> bool:
+        """Whether a live sandbox of any replica has the workspace (a delete waits for it)."""
+        async with self.sessions() as db:
+            return bool(await db.scalar(select(func.count()).select_from(Sandbox).where(
+                Sandbox.workspace_id == workspace_id,
+                Sandbox.state.in_([s.value for s in LIVE]))))
 
     def addresses(self, sandbox_id: str) -> tuple[str, str]:
         """(this replica's egress proxy as pods reach it, the pod's address): an agent's task
@@ -252,7 +266,7 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
             metadata=row.metadata_ or {}, idle_timeout=row.idle_timeout_seconds,
             max_lifetime=row.max_lifetime_seconds, created_at=rec.created_at,
             expires_at=rec.expires_at, token=self.keys.token(row.id), state=State(row.state),
-            ip=ip)
+            ip=ip, workspace_id=row.workspace_id)
         self.sandboxes[sb.id] = sb
         return sb
 
@@ -274,18 +288,37 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
         recipe = recipes.load(spec.template)
         if recipe is None:
             raise Unavailable(f"template {spec.template!r} is not available")
-        if spec.workspace is not None:
-            raise Unavailable("workspaces are not mounted on the Kubernetes backend yet "
-                              "(docs/kubernetes.md)")
         await self._within_user_limit(spec.user_id)
-        claimed = await self._claim_from_pool(recipe, spec)
-        if claimed is not None:
-            return claimed
+        if spec.workspace is None:  # a workspace is mounted at boot: no warm pod has it
+            claimed = await self._claim_from_pool(recipe, spec)
+            if claimed is not None:
+                return claimed
         sb = await self._launch(recipe, spec)
         return sb.record(self.node)
 
+    async def _plan_workspace(self, spec: CreateSpec) -> MountPlan:
+        """The scope's workspace, found or made, and leased (as on the embedded backend,
+        manager.py): the lease goes with the sandbox, released once it is gone (`_stop`)."""
+        if not self.mounts.enabled:
+            raise Unavailable("workspaces on Kubernetes need E2A_KUBE_NODE_TOKEN and `e2a "
+                              "node-agent` on every node (docs/kubernetes.md, \"Workspaces\")")
+        try:
+            return await self.workspaces.plan(spec.workspace)
+        except WorkspaceBusy as exc:
+            raise Conflict(str(exc)) from exc
+        except Exception as exc:
+            raise Unavailable(f"the workspace store did not answer: {exc}") from exc
+
     async def _launch(self, recipe: recipes.Recipe, spec: CreateSpec) -> KubeSandbox:
-        sb = await self._reserve(recipe, spec)
+        workspace = await self._plan_workspace(spec) if spec.workspace is not None else None
+        try:
+            sb = await self._reserve(recipe, spec)
+        except BaseException:
+            if workspace is not None:
+                self.workspaces.release(workspace)
+            raise
+        if workspace is not None:
+            sb.workspace, sb.workspace_id = workspace, workspace.workspace_id
         try:
             try:
                 await self.records.insert(self._row(sb, spec.env_vars),
@@ -293,6 +326,8 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
                                           user_cap=self.settings.max_sandboxes_per_user)
             except BaseException:
                 self.sandboxes.pop(sb.id, None)
+                if workspace is not None:
+                    self.workspaces.release(workspace)
                 raise
             await self._boot_and_wait(sb, self._boot(sb, recipe, spec))
         finally:  # counted by its row from now on (a capacity check's query may predate it)
@@ -359,7 +394,7 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
             internet=sb.internet, metadata_=sb.metadata, env_vars=env_vars,
             idle_timeout_seconds=sb.idle_timeout, max_lifetime_seconds=sb.max_lifetime,
             slot=None, envd_token="", created_at=sb.created_at, expires_at=sb.expires_at,
-            replica=self.replica.key, active_at=sb.created_at)
+            replica=self.replica.key, active_at=sb.created_at, workspace_id=sb.workspace_id)
 
     def _plan(self, sb: KubeSandbox, recipe: recipes.Recipe, params: dict[str, str]
               ) -> manifests.PodPlan:
@@ -377,6 +412,19 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
             egress_port=s.egress_port if s.kube_egress_host else None,
             egress_host=s.kube_egress_host or None)
 
+    async def _mount_workspace(self, sb: KubeSandbox, plan: manifests.PodPlan) -> None:
+        """Place the pod on a node and have that node's agent mount the workspace there: the
+        pod binds the mount as /home/user (a new workspace is seeded from the image's first)."""
+        ws = sb.workspace
+        try:
+            node = await self.mounts.place(*node_mounts.pod_requests(plan))
+        except node_mounts.MountFailed as exc:
+            raise NoCapacity(str(exc)) from exc
+        plan.node, plan.seed_home = node.name, ws.fresh
+        plan.home = await self.mounts.mount(node, sb.id, ws.workspace_id, ws.limit())
+        ws.node = node_mounts.AgentCache(self.mounts, node, sb.id)  # its limit follows the share
+        self.hostlog.write(sb.id, f"workspace {ws.workspace_id} mounted on node {node.name}")
+
     async def _move(self, sb: KubeSandbox, new: State, reason: str | None = None,
                     detail: str | None = None, **values) -> None:
         """Every move names the replica that makes it: the one working on the sandbox."""
@@ -390,6 +438,8 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
                 self.hostlog.write(sb.id, f"creating from template {sb.template}")
                 await self._move(sb, State.CONFIGURING)
                 plan = self._plan(sb, recipe, spec.params)
+                if sb.workspace is not None:
+                    await self._mount_workspace(sb, plan)
                 await self.cluster.create(manifests.secret(plan))
                 await self.cluster.create(manifests.network_policy(plan, ns))
                 await self._move(sb, State.BOOTING)
@@ -612,17 +662,42 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
                     raise TimeoutError(f"pod {sb.name} still there {GONE_TIMEOUT:.0f} s after "
                                        "its delete")
                 await asyncio.sleep(0.1)
+            if sb.workspace_id is not None:  # every file uploaded before it is destroyed
+                await self.mounts.release(sb.id)
         except Exception as exc:
             self.stuck.add(sb.id)
             self.hostlog.write(sb.id, f"teardown incomplete, retrying: {exc}")
             return
         self._unstuck(sb)
         self._flushed.pop(sb.id, None)
+        if sb.workspace is not None:  # counted again now that all is in S3; then the lease ends
+            self._in_background(self.workspaces.ended(sb.workspace))
+        elif sb.workspace_id is not None:
+            self._in_background(self.workspaces.refresh_usage(sb.workspace_id))
         await self._destroyed(sb, reason, detail)
         # forgotten once recorded (capacity is counted from the rows on this backend); if
         # the record failed, the row names this replica and its sweep tears it down again
         if self.sandboxes.get(sb.id) is sb:
             del self.sandboxes[sb.id]
+
+    async def _let_go(self, sb: KubeSandbox, reason: EndReason) -> None:
+        await super()._let_go(sb, reason)
+        if sb.workspace is not None:  # the other replica uploads it; the lease is this one's
+            self._in_background(self._end_lease_once_destroyed(sb.id, sb.workspace))
+
+    async def _end_lease_once_destroyed(self, sandbox_id: str, plan: MountPlan) -> None:
+        """End the lease of a sandbox another replica tears down once its row says destroyed
+        (every file uploaded): the workspace is counted then, not before."""
+        deadline = time.monotonic() + node_mounts.CLOSE_TIMEOUT + GONE_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                row = await self.records.get(sandbox_id)
+                if row is None or row.state == State.DESTROYED.value:
+                    break
+            except Exception as exc:  # the database blinked: look again
+                log.debug("reading %s: %s", sandbox_id, exc)
+            await asyncio.sleep(1.0)
+        await self.workspaces.ended(plan)
 
     # ---- pause and fork: not on this backend ----------------------------------------------
 
@@ -786,6 +861,30 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
         for name in pods:  # no live row of this instance claims it
             log.info("removing pod %s: no sandbox of this e2a", name)
             await self.cluster.delete_sandbox(name)
+        if self.mounts.enabled:
+            await self._sweep_mounts()
+
+    async def _sweep_mounts(self) -> None:
+        """A workspace mount left on a node by a sandbox no longer live (its e2a died between
+        the mount and the row's end): uploaded and removed. The rows are read after the
+        mounts, and a row goes in before its mount is made, so a create under way is never
+        taken for one."""
+        try:
+            mounted = await self.mounts.mounted()
+        except node_mounts.MountFailed as exc:
+            log.warning("the node agents' mounts could not be listed: %s", exc)
+            return
+        live = {row.id for row in await self.records.live_rows()}
+        for node, sandbox_ids in mounted.items():
+            for sid in sandbox_ids:
+                if sid in live or sid in self.sandboxes or not sid.startswith("sbx_"):
+                    continue
+                log.info("releasing the workspace mount of %s on node %s: no live sandbox",
+                         sid, node)
+                try:
+                    await self.mounts.release(sid)
+                except node_mounts.MountFailed as exc:
+                    log.warning("releasing the mount of %s failed, retried: %s", sid, exc)
 
     # ---- connections into a sandbox --------------------------------------------------------
 

@@ -18,6 +18,7 @@ from e2a.runtime.runsc import ENVD_PATH, ENVD_PORT, MEMORY_OVERHEAD_MIB
 GROUP = "e2a.dev"
 INSTANCE, SANDBOX, TEMPLATE, OWNER = (f"{GROUP}/{k}" for k in
                                       ("instance", "sandbox", "template", "owner"))
+HOME = "/home/user"  # the sandbox user's home: a workspace is mounted there
 POOL_OWNER = "pool"  # the owner label of a warm pod nobody has claimed
 API = f"{GROUP}/api"  # on e2a's own pods (deploy/): value the instance; the policies let them in
 # Docker's default capabilities, as the embedded backend gives envd (root in the sandbox, so
@@ -62,6 +63,9 @@ class PodPlan:
     api_namespace: str | None = None  # e2a's own, when it runs in the cluster: its pods too
     egress_port: int | None = None  # e2a's LLM egress proxy (agents) ...
     egress_host: str | None = None  # ... at this address, outside the cluster
+    node: str | None = None  # placed by e2a (a workspace is mounted there first), not scheduled
+    home: str | None = None  # the workspace's mount on that node, bound as /home/user
+    seed_home: bool = False  # a new workspace: the image's /home/user copied in first
 
     @property
     def name(self) -> str:
@@ -91,7 +95,12 @@ def pod(plan: PodPlan, namespace: str) -> dict:
     cpu = f"{cpu_limit(plan.vcpu, plan.cpu_fraction)}m"
     cpu_request, memory_request = requests(plan.vcpu, plan.cpu_fraction, plan.memory_mib,
                                            plan.cpu_request_ratio, plan.memory_request_ratio)
-    return {
+    security = {
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"], "add": CAPABILITIES},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    manifest = {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": plan.name, "namespace": namespace, "labels": plan.labels},
         "spec": {
@@ -121,14 +130,25 @@ def pod(plan: PodPlan, namespace: str) -> dict:
                     "limits": {"cpu": cpu, "memory": memory,
                                "ephemeral-storage": f"{plan.disk_mib}Mi"},
                 },
-                "securityContext": {
-                    "privileged": False,
-                    "capabilities": {"drop": ["ALL"], "add": CAPABILITIES},
-                    "seccompProfile": {"type": "RuntimeDefault"},
-                },
+                "securityContext": security,
             }],
         },
     }
+    if plan.home:
+        spec = manifest["spec"]
+        spec["nodeName"] = plan.node
+        spec["volumes"] = [{"name": "home", "hostPath": {"path": plan.home, "type": "Directory"}}]
+        spec["containers"][0]["volumeMounts"] = [{"name": "home", "mountPath": HOME}]
+        if plan.seed_home:  # in the pod's own gVisor sandbox, from the image's files
+            spec["initContainers"] = [{
+                "name": "seed-home", "image": plan.image, "imagePullPolicy": "IfNotPresent",
+                "command": ["/bin/cp", "-a", "--no-preserve=ownership", f"{HOME}/.", "/seed/"],
+                "volumeMounts": [{"name": "home", "mountPath": "/seed"}],
+                "resources": {"requests": {"cpu": "10m", "memory": "16Mi"},
+                              "limits": {"cpu": cpu, "memory": memory}},
+                "securityContext": security,
+            }]
+    return manifest
 
 
 def cpu_limit(vcpu: int, cpu_fraction: float) -> int:

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Protocol
 
 from e2a.refusal import Refusal
 from e2a.runtime import quota as disk
@@ -62,6 +63,7 @@ class MountPlan:
     lease: int = 0     # its key in Workspaces.leases
     stored: int | None = 0  # the workspace's bytes as counted at mount (None: not known)
     cache: Path | None = None  # the mount's cache volume, once made (resources.WorkspaceMount)
+    node: "NodeCache | None" = None  # or, on Kubernetes, its node agent's (kube/node_mounts.py)
     ended: bool = False  # its sandbox is gone; held only until the workspace is counted again
 
     def limit(self) -> int:
@@ -104,6 +106,9 @@ class Workspaces:
         # Workspaces written through presigned URLs since they were last counted (by id: the
         # user), counted again before the next quota check and the next storage charge.
         self.touched: dict[str, str] = {}
+        # Replicas (Kubernetes): whether a sandbox of another replica has the workspace, which
+        # this one's leases do not show (async, workspace id -> bool).
+        self.in_use_elsewhere = None
 
     @property
     def store(self) -> S3Store:
@@ -164,18 +169,22 @@ class Workspaces:
         to match. Returns what is left unwritten (for presigned PUTs)."""
         async with self._sharing:
             leases = [p for p in self.leases.values() if p.user_id == user_id]
-            written = {p.lease: await asyncio.to_thread(_written, p) for p in leases}
+            written = {p.lease: await _written(p) for p in leases}
             left = (self.quota - await self.registry.stored_bytes(user_id)
                     - sum(written.values())
                     - sum(u.size for u in self.uploads if u.user_id == user_id))
             share = max(0, left) // max(1, len(leases))
             for p in leases:
                 p.grant = written[p.lease] + share
-                if p.cache is not None and p.stored is not None:
-                    try:
+                if p.stored is None:
+                    continue
+                try:
+                    if p.cache is not None:
                         await asyncio.to_thread(disk.set_limit, p.cache, p.limit())
-                    except OSError:  # its sandbox is going: nothing left to limit
-                        pass
+                    elif p.node is not None:
+                        await p.node.set_limit(p.limit())
+                except Exception as exc:  # its sandbox is going: nothing left to limit
+                    log.debug("limit of lease %d not changed: %s", p.lease, exc)
             return left
 
     async def free_quota(self, user_id: str) -> int:
@@ -266,11 +275,14 @@ class Workspaces:
 
     async def delete(self, workspace_id: str) -> None:
         """Every object and the row; WorkspaceBusy while a sandbox has it or mounts it."""
+        busy = WorkspaceBusy(f"workspace {workspace_id} is mounted by a sandbox: delete the "
+                             "sandbox first")
         if self.leased(workspace_id) or workspace_id in self.deleting:
-            raise WorkspaceBusy(f"workspace {workspace_id} is mounted by a sandbox: delete the "
-                                "sandbox first")
-        self.deleting.add(workspace_id)
+            raise busy
+        self.deleting.add(workspace_id)  # before any await: a create here now sees it
         try:
+            if self.in_use_elsewhere is not None and await self.in_use_elsewhere(workspace_id):
+                raise busy
             await s3.run(self.store.delete_all, workspace_id)
             await self.registry.delete(workspace_id)
         finally:
@@ -293,9 +305,24 @@ class Workspaces:
             log.warning("counting workspace %s failed: %s", workspace_id, exc)
 
 
-def _written(plan: MountPlan) -> int:
+class NodeCache(Protocol):
+    """A mount's cache on another machine (a Kubernetes node), through its agent."""
+
+    async def set_limit(self, limit: int) -> None: ...
+
+    async def allocated(self) -> int: ...
+
+
+async def _written(plan: MountPlan) -> int:
     """What a mount's cache holds beyond the workspace's size at mount: its new bytes (reads
     count until they are within that size)."""
-    if plan.cache is None or not plan.cache.exists():
+    if plan.node is not None:
+        try:
+            held = await plan.node.allocated()
+        except Exception:  # the agent does not answer: as if nothing were written
+            return 0
+    elif plan.cache is None or not plan.cache.exists():
         return 0
-    return max(0, disk.allocated(plan.cache / "vfs") - (plan.stored or 0))
+    else:
+        held = await asyncio.to_thread(disk.allocated, plan.cache / "vfs")
+    return max(0, held - (plan.stored or 0))

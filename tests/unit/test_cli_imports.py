@@ -100,9 +100,9 @@ def test_static_help_matches_the_server_commands():
     """cli.SERVER_COMMANDS (shown before e2a.server_cli is loaded) says what the commands say."""
     from e2a import cli, server_cli
 
-    assert set(cli.SERVER_COMMANDS) == {"serve", "admin"}
+    assert set(cli.SERVER_COMMANDS) == {"serve", "admin", "node-agent"}
     for name, short in cli.SERVER_COMMANDS.items():
-        cmd = getattr(server_cli, name)
+        cmd = getattr(server_cli, name.replace("-", "_"))
         assert cmd.name == name
         assert cmd.get_short_help_str(200) == short
 

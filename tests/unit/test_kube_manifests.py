@@ -145,3 +145,22 @@ def test_agents_on_kubernetes_need_the_egress_host(tmp_path):
     assert "E2A_KUBE_EGRESS_HOST" in e.value.message
     on = Settings(data_dir=tmp_path, backend="kubernetes", kube_egress_host="10.244.0.1")
     assert asyncio.run(agent_config(req, on)).agent == "gemini-cli"
+
+
+def test_a_workspace_pod_is_placed_with_its_mount_bound_as_the_home():
+    assert "volumes" not in manifests.pod(plan(), "ns")["spec"]  # no workspace: nothing bound
+    home = "/var/lib/e2a-node/mounts/sbx_abc123/home"
+    pod = manifests.pod(plan(node="node-1", home=home), "ns")
+    spec = pod["spec"]
+    assert spec["nodeName"] == "node-1"  # where the agent mounted it, not the scheduler's pick
+    assert spec["volumes"] == [{"name": "home",
+                                "hostPath": {"path": home, "type": "Directory"}}]
+    assert spec["containers"][0]["volumeMounts"] == [{"name": "home", "mountPath": "/home/user"}]
+    assert "initContainers" not in spec  # an existing workspace is not seeded again
+    seeded = manifests.pod(plan(node="node-1", home=home, seed_home=True), "ns")["spec"]
+    (init,) = seeded["initContainers"]
+    assert init["image"] == "e2a.local/e2a-standard:1-2"  # the image's own /home/user, in gVisor
+    assert init["command"][-2:] == ["/home/user/.", "/seed/"]
+    assert init["securityContext"] == seeded["containers"][0]["securityContext"]
+    assert init["resources"]["limits"] == {"cpu": "1000m", "memory": "544Mi"}
+    from_dict(manifests.pod(plan(node="node-1", home=home, seed_home=True), "ns"))

@@ -1,0 +1,224 @@
+"""Workspaces on the Kubernetes backend: the node agent (`e2a node-agent`, here a host process
+of the test cluster's one node, as a node's service would be) mounts the workspace with rclone
+from a real S3 server, the pod binds it as /home/user, and its teardown uploads every file
+before the sandbox is destroyed. The same contract as the embedded backend's
+(tests/e2e/test_workspaces.py): durable across sandboxes, seeded with the template's dotfiles,
+limited by the quota, and the S3 keys never in the sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from e2a.config import Settings
+from e2a.workspaces.server import EmbeddedS3
+from tests.e2e.server import free_port
+from tests.e2e.test_workspaces import As, scope
+from tests.kube.cluster import kube_env
+
+pytestmark = pytest.mark.kube
+
+E2A = str(Path(sys.executable).parent / "e2a")
+QUOTA_MIB = 64
+
+
+@pytest.fixture(scope="module")
+def wserver(cluster):
+    """A Kubernetes e2a with workspaces: its S3 server and the node's agent started first."""
+    from tests.conftest import own_server
+    token = secrets.token_urlsafe(24)
+    agent_port = free_port()
+    with own_server("kubews") as srv:
+        data = srv.base / "data"
+        s3 = EmbeddedS3(Settings(data_dir=data, s3_port=srv.s3_port))  # srv.cleanup stops it
+        asyncio.run(s3.start())
+        ep = s3.endpoint()
+        store = {"E2A_S3_ENDPOINT": ep.url, "E2A_S3_ACCESS_KEY": ep.access_key,
+                 "E2A_S3_SECRET_KEY": ep.secret_key, "E2A_KUBE_NODE_TOKEN": token,
+                 "E2A_KUBE_NODE_PORT": str(agent_port)}
+        agent_env = {**os.environ, **store, "E2A_DATA_DIR": str(srv.base / "node"),
+                     "E2A_DISK_GIB": "2"}
+        log = open(srv.base / "agent.log", "ab")
+        agent = subprocess.Popen([E2A, "node-agent", "--port", str(agent_port)], env=agent_env,
+                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_answers(f"http://127.0.0.1:{agent_port}/v1/mounts", agent)
+            srv.extra_env = {**kube_env(cluster, "e2a_kubews"), **store,
+                             "E2A_WORKSPACE_QUOTA_MIB": str(QUOTA_MIB)}
+            srv.start()
+            srv.agent_url, srv.agent_token, srv.secret_key = \
+                f"http://127.0.0.1:{agent_port}", token, ep.secret_key
+            yield srv
+            srv.stop()
+        finally:
+            agent.terminate()
+            agent.wait(timeout=30)
+
+
+def wait_answers(url: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the node agent exited"
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError("the node agent did not answer")
+
+
+def agent_mounts(srv) -> list[dict]:
+    r = httpx.get(f"{srv.agent_url}/v1/mounts",
+                  headers={"Authorization": f"Bearer {srv.agent_token}"})
+    assert r.status_code == 200, r.text
+    return r.json()["mounts"]
+
+
+def fuse_mounts(srv) -> list[str]:
+    return [line.split()[1] for line in open("/proc/mounts")
+            if line.split()[2] == "fuse.rclone" and line.split()[1].startswith(str(srv.base))]
+
+
+@pytest.fixture
+def a(wserver):
+    user = As(wserver.url, wserver.create_user(f"ws{secrets.token_hex(4)}@example.com"))
+    yield user
+    user.close()
+
+
+def test_a_workspace_outlives_its_pod_and_is_mounted_again(wserver, a, cluster):
+    ws = scope("kube")
+    sb = a.create(ws)
+    vm, wid = sb["vm_id"], sb["workspace_id"]
+    assert wid.startswith("wsp_")
+    pod = cluster.json("get", "pod", "-n", "e2a-sandboxes", vm.replace("_", "-"))
+    home = next(v for v in pod["spec"]["volumes"] if v["name"] == "home")
+    assert home["hostPath"]["path"].startswith(str(wserver.base / "node")), home
+    # a new workspace starts with the template's dotfiles (the pod's seeding step)
+    dot = a.sh(vm, "ls -A; cat .bashrc | wc -c").stdout.split()
+    assert ".bashrc" in dot and ".profile" in dot and int(dot[-1]) > 0
+    a.sh(vm, "mkdir -p d1/d2 && echo deep > d1/d2/f.txt && echo top > t.txt"
+             " && touch -m -d '2020-01-02 03:04:05 UTC' t.txt && ln -s d1/d2/f.txt link")
+    before = a.sh(vm, "stat -c '%n %Y %s' t.txt d1/d2/f.txt").stdout
+    assert "t.txt 1577934245 4" in before
+    # the store's keys are the agent's: nowhere in the sandbox's processes or files
+    seen = a.sh(vm, "cat /proc/*/environ 2>/dev/null | tr '\\0' '\\n'; env; "
+                    "grep -rs . /etc /tmp /home/user 2>/dev/null | head -c 2000000",
+                check=False).stdout
+    assert wserver.secret_key not in seen and wserver.agent_token not in seen
+    assert [m["sandbox_id"] for m in agent_mounts(wserver)] == [vm]
+    # the node agent is on the node's address, which this cluster's CNI lets pods reach: it
+    # answers nothing without the replicas' token
+    node_ip = next(x["address"] for x in cluster.json("get", "nodes")["items"][0]["status"][
+        "addresses"] if x["type"] == "InternalIP")
+    port = wserver.agent_url.rsplit(":", 1)[1]
+    for path in ("/v1/mounts", f"/v1/mounts/{vm}/written"):
+        r = a.sh(vm, f"exec 3<>/dev/tcp/{node_ip}/{port} && printf 'GET {path} HTTP/1.0\\r\\n"
+                     f"Authorization: Bearer guess\\r\\n\\r\\n' >&3 && head -1 <&3",
+                 check=False)
+        assert r.stdout.startswith("HTTP/1.0 401 ") or r.stdout.startswith("HTTP/1.1 401 "), \
+            (r.stdout, r.stderr)
+    a.destroy(vm)
+
+    # destroyed only once every file is in S3; the node keeps nothing of it
+    listing = {f["path"]: f for f in a.files(wid)}
+    assert {".bashrc", "t.txt", "d1/d2/f.txt"} <= set(listing)
+    assert listing["link"]["type"] == "symlink"
+    assert agent_mounts(wserver) == [] and fuse_mounts(wserver) == []
+    assert not any((wserver.base / "node" / "mounts").glob("sbx_*"))
+
+    vm = a.create(ws)["vm_id"]
+    assert a.sh(vm, "stat -c '%n %Y %s' t.txt d1/d2/f.txt").stdout == before
+    assert a.sh(vm, "cat link").stdout == "deep\n"
+    # a workspace in use is not deleted
+    r = a.http.delete(f"/v1/workspaces/{wid}")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "workspace_in_use", r.text
+    a.destroy(vm)
+    assert a.http.delete(f"/v1/workspaces/{wid}").status_code == 204
+    assert cluster.objects() == {"pods": 0, "secrets": 0, "networkpolicies": 0}
+
+
+def test_writes_past_the_quota_fail_and_what_is_stored_stays(wserver, a):
+    ws = scope("kubequota")
+    sb = a.create(ws)
+    vm = sb["vm_id"]
+    first = a.sh(vm, "head -c 40M /dev/urandom > first.bin && sha256sum < first.bin"
+                 ).stdout.split()[0]
+    r = a.sh(vm, "head -c 40M /dev/urandom > second.bin", check=False)
+    assert r.exit_code != 0, f"40 MiB more than a {QUOTA_MIB} MiB quota was accepted"
+    assert "No space left on device" in r.stderr or "quota" in r.stderr, r.stderr
+    assert a.sh(vm, "sha256sum < first.bin").stdout.split()[0] == first
+    a.destroy(vm)
+    vm = a.create(ws)["vm_id"]
+    assert a.sh(vm, "sha256sum < first.bin").stdout.split()[0] == first
+    a.destroy(vm)
+
+
+def test_the_node_agent_answers_only_the_replicas_token(wserver):
+    url = f"{wserver.agent_url}/v1/mounts"
+    for headers in ({}, {"Authorization": "Bearer nope"},
+                    {"Authorization": f"Bearer {wserver.agent_token[:-1]}"}):
+        r = httpx.get(url, headers=headers)
+        assert r.status_code == 401, r.text
+    r = httpx.put(f"{url}/sbx_x", headers={"Authorization": "Bearer nope"},
+                  json={"workspace_id": "wsp_x", "limit": 1})
+    assert r.status_code == 401
+    bad = httpx.put(f"{url}/..%2Fetc", json={"workspace_id": "wsp_x", "limit": 1},
+                    headers={"Authorization": f"Bearer {wserver.agent_token}"})
+    assert bad.status_code in (400, 404), bad.text
+
+
+def test_without_node_agents_a_workspace_is_refused_saying_why(kserver):
+    r = httpx.post(f"{kserver.url}/v1/sandboxes", json={"template": "standard", "workspace": True},
+                   headers={"Authorization": f"Bearer {kserver.keys['alice']}"}, timeout=60)
+    assert r.status_code == 503, r.text
+    assert "E2A_KUBE_NODE_TOKEN" in r.json()["error"]["message"]
+
+
+def test_a_session_on_the_cluster_keeps_its_end_users_files(wserver, llm_mock):
+    """A session (docs/sessions.md) is a sandbox with its end user's workspace and e2a's own
+    agent: two tasks that depend on each other, then the file is in the workspace."""
+    from tests.e2e.sessions import MODEL, Conn, bundle, create, finished
+    with httpx.Client(base_url=wserver.url, timeout=180, headers={
+            "Authorization": f"Bearer {wserver.create_user('kses@example.com')}"}) as http:
+        key = "sk-ant-" + secrets.token_hex(16)
+        bundle(http, "kube-llm", {"LLM_API_KEY": key, "LLM_MODEL": MODEL})
+        llm_mock.scenario(key, tasks=[
+            {"steps": [{"tool": "write", "args": {"path": "notes.txt", "text": "alpha\n"}}],
+             "final": "wrote notes.txt"},
+            {"steps": [{"tool": "read_file", "args": {"path": "notes.txt"}}],
+             "final": "It says: {last}"},
+        ])
+        ticket = create(http, secrets=["kube-llm"], user_id="eu-kube", app={"id": "notes"})
+        c = Conn(ticket)
+        c.task("Write alpha to notes.txt")
+        assert finished(c.until_finished())["state"] == "succeeded"
+        c.task("What does the file say?")
+        done = finished(c.until_finished())
+        assert done["state"] == "succeeded" and "alpha" in done["result"], done
+        c.close()
+        sid = ticket["chat_session_id"]
+        assert http.delete(f"/v1/sessions/{sid}").status_code == 200
+        wid = wait_for_workspace(http, "eu-kube")
+        files = http.get(f"/v1/workspaces/{wid}/files").json()["files"]
+        assert "notes.txt" in {f["path"] for f in files}
+        assert agent_mounts(wserver) == []
+
+
+def wait_for_workspace(http, end_user: str) -> str:
+    """The end user's workspace once no sandbox has it mounted (the session's is destroyed)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        found = http.get("/v1/workspaces", params={"end_user_id": end_user}).json()["workspaces"]
+        if found and not found[0]["mounted"]:
+            return found[0]["workspace_id"]
+        time.sleep(0.5)
+    raise AssertionError(f"the workspace of {end_user} is still mounted")
