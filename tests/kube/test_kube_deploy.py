@@ -23,6 +23,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from e2a.deploy import image
+from e2a.kube import manifests
 from e2a.network.firewall import host_nameservers
 from e2a.sdk import E2A, E2AError
 from tests.conftest import wait_for
@@ -277,17 +278,56 @@ def test_the_sandbox_namespace_admits_only_sandbox_shaped_pods(deployed):
             "name": "x", "image": "e2a.local/none:0",
             "securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}}]},
     }
-    for what, spec in bad.items():
+    # a workspace's mount is allowed, only the agent's for the pod's own sandbox, and only the
+    # seeding copy as an init container (dry runs: admission is checked, nothing starts)
+    home = "/var/lib/e2a-node/mounts/sbx_attack/home"
+    seed = {"name": "seed-home", "image": "e2a.local/none:0",
+            "command": ["/bin/cp", "-a", "--no-preserve=ownership", "/home/user/.", "/seed/"],
+            "volumeMounts": [{"name": "home", "mountPath": "/seed"}],
+            "securityContext": {"capabilities": {"drop": ["ALL"]}}}
+    workspace = {**sandboxish, "volumes": [
+        {"name": "home", "hostPath": {"path": home, "type": "Directory"}}]}
+    bad |= {
+        "another sandbox's workspace": {**sandboxish, "volumes": [{"name": "home", "hostPath": {
+            "path": "/var/lib/e2a-node/mounts/sbx_victim/home", "type": "Directory"}}]},
+        "its mount's directory (the cache, rclone's socket)": {**sandboxish, "volumes": [{
+            "name": "home", "hostPath": {"path": home.removesuffix("/home"),
+                                         "type": "Directory"}}]},
+        "its workspace, any type": {**sandboxish, "volumes": [{"name": "home", "hostPath": {
+            "path": home}}]},
+        "an init container of its own": {**workspace, "initContainers": [
+            {**seed, "command": ["/bin/sh", "-c", "cat /seed/x"]}]},
+        "the seeding copy with SYS_ADMIN": {**workspace, "initContainers": [
+            {**seed, "securityContext": {"capabilities": {"drop": ["ALL"],
+                                                          "add": ["SYS_ADMIN"]}}}]},
+        "the seeding copy keeping its capabilities": {**workspace, "initContainers": [
+            {**seed, "securityContext": {}}]},
+    }
+    good = {**workspace, "initContainers": [seed]}
+    for what, spec in [*bad.items(), ("a workspace, seeded", good)]:
         pod = {"apiVersion": "v1", "kind": "Pod",
-               "metadata": {"name": "attack", "namespace": SANDBOX_NS},
+               "metadata": {"name": "sbx-attack", "namespace": SANDBOX_NS},
                "spec": {k: v for k, v in spec.items() if v is not None}}
         r = subprocess.run([c.bin / "kubectl", "--kubeconfig", c.kubeconfig, "create", "-f",
-                            "-", f"--as=system:serviceaccount:{NS}:e2a"], input=json.dumps(pod),
-                           capture_output=True, text=True, timeout=60)
+                            "-", "--dry-run=server", f"--as=system:serviceaccount:{NS}:e2a"],
+                           input=json.dumps(pod), capture_output=True, text=True, timeout=60)
+        if spec is good:
+            assert r.returncode == 0, r.stderr
+            continue
         # (the test cluster's API server refuses privileged containers itself, before
         # admission: --allow-privileged=false)
         assert r.returncode != 0 and ("ValidatingAdmissionPolicy" in r.stderr or (
             what == "privileged" and "disallowed by cluster policy" in r.stderr)), \
             (what, r.stderr)
     assert not c.json("get", "pods", "-n", SANDBOX_NS, "--field-selector",
-                      "metadata.name=attack")["items"]
+                      "metadata.name=sbx-attack")["items"]
+    # and the pod e2a itself makes for a new workspace is admitted
+    plan = manifests.PodPlan(
+        sandbox_id="sbx_attack", instance="x", template="standard", user_id="usr_x",
+        image="e2a.local/none:0", vcpu=1, cpu_fraction=0.5, memory_mib=256, disk_mib=512,
+        internet=False, envd_token="t", node="somewhere", home=home, seed_home=True)
+    r = subprocess.run([c.bin / "kubectl", "--kubeconfig", c.kubeconfig, "create", "-f", "-",
+                        "--dry-run=server", f"--as=system:serviceaccount:{NS}:e2a"],
+                       input=json.dumps(manifests.pod(plan, SANDBOX_NS)), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
