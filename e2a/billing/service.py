@@ -23,10 +23,11 @@ from e2a.ids import new_id
 from e2a.refusal import Refusal
 from e2a.sandboxes.host import Catalog, SandboxHost
 from e2a.sandboxes.records import aware, utcnow
+from e2a.sandboxes.resources import uninterrupted
 from e2a.sandboxes.states import EndReason
 from e2a.store import locks
-from e2a.store.models import (Account, CreditHold, LedgerEntry, Purchase, StripeEvent,
-                             User)
+from e2a.store.models import (Account, CreditHold, LedgerEntry, Purchase, Sandbox,
+                             StripeEvent, User)
 from e2a.templates import recipes
 
 log = logging.getLogger("e2a.billing")
@@ -115,50 +116,69 @@ class Billing:
         try:
             yield
         finally:  # created (now in the catalog, counted as running) or failed
-            async with self.db() as db:  # (with any hold of the user's that expired)
+            await uninterrupted(self._let_go_of(hold, user_id))
+
+    async def _hold_first_minute(self, user_id: str, template: str, count: int, need: int) -> str:
+        """Check that the balance pays `need` besides what the user runs and holds; hold it.
+        One session throughout (a second one taken while this one holds its connection could
+        wait on a pool that creates at once have emptied)."""
+        for _ in range(2):
+            async with self.db() as db:
+                try:
+                    await locks.lock_user(db, locks.FUNDS, user_id)
+                except locks.LockBusy as exc:
+                    raise BillingError(503, "unavailable", "another create of this user is "
+                                       "checking its credits; try again") from exc
+                # Read under the lock: a create through another replica is seen as its hold
+                # until its row is in (the row goes in before the hold goes), never as neither.
+                now = utcnow()
+                held = (select(func.coalesce(func.sum(CreditHold.amount_micro), 0))
+                        .where(CreditHold.user_id == user_id, CreditHold.expires_at >= now)
+                        .scalar_subquery())
+                found = (await db.execute(select(Account.balance_micro, held)
+                                          .where(Account.user_id == user_id))).one_or_none()
+                if found is not None:
+                    have, held = found
+                    sizes = (await db.execute(
+                        select(Sandbox.vcpu, Sandbox.cpu_fraction, Sandbox.memory_mib).where(
+                            Sandbox.user_id == user_id,
+                            Sandbox.state.not_in(["paused", "stopping", "destroyed"])))).all()
+                    running = sum(60 * self.rates.per_second(vcpu_milli(v, f), m)
+                                  for v, f, m in sizes)
+                    self._check_funds(have, need, running + held, template, count)
+                    hold = new_id("hold")
+                    await db.execute(insert(CreditHold).values(
+                        id=hold, user_id=user_id, amount_micro=need,
+                        expires_at=now + HOLD_TTL))
+                    await db.commit()
+                    return hold
+            await self.account(user_id)  # its first use: opened with the free credits
+        raise RuntimeError(f"no account for {user_id}")
+
+    @staticmethod
+    def _check_funds(have: int, need: int, others: int, template: str, count: int) -> None:
+        if have >= need + others:
+            return
+        also = (f" and a minute of the {show(others)} credits' worth of sandboxes you already "
+                "have" if others else "")
+        raise BillingError(
+            402, "insufficient_credits",
+            f"your balance is {show(have)} credits; the first minute of "
+            f"{f'{count} {template} sandboxes' if count > 1 else f'a {template} sandbox'}"
+            f" costs {show(need)}{also}. Buy credits (POST /v1/billing/checkout) or turn on "
+            "auto top-up")
+
+    async def _let_go_of(self, hold: str, user_id: str) -> None:
+        """The create's hold deleted (with any of the user's that expired). A failure is only
+        logged: the create's own answer stands, and the hold expires (HOLD_TTL)."""
+        try:
+            async with self.db() as db:
                 await db.execute(delete(CreditHold).where(or_(
                     CreditHold.id == hold, (CreditHold.user_id == user_id)
                     & (CreditHold.expires_at < utcnow()))))
                 await db.commit()
-
-    async def _hold_first_minute(self, user_id: str, template: str, count: int, need: int) -> str:
-        """Check that the balance pays `need` besides what the user runs and holds; hold it."""
-        async with self.db() as db:
-            try:
-                await locks.lock_user(db, locks.FUNDS, user_id)
-            except locks.LockBusy as exc:
-                raise BillingError(503, "unavailable", "another create of this user is "
-                                   "checking its credits; try again") from exc
-            # Read under the lock: a create through another replica is seen as its hold until
-            # its row is in (the row goes in before the hold goes), so never as neither.
-            now = utcnow()
-            held = (select(func.coalesce(func.sum(CreditHold.amount_micro), 0))
-                    .where(CreditHold.user_id == user_id, CreditHold.expires_at >= now)
-                    .scalar_subquery())
-            found = (await db.execute(select(Account.balance_micro, held)
-                                      .where(Account.user_id == user_id))).one_or_none()
-            if found is None:  # its first use: opened with the free credits
-                have, held = (await self.account(user_id)).balance_micro, 0
-            else:
-                have, held = found
-            running = sum(60 * self.rates.per_second(vcpu_milli(r.vcpu, r.cpu_fraction),
-                                                     r.memory_mib)
-                          for r in await self.catalog.list(user_id)
-                          if r.state not in ("paused", "stopping", "destroyed"))
-            if have < need + running + held:
-                others = (f" and a minute of the {show(running + held)} credits' worth of "
-                          "sandboxes you already have" if running + held else "")
-                raise BillingError(
-                    402, "insufficient_credits",
-                    f"your balance is {show(have)} credits; the first minute of "
-                    f"{f'{count} {template} sandboxes' if count > 1 else f'a {template} sandbox'}"
-                    f" costs {show(need)}{others}. Buy credits (POST "
-                    "/v1/billing/checkout) or turn on auto top-up")
-            hold = new_id("hold")
-            await db.execute(insert(CreditHold).values(
-                id=hold, user_id=user_id, amount_micro=need, expires_at=now + HOLD_TTL))
-            await db.commit()
-        return hold
+        except Exception as exc:
+            log.warning("credit hold %s of %s not deleted (it expires): %s", hold, user_id, exc)
 
     # ---- what the user sees -----------------------------------------------------------------
 

@@ -52,6 +52,8 @@ class NodeRoom:
     address: str | None
     cpu: int      # millicores
     memory: int   # MiB
+    ready: bool = True     # ready and not cordoned: the scheduler may place pods there
+    tainted: bool = False  # a taint that keeps pods without a toleration (sandboxes') away
 
 
 @dataclass
@@ -99,21 +101,24 @@ class Cluster:
 
     async def allocatable(self) -> tuple[int, int]:
         """What the cluster's ready nodes offer pods: millicores and MiB of memory."""
-        nodes = await self.nodes()
+        nodes = [n for n in await self.nodes() if n.ready]
         return sum(n.cpu for n in nodes), sum(n.memory for n in nodes)
 
     async def nodes(self) -> list[NodeRoom]:
-        """The nodes pods may go to (ready, schedulable), with what they offer pods."""
+        """Every node, with what it offers pods and whether it takes new ones."""
         found = []
         async for node in self.client.list(Node):
             ready = any(c.type == "Ready" and c.status == "True"
                         for c in (node.status.conditions or []))
-            if ready and not (node.spec and node.spec.unschedulable):
-                address = next((a.address for a in node.status.addresses or ()
-                                if a.type == "InternalIP"), None)
-                found.append(NodeRoom(node.metadata.name, address,
-                                      _millicores(node.status.allocatable["cpu"]),
-                                      _mib(node.status.allocatable["memory"])))
+            address = next((a.address for a in node.status.addresses or ()
+                            if a.type == "InternalIP"), None)
+            spec = node.spec
+            found.append(NodeRoom(
+                node.metadata.name, address, _millicores(node.status.allocatable["cpu"]),
+                _mib(node.status.allocatable["memory"]),
+                ready=ready and not (spec and spec.unschedulable),
+                tainted=any(t.effect in ("NoSchedule", "NoExecute")
+                            for t in (spec.taints or []) if spec)))
         return found
 
     async def create(self, manifest: dict) -> None:

@@ -80,6 +80,7 @@ class KubeSandbox:
     boot_task: asyncio.Task | None = None
     workspace_id: str | None = None
     workspace: MountPlan | None = None  # its lease, held by the replica that made it
+    node_name: str | None = None  # where its workspace is mounted
 
     @property
     def name(self) -> str:
@@ -134,6 +135,7 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
         self._pool_counts: dict[str, int] = {}
         self._flushed: dict[str, float] = {}
         self._swept_at = 0.0
+        self._releasing: set[str] = set()  # leftover workspace mounts being released
         self.stuck: set[str] = set()
         self.retrying: set[str] = set()
         self.retry_at: dict[str, tuple[float, float]] = {}
@@ -266,7 +268,7 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
             metadata=row.metadata_ or {}, idle_timeout=row.idle_timeout_seconds,
             max_lifetime=row.max_lifetime_seconds, created_at=rec.created_at,
             expires_at=rec.expires_at, token=self.keys.token(row.id), state=State(row.state),
-            ip=ip, workspace_id=row.workspace_id)
+            ip=ip, workspace_id=row.workspace_id, node_name=row.node_name)
         self.sandboxes[sb.id] = sb
         return sb
 
@@ -417,10 +419,12 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
         pod binds the mount as /home/user (a new workspace is seeded from the image's first)."""
         ws = sb.workspace
         try:
-            node = await self.mounts.place(*node_mounts.pod_requests(plan))
+            node = await self.mounts.place(sb.id, *node_mounts.pod_requests(plan))
         except node_mounts.MountFailed as exc:
             raise NoCapacity(str(exc)) from exc
         plan.node, plan.seed_home = node.name, ws.fresh
+        await self.records.set_node(sb.id, node.name)  # before the mount: its teardown's
+        sb.node_name = node.name
         plan.home = await self.mounts.mount(node, sb.id, ws.workspace_id, ws.limit())
         ws.node = node_mounts.AgentCache(self.mounts, node, sb.id)  # its limit follows the share
         self.hostlog.write(sb.id, f"workspace {ws.workspace_id} mounted on node {node.name}")
@@ -443,7 +447,10 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
                 await self.cluster.create(manifests.secret(plan))
                 await self.cluster.create(manifests.network_policy(plan, ns))
                 await self._move(sb, State.BOOTING)
-                await self.cluster.create(manifests.pod(plan, ns))
+                try:
+                    await self.cluster.create(manifests.pod(plan, ns))
+                finally:
+                    self.mounts.placed(sb.id)
                 try:
                     sb.ip = await self.cluster.wait_running(plan.name, POD_START_TIMEOUT)
                 except kc.Unschedulable as exc:
@@ -662,8 +669,8 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
                     raise TimeoutError(f"pod {sb.name} still there {GONE_TIMEOUT:.0f} s after "
                                        "its delete")
                 await asyncio.sleep(0.1)
-            if sb.workspace_id is not None:  # every file uploaded before it is destroyed
-                await self.mounts.release(sb.id)
+            if sb.node_name is not None:  # every file uploaded before it is destroyed
+                await self.mounts.release(sb.id, sb.node_name)
         except Exception as exc:
             self.stuck.add(sb.id)
             self.hostlog.write(sb.id, f"teardown incomplete, retrying: {exc}")
@@ -866,25 +873,33 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
 
     async def _sweep_mounts(self) -> None:
         """A workspace mount left on a node by a sandbox no longer live (its e2a died between
-        the mount and the row's end): uploaded and removed. The rows are read after the
-        mounts, and a row goes in before its mount is made, so a create under way is never
-        taken for one."""
-        try:
-            mounted = await self.mounts.mounted()
-        except node_mounts.MountFailed as exc:
-            log.warning("the node agents' mounts could not be listed: %s", exc)
-            return
-        live = {row.id for row in await self.records.live_rows()}
-        for node, sandbox_ids in mounted.items():
-            for sid in sandbox_ids:
-                if sid in live or sid in self.sandboxes or not sid.startswith("sbx_"):
+        the mount and the row's end): uploaded and removed, in the background (an upload may
+        take minutes; the reaper does not wait). The rows are read after the mounts, and a
+        row goes in before its mount is made, so a create under way is never taken for one."""
+        mounted = await self.mounts.mounted()
+        rows = {row.id: row for row in await self.records.live_rows()}
+        for node, mounts in mounted.items():
+            for sid, alive in mounts.items():
+                row = rows.get(sid)
+                if row is not None and row.state == State.RUNNING.value and not alive:
+                    # its rclone died (the agent's node restarted it, say): the home is gone
+                    # from under the sandbox; its teardown uploads what the cache holds
+                    self._in_background(self.destroy(sid, EndReason.CRASHED,
+                                                     "its workspace mount died"))
+                if row is not None or sid in self.sandboxes or sid in self._releasing:
                     continue
                 log.info("releasing the workspace mount of %s on node %s: no live sandbox",
                          sid, node)
-                try:
-                    await self.mounts.release(sid)
-                except node_mounts.MountFailed as exc:
-                    log.warning("releasing the mount of %s failed, retried: %s", sid, exc)
+                self._releasing.add(sid)
+                self._in_background(self._release_leftover(sid, node))
+
+    async def _release_leftover(self, sandbox_id: str, node: str) -> None:
+        try:
+            await self.mounts.release(sandbox_id, node)
+        except node_mounts.MountFailed as exc:
+            log.warning("releasing the mount of %s failed, retried: %s", sandbox_id, exc)
+        finally:
+            self._releasing.discard(sandbox_id)
 
     # ---- connections into a sandbox --------------------------------------------------------
 

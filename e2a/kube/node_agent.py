@@ -13,7 +13,7 @@ the only way in: sandboxes may reach the node where the CNI enforces no policy.
     GET    /v1/mounts/{sandbox}/written  → {"bytes"}: what its cache holds
     DELETE /v1/mounts/{sandbox}          → {"lost"}: every file uploaded, unmounted, cache removed;
                                          503 while S3 cannot take them (the replica retries)
-    GET    /v1/mounts                    → {"mounts": [{"sandbox_id", "workspace_id"}]}
+    GET    /v1/mounts                    → {"mounts": [{"sandbox_id", "workspace_id", "alive"}]}
 
 Its state is its directory (<data_dir>/mounts, the btrfs pool): a restarted agent finds its
 mounts there, and a mount whose rclone died is recovered by its DELETE (mount.py `close`).
@@ -22,6 +22,7 @@ mounts there, and a mount whose rclone died is recovered by its DELETE (mount.py
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import re
@@ -53,7 +54,7 @@ class Agent:
             url=settings.s3_endpoint, region=settings.s3_region, bucket=settings.s3_bucket,
             access_key=settings.s3_access_key, secret_key=settings.s3_secret_key,
             sse=settings.s3_sse))
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, list] = {}  # sandbox -> [its lock, how many hold or await it]
 
     async def start(self) -> None:
         await quota.ensure_pool(self.root, self.settings.disk_gib)
@@ -84,15 +85,30 @@ class Agent:
             return _error(400, f"not a sandbox id: {sandbox[:40]!r}")
         return await handler(request)
 
-    def _lock(self, sandbox_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(sandbox_id, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def _lock(self, sandbox_id: str):
+        """One request at a time per sandbox; the lock is dropped once nobody holds or awaits
+        it (dropped earlier, a request waiting on it would run beside one on a new lock)."""
+        entry = self._locks.setdefault(sandbox_id, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0 and self._locks.get(sandbox_id) is entry:
+                del self._locks[sandbox_id]
 
     async def list(self, request: web.Request) -> web.Response:
         found = []
         for d in sorted(self.root.iterdir()) if self.root.is_dir() else []:
-            idf = d / ID_FILE
-            if SANDBOX_ID.match(d.name) and idf.exists():
-                found.append({"sandbox_id": d.name, "workspace_id": idf.read_text().strip()})
+            try:
+                if SANDBOX_ID.match(d.name) and (d / ID_FILE).exists():
+                    wid = (d / ID_FILE).read_text().strip()
+                    found.append({"sandbox_id": d.name, "workspace_id": wid,
+                                  "alive": self.mount(d.name, wid).alive()})
+            except OSError:  # released meanwhile
+                continue
         return web.json_response({"mounts": found})
 
     async def put(self, request: web.Request) -> web.Response:
@@ -117,9 +133,9 @@ class Agent:
                 if not quota.is_volume(d / CACHE):
                     await asyncio.to_thread(quota.create_volume, d / CACHE, limit)
                 await m.start()
-            except (MountError, OSError) as exc:
+            except (MountError, OSError) as exc:  # the details stay here: a tenant reads the 503
                 log.warning("%s: mounting %s failed: %s", sid, wid, exc)
-                return _error(503, f"mounting the workspace failed: {exc}")
+                return _error(503, "mounting the workspace failed (see the node agent's log)")
         log.info("%s: workspace %s mounted", sid, wid)
         return web.json_response({"path": str(m.point)})
 
@@ -152,15 +168,16 @@ class Agent:
                     lost = await self.mount(sid, idf.read_text().strip()).close(self._answers)
                 except MountError as exc:
                     log.warning("%s: workspace not flushed yet: %s", sid, exc)
-                    return _error(503, f"the workspace could not be uploaded yet: {exc}")
+                    return _error(503, "the workspace could not be uploaded yet (see the node "
+                                  "agent's log)")
                 if lost:
                     log.error("%s: S3 refused %d files for good, given up: %s", sid,
                               len(lost), ", ".join(lost[:20]))
             try:
                 await remove_dir(d)
             except (OSError, RuntimeError) as exc:
-                return _error(503, f"could not remove {d}: {exc}")
-            self._locks.pop(sid, None)
+                log.warning("%s: %s", sid, exc)
+                return _error(503, "the mount's directory could not be removed yet")
         log.info("%s: workspace unmounted", sid)
         return web.json_response({"lost": lost})
 

@@ -3,14 +3,16 @@ mount them, one per node, called on the node's address with the shared token.
 
 A sandbox with a workspace is placed by e2a, not by the scheduler: its mount must be on the
 node before its pod starts there (the pod binds it as a hostPath volume), so e2a picks the node
-(`place`: the one with most room left by e2a's own pods), asks its agent to mount, then creates
-the pod with that `nodeName`. Its teardown asks every node's agent to let go of it, since a pod
-already gone no longer says where it ran (an agent that never had it answers at once)."""
+(`place`: a ready, untainted one with most room left by e2a's pods and placements under way),
+asks its agent to mount, then creates the pod with that `nodeName`. The node is in the
+sandbox's row from before the mount on: its teardown asks that node's agent, and no other, to
+upload and unmount, whatever the node's state (cordoned, not ready) or its pod's."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import posixpath
 
 import aiohttp
 
@@ -21,6 +23,7 @@ log = logging.getLogger("e2a.kube")
 
 MOUNT_TIMEOUT = 60.0     # a mount answers in well under a second; a slow S3 may take longer
 CLOSE_TIMEOUT = 660.0    # the agent waits up to 600 s for uploads (mount.py FLUSH_TIMEOUT)
+QUICK_TIMEOUT = 5.0      # a listing, a limit, a count: the agent answers at once or not at all
 
 
 class MountFailed(Exception):
@@ -31,15 +34,18 @@ class NodeMounts:
     def __init__(self, http: aiohttp.ClientSession, cluster: Cluster, token: str, port: int):
         self.http, self.cluster = http, cluster
         self.token, self.port = token, port
+        self._placing: dict[str, tuple[str, int, int]] = {}  # sandbox -> node, cpu, memory
 
     @property
     def enabled(self) -> bool:
         return bool(self.token)
 
-    async def place(self, cpu: int, memory: int) -> NodeRoom:
-        """The node with most memory left by e2a's pods that fits one more of this size
-        (millicores, MiB requested); MountFailed if none does."""
-        nodes = {n.name: n for n in await self.cluster.nodes() if n.address}
+    async def place(self, sandbox_id: str, cpu: int, memory: int) -> NodeRoom:
+        """The node for a sandbox of this size (millicores, MiB requested): of the ready ones
+        no taint keeps sandboxes from, the one with most memory left by e2a's pods and this
+        replica's placements under way (held until `placed`). MountFailed if none fits."""
+        nodes = {n.name: n for n in await self.cluster.nodes()
+                 if n.address and n.ready and not n.tainted}
         used = {name: [0, 0] for name in nodes}
         for pod in await self.cluster.pods():
             where = pod.spec.nodeName if pod.spec else None
@@ -48,46 +54,63 @@ class NodeMounts:
                     asks = (c.resources.requests or {}) if c.resources else {}
                     used[where][0] += _millicores(asks.get("cpu", "0"))
                     used[where][1] += _mib(asks.get("memory", "0"))
+        for where, c, m in self._placing.values():
+            if where in used:
+                used[where][0] += c
+                used[where][1] += m
         fits = [n for n in nodes.values()
                 if n.cpu - used[n.name][0] >= cpu and n.memory - used[n.name][1] >= memory]
         if not fits:
             raise MountFailed("no node has room for another sandbox with a workspace")
-        return max(fits, key=lambda n: n.memory - used[n.name][1])
+        node = max(fits, key=lambda n: n.memory - used[n.name][1])
+        self._placing[sandbox_id] = (node.name, cpu, memory)
+        return node
+
+    def placed(self, sandbox_id: str) -> None:
+        """Its pod is made (the pods' list counts it now), or its create failed."""
+        self._placing.pop(sandbox_id, None)
 
     async def mount(self, node: NodeRoom, sandbox_id: str, workspace_id: str, limit: int) -> str:
         """Mount the workspace on the node for the sandbox; the path to bind into its pod."""
         answer = await self._call(node.address, "PUT", sandbox_id, "",
                                   {"workspace_id": workspace_id, "limit": limit}, MOUNT_TIMEOUT)
-        return answer["path"]
+        path = answer.get("path")
+        # only ever the agent's own mount for this sandbox (the admission policy checks it too)
+        if not (isinstance(path, str) and posixpath.isabs(path)
+                and posixpath.normpath(path) == path
+                and path.endswith(f"/mounts/{sandbox_id}/home")):
+            raise MountFailed(f"node agent {node.address} answered an unexpected path")
+        return path
 
-    async def release(self, sandbox_id: str) -> None:
-        """Every file uploaded and the mount gone, on whichever node had it; MountFailed while
-        some agent cannot yet (S3 down: the teardown is retried)."""
-        lost = await self._on_every_node("DELETE", sandbox_id, "", None, CLOSE_TIMEOUT)
-        for files in lost:
-            if files.get("lost"):
-                log.error("%s: S3 refused %d files for good: %s", sandbox_id,
-                          len(files["lost"]), ", ".join(files["lost"][:20]))
+    async def release(self, sandbox_id: str, node_name: str) -> None:
+        """Every file uploaded and the mount gone, on the node that has it; MountFailed while
+        its agent cannot yet (S3 down, the node unreachable: the teardown is retried). A node
+        no longer in the cluster took its disk with it: nothing is left to release."""
+        node = next((n for n in await self.cluster.nodes() if n.name == node_name), None)
+        if node is None or not node.address:
+            log.error("%s: node %s is gone from the cluster, and its workspace mount with it "
+                      "(files not yet uploaded from it are lost)", sandbox_id, node_name)
+            return
+        answer = await self._call(node.address, "DELETE", sandbox_id, "", None, CLOSE_TIMEOUT)
+        if answer.get("lost"):
+            log.error("%s: S3 refused %d files for good: %s", sandbox_id,
+                      len(answer["lost"]), ", ".join(answer["lost"][:20]))
 
-    async def mounted(self) -> dict[str, list[str]]:
-        """Each node's mounts: node name -> sandbox ids."""
-        found = {}
-        for node in await self.cluster.nodes():
-            if node.address:
-                answer = await self._call(node.address, "GET", "", "", None, MOUNT_TIMEOUT)
-                found[node.name] = [m["sandbox_id"] for m in answer["mounts"]]
-        return found
-
-    async def _on_every_node(self, method: str, sandbox_id: str, sub: str, body,
-                             timeout: float) -> list[dict]:
+    async def mounted(self) -> dict[str, dict[str, bool]]:
+        """Each answering node's mounts: node name -> {sandbox id: whether its rclone runs}
+        (a node whose agent does not answer is left out, and logged)."""
         nodes = [n for n in await self.cluster.nodes() if n.address]
         answers = await asyncio.gather(
-            *(self._call(n.address, method, sandbox_id, sub, body, timeout) for n in nodes),
+            *(self._call(n.address, "GET", "", "", None, QUICK_TIMEOUT) for n in nodes),
             return_exceptions=True)
-        failed = [a for a in answers if isinstance(a, BaseException)]
-        if failed:
-            raise MountFailed("; ".join(str(f) for f in failed))
-        return answers
+        found = {}
+        for node, answer in zip(nodes, answers):
+            if isinstance(answer, BaseException):
+                log.warning("node agent of %s: %s", node.name, answer)
+            else:
+                found[node.name] = {m["sandbox_id"]: bool(m.get("alive"))
+                                    for m in answer.get("mounts", [])}
+        return found
 
     async def _call(self, address: str, method: str, sandbox_id: str, sub: str, body,
                     timeout: float) -> dict:
@@ -102,7 +125,7 @@ class NodeMounts:
                 if r.status != 200:
                     raise MountFailed(f"node agent {address}: {r.status} "
                                       f"{(answer or {}).get('error', '')}")
-                return answer
+                return answer if isinstance(answer, dict) else {}
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             raise MountFailed(f"node agent {address} did not answer: {exc!r}") from exc
 
@@ -115,11 +138,11 @@ class AgentCache:
 
     async def set_limit(self, limit: int) -> None:
         await self.mounts._call(self.node.address, "PUT", self.sandbox_id, "/limit",
-                                {"limit": limit}, MOUNT_TIMEOUT)
+                                {"limit": limit}, QUICK_TIMEOUT)
 
     async def allocated(self) -> int:
         answer = await self.mounts._call(self.node.address, "GET", self.sandbox_id, "/written",
-                                         None, MOUNT_TIMEOUT)
+                                         None, QUICK_TIMEOUT)
         return int(answer["bytes"])
 
 

@@ -111,6 +111,14 @@ class Records:
             await db.commit()
         return True
 
+    async def set_node(self, sandbox_id: str, node_name: str) -> None:
+        """Where its workspace is mounted (Kubernetes), before the mount is made."""
+        table = Sandbox.__table__
+        async with self.sessions() as db:
+            await db.execute(table.update().where(table.c.id == sandbox_id)
+                             .values(node_name=node_name))
+            await db.commit()
+
     async def active(self, sandbox_ids: list[str], at: datetime) -> None:
         """Calls went into these sandboxes until `at` (the idle timeout's clock, shared by
         replicas)."""

@@ -77,6 +77,8 @@ class Sandbox(Base):
     # over), and when a call last went into it through any replica (the idle timeout's clock).
     replica: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     active_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Kubernetes: the node whose agent mounted its workspace (where its teardown uploads it).
+    node_name: Mapped[str | None] = mapped_column(String(253), nullable=True)
 
 
 class Workspace(Base):

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from e2a.config import Settings
+from e2a.ids import new_id
 from e2a.workspaces.server import EmbeddedS3
 from tests.e2e.server import free_port
 from tests.e2e.test_workspaces import As, scope
@@ -222,3 +223,38 @@ def wait_for_workspace(http, end_user: str) -> str:
             return found[0]["workspace_id"]
         time.sleep(0.5)
     raise AssertionError(f"the workspace of {end_user} is still mounted")
+
+
+def test_a_mount_no_sandbox_owns_is_released_by_the_sweep(wserver):
+    """An e2a killed between a mount and its sandbox's end leaves the mount: the leader's sweep
+    uploads and removes it."""
+    headers = {"Authorization": f"Bearer {wserver.agent_token}"}
+    sid = new_id("sbx")  # no row has it
+    r = httpx.put(f"{wserver.agent_url}/v1/mounts/{sid}", headers=headers, timeout=60,
+                  json={"workspace_id": "wsp_leftover", "limit": 1 << 20})
+    assert r.status_code == 200, r.text
+    assert sid in {m["sandbox_id"] for m in agent_mounts(wserver)}
+    deadline = time.monotonic() + 60
+    while sid in {m["sandbox_id"] for m in agent_mounts(wserver)}:
+        assert time.monotonic() < deadline, "the leftover mount was not released"
+        time.sleep(0.5)
+    assert not (wserver.base / "node" / "mounts" / sid).exists()
+
+
+def test_a_sandbox_whose_mount_dies_ends_crashed_and_keeps_its_files(wserver, a):
+    ws = scope("kubedead")
+    sb = a.create(ws)
+    vm = sb["vm_id"]
+    a.sh(vm, "echo kept > kept.txt && sync")
+    time.sleep(3)  # past rclone's write-back: the file is uploaded or queued in the cache
+    pids = subprocess.run(["pgrep", "-f", f"rclone mount .*/mounts/{vm}/home"],
+                          capture_output=True, text=True).stdout.split()
+    assert len(pids) == 1, pids
+    os.kill(int(pids[0]), 9)
+    deadline = time.monotonic() + 90
+    while (got := a.http.get(f"/v1/sandboxes/{vm}").json())["state"] != "destroyed":
+        assert time.monotonic() < deadline, got
+        time.sleep(0.5)
+    assert got["end_reason"] == "crashed", got
+    assert "kept.txt" in {f["path"] for f in a.files(sb["workspace_id"])}
+    assert agent_mounts(wserver) == [] and fuse_mounts(wserver) == []

@@ -6,10 +6,12 @@ paid once), and a hold left by a replica that died expires."""
 from __future__ import annotations
 
 import asyncio
+import os
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from e2a.billing.service import Billing, BillingError
 from e2a.config import Settings
@@ -124,3 +126,30 @@ async def test_a_hold_left_by_a_dead_replica_expires(backend, tmp_path):
         assert await holds(sessions) == 0  # the expired one went with the create's own
     finally:
         await engine.dispose()
+
+
+async def test_the_check_needs_one_connection_of_the_pool(tmp_path):
+    """One session throughout: a create never waits for a second connection while holding
+    one (creates at once by as many users as the pool has connections would all wait)."""
+    engine, sessions, (alice, _) = await stores.either("postgresql", tmp_path, "funds_pool")
+    one_conn = create_async_engine(engine.url, pool_size=1, max_overflow=0, pool_timeout=3,
+                                   connect_args={"server_settings": {
+                                       "search_path": f"funds_pool_{worker()}"}})
+    try:
+        narrow = async_sessionmaker(one_conn, expire_on_commit=False)
+        one = billing(narrow, tmp_path)
+        await balance_of(narrow, alice, 2.5, one)
+        await add_row(narrow, alice)
+        async with one.funds_for(alice, "standard"):
+            pass
+        with pytest.raises(BillingError):  # the row and this hold: 2 minutes of 2.5
+            async with one.funds_for(alice, "standard"):
+                async with one.funds_for(alice, "standard"):
+                    pass
+    finally:
+        await one_conn.dispose()
+        await engine.dispose()
+
+
+def worker() -> str:
+    return os.environ.get("PYTEST_XDIST_WORKER", "gw0")
