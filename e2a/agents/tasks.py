@@ -54,6 +54,10 @@ class TaskConflict(Exception):
     """A task is already running, or the sandbox has no agent that can take one."""
 
 
+class NoAgentHere(TaskConflict):
+    """The sandbox's agent is not in this process (another replica's, or gone with one)."""
+
+
 @dataclass
 class AgentConfig:
     """What create said about the agent (its key included)."""
@@ -113,8 +117,9 @@ class AgentSession:
 class Tasks:
     def __init__(self, sessions, host: SandboxHost, egress: Egress,
                  human_in_control: Callable[[str], bool] = lambda sid: False, *,
-                 policy: Policy):
+                 policy: Policy, own_url: str | None = None):
         self.sessions = sessions
+        self.own_url = own_url  # where other replicas reach this one's API (None: nowhere)
         # what the own agent's provider clients may connect to (e2a/agents/ssrf.py)
         self.policy = policy
         self.human_in_control = human_in_control
@@ -293,7 +298,7 @@ class Tasks:
                      timeout: float | None = None) -> Task:
         s = self.agents.get(sandbox_id)
         if s is None:
-            raise TaskConflict("this sandbox has no agent here (create it with `agent` and "
+            raise NoAgentHere("this sandbox has no agent here (create it with `agent` and "
                                "`llm_key`; an agent's key is held by the e2a, or the replica, "
                                "that started it, and does not survive its restart)")
         if s.running:
@@ -310,7 +315,8 @@ class Tasks:
         task = Task(id=new_id("tsk"), sandbox_id=sandbox_id, user_id=s.user_id,
                     agent=s.config.agent, vendor=s.config.vendor, model=model, prompt=prompt,
                     state="starting", started_at=utcnow(), llm_requests=0, input_tokens=0,
-                    output_tokens=0, key_passed_in=False, replica=self.host.replica_key())
+                    output_tokens=0, key_passed_in=False, replica=self.host.replica_key(),
+                    replica_url=self.own_url if self.host.replica_key() is not None else None)
         try:
             async with self.sessions() as db:
                 db.add(task)
@@ -366,6 +372,14 @@ class Tasks:
         if s.running and s.run is run:
             await self._finish(s, s.task_id, s.ending or "cancelled",
                                s.ending_error or "cancelled", Outcome(), 0)
+
+    async def agent_elsewhere(self, sandbox_id: str) -> str | None:
+        """The API of the live replica that holds the sandbox's agent, when not this one."""
+        t = await self.latest(sandbox_id)
+        if (t is None or t.replica is None or not t.replica_url
+                or t.replica == self.host.replica_key() or await self.host.replica_gone(t.replica)):
+            return None
+        return t.replica_url
 
     async def latest(self, sandbox_id: str) -> Task | None:
         async with self.sessions() as db:

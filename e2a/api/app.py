@@ -97,7 +97,7 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
             {v: getattr(settings, f"llm_{v}_url") for v in ("anthropic", "openai", "google",
                                                              "deepseek")},
             settings.egress_port, policy=policy), human_in_control=app.state.human_control.held,
-            policy=policy)
+            policy=policy, own_url=replica_url(settings))
         try:
             await app.state.tasks.start()
         except OSError as exc:
@@ -158,3 +158,14 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
         return {"status": "ok", "version": __version__, "pool": pool}
 
     return app
+
+
+def replica_url(settings) -> str | None:
+    """Where the other replicas reach this one's API (E2A_REPLICA_URL, or its own address
+    unless it listens on every one)."""
+    if settings.replica_url:
+        return settings.replica_url.rstrip("/")
+    if settings.host in ("", "0.0.0.0", "::"):
+        return None
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return f"http://{host}:{settings.port}"

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 
+import httpx
+
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from e2a.agents import clis, keys, ssrf
 from e2a.agents.own import providers
 from e2a.agents.own.tools import BUILT_IN
-from e2a.agents.tasks import AgentConfig, TaskConflict, Tasks
+from e2a.agents.tasks import AgentConfig, NoAgentHere, TaskConflict, Tasks
 from e2a.api.deps import current_user, owned_sandbox, require_running
 from e2a.api.errors import ApiError
 from e2a.api.schemas import CreateSandbox, FollowUpRequest, TaskEventOut, TaskEventsOut, TaskOut
@@ -27,6 +29,8 @@ AGENTS = OWN + clis.NAMES
 DEFAULT_MAX_STEPS = 50
 # Events are numbered in a 32-bit column (PostgreSQL's integer): a larger `after` is a 400.
 MAX_SEQ = 2**31 - 1
+FORWARDED = "x-e2a-forwarded"  # on a follow-up one replica passed to another
+FORWARD_TIMEOUT = 30.0
 
 
 def tasks(request: Request) -> Tasks:
@@ -141,7 +145,8 @@ async def get_task(request: Request, vm_id: str, user: Caller = Depends(current_
     return task_out(await _latest(request, user, vm_id))
 
 
-@router.post("", status_code=202, response_model=TaskOut, responses={401: {}, 404: {}, 409: {}})
+@router.post("", status_code=202, response_model=TaskOut,
+             responses={401: {}, 404: {}, 409: {}, 503: {}})
 async def follow_up(request: Request, vm_id: str, body: FollowUpRequest,
                     user: Caller = Depends(current_user)) -> TaskOut:
     """A further task for the sandbox's agent (a sandbox kept with keep_after_task_seconds)."""
@@ -152,9 +157,31 @@ async def follow_up(request: Request, vm_id: str, body: FollowUpRequest,
         _check_model(s.cli, body.model)
     try:
         t = await tasks(request).submit(rec.id, body.task, body.model, body.task_timeout_seconds)
+    except NoAgentHere as exc:
+        url = None if FORWARDED in request.headers else \
+            await tasks(request).agent_elsewhere(rec.id)
+        if url is None:
+            raise ApiError(409, "task_conflict", str(exc), "vm_id") from exc
+        return await _forward(request, url, body)
     except TaskConflict as exc:
         raise ApiError(409, "task_conflict", str(exc), "vm_id") from exc
     return task_out(t)
+
+
+async def _forward(request: Request, url: str, body: FollowUpRequest) -> JSONResponse:
+    """The follow-up, passed to the replica that holds the agent (its key is in that
+    replica's memory only), as the caller sent it; its answer, as it gave it. Passed on once
+    at most (the header)."""
+    try:
+        async with httpx.AsyncClient(timeout=FORWARD_TIMEOUT) as client:
+            r = await client.post(f"{url}{request.url.path}",
+                                  json=body.model_dump(exclude_unset=True),
+                                  headers={"Authorization": request.headers.get(
+                                      "authorization", ""), FORWARDED: "1"})
+            return JSONResponse(r.json(), status_code=r.status_code)
+    except (httpx.HTTPError, ValueError) as exc:
+        raise ApiError(503, "agent_unavailable", "the replica that runs this sandbox's agent "
+                       "did not answer; try again") from exc
 
 
 @router.post("/cancel", response_model=TaskOut, responses={401: {}, 404: {}, 409: {}})

@@ -142,6 +142,8 @@ class Task(Base):
     # Replicas (docs/kubernetes.md): the lock key of the replica running the task, and a cancel
     # asked for through another one (the runner carries it out).
     replica: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # ... and where that replica's API is (a follow-up through another replica is passed on)
+    replica_url: Mapped[str | None] = mapped_column(String(300), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False,
                                                    server_default=false())
 

@@ -1,7 +1,7 @@
 """Agents on the Kubernetes backend (docs/kubernetes.md "Agents"): a CLI agent's task in a pod,
 its LLM calls through the egress proxy of the replica that runs it (the user's key swapped in
-there, never in the pod); the task followed live and cancelled through another replica; a
-replica's death fails its task and ends its sandbox."""
+there, never in the pod); the task followed live, followed up and cancelled through another
+replica; a replica's death fails its task and ends its sandbox."""
 
 from __future__ import annotations
 
@@ -67,11 +67,21 @@ def test_a_task_runs_in_a_pod_and_is_followed_live_through_another_replica(
     assert seen[-1]["type"] == "task_finished" and seen[-1]["data"]["state"] == "succeeded"
     assert seen[-1]["data"]["result"] == "wrote it"
     with api(second) as b:
-        assert finished(b, vm)["state"] == "succeeded"
+        first = finished(b, vm)
+        assert first["state"] == "succeeded"
         stored = b.get(f"/v1/sandboxes/{vm}/task/events").json()
         assert stored["done"] and len(stored["events"]) == len(seen)
     assert alice.run(vm, "cat /home/user/result.txt").stdout == "from a pod"
     assert llm_mock.requests(key)  # with the user's key, swapped in by the replica's proxy
+    # a follow-up through the other replica is passed to the one holding the agent (its key)
+    llm_mock.scenario(key, final="Still here.")
+    with api(second) as b:
+        r = b.post(f"/v1/sandboxes/{vm}/task", json={"task": "and then?"})
+        assert r.status_code == 202, r.text
+        again = finished(b, vm)
+        assert again["state"] == "succeeded" and again["result"] == "Still here.", again
+        assert again["task_id"] == r.json()["task_id"] != first["task_id"]
+    assert "and then?" in str(llm_mock.requests(key)[-1]["body"])
     assert search(alice, vm, key)[2] == 0  # nothing the CLI wrote holds it
     alice.kill(vm)
 

@@ -208,3 +208,12 @@ def test_admin_commands_check_settings_too(tmp_path):
     r = run_e2a(tmp_path, "admin", "bootstrap", E2A_DATABASE_URL="postgres://h/db")
     assert r.returncode == 2 and r.stderr.startswith("e2a: invalid setting E2A_DATABASE_URL=")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_replica_url_other_replicas_reach_is_said_or_derived(tmp_path):
+    from e2a.api.app import replica_url
+    assert replica_url(Settings(data_dir=tmp_path)) == "http://127.0.0.1:8080"
+    assert replica_url(Settings(data_dir=tmp_path, host="::1", port=9000)) == "http://[::1]:9000"
+    assert replica_url(Settings(data_dir=tmp_path, host="0.0.0.0")) is None  # not an address
+    assert replica_url(Settings(data_dir=tmp_path, host="0.0.0.0",
+                                replica_url="http://10.1.2.3:8080/")) == "http://10.1.2.3:8080"
