@@ -122,9 +122,13 @@ func (s *Server) handlePTY(w http.ResponseWriter, r *http.Request) error {
 
 	info := exitFromStatus(<-exitCh)
 	close(exited)
-	select { // let the last output reach the client; background jobs may hold the tty open
+	// Let the last output reach the client: the reader ends at the terminal's hang-up, at
+	// once when the shell was its last holder. Background jobs may hold it open, so the wait
+	// is bounded, but not tightly: on a busy node the reader may be scheduled only hundreds
+	// of milliseconds later (200 ms lost the shell's last lines there).
+	select {
 	case <-outDone:
-	case <-time.After(200 * time.Millisecond):
+	case <-time.After(2 * time.Second):
 	}
 	s.logs.add("pty exited pid=%d exit_code=%d", pid, info.Code)
 	msg, _ := json.Marshal(map[string]any{"type": "exit", "exit_code": info.Code})

@@ -29,7 +29,7 @@ from e2a.network.firewall import host_nameservers
 from e2a.sandboxes import envd
 from e2a.sandboxes.agent_keys import AgentKeys
 from e2a.sandboxes.connections import Connections
-from e2a.sandboxes.host import (Conflict, CreateSpec, NoCapacity,
+from e2a.sandboxes.host import (CreateSpec, NoCapacity,
                                 NotRunning, SandboxHost, SandboxRecord, Unavailable, Upstream,
                                 UserLimit, WrongState)
 from e2a.sandboxes.hostlog import HostLog
@@ -40,7 +40,7 @@ from e2a.sandboxes.resources import uninterrupted
 from e2a.sandboxes.states import BOOTING, LIVE, EndReason, State
 from e2a.store.models import Sandbox
 from e2a.templates import recipes
-from e2a.workspaces.service import MountPlan, WorkspaceBusy, Workspaces
+from e2a.workspaces.service import MountPlan, Workspaces
 
 log = logging.getLogger("e2a.kube")
 
@@ -304,12 +304,7 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
         if not self.mounts.enabled:
             raise Unavailable("workspaces on Kubernetes need E2A_KUBE_NODE_TOKEN and `e2a "
                               "node-agent` on every node (docs/kubernetes.md, \"Workspaces\")")
-        try:
-            return await self.workspaces.plan(spec.workspace)
-        except WorkspaceBusy as exc:
-            raise Conflict(str(exc)) from exc
-        except Exception as exc:
-            raise Unavailable(f"the workspace store did not answer: {exc}") from exc
+        return await self.workspaces.plan_for_create(spec.workspace)
 
     async def _launch(self, recipe: recipes.Recipe, spec: CreateSpec) -> KubeSandbox:
         workspace = await self._plan_workspace(spec) if spec.workspace is not None else None
@@ -464,6 +459,7 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
                                  f"{1000 * (time.perf_counter() - t0):.0f} ms")
                 self.hostlog.write(sb.id, f"running (pod {plan.name}, ip {sb.ip})")
             except BaseException as exc:
+                self.mounts.placed(sb.id)  # (a placement its failure left held)
                 reason = sb.end_reason or EndReason.CREATE_FAILED
                 detail = "deleted during create" if isinstance(exc, asyncio.CancelledError) \
                     else f"create failed: {exc}"

@@ -32,7 +32,7 @@ from e2a.sandboxes import envd, resources
 from e2a.sandboxes.agent_keys import AgentKeys
 from e2a.sandboxes.connections import Connections
 from e2a.sandboxes.lifecycle import Lifecycle
-from e2a.sandboxes.host import (PAUSED, Conflict, CreateFailed, CreateSpec,
+from e2a.sandboxes.host import (PAUSED, CreateFailed, CreateSpec,
                                 NoCapacity, NotForkable, NotRunning,
                                 PauseFailed, SandboxHost, SandboxRecord, Unavailable, Upstream,
                                 UserLimit, WrongState)
@@ -43,7 +43,7 @@ from e2a.sandboxes.watch import DeathWatch, runsc_processes
 from e2a.store.models import Sandbox
 from e2a.templates import builder, recipes
 from e2a.templates.recipes import DEFAULT_DISK_MIB
-from e2a.workspaces.service import MountPlan, WorkspaceBusy, Workspaces
+from e2a.workspaces.service import MountPlan, Workspaces
 
 log = logging.getLogger("e2a.sandboxes")
 T = TypeVar("T")
@@ -379,12 +379,7 @@ class Manager(Lifecycle, Connections, SandboxHost):
         gone (`_stop`)."""
         if not Path(self.settings.rclone).is_file():
             raise Unavailable(f"rclone not found at {self.settings.rclone} (run `make build`)")
-        try:
-            return await self.workspaces.plan(spec.workspace)
-        except WorkspaceBusy as exc:
-            raise Conflict(str(exc)) from exc
-        except Exception as exc:
-            raise Unavailable(f"the workspace store did not answer: {exc}") from exc
+        return await self.workspaces.plan_for_create(spec.workspace)
 
     async def _boot(self, sb: LiveSandbox, env_vars: dict[str, str]) -> None:
         """Make every unit, wait for the agent, start watching; on any failure or cancellation,

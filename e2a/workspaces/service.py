@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from e2a.refusal import Refusal
+from e2a.sandboxes.host import Conflict, Unavailable
 from e2a.runtime import quota as disk
 
 from e2a.workspaces import s3
@@ -162,6 +163,16 @@ class Workspaces:
             self.release(plan)
             raise
         return plan
+
+    async def plan_for_create(self, scope: Scope) -> MountPlan:
+        """`plan`, its failures as a sandbox create answers them: 409 while the workspace is
+        being deleted, 503 when the store does not answer."""
+        try:
+            return await self.plan(scope)
+        except WorkspaceBusy as exc:
+            raise Conflict(str(exc)) from exc
+        except Exception as exc:
+            raise Unavailable(f"the workspace store did not answer: {exc}") from exc
 
     async def _share(self, user_id: str) -> int:
         """Share the user's free quota among their leases: each keeps what it has written and
