@@ -75,7 +75,8 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=1, le=65535)
     # Where the other replicas on this database reach this one's API (a follow-up task sent
     # through another replica is passed to the one holding the agent): deploy/kubernetes sets
-    # it from the pod's address. Empty: http://<host>:<port> unless host is a wildcard.
+    # it from the pod's address. Empty: http://<host>:<port> unless host is a wildcard or
+    # loopback (then follow-ups are not passed on).
     replica_url: str = ""
     # Persistent state: the SQLite database and the log of each sandbox.
     data_dir: Path = Path("/var/lib/e2a")

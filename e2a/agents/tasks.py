@@ -373,13 +373,21 @@ class Tasks:
             await self._finish(s, s.task_id, s.ending or "cancelled",
                                s.ending_error or "cancelled", Outcome(), 0)
 
-    async def agent_elsewhere(self, sandbox_id: str) -> str | None:
-        """The API of the live replica that holds the sandbox's agent, when not this one."""
+    async def agent_elsewhere(self, sandbox_id: str) -> tuple[str, int] | None:
+        """(the API, the lock key) of the replica that holds the sandbox's agent, when it is
+        another and runs at this moment: a replica's address is its own while it lives (a pod
+        keeps its IP), and only then (a dead one's may be any pod's, a tenant's included)."""
         t = await self.latest(sandbox_id)
         if (t is None or t.replica is None or not t.replica_url
-                or t.replica == self.host.replica_key() or await self.host.replica_gone(t.replica)):
+                or t.replica == self.host.replica_key()
+                or not await self.host.replica_alive_now(t.replica)):
             return None
-        return t.replica_url
+        return t.replica_url, t.replica
+
+    def forwarded_to_me(self, key: str) -> bool:
+        """A follow-up another replica passed on is for this one (the key it named)."""
+        own = self.host.replica_key()
+        return own is not None and key == str(own)
 
     async def latest(self, sandbox_id: str) -> Task | None:
         async with self.sessions() as db:

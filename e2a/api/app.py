@@ -162,10 +162,11 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
 
 def replica_url(settings) -> str | None:
     """Where the other replicas reach this one's API (E2A_REPLICA_URL, or its own address
-    unless it listens on every one)."""
+    unless it listens on every one, or on loopback: another host's loopback is not it)."""
     if settings.replica_url:
         return settings.replica_url.rstrip("/")
-    if settings.host in ("", "0.0.0.0", "::"):
+    if settings.host in ("", "0.0.0.0", "::", "localhost") or settings.host.startswith("127.") \
+            or settings.host == "::1":
         return None
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     return f"http://{host}:{settings.port}"

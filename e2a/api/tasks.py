@@ -150,6 +150,10 @@ async def get_task(request: Request, vm_id: str, user: Caller = Depends(current_
 async def follow_up(request: Request, vm_id: str, body: FollowUpRequest,
                     user: Caller = Depends(current_user)) -> TaskOut:
     """A further task for the sandbox's agent (a sandbox kept with keep_after_task_seconds)."""
+    forwarded = request.headers.get(FORWARDED)
+    if forwarded is not None and not tasks(request).forwarded_to_me(forwarded):
+        raise ApiError(409, "task_conflict", "this follow-up was passed to a replica that is "
+                       "not the one meant", "vm_id")
     rec = await owned_sandbox(request.app, user, vm_id)
     require_running(rec)
     s = tasks(request).session(rec.id)
@@ -158,26 +162,28 @@ async def follow_up(request: Request, vm_id: str, body: FollowUpRequest,
     try:
         t = await tasks(request).submit(rec.id, body.task, body.model, body.task_timeout_seconds)
     except NoAgentHere as exc:
-        url = None if FORWARDED in request.headers else \
+        target = None if FORWARDED in request.headers else \
             await tasks(request).agent_elsewhere(rec.id)
-        if url is None:
+        if target is None:
             raise ApiError(409, "task_conflict", str(exc), "vm_id") from exc
-        return await _forward(request, url, body)
+        return await _forward(request, *target, body)
     except TaskConflict as exc:
         raise ApiError(409, "task_conflict", str(exc), "vm_id") from exc
     return task_out(t)
 
 
-async def _forward(request: Request, url: str, body: FollowUpRequest) -> JSONResponse:
+async def _forward(request: Request, url: str, key: int, body: FollowUpRequest
+                   ) -> JSONResponse:
     """The follow-up, passed to the replica that holds the agent (its key is in that
     replica's memory only), as the caller sent it; its answer, as it gave it. Passed on once
-    at most (the header)."""
+    at most, naming the replica meant (the header): one that is not it refuses. No proxy
+    from the environment: the caller's key goes to that replica and nowhere else."""
     try:
-        async with httpx.AsyncClient(timeout=FORWARD_TIMEOUT) as client:
+        async with httpx.AsyncClient(timeout=FORWARD_TIMEOUT, trust_env=False) as client:
             r = await client.post(f"{url}{request.url.path}",
                                   json=body.model_dump(exclude_unset=True),
                                   headers={"Authorization": request.headers.get(
-                                      "authorization", ""), FORWARDED: "1"})
+                                      "authorization", ""), FORWARDED: str(key)})
             return JSONResponse(r.json(), status_code=r.status_code)
     except (httpx.HTTPError, ValueError) as exc:
         raise ApiError(503, "agent_unavailable", "the replica that runs this sandbox's agent "

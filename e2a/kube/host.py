@@ -239,6 +239,9 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
     async def replica_gone(self, key: int | None) -> bool:
         return await self.replica.gone(key)
 
+    async def replica_alive_now(self, key: int | None) -> bool:
+        return key is not None and await self.replica.alive_now(key)
+
     def workspace_mounted(self, workspace_id: str) -> bool:
         return self.workspaces.leased(workspace_id)
 
@@ -442,14 +445,13 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
                 await self.cluster.create(manifests.secret(plan))
                 await self.cluster.create(manifests.network_policy(plan, ns))
                 await self._move(sb, State.BOOTING)
-                try:
-                    await self.cluster.create(manifests.pod(plan, ns))
-                finally:
-                    self.mounts.placed(sb.id)
+                await self.cluster.create(manifests.pod(plan, ns))
                 try:
                     sb.ip = await self.cluster.wait_running(plan.name, POD_START_TIMEOUT)
                 except kc.Unschedulable as exc:
                     raise NoCapacity(f"the cluster has no room for it: {exc}") from exc
+                self.mounts.placed(sb.id)  # (held until now: a pod just made may be listed
+                #                             by neither the pods' list nor the placements)
                 await envd.wait_ready(self.http, sb.ip, sb.token, deadline_s=30)
                 if recipe.services:
                     await envd.wait_services(self.http, sb.ip, sb.token, recipe.ready_timeout)
@@ -871,13 +873,18 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
         """A workspace mount left on a node by a sandbox no longer live (its e2a died between
         the mount and the row's end): uploaded and removed, in the background (an upload may
         take minutes; the reaper does not wait). The rows are read after the mounts, and a
-        row goes in before its mount is made, so a create under way is never taken for one."""
+        row goes in before its mount is made, so a create under way is never taken for one.
+        A mount is taken for dead only if its sandbox ran before the listing began (its
+        mount had started then): one listed while starting is not alive yet."""
+        ran = {row.id for row in await self.records.live_rows()
+               if row.state == State.RUNNING.value}
         mounted = await self.mounts.mounted()
         rows = {row.id: row for row in await self.records.live_rows()}
         for node, mounts in mounted.items():
             for sid, alive in mounts.items():
                 row = rows.get(sid)
-                if row is not None and row.state == State.RUNNING.value and not alive:
+                if sid in ran and row is not None and row.state == State.RUNNING.value \
+                        and not alive:
                     # its rclone died (the agent's node restarted it, say): the home is gone
                     # from under the sandbox; its teardown uploads what the cache holds
                     self._in_background(self.destroy(sid, EndReason.CRASHED,

@@ -101,12 +101,13 @@ class Agent:
 
     async def list(self, request: web.Request) -> web.Response:
         found = []
+        table = quota.mount_table()  # read once, not once per mount
         for d in sorted(self.root.iterdir()) if self.root.is_dir() else []:
             try:
                 if SANDBOX_ID.match(d.name) and (d / ID_FILE).exists():
                     wid = (d / ID_FILE).read_text().strip()
                     found.append({"sandbox_id": d.name, "workspace_id": wid,
-                                  "alive": self.mount(d.name, wid).alive()})
+                                  "alive": self.mount(d.name, wid).alive(table)})
             except OSError:  # released meanwhile
                 continue
         return web.json_response({"mounts": found})

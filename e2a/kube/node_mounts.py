@@ -67,7 +67,7 @@ class NodeMounts:
         return node
 
     def placed(self, sandbox_id: str) -> None:
-        """Its pod is made (the pods' list counts it now), or its create failed."""
+        """Its pod runs (the pods' list surely counts it now), or its create failed."""
         self._placing.pop(sandbox_id, None)
 
     async def mount(self, node: NodeRoom, sandbox_id: str, workspace_id: str, limit: int) -> str:

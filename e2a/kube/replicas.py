@@ -52,6 +52,7 @@ class Replica:
         self.instance = instance
         self.key = secrets.randbits(62) + 1  # this replica's liveness lock
         self.shared = engine.dialect.name == "postgresql"
+        self.pooled = engine
         self.engine = create_async_engine(engine.url, poolclass=NullPool,
                                           connect_args=LOCK_CONNECT_ARGS) \
             if self.shared else engine
@@ -100,6 +101,19 @@ class Replica:
             since = now
         self._free_since[key] = (since, now)
         return now - since >= GRACE
+
+    async def alive_now(self, key: int) -> bool:
+        """Whether the replica with this key holds its lock at this moment (no grace: for
+        passing it a caller's request, a replica that may be gone is gone). Read from
+        pg_locks through the pooled engine: nothing is taken, no connection is opened."""
+        if not self.shared or key == self.key:
+            return False
+        async with self.pooled.connect() as conn:
+            return bool(await conn.scalar(text(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                " AND objsubid = 1 AND classid::bigint = (CAST(:k AS bigint) >> 32)"
+                " AND objid::bigint = (CAST(:k AS bigint) & 4294967295))"), {"k": key}))
 
     # ---- the election ------------------------------------------------------------------------
 

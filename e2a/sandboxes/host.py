@@ -285,6 +285,11 @@ class SandboxHost(ABC):
         is one that ran before this one)."""
         return key != self.replica_key() or key is None
 
+    async def replica_alive_now(self, key: int | None) -> bool:
+        """Whether another process (replica) with this key runs at this moment (with one
+        process: never)."""
+        return False
+
     def workspace_mounted(self, workspace_id: str) -> bool:
         """Whether a sandbox of this host has (or is mounting) the workspace."""
         return False

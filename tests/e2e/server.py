@@ -130,6 +130,8 @@ class Server:
             "E2A_DISK_GIB": "4",   # each server's disk pool (preallocated): room for one full sandbox
             "E2A_S3_PORT": str(self.s3_port),
             "E2A_EGRESS_PORT": str(self.egress_port),
+            # replicas of a test's e2a all run on this host (a follow-up is passed on here)
+            "E2A_REPLICA_URL": f"http://127.0.0.1:{self.port}",
             # every provider's API is the tests' mock (tests/llm_mock), started once per worker
             **llm_mock_env(),
             "E2A_LLM_PRIVATE_HOSTS": "127.0.0.1",  # the mock, as a caller's own llm.base_url

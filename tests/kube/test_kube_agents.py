@@ -82,6 +82,12 @@ def test_a_task_runs_in_a_pod_and_is_followed_live_through_another_replica(
         assert again["state"] == "succeeded" and again["result"] == "Still here.", again
         assert again["task_id"] == r.json()["task_id"] != first["task_id"]
     assert "and then?" in str(llm_mock.requests(key)[-1]["body"])
+    # one said to be passed on already is not passed again, nor taken by a replica not named
+    with api(second) as b, api(kserver) as a:
+        for c in (a, b):
+            r = c.post(f"/v1/sandboxes/{vm}/task", json={"task": "x"},
+                       headers={"x-e2a-forwarded": "12345"})
+            assert r.status_code == 409 and r.json()["error"]["code"] == "task_conflict", r.text
     assert search(alice, vm, key)[2] == 0  # nothing the CLI wrote holds it
     alice.kill(vm)
 

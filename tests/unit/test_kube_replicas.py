@@ -103,6 +103,24 @@ async def test_a_lock_seen_free_long_ago_must_stay_free_for_the_grace_again(engi
         await a.stop()
 
 
+async def test_alive_now_is_a_lock_held_at_this_moment(engine):
+    """What a follow-up is passed on by: no grace, a replica that may be gone is gone (its
+    address may be any pod's by now)."""
+    a, b = Replica(engine, "t" + secrets.token_hex(4)), Replica(engine, "t" + secrets.token_hex(4))
+    await a.start(lambda: asyncio.sleep(0))
+    await b.start(lambda: asyncio.sleep(0))
+    try:
+        assert await b.alive_now(a.key) and await a.alive_now(b.key)
+        assert not await b.alive_now(secrets.randbits(62) + 1)  # nobody's
+        assert not await a.alive_now(a.key)  # itself: not another replica
+        await a.stop()
+        assert not await b.alive_now(a.key)  # at once, where gone() would wait for the grace
+        assert not await b.gone(a.key)
+    finally:
+        await a.stop()
+        await b.stop()
+
+
 async def test_sqlite_is_one_process_that_leads(tmp_path):
     engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'e2a.db'}")
     r = Replica(engine, "e2a")

@@ -212,8 +212,11 @@ def test_admin_commands_check_settings_too(tmp_path):
 
 def test_the_replica_url_other_replicas_reach_is_said_or_derived(tmp_path):
     from e2a.api.app import replica_url
-    assert replica_url(Settings(data_dir=tmp_path)) == "http://127.0.0.1:8080"
-    assert replica_url(Settings(data_dir=tmp_path, host="::1", port=9000)) == "http://[::1]:9000"
+    assert replica_url(Settings(data_dir=tmp_path, host="10.0.0.7")) == "http://10.0.0.7:8080"
+    assert replica_url(Settings(data_dir=tmp_path, host="fd00::7", port=9000)) == \
+        "http://[fd00::7]:9000"
     assert replica_url(Settings(data_dir=tmp_path, host="0.0.0.0")) is None  # not an address
+    for loopback in ("127.0.0.1", "::1", "localhost"):  # another host's is not this one
+        assert replica_url(Settings(data_dir=tmp_path, host=loopback)) is None
     assert replica_url(Settings(data_dir=tmp_path, host="0.0.0.0",
                                 replica_url="http://10.1.2.3:8080/")) == "http://10.1.2.3:8080"
