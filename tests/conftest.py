@@ -15,7 +15,7 @@ import pytest
 from e2a.sdk import E2A
 from tests.e2e.mailbox import Mailbox, running as _mailbox
 from tests.e2e.server import LlmMock, Server, llm_mock as _llm_mock
-from tests.kube.cluster import cluster, kserver, kube_clients  # noqa: F401  (tests/kube, security)
+from tests.kube.cluster import cluster, kserver, kube_clients, wserver  # noqa: F401  (tests/kube, security)
 
 
 

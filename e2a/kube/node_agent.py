@@ -77,8 +77,9 @@ class Agent:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").encode()
-        if not self.token or not hmac.compare_digest(given, self.token):
+        auth = request.headers.get("Authorization", "")
+        given = auth[len("Bearer "):].encode() if auth.startswith("Bearer ") else b""
+        if not self.token or not given or not hmac.compare_digest(given, self.token):
             return _error(401, "a valid bearer token is required")
         sandbox = request.match_info.get("sandbox")
         if sandbox is not None and not SANDBOX_ID.match(sandbox):

@@ -9,11 +9,16 @@ both suites share them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
 import subprocess
+import sys
+import time
 from pathlib import Path
+
+import httpx
 
 import pytest
 
@@ -22,6 +27,8 @@ from e2a.kube import images
 from e2a.templates import recipes
 
 ROOT = Path(__file__).resolve().parents[2]
+E2A = str(Path(sys.executable).parent / "e2a")
+WS_QUOTA_MIB = 64  # the workspace server's quota per user
 CLUSTER_DIR = Path("/tmp/e2a-test/k8s")
 NAMESPACE = "e2a-sandboxes"
 POD_GATEWAY = "10.244.0.1/32"  # the host's address on the pod bridge: where e2a connects from
@@ -139,3 +146,64 @@ def kube_clients(kserver):
     yield clients
     for c in clients.values():
         c.close()
+
+
+@pytest.fixture(scope="session")
+def wserver(cluster):
+    """A Kubernetes e2a with workspaces (tests/kube/test_kube_workspaces.py and its attacks in
+    tests/security): a real S3 server and the node agent, as a host process of the test
+    cluster's one node, started first."""
+    from e2a.workspaces.server import EmbeddedS3
+    from tests.conftest import own_server
+    from tests.e2e.server import free_port
+    token = secrets.token_urlsafe(24)
+    agent_port = free_port()
+    with own_server("kubews") as srv:
+        data = srv.base / "data"
+        s3 = EmbeddedS3(Settings(data_dir=data, s3_port=srv.s3_port))  # srv.cleanup stops it
+        asyncio.run(s3.start())
+        ep = s3.endpoint()
+        store = {"E2A_S3_ENDPOINT": ep.url, "E2A_S3_ACCESS_KEY": ep.access_key,
+                 "E2A_S3_SECRET_KEY": ep.secret_key, "E2A_KUBE_NODE_TOKEN": token,
+                 "E2A_KUBE_NODE_PORT": str(agent_port)}
+        agent_env = {**os.environ, **store, "E2A_DATA_DIR": str(srv.base / "node"),
+                     "E2A_DISK_GIB": "2"}
+        log = open(srv.base / "agent.log", "ab")
+        agent = subprocess.Popen([E2A, "node-agent", "--port", str(agent_port)], env=agent_env,
+                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_answers(f"http://127.0.0.1:{agent_port}/v1/mounts", agent)
+            srv.extra_env = {**kube_env(cluster, "e2a_kubews"), **store,
+                             "E2A_WORKSPACE_QUOTA_MIB": str(WS_QUOTA_MIB)}
+            srv.start()
+            srv.agent_url, srv.agent_token, srv.secret_key = \
+                f"http://127.0.0.1:{agent_port}", token, ep.secret_key
+            yield srv
+            srv.stop()
+        finally:
+            agent.terminate()
+            agent.wait(timeout=30)
+
+
+def wait_answers(url: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the node agent exited"
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError("the node agent did not answer")
+
+
+def agent_mounts(srv) -> list[dict]:
+    r = httpx.get(f"{srv.agent_url}/v1/mounts",
+                  headers={"Authorization": f"Bearer {srv.agent_token}"})
+    assert r.status_code == 200, r.text
+    return r.json()["mounts"]
+
+
+def fuse_mounts(srv) -> list[str]:
+    return [line.split()[1] for line in open("/proc/mounts")
+            if line.split()[2] == "fuse.rclone" and line.split()[1].startswith(str(srv.base))]
