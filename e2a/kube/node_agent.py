@@ -31,16 +31,15 @@ from pathlib import Path
 from aiohttp import web
 
 from e2a.runtime import quota
-from e2a.sandboxes.resources import remove_dir
+from e2a.sandboxes.resources import WorkspaceMount, remove_dir
 from e2a.workspaces import s3
 from e2a.workspaces.mount import Mount, MountError
 from e2a.workspaces.s3 import Endpoint, S3Store
+from e2a.workspaces.service import REMOTE
 
 log = logging.getLogger("e2a.node_agent")
 
-REMOTE = "ws"
-CACHE = "workspace-cache"
-ID_FILE = "workspace.id"
+CACHE, ID_FILE = WorkspaceMount.CACHE, WorkspaceMount.ID_FILE  # a mount's files, as embedded
 SANDBOX_ID = re.compile(r"^sbx_[a-z2-7]{1,28}$")
 WORKSPACE_ID = re.compile(r"^wsp_[a-z2-7]{1,28}$")
 
@@ -50,10 +49,7 @@ class Agent:
         self.settings = settings
         self.root = settings.data_dir / "mounts"
         self.token = settings.kube_node_token.encode()
-        self.store = S3Store(Endpoint(
-            url=settings.s3_endpoint, region=settings.s3_region, bucket=settings.s3_bucket,
-            access_key=settings.s3_access_key, secret_key=settings.s3_secret_key,
-            sse=settings.s3_sse))
+        self.store = S3Store(Endpoint.from_settings(settings))
         self._locks: dict[str, list] = {}  # sandbox -> [its lock, how many hold or await it]
 
     async def start(self) -> None:
@@ -167,7 +163,8 @@ class Agent:
             idf = d / ID_FILE
             if idf.exists():
                 try:
-                    lost = await self.mount(sid, idf.read_text().strip()).close(self._answers)
+                    lost = await self.mount(sid, idf.read_text().strip()).close(
+                        lambda: s3.run(self.store.answers))
                 except MountError as exc:
                     log.warning("%s: workspace not flushed yet: %s", sid, exc)
                     return _error(503, "the workspace could not be uploaded yet (see the node "
@@ -182,13 +179,6 @@ class Agent:
                 return _error(503, "the mount's directory could not be removed yet")
         log.info("%s: workspace unmounted", sid)
         return web.json_response({"lost": lost})
-
-    async def _answers(self) -> bool:
-        try:
-            await s3.run(self.store.client.head_bucket, Bucket=self.store.ep.bucket)
-            return True
-        except Exception:
-            return False
 
 
 async def _json(request: web.Request) -> dict:

@@ -72,6 +72,14 @@ class Endpoint:
     provider: str = "Other"  # rclone's name for the kind of S3 server ("Rclone": the embedded one)
     public_url: str = ""    # for presigned URLs
 
+    @classmethod
+    def from_settings(cls, settings) -> Endpoint:
+        """The external store the settings name (E2A_S3_*)."""
+        return cls(url=settings.s3_endpoint, region=settings.s3_region,
+                   bucket=settings.s3_bucket, access_key=settings.s3_access_key,
+                   secret_key=settings.s3_secret_key, sse=settings.s3_sse,
+                   public_url=settings.s3_public_url)
+
 
 class S3Store:
     def __init__(self, endpoint: Endpoint):
@@ -96,6 +104,14 @@ class S3Store:
         return self.prefix(workspace_id) + check_path(path)
 
     # ---- bucket -------------------------------------------------------------------------
+
+    def answers(self) -> bool:
+        """Whether the store answers at all (a refused upload is then S3 refusing it)."""
+        try:
+            self.client.head_bucket(Bucket=self.ep.bucket)
+            return True
+        except Exception:
+            return False
 
     def ensure_bucket(self) -> None:
         try:

@@ -79,13 +79,10 @@ class Workspaces:
         self.quota = settings.workspace_quota_mib * 1024 * 1024
         if settings.s3_endpoint:
             self.server = None
-            endpoint = Endpoint(
-                url=settings.s3_endpoint, region=settings.s3_region, bucket=settings.s3_bucket,
-                access_key=settings.s3_access_key, secret_key=settings.s3_secret_key,
-                sse=settings.s3_sse, public_url=settings.s3_public_url)
+            endpoint = Endpoint.from_settings(settings)
         elif settings.backend == "kubernetes":
-            # Not mounted on this backend yet (docs/kubernetes.md), and e2a's pods have no
-            # rclone: no embedded server. The workspace calls answer 503 until an S3 is set.
+            # e2a's pods have no rclone: no embedded server. The workspace calls answer 503
+            # until an S3 is set (the node agents mount from it too, docs/kubernetes.md).
             self.server = None
             endpoint = None
         else:
@@ -302,10 +299,10 @@ class Workspaces:
     async def answers(self) -> bool:
         """Whether the S3 store answers at all (a refused upload is then S3 refusing it)."""
         try:
-            await s3.run(self.store.client.head_bucket, Bucket=self.store.ep.bucket)
-            return True
-        except Exception:
+            store = self.store
+        except Exception:  # none configured
             return False
+        return await s3.run(store.answers)
 
     async def refresh_usage(self, workspace_id: str) -> None:
         """Count the workspace again (after a sandbox that mounted it is gone)."""
