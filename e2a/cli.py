@@ -595,12 +595,15 @@ def sandbox_exec(ctx, vm_id, cwd, user, env, timeout, command):
 
 
 def _forward_stdin(client: E2A, vm_id: str, pid: int) -> None:
-    """Copy our stdin to the remote command as it arrives (read1: don't wait for a full buffer)."""
-    stream = sys.stdin.buffer
-    read = getattr(stream, "read1", stream.read)
+    """Copy our stdin to the remote command as it arrives.
+
+    os.read on the descriptor, not sys.stdin.buffer: this daemon thread is still blocked in the
+    read when the command exits, and a BufferedReader's lock held at interpreter shutdown aborts
+    the process (SIGABRT, "could not acquire lock for <stdin>") instead of exiting with the code."""
+    fd = sys.stdin.fileno()
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # keeps split UTF-8 sequences whole
     try:
-        while chunk := read(1 << 16):
+        while chunk := os.read(fd, 1 << 16):
             if text := decoder.decode(chunk):
                 client.send_stdin(vm_id, pid, text)
         client.send_stdin(vm_id, pid, decoder.decode(b"", final=True), eof=True)

@@ -47,6 +47,31 @@ def test_cli_sandbox_and_files(server, keys, tmp_path):
     assert r.returncode == 1 and "sandbox_not_running" in r.stderr
 
 
+def test_cli_exec_exits_with_the_code_while_stdin_stays_open(server, keys):
+    """The stdin forwarder is still blocked reading an open pipe when the command exits: the CLI
+    must exit with the command's code, not abort at interpreter shutdown (it did: SIGABRT, -6)."""
+    key = keys["alice"]
+    r = cli(server, key, "sandbox", "create", "standard")
+    assert r.returncode == 0, r.stderr
+    vm = r.stdout.strip()
+    env = {**os.environ, "E2A_URL": server.url, "E2A_API_KEY": key}
+    try:
+        for _ in range(3):
+            p = subprocess.Popen([E2A, "sandbox", "exec", vm, "--", "echo done; exit 4"], env=env,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                code = p.wait(timeout=120)  # stdin is never closed
+                out, err = p.stdout.read(), p.stderr.read()
+            finally:
+                p.kill()
+                p.stdin.close()
+                p.stdout.close()
+                p.stderr.close()
+            assert (code, out, err) == (4, b"done\n", b"")
+    finally:
+        cli(server, key, "sandbox", "kill", vm)
+
+
 def test_cli_pause_resume_fork(server, keys):
     key = keys["alice"]
     r = cli(server, key, "sandbox", "create", "standard", "--on-idle", "pause", "--auto-resume")
