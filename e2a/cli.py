@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import functools
 import json
 import os
 import re
@@ -599,11 +600,16 @@ def _forward_stdin(client: E2A, vm_id: str, pid: int) -> None:
 
     os.read on the descriptor, not sys.stdin.buffer: this daemon thread is still blocked in the
     read when the command exits, and a BufferedReader's lock held at interpreter shutdown aborts
-    the process (SIGABRT, "could not acquire lock for <stdin>") instead of exiting with the code."""
-    fd = sys.stdin.fileno()
+    the process (SIGABRT, "could not acquire lock for <stdin>") instead of exiting with the code.
+    A stdin with no descriptor (a test runner's) is read as it is."""
+    try:
+        fd = sys.stdin.fileno()
+        read = functools.partial(os.read, fd)
+    except (OSError, ValueError):
+        read = getattr(sys.stdin.buffer, "read1", sys.stdin.buffer.read)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # keeps split UTF-8 sequences whole
     try:
-        while chunk := os.read(fd, 1 << 16):
+        while chunk := read(1 << 16):
             if text := decoder.decode(chunk):
                 client.send_stdin(vm_id, pid, text)
         client.send_stdin(vm_id, pid, decoder.decode(b"", final=True), eof=True)
