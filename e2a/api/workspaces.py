@@ -10,10 +10,9 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from e2a.api.deps import current_user, host
+from e2a.api.deps import current_user
 from e2a.api.errors import ApiError
 from e2a.auth import Caller
-from e2a.sandboxes.host import SandboxHost
 from e2a.sandboxes.records import aware
 from e2a.store.models import Workspace
 from e2a.workspaces import s3, scope
@@ -90,13 +89,13 @@ async def owned(ws: Workspaces, user: Caller, workspace_id: str) -> Workspace:
     return row
 
 
-def out(row: Workspace, sandboxes: SandboxHost) -> WorkspaceOut:
+def out(row: Workspace, in_use: set[str]) -> WorkspaceOut:
     return WorkspaceOut(
         workspace_id=row.id, app_id=row.app_id, capset_id=row.capset_id,
         end_user_id=row.end_user_id or None, bytes_used=row.bytes_used,
         file_count=row.file_count, usage_at=aware(row.usage_at) if row.usage_at else None,
         created_at=aware(row.created_at), last_used_at=aware(row.last_used_at),
-        mounted=sandboxes.workspace_mounted(row.id))
+        mounted=row.id in in_use)
 
 
 def checked(value: str, field: str, check) -> str:
@@ -117,19 +116,19 @@ async def store_call(fn, *args):
 @router.get("", response_model=WorkspacesOut, responses={400: {}, 401: {}})
 async def list_workspaces(end_user_id: str | None = Query(default=None, max_length=64),
                           user: Caller = Depends(current_user),
-                          ws: Workspaces = Depends(service),
-                          sandboxes: SandboxHost = Depends(host)) -> WorkspacesOut:
+                          ws: Workspaces = Depends(service)) -> WorkspacesOut:
     if end_user_id is not None:
         checked(end_user_id, "end_user_id", scope.check_name)
-    return WorkspacesOut(workspaces=[out(r, sandboxes)
-                                     for r in await ws.registry.of_user(user.id, end_user_id)])
+    rows = await ws.registry.of_user(user.id, end_user_id)
+    in_use = await ws.in_use([r.id for r in rows])
+    return WorkspacesOut(workspaces=[out(r, in_use) for r in rows])
 
 
 @router.get("/{workspace_id}", response_model=WorkspaceOut, responses={401: {}, 404: {}})
 async def get_workspace(workspace_id: str, user: Caller = Depends(current_user),
-                        ws: Workspaces = Depends(service),
-                        sandboxes: SandboxHost = Depends(host)) -> WorkspaceOut:
-    return out(await owned(ws, user, workspace_id), sandboxes)
+                        ws: Workspaces = Depends(service)) -> WorkspaceOut:
+    row = await owned(ws, user, workspace_id)
+    return out(row, await ws.in_use([row.id]))
 
 
 @router.get("/{workspace_id}/usage", response_model=UsageOut, responses={401: {}, 404: {}})
@@ -206,7 +205,7 @@ async def delete_workspace(workspace_id: str, user: Caller = Depends(current_use
     """Every file of the workspace, and the workspace. Refused while a sandbox has it mounted."""
     row = await owned(ws, user, workspace_id)
     try:
-        await ws.delete(row.id)
+        await ws.delete(row.id, user.id)
     except WorkspaceBusy as exc:
         raise ApiError(409, "workspace_in_use", str(exc), "workspace_id") from exc
     except Exception as exc:

@@ -79,7 +79,7 @@ class KubeSandbox:
     end_reason: EndReason | None = None
     boot_task: asyncio.Task | None = None
     workspace_id: str | None = None
-    workspace: MountPlan | None = None  # its lease, held by the replica that made it
+    workspace: MountPlan | None = None  # its lease, if this replica made it
     node_name: str | None = None  # where its workspace is mounted
 
     @property
@@ -177,8 +177,10 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
                 "E2A_KUBE_ALLOW_UNENFORCED_POLICIES=true to accept that risk")
         self.mounts = node_mounts.NodeMounts(self.http, self.cluster, s.kube_node_token,
                                              s.kube_node_port)
-        self.workspaces.in_use_elsewhere = self._workspace_in_rows
-        await self.workspaces.start()
+        self.workspaces.replica = self.replica.key
+        self.workspaces.remote_cache = lambda sandbox_id, node: node_mounts.AgentCache(
+            self.mounts, node, sandbox_id)
+        await self.workspaces.start(only_process=False)
         self._tasks.append(asyncio.create_task(self._watch_deaths(), name="pod watch"))
         # leading from the start (alone, or the first of several): the sweep runs before e2a
         # answers, so a sandbox whose pod went while no e2a ran is already ended
@@ -241,16 +243,6 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
 
     async def replica_alive_now(self, key: int | None) -> bool:
         return key is not None and await self.replica.alive_now(key)
-
-    def workspace_mounted(self, workspace_id: str) -> bool:
-        return self.workspaces.leased(workspace_id)
-
-    async def _workspace_in_rows(self, workspace_id: str) -> bool:
-        """Whether a live sandbox of any replica has the workspace (a delete waits for it)."""
-        async with self.sessions() as db:
-            return bool(await db.scalar(select(func.count()).select_from(Sandbox).where(
-                Sandbox.workspace_id == workspace_id,
-                Sandbox.state.in_([s.value for s in LIVE]))))
 
     def addresses(self, sandbox_id: str) -> tuple[str, str]:
         """(this replica's egress proxy as pods reach it, the pod's address): an agent's task
@@ -315,7 +307,7 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
             sb = await self._reserve(recipe, spec)
         except BaseException:
             if workspace is not None:
-                self.workspaces.release(workspace)
+                await self.workspaces.release(workspace)
             raise
         if workspace is not None:
             sb.workspace, sb.workspace_id = workspace, workspace.workspace_id
@@ -327,7 +319,7 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
             except BaseException:
                 self.sandboxes.pop(sb.id, None)
                 if workspace is not None:
-                    self.workspaces.release(workspace)
+                    await self.workspaces.release(workspace)
                 raise
             await self._boot_and_wait(sb, self._boot(sb, recipe, spec))
         finally:  # counted by its row from now on (a capacity check's query may predate it)
@@ -421,10 +413,13 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
         except node_mounts.MountFailed as exc:
             raise NoCapacity(str(exc)) from exc
         plan.node, plan.seed_home = node.name, ws.fresh
-        await self.records.set_node(sb.id, node.name)  # before the mount: its teardown's
+        # before the mount: where its teardown uploads it, and every replica limits it
+        await self.records.set_node(sb.id, node.name)
+        await self.workspaces.bind(ws, sb.id, node.name)
         sb.node_name = node.name
         plan.home = await self.mounts.mount(node, sb.id, ws.workspace_id, ws.limit())
-        ws.node = node_mounts.AgentCache(self.mounts, node, sb.id)  # its limit follows the share
+        ws.node = node_mounts.AgentCache(self.mounts, node.name, sb.id)
+        await self.workspaces.mounted(ws)  # its limit follows the share from now on
         self.hostlog.write(sb.id, f"workspace {ws.workspace_id} mounted on node {node.name}")
 
     async def _move(self, sb: KubeSandbox, new: State, reason: str | None = None,
@@ -675,10 +670,13 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
             return
         self._unstuck(sb)
         self._flushed.pop(sb.id, None)
-        if sb.workspace is not None:  # counted again now that all is in S3; then the lease ends
+        # counted again now that all is in S3; then its lease ends (made here, mounted or
+        # not; or by another replica, found by the sandbox)
+        if sb.workspace is not None:
             self._in_background(self.workspaces.ended(sb.workspace))
         elif sb.workspace_id is not None:
-            self._in_background(self.workspaces.refresh_usage(sb.workspace_id))
+            self._in_background(self.workspaces.sandbox_gone(sb.id, sb.workspace_id,
+                                                             sb.user_id))
         await self._destroyed(sb, reason, detail)
         # forgotten once recorded (capacity is counted from the rows on this backend); if
         # the record failed, the row names this replica and its sweep tears it down again
@@ -687,22 +685,8 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
 
     async def _let_go(self, sb: KubeSandbox, reason: EndReason) -> None:
         await super()._let_go(sb, reason)
-        if sb.workspace is not None:  # the other replica uploads it; the lease is this one's
-            self._in_background(self._end_lease_once_destroyed(sb.id, sb.workspace))
-
-    async def _end_lease_once_destroyed(self, sandbox_id: str, plan: MountPlan) -> None:
-        """End the lease of a sandbox another replica tears down once its row says destroyed
-        (every file uploaded): the workspace is counted then, not before."""
-        deadline = time.monotonic() + node_mounts.CLOSE_TIMEOUT + GONE_TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                row = await self.records.get(sandbox_id)
-                if row is None or row.state == State.DESTROYED.value:
-                    break
-            except Exception as exc:  # the database blinked: look again
-                log.debug("reading %s: %s", sandbox_id, exc)
-            await asyncio.sleep(1.0)
-        await self.workspaces.ended(plan)
+        if sb.workspace is not None:  # the replica tearing it down ends its lease
+            self.workspaces.forget(sb.workspace)
 
     # ---- pause and fork: not on this backend ----------------------------------------------
 
@@ -868,6 +852,7 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
             await self.cluster.delete_sandbox(name)
         if self.mounts.enabled:
             await self._sweep_mounts()
+            await self.workspaces.sweep(self.replica.gone)
 
     async def _sweep_mounts(self) -> None:
         """A workspace mount left on a node by a sandbox no longer live (its e2a died between

@@ -66,6 +66,11 @@ class NodeMounts:
         self._placing[sandbox_id] = (node.name, cpu, memory)
         return node
 
+    async def address_of(self, node_name: str) -> str | None:
+        """The node's address, whatever its state (None: no longer in the cluster)."""
+        node = next((n for n in await self.cluster.nodes() if n.name == node_name), None)
+        return node.address if node is not None and node.address else None
+
     def placed(self, sandbox_id: str) -> None:
         """Its pod runs (the pods' list surely counts it now), or its create failed."""
         self._placing.pop(sandbox_id, None)
@@ -86,12 +91,12 @@ class NodeMounts:
         """Every file uploaded and the mount gone, on the node that has it; MountFailed while
         its agent cannot yet (S3 down, the node unreachable: the teardown is retried). A node
         no longer in the cluster took its disk with it: nothing is left to release."""
-        node = next((n for n in await self.cluster.nodes() if n.name == node_name), None)
-        if node is None or not node.address:
+        address = await self.address_of(node_name)
+        if address is None:
             log.error("%s: node %s is gone from the cluster, and its workspace mount with it "
                       "(files not yet uploaded from it are lost)", sandbox_id, node_name)
             return
-        answer = await self._call(node.address, "DELETE", sandbox_id, "", None, CLOSE_TIMEOUT)
+        answer = await self._call(address, "DELETE", sandbox_id, "", None, CLOSE_TIMEOUT)
         if answer.get("lost"):
             log.error("%s: S3 refused %d files for good: %s", sandbox_id,
                       len(answer["lost"]), ", ".join(answer["lost"][:20]))
@@ -131,18 +136,27 @@ class NodeMounts:
 
 
 class AgentCache:
-    """One mount's cache as the workspaces' quota sharing sees it (service.py NodeCache)."""
+    """One mount's cache as the workspaces' quota sharing sees it (service.py NodeCache), any
+    replica's: through the agent of the node named in its lease."""
 
-    def __init__(self, mounts: NodeMounts, node: NodeRoom, sandbox_id: str):
-        self.mounts, self.node, self.sandbox_id = mounts, node, sandbox_id
+    def __init__(self, mounts: NodeMounts, node_name: str, sandbox_id: str):
+        self.mounts, self.node_name, self.sandbox_id = mounts, node_name, sandbox_id
+        self._address: str | None = None
+
+    async def _agent(self) -> str:
+        if self._address is None:
+            self._address = await self.mounts.address_of(self.node_name)
+        if self._address is None:
+            raise MountFailed(f"node {self.node_name} is gone from the cluster")
+        return self._address
 
     async def set_limit(self, limit: int) -> None:
-        await self.mounts._call(self.node.address, "PUT", self.sandbox_id, "/limit",
+        await self.mounts._call(await self._agent(), "PUT", self.sandbox_id, "/limit",
                                 {"limit": limit}, QUICK_TIMEOUT)
 
     async def allocated(self) -> int:
-        answer = await self.mounts._call(self.node.address, "GET", self.sandbox_id, "/written",
-                                         None, QUICK_TIMEOUT)
+        answer = await self.mounts._call(await self._agent(), "GET", self.sandbox_id,
+                                         "/written", None, QUICK_TIMEOUT)
         return int(answer["bytes"])
 
 

@@ -290,7 +290,3 @@ class SandboxHost(ABC):
         process: never)."""
         return False
 
-    def workspace_mounted(self, workspace_id: str) -> bool:
-        """Whether a sandbox of this host has (or is mounting) the workspace."""
-        return False
-

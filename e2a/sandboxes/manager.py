@@ -196,7 +196,7 @@ class Manager(Lifecycle, Connections, SandboxHost):
             "".join(f"nameserver {ns}\n" for ns in host_nameservers()))
         await resources.prepare(self.env, self.kinds, self.settings)  # the disk pool
         # Before reconcile: a mount found dead there uploads what it left to S3.
-        await self.workspaces.start()
+        await self.workspaces.start(only_process=True)  # one e2a per database here
         await self.reconcile()
         self._tasks.append(asyncio.create_task(self._reaper(), name="reaper"))
         self._tasks.append(asyncio.create_task(self._death_sweeper(), name="death sweep"))
@@ -258,9 +258,6 @@ class Manager(Lifecycle, Connections, SandboxHost):
 
     def pool_sizes(self) -> dict[str, int]:
         return {name: len(ids) for name, ids in self.pool.items()}
-
-    def workspace_mounted(self, workspace_id: str) -> bool:
-        return self.workspaces.leased(workspace_id)
 
     # ---- create ----------------------------------------------------------------------------
 
@@ -349,7 +346,7 @@ class Manager(Lifecycle, Connections, SandboxHost):
             sb = self._reserve(recipe, spec, image, workspace)
         except BaseException:
             if workspace is not None:
-                self.workspaces.release(workspace)
+                await self.workspaces.release(workspace)
             raise
         try:
             await self.records.insert(self._row(sb, spec.env_vars),
@@ -357,7 +354,7 @@ class Manager(Lifecycle, Connections, SandboxHost):
         except BaseException:
             self._release(sb)
             if workspace is not None:
-                self.workspaces.release(workspace)
+                await self.workspaces.release(workspace)
             raise
         await self._boot_and_wait(sb, self._boot(sb, spec.env_vars))
         return sb
@@ -970,7 +967,9 @@ class Manager(Lifecycle, Connections, SandboxHost):
                 await self.records.mark_unknown_destroyed(row.id, EndReason.SERVER_RESTART.value,
                                                           "no network slot recorded")
                 continue
-            sb = self._adopt(row)
+            lease = (await self.workspaces.adopt(row.workspace_id, row.user_id, row.id)
+                     if row.workspace_id else None)
+            sb = self._adopt(row, lease)
             if sb.state is State.PAUSED:
                 await self._adopt_paused(sb, {c.get("id") for c in containers})
                 continue
@@ -1054,7 +1053,7 @@ class Manager(Lifecycle, Connections, SandboxHost):
             await self._stop(sb, EndReason.SERVER_RESTART,
                              "its checkpoint was gone when e2a restarted")
 
-    def _adopt(self, row: Sandbox) -> LiveSandbox:
+    def _adopt(self, row: Sandbox, workspace: MountPlan | None) -> LiveSandbox:
         recipe = recipes.load(row.template)
         plan = resources.Plan(id=row.id, slot=row.slot, internet=row.internet,
                               token=row.envd_token or self.keys.token(row.secrets_of or row.id),
@@ -1062,8 +1061,7 @@ class Manager(Lifecycle, Connections, SandboxHost):
                               disk_mib=recipe.disk_mib if recipe else DEFAULT_DISK_MIB,
                               platform=self.settings.platform or (recipe.platform if recipe
                                                                   else ""),
-                              workspace=self.workspaces.adopt(row.workspace_id, row.user_id)
-                              if row.workspace_id else None).bind(self.env)
+                              workspace=workspace).bind(self.env)
         if plan.workspace is not None:
             plan.workspace.cache = plan.dir / resources.WorkspaceMount.CACHE
         sb = LiveSandbox(

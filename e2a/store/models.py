@@ -100,6 +100,30 @@ class Workspace(Base):
     bytes_used: Mapped[int] = mapped_column(BigInteger, default=0)
     file_count: Mapped[int] = mapped_column(Integer, default=0)
     usage_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Set while its objects are being deleted: a create leasing it meanwhile is refused (409).
+    deleting_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class WorkspaceLease(Base):
+    """A sandbox's hold on a workspace, from its create's first step until the sandbox is gone
+    and the workspace counted again (workspaces/service.py): a workspace with one is not
+    deleted, and the user's free quota is shared among all of them, whichever replica made
+    them (a mount elsewhere is measured and limited through its node's agent)."""
+
+    __tablename__ = "workspace_leases"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(String(32), index=True)
+    user_id: Mapped[str] = mapped_column(String(32), index=True)
+    # The replica that made it (Kubernetes; None on the embedded backend's one process).
+    replica: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Once known: the sandbox, and on Kubernetes the node whose agent mounted it.
+    sandbox_id: Mapped[str | None] = mapped_column(String(32), index=True, nullable=True)
+    node_name: Mapped[str | None] = mapped_column(String(253), nullable=True)
+    # The workspace's bytes as counted when the lease was made (None: not known).
+    stored: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Its sandbox is gone: held only until the workspace is counted again.
+    ended: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class SandboxEvent(Base):

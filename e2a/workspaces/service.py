@@ -9,11 +9,18 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Protocol
+from typing import Awaitable, Callable, Protocol
 
+from sqlalchemy import delete, func, select, update
+
+from e2a.ids import new_id
 from e2a.refusal import Refusal
-from e2a.sandboxes.host import Conflict, Unavailable
 from e2a.runtime import quota as disk
+from e2a.sandboxes.host import Conflict, Unavailable
+from e2a.sandboxes.records import aware, utcnow
+from e2a.sandboxes.states import LIVE
+from e2a.store import locks
+from e2a.store.models import Sandbox, Workspace, WorkspaceLease
 
 from e2a.workspaces import s3
 from e2a.workspaces.registry import Registry, cache_limit
@@ -24,6 +31,9 @@ from e2a.workspaces.server import EmbeddedS3
 log = logging.getLogger("e2a.workspaces")
 
 REMOTE = "ws"  # the S3 remote's name in each mount's environment
+# A delete's mark older than this is of a replica that died in the middle of it: another
+# delete may go on, and creates are no longer refused for it.
+DELETE_STALE = timedelta(minutes=15)
 
 
 class WorkspaceBusy(Exception):
@@ -61,7 +71,7 @@ class MountPlan:
     fresh: bool        # made for this sandbox: seeded with the template's home directory
     user_id: str = ""
     grant: int = 0     # of the user's free quota, the part this mount may fill
-    lease: int = 0     # its key in Workspaces.leases
+    lease: str = ""    # its row (WorkspaceLease) and key in Workspaces.leases
     stored: int | None = 0  # the workspace's bytes as counted at mount (None: not known)
     cache: Path | None = None  # the mount's cache volume, once made (resources.WorkspaceMount)
     node: "NodeCache | None" = None  # or, on Kubernetes, its node agent's (kube/node_mounts.py)
@@ -75,6 +85,7 @@ class MountPlan:
 class Workspaces:
     def __init__(self, settings, sessions):
         self.settings = settings
+        self.sessions = sessions
         self.registry = Registry(sessions)
         self.quota = settings.workspace_quota_mib * 1024 * 1024
         if settings.s3_endpoint:
@@ -90,12 +101,12 @@ class Workspaces:
             endpoint = None
         self._endpoint = endpoint
         self._store: S3Store | None = None
-        # Every sandbox that has (or is about to mount) a workspace holds a lease: a workspace
-        # with one cannot be deleted, and the leases' grants share the user's free quota, so
-        # that sandboxes mounted at once cannot each fill it.
-        self.leases: dict[int, MountPlan] = {}
-        self.deleting: set[str] = set()
-        self._next_lease = 0
+        # Every sandbox that has (or is about to mount) a workspace holds a lease, a row: a
+        # workspace with one cannot be deleted, and the leases' grants share the user's free
+        # quota, so that sandboxes mounted at once (through any replica) cannot each fill it.
+        # Here: this process's leases, with their mounts' caches.
+        self.leases: dict[str, MountPlan] = {}
+        self._leasing = asyncio.Lock()  # this process's leases and deletes, in turn
         self._sharing = asyncio.Lock()
         self._claiming = asyncio.Lock()
         # Sized presigned PUTs whose bytes are not in S3 yet: they hold their part of the
@@ -104,9 +115,12 @@ class Workspaces:
         # Workspaces written through presigned URLs since they were last counted (by id: the
         # user), counted again before the next quota check and the next storage charge.
         self.touched: dict[str, str] = {}
-        # Replicas (Kubernetes): whether a sandbox of another replica has the workspace, which
-        # this one's leases do not show (async, workspace id -> bool).
-        self.in_use_elsewhere = None
+        # Replicas (Kubernetes): this one's lock key, written in its leases; and the cache of
+        # another replica's mount, through its node's agent ((sandbox id, node) -> NodeCache).
+        self.replica: int | None = None
+        self.remote_cache: Callable[[str, str], NodeCache] | None = None
+        # by lease: (user, cache), made once (each finds its node's address once)
+        self._remote: dict[str, tuple[str, NodeCache]] = {}
 
     @property
     def store(self) -> S3Store:
@@ -117,7 +131,14 @@ class Workspaces:
             self._store = S3Store(self._endpoint or self.server.endpoint())
         return self._store
 
-    async def start(self) -> None:
+    async def start(self, only_process: bool) -> None:
+        """`only_process`: no other e2a shares the database (the embedded backend): the leases
+        in it are all of the process before this one, whose sandboxes are adopted again
+        (`adopt`) or were not kept."""
+        if only_process:
+            async with self.sessions() as db:
+                await db.execute(delete(WorkspaceLease))
+                await db.commit()
         if self.server is not None:
             await self.server.start()
         if self.server is not None or self._endpoint is not None:
@@ -143,21 +164,18 @@ class Workspaces:
         counted (after each sandbox that mounted a workspace, and by GET .../usage): a create
         does not list a whole workspace in S3."""
         row, fresh = await self.registry.find_or_make(scope)
-        if any(p.workspace_id == row.id and p.ended for p in self.leases.values()):
+        if await self._ending(row.id):
             # A sandbox of it just ended and its count is not in yet: count now, or this mount
             # would be sized without what that sandbox wrote (and could not read it back).
             await self.refresh_usage(row.id)
             row = await self.registry.get(scope.user_id, row.id) or row
-        # From here to the lease, no await: a DELETE either sees the lease or is seen here.
-        if row.id in self.deleting:
-            raise WorkspaceBusy(f"workspace {row.id} is being deleted")
-        plan = self._lease(MountPlan(workspace_id=row.id, fresh=fresh,
-                                     user_id=scope.user_id, stored=row.bytes_used))
+        plan = await self._lease(MountPlan(workspace_id=row.id, fresh=fresh,
+                                           user_id=scope.user_id, stored=row.bytes_used))
         try:
             await self._share(scope.user_id)
             await self.registry.touch(row.id)
         except BaseException:
-            self.release(plan)
+            await self.release(plan)
             raise
         return plan
 
@@ -175,25 +193,40 @@ class Workspaces:
         """Share the user's free quota among their leases: each keeps what it has written and
         gets an equal part of what is left; the limits of mounts already running are changed
         to match. Returns what is left unwritten (for presigned PUTs)."""
-        async with self._sharing:
-            leases = [p for p in self.leases.values() if p.user_id == user_id]
-            written = {p.lease: await _written(p) for p in leases}
-            left = (self.quota - await self.registry.stored_bytes(user_id)
-                    - sum(written.values())
+        async with self._sharing, self.sessions() as db:
+            # every replica's leases of the user, shared by one replica at a time
+            await locks.lock_user(db, locks.QUOTA_SHARE, user_id)
+            rows = list((await db.execute(select(WorkspaceLease).where(
+                WorkspaceLease.user_id == user_id))).scalars())
+            stored = int(await db.scalar(select(func.coalesce(func.sum(
+                Workspace.bytes_used), 0)).where(Workspace.user_id == user_id)))
+            held = {r.id for r in rows}
+            for gone in [k for k, p in self.leases.items() if p.user_id == user_id
+                         and k not in held]:  # ended through another replica
+                del self.leases[gone]
+            for gone in [k for k, (u, _) in self._remote.items() if u == user_id
+                         and k not in held]:
+                del self._remote[gone]
+            leases = [self.leases.get(r.id) or self._elsewhere(r) for r in rows]
+            written = await asyncio.gather(*(_written(p) for p in leases))
+            left = (self.quota - stored - sum(written)
                     - sum(u.size for u in self.uploads if u.user_id == user_id))
             share = max(0, left) // max(1, len(leases))
-            for p in leases:
-                p.grant = written[p.lease] + share
-                if p.stored is None:
-                    continue
-                try:
-                    if p.cache is not None:
-                        await asyncio.to_thread(disk.set_limit, p.cache, p.limit())
-                    elif p.node is not None:
-                        await p.node.set_limit(p.limit())
-                except Exception as exc:  # its sandbox is going: nothing left to limit
-                    log.debug("limit of lease %d not changed: %s", p.lease, exc)
+            for p, w in zip(leases, written):
+                p.grant = w + share
+            await asyncio.gather(*(_set_limit(p) for p in leases if p.stored is not None))
+            await db.commit()
             return left
+
+    def _elsewhere(self, row: WorkspaceLease) -> MountPlan:
+        """A lease of another replica (or of one gone): its mount, if made, through its node's
+        agent; one not mounted yet has written nothing and takes its limit when mounted."""
+        node = self._remote.get(row.id, (row.user_id, None))[1]
+        if node is None and self.remote_cache is not None and row.sandbox_id and row.node_name:
+            node = self.remote_cache(row.sandbox_id, row.node_name)
+            self._remote[row.id] = (row.user_id, node)
+        return MountPlan(row.workspace_id, False, user_id=row.user_id, lease=row.id,
+                         stored=row.stored if node is not None else None, node=node)
 
     async def free_quota(self, user_id: str) -> int:
         """What of the user's quota neither stored files, running mounts' writes nor sized
@@ -252,49 +285,153 @@ class Workspaces:
         for user_id in set(self.touched.values()):
             await self._settle_uploads(user_id)
 
-    def adopt(self, workspace_id: str, user_id: str) -> MountPlan:
+    async def adopt(self, workspace_id: str, user_id: str, sandbox_id: str) -> MountPlan:
         """The lease of a sandbox found running at start. What it had at mount is not known:
         its limit stays as it was set, and all of its cache counts as written."""
-        return self._lease(MountPlan(workspace_id, False, user_id=user_id, stored=None))
+        return await self._lease(MountPlan(workspace_id, False, user_id=user_id, stored=None),
+                                 sandbox_id=sandbox_id, adopted=True)
 
-    def _lease(self, plan: MountPlan) -> MountPlan:
-        self._next_lease += 1
-        plan.lease = self._next_lease
+    async def _lease(self, plan: MountPlan, sandbox_id: str | None = None,
+                     adopted: bool = False) -> MountPlan:
+        """Hold the workspace for a sandbox (WorkspaceBusy while it is being deleted): checked
+        and written under the user's lock, which a delete through any replica takes too, so
+        that one of the two sees the other."""
+        async with self._leasing, self.sessions() as db:
+            await locks.lock_user(db, locks.WORKSPACES, plan.user_id)
+            ws = await db.get(Workspace, plan.workspace_id, populate_existing=True)
+            if ws is None or (_deleting(ws) and not adopted):
+                raise WorkspaceBusy(f"workspace {plan.workspace_id} is being deleted")
+            plan.lease = new_id("wls")
+            db.add(WorkspaceLease(id=plan.lease, workspace_id=plan.workspace_id,
+                                  user_id=plan.user_id, replica=self.replica,
+                                  sandbox_id=sandbox_id, stored=plan.stored,
+                                  created_at=utcnow()))
+            await db.commit()
         self.leases[plan.lease] = plan
         return plan
 
-    def release(self, plan: MountPlan) -> None:
+    async def bind(self, plan: MountPlan, sandbox_id: str, node_name: str) -> None:
+        """Kubernetes: the lease's sandbox and the node mounting it (written before the
+        mount), where every replica measures and limits that mount."""
+        async with self.sessions() as db:
+            await db.execute(update(WorkspaceLease).where(WorkspaceLease.id == plan.lease)
+                             .values(sandbox_id=sandbox_id, node_name=node_name))
+            await db.commit()
+
+    async def mounted(self, plan: MountPlan) -> None:
+        """Kubernetes: the mount is made: the user's quota is shared again, with the limits of
+        every replica's mounts, this one's among them (another replica's share since this
+        one was planned saw it unmounted and could not set it)."""
+        try:
+            await self._share(plan.user_id)
+        except Exception as exc:  # the next share sets it
+            log.warning("sharing the quota of %s after a mount failed: %s", plan.user_id, exc)
+
+    async def release(self, plan: MountPlan) -> None:
+        """A lease let go of without its sandbox (a create that failed); whatever cancels
+        the caller, the row goes."""
+        self.leases.pop(plan.lease, None)
+        await asyncio.shield(self._drop([plan.lease]))
+
+    def forget(self, plan: MountPlan) -> None:
+        """This process no longer holds the lease; its row stays (another replica ends it)."""
         self.leases.pop(plan.lease, None)
 
-    def leased(self, workspace_id: str) -> bool:
-        """Whether a sandbox has the workspace, or is being created with it."""
-        return any(p.workspace_id == workspace_id and not p.ended
-                   for p in self.leases.values())
+    async def _drop(self, lease_ids: list[str]) -> None:
+        async with self.sessions() as db:
+            await db.execute(delete(WorkspaceLease).where(WorkspaceLease.id.in_(lease_ids)))
+            await db.commit()
+
+    async def _ending(self, workspace_id: str) -> bool:
+        """Whether a sandbox of the workspace ended and its count is not in yet."""
+        async with self.sessions() as db:
+            return bool(await db.scalar(select(func.count()).select_from(WorkspaceLease)
+                                        .where(WorkspaceLease.workspace_id == workspace_id,
+                                               WorkspaceLease.ended)))
+
+    async def in_use(self, workspace_ids: list[str]) -> set[str]:
+        """Of these workspaces, those a sandbox has or is being created with (any replica's)."""
+        async with self.sessions() as db:
+            return await _in_use(db, workspace_ids)
 
     async def ended(self, plan: MountPlan) -> None:
         """A sandbox that had the workspace is gone (its files all in S3): count the workspace
         again, then give its grant back (not before: the count is what the next mount sees)."""
-        plan.ended = True  # the workspace may be deleted now
-        try:
-            await self.refresh_usage(plan.workspace_id)
-        finally:
-            self.release(plan)
-        await self._share(plan.user_id)  # the others get its part
+        plan.ended = True
+        await self._end([plan.lease], plan.workspace_id, plan.user_id)
 
-    async def delete(self, workspace_id: str) -> None:
-        """Every object and the row; WorkspaceBusy while a sandbox has it or mounts it."""
-        busy = WorkspaceBusy(f"workspace {workspace_id} is mounted by a sandbox: delete the "
-                             "sandbox first")
-        if self.leased(workspace_id) or workspace_id in self.deleting:
-            raise busy
-        self.deleting.add(workspace_id)  # before any await: a create here now sees it
+    async def sandbox_gone(self, sandbox_id: str, workspace_id: str, user_id: str) -> None:
+        """`ended` for the leases of a sandbox, whichever replica made them (Kubernetes: the
+        replica that tore the sandbox down, its files all in S3)."""
+        async with self.sessions() as db:
+            ids = list((await db.execute(select(WorkspaceLease.id).where(
+                WorkspaceLease.sandbox_id == sandbox_id))).scalars())
+        for lease in ids:
+            self.leases.pop(lease, None)
+        await self._end(ids, workspace_id, user_id)
+
+    async def _end(self, lease_ids: list[str], workspace_id: str, user_id: str) -> None:
+        async with self.sessions() as db:  # the workspace may be deleted now
+            await db.execute(update(WorkspaceLease).where(WorkspaceLease.id.in_(lease_ids))
+                             .values(ended=True))
+            await db.commit()
         try:
-            if self.in_use_elsewhere is not None and await self.in_use_elsewhere(workspace_id):
-                raise busy
+            await self.refresh_usage(workspace_id)
+        finally:
+            for lease in lease_ids:
+                self.leases.pop(lease, None)
+            await self._drop(lease_ids)
+        await self._share(user_id)  # the others get its part
+
+    async def sweep(self, replica_gone: Callable[[int | None], Awaitable[bool]]) -> None:
+        """Kubernetes, the leader: leases left by a replica that died, ended. One with no
+        sandbox yet is of a create that died with its replica; one whose sandbox is no longer
+        live was not ended because its replica died after the teardown."""
+        async with self.sessions() as db:
+            rows = list((await db.execute(select(WorkspaceLease))).scalars())
+            live = set((await db.execute(select(Sandbox.id).where(
+                Sandbox.id.in_([r.sandbox_id for r in rows if r.sandbox_id]),
+                Sandbox.state.in_([s.value for s in LIVE])))).scalars())
+        for r in rows:
+            if r.id in self.leases or (r.sandbox_id in live):
+                continue
+            if r.sandbox_id is None and not await replica_gone(r.replica):
+                continue  # a create under way
+            log.info("ending lease %s of workspace %s: its sandbox %s is gone", r.id,
+                     r.workspace_id, r.sandbox_id or "(never made)")
+            await self._end([r.id], r.workspace_id, r.user_id)
+
+    async def delete(self, workspace_id: str, user_id: str) -> None:
+        """Every object and the row; WorkspaceBusy while a sandbox has it or mounts it. Marked
+        as being deleted under the user's lock (leases check the mark under it), so that a
+        create through another replica cannot lease it in the middle."""
+        async with self._leasing, self.sessions() as db:
+            await locks.lock_user(db, locks.WORKSPACES, user_id)
+            ws = await db.get(Workspace, workspace_id, populate_existing=True)
+            if ws is None:
+                return
+            if workspace_id in await _in_use(db, [workspace_id]):
+                raise WorkspaceBusy(f"workspace {workspace_id} is mounted by a sandbox: delete "
+                                    "the sandbox first")
+            if _deleting(ws):
+                raise WorkspaceBusy(f"workspace {workspace_id} is being deleted")
+            ws.deleting_at = utcnow()
+            await db.commit()
+        try:
             await s3.run(self.store.delete_all, workspace_id)
             await self.registry.delete(workspace_id)
-        finally:
-            self.deleting.discard(workspace_id)
+        except BaseException:
+            await asyncio.shield(self._unmark(workspace_id))
+            raise
+
+    async def _unmark(self, workspace_id: str) -> None:
+        try:
+            async with self.sessions() as db:
+                await db.execute(update(Workspace).where(Workspace.id == workspace_id)
+                                 .values(deleting_at=None))
+                await db.commit()
+        except Exception as exc:  # stale after DELETE_STALE
+            log.warning("workspace %s stays marked as being deleted: %s", workspace_id, exc)
 
     async def answers(self) -> bool:
         """Whether the S3 store answers at all (a refused upload is then S3 refusing it)."""
@@ -319,6 +456,30 @@ class NodeCache(Protocol):
     async def set_limit(self, limit: int) -> None: ...
 
     async def allocated(self) -> int: ...
+
+
+def _deleting(ws: Workspace) -> bool:
+    return ws.deleting_at is not None and utcnow() - aware(ws.deleting_at) < DELETE_STALE
+
+
+async def _in_use(db, workspace_ids: list[str]) -> set[str]:
+    """Workspaces with a lease not ended, or a live sandbox (of any replica) mounting them."""
+    leased = (await db.execute(select(WorkspaceLease.workspace_id).where(
+        WorkspaceLease.workspace_id.in_(workspace_ids), ~WorkspaceLease.ended))).scalars()
+    mounted = (await db.execute(select(Sandbox.workspace_id).where(
+        Sandbox.workspace_id.in_(workspace_ids),
+        Sandbox.state.in_([s.value for s in LIVE])))).scalars()
+    return set(leased) | set(mounted)
+
+
+async def _set_limit(plan: MountPlan) -> None:
+    try:
+        if plan.cache is not None:
+            await asyncio.to_thread(disk.set_limit, plan.cache, plan.limit())
+        elif plan.node is not None:
+            await plan.node.set_limit(plan.limit())
+    except Exception as exc:  # its sandbox is going: nothing left to limit
+        log.debug("limit of lease %s not changed: %s", plan.lease, exc)
 
 
 async def _written(plan: MountPlan) -> int:

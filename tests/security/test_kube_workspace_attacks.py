@@ -2,18 +2,19 @@
 real test cluster with the node agent and a real S3 server (tests/kube/cluster.py `wserver`):
 as code inside a sandbox pod (the store's keys and the agent's token are nowhere in it; the
 agent, which this cluster's CNI lets pods reach, refuses it), as a tenant (another tenant's
-scope of the same name is another workspace), and as anyone on the nodes' network (the agent
+scope of the same name is another workspace; the quota holds across replicas), and as anyone on the nodes' network (the agent
 answers only the replicas' token, and only for sandbox ids)."""
 
 from __future__ import annotations
 
 import secrets
+import time
 
 import httpx
 import pytest
 
 from tests.e2e.test_workspaces import As, scope
-from tests.kube.cluster import agent_mounts
+from tests.kube.cluster import WS_QUOTA_MIB as QUOTA_MIB, agent_mounts, replica_of
 
 pytestmark = pytest.mark.kube  # one cluster per machine: run apart from xdist (Makefile)
 
@@ -86,3 +87,38 @@ def test_the_node_agent_answers_only_the_replicas_token(wserver):
         r = httpx.put(f"{url}/sbx_abc", json=body, headers=good)
         assert r.status_code == 400, (body, r.text)
     assert "sbx_abc" not in {m["sandbox_id"] for m in agent_mounts(wserver)}
+
+
+def test_a_tenant_does_not_pass_the_quota_through_two_replicas(wserver):
+    """The user's quota is shared among the mounts of every replica: a second mount, made
+    through another replica, gets only a share of what the first left (before, each replica
+    shared the quota among its own mounts, and a tenant whose creates a load balancer spread
+    over R replicas could store R times the quota)."""
+    other = replica_of(wserver, "share")
+    other.cleanup()
+    other.start()
+    key = wserver.create_user(f"share{secrets.token_hex(4)}@example.com")
+    one, two = As(wserver.url, key), As(other.url, key)
+    try:
+        first = one.create(scope("kshare1"))["vm_id"]
+        one.sh(first, "head -c 40M /dev/urandom > big.bin && sync")
+        second = two.create(scope("kshare2"))["vm_id"]
+        r = two.sh(second, "head -c 40M /dev/urandom > big.bin", check=False)
+        assert r.exit_code != 0, f"80 MiB in all were written under a {QUOTA_MIB} MiB quota"
+        assert "No space left on device" in r.stderr or "quota" in r.stderr, r.stderr
+        two.sh(second, "rm -f big.bin")
+        # the first mount, limited through its node's agent by the other replica, keeps all
+        assert one.sh(first, "stat -c %s big.bin").stdout.strip() == str(40 << 20)
+        # ended through the replica that did not make it: its lease ends, and the share of
+        # the quota it held (24 MiB left once its 40 MiB are counted) goes to the second
+        two.destroy(first)
+        deadline = time.monotonic() + 60
+        while two.sh(second, "head -c 16M /dev/urandom > more.bin || { rm -f more.bin; false; }",
+                     check=False).exit_code != 0:
+            assert time.monotonic() < deadline, "the ended mount's share was not given back"
+            time.sleep(1)
+        two.destroy(second)
+    finally:
+        one.close()
+        two.close()
+        other.cleanup()  # stopped, and its directory gone
