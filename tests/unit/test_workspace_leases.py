@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from datetime import timedelta
 
@@ -92,10 +91,7 @@ async def mount(ws: Workspaces, agent: Agent, user: str, name: str, sandbox_id: 
 
 
 async def test_mounts_through_two_replicas_share_one_quota(tmp_path):
-    made = await stores.migrated_pg(f"ws_share_{worker()}")
-    if made is None:
-        pytest.skip("E2A_TEST_PG_URL not set (make test starts PostgreSQL and sets it)")
-    engine, sessions, (user, _) = made
+    engine, sessions, (user, _) = await stores.either("postgresql", tmp_path, "ws_share")
     try:
         agent, store = Agent(), Store()
         one, two = (replica(sessions, tmp_path, k, agent, store) for k in (1, 2))
@@ -123,10 +119,7 @@ async def test_mounts_through_two_replicas_share_one_quota(tmp_path):
 
 
 async def test_a_delete_and_a_create_through_two_replicas_never_both_go_through(tmp_path):
-    made = await stores.migrated_pg(f"ws_delete_{worker()}")
-    if made is None:
-        pytest.skip("E2A_TEST_PG_URL not set (make test starts PostgreSQL and sets it)")
-    engine, sessions, (user, _) = made
+    engine, sessions, (user, _) = await stores.either("postgresql", tmp_path, "ws_delete")
     try:
         agent, store = Agent(), Store()
         one = replica(sessions, tmp_path, 1, agent, store)
@@ -252,7 +245,3 @@ def slow_gets(sessions, delay: float):
 async def leases(sessions) -> int:
     async with sessions() as db:
         return await db.scalar(select(func.count()).select_from(WorkspaceLease))
-
-
-def worker() -> str:
-    return os.environ.get("PYTEST_XDIST_WORKER", "gw0")
