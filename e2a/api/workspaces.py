@@ -14,6 +14,7 @@ from e2a.api.deps import current_user
 from e2a.api.errors import ApiError
 from e2a.auth import Caller
 from e2a.sandboxes.records import aware
+from e2a.store import locks
 from e2a.store.models import Workspace
 from e2a.workspaces import s3, scope
 from e2a.workspaces.service import QuotaExceeded, WorkspaceBusy, Workspaces
@@ -178,6 +179,9 @@ async def presign(workspace_id: str, req: PresignIn, user: Caller = Depends(curr
         except QuotaExceeded as exc:
             raise ApiError(507, "quota_exceeded", f"the upload does not fit the storage quota "
                            f"({exc.free} bytes left of {ws.quota})", "size") from None
+        except locks.LockBusy:
+            raise ApiError(503, "workspace_busy", "another call of this user is sharing its "
+                           "quota; try again") from None
     elif req.size is not None:
         raise ApiError(400, "invalid_field", "size applies to PUT only", "size")
     url = await store_call(ws.store.presign, row.id, path, req.method, req.expires_in,
@@ -208,6 +212,9 @@ async def delete_workspace(workspace_id: str, user: Caller = Depends(current_use
         await ws.delete(row.id, user.id)
     except WorkspaceBusy as exc:
         raise ApiError(409, "workspace_in_use", str(exc), "workspace_id") from exc
+    except locks.LockBusy:
+        raise ApiError(503, "workspace_busy", "a create or delete of this user's workspaces "
+                       "holds them; try again") from None
     except Exception as exc:
         raise ApiError(503, "storage_unavailable",
                        f"the workspace store did not answer: {exc.__class__.__name__}") from exc

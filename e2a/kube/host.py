@@ -313,6 +313,8 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
             sb.workspace, sb.workspace_id = workspace, workspace.workspace_id
         try:
             try:
+                if workspace is not None:  # before its row: whoever ends it ends the lease
+                    await self.workspaces.bind(workspace, sb.id)
                 await self.records.insert(self._row(sb, spec.env_vars),
                                           "create" if spec.user_id else "warm_pool",
                                           user_cap=self.settings.max_sandboxes_per_user)
@@ -852,7 +854,7 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
             await self.cluster.delete_sandbox(name)
         if self.mounts.enabled:
             await self._sweep_mounts()
-            await self.workspaces.sweep(self.replica.gone)
+            await self.workspaces.sweep(self.replica.gone, self._releasing)
 
     async def _sweep_mounts(self) -> None:
         """A workspace mount left on a node by a sandbox no longer live (its e2a died between

@@ -151,13 +151,18 @@ class AgentCache:
         return self._address
 
     async def set_limit(self, limit: int) -> None:
-        await self.mounts._call(await self._agent(), "PUT", self.sandbox_id, "/limit",
-                                {"limit": limit}, QUICK_TIMEOUT)
+        await self._call("PUT", "/limit", {"limit": limit})
 
     async def allocated(self) -> int:
-        answer = await self.mounts._call(await self._agent(), "GET", self.sandbox_id,
-                                         "/written", None, QUICK_TIMEOUT)
-        return int(answer["bytes"])
+        return int((await self._call("GET", "/written", None))["bytes"])
+
+    async def _call(self, method: str, path: str, body: dict | None) -> dict:
+        try:
+            return await self.mounts._call(await self._agent(), method, self.sandbox_id, path,
+                                           body, QUICK_TIMEOUT)
+        except Exception:
+            self._address = None  # the node may be back under a new address: looked up again
+            raise
 
 
 def pod_requests(plan: manifests.PodPlan) -> tuple[int, int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -34,6 +35,10 @@ REMOTE = "ws"  # the S3 remote's name in each mount's environment
 # A delete's mark older than this is of a replica that died in the middle of it: another
 # delete may go on, and creates are no longer refused for it.
 DELETE_STALE = timedelta(minutes=15)
+DELETE_HEARTBEAT = 60.0  # a delete under way renews its mark this often (seconds)
+# The end of a destroyed sandbox's lease is its teardown's; the leader's sweep ends it only
+# once it is this late (that replica died, or the end failed).
+LEASE_END_GRACE = timedelta(minutes=2)
 
 
 class WorkspaceBusy(Exception):
@@ -73,6 +78,7 @@ class MountPlan:
     grant: int = 0     # of the user's free quota, the part this mount may fill
     lease: str = ""    # its row (WorkspaceLease) and key in Workspaces.leases
     stored: int | None = 0  # the workspace's bytes as counted at mount (None: not known)
+    since: float = 0.0  # monotonic time its row was in (a share that read before misses it)
     cache: Path | None = None  # the mount's cache volume, once made (resources.WorkspaceMount)
     node: "NodeCache | None" = None  # or, on Kubernetes, its node agent's (kube/node_mounts.py)
     ended: bool = False  # its sandbox is gone; held only until the workspace is counted again
@@ -107,7 +113,10 @@ class Workspaces:
         # Here: this process's leases, with their mounts' caches.
         self.leases: dict[str, MountPlan] = {}
         self._leasing = asyncio.Lock()  # this process's leases and deletes, in turn
-        self._sharing = asyncio.Lock()
+        self._sharing: weakref.WeakValueDictionary[str, asyncio.Lock] = \
+            weakref.WeakValueDictionary()  # one share of a user at a time, by user
+        self._sweeping: set[str] = set()  # leases the sweep is ending
+        self._tasks: set[asyncio.Task] = set()
         self._claiming = asyncio.Lock()
         # Sized presigned PUTs whose bytes are not in S3 yet: they hold their part of the
         # quota until the file is there (then its count holds it) or the URL expires.
@@ -135,9 +144,11 @@ class Workspaces:
         """`only_process`: no other e2a shares the database (the embedded backend): the leases
         in it are all of the process before this one, whose sandboxes are adopted again
         (`adopt`) or were not kept."""
-        if only_process:
+        if only_process:  # ... and its deletes' marks (a delete cut off is tried again)
             async with self.sessions() as db:
                 await db.execute(delete(WorkspaceLease))
+                await db.execute(update(Workspace).where(Workspace.deleting_at.is_not(None))
+                                 .values(deleting_at=None))
                 await db.commit()
         if self.server is not None:
             await self.server.start()
@@ -147,6 +158,8 @@ class Workspaces:
     async def stop(self, mounts_left: bool) -> None:
         """The embedded server stays up while a sandbox still has its workspace mounted: the
         mount may still be uploading, and the sandbox is adopted at the next start."""
+        for task in list(self._tasks):  # the sweep's ends: the next leader's sweep redoes them
+            task.cancel()
         if self.server is not None and not mounts_left:
             await self.server.stop()
 
@@ -193,16 +206,20 @@ class Workspaces:
         """Share the user's free quota among their leases: each keeps what it has written and
         gets an equal part of what is left; the limits of mounts already running are changed
         to match. Returns what is left unwritten (for presigned PUTs)."""
-        async with self._sharing, self.sessions() as db:
+        lock = self._sharing.get(user_id)
+        if lock is None:
+            lock = self._sharing[user_id] = asyncio.Lock()
+        async with lock, self.sessions() as db:
             # every replica's leases of the user, shared by one replica at a time
             await locks.lock_user(db, locks.QUOTA_SHARE, user_id)
+            began = time.monotonic()
             rows = list((await db.execute(select(WorkspaceLease).where(
                 WorkspaceLease.user_id == user_id))).scalars())
             stored = int(await db.scalar(select(func.coalesce(func.sum(
                 Workspace.bytes_used), 0)).where(Workspace.user_id == user_id)))
             held = {r.id for r in rows}
             for gone in [k for k, p in self.leases.items() if p.user_id == user_id
-                         and k not in held]:  # ended through another replica
+                         and k not in held and p.since < began]:  # ended elsewhere
                 del self.leases[gone]
             for gone in [k for k, (u, _) in self._remote.items() if u == user_id
                          and k not in held]:
@@ -307,25 +324,30 @@ class Workspaces:
                                   sandbox_id=sandbox_id, stored=plan.stored,
                                   created_at=utcnow()))
             await db.commit()
+        plan.since = time.monotonic()
         self.leases[plan.lease] = plan
         return plan
 
-    async def bind(self, plan: MountPlan, sandbox_id: str, node_name: str) -> None:
-        """Kubernetes: the lease's sandbox and the node mounting it (written before the
-        mount), where every replica measures and limits that mount."""
+    async def bind(self, plan: MountPlan, sandbox_id: str, node_name: str | None = None
+                   ) -> None:
+        """Kubernetes: the lease's sandbox (before its row: whichever replica ends the
+        sandbox ends the lease), then the node mounting it (before the mount: where every
+        replica measures and limits that mount)."""
+        values = {"sandbox_id": sandbox_id, **({"node_name": node_name} if node_name else {})}
         async with self.sessions() as db:
             await db.execute(update(WorkspaceLease).where(WorkspaceLease.id == plan.lease)
-                             .values(sandbox_id=sandbox_id, node_name=node_name))
+                             .values(**values))
             await db.commit()
 
     async def mounted(self, plan: MountPlan) -> None:
         """Kubernetes: the mount is made: the user's quota is shared again, with the limits of
         every replica's mounts, this one's among them (another replica's share since this
-        one was planned saw it unmounted and could not set it)."""
+        one was planned saw it unmounted and could not set it). If it cannot be, the create
+        fails (Unavailable): the mount's planned limit may be more than its share now."""
         try:
             await self._share(plan.user_id)
-        except Exception as exc:  # the next share sets it
-            log.warning("sharing the quota of %s after a mount failed: %s", plan.user_id, exc)
+        except Exception as exc:
+            raise Unavailable(f"the workspace quota could not be shared: {exc}") from exc
 
     async def release(self, plan: MountPlan) -> None:
         """A lease let go of without its sandbox (a create that failed); whatever cancels
@@ -371,11 +393,11 @@ class Workspaces:
         await self._end(ids, workspace_id, user_id)
 
     async def _end(self, lease_ids: list[str], workspace_id: str, user_id: str) -> None:
-        async with self.sessions() as db:  # the workspace may be deleted now
-            await db.execute(update(WorkspaceLease).where(WorkspaceLease.id.in_(lease_ids))
-                             .values(ended=True))
-            await db.commit()
         try:
+            async with self.sessions() as db:  # the workspace may be deleted now
+                await db.execute(update(WorkspaceLease)
+                                 .where(WorkspaceLease.id.in_(lease_ids)).values(ended=True))
+                await db.commit()
             await self.refresh_usage(workspace_id)
         finally:
             for lease in lease_ids:
@@ -383,23 +405,43 @@ class Workspaces:
             await self._drop(lease_ids)
         await self._share(user_id)  # the others get its part
 
-    async def sweep(self, replica_gone: Callable[[int | None], Awaitable[bool]]) -> None:
-        """Kubernetes, the leader: leases left by a replica that died, ended. One with no
-        sandbox yet is of a create that died with its replica; one whose sandbox is no longer
-        live was not ended because its replica died after the teardown."""
+    async def sweep(self, replica_gone: Callable[[int | None], Awaitable[bool]],
+                    releasing: set[str]) -> None:
+        """Kubernetes, the leader: leases nobody will end, ended in the background (each
+        counts a workspace). One whose sandbox was destroyed a while ago (its teardown's
+        replica died before the end, or the end failed); one with no sandbox row whose
+        replica is gone (a create that died with it). Not one whose sandbox's leftover mount
+        is still being uploaded (`releasing`): it is counted after."""
         async with self.sessions() as db:
             rows = list((await db.execute(select(WorkspaceLease))).scalars())
-            live = set((await db.execute(select(Sandbox.id).where(
-                Sandbox.id.in_([r.sandbox_id for r in rows if r.sandbox_id]),
-                Sandbox.state.in_([s.value for s in LIVE])))).scalars())
+            sandboxes = {sid: (state, destroyed_at) for sid, state, destroyed_at in (
+                await db.execute(select(Sandbox.id, Sandbox.state, Sandbox.destroyed_at).where(
+                    Sandbox.id.in_([r.sandbox_id for r in rows if r.sandbox_id]))))}
+        now = utcnow()
         for r in rows:
-            if r.id in self.leases or (r.sandbox_id in live):
+            if r.id in self._sweeping or r.sandbox_id in releasing:
                 continue
-            if r.sandbox_id is None and not await replica_gone(r.replica):
-                continue  # a create under way
+            state, destroyed_at = sandboxes.get(r.sandbox_id, (None, None))
+            if state is None:  # no row: a create under way, unless its replica is gone
+                if not await replica_gone(r.replica):
+                    continue
+            elif state in {s.value for s in LIVE} or destroyed_at is None \
+                    or now - aware(destroyed_at) < LEASE_END_GRACE:
+                continue  # its sandbox runs, or its teardown is ending it now
             log.info("ending lease %s of workspace %s: its sandbox %s is gone", r.id,
                      r.workspace_id, r.sandbox_id or "(never made)")
-            await self._end([r.id], r.workspace_id, r.user_id)
+            self._sweeping.add(r.id)
+            task = asyncio.create_task(self._end_swept(r))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _end_swept(self, row: WorkspaceLease) -> None:
+        try:
+            await self._end([row.id], row.workspace_id, row.user_id)
+        except Exception as exc:  # the next sweep tries again
+            log.warning("ending lease %s failed: %s", row.id, exc)
+        finally:
+            self._sweeping.discard(row.id)
 
     async def delete(self, workspace_id: str, user_id: str) -> None:
         """Every object and the row; WorkspaceBusy while a sandbox has it or mounts it. Marked
@@ -417,21 +459,31 @@ class Workspaces:
                 raise WorkspaceBusy(f"workspace {workspace_id} is being deleted")
             ws.deleting_at = utcnow()
             await db.commit()
+        heartbeat = asyncio.create_task(self._renew_mark(workspace_id))
         try:
             await s3.run(self.store.delete_all, workspace_id)
             await self.registry.delete(workspace_id)
-        except BaseException:
-            await asyncio.shield(self._unmark(workspace_id))
+        except Exception:
+            heartbeat.cancel()
+            await self._mark(workspace_id, None)  # not deleted: usable again
             raise
+        finally:  # cancelled (e2a stopping): the objects may still be going, the mark stays
+            heartbeat.cancel()
 
-    async def _unmark(self, workspace_id: str) -> None:
+    async def _renew_mark(self, workspace_id: str) -> None:
+        """A long delete (millions of objects) renews its mark: never taken for stale."""
+        while True:
+            await asyncio.sleep(DELETE_HEARTBEAT)
+            await self._mark(workspace_id, utcnow())
+
+    async def _mark(self, workspace_id: str, at: datetime | None) -> None:
         try:
             async with self.sessions() as db:
                 await db.execute(update(Workspace).where(Workspace.id == workspace_id)
-                                 .values(deleting_at=None))
+                                 .values(deleting_at=at))
                 await db.commit()
         except Exception as exc:  # stale after DELETE_STALE
-            log.warning("workspace %s stays marked as being deleted: %s", workspace_id, exc)
+            log.warning("marking workspace %s (%s) failed: %s", workspace_id, at, exc)
 
     async def answers(self) -> bool:
         """Whether the S3 store answers at all (a refused upload is then S3 refusing it)."""
