@@ -239,9 +239,28 @@ class Server:
         except (OSError, ValueError):
             return None
 
+    def stale_server_pids(self) -> list[int]:
+        """e2a servers on this instance's data directory that this process did not start: a
+        run interrupted before its teardown left them, and they reap and pool on it still."""
+        mine = f"E2A_DATA_DIR={self.base / 'data'}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                serving = b"serve" in (entry / "cmdline").read_bytes().split(b"\0")
+                if serving and mine in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+        return found
+
     def cleanup(self) -> None:
         """Remove whatever this instance left, even after a failed test (test hygiene only)."""
         self.stop()
+        for pid in self.stale_server_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         subprocess.run(["pkill", "-9", "-f", f"root={self.run_dir}/runsc"], capture_output=True)
         for pid in self.mount_pids() + [self.s3_server_pid() or 0]:
             if not pid:
