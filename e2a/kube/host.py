@@ -674,6 +674,8 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
         self._flushed.pop(sb.id, None)
         # counted again now that all is in S3; then its lease ends (made here, mounted or
         # not; or by another replica, found by the sandbox)
+        if sb.workspace_id is not None:
+            await self.workspaces.mark_ended(sb.id, sb.workspace)
         if sb.workspace is not None:
             self._in_background(self.workspaces.ended(sb.workspace))
         elif sb.workspace_id is not None:

@@ -810,6 +810,7 @@ class Manager(Lifecycle, Connections, SandboxHost):
         self._unstuck(sb)
         self._release(sb)
         if sb.plan.workspace:  # counted again now that all is in S3; its lease ends after that
+            await self.workspaces.mark_ended(sb.id, sb.plan.workspace)
             self._in_background(self.workspaces.ended(sb.plan.workspace))
         await self._destroyed(sb, reason, detail)
 

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Awaitable, Callable, Protocol
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 
 from e2a.ids import new_id
 from e2a.refusal import Refusal
@@ -375,6 +375,22 @@ class Workspaces:
         """Of these workspaces, those a sandbox has or is being created with (any replica's)."""
         async with self.sessions() as db:
             return await _in_use(db, workspace_ids)
+
+    async def mark_ended(self, sandbox_id: str, plan: MountPlan | None) -> None:
+        """The sandbox is gone, its files all in S3: its leases (`plan`, this replica's, and
+        any naming the sandbox) no longer keep the workspace from a delete, at once (before
+        its `destroyed` is answered); they hold their share of the quota until the workspace
+        is counted again (`ended`, `sandbox_gone`: in the background)."""
+        which = WorkspaceLease.sandbox_id == sandbox_id
+        if plan is not None:
+            plan.ended = True
+            which = or_(which, WorkspaceLease.id == plan.lease)
+        try:
+            async with self.sessions() as db:
+                await db.execute(update(WorkspaceLease).where(which).values(ended=True))
+                await db.commit()
+        except Exception as exc:  # `ended` marks it again
+            log.warning("marking the leases of %s ended failed: %s", sandbox_id, exc)
 
     async def ended(self, plan: MountPlan) -> None:
         """A sandbox that had the workspace is gone (its files all in S3): count the workspace

@@ -193,6 +193,24 @@ async def test_a_workspace_being_deleted_is_not_leased(tmp_path):
         await engine.dispose()
 
 
+async def test_a_destroyed_sandboxs_workspace_may_be_deleted_at_once(tmp_path):
+    """The teardown marks its lease ended before `destroyed` is answered (a DELETE of the
+    workspace right after is not refused); the lease holds its share until the count."""
+    engine, sessions, (user, _) = await stores.migrated(stores.sqlite_url(tmp_path))
+    try:
+        ws = replica(sessions, tmp_path, None, Agent(), Store())
+        plan = await ws.plan(Scope(user))
+        assert await ws.in_use([plan.workspace_id]) == {plan.workspace_id}
+        await ws.mark_ended("sbx_gone", plan)
+        assert await ws.in_use([plan.workspace_id]) == set()
+        assert await leases(sessions) == 1  # counted in the share until `ended`
+        await ws.ended(plan)
+        assert await leases(sessions) == 0
+        await ws.delete(plan.workspace_id, user)
+    finally:
+        await engine.dispose()
+
+
 async def test_a_lease_made_while_a_share_runs_keeps_its_grant(tmp_path):
     """A share reads the leases, then a create's lease goes in before the share is done: the
     share must not take the new lease for one ended elsewhere and forget it (the create's own
