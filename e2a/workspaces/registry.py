@@ -60,8 +60,13 @@ class Registry:
     async def stored_bytes(self, user_id: str) -> int:
         """The user's workspaces' bytes as last counted."""
         async with self.sessions() as db:
-            return int((await db.execute(select(func.coalesce(func.sum(
-                Workspace.bytes_used), 0)).where(Workspace.user_id == user_id))).scalar_one())
+            return int(await db.scalar(self.stored_query(user_id)))
+
+    @staticmethod
+    def stored_query(user_id: str):
+        """The query of `stored_bytes`, for a caller's own session (the quota share's)."""
+        return select(func.coalesce(func.sum(Workspace.bytes_used), 0)).where(
+            Workspace.user_id == user_id)
 
     async def record_usage(self, workspace_id: str, usage: Usage) -> None:
         async with self.sessions() as db:

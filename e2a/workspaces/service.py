@@ -81,7 +81,6 @@ class MountPlan:
     since: float = 0.0  # monotonic time its row was in (a share that read before misses it)
     cache: Path | None = None  # the mount's cache volume, once made (resources.WorkspaceMount)
     node: "NodeCache | None" = None  # or, on Kubernetes, its node agent's (kube/node_mounts.py)
-    ended: bool = False  # its sandbox is gone; held only until the workspace is counted again
 
     def limit(self) -> int:
         """Bytes the mount's cache may hold now (registry.cache_limit)."""
@@ -215,8 +214,7 @@ class Workspaces:
             began = time.monotonic()
             rows = list((await db.execute(select(WorkspaceLease).where(
                 WorkspaceLease.user_id == user_id))).scalars())
-            stored = int(await db.scalar(select(func.coalesce(func.sum(
-                Workspace.bytes_used), 0)).where(Workspace.user_id == user_id)))
+            stored = int(await db.scalar(Registry.stored_query(user_id)))
             held = {r.id for r in rows}
             for gone in [k for k, p in self.leases.items() if p.user_id == user_id
                          and k not in held and p.since < began]:  # ended elsewhere
@@ -383,7 +381,6 @@ class Workspaces:
         is counted again (`ended`, `sandbox_gone`: in the background)."""
         which = WorkspaceLease.sandbox_id == sandbox_id
         if plan is not None:
-            plan.ended = True
             which = or_(which, WorkspaceLease.id == plan.lease)
         try:
             async with self.sessions() as db:
@@ -395,7 +392,6 @@ class Workspaces:
     async def ended(self, plan: MountPlan) -> None:
         """A sandbox that had the workspace is gone (its files all in S3): count the workspace
         again, then give its grant back (not before: the count is what the next mount sees)."""
-        plan.ended = True
         await self._end([plan.lease], plan.workspace_id, plan.user_id)
 
     async def sandbox_gone(self, sandbox_id: str, workspace_id: str, user_id: str) -> None:
