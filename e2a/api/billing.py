@@ -51,7 +51,8 @@ class BalanceOut(BaseModel):
 
 class TransactionOut(BaseModel):
     id: str = Field(description="txn_…")
-    amount: float = Field(description="credits; negative for usage")
+    amount: float = Field(description="credits; negative for usage (positive on the usage row "
+                                      "that gives back a charge past a sandbox's pause or end)")
     amount_micro: int
     description: str
     timestamp: datetime

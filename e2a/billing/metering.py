@@ -206,8 +206,8 @@ class Metering:
         if ev.to_state == "destroyed":
             meter.finished = True
             self._unpause(meter, ev.at)
-            self._charge(meter, meter.closed_ms, tick)
-            self._charge_paused(meter, meter.paused_byte_s, tick)
+            self._charge(meter, meter.closed_ms, tick, settled=True)
+            self._charge_paused(meter, meter.paused_byte_s, tick, settled=True)
         return meter
 
     @staticmethod
@@ -230,53 +230,70 @@ class Metering:
                     meter.closed_ms += ms_between(meter.open_since, end)
                 self._unpause(meter, end)
                 meter.open_since, meter.finished = None, True
+            # A meter not running (paused, or closed just now) knows its running time exactly.
             total = meter.closed_ms + (ms_between(meter.open_since, now)
                                        if meter.open_since is not None else 0)
-            self._charge(meter, total, tick)
+            self._charge(meter, total, tick, settled=meter.open_since is None)
             paused = meter.paused_byte_s + (
                 meter.paused_bytes * ms_between(meter.paused_since, now) // 1000
                 if meter.paused_since is not None else 0)
-            self._charge_paused(meter, paused, tick)
+            self._charge_paused(meter, paused, tick, settled=meter.paused_since is None)
 
     @staticmethod
-    def _charge(meter: SandboxMeter, total_ms: int, tick: Tick) -> None:
+    def _charge(meter: SandboxMeter, total_ms: int, tick: Tick, settled: bool = False) -> None:
         """Charge the meter up to `total_ms` of running, if that is more than it has paid:
-        its new mark (written with the tick) and the ledger row (posted with the tick)."""
+        its new mark (written with the tick) and the ledger row (posted with the tick).
+
+        `settled`: `total_ms` is exact (the sandbox is paused or destroyed), and what was
+        charged past it is given back. An event is stamped before its transaction commits, so
+        a tick in between reads the meter still open and charges up to its own `now`, beyond
+        the pause or destroy that ended the running."""
         done_ms = meter.billed_ms
-        if total_ms <= done_ms:
+        if total_ms == done_ms or (total_ms < done_ms and not settled):
             return
         cost = compute_cost(total_ms, meter.rate_num)
         amount = cost - meter.charged_micro
         delta_ms = total_ms - done_ms
         meter.billed_ms, meter.charged_micro = total_ms, cost
         vcpu = meter.vcpu_milli / 1000
+        if delta_ms > 0:
+            what = f"{delta_ms / 1000:.3f} s at {vcpu:g} vCPU and {meter.memory_mib} MiB"
+            ref = f"usage:{meter.sandbox_id}:{total_ms}"
+        else:
+            what = f"{-delta_ms / 1000:.3f} s charged after it stopped running, given back"
+            ref = f"usage:{meter.sandbox_id}:{done_ms}>{total_ms}"
         tick.entries.append(ledger.entry(
-            meter.user_id, -amount, "usage",
-            f"{meter.template} sandbox {meter.sandbox_id}: {delta_ms / 1000:.3f} s at "
-            f"{vcpu:g} vCPU and {meter.memory_mib} MiB",
-            ref=f"usage:{meter.sandbox_id}:{total_ms}", sandbox_id=meter.sandbox_id,
-            template=meter.template, vcpu_seconds=vcpu * delta_ms / 1000,
+            meter.user_id, -amount, "usage", f"{meter.template} sandbox {meter.sandbox_id}: "
+            f"{what}", ref=ref, sandbox_id=meter.sandbox_id, template=meter.template,
+            vcpu_seconds=vcpu * delta_ms / 1000,
             gib_seconds=meter.memory_mib / 1024 * delta_ms / 1000))
         tick.charged.add(meter.user_id)
 
-    def _charge_paused(self, meter: SandboxMeter, byte_s: int, tick: Tick) -> None:
-        """Charge the sandbox's paused disk up to `byte_s` byte-seconds, as `_charge` does. A
-        share worth less than a micro-credit waits for the next tick (an idle paused sandbox's
-        2 MiB come to one micro-credit every ~3 minutes): no rows of 0."""
+    def _charge_paused(self, meter: SandboxMeter, byte_s: int, tick: Tick,
+                       settled: bool = False) -> None:
+        """Charge the sandbox's paused disk up to `byte_s` byte-seconds, as `_charge` does
+        (`settled` too: a resume or destroy that committed late). A share worth less than a
+        micro-credit waits for the next tick (an idle paused sandbox's 2 MiB come to one
+        micro-credit every ~3 minutes): no rows of 0."""
         done = meter.storage_billed_byte_s
-        if byte_s <= done:
+        if byte_s == done or (byte_s < done and not settled):
             return
         cost = self.rates.storage_cost(byte_s)
         amount = cost - meter.storage_charged_micro
-        if amount <= 0:
-            return
+        forward = byte_s > done
+        if (forward and amount <= 0) or (not forward and amount >= 0):
+            return  # not a micro-credit's worth to charge or give back yet
         meter.storage_billed_byte_s, meter.storage_charged_micro = byte_s, cost
         gib_hours = (byte_s - done) / GIB / 3600
+        if forward:
+            what, ref = f"{gib_hours:.6f} GiB-hours on disk", f"paused:{meter.sandbox_id}:{byte_s}"
+        else:
+            what = f"{-gib_hours:.6f} GiB-hours charged after its resume or end, given back"
+            ref = f"paused:{meter.sandbox_id}:{done}>{byte_s}"
         tick.entries.append(ledger.entry(
             meter.user_id, -amount, "storage",
-            f"paused {meter.template} sandbox {meter.sandbox_id}: {gib_hours:.6f} GiB-hours on "
-            "disk", ref=f"paused:{meter.sandbox_id}:{byte_s}", sandbox_id=meter.sandbox_id,
-            template=meter.template, gib_hours=gib_hours))
+            f"paused {meter.template} sandbox {meter.sandbox_id}: {what}", ref=ref,
+            sandbox_id=meter.sandbox_id, template=meter.template, gib_hours=gib_hours))
         tick.charged.add(meter.user_id)
 
     # ---- storage ----------------------------------------------------------------------------

@@ -85,6 +85,12 @@ async def usage(sessions, user, sid=None):
     return -sum(r.amount_micro for r in rows), rows
 
 
+async def storage_rows(sessions, sid):
+    async with sessions() as db:
+        return (await db.execute(select(LedgerEntry).where(
+            LedgerEntry.kind == "storage", LedgerEntry.sandbox_id == sid))).scalars().all()
+
+
 async def consistent(sessions, user):
     async with sessions() as db:
         assert await ledger.balance(db, user) == await ledger.ledger_sum(db, user)
@@ -168,6 +174,49 @@ async def test_events_read_again_while_settling_apply_once(env):
     assert len({r.ref for r in rows}) == len(rows)
 
 
+async def test_a_tick_that_read_the_meter_open_while_its_destroy_committed_is_given_back(env):
+    """A destroy's event is stamped before its transaction commits: a tick in between reads the
+    meter still open and charges up to its own `now`, past the end. The end gives that back:
+    the sandbox's usage is exactly its running time (CI once saw the overcharge under load)."""
+    sessions, (a, _), settings = env
+    m = Metering(sessions, settings, Rates.from_settings(settings))
+    await boot(sessions, "sbx_r", a, at(0))
+    await m.tick(now=at(5))  # the destroy below, stamped at 4 s, had not committed yet
+    await destroy(sessions, "sbx_r", at(3.9), at(4))
+    await m.tick(now=at(6))
+    await m.tick(now=at(30))  # and nothing more after that
+    charged, rows = await usage(sessions, a, "sbx_r")
+    assert charged == compute_cost(4000, STANDARD)
+    assert sum(r.vcpu_seconds for r in rows) == pytest.approx(0.5 * 4)
+    assert len({r.ref for r in rows}) == len(rows)
+    await consistent(sessions, a)
+
+
+async def test_a_pause_and_a_resume_committed_after_a_tick_read_them_settle_at_their_times(env):
+    """As above for a pause (its compute) and a resume (its paused disk's storage)."""
+    sessions, (a, _), settings = env
+    m = Metering(sessions, settings, Rates.from_settings(settings))
+    await boot(sessions, "sbx_q", a, at(0))
+    await m.tick(now=at(5))
+    async with sessions() as db:  # as the manager writes a pause
+        db.add(SandboxEvent(sandbox_id="sbx_q", from_state="running", to_state="paused",
+                            at=at(4), disk_bytes=GIB))
+        await db.commit()
+    await m.tick(now=at(60))  # paused: charged for the 4 s it ran, not the 5 the tick saw
+    assert (await usage(sessions, a, "sbx_q"))[0] == compute_cost(4000, STANDARD)
+    await m.tick(now=at(4 + 5400))  # 1.5 GiB-hours paused so far
+    assert -sum(r.amount_micro for r in await storage_rows(sessions, "sbx_q")) == 15_000
+    await event(sessions, "sbx_q", "paused", "running", at(4 + 3600))  # 1 GiB-hour in all
+    await m.tick(now=at(4 + 5401))
+    rows = await storage_rows(sessions, "sbx_q")
+    assert -sum(r.amount_micro for r in rows) == 10_000
+    assert sum(r.gib_hours for r in rows) == pytest.approx(1.0)
+    await destroy(sessions, "sbx_q", at(3606), at(3606))
+    await m.tick(now=at(9000))
+    assert (await usage(sessions, a, "sbx_q"))[0] == compute_cost(6000, STANDARD)
+    await consistent(sessions, a)
+
+
 async def test_a_row_destroyed_without_its_event_closes_its_meter(env):
     sessions, (a, _), settings = env
     m = Metering(sessions, settings, Rates.from_settings(settings))
@@ -195,12 +244,6 @@ async def test_paused_time_is_not_charged_for_compute(env):
     await destroy(sessions, "sbx_p", at(105), at(105))
     await m.tick(now=at(200))
     assert (await usage(sessions, a))[0] == compute_cost(15_000, STANDARD)
-
-
-async def storage_rows(sessions, sid):
-    async with sessions() as db:
-        return (await db.execute(select(LedgerEntry).where(
-            LedgerEntry.kind == "storage", LedgerEntry.sandbox_id == sid))).scalars().all()
 
 
 async def test_a_paused_sandbox_is_charged_storage_for_the_disk_each_pause_held(env):
