@@ -72,7 +72,7 @@ class Billing:
         self.grace = to_micro(settings.credit_grace)
         self.metering = Metering(
             sessions, settings, self.rates, on_charged=self.after_charge,
-            count_storage=workspaces.count_touched if workspaces is not None else None)
+            count_storage=workspaces.count_uploaded if workspaces is not None else None)
         self._funds_locks: dict[str, asyncio.Lock] = {}
         self._ending: set[str] = set()          # sandboxes being ended for credits
         self._topping: set[str] = set()         # users with a top-up under way here

@@ -126,6 +126,22 @@ class WorkspaceLease(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class WorkspaceUpload(Base):
+    """A presigned PUT handed out (workspaces/service.py), until its file is in S3 or its URL
+    expires: with a size, that much of the user's quota is held for it, whichever replica
+    shares the quota next; sized or not, its workspace is counted again before the next quota
+    check and the next storage charge."""
+
+    __tablename__ = "workspace_uploads"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(String(32), index=True)
+    user_id: Mapped[str] = mapped_column(String(32), index=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # the file is newer
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class SandboxEvent(Base):
     """One state transition of a sandbox: the feed metering, webhooks and the dashboard read."""
 

@@ -8,7 +8,7 @@ import logging
 import time
 import weakref
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Awaitable, Callable, Protocol
 
@@ -21,7 +21,7 @@ from e2a.sandboxes.host import Conflict, Unavailable
 from e2a.sandboxes.records import aware, utcnow
 from e2a.sandboxes.states import LIVE
 from e2a.store import locks
-from e2a.store.models import Sandbox, Workspace, WorkspaceLease
+from e2a.store.models import Sandbox, Workspace, WorkspaceLease, WorkspaceUpload
 
 from e2a.workspaces import s3
 from e2a.workspaces.registry import Registry, cache_limit
@@ -51,19 +51,6 @@ class QuotaExceeded(Exception):
     def __init__(self, free: int):
         super().__init__(f"{free} bytes left")
         self.free = free
-
-
-@dataclass
-class Upload:
-    """A sized presigned PUT handed out: its bytes held from the user's quota until they are in
-    S3 or the URL expires."""
-
-    user_id: str
-    workspace_id: str
-    path: str
-    size: int
-    since: datetime       # when the URL was made (the file must be written after it)
-    deadline: float       # monotonic time the URL expires
 
 
 @dataclass
@@ -116,13 +103,8 @@ class Workspaces:
             weakref.WeakValueDictionary()  # one share of a user at a time, by user
         self._sweeping: set[str] = set()  # leases the sweep is ending
         self._tasks: set[asyncio.Task] = set()
-        self._claiming = asyncio.Lock()
-        # Sized presigned PUTs whose bytes are not in S3 yet: they hold their part of the
-        # quota until the file is there (then its count holds it) or the URL expires.
-        self.uploads: list[Upload] = []
-        # Workspaces written through presigned URLs since they were last counted (by id: the
-        # user), counted again before the next quota check and the next storage charge.
-        self.touched: dict[str, str] = {}
+        # Presigned PUTs handed out are rows too (WorkspaceUpload): a sized one holds its part
+        # of the quota until its file is in S3 (then its count holds it) or its URL expires.
         # Replicas (Kubernetes): this one's lock key, written in its leases; and the cache of
         # another replica's mount, through its node's agent ((sandbox id, node) -> NodeCache).
         self.replica: int | None = None
@@ -201,10 +183,13 @@ class Workspaces:
         except Exception as exc:
             raise Unavailable(f"the workspace store did not answer: {exc}") from exc
 
-    async def _share(self, user_id: str) -> int:
+    async def _share(self, user_id: str, upload: WorkspaceUpload | None = None) -> int:
         """Share the user's free quota among their leases: each keeps what it has written and
         gets an equal part of what is left; the limits of mounts already running are changed
-        to match. Returns what is left unwritten (for presigned PUTs)."""
+        to match. Returns what is left unwritten (for presigned PUTs). With `upload`: first
+        hold its size (QuotaExceeded, nothing held, if it does not fit), in the same locked
+        transaction, so that URLs asked for at once through any replicas cannot each get the
+        same free space."""
         lock = self._sharing.get(user_id)
         if lock is None:
             lock = self._sharing[user_id] = asyncio.Lock()
@@ -224,14 +209,22 @@ class Workspaces:
                 del self._remote[gone]
             leases = [self.leases.get(r.id) or self._elsewhere(r) for r in rows]
             written = await asyncio.gather(*(_written(p) for p in leases))
-            left = (self.quota - stored - sum(written)
-                    - sum(u.size for u in self.uploads if u.user_id == user_id))
+            held = int(await db.scalar(select(func.coalesce(func.sum(WorkspaceUpload.size), 0))
+                                       .where(WorkspaceUpload.user_id == user_id,
+                                              WorkspaceUpload.expires_at > utcnow())))
+            left = self.quota - stored - sum(written) - held
+            free = left
+            if upload is not None:
+                if left <= 0 or (upload.size or 0) > left:
+                    raise QuotaExceeded(max(left, 0))
+                db.add(upload)
+                left -= upload.size or 0
             share = max(0, left) // max(1, len(leases))
             for p, w in zip(leases, written):
                 p.grant = w + share
             await asyncio.gather(*(_set_limit(p) for p in leases if p.stored is not None))
             await db.commit()
-            return left
+            return free
 
     def _elsewhere(self, row: WorkspaceLease) -> MountPlan:
         """A lease of another replica (or of one gone): its mount, if made, through its node's
@@ -252,52 +245,65 @@ class Workspaces:
     async def claim_upload(self, user_id: str, workspace_id: str, path: str, size: int | None,
                            seconds: int) -> int:
         """Before a presigned PUT is handed out: what is free of the quota, and with `size`
-        that much held for the upload (QuotaExceeded when it does not fit). Checked and held
-        under one lock, so URLs asked for at once cannot each get the same free space."""
-        async with self._claiming:
-            free = await self.free_quota(user_id)
-            if free <= 0 or (size is not None and size > free):
-                raise QuotaExceeded(max(free, 0))
-            if size:
-                self.uploads.append(Upload(user_id, workspace_id, path, size,
-                                           datetime.now(timezone.utc),
-                                           time.monotonic() + seconds))
-            self.touched[workspace_id] = user_id
-            return free
+        that much held for the upload (QuotaExceeded when it does not fit or nothing is
+        free). Unsized, it holds nothing, but its workspace is counted again until the URL
+        has been used or has expired."""
+        await self._settle_uploads(user_id)
+        now = utcnow()
+        return await self._share(user_id, WorkspaceUpload(
+            id=new_id("wup"), workspace_id=workspace_id, user_id=user_id, path=path,
+            size=size or None, created_at=now, expires_at=now + timedelta(seconds=seconds)))
 
     async def _settle_uploads(self, user_id: str) -> None:
-        """Count again the user's workspaces written through presigned URLs, and let go of the
-        holds of uploads now in S3 (their bytes are in that count) or whose URL expired.
-        Which uploads are in S3 is looked at *before* the count: a file that lands between the
-        two is then counted and still held (until the next settle), never neither, which let
-        a second URL take the same free space (CI: 24 MiB under a 16 MiB quota)."""
-        now = time.monotonic()
-        done = []
-        for up in [u for u in self.uploads if u.user_id == user_id]:
-            landed = up.deadline < now
+        """Count again the user's workspaces written through presigned URLs (any replica's),
+        and let go of the uploads now in S3 (their bytes are in that count) or whose URL
+        expired. Which uploads are in S3 is looked at *before* the count: a file that lands
+        between the two is then counted and still held (until the next settle), never
+        neither, which let a second URL take the same free space (CI: 24 MiB under a 16 MiB
+        quota). A workspace deleted while a URL was out is emptied again once it expired."""
+        async with self.sessions() as db:
+            rows = list((await db.execute(select(WorkspaceUpload).where(
+                WorkspaceUpload.user_id == user_id))).scalars())
+            live = set((await db.execute(select(Workspace.id).where(
+                Workspace.id.in_({r.workspace_id for r in rows})))).scalars())
+        now = utcnow()
+        done, emptied = [], set()
+        for up in rows:
+            landed = aware(up.expires_at) <= now
+            if up.workspace_id not in live:
+                if landed:
+                    emptied.add(up.workspace_id)
+                    done.append(up)
+                continue
             if not landed:
                 try:
                     found = await s3.run(self.store.stat, up.workspace_id, up.path)
                 except Exception:
                     found = None
-                landed = (found is not None and found[0] == up.size
-                          and found[1] >= up.since - timedelta(seconds=2))
+                landed = (found is not None and (up.size is None or found[0] == up.size)
+                          and found[1] >= aware(up.created_at) - timedelta(seconds=2))
             if landed:
                 done.append(up)
-        for workspace_id in [w for w, u in self.touched.items() if u == user_id]:
-            self.touched.pop(workspace_id, None)
+        for workspace_id in emptied:
+            try:
+                await s3.run(self.store.delete_all, workspace_id)
+            except Exception as exc:  # tried again at the next settle
+                log.warning("emptying deleted workspace %s again failed: %s", workspace_id, exc)
+                done = [up for up in done if up.workspace_id != workspace_id]
+        for workspace_id in live:
             await self.refresh_usage(workspace_id)
-        for up in done:
-            if up in self.uploads:  # a concurrent settle may have let it go already
-                self.uploads.remove(up)
-        for up in self.uploads:  # still held: their workspaces are counted again next time
-            if up.user_id == user_id:
-                self.touched[up.workspace_id] = user_id
+        if done:
+            async with self.sessions() as db:
+                await db.execute(delete(WorkspaceUpload).where(
+                    WorkspaceUpload.id.in_([up.id for up in done])))
+                await db.commit()
 
-    async def count_touched(self) -> None:
+    async def count_uploaded(self) -> None:
         """Count every workspace written through presigned URLs since its last count (before
         storage is charged from the counts)."""
-        for user_id in set(self.touched.values()):
+        async with self.sessions() as db:
+            users = set((await db.execute(select(WorkspaceUpload.user_id).distinct())).scalars())
+        for user_id in users:
             await self._settle_uploads(user_id)
 
     async def adopt(self, workspace_id: str, user_id: str, sandbox_id: str) -> MountPlan:

@@ -2,8 +2,9 @@
 real test cluster with the node agent and a real S3 server (tests/kube/cluster.py `wserver`):
 as code inside a sandbox pod (the store's keys and the agent's token are nowhere in it; the
 agent, which this cluster's CNI lets pods reach, refuses it), as a tenant (another tenant's
-scope of the same name is another workspace; the quota holds across replicas), and as anyone on the nodes' network (the agent
-answers only the replicas' token, and only for sandbox ids)."""
+scope of the same name is another workspace; the quota holds across replicas, for mounts and
+presigned PUTs), and as anyone on the nodes' network (the agent answers only the replicas'
+token, and only for sandbox ids)."""
 
 from __future__ import annotations
 
@@ -122,3 +123,30 @@ def test_a_tenant_does_not_pass_the_quota_through_two_replicas(wserver):
         one.close()
         two.close()
         other.cleanup()  # stopped, and its directory gone
+
+
+def test_presigned_puts_asked_for_through_two_replicas_hold_one_quota(wserver):
+    """A sized presigned PUT holds its bytes of the quota in a row that every replica reads
+    (before, in the memory of the replica that handed it out: 40 MiB through each of two
+    replicas were both promised under a 64 MiB quota)."""
+    other = replica_of(wserver, "presign")
+    other.cleanup()
+    other.start()
+    key = wserver.create_user(f"presign{secrets.token_hex(4)}@example.com")
+    one, two = As(wserver.url, key), As(other.url, key)
+    try:
+        sb = one.create(scope("kpresign"))
+        one.destroy(sb["vm_id"])
+
+        def put(user: As, path: str) -> httpx.Response:
+            return user.http.post(f"/v1/workspaces/{sb['workspace_id']}/files/presign", json={
+                "path": path, "method": "PUT", "expires_in": 600, "size": 40 << 20})
+
+        assert put(one, "one.bin").status_code == 200
+        r = put(two, "two.bin")
+        assert r.status_code == 507, f"80 MiB of URLs under a {QUOTA_MIB} MiB quota: {r.text}"
+        assert r.json()["error"]["code"] == "quota_exceeded"
+    finally:
+        one.close()
+        two.close()
+        other.cleanup()
