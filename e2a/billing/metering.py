@@ -247,7 +247,11 @@ class Metering:
         `settled`: `total_ms` is exact (the sandbox is paused or destroyed), and what was
         charged past it is given back. An event is stamped before its transaction commits, so
         a tick in between reads the meter still open and charges up to its own `now`, beyond
-        the pause or destroy that ended the running."""
+        the pause or destroy that ended the running.
+
+        A ref names the last event applied: between two events the totals only grow (a
+        give-back comes only with a pause or an end), so a total charged again after a
+        give-back never repeats an earlier row's ref, which would fail every tick after."""
         done_ms = meter.billed_ms
         if total_ms == done_ms or (total_ms < done_ms and not settled):
             return
@@ -255,13 +259,16 @@ class Metering:
         amount = cost - meter.charged_micro
         delta_ms = total_ms - done_ms
         meter.billed_ms, meter.charged_micro = total_ms, cost
+        if amount == 0 and delta_ms < 0:
+            return  # less than a micro-credit to give back
         vcpu = meter.vcpu_milli / 1000
+        ref = f"usage:{meter.sandbox_id}:{meter.last_event_id}:"
         if delta_ms > 0:
             what = f"{delta_ms / 1000:.3f} s at {vcpu:g} vCPU and {meter.memory_mib} MiB"
-            ref = f"usage:{meter.sandbox_id}:{total_ms}"
+            ref += str(total_ms)
         else:
             what = f"{-delta_ms / 1000:.3f} s charged after it stopped running, given back"
-            ref = f"usage:{meter.sandbox_id}:{done_ms}>{total_ms}"
+            ref += f"{done_ms}>{total_ms}"
         tick.entries.append(ledger.entry(
             meter.user_id, -amount, "usage", f"{meter.template} sandbox {meter.sandbox_id}: "
             f"{what}", ref=ref, sandbox_id=meter.sandbox_id, template=meter.template,
@@ -285,11 +292,12 @@ class Metering:
             return  # not a micro-credit's worth to charge or give back yet
         meter.storage_billed_byte_s, meter.storage_charged_micro = byte_s, cost
         gib_hours = (byte_s - done) / GIB / 3600
+        ref = f"paused:{meter.sandbox_id}:{meter.last_event_id}:"  # as `_charge`'s
         if forward:
-            what, ref = f"{gib_hours:.6f} GiB-hours on disk", f"paused:{meter.sandbox_id}:{byte_s}"
+            what, ref = f"{gib_hours:.6f} GiB-hours on disk", ref + str(byte_s)
         else:
             what = f"{-gib_hours:.6f} GiB-hours charged after its resume or end, given back"
-            ref = f"paused:{meter.sandbox_id}:{done}>{byte_s}"
+            ref += f"{done}>{byte_s}"
         tick.entries.append(ledger.entry(
             meter.user_id, -amount, "storage",
             f"paused {meter.template} sandbox {meter.sandbox_id}: {what}", ref=ref,

@@ -82,9 +82,12 @@ class Records:
             if (await db.execute(q.values(state=new.value, **values))).rowcount == 0 \
                     and (only_from is not None or unclaimed):
                 return False
+            # A destroy's event has the row's time: metering closes the meter at either,
+            # whichever of the two a tick reads first (metering._charge_open).
             db.add(SandboxEvent(sandbox_id=sandbox_id, from_state=old.value if old else None,
                                 to_state=new.value, reason=reason,
-                                detail=detail[:500] if detail else None, at=utcnow(),
+                                detail=detail[:500] if detail else None,
+                                at=values.get("destroyed_at") or utcnow(),
                                 disk_bytes=values.get("disk_bytes")))
             await db.commit()
         return True

@@ -597,7 +597,8 @@ class Balance:
 class Transaction:
     """One entry of the account's ledger (``GET /v1/billing/transactions``), which is never
     changed. ``kind``: grant, purchase, usage, storage, adjustment, refund or topup_failed;
-    ``amount`` in credits (negative for usage and storage), ``amount_micro`` the same exactly."""
+    ``amount`` in credits (negative for usage and storage, but for a charge given back),
+    ``amount_micro`` the same exactly."""
 
     id: str
     amount: float = 0.0

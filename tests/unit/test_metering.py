@@ -14,6 +14,8 @@ from e2a.billing import ledger
 from e2a.billing.metering import Metering
 from e2a.billing.rates import GIB, MICRO, Rates, compute_cost
 from e2a.config import Settings
+from e2a.sandboxes.records import Records, aware
+from e2a.sandboxes.states import State
 from e2a.store.models import LedgerEntry, Sandbox, SandboxEvent, SandboxMeter, Workspace
 from tests.unit import stores
 
@@ -190,6 +192,42 @@ async def test_a_tick_that_read_the_meter_open_while_its_destroy_committed_is_gi
     assert sum(r.vcpu_seconds for r in rows) == pytest.approx(0.5 * 4)
     assert len({r.ref for r in rows}) == len(rows)
     await consistent(sessions, a)
+
+
+async def test_a_destroy_seen_through_its_row_or_its_event_ends_at_one_time(env):
+    """A tick reads the feed, then the meters: a destroy that commits between the two is seen
+    through its row (the meter closed at `destroyed_at`, its event then ignored); one that
+    commits before, through its event. Both carry one time, so either way is exact (they
+    were a few ms apart: undercharged, CI's billing test could fail that way too)."""
+    sessions, (a, _), settings = env
+    await boot(sessions, "sbx_t", a, at(0))
+    await Records(sessions).transition("sbx_t", State.RUNNING, State.DESTROYED, "deleted",
+                                       destroyed_at=at(4), end_reason="deleted")
+    async with sessions() as db:
+        row = await db.get(Sandbox, "sbx_t")
+        [end] = (await db.execute(select(SandboxEvent.at).where(
+            SandboxEvent.sandbox_id == "sbx_t", SandboxEvent.to_state == "destroyed"))).scalars()
+    assert aware(end) == aware(row.destroyed_at) == at(4)
+    await Metering(sessions, settings, Rates.from_settings(settings)).tick(now=at(30))
+    assert (await usage(sessions, a, "sbx_t"))[0] == compute_cost(4000, STANDARD)
+
+
+async def test_a_total_charged_again_after_a_give_back_is_a_new_row(env):
+    """Charged to 5 s, given back to 4 s at a pause, resumed: the charge up to 5 s again is a
+    new ledger row (a repeated ref fails the whole tick, every tick after)."""
+    sessions, (a, _), settings = env
+    m = Metering(sessions, settings, Rates.from_settings(settings))
+    await boot(sessions, "sbx_g", a, at(0))
+    await m.tick(now=at(5))
+    await event(sessions, "sbx_g", "running", "paused", at(4))
+    await m.tick(now=at(6))
+    await event(sessions, "sbx_g", "paused", "running", at(10))
+    await m.tick(now=at(11))  # 4 s + 1 s: 5 s again
+    await destroy(sessions, "sbx_g", at(11), at(11))
+    await m.tick(now=at(30))
+    charged, rows = await usage(sessions, a, "sbx_g")
+    assert charged == compute_cost(5000, STANDARD)
+    assert len({r.ref for r in rows}) == len(rows) >= 3
 
 
 async def test_a_pause_and_a_resume_committed_after_a_tick_read_them_settle_at_their_times(env):
