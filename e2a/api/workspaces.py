@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from e2a.api.deps import current_user
 from e2a.api.errors import ApiError
 from e2a.auth import Caller
-from e2a.sandboxes.records import aware
+from e2a.sandboxes.records import aware, utcnow
 from e2a.store import locks
 from e2a.store.models import Workspace
 from e2a.workspaces import s3, scope
@@ -137,8 +137,9 @@ async def usage(workspace_id: str, user: Caller = Depends(current_user),
                 ws: Workspaces = Depends(service)) -> UsageOut:
     """Counted now, in S3 (what a mounted sandbox has not uploaded yet is not in it)."""
     row = await owned(ws, user, workspace_id)
+    began = utcnow()
     counted = await store_call(ws.store.usage, row.id)
-    await ws.registry.record_usage(row.id, counted)
+    await ws.registry.record_usage(row.id, counted, began)
     return UsageOut(workspace_id=row.id, bytes_used=counted.bytes, file_count=counted.files,
                     user_bytes_used=await ws.registry.stored_bytes(user.id),
                     quota_bytes=ws.quota)

@@ -3,7 +3,9 @@ counted; and the user's storage quota, turned into what one mount may hold."""
 
 from __future__ import annotations
 
-from sqlalchemy import func, select, update
+from datetime import datetime
+
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from e2a.ids import new_id
@@ -68,12 +70,15 @@ class Registry:
         return select(func.coalesce(func.sum(Workspace.bytes_used), 0)).where(
             Workspace.user_id == user_id)
 
-    async def record_usage(self, workspace_id: str, usage: Usage) -> None:
+    async def record_usage(self, workspace_id: str, usage: Usage, began: datetime) -> None:
+        """A count whose listing began at `began`, unless a count that began later is in
+        already (two counts at once, through two replicas: the older one, finished last,
+        would hide a file only the newer one saw)."""
         async with self.sessions() as db:
-            row = await db.get(Workspace, workspace_id)
-            if row is None:
-                return
-            row.bytes_used, row.file_count, row.usage_at = usage.bytes, usage.files, utcnow()
+            await db.execute(update(Workspace).where(
+                Workspace.id == workspace_id,
+                or_(Workspace.usage_at.is_(None), Workspace.usage_at <= began)).values(
+                    bytes_used=usage.bytes, file_count=usage.files, usage_at=began))
             await db.commit()
 
     async def touch(self, workspace_id: str) -> None:

@@ -32,6 +32,7 @@ from e2a.workspaces.server import EmbeddedS3
 log = logging.getLogger("e2a.workspaces")
 
 REMOTE = "ws"  # the S3 remote's name in each mount's environment
+STAT_CONCURRENCY = 16  # a settle's S3 HEADs of the user's uploads at once
 # A delete's mark older than this is of a replica that died in the middle of it: another
 # delete may go on, and creates are no longer refused for it.
 DELETE_STALE = timedelta(minutes=15)
@@ -209,14 +210,15 @@ class Workspaces:
                 del self._remote[gone]
             leases = [self.leases.get(r.id) or self._elsewhere(r) for r in rows]
             written = await asyncio.gather(*(_written(p) for p in leases))
-            held = int(await db.scalar(select(func.coalesce(func.sum(WorkspaceUpload.size), 0))
-                                       .where(WorkspaceUpload.user_id == user_id,
-                                              WorkspaceUpload.expires_at > utcnow())))
-            left = self.quota - stored - sum(written) - held
-            free = left
-            if upload is not None:
-                if left <= 0 or (upload.size or 0) > left:
-                    raise QuotaExceeded(max(left, 0))
+            # Sized PUTs hold until a settle lets them go (after a count that has their file,
+            # even once expired); only of workspaces that still are (a claim can race a delete).
+            promised = int(await db.scalar(
+                select(func.coalesce(func.sum(WorkspaceUpload.size), 0)).where(
+                    WorkspaceUpload.user_id == user_id, WorkspaceUpload.workspace_id.in_(
+                        select(Workspace.id).where(Workspace.user_id == user_id)))))
+            left = free = self.quota - stored - sum(written) - promised
+            refused = upload is not None and (left <= 0 or (upload.size or 0) > left)
+            if upload is not None and not refused:
                 db.add(upload)
                 left -= upload.size or 0
             share = max(0, left) // max(1, len(leases))
@@ -224,7 +226,9 @@ class Workspaces:
                 p.grant = w + share
             await asyncio.gather(*(_set_limit(p) for p in leases if p.stored is not None))
             await db.commit()
-            return free
+        if refused:  # after the limits were set, as for any share
+            raise QuotaExceeded(max(free, 0))
+        return free
 
     def _elsewhere(self, row: WorkspaceLease) -> MountPlan:
         """A lease of another replica (or of one gone): its mount, if made, through its node's
@@ -267,31 +271,34 @@ class Workspaces:
             live = set((await db.execute(select(Workspace.id).where(
                 Workspace.id.in_({r.workspace_id for r in rows})))).scalars())
         now = utcnow()
-        done, emptied = [], set()
-        for up in rows:
-            landed = aware(up.expires_at) <= now
-            if up.workspace_id not in live:
-                if landed:
-                    emptied.add(up.workspace_id)
-                    done.append(up)
-                continue
-            if not landed:
+        stats = asyncio.Semaphore(STAT_CONCURRENCY)
+
+        async def landed(up: WorkspaceUpload) -> bool:
+            if aware(up.expires_at) <= now:
+                return True
+            async with stats:
                 try:
                     found = await s3.run(self.store.stat, up.workspace_id, up.path)
                 except Exception:
-                    found = None
-                landed = (found is not None and (up.size is None or found[0] == up.size)
-                          and found[1] >= aware(up.created_at) - timedelta(seconds=2))
-            if landed:
-                done.append(up)
-        for workspace_id in emptied:
-            try:
-                await s3.run(self.store.delete_all, workspace_id)
-            except Exception as exc:  # tried again at the next settle
-                log.warning("emptying deleted workspace %s again failed: %s", workspace_id, exc)
-                done = [up for up in done if up.workspace_id != workspace_id]
+                    return False
+            return (found is not None and (up.size is None or found[0] == up.size)
+                    and found[1] >= aware(up.created_at) - timedelta(seconds=2))
+
+        pending = [up for up in rows if up.workspace_id in live]
+        done = [up for up, yes in zip(pending, await asyncio.gather(*map(landed, pending)))
+                if yes]
+        for workspace_id in {up.workspace_id for up in rows} - live:
+            ups = [up for up in rows if up.workspace_id == workspace_id]
+            if any(aware(up.expires_at) <= now for up in ups):
+                try:
+                    await s3.run(self.store.delete_all, workspace_id)
+                    done += [up for up in ups if aware(up.expires_at) <= now]
+                except Exception as exc:  # tried again at the next settle
+                    log.warning("emptying deleted workspace %s again failed: %s",
+                                workspace_id, exc)
         for workspace_id in live:
-            await self.refresh_usage(workspace_id)
+            if not await self.refresh_usage(workspace_id):  # held until a count has them
+                done = [up for up in done if up.workspace_id != workspace_id]
         if done:
             async with self.sessions() as db:
                 await db.execute(delete(WorkspaceUpload).where(
@@ -304,7 +311,10 @@ class Workspaces:
         async with self.sessions() as db:
             users = set((await db.execute(select(WorkspaceUpload.user_id).distinct())).scalars())
         for user_id in users:
-            await self._settle_uploads(user_id)
+            try:
+                await self._settle_uploads(user_id)
+            except Exception as exc:  # one user's failure does not keep the others uncounted
+                log.warning("counting the uploads of %s failed: %s", user_id, exc)
 
     async def adopt(self, workspace_id: str, user_id: str, sandbox_id: str) -> MountPlan:
         """The lease of a sandbox found running at start. What it had at mount is not known:
@@ -511,13 +521,18 @@ class Workspaces:
             return False
         return await s3.run(store.answers)
 
-    async def refresh_usage(self, workspace_id: str) -> None:
-        """Count the workspace again (after a sandbox that mounted it is gone)."""
+    async def refresh_usage(self, workspace_id: str) -> bool:
+        """Count the workspace again (after a sandbox that mounted it is gone); False if it
+        could not be."""
+        began = utcnow()
         try:
             await self.registry.record_usage(workspace_id,
-                                              await s3.run(self.store.usage, workspace_id))
+                                              await s3.run(self.store.usage, workspace_id),
+                                              began)
         except Exception as exc:  # only figures: they are counted again next time
             log.warning("counting workspace %s failed: %s", workspace_id, exc)
+            return False
+        return True
 
 
 class NodeCache(Protocol):

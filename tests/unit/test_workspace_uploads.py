@@ -173,3 +173,46 @@ async def test_a_deleted_workspace_holds_nothing_and_is_emptied_once_its_urls_ex
     await ws.count_uploaded()  # as before each storage charge
     assert (row.id, "late.bin") not in store.files
     assert store.emptied == [row.id, row.id] and await holds(sessions) == 0
+
+
+async def test_an_expired_url_whose_file_landed_holds_until_a_count_has_it(env, tmp_path):
+    """A share that does not settle first (a create's) must not see the landed file as
+    neither held nor stored: twice the quota for a mount until the next count."""
+    sessions, (user, _), _ = env
+    store = Bucket()
+    ws = replica(sessions, tmp_path, store)
+    row, _ = await ws.registry.find_or_make(Scope(user))
+    await ws.claim_upload(user, row.id, "one.bin", 12 * MiB, 60)
+    store.files[(row.id, "one.bin")] = 12 * MiB
+    async with sessions() as db:  # the URL expires after its file landed
+        await db.execute(update(WorkspaceUpload).values(
+            expires_at=datetime.now(timezone.utc) - timedelta(seconds=1)))
+        await db.commit()
+    assert await ws._share(user) == 4 * MiB  # as a create shares: still held
+    assert await ws.free_quota(user) == 4 * MiB and await holds(sessions) == 0  # now counted
+
+
+async def test_a_hold_of_a_workspace_deleted_meanwhile_holds_nothing(env, tmp_path):
+    """A claim that committed just after a delete of its workspace (the two take different
+    locks) leaves a row naming no workspace: it holds none of the quota."""
+    sessions, (user, _), _ = env
+    ws = replica(sessions, tmp_path, Bucket())
+    async with sessions() as db:
+        now = datetime.now(timezone.utc)
+        db.add(WorkspaceUpload(id="wup_gone", workspace_id="wsp_gone", user_id=user,
+                               path="x", size=12 * MiB, created_at=now,
+                               expires_at=now + timedelta(hours=1)))
+        await db.commit()
+    assert await ws._share(user) == 16 * MiB
+
+
+async def test_a_count_that_began_earlier_does_not_replace_a_later_one(env, tmp_path):
+    """Two counts at once (two replicas settling): the one that began first, and so may miss a
+    file that just landed, is not written over the one that began after."""
+    sessions, (user, _), _ = env
+    ws = replica(sessions, tmp_path, Bucket())
+    row, _ = await ws.registry.find_or_make(Scope(user))
+    now = datetime.now(timezone.utc)
+    await ws.registry.record_usage(row.id, Usage(12 * MiB, 1), now)
+    await ws.registry.record_usage(row.id, Usage(0, 0), now - timedelta(seconds=1))
+    assert (await ws.registry.get(user, row.id)).bytes_used == 12 * MiB
