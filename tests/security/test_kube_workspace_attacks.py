@@ -8,6 +8,7 @@ token, and only for sandbox ids)."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 
@@ -90,17 +91,29 @@ def test_the_node_agent_answers_only_the_replicas_token(wserver):
     assert "sbx_abc" not in {m["sandbox_id"] for m in agent_mounts(wserver)}
 
 
+@contextlib.contextmanager
+def through_two_replicas(wserver, tag: str):
+    """A new user's clients of `wserver` and of a second replica of it, started for the test
+    (stopped and its directory gone after)."""
+    other = replica_of(wserver, tag)
+    other.cleanup()
+    other.start()
+    key = wserver.create_user(f"{tag}{secrets.token_hex(4)}@example.com")
+    one, two = As(wserver.url, key), As(other.url, key)
+    try:
+        yield one, two
+    finally:
+        one.close()
+        two.close()
+        other.cleanup()
+
+
 def test_a_tenant_does_not_pass_the_quota_through_two_replicas(wserver):
     """The user's quota is shared among the mounts of every replica: a second mount, made
     through another replica, gets only a share of what the first left (before, each replica
     shared the quota among its own mounts, and a tenant whose creates a load balancer spread
     over R replicas could store R times the quota)."""
-    other = replica_of(wserver, "share")
-    other.cleanup()
-    other.start()
-    key = wserver.create_user(f"share{secrets.token_hex(4)}@example.com")
-    one, two = As(wserver.url, key), As(other.url, key)
-    try:
+    with through_two_replicas(wserver, "share") as (one, two):
         first = one.create(scope("kshare1"))["vm_id"]
         one.sh(first, "head -c 40M /dev/urandom > big.bin && sync")
         second = two.create(scope("kshare2"))["vm_id"]
@@ -119,22 +132,13 @@ def test_a_tenant_does_not_pass_the_quota_through_two_replicas(wserver):
             assert time.monotonic() < deadline, "the ended mount's share was not given back"
             time.sleep(1)
         two.destroy(second)
-    finally:
-        one.close()
-        two.close()
-        other.cleanup()  # stopped, and its directory gone
 
 
 def test_presigned_puts_asked_for_through_two_replicas_hold_one_quota(wserver):
     """A sized presigned PUT holds its bytes of the quota in a row that every replica reads
     (before, in the memory of the replica that handed it out: 40 MiB through each of two
     replicas were both promised under a 64 MiB quota)."""
-    other = replica_of(wserver, "presign")
-    other.cleanup()
-    other.start()
-    key = wserver.create_user(f"presign{secrets.token_hex(4)}@example.com")
-    one, two = As(wserver.url, key), As(other.url, key)
-    try:
+    with through_two_replicas(wserver, "presign") as (one, two):
         sb = one.create(scope("kpresign"))
         one.destroy(sb["vm_id"])
 
@@ -146,7 +150,3 @@ def test_presigned_puts_asked_for_through_two_replicas_hold_one_quota(wserver):
         r = put(two, "two.bin")
         assert r.status_code == 507, f"80 MiB of URLs under a {QUOTA_MIB} MiB quota: {r.text}"
         assert r.json()["error"]["code"] == "quota_exceeded"
-    finally:
-        one.close()
-        two.close()
-        other.cleanup()
