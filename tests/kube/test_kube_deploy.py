@@ -154,20 +154,22 @@ def deployed(cluster):
             kubectl(cluster, "-n", NS, "rollout", "status", "deploy/e2a", "--timeout=600s",
                     timeout=660)
             print(f"apply to rollout: {time.monotonic() - started:.1f} s")
-            try:
-                out = kubectl(cluster, "exec", "-n", NS, "deploy/e2a", "--", "e2a", "admin",
-                              "create-user", f"deploy{instance}@example.com")
-            except AssertionError as exc:
-                raise AssertionError(f"{exc}\n{e2a_logs(cluster)}") from None
-            key = next(line.split("=", 1)[1] for line in out.splitlines()
-                       if line.startswith("api_key="))
-            def ready() -> list[str]:
-                return [p["status"]["podIP"] for p in e2a_pods(cluster)
+
+            def ready() -> list[dict]:
+                return [p for p in e2a_pods(cluster)
                         if not p["metadata"].get("deletionTimestamp")
                         and any(c["type"] == "Ready" and c["status"] == "True"
                                 for c in p["status"].get("conditions", []))]
             # both replicas (rollout status may answer while one is still being replaced)
-            ips = wait_for(lambda: len(ready()) == 2 and ready(), 120)
+            pods = wait_for(lambda: len(ready()) == 2 and ready(), 120)
+            ips = [p["status"]["podIP"] for p in pods]
+            try:  # in a ready pod (`deploy/e2a` may pick one that is not, and is restarted)
+                out = kubectl(cluster, "exec", "-n", NS, pods[0]["metadata"]["name"], "--",
+                              "e2a", "admin", "create-user", f"deploy{instance}@example.com")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{e2a_logs(cluster)}") from None
+            key = next(line.split("=", 1)[1] for line in out.splitlines()
+                       if line.startswith("api_key="))
             yield cluster, key, ips, started
         finally:
             for pod in e2a_pods(cluster):  # for the record when something failed
