@@ -294,7 +294,8 @@ class Metering:
         gib_hours = (byte_s - done) / GIB / 3600
         ref = f"paused:{meter.sandbox_id}:{meter.last_event_id}:"  # as `_charge`'s
         if forward:
-            what, ref = f"{gib_hours:.6f} GiB-hours on disk", ref + str(byte_s)
+            what = f"{gib_hours:.6f} GiB-hours on disk"
+            ref += str(byte_s)
         else:
             what = f"{-gib_hours:.6f} GiB-hours charged after its resume or end, given back"
             ref += f"{done}>{byte_s}"

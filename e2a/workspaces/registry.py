@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 
 from e2a.ids import new_id
 from e2a.sandboxes.records import utcnow
-from e2a.store.models import Sandbox, Workspace, WorkspaceUpload
+from e2a.store.models import Sandbox, Workspace
 from e2a.workspaces.s3 import Usage
 from e2a.workspaces.scope import Scope
 
@@ -95,10 +95,6 @@ class Registry:
                 # Destroyed sandboxes keep their history, without the workspace.
                 await db.execute(update(Sandbox).where(Sandbox.workspace_id == workspace_id)
                                  .values(workspace_id=None))
-                # Its presigned PUTs hold nothing more; a URL still out can write under its
-                # prefix until it expires, and that is deleted then (service._settle_uploads).
-                await db.execute(update(WorkspaceUpload).where(
-                    WorkspaceUpload.workspace_id == workspace_id).values(size=None))
                 await db.delete(row)
                 await db.commit()
 

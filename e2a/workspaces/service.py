@@ -271,10 +271,11 @@ class Workspaces:
             live = set((await db.execute(select(Workspace.id).where(
                 Workspace.id.in_({r.workspace_id for r in rows})))).scalars())
         now = utcnow()
+        expired = {up.id for up in rows if aware(up.expires_at) <= now}
         stats = asyncio.Semaphore(STAT_CONCURRENCY)
 
         async def landed(up: WorkspaceUpload) -> bool:
-            if aware(up.expires_at) <= now:
+            if up.id in expired:
                 return True
             async with stats:
                 try:
@@ -287,15 +288,17 @@ class Workspaces:
         pending = [up for up in rows if up.workspace_id in live]
         done = [up for up, yes in zip(pending, await asyncio.gather(*map(landed, pending)))
                 if yes]
+        # A deleted workspace's uploads hold nothing (`_share` sums those of workspaces that
+        # are); what a URL still out wrote under it goes once the URL expired.
         for workspace_id in {up.workspace_id for up in rows} - live:
-            ups = [up for up in rows if up.workspace_id == workspace_id]
-            if any(aware(up.expires_at) <= now for up in ups):
-                try:
-                    await s3.run(self.store.delete_all, workspace_id)
-                    done += [up for up in ups if aware(up.expires_at) <= now]
-                except Exception as exc:  # tried again at the next settle
-                    log.warning("emptying deleted workspace %s again failed: %s",
-                                workspace_id, exc)
+            gone = [up for up in rows if up.workspace_id == workspace_id and up.id in expired]
+            if not gone:
+                continue
+            try:
+                await s3.run(self.store.delete_all, workspace_id)
+                done += gone
+            except Exception as exc:  # tried again at the next settle
+                log.warning("emptying deleted workspace %s again failed: %s", workspace_id, exc)
         for workspace_id in live:
             if not await self.refresh_usage(workspace_id):  # held until a count has them
                 done = [up for up in done if up.workspace_id != workspace_id]
