@@ -176,6 +176,22 @@ def test_presign_expiry_bounds_and_expired_url(server, keys, alice_ws):
     assert r.status_code >= 400 and "alice-secret" not in r.text
 
 
+def test_a_url_still_out_when_its_workspace_is_deleted_leaves_nothing_once_expired(
+        server, keys, alice):
+    """A presigned PUT cannot be revoked: one handed out before its workspace was deleted still
+    writes under the deleted prefix until it expires, seen by no listing, quota or bill (free
+    storage for as long as the URL lives). Once it has expired, that prefix is emptied again,
+    before the next storage charge."""
+    h = api(server, keys["alice"])
+    vm, wid = ws_sandbox(alice, "lateput")
+    alice.kill(vm)
+    url = presign(h, wid, "late.bin", "PUT", expires_in=8)
+    assert h.delete(f"/v1/workspaces/{wid}").status_code == 204
+    assert httpx.put(url, content=b"x" * 4096).status_code == 200  # S3 still takes it
+    assert "late.bin" in keys_of(server, wid)
+    wait_for(lambda: not keys_of(server, wid), timeout=60)
+
+
 def test_another_tenants_workspace_is_404_on_every_route(server, keys, alice_ws):
     b = api(server, keys["bob"])
     w = alice_ws
