@@ -16,7 +16,8 @@ from fastapi import APIRouter, Depends, Query, Request, WebSocket
 from pydantic import ValidationError
 
 from e2a.agents.tasks import TaskConflict
-from e2a.api.tasks import MAX_SEQ
+from e2a.api.session_relay import relay
+from e2a.api.tasks import FORWARDED, MAX_SEQ
 from e2a.api import session_protocol as proto
 from e2a.api.deps import bearer, current_user
 from e2a.api.endpoints import base_url
@@ -53,7 +54,6 @@ async def _owned(request: Request, user: Caller, session_id: str) -> ChatSession
 
 
 async def session_out(svc: Sessions, row: ChatSession) -> SessionOut:
-    live = svc.live.get(row.id)
     task = await svc.latest_task(row)
     usage = await svc.usage(row)
     end = row.ended_at or datetime.now(timezone.utc)
@@ -65,7 +65,7 @@ async def session_out(svc: Sessions, row: ChatSession) -> SessionOut:
                           capability_sets=row.capability_sets),
         secrets=row.secrets, vm_id=row.sandbox_id,
         workspace_id=await _workspace_id(svc, row),
-        connected=live is not None and live.connection is not None,
+        connected=row.state == "active" and row.connected,
         task=SessionTaskOut(task_id=task.id, state=task.state) if task else None,
         created_at=row.created_at, expires_at=row.expires_at, ended_at=row.ended_at,
         end_reason=row.end_reason, metadata=row.metadata_,
@@ -89,7 +89,7 @@ def connect_url(conn: Request | WebSocket, session_id: str) -> str:
 
 
 @router.post("", status_code=201, response_model=SessionTicket,
-             responses={400: {}, 401: {}, 402: {}, 404: {}, 429: {}, 503: {}})
+             responses={400: {}, 401: {}, 402: {}, 404: {}, 409: {}, 429: {}, 503: {}})
 async def create_session(request: Request, req: CreateSession,
                          user: Caller = Depends(current_user)) -> SessionTicket:
     """Start a session: a sandbox of its own with the end user's workspace, and the agent in
@@ -139,7 +139,8 @@ async def get_session(request: Request, session_id: str,
 async def end_session(request: Request, session_id: str,
                       user: Caller = Depends(current_user)) -> SessionOut:
     """End the session: its task cancelled, its WebSocket closed (code 4000), its sandbox
-    destroyed after its workspace is flushed. Ending an ended session changes nothing."""
+    destroyed after its workspace is flushed. Ending an ended session changes nothing. Through
+    any replica (docs/kubernetes.md "Sessions")."""
     row = await _owned(request, user, session_id)
     await sessions(request).end(row.id, "deleted")
     return await session_out(sessions(request), await _owned(request, user, session_id))
@@ -186,25 +187,42 @@ async def session_ws(ws: WebSocket, session_id: str) -> None:
     row = await svc.get(claims.user_id, session_id)
     if row is None:
         return await deny_websocket(ws, ApiError(404, "session_not_found", f"no session {session_id!r}"))
-    live = svc.live.get(session_id)
-    if row.state != "active" or live is None or live.end_reason:
-        return await deny_websocket(ws, ApiError(410, "session_ended", f"session {session_id} has "
-                                        f"ended ({row.end_reason or 'ending'})"))
     after_text = ws.query_params.get("after", "0")
     # (str.isdigit takes "²", which int() refuses; seq is a 32-bit column)
     if not AFTER.fullmatch(after_text) or int(after_text) > MAX_SEQ:
         return await deny_websocket(ws, ApiError(400, "invalid_field", "after must be the last seq "
                                         "seen (an integer, 0 for all)", "after"))
+    live = svc.live.get(session_id)
+    if row.state == "active" and live is None:  # another replica's session: relayed to it
+        relayed = ws.headers.get(FORWARDED)
+        if relayed is not None and not svc.is_me(relayed):
+            return await deny_websocket(ws, ApiError(409, "session_conflict", "this connection "
+                                            "was relayed to a replica that is not the one meant"))
+        holder = None if relayed is not None else await svc.holder(row)
+        if holder is not None:
+            return await relay(ws, session_id, *holder, token, subprotocol, after_text)
+        if relayed is None and row.replica is not None and row.replica != svc.host.replica_key():
+            # its replica does not answer now: gone (its sessions end within seconds, then
+            # this is a 410) or blinking; a client tries again
+            return await deny_websocket(ws, ApiError(503, "session_unavailable", "the e2a "
+                                            "replica holding this session does not answer; "
+                                            "try again"))
+    if row.state != "active" or live is None or live.end_reason:
+        return await deny_websocket(ws, ApiError(410, "session_ended", f"session {session_id} has "
+                                        f"ended ({row.end_reason or 'ending'})"))
     await ws.accept(subprotocol=proto.SUBPROTOCOL if subprotocol else None)
     previous, live.connection = live.connection, ws
     if previous is not None:  # the newer connection takes over
         with contextlib.suppress(Exception):
             await previous.close(code=proto.TAKEN_OVER, reason="taken over by a newer connection")
     try:
+        await svc.note_connected(live)
         await _serve(ws, svc, live, int(after_text))
     finally:
         if live.connection is ws:
             live.connection = None
+            with contextlib.suppress(Exception):  # (a session that ended is not connected)
+                await svc.note_connected(live)
 
 
 async def _serve(ws: WebSocket, svc: Sessions, live: Live, after: int) -> None:

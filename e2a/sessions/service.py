@@ -10,19 +10,26 @@ app.set_id), so an end user's files outlive the session.
 
 The LLM key comes from the tenant's secret bundles (stored encrypted) or the create request
 (which wins); neither is written anywhere by the session. When a bundle is replaced, every
-active session that names it gets the new values at once (`rekey`): its next request to the
-provider uses them.
+active session that names it gets the new values (`rekey`): at once on the replica that took
+the change, within TTL_CHECK on the others; its next request to the provider uses them.
+
+Replicas (Kubernetes backend, docs/kubernetes.md "Sessions"): a session's agent is in the
+memory of the replica that created it, which the row names. The row is the truth about the rest:
+any replica ends a session (the holder sees the row ended at its next look and closes its
+WebSocket), a WebSocket through another replica is relayed to the holder (api/sessions.py), and
+the sessions of a replica that died are ended by the others.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, AsyncIterator
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from e2a.agents import clis, keys
 from e2a.agents.own import providers
@@ -34,7 +41,7 @@ from e2a.sandboxes.host import (Catalog, Conflict, CreateFailed, CreateSpec, Del
 from e2a.sandboxes.records import utcnow
 from e2a.sandboxes.states import EndReason
 from e2a.sessions.tokens import SessionTokens
-from e2a.store.models import ChatSession, Task, TaskEvent
+from e2a.store.models import ChatSession, SecretBundle, Task, TaskEvent
 from e2a.templates import recipes
 from e2a.workspaces.scope import Scope
 
@@ -43,7 +50,12 @@ log = logging.getLogger("e2a.sessions")
 OWN = ("deictic", "e2a")            # e2a's own agent: `deictic` is the hosted service's name
 AGENTS = OWN + clis.NAMES
 MODEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-TTL_CHECK = 1.0                     # seconds between checks for sessions past their TTL
+# Seconds between looks at this replica's sessions: past their TTL, ended through another
+# replica, a bundle they name changed; and between looks for sessions of replicas that died.
+TTL_CHECK = 1.0
+ORPHANS_EVERY = 5.0
+# The ends after which a session's sandbox is gone or going already.
+SANDBOX_GONE = ("sandbox_ended", "out_of_credits")
 # Held a little past the TTL, so the session (not the reaper) ends its sandbox.
 LIFETIME_MARGIN = 120
 
@@ -112,6 +124,11 @@ class Live:
     connection: Any = None            # the WebSocket served now (a newer one takes over)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     end_reason: str | None = None
+    # the version of each bundle it names that its values come from: (row id, version), None
+    # for a bundle that is not there
+    bundles: dict[str, tuple[str, int] | None] = field(default_factory=dict)
+    noting: asyncio.Lock = field(default_factory=asyncio.Lock)  # (note_connected)
+    closing: asyncio.Task | None = None  # its end in this replica, once begun (_close)
 
 
 class Sessions:
@@ -126,8 +143,10 @@ class Sessions:
         self.check_url = check_url
         self.live: dict[str, Live] = {}
         self.by_sandbox: dict[str, str] = {}
-        self._changes: dict[str, int] = {}  # bundle changes per tenant, for create's race
-        self._ttl: asyncio.Task | None = None
+        # a lock per tenant for looks at its bundles' versions, and how many it has had
+        self._bundle_locks: dict[str, asyncio.Lock] = {}
+        self._bundle_looks: dict[str, int] = {}
+        self._loops: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
         host.on_stop(self._sandbox_stopping)
         bundles.on_change(self._bundle_changed)
@@ -135,33 +154,89 @@ class Sessions:
     # ---- lifetime ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Sessions active when e2a stopped cannot go on (an inline key and the conversation
-        were in memory): they end, and their sandboxes with them."""
-        async with self.db() as db:
-            rows = (await db.execute(select(ChatSession).where(
-                ChatSession.state == "active"))).scalars().all()
-            for row in rows:
-                row.state, row.ended_at, row.end_reason = "ended", utcnow(), "server_restart"
-            await db.commit()
-        running = set(self.host.list())
-        for row in rows:
-            if row.sandbox_id in running:
-                self._in_background(self.host.destroy(row.sandbox_id, EndReason.SERVER_RESTART))
-        self._ttl = asyncio.create_task(self._ttl_loop(), name="session TTLs")
+        """Sessions whose e2a stopped cannot go on (an inline key and the conversation were in
+        its memory): they end, and their sandboxes with them. With one process: every session
+        active at its start. With replicas: those of replicas that are gone (a replica takes a
+        new lock key at each start, so its own from before are among them), looked for again
+        every ORPHANS_EVERY by each replica."""
+        await self._end_orphans()
+        self._loops = [asyncio.create_task(self._watch(), name="sessions"),
+                       asyncio.create_task(self._watch_bundles(), name="session bundles")]
 
     async def stop(self) -> None:
         # (uvicorn has closed the WebSockets already, with 1012: service restart)
-        if self._ttl:
-            self._ttl.cancel()
+        for loop in self._loops:
+            loop.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
 
-    async def _ttl_loop(self) -> None:
+    async def _watch(self) -> None:
+        """This replica's sessions past their TTL end, and those ended through another replica
+        are closed here; with replicas, the sessions of replicas that died end."""
+        orphans_at = time.monotonic() + ORPHANS_EVERY
         while True:
             await asyncio.sleep(TTL_CHECK)
             now = utcnow()
             for live in list(self.live.values()):
                 if live.expires_at <= now and live.end_reason is None:
                     self._in_background(self.end(live.id, "ttl_expired"))
+            try:
+                await self._look_at_own()
+                if self.host.replica_key() is not None and time.monotonic() >= orphans_at:
+                    orphans_at = time.monotonic() + ORPHANS_EVERY
+                    await self._end_orphans()
+            except Exception as exc:  # the database blinked: the next look tries again
+                log.warning("looking at sessions: %s", type(exc).__name__)
+
+    async def _watch_bundles(self) -> None:
+        """Bundle changes made through another replica (a loop of its own: a slow provider
+        URL's check must not hold up the TTLs)."""
+        while True:
+            await asyncio.sleep(TTL_CHECK)
+            try:
+                await self.refresh_bundles()
+            except Exception as exc:  # (its class only: an exception's text could quote a value)
+                log.warning("looking at session bundles: %s", type(exc).__name__)
+
+    async def _look_at_own(self) -> None:
+        """The rows of this replica's sessions: those ended through another replica are closed
+        here; with replicas, each names this replica's key now (one taken anew after a database
+        blink, or read by a create just before it changed)."""
+        ids = [i for i, live in self.live.items() if live.end_reason is None]
+        if not ids:
+            return
+        mine = self.host.replica_key()
+        async with self.db() as db:
+            if mine is not None:
+                await db.execute(update(ChatSession).where(
+                    ChatSession.id.in_(ids), ChatSession.state == "active",
+                    ChatSession.replica != mine).values(replica=mine))
+                await db.commit()
+            ended = (await db.execute(select(ChatSession.id, ChatSession.end_reason).where(
+                ChatSession.id.in_(ids), ChatSession.state == "ended"))).all()
+        for sid, reason in ended:
+            live = self.live.get(sid)
+            if live is not None:
+                self._in_background(self._close(live, reason or "deleted",
+                                                reason in SANDBOX_GONE))
+
+    async def _end_orphans(self) -> None:
+        mine = self.host.replica_key()
+        async with self.db() as db:
+            rows = (await db.execute(select(ChatSession.id, ChatSession.replica).where(
+                ChatSession.state == "active"))).all()
+        gone: dict[int | None, bool] = {}
+        for sid, replica in rows:
+            if sid in self.live:
+                continue
+            try:
+                if mine is not None:  # (this replica's own key is never gone)
+                    if replica not in gone:
+                        gone[replica] = await self.host.replica_gone(replica)
+                    if not gone[replica]:
+                        continue
+                await self.end(sid, "server_restart", wait=False)
+            except Exception as exc:  # the next look tries again
+                log.warning("ending orphaned session %s: %s", sid, type(exc).__name__)
 
     def _in_background(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -176,7 +251,8 @@ class Sessions:
         recipe = self._check_template(spec)
         version = self._check_agent(spec)
         capabilities = self._check_capabilities(spec, recipe)
-        changes = self._changes.get(spec.user_id, 0)
+        # read before the values: a change after it is applied at the next look
+        versions = await self._bundle_versions({spec.user_id})
         llm = await self.resolve_llm(spec.user_id, spec.agent, spec.secrets, spec.llm)
         sid, now = new_id("ses"), utcnow()
         row = ChatSession(
@@ -186,7 +262,9 @@ class Sessions:
             model=llm.model or (providers.DEFAULT_MODELS.get(llm.vendor)
                                 if spec.agent in OWN else None),
             secrets=list(spec.secrets), metadata_=dict(spec.metadata), sandbox_id=None,
-            state="active", created_at=now, expires_at=now + timedelta(seconds=spec.ttl))
+            state="active", created_at=now, expires_at=now + timedelta(seconds=spec.ttl),
+            replica=self.host.replica_key(),
+            replica_url=self.tasks.own_url if self.host.replica_key() is not None else None)
         async with self.db() as db:
             db.add(row)
             await db.commit()
@@ -198,7 +276,8 @@ class Sessions:
                 await db.commit()
             raise
         live = Live(id=sid, user_id=spec.user_id, sandbox_id=rec.id, expires_at=row.expires_at,
-                    agent=spec.agent, secrets=list(spec.secrets), llm=spec.llm)
+                    agent=spec.agent, secrets=list(spec.secrets), llm=spec.llm,
+                    bundles={n: versions.get((spec.user_id, n)) for n in spec.secrets})
         try:
             await self.tasks.attach(rec.id, spec.user_id, spec.template, AgentConfig(
                 agent="e2a" if spec.agent in OWN else spec.agent, vendor=llm.vendor, key=llm.key,
@@ -217,9 +296,12 @@ class Sessions:
             raise
         self.live[sid] = live
         self.by_sandbox[rec.id] = sid
-        if spec.secrets and self._changes.get(spec.user_id, 0) != changes:
-            # a bundle changed while this session started: it may have missed the new values
-            await self._apply(live, ", ".join(spec.secrets))
+        if row.state != "active":  # ended (a DELETE, any replica) while it started
+            await self._close(live, row.end_reason or "deleted", False)
+            raise SessionError(409, "session_ended", f"session {sid} was ended "
+                               f"({row.end_reason}) while it started")
+        if spec.secrets:  # a bundle changed while it started: the new values now
+            await self.refresh_bundles({spec.user_id})
         return row, self.tokens.issue(sid, spec.user_id, row.expires_at)
 
     def _check_template(self, spec: SessionSpec):
@@ -281,34 +363,111 @@ class Sessions:
         except (Unavailable, CreateFailed, DeletedDuringCreate) as exc:
             raise SessionError(503, "create_failed", str(exc)) from exc
 
-    async def end(self, session_id: str, reason: str) -> None:
-        """End an active session: its task cancelled, its WebSocket closed (4000), its sandbox
-        destroyed (the workspace flushed first)."""
-        live = self.live.get(session_id)
-        if live is None or live.end_reason is not None:
-            return
-        live.end_reason = reason
+    async def end(self, session_id: str, reason: str, wait: bool = True,
+                  sandbox_going: bool = False) -> None:
+        """End an active session, whichever replica holds it: its row first (once: another
+        end, through any replica, changes nothing), then its task cancelled, its WebSocket
+        closed (4000), its sandbox destroyed (the workspace flushed first; in the background
+        unless `wait`; not at all if `sandbox_going`, an end that comes from the sandbox's).
+        Another replica's session is closed there at its next look."""
         async with self.db() as db:
-            row = await db.get(ChatSession, session_id)
-            row.state, row.ended_at, row.end_reason = "ended", utcnow(), reason
+            done = await db.execute(update(ChatSession).where(
+                ChatSession.id == session_id, ChatSession.state == "active").values(
+                    state="ended", ended_at=utcnow(), end_reason=reason, connected=False))
             await db.commit()
+            sandbox_id, replica = (await db.execute(select(
+                ChatSession.sandbox_id, ChatSession.replica).where(
+                    ChatSession.id == session_id))).one_or_none() or (None, None)
+        if done.rowcount == 0:
+            return
+        going = sandbox_going or reason in SANDBOX_GONE
+        live = self.live.get(session_id)
+        if live is not None:
+            await self._close(live, reason, going)
+        elif sandbox_id is not None and not going:
+            # another replica's (or a dead one's): its live replica cancels the task at its
+            # next look, and is waited for; the sandbox can be ended from here
+            if await self.host.replica_alive_now(replica):
+                await self.tasks.cancel(sandbox_id, f"the session ended ({reason})")
+            destroying = self.host.destroy(sandbox_id, EndReason.SESSION_ENDED
+                                           if reason != "server_restart"
+                                           else EndReason.SERVER_RESTART)
+            if wait:
+                await destroying
+            else:
+                self._in_background(destroying)
+
+    async def _close(self, live: Live, reason: str, sandbox_going: bool) -> None:
+        """What ends with a session in this replica: its task, its WebSocket, its sandbox.
+        Once, whoever asks first (an end here, or the look that saw it ended elsewhere); every
+        caller returns when it is done."""
+        if live.closing is None:
+            live.end_reason = reason
+            live.closing = asyncio.get_running_loop().create_task(
+                self._teardown(live, reason, sandbox_going))
+            self._background.add(live.closing)
+            live.closing.add_done_callback(self._background.discard)
+        await asyncio.shield(live.closing)
+
+    async def _teardown(self, live: Live, reason: str, sandbox_going: bool) -> None:
         await self.tasks.cancel(live.sandbox_id, f"the session ended ({reason})")
         live.ended.set()
         await self.tasks.wake(live.sandbox_id)
         try:
-            if reason not in ("sandbox_ended", "out_of_credits"):  # its sandbox is going
+            if not sandbox_going:
                 await self.host.destroy(live.sandbox_id, EndReason.SESSION_ENDED)
         finally:
-            self.live.pop(session_id, None)
+            self.live.pop(live.id, None)
             self.by_sandbox.pop(live.sandbox_id, None)
 
     def _sandbox_stopping(self, sandbox_id: str, reason: EndReason) -> None:
         """A session's sandbox that ends for another reason (it crashed, a DELETE of the
-        sandbox) ends the session."""
+        sandbox) ends the session; with replicas, also another replica's session, whose
+        sandbox's end this one may be the one to see."""
+        if reason is EndReason.SESSION_ENDED:
+            return
+        why = {EndReason.OUT_OF_CREDITS: "out_of_credits",
+               EndReason.SERVER_RESTART: "server_restart"}.get(reason, "sandbox_ended")
         sid = self.by_sandbox.get(sandbox_id)
-        if sid is not None and reason is not EndReason.SESSION_ENDED:
-            why = "out_of_credits" if reason is EndReason.OUT_OF_CREDITS else "sandbox_ended"
-            self._in_background(self.end(sid, why))
+        if sid is not None:
+            self._in_background(self.end(sid, why, sandbox_going=True))
+        elif self.host.replica_key() is not None:
+            self._in_background(self._end_of_sandbox(sandbox_id, why))
+
+    async def _end_of_sandbox(self, sandbox_id: str, why: str) -> None:
+        async with self.db() as db:
+            sid = await db.scalar(select(ChatSession.id).where(
+                ChatSession.sandbox_id == sandbox_id, ChatSession.state == "active"))
+        if sid is not None:
+            await self.end(sid, why, sandbox_going=True)
+
+    async def note_connected(self, live: Live) -> None:
+        """Whether a client is connected to the session now (its WebSocket is here, relayed or
+        not), in its row for GETs through every replica. One write at a time, each of the state
+        at its time: the last one written is the last state."""
+        async with live.noting:
+            try:
+                async with self.db() as db:
+                    await db.execute(update(ChatSession).where(
+                        ChatSession.id == live.id, ChatSession.state == "active").values(
+                            connected=live.connection is not None))
+                    await db.commit()
+            except Exception as exc:  # (the connection goes on; GETs may say otherwise)
+                log.warning("session %s: noting its connection: %s", live.id,
+                            type(exc).__name__)
+
+    async def holder(self, row: ChatSession) -> tuple[str, int] | None:
+        """(the API, the lock key) of the replica that holds the session, when it is another
+        and alive at this moment (a dead one's address may be any pod's)."""
+        if (row.replica is None or not row.replica_url or row.id in self.live
+                or row.replica == self.host.replica_key()
+                or not await self.host.replica_alive_now(row.replica)):
+            return None
+        return row.replica_url, row.replica
+
+    def is_me(self, key: str) -> bool:
+        own = self.host.replica_key()
+        return own is not None and key == str(own)
 
     # ---- the LLM key and hot replace ---------------------------------------------------------
 
@@ -371,11 +530,58 @@ class Sessions:
             raise SessionError(exc.status, exc.code, exc.message, exc.field) from None
 
     async def _bundle_changed(self, user_id: str, name: str) -> None:
-        """Hot replace: the active sessions naming the bundle get its new values now."""
-        self._changes[user_id] = self._changes.get(user_id, 0) + 1
-        for live in list(self.live.values()):
-            if live.user_id == user_id and name in live.secrets and not live.end_reason:
-                await self._apply(live, name)
+        """Hot replace: the active sessions naming the bundle get its new values now (those
+        of other replicas at their next look)."""
+        await self.refresh_bundles({user_id})
+
+    async def refresh_bundles(self, users: set[str] | None = None) -> None:
+        """The sessions here whose bundles changed since their values were read (through any
+        replica: the versions are in the rows) get the new values: of `users` (a change made
+        through this replica, a create), their versions read now; or of all (the look every
+        TTL_CHECK), in one read. One look at a tenant's at a time (two would apply one change
+        twice), a slow one holding up no other tenant's; versions are read before the values
+        they are kept for, and a look whose read is older than a look done since skips."""
+        versions, looks = None, {}
+        if users is None:
+            users = {live.user_id for live in self.live.values() if live.secrets}
+            looks = {u: self._bundle_looks.get(u, 0) for u in users}
+            versions = await self._bundle_versions(users) if users else {}
+        for user in users:
+            lock = self._bundle_locks.setdefault(user, asyncio.Lock())
+            async with lock:
+                if versions is None:
+                    await self._apply_versions(user, await self._bundle_versions({user}))
+                elif self._bundle_looks.get(user, 0) == looks[user]:
+                    await self._apply_versions(user, versions)
+                else:
+                    continue  # looked at since, with versions read after these
+                self._bundle_looks[user] = self._bundle_looks.get(user, 0) + 1
+            if not any(live.user_id == user for live in self.live.values()):
+                self._bundle_locks.pop(user, None)
+                self._bundle_looks.pop(user, None)
+
+    async def _apply_versions(self, user: str, versions: dict) -> None:
+        for live in [lv for lv in self.live.values() if lv.user_id == user and lv.secrets]:
+            now = {n: versions.get((user, n)) for n in live.secrets}
+            changed = [n for n in live.secrets if live.bundles.get(n) != now[n]]
+            if not changed or live.end_reason:
+                continue
+            try:
+                await self._apply(live, ", ".join(changed))
+            except Exception as exc:  # kept as it was: the next look tries again
+                log.warning("session %s: applying a changed bundle: %s", live.id,
+                            type(exc).__name__)
+                continue
+            live.bundles.update(now)  # (its values were read after these versions)
+
+    async def _bundle_versions(self, users: set[str]) -> dict[tuple[str, str], tuple[str, int]]:
+        """(tenant, bundle name) → (its row, its version): a replaced bundle has a new version,
+        a deleted and created again one a new row."""
+        async with self.db() as db:
+            rows = (await db.execute(select(SecretBundle.user_id, SecretBundle.name,
+                                            SecretBundle.id, SecretBundle.version).where(
+                SecretBundle.user_id.in_(users)))).all()
+        return {(u, n): (i, v) for u, n, i, v in rows}
 
     async def _apply(self, live: Live, name: str) -> None:
         """The session's LLM values resolved again and handed to its agent. One that cannot

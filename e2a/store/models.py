@@ -228,6 +228,12 @@ class ChatSession(Base):
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # ttl_expired | deleted | sandbox_ended | server_restart | out_of_credits
     end_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # Replicas (docs/kubernetes.md "Sessions"): the one holding the session's agent (its lock
+    # key; None on the embedded backend), where its API is, and whether a client is connected
+    # to it now
+    replica: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    replica_url: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    connected: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class SecretBundle(Base):
