@@ -127,7 +127,7 @@ class Replica:
         if self.key != old:
             # the rows this replica works on name it by its key: moved to the new one now,
             # while the old is still held, or they would look a dead replica's once it is free
-            for table in ("sandboxes", "tasks"):
+            for table in ("sandboxes", "tasks", "chat_sessions"):
                 await self._conn.execute(text(f"UPDATE {table} SET replica = :new "
                                               "WHERE replica = :old"),
                                          {"new": self.key, "old": old})

@@ -34,10 +34,15 @@ def anyio_backend():
 
 @pytest.fixture
 async def engine():
-    url = os.environ.get("E2A_TEST_PG_URL")
-    if not url:
+    """A database of its own, migrated (a replica whose key changes moves the rows of the
+    store's tables; the shared one's public schema may be any test's, or being dropped)."""
+    from e2a.store import db as store
+    from tests.kube.cluster import pg_database
+    if not os.environ.get("E2A_TEST_PG_URL"):
         pytest.skip("E2A_TEST_PG_URL not set (make test starts PostgreSQL and sets it)")
-    engine = create_async_engine(url)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    engine = create_async_engine(pg_database(f"e2a_replicas_{worker}"))
+    await store.migrate(engine)
     yield engine
     await engine.dispose()
 
@@ -190,11 +195,11 @@ async def test_a_users_limit_holds_for_warm_claims_racing_through_replicas(tmp_p
 
 async def test_a_replica_that_must_take_a_new_key_moves_its_rows_to_it():
     """A replica whose lock connection dropped while a session the server has not yet seen
-    die still holds its key goes on under a new key; the rows it works on (a create, a task)
-    move to the new key at once, or they would look a dead replica's once the old is free."""
+    die still holds its key goes on under a new key; the rows it works on (a create, a task, a
+    chat session) move to the new key at once, or they would look a dead replica's once the old is free."""
     from e2a import auth
     from e2a.store import db as store
-    from e2a.store.models import Task
+    from e2a.store.models import ChatSession, Task
     from tests.kube.cluster import pg_database
     if not os.environ.get("E2A_TEST_PG_URL"):
         pytest.skip("E2A_TEST_PG_URL not set (make test starts PostgreSQL and sets it)")
@@ -217,6 +222,12 @@ async def test_a_replica_that_must_take_a_new_key_moves_its_rows_to_it():
             db.add(Task(id=new_id("tsk"), sandbox_id=row.id, user_id=user, agent="gemini-cli",
                         vendor="google", prompt="p", state="running",
                         started_at=datetime.now(timezone.utc), replica=old))
+            now = datetime.now(timezone.utc)
+            db.add(ChatSession(id=new_id("ses"), user_id=user, end_user_id="eu", app_id="a",
+                               set_id="s", capability_sets=[], agent="e2a", agent_version="1",
+                               template="standard", vendor="anthropic", secrets=[],
+                               sandbox_id=row.id, state="active", created_at=now,
+                               expires_at=now + timedelta(hours=1), replica=old))
             await db.commit()
         await a._close()  # its lock connection drops...
         ghost = await a.engine.connect()  # ...and a session still holds its key
@@ -226,6 +237,8 @@ async def test_a_replica_that_must_take_a_new_key_moves_its_rows_to_it():
         async with sessions() as db:
             assert await db.scalar(select(Sandbox.replica).where(Sandbox.id == row.id)) == a.key
             assert await db.scalar(select(Task.replica).where(Task.sandbox_id == row.id)) == a.key
+            assert await db.scalar(select(ChatSession.replica).where(
+                ChatSession.sandbox_id == row.id)) == a.key
     finally:
         if ghost is not None:
             await ghost.close()
