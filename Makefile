@@ -6,7 +6,7 @@ CACHE   ?= /var/cache/e2a
 E2A_URL ?= http://127.0.0.1:8080
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: up deps venv build envd runsc rclone stripe-mock k8s templates image serve stop test test-unit test-guest test-e2e bench bench-templates bench-workspaces bench-agents bench-sessions bench-billing bench-pause bench-kube openapi asyncapi clean
+.PHONY: up deps venv build envd runsc rclone stripe-mock k8s templates image serve stop test test-unit test-guest test-e2e bench bench-templates bench-workspaces bench-agents bench-sessions bench-billing bench-pause bench-kube bench-relay openapi asyncapi clean
 
 up: build templates
 	@$(BIN)/e2a admin bootstrap
@@ -97,6 +97,9 @@ bench-pause: build templates
 
 bench-kube: build templates k8s
 	$(BIN)/python bench/kube.py
+
+bench-relay: venv
+	$(BIN)/python bench/session_relay.py
 
 clean:
 	rm -rf build
