@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import AsyncIterator
@@ -53,7 +53,36 @@ class NodeRoom:
     cpu: int      # millicores
     memory: int   # MiB
     ready: bool = True     # ready and not cordoned: the scheduler may place pods there
-    tainted: bool = False  # a taint that keeps pods without a toleration (sandboxes') away
+    labels: dict[str, str] = field(default_factory=dict)
+    # its taints that keep pods away (NoSchedule, NoExecute): (key, value, effect)
+    taints: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Runtime:
+    """Where the sandboxes' RuntimeClass lets its pods go (its `scheduling`: the scheduler adds
+    its node selector and tolerations to every pod of it). A cluster may have gVisor on some
+    nodes only; the others must not count as room for sandboxes."""
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict] = field(default_factory=list)
+
+    def admits(self, node: NodeRoom) -> bool:
+        """A sandbox's pod may go to the node: its labels match, each of its taints is
+        tolerated (sandbox pods have no tolerations of their own)."""
+        return (all(node.labels.get(k) == v for k, v in self.node_selector.items())
+                and all(any(_tolerates(t, taint) for t in self.tolerations)
+                        for taint in node.taints))
+
+
+def _tolerates(toleration: dict, taint: tuple[str, str, str]) -> bool:
+    """Kubernetes' rule: an empty key with Exists matches every taint; else the keys are
+    equal, and the values too unless Exists; an empty effect matches every effect."""
+    key, value, effect = taint
+    if toleration.get("effect") not in (None, "", effect):
+        return False
+    if toleration.get("operator") == "Exists":
+        return toleration.get("key") in (None, "", key)
+    return toleration.get("key") == key and (toleration.get("value") or "") == value
 
 
 @dataclass
@@ -90,18 +119,24 @@ class Cluster:
     async def close(self) -> None:
         await self.client.close()
 
-    async def runtime_class_exists(self, name: str) -> bool:
+    async def runtime(self, name: str) -> Runtime | None:
+        """The RuntimeClass's scheduling, None if the cluster has no RuntimeClass `name`."""
         try:
-            await self.client.get(RuntimeClass, name)
-            return True
+            rc = await self.client.get(RuntimeClass, name)
         except ApiError as exc:
             if exc.status.code == 404:
-                return False
+                return None
             raise
+        scheduling = rc.scheduling
+        return Runtime(
+            node_selector=dict(scheduling.nodeSelector or {}) if scheduling else {},
+            tolerations=[{"key": t.key, "operator": t.operator, "value": t.value,
+                          "effect": t.effect} for t in (scheduling.tolerations or [])]
+            if scheduling else [])
 
-    async def allocatable(self) -> tuple[int, int]:
-        """What the cluster's ready nodes offer pods: millicores and MiB of memory."""
-        nodes = [n for n in await self.nodes() if n.ready]
+    async def allocatable(self, runtime: Runtime) -> tuple[int, int]:
+        """What the ready nodes the RuntimeClass admits offer pods: millicores and MiB."""
+        nodes = [n for n in await self.nodes() if n.ready and runtime.admits(n)]
         return sum(n.cpu for n in nodes), sum(n.memory for n in nodes)
 
     async def nodes(self) -> list[NodeRoom]:
@@ -117,8 +152,10 @@ class Cluster:
                 node.metadata.name, address, _millicores(node.status.allocatable["cpu"]),
                 _mib(node.status.allocatable["memory"]),
                 ready=ready and not (spec and spec.unschedulable),
-                tainted=any(t.effect in ("NoSchedule", "NoExecute")
-                            for t in (spec.taints or []) if spec)))
+                labels=dict(node.metadata.labels or {}),
+                taints=[(t.key, t.value or "", t.effect) for t in (spec.taints or [] if spec
+                                                                   else [])
+                        if t.effect in ("NoSchedule", "NoExecute")]))
         return found
 
     async def create(self, manifest: dict) -> None:

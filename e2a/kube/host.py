@@ -132,6 +132,7 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
         self.sandboxes: dict[str, KubeSandbox] = {}
         self._reserved: dict[str, KubeSandbox] = {}  # capacity taken, row not yet written
         self._allocatable: tuple[float, tuple[int, int]] | None = None
+        self.runtime = kc.Runtime()  # the RuntimeClass's scheduling, read at start
         self._pool_counts: dict[str, int] = {}
         self._flushed: dict[str, float] = {}
         self._swept_at = 0.0
@@ -158,7 +159,8 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
         try:
             self.cluster = kc.Cluster(kc.connect(s.kube_config, s.kube_namespace),
                                       s.kube_namespace, s.instance)
-            if not await self.cluster.runtime_class_exists(s.kube_runtime_class):
+            self.runtime = await self.cluster.runtime(s.kube_runtime_class)
+            if self.runtime is None:
                 raise StartupError(f"the cluster has no RuntimeClass {s.kube_runtime_class!r} "
                                    "(E2A_KUBE_RUNTIME_CLASS): sandboxes would run without "
                                    "gVisor")
@@ -375,10 +377,14 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
         return sb
 
     async def _cluster_allocatable(self) -> tuple[int, int]:
-        """The nodes' allocatable CPU and memory, listed at most every ALLOCATABLE_TTL."""
+        """The allocatable CPU and memory of the nodes sandboxes may go to, listed at most
+        every ALLOCATABLE_TTL (the RuntimeClass read again with them: its scheduling may
+        change; if it is gone, the last one read stands)."""
         now = time.monotonic()
         if self._allocatable is None or now - self._allocatable[0] > ALLOCATABLE_TTL:
-            self._allocatable = (now, await self.cluster.allocatable())
+            self.runtime = await self.cluster.runtime(self.settings.kube_runtime_class) \
+                or self.runtime
+            self._allocatable = (now, await self.cluster.allocatable(self.runtime))
         return self._allocatable[1]
 
     def _row(self, sb: KubeSandbox, env_vars: dict[str, str]) -> Sandbox:
@@ -411,7 +417,8 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
         pod binds the mount as /home/user (a new workspace is seeded from the image's first)."""
         ws = sb.workspace
         try:
-            node = await self.mounts.place(sb.id, *node_mounts.pod_requests(plan))
+            node = await self.mounts.place(sb.id, *node_mounts.pod_requests(plan),
+                                           self.runtime)
         except node_mounts.MountFailed as exc:
             raise NoCapacity(str(exc)) from exc
         plan.node, plan.seed_home = node.name, ws.fresh

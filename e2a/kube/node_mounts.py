@@ -3,7 +3,8 @@ mount them, one per node, called on the node's address with the shared token.
 
 A sandbox with a workspace is placed by e2a, not by the scheduler: its mount must be on the
 node before its pod starts there (the pod binds it as a hostPath volume), so e2a picks the node
-(`place`: a ready, untainted one with most room left by e2a's pods and placements under way),
+(`place`: a ready one the sandboxes' RuntimeClass admits, with most room left by e2a's pods and
+placements under way),
 asks its agent to mount, then creates the pod with that `nodeName`. The node is in the
 sandbox's row from before the mount on: its teardown asks that node's agent, and no other, to
 upload and unmount, whatever the node's state (cordoned, not ready) or its pod's."""
@@ -17,7 +18,7 @@ import posixpath
 import aiohttp
 
 from e2a.kube import manifests
-from e2a.kube.cluster import Cluster, NodeRoom, _millicores, _mib
+from e2a.kube.cluster import Cluster, NodeRoom, Runtime, _millicores, _mib
 
 log = logging.getLogger("e2a.kube")
 
@@ -40,12 +41,13 @@ class NodeMounts:
     def enabled(self) -> bool:
         return bool(self.token)
 
-    async def place(self, sandbox_id: str, cpu: int, memory: int) -> NodeRoom:
+    async def place(self, sandbox_id: str, cpu: int, memory: int, runtime: Runtime) -> NodeRoom:
         """The node for a sandbox of this size (millicores, MiB requested): of the ready ones
-        no taint keeps sandboxes from, the one with most memory left by e2a's pods and this
-        replica's placements under way (held until `placed`). MountFailed if none fits."""
+        the RuntimeClass admits (its node selector; no taint it does not tolerate), the one
+        with most memory left by e2a's pods and this replica's placements under way (held
+        until `placed`). MountFailed if none fits."""
         nodes = {n.name: n for n in await self.cluster.nodes()
-                 if n.address and n.ready and not n.tainted}
+                 if n.address and n.ready and runtime.admits(n)}
         used = {name: [0, 0] for name in nodes}
         for pod in await self.cluster.pods():
             where = pod.spec.nodeName if pod.spec else None

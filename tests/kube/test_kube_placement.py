@@ -1,0 +1,74 @@
+"""Sandboxes go only where their RuntimeClass lets them (docs/kubernetes.md "Lifecycle"): a
+cluster may run gVisor on some nodes only, named by the RuntimeClass's node selector (and
+tolerations of those nodes' taints). Only those nodes are room for sandboxes: a create the
+selector leaves no node for is refused at once (409) before anything is made or mounted, a
+workspace's mount is placed on a node it selects, and the RuntimeClass is read again as it
+changes."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import wait_for
+from tests.e2e.test_workspaces import scope
+from tests.kube.cluster import agent_mounts, replica_of
+
+pytestmark = pytest.mark.kube
+
+RUNTIME = "gvisor-placed"
+
+
+def runtime_class(cluster, selector: dict[str, str]) -> None:
+    cluster.kubectl("delete", "runtimeclass", RUNTIME, "--ignore-not-found", "--wait=true")
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": RUNTIME},
+        "handler": "runsc", "scheduling": {"nodeSelector": selector}}))
+
+
+def test_only_the_nodes_the_runtime_class_selects_are_room_for_sandboxes(cluster, wserver):
+    """Through a replica of the workspace server whose RuntimeClass is `gvisor-placed`. Before,
+    a create with a workspace (placed by e2a) was mounted on a node the RuntimeClass does not
+    select, its pod refused there by the kubelet, and answered 503 after all that."""
+    node = cluster.json("get", "nodes")["items"][0]["metadata"]["name"]
+    runtime_class(cluster, {"e2a.dev/gvisor": "elsewhere"})  # gVisor on no node of this one
+    srv = replica_of(wserver, "place")
+    srv.extra_env = {**srv.extra_env, "E2A_KUBE_RUNTIME_CLASS": RUNTIME}
+    srv.cleanup()
+    try:
+        srv.start()
+        key = srv.create_user(f"place{secrets.token_hex(4)}@example.com")
+        with httpx.Client(base_url=srv.url, timeout=120,
+                          headers={"Authorization": f"Bearer {key}"}) as http:
+            for body in ({}, {"workspace": scope("kplace")}):
+                t0 = time.monotonic()
+                r = http.post("/v1/sandboxes", json={"template": "standard", **body})
+                assert r.status_code == 409, r.text
+                assert r.json()["error"]["code"] == "no_capacity"
+                assert time.monotonic() - t0 < 10  # at once, not a start that timed out
+            assert agent_mounts(wserver) == []     # nothing was mounted for it
+            # gVisor on this node now: read again within ALLOCATABLE_TTL (10 s)
+            runtime_class(cluster, {"kubernetes.io/hostname": node})
+            made = wait_for(lambda: _created(http, {"workspace": scope("kplace")}),
+                            timeout=40, interval=1)
+            run = http.post(f"/v1/sandboxes/{made}/commands",
+                            json={"cmd": "echo placed > /home/user/where && cat /home/user/where"},
+                            timeout=60)
+            assert "placed" in run.text, run.text
+            assert http.delete(f"/v1/sandboxes/{made}").status_code == 200
+    finally:
+        srv.stop()
+        srv.cleanup()
+        cluster.kubectl("delete", "runtimeclass", RUNTIME, "--ignore-not-found")
+
+
+def _created(http, body: dict) -> str | None:
+    r = http.post("/v1/sandboxes", json={"template": "standard", **body})
+    if r.status_code == 409:
+        return None
+    assert r.status_code == 201, r.text
+    return r.json()["vm_id"]
