@@ -31,7 +31,7 @@ from e2a.ids import new_id
 from e2a.sandboxes.host import NotRunning, SandboxHost, Unreachable
 from e2a.sandboxes.records import aware, utcnow
 from e2a.sandboxes.states import EndReason
-from e2a.store.models import Task, TaskEvent
+from e2a.store.models import Sandbox, Task, TaskEvent
 
 log = logging.getLogger("e2a.tasks")
 
@@ -251,6 +251,10 @@ class Tasks:
         async with self.sessions() as db:
             last = (await db.execute(select(func.max(TaskEvent.seq)).where(
                 TaskEvent.sandbox_id == sandbox_id))).scalar()
+            if self.host.replica_key() is not None:  # where a first task through another goes
+                await db.execute(update(Sandbox).where(Sandbox.id == sandbox_id).values(
+                    agent_replica=self.host.replica_key(), agent_url=self.own_url))
+                await db.commit()
         s.next_seq = (last or 0) + 1
         self.agents[sandbox_id] = s
         return s
@@ -374,15 +378,21 @@ class Tasks:
                                s.ending_error or "cancelled", Outcome(), 0)
 
     async def agent_elsewhere(self, sandbox_id: str) -> tuple[str, int] | None:
-        """(the API, the lock key) of the replica that holds the sandbox's agent, when it is
-        another and runs at this moment: a replica's address is its own while it lives (a pod
-        keeps its IP), and only then (a dead one's may be any pod's, a tenant's included)."""
-        t = await self.latest(sandbox_id)
-        if (t is None or t.replica is None or not t.replica_url
-                or t.replica == self.host.replica_key()
-                or not await self.host.replica_alive_now(t.replica)):
+        """(the API, the lock key) of the replica that holds the sandbox's agent (the sandbox's
+        row names it from the agent's start; its latest task's, for a sandbox from before
+        that), when it is another and runs at this moment: a replica's address is its own
+        while it lives (a pod keeps its IP), and only then (a dead one's may be any pod's, a
+        tenant's included)."""
+        async with self.sessions() as db:
+            key, url = (await db.execute(select(Sandbox.agent_replica, Sandbox.agent_url).where(
+                Sandbox.id == sandbox_id))).one_or_none() or (None, None)
+        if key is None:
+            t = await self.latest(sandbox_id)
+            key, url = (t.replica, t.replica_url) if t is not None else (None, None)
+        if (key is None or not url or key == self.host.replica_key()
+                or not await self.host.replica_alive_now(key)):
             return None
-        return t.replica_url, t.replica
+        return url, key
 
     def forwarded_to_me(self, key: str) -> bool:
         """A follow-up another replica passed on is for this one (the key it named)."""

@@ -127,9 +127,10 @@ class Replica:
         if self.key != old:
             # the rows this replica works on name it by its key: moved to the new one now,
             # while the old is still held, or they would look a dead replica's once it is free
-            for table in ("sandboxes", "tasks", "chat_sessions"):
-                await self._conn.execute(text(f"UPDATE {table} SET replica = :new "
-                                              "WHERE replica = :old"),
+            for table, column in (("sandboxes", "replica"), ("sandboxes", "agent_replica"),
+                                  ("tasks", "replica"), ("chat_sessions", "replica")):
+                await self._conn.execute(text(f"UPDATE {table} SET {column} = :new "
+                                              f"WHERE {column} = :old"),
                                          {"new": self.key, "old": old})
             log.warning("this replica's lock key was still held: it goes on under a new one")
         await self._conn.commit()

@@ -77,6 +77,10 @@ class Sandbox(Base):
     # over), and when a call last went into it through any replica (the idle timeout's clock).
     replica: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     active_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # ... and the replica holding its agent (in that replica's memory only), and where its API
+    # is: a task sent through another replica is passed on to it
+    agent_replica: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    agent_url: Mapped[str | None] = mapped_column(String(300), nullable=True)
     # Kubernetes: the node whose agent mounted its workspace (where its teardown uploads it).
     node_name: Mapped[str | None] = mapped_column(String(253), nullable=True)
 

@@ -92,6 +92,27 @@ def test_a_task_runs_in_a_pod_and_is_followed_live_through_another_replica(
     alice.kill(vm)
 
 
+def test_a_first_task_through_another_replica_reaches_an_agent_with_none_yet(
+        kserver, second, alice, llm_mock):
+    """An agent created without a task, then its task sent through another replica (as a load
+    balancer would): passed on to the replica holding the agent. Before, only a task's row
+    named that replica, and this was a 409 through any other."""
+    key = f"AIzaKube{secrets.token_hex(12)}"
+    llm_mock.scenario(key, final="first, through the other")
+    with api(kserver) as a:
+        r = a.post("/v1/sandboxes", json={"template": "standard", "agent": "gemini-cli",
+                                          "llm_key": key, "idle_timeout_seconds": 600})
+        assert r.status_code == 201, r.text
+        vm = r.json()["vm_id"]
+    with api(second) as b:
+        r = b.post(f"/v1/sandboxes/{vm}/task", json={"task": "say so"})
+        assert r.status_code == 202, r.text
+        done = finished(b, vm)
+    assert done["state"] == "succeeded" and done["result"] == "first, through the other", done
+    assert done["task_id"] == r.json()["task_id"]
+    alice.kill(vm)
+
+
 def test_a_task_is_cancelled_through_another_replica(kserver, second, alice, llm_mock):
     vm, key = start(kserver, llm_mock, {"hang": True, "hang_seconds": 300},
                     keep_after_task_seconds=120)

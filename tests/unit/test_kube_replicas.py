@@ -195,8 +195,8 @@ async def test_a_users_limit_holds_for_warm_claims_racing_through_replicas(tmp_p
 
 async def test_a_replica_that_must_take_a_new_key_moves_its_rows_to_it():
     """A replica whose lock connection dropped while a session the server has not yet seen
-    die still holds its key goes on under a new key; the rows it works on (a create, a task, a
-    chat session) move to the new key at once, or they would look a dead replica's once the old is free."""
+    die still holds its key goes on under a new key; the rows it works on (a create, its agent,
+    a task, a chat session) move to the new key at once, or they would look a dead replica's once the old is free."""
     from e2a import auth
     from e2a.store import db as store
     from e2a.store.models import ChatSession, Task
@@ -216,7 +216,7 @@ async def test_a_replica_that_must_take_a_new_key_moves_its_rows_to_it():
             user = (await auth.create_user(db, "restamp@example.com", 0)).id
             await db.commit()
         row = _row(user)
-        row.replica = old
+        row.replica = row.agent_replica = old
         await Records(sessions).insert(row, "create")
         async with sessions() as db:
             db.add(Task(id=new_id("tsk"), sandbox_id=row.id, user_id=user, agent="gemini-cli",
@@ -235,7 +235,8 @@ async def test_a_replica_that_must_take_a_new_key_moves_its_rows_to_it():
         await a._connect()
         assert a.key != old
         async with sessions() as db:
-            assert await db.scalar(select(Sandbox.replica).where(Sandbox.id == row.id)) == a.key
+            assert (await db.execute(select(Sandbox.replica, Sandbox.agent_replica).where(
+                Sandbox.id == row.id))).one() == (a.key, a.key)
             assert await db.scalar(select(Task.replica).where(Task.sandbox_id == row.id)) == a.key
             assert await db.scalar(select(ChatSession.replica).where(
                 ChatSession.sandbox_id == row.id)) == a.key
