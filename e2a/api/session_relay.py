@@ -36,6 +36,18 @@ OPEN_TIMEOUT = 10.0
 HOLDER_GONE = 1012
 
 
+async def first_of(*tasks: asyncio.Task) -> set[asyncio.Task]:
+    """Wait until one of the tasks ends, then cancel the others and wait for them too; the
+    tasks that had ended."""
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return done
+
+
 def _ws_base(url: str) -> str:
     return "wss" + url[5:] if url.startswith("https") else "ws" + url[4:]
 
@@ -103,13 +115,7 @@ async def _pipe(client: WebSocket, upstream: ClientConnection) -> None:
                 return
 
     downward, upward = asyncio.create_task(down()), asyncio.create_task(up())
-    try:
-        done, _ = await asyncio.wait({downward, upward}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in (downward, upward):
-            t.cancel()
-        await asyncio.gather(downward, upward, return_exceptions=True)
-    if downward in done:  # the holder closed: its code and reason, or that it went away
+    if downward in await first_of(downward, upward):  # the holder closed: its code and reason, or that it went away
         code, reason = upstream.close_code, upstream.close_reason or ""
         if code is None or code in (1005, 1006):
             code, reason = HOLDER_GONE, "the e2a replica holding the session went away"

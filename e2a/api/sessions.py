@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Query, Request, WebSocket
 from pydantic import ValidationError
 
 from e2a.agents.tasks import TaskConflict
-from e2a.api.session_relay import relay
+from e2a.api.session_relay import first_of, relay
 from e2a.api.tasks import FORWARDED, MAX_SEQ
 from e2a.api import session_protocol as proto
 from e2a.api.deps import bearer, current_user
@@ -236,12 +236,7 @@ async def _serve(ws: WebSocket, svc: Sessions, live: Live, after: int) -> None:
                            else None))
     events = asyncio.create_task(_send_events(svc, live, after, send))
     reader = asyncio.create_task(_read(ws, svc, live, send))
-    try:
-        done, _ = await asyncio.wait({events, reader}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in (events, reader):
-            t.cancel()
-        await asyncio.gather(events, reader, return_exceptions=True)
+    done = await first_of(events, reader)
     if events in done and not events.cancelled() and events.exception() is None:
         # every event up to the session's end was sent: it has ended
         with contextlib.suppress(Exception):

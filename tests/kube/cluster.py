@@ -10,6 +10,7 @@ both suites share them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -122,6 +123,20 @@ def replica_of(srv, tag: str):
     other.extra_env = dict(srv.extra_env)
     other.keys = srv.keys
     return other
+
+
+@contextlib.contextmanager
+def another_replica(srv, tag: str, **env: str):
+    """Another replica of `srv`, started (with `env` over its settings); stopped and its
+    directory gone after."""
+    other = replica_of(srv, tag)
+    other.extra_env = {**other.extra_env, **env}
+    other.cleanup()
+    try:
+        other.start()
+        yield other
+    finally:
+        other.cleanup()
 
 
 @pytest.fixture(scope="session")

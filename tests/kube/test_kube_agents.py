@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.e2e.agents import finished, search
-from tests.kube.cluster import replica_of
+from tests.kube.cluster import another_replica, replica_of
 
 pytestmark = pytest.mark.kube  # one cluster per machine: run apart from xdist (Makefile)
 
@@ -32,12 +32,8 @@ def alice(kube_clients):
 def second(kserver):
     """Another replica of the Kubernetes server: kserver runs the tasks, this one is 'any
     other' behind a load balancer."""
-    srv = replica_of(kserver, "agents")
-    srv.cleanup()
-    srv.start()
-    yield srv
-    srv.stop()
-    srv.cleanup()
+    with another_replica(kserver, "agents") as srv:
+        yield srv
 
 
 def start(srv, llm_mock, scenario: dict, **fields) -> tuple[str, str]:

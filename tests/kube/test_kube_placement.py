@@ -8,7 +8,6 @@ changes."""
 from __future__ import annotations
 
 import json
-import secrets
 import time
 
 import httpx
@@ -16,7 +15,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.e2e.test_workspaces import scope
-from tests.kube.cluster import agent_mounts, replica_of
+from tests.kube.cluster import agent_mounts, another_replica
 
 pytestmark = pytest.mark.kube
 
@@ -36,14 +35,10 @@ def test_only_the_nodes_the_runtime_class_selects_are_room_for_sandboxes(cluster
     select, its pod refused there by the kubelet, and answered 503 after all that."""
     node = cluster.json("get", "nodes")["items"][0]["metadata"]["name"]
     runtime_class(cluster, {"e2a.dev/gvisor": "elsewhere"})  # gVisor on no node of this one
-    srv = replica_of(wserver, "place")
-    srv.extra_env = {**srv.extra_env, "E2A_KUBE_RUNTIME_CLASS": RUNTIME}
-    srv.cleanup()
     try:
-        srv.start()
-        key = srv.create_user(f"place{secrets.token_hex(4)}@example.com")
-        with httpx.Client(base_url=srv.url, timeout=120,
-                          headers={"Authorization": f"Bearer {key}"}) as http:
+        with another_replica(wserver, "place", E2A_KUBE_RUNTIME_CLASS=RUNTIME) as srv, \
+                httpx.Client(base_url=srv.url, timeout=120, headers={
+                    "Authorization": f"Bearer {srv.create_user('place@example.com')}"}) as http:
             for body in ({}, {"workspace": scope("kplace")}):
                 t0 = time.monotonic()
                 r = http.post("/v1/sandboxes", json={"template": "standard", **body})
@@ -61,8 +56,6 @@ def test_only_the_nodes_the_runtime_class_selects_are_room_for_sandboxes(cluster
             assert "placed" in run.text, run.text
             assert http.delete(f"/v1/sandboxes/{made}").status_code == 200
     finally:
-        srv.stop()
-        srv.cleanup()
         cluster.kubectl("delete", "runtimeclass", RUNTIME, "--ignore-not-found")
 
 

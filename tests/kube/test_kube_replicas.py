@@ -17,7 +17,7 @@ import pytest
 
 from e2a.sdk import E2A, E2AError
 from tests.conftest import wait_for
-from tests.kube.cluster import NAMESPACE, kube_env, replica_of
+from tests.kube.cluster import NAMESPACE, another_replica, kube_env, replica_of
 
 pytestmark = pytest.mark.kube  # one cluster per machine: run apart from xdist (Makefile)
 
@@ -36,11 +36,8 @@ def pod_name(vm_id: str) -> str:
 @pytest.fixture(scope="module")
 def second(kserver):
     """A second replica of the Kubernetes server (kserver leads: it started first)."""
-    srv = replica_of(kserver, "b")
-    srv.cleanup()
-    srv.start()
-    yield srv
-    srv.cleanup()  # stopped, and its directory gone
+    with another_replica(kserver, "b") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

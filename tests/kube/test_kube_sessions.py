@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import wait_for
 from tests.e2e.sessions import MODEL, Conn, bundle, create, finished, refused
-from tests.kube.cluster import replica_of
+from tests.kube.cluster import another_replica
 
 pytestmark = pytest.mark.kube
 
@@ -22,12 +22,8 @@ pytestmark = pytest.mark.kube
 @pytest.fixture(scope="module")
 def second(wserver):
     """Another replica of the workspace server (a session mounts its end user's workspace)."""
-    srv = replica_of(wserver, "sessions")
-    srv.cleanup()
-    srv.start()
-    yield srv
-    srv.stop()
-    srv.cleanup()
+    with another_replica(wserver, "sessions") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +103,8 @@ def test_a_replica_starting_leaves_others_sessions_and_a_dead_ones_end(
     with api(wserver, key) as a:
         ticket = create(a, llm={"api_key": llm, "model": MODEL}, ttl_seconds=3600)
         sid = ticket["chat_session_id"]
-        third = replica_of(wserver, "sesthird")      # starts while the session is held by wserver
-        third.cleanup()
-        third.start()
-        try:
+        # a third replica starts while the session is held by wserver
+        with another_replica(wserver, "sesthird") as third:
             assert a.get(f"/v1/sessions/{sid}").json()["state"] == "active"
             c = Conn(through(third, ticket))
             c.task("still there?")
@@ -127,8 +121,6 @@ def test_a_replica_starting_leaves_others_sessions_and_a_dead_ones_end(
             assert refused(through(second, other)["connect_url"],
                            {"Authorization": f"Bearer {other['jwt']}"}) == 410
             assert a.get(f"/v1/sessions/{sid}").json()["state"] == "active"  # wserver's
-        finally:
-            third.cleanup()
         assert a.delete(f"/v1/sessions/{sid}").status_code == 200
 
 

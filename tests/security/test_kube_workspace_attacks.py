@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.e2e.test_workspaces import As, scope
-from tests.kube.cluster import WS_QUOTA_MIB as QUOTA_MIB, agent_mounts, replica_of
+from tests.kube.cluster import WS_QUOTA_MIB as QUOTA_MIB, agent_mounts, another_replica
 
 pytestmark = pytest.mark.kube  # one cluster per machine: run apart from xdist (Makefile)
 
@@ -95,17 +95,14 @@ def test_the_node_agent_answers_only_the_replicas_token(wserver):
 def through_two_replicas(wserver, tag: str):
     """A new user's clients of `wserver` and of a second replica of it, started for the test
     (stopped and its directory gone after)."""
-    other = replica_of(wserver, tag)
-    other.cleanup()
-    other.start()
-    key = wserver.create_user(f"{tag}{secrets.token_hex(4)}@example.com")
-    one, two = As(wserver.url, key), As(other.url, key)
-    try:
-        yield one, two
-    finally:
-        one.close()
-        two.close()
-        other.cleanup()
+    with another_replica(wserver, tag) as other:
+        key = wserver.create_user(f"{tag}{secrets.token_hex(4)}@example.com")
+        one, two = As(wserver.url, key), As(other.url, key)
+        try:
+            yield one, two
+        finally:
+            one.close()
+            two.close()
 
 
 def test_a_tenant_does_not_pass_the_quota_through_two_replicas(wserver):
