@@ -202,6 +202,23 @@ class Tasks:
             await db.commit()
         return True
 
+    async def _stamp_own(self) -> None:
+        """The rows of this replica's agents and running tasks name its key now: one read
+        just before the key changed (after a database blink) was written with the old one,
+        after the change moved the rows, and would look a dead replica's."""
+        mine, agents = self.host.replica_key(), list(self.agents)
+        if mine is None or not agents:
+            return
+        async with self.sessions() as db:
+            await db.execute(update(Sandbox).where(
+                Sandbox.id.in_(agents), Sandbox.agent_replica != mine).values(
+                    agent_replica=mine))
+            running = list(self._running_here())
+            if running:
+                await db.execute(update(Task).where(
+                    Task.id.in_(running), Task.replica != mine).values(replica=mine))
+            await db.commit()
+
     async def _cancel_asked(self, sandbox_id: str, task_id: str, why: str) -> None:
         """One cancel at a time per task (the row keeps asking until the task has ended), and
         only of that task: a follow-up started meanwhile is not the one asked about."""
@@ -233,6 +250,7 @@ class Tasks:
                             self._in_background(self._cancel_asked(sandbox_id, task_id, why))
                 if time.monotonic() >= orphans_at:
                     orphans_at = time.monotonic() + ORPHANS_EVERY
+                    await self._stamp_own()
                     await self._fail_orphans()
             except Exception as exc:  # the database blinked: the next pass tries again
                 log.warning("tasks of other replicas: %s", exc)
@@ -384,15 +402,15 @@ class Tasks:
         while it lives (a pod keeps its IP), and only then (a dead one's may be any pod's, a
         tenant's included)."""
         async with self.sessions() as db:
-            key, url = (await db.execute(select(Sandbox.agent_replica, Sandbox.agent_url).where(
+            named = (await db.execute(select(Sandbox.agent_replica, Sandbox.agent_url).where(
                 Sandbox.id == sandbox_id))).one_or_none() or (None, None)
-        if key is None:
-            t = await self.latest(sandbox_id)
-            key, url = (t.replica, t.replica_url) if t is not None else (None, None)
-        if (key is None or not url or key == self.host.replica_key()
-                or not await self.host.replica_alive_now(key)):
-            return None
-        return url, key
+        t = await self.latest(sandbox_id)
+        # (the task's too: a row stamped with a key its replica left just then names it)
+        for key, url in (named, (t.replica, t.replica_url) if t is not None else (None, None)):
+            if (key is not None and url and key != self.host.replica_key()
+                    and await self.host.replica_alive_now(key)):
+                return url, key
+        return None
 
     def forwarded_to_me(self, key: str) -> bool:
         """A follow-up another replica passed on is for this one (the key it named)."""

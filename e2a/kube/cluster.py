@@ -65,6 +65,8 @@ class Runtime:
     nodes only; the others must not count as room for sandboxes."""
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict] = field(default_factory=list)
+    # its `overhead.podFixed`, which Kubernetes adds to each of its pods' requests: millicores, MiB
+    overhead: tuple[int, int] = (0, 0)
 
     def admits(self, node: NodeRoom) -> bool:
         """A sandbox's pod may go to the node: its labels match, each of its taints is
@@ -76,13 +78,19 @@ class Runtime:
 
 def _tolerates(toleration: dict, taint: tuple[str, str, str]) -> bool:
     """Kubernetes' rule: an empty key with Exists matches every taint; else the keys are
-    equal, and the values too unless Exists; an empty effect matches every effect."""
+    equal, and the values too unless Exists; an empty effect matches every effect; another
+    operator (an alpha gate's) matches nothing here. A NoExecute taint tolerated for some
+    seconds only (`tolerationSeconds`) evicts the pod after them: no room for a sandbox."""
     key, value, effect = taint
     if toleration.get("effect") not in (None, "", effect):
         return False
-    if toleration.get("operator") == "Exists":
+    if effect == "NoExecute" and toleration.get("tolerationSeconds") is not None:
+        return False
+    operator = toleration.get("operator") or "Equal"
+    if operator == "Exists":
         return toleration.get("key") in (None, "", key)
-    return toleration.get("key") == key and (toleration.get("value") or "") == value
+    return operator == "Equal" and toleration.get("key") == key \
+        and (toleration.get("value") or "") == value
 
 
 @dataclass
@@ -128,11 +136,13 @@ class Cluster:
                 return None
             raise
         scheduling = rc.scheduling
+        fixed = (rc.overhead.podFixed or {}) if rc.overhead else {}
         return Runtime(
             node_selector=dict(scheduling.nodeSelector or {}) if scheduling else {},
             tolerations=[{"key": t.key, "operator": t.operator, "value": t.value,
-                          "effect": t.effect} for t in (scheduling.tolerations or [])]
-            if scheduling else [])
+                          "effect": t.effect, "tolerationSeconds": t.tolerationSeconds}
+                         for t in (scheduling.tolerations or [])] if scheduling else [],
+            overhead=(_millicores(fixed.get("cpu", "0")), _mib(fixed.get("memory", "0"))))
 
     async def allocatable(self, runtime: Runtime) -> tuple[int, int]:
         """What the ready nodes the RuntimeClass admits offer pods: millicores and MiB."""

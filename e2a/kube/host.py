@@ -360,10 +360,11 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
                              "sandboxes")
         ratios = self.settings.kube_cpu_request_ratio, self.settings.kube_memory_request_ratio
         used = [manifests.requests(*h, *ratios) for h in held.values()]
-        new_cpu, new_mem = manifests.requests(recipe.vcpu, recipe.cpu_fraction,
-                                              recipe.memory_mib, *ratios)
-        if (sum(c for c, _ in used) + new_cpu > cpu
-                or sum(m for _, m in used) + new_mem > mem):
+        used.append(manifests.requests(recipe.vcpu, recipe.cpu_fraction, recipe.memory_mib,
+                                       *ratios))
+        extra_cpu, extra_mem = self.runtime.overhead  # per pod, as the scheduler counts it
+        if (sum(c + extra_cpu for c, _ in used) > cpu
+                or sum(m + extra_mem for _, m in used) > mem):
             raise NoCapacity("the cluster has no room for another sandbox of this size")
         now = utcnow()
         sid = new_id("sbx")
@@ -379,12 +380,19 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
     async def _cluster_allocatable(self) -> tuple[int, int]:
         """The allocatable CPU and memory of the nodes sandboxes may go to, listed at most
         every ALLOCATABLE_TTL (the RuntimeClass read again with them: its scheduling may
-        change; if it is gone, the last one read stands)."""
+        change). Unavailable (503) while the RuntimeClass is gone: the API server would
+        refuse every pod of it, after a workspace was mounted."""
         now = time.monotonic()
         if self._allocatable is None or now - self._allocatable[0] > ALLOCATABLE_TTL:
-            self.runtime = await self.cluster.runtime(self.settings.kube_runtime_class) \
-                or self.runtime
-            self._allocatable = (now, await self.cluster.allocatable(self.runtime))
+            name = self.settings.kube_runtime_class
+            runtime = await self.cluster.runtime(name)
+            if runtime is None:
+                self._allocatable = None
+                log.error("the RuntimeClass %s is gone: no sandbox can start", name)
+                raise Unavailable(f"the cluster has no RuntimeClass {name!r} any more "
+                                  "(E2A_KUBE_RUNTIME_CLASS): no sandbox can start")
+            self.runtime = runtime
+            self._allocatable = (now, await self.cluster.allocatable(runtime))
         return self._allocatable[1]
 
     def _row(self, sb: KubeSandbox, env_vars: dict[str, str]) -> Sandbox:

@@ -45,15 +45,18 @@ class NodeMounts:
         """The node for a sandbox of this size (millicores, MiB requested): of the ready ones
         the RuntimeClass admits (its node selector; no taint it does not tolerate), the one
         with most memory left by e2a's pods and this replica's placements under way (held
-        until `placed`). MountFailed if none fits."""
+        until `placed`; the size without the RuntimeClass's overhead, added here). MountFailed
+        if none fits."""
+        cpu, memory = cpu + runtime.overhead[0], memory + runtime.overhead[1]
         nodes = {n.name: n for n in await self.cluster.nodes()
                  if n.address and n.ready and runtime.admits(n)}
         used = {name: [0, 0] for name in nodes}
         for pod in await self.cluster.pods():
             where = pod.spec.nodeName if pod.spec else None
             if where in used and pod.status and pod.status.phase in ("Pending", "Running"):
-                for c in pod.spec.containers:
-                    asks = (c.resources.requests or {}) if c.resources else {}
+                # its containers' requests, and its RuntimeClass's overhead (as the scheduler)
+                for asks in [(c.resources.requests or {}) if c.resources else {}
+                             for c in pod.spec.containers] + [pod.spec.overhead or {}]:
                     used[where][0] += _millicores(asks.get("cpu", "0"))
                     used[where][1] += _mib(asks.get("memory", "0"))
         for where, c, m in self._placing.values():

@@ -31,6 +31,11 @@ def node(name: str, labels=None, taints=(), memory=8192, ready=True) -> NodeRoom
     ({"key": "other", "operator": "Exists"}, GVISOR, False),
     ({"key": "sandbox.gke.io/runtime", "operator": "Exists", "effect": "NoExecute"}, GVISOR,
      False),
+    ({"key": "sandbox.gke.io/runtime", "operator": "Gt", "value": "gvisor"}, GVISOR, False),
+    ({"key": "k", "operator": "Exists", "tolerationSeconds": 300}, ("k", "", "NoExecute"),
+     False),                                             # evicted after 300 s: no room
+    ({"key": "k", "operator": "Exists", "tolerationSeconds": 300}, ("k", "", "NoSchedule"),
+     True),
 ])
 def test_a_taint_is_tolerated_by_kubernetes_rules(toleration, taint, tolerated):
     assert Runtime(tolerations=[toleration]).admits(node("n", taints=[taint])) is tolerated
@@ -64,10 +69,11 @@ class Stand:
         return self._pods
 
 
-def pod(node_name: str, memory: str) -> SimpleNamespace:
+def pod(node_name: str, memory: str, overhead: dict | None = None) -> SimpleNamespace:
     container = SimpleNamespace(resources=SimpleNamespace(requests={"cpu": "100m",
                                                                     "memory": memory}))
-    return SimpleNamespace(spec=SimpleNamespace(nodeName=node_name, containers=[container]),
+    return SimpleNamespace(spec=SimpleNamespace(nodeName=node_name, containers=[container],
+                                                overhead=overhead),
                            status=SimpleNamespace(phase="Running"))
 
 
@@ -88,3 +94,18 @@ async def test_a_workspace_sandbox_is_placed_on_a_node_the_runtime_class_admits(
     with pytest.raises(MountFailed):  # none of the admitted nodes has 5 GiB left
         await mounts.place("sbx_2", 500, 5 * 1024, gvisor)
     assert (await mounts.place("sbx_3", 500, 5 * 1024, Runtime())).name == "big-plain"
+
+
+@pytest.mark.anyio
+async def test_the_runtime_class_overhead_counts_for_the_new_pod_and_those_placed():
+    """Kubernetes adds the RuntimeClass's `overhead.podFixed` to each of its pods' requests."""
+    heavy = Runtime(overhead=(250, 1024))
+    one = node("one", memory=4096)
+    mounts = NodeMounts(None, Stand([one], [pod("one", "1Gi", {"cpu": "250m",
+                                                               "memory": "1Gi"})]), "t", 1)
+    # the pod placed asks 1 GiB and its overhead 1 GiB, of the node's 4
+    await mounts.place("sbx_1", 500, 1024, Runtime())   # + 1 GiB: fits
+    mounts.placed("sbx_1")
+    with pytest.raises(MountFailed):                    # + 2 GiB and 1 of overhead: 5 > 4
+        await mounts.place("sbx_2", 500, 2048, heavy)
+    await mounts.place("sbx_3", 500, 1024, heavy)       # + 1 GiB and 1 of overhead: 4
