@@ -407,13 +407,20 @@ class Tasks:
         t = await self.latest(sandbox_id)
         # (the task's too: a row stamped with a key its replica left just then names it)
         for key, url in (named, (t.replica, t.replica_url) if t is not None else (None, None)):
-            if (key is not None and url and key != self.host.replica_key()
-                    and await self.host.replica_alive_now(key)):
+            if await self.other_replica(key, url):
                 return url, key
         return None
 
+    async def other_replica(self, key: int | None, url: str | None) -> bool:
+        """A row's replica (its lock key and API) is another one, reachable, and alive at this
+        moment: a replica's address is its own while it lives, and only then (a dead one's may
+        be any pod's, a tenant's included), so nothing is passed to it otherwise."""
+        return (key is not None and bool(url) and key != self.host.replica_key()
+                and await self.host.replica_alive_now(key))
+
     def forwarded_to_me(self, key: str) -> bool:
-        """A follow-up another replica passed on is for this one (the key it named)."""
+        """A request another replica passed on (a follow-up, a session's WebSocket) is for
+        this one (the key it named)."""
         own = self.host.replica_key()
         return own is not None and key == str(own)
 

@@ -195,7 +195,7 @@ async def session_ws(ws: WebSocket, session_id: str) -> None:
     live = svc.live.get(session_id)
     if row.state == "active" and live is None:  # another replica's session: relayed to it
         relayed = ws.headers.get(FORWARDED)
-        if relayed is not None and not svc.is_me(relayed):
+        if relayed is not None and not svc.tasks.forwarded_to_me(relayed):
             return await deny_websocket(ws, ApiError(409, "session_conflict", "this connection "
                                             "was relayed to a replica that is not the one meant"))
         holder = None if relayed is not None else await svc.holder(row)

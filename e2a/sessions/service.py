@@ -459,15 +459,10 @@ class Sessions:
     async def holder(self, row: ChatSession) -> tuple[str, int] | None:
         """(the API, the lock key) of the replica that holds the session, when it is another
         and alive at this moment (a dead one's address may be any pod's)."""
-        if (row.replica is None or not row.replica_url or row.id in self.live
-                or row.replica == self.host.replica_key()
-                or not await self.host.replica_alive_now(row.replica)):
+        if row.id in self.live or not await self.tasks.other_replica(row.replica,
+                                                                     row.replica_url):
             return None
         return row.replica_url, row.replica
-
-    def is_me(self, key: str) -> bool:
-        own = self.host.replica_key()
-        return own is not None and key == str(own)
 
     # ---- the LLM key and hot replace ---------------------------------------------------------
 
