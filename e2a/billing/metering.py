@@ -222,10 +222,13 @@ class Metering:
             .join(Sandbox, Sandbox.id == SandboxMeter.sandbox_id)
             .where(SandboxMeter.finished.is_(False)))).all()
         for meter, state, destroyed_at in meters:
-            if state == "destroyed" and (meter.open_since or meter.paused_since) is not None:
-                # Destroyed without a `destroyed` event (a row marked after a crash): closed
-                # when its row says it ended.
-                end = min(aware(destroyed_at) or now, now)
+            if state == "destroyed" and (meter.open_since or meter.paused_since) is not None \
+                    and (destroyed_at is None or aware(destroyed_at) <= now):
+                # Destroyed without a `destroyed` event (a row marked after a crash, or a
+                # destroy that committed after this tick read the feed): closed when its row
+                # says it ended. A row that ended after this tick's `now` is left open: the
+                # next tick closes it at its time (closed at `now`, it was undercharged).
+                end = aware(destroyed_at) or now
                 if meter.open_since is not None:
                     meter.closed_ms += ms_between(meter.open_since, end)
                 self._unpause(meter, end)

@@ -212,6 +212,30 @@ async def test_a_destroy_seen_through_its_row_or_its_event_ends_at_one_time(env)
     assert (await usage(sessions, a, "sbx_t"))[0] == compute_cost(4000, STANDARD)
 
 
+async def test_a_destroy_committed_after_the_ticks_now_ends_at_its_own_time(env):
+    """A tick takes its `now`, then reads the feed and the meters: a destroy stamped after
+    that `now` and committed between the two reads is seen through its row alone. The meter
+    stays open until a tick whose `now` has passed the end (it was closed at the tick's `now`,
+    its event then ignored: a few ms undercharged, CI's billing test failed that way)."""
+    sessions, (a, _), settings = env
+    m = Metering(sessions, settings, Rates.from_settings(settings))
+    await boot(sessions, "sbx_l", a, at(0))
+    async with sessions() as db:  # the row committed; its event not yet read by this tick
+        await db.execute(Sandbox.__table__.update().where(Sandbox.__table__.c.id == "sbx_l")
+                         .values(state="destroyed", destroyed_at=at(4)))
+        await db.commit()
+    await m.tick(now=at(3.995))
+    async with sessions() as db:
+        db.add(SandboxEvent(sandbox_id="sbx_l", from_state="stopping", to_state="destroyed",
+                            reason="deleted", at=at(4)))
+        await db.commit()
+    await m.tick(now=at(30))
+    charged, rows = await usage(sessions, a, "sbx_l")
+    assert charged == compute_cost(4000, STANDARD)
+    assert len({r.ref for r in rows}) == len(rows)
+    await consistent(sessions, a)
+
+
 async def test_a_total_charged_again_after_a_give_back_is_a_new_row(env):
     """Charged to 5 s, given back to 4 s at a pause, resumed: the charge up to 5 s again is a
     new ledger row (a repeated ref fails the whole tick, every tick after)."""
