@@ -18,6 +18,7 @@ from e2a.accounts.service import Accounts
 from e2a.api import accounts as accounts_api
 from e2a.api.access import AccessTokens
 from e2a.api.guard import RequestGuard
+from e2a.api.hop_tokens import HopTokens
 from e2a.billing.service import Billing
 from e2a.billing.stripe_gateway import StripeGateway
 from e2a.config import Settings
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None, *, with_runtime: bool = True) -
         app.state.accounts = Accounts(app.state.sessions, manager.keys, settings,
                                       Mailer(settings), key_cache=app.state.keys)
         app.state.login_tokens = app.state.accounts.tokens  # deps.caller_from_header's
+        app.state.hop_tokens = HopTokens(manager.keys)  # follow-ups passed between replicas
         try:
             await manager.start()
         except StartupError as exc:

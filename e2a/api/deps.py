@@ -9,6 +9,7 @@ from fastapi import Request
 from e2a import auth
 from e2a.accounts.tokens import InvalidToken, looks_like_jwt
 from e2a.api.errors import ApiError
+from e2a.api.hop_tokens import InvalidHop
 from e2a.auth import Caller
 from e2a.sandboxes.host import Catalog, PauseFailed, SandboxHost, SandboxRecord, WrongState
 
@@ -35,13 +36,22 @@ LOGIN_ONLY = ("this route takes the login token (Authorization: Bearer <token fr
               "change what is charged to the card")
 
 
-async def caller_from_header(app, header: str | None, allow_login: bool = False) -> Caller:
+async def caller_from_header(app, header: str | None, allow_login: bool = False,
+                             hop: tuple[str, str, str] | None = None) -> Caller:
     """The caller of an `Authorization: Bearer` header: an API key (via "key"), or, where
     `allow_login`, a login JWT (via "login", docs/accounts.md). A login JWT elsewhere is a 401
-    saying that the route takes an API key."""
+    saying that the route takes an API key. `hop`: the request's method, path and the replica
+    its `x-e2a-forwarded` header names; a JWT is then the token another replica signed for
+    this request (api/hop_tokens.py), standing for the API key that replica checked."""
     key = bearer(header)
     if key is None:
         raise ApiError(401, "unauthorized", "missing API key: send Authorization: Bearer e2a_live_...")
+    if hop is not None and not key.startswith(auth.KEY_PREFIX) and looks_like_jwt(key):
+        try:
+            claims = app.state.hop_tokens.verify(key, *hop)
+        except InvalidHop as exc:
+            raise ApiError(401, "unauthorized", str(exc)) from None
+        return Caller(id=claims.user_id, key_id=claims.key_id)
     if not key.startswith(auth.KEY_PREFIX) and looks_like_jwt(key):
         tokens = getattr(app.state, "login_tokens", None)
         if not allow_login or tokens is None:

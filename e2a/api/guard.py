@@ -24,6 +24,7 @@ import re
 
 from e2a.api.deps import caller_from_header
 from e2a.api.errors import ApiError, body
+from e2a.api.hop_tokens import FORWARDED
 
 BODY_TIMEOUT = 30.0     # the longest gap between two parts of a JSON body
 BODY_DEADLINE = 120.0   # the longest a whole JSON body may take to arrive
@@ -83,10 +84,12 @@ class RequestGuard:
         path = scope["path"]
         anonymous = bool(OPEN_ROUTES.match(path))
         if not anonymous and not TOKEN_ROUTES.match(path):
+            hop = headers.get(FORWARDED.encode())
             try:
                 caller = await caller_from_header(
                     scope["app"], (headers.get(b"authorization") or b"").decode("latin-1"),
-                    allow_login=bool(LOGIN_ROUTES.match(path)))
+                    allow_login=bool(LOGIN_ROUTES.match(path)),
+                    hop=None if hop is None else (scope["method"], path, hop.decode("latin-1")))
             except ApiError as exc:
                 return await send_error(send, exc.status, exc.code, exc.message, exc.field)
             scope.setdefault("state", {})["caller"] = caller

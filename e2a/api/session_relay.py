@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 
 from e2a.api import session_protocol as proto
 from e2a.api.errors import ApiError, deny_websocket
-from e2a.api.tasks import FORWARDED
+from e2a.api.hop_tokens import FORWARDED
 from e2a.sdk.session import _NoCredentials
 
 log = logging.getLogger("e2a.sessions")

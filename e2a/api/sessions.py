@@ -17,7 +17,8 @@ from pydantic import ValidationError
 
 from e2a.agents.tasks import TaskConflict
 from e2a.api.session_relay import first_of, relay
-from e2a.api.tasks import FORWARDED, MAX_SEQ
+from e2a.api.hop_tokens import FORWARDED
+from e2a.api.tasks import MAX_SEQ
 from e2a.api import session_protocol as proto
 from e2a.api.deps import bearer, current_user
 from e2a.api.endpoints import base_url

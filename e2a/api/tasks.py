@@ -16,6 +16,7 @@ from e2a.agents.own.tools import BUILT_IN
 from e2a.agents.tasks import AgentConfig, NoAgentHere, TaskConflict, Tasks
 from e2a.api.deps import current_user, owned_sandbox, require_running
 from e2a.api.errors import ApiError
+from e2a.api.hop_tokens import FORWARDED
 from e2a.api.schemas import CreateSandbox, FollowUpRequest, TaskEventOut, TaskEventsOut, TaskOut
 from e2a.auth import Caller
 from e2a.config import Settings
@@ -29,7 +30,6 @@ AGENTS = OWN + clis.NAMES
 DEFAULT_MAX_STEPS = 50
 # Events are numbered in a 32-bit column (PostgreSQL's integer): a larger `after` is a 400.
 MAX_SEQ = 2**31 - 1
-FORWARDED = "x-e2a-forwarded"  # on a follow-up one replica passed to another
 FORWARD_TIMEOUT = 30.0
 
 
@@ -166,24 +166,27 @@ async def follow_up(request: Request, vm_id: str, body: FollowUpRequest,
             await tasks(request).agent_elsewhere(rec.id)
         if target is None:
             raise ApiError(409, "task_conflict", str(exc), "vm_id") from exc
-        return await _forward(request, *target, body)
+        return await _forward(request, user, *target, body)
     except TaskConflict as exc:
         raise ApiError(409, "task_conflict", str(exc), "vm_id") from exc
     return task_out(t)
 
 
-async def _forward(request: Request, url: str, key: int, body: FollowUpRequest
+async def _forward(request: Request, user: Caller, url: str, key: int, body: FollowUpRequest
                    ) -> JSONResponse:
     """The follow-up, passed to the replica that holds the agent (its key is in that
-    replica's memory only), as the caller sent it; its answer, as it gave it. Passed on once
-    at most, naming the replica meant (the header): one that is not it refuses. No proxy
-    from the environment: the caller's key goes to that replica and nowhere else."""
+    replica's memory only); its answer, as it gave it. Passed on once at most, naming the
+    replica meant (the header): one that is not it refuses. The caller's credential stays
+    here: what goes is a token this replica signs for this request to that replica alone
+    (api/hop_tokens.py). No proxy from the environment."""
+    hop = request.app.state.hop_tokens.issue(user.id, user.key_id, request.method,
+                                             request.url.path, str(key))
     try:
         async with httpx.AsyncClient(timeout=FORWARD_TIMEOUT, trust_env=False) as client:
             r = await client.post(f"{url}{request.url.path}",
                                   json=body.model_dump(exclude_unset=True),
-                                  headers={"Authorization": request.headers.get(
-                                      "authorization", ""), FORWARDED: str(key)})
+                                  headers={"Authorization": f"Bearer {hop}",
+                                           FORWARDED: str(key)})
             return JSONResponse(r.json(), status_code=r.status_code)
     except (httpx.HTTPError, ValueError) as exc:
         raise ApiError(503, "agent_unavailable", "the replica that runs this sandbox's agent "
