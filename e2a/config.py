@@ -48,6 +48,7 @@ _EXPECTED = {
     "storage_metering_interval": "must be a number of seconds from 0.2 to 86400",
     "checkout_min_credits": "must be an integer of at least 1 (credits)",
     "paused_ttl": "must be an integer of at least 1 (seconds a paused sandbox is kept)",
+    "kube_runtime_handlers": 'must be a JSON list of handler names, e.g. ["runsc", "gvisor"]',
 }
 
 # Settings whose value no error line (nor the settings' repr) shows: a bad key is likely a typo
@@ -136,6 +137,11 @@ class Settings(BaseSettings):
     kube_namespace: str = "e2a-sandboxes"
     # The RuntimeClass that runs pods in gVisor; e2a refuses to start on a cluster without it.
     kube_runtime_class: str = "gvisor"
+    # The containerd handlers that are gVisor (runsc's own name, and GKE's): a RuntimeClass of
+    # that name whose handler is another (runc, re-created under the name) would run sandboxes
+    # on the node's kernel, so e2a refuses to start, and to create, on it. JSON list.
+    kube_runtime_handlers: list[str] = Field(default_factory=lambda: ["runsc", "gvisor"],
+                                             min_length=1)
     # What a sandbox pod requests of the CPU its template may use (its limit): CPU is shared as
     # on one host, where idle sandboxes hold no core. 1 = a core reserved per vCPU.
     kube_cpu_request_ratio: float = Field(0.1, gt=0, le=1, allow_inf_nan=False)

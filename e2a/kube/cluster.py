@@ -67,6 +67,7 @@ class Runtime:
     tolerations: list[dict] = field(default_factory=list)
     # its `overhead.podFixed`, which Kubernetes adds to each of its pods' requests: millicores, MiB
     overhead: tuple[int, int] = (0, 0)
+    handler: str = "runsc"  # the containerd runtime its pods run in
 
     def admits(self, node: NodeRoom) -> bool:
         """A sandbox's pod may go to the node: its labels match, each of its taints is
@@ -142,7 +143,8 @@ class Cluster:
             tolerations=[{"key": t.key, "operator": t.operator, "value": t.value,
                           "effect": t.effect, "tolerationSeconds": t.tolerationSeconds}
                          for t in (scheduling.tolerations or [])] if scheduling else [],
-            overhead=(_millicores(fixed.get("cpu", "0")), _mib(fixed.get("memory", "0"))))
+            overhead=(_millicores(fixed.get("cpu", "0")), _mib(fixed.get("memory", "0"))),
+            handler=rc.handler)
 
     async def allocatable(self, runtime: Runtime) -> tuple[int, int]:
         """What the ready nodes the RuntimeClass admits offer pods: millicores and MiB."""

@@ -164,6 +164,8 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
                 raise StartupError(f"the cluster has no RuntimeClass {s.kube_runtime_class!r} "
                                    "(E2A_KUBE_RUNTIME_CLASS): sandboxes would run without "
                                    "gVisor")
+            if (wrong := self._not_gvisor(self.runtime)) is not None:
+                raise StartupError(wrong)
         except StartupError:
             raise
         except Exception as exc:
@@ -377,6 +379,15 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
         self.sandboxes[sid] = self._reserved[sid] = sb
         return sb
 
+    def _not_gvisor(self, runtime: kc.Runtime) -> str | None:
+        """Why the RuntimeClass is not one to run sandboxes in, or None."""
+        allowed = self.settings.kube_runtime_handlers
+        if runtime.handler in allowed:
+            return None
+        return (f"the RuntimeClass {self.settings.kube_runtime_class!r} runs the handler "
+                f"{runtime.handler!r}, which is not gVisor (E2A_KUBE_RUNTIME_HANDLERS: "
+                f"{', '.join(allowed)}): sandboxes would share the node's kernel")
+
     async def _cluster_allocatable(self) -> tuple[int, int]:
         """The allocatable CPU and memory of the nodes sandboxes may go to, listed at most
         every ALLOCATABLE_TTL (the RuntimeClass read again with them: its scheduling may
@@ -391,6 +402,10 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
                 log.error("the RuntimeClass %s is gone: no sandbox can start", name)
                 raise Unavailable(f"the cluster has no RuntimeClass {name!r} any more "
                                   "(E2A_KUBE_RUNTIME_CLASS): no sandbox can start")
+            if (wrong := self._not_gvisor(runtime)) is not None:
+                self._allocatable = None
+                log.error("%s: no sandbox starts", wrong)
+                raise Unavailable(f"{wrong}: no sandbox can start")
             self.runtime = runtime
             self._allocatable = (now, await self.cluster.allocatable(runtime))
         return self._allocatable[1]

@@ -15,18 +15,19 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.e2e.test_workspaces import scope
-from tests.kube.cluster import agent_mounts, another_replica
+from tests.kube.cluster import agent_mounts, another_replica, replica_of
 
 pytestmark = pytest.mark.kube
 
 RUNTIME = "gvisor-placed"
 
 
-def runtime_class(cluster, selector: dict[str, str]) -> None:
+def runtime_class(cluster, selector: dict[str, str], handler: str = "runsc") -> None:
+    """The RuntimeClass RUNTIME made again (its handler cannot change in place)."""
     cluster.kubectl("delete", "runtimeclass", RUNTIME, "--ignore-not-found", "--wait=true")
     cluster.kubectl("apply", "-f", "-", input=json.dumps({
         "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": RUNTIME},
-        "handler": "runsc", "scheduling": {"nodeSelector": selector}}))
+        "handler": handler, "scheduling": {"nodeSelector": selector}}))
 
 
 def test_only_the_nodes_the_runtime_class_selects_are_room_for_sandboxes(cluster, wserver):
@@ -55,22 +56,47 @@ def test_only_the_nodes_the_runtime_class_selects_are_room_for_sandboxes(cluster
                             timeout=60)
             assert "placed" in run.text, run.text
             assert http.delete(f"/v1/sandboxes/{made}").status_code == 200
+            # made again under its name with runc: once read again (10 s), no create starts
+            runtime_class(cluster, {"kubernetes.io/hostname": node}, handler="runc")
+            r = wait_for(lambda: _refused(http, "runtime_unavailable"), timeout=30, interval=1)
+            assert "'runc', which is not gVisor" in r.json()["error"]["message"], r.text
             # the RuntimeClass deleted: every pod of it is refused (503 create_failed, by the
             # API server), and once read again (10 s) no create starts (runtime_unavailable)
             cluster.kubectl("delete", "runtimeclass", RUNTIME, "--wait=true")
-            r = wait_for(lambda: _refused(http, "runtime_unavailable"), timeout=30, interval=1)
+            r = wait_for(lambda: _refused(http, "runtime_unavailable", "any more"), timeout=30,
+                         interval=1)
             assert r.status_code == 503 and RUNTIME in r.json()["error"]["message"], r.text
     finally:
         cluster.kubectl("delete", "runtimeclass", RUNTIME, "--ignore-not-found")
 
 
-def _refused(http, code: str):
+def test_e2a_does_not_start_on_a_runtime_class_that_is_not_gvisor(cluster, kserver):
+    """A RuntimeClass of the configured name whose handler is runc (made again under that name)
+    would run every sandbox on the node's kernel: e2a refuses to start, naming it."""
+    runtime_class(cluster, {}, handler="runc")
+    other = replica_of(kserver, "runc")
+    other.extra_env = {**other.extra_env, "E2A_KUBE_RUNTIME_CLASS": RUNTIME}
+    other.cleanup()
+    try:
+        with pytest.raises(RuntimeError) as e:
+            other.start()
+        assert f"RuntimeClass '{RUNTIME}' runs the handler 'runc', which is not gVisor" \
+            in str(e.value), str(e.value)
+        assert "E2A_KUBE_RUNTIME_HANDLERS" in str(e.value)
+    finally:
+        other.stop()
+        other.cleanup()
+        cluster.kubectl("delete", "runtimeclass", RUNTIME, "--ignore-not-found")
+
+
+def _refused(http, code: str, saying: str = ""):
     r = http.post("/v1/sandboxes", json={"template": "standard"})
     assert r.status_code in (201, 503), r.text
     if r.status_code == 201:
         assert http.delete(f"/v1/sandboxes/{r.json()['vm_id']}").status_code == 200
         return None
-    return r if r.json()["error"]["code"] == code else None
+    error = r.json()["error"]
+    return r if error["code"] == code and saying in error["message"] else None
 
 
 def _created(http, body: dict) -> str | None:
