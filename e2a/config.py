@@ -142,6 +142,10 @@ class Settings(BaseSettings):
     # on the node's kernel, so e2a refuses to start, and to create, on it. JSON list.
     kube_runtime_handlers: list[str] = Field(default_factory=lambda: ["runsc", "gvisor"],
                                              min_length=1)
+    # Sandbox pods run as `user` (uid 1000), with no capability and no privilege escalation
+    # (the Pod Security Standard "restricted"), for clusters whose policy demands it. Commands,
+    # PTYs and files as root then answer 400 (envd cannot switch users): no `apt install`.
+    kube_non_root: bool = False
     # What a sandbox pod requests of the CPU its template may use (its limit): CPU is shared as
     # on one host, where idle sandboxes hold no core. 1 = a core reserved per vCPU.
     kube_cpu_request_ratio: float = Field(0.1, gt=0, le=1, allow_inf_nan=False)

@@ -213,7 +213,7 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
             vcpu=1, cpu_fraction=0.25, memory_mib=128, disk_mib=256, internet=False,
             envd_token=self.keys.token(sid), runtime_class=s.kube_runtime_class,
             nameservers=self._nameservers(), api_cidrs=s.kube_api_cidrs,
-            api_namespace=self.api_namespace)
+            api_namespace=self.api_namespace, non_root=s.kube_non_root)
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -433,7 +433,7 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
             memory_request_ratio=s.kube_memory_request_ratio, nameservers=self._nameservers(),
             api_cidrs=s.kube_api_cidrs, api_namespace=self.api_namespace,
             egress_port=s.egress_port if s.kube_egress_host else None,
-            egress_host=s.kube_egress_host or None)
+            egress_host=s.kube_egress_host or None, non_root=s.kube_non_root)
 
     async def _mount_workspace(self, sb: KubeSandbox, plan: manifests.PodPlan) -> None:
         """Place the pod on a node and have that node's agent mount the workspace there: the

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from e2a.network.firewall import BLOCKED_V4
 from e2a.runtime.runsc import ENVD_PATH, ENVD_PORT, MEMORY_OVERHEAD_MIB
+from e2a.templates.builder import SANDBOX_UID
 
 GROUP = "e2a.dev"
 INSTANCE, SANDBOX, TEMPLATE, OWNER = (f"{GROUP}/{k}" for k in
@@ -66,6 +67,7 @@ class PodPlan:
     node: str | None = None  # placed by e2a (a workspace is mounted there first), not scheduled
     home: str | None = None  # the workspace's mount on that node, bound as /home/user
     seed_home: bool = False  # a new workspace: the image's /home/user copied in first
+    non_root: bool = False  # E2A_KUBE_NON_ROOT: envd (and all in the pod) runs as `user`
 
     @property
     def name(self) -> str:
@@ -100,6 +102,12 @@ def pod(plan: PodPlan, namespace: str) -> dict:
         "capabilities": {"drop": ["ALL"], "add": CAPABILITIES},
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+    if plan.non_root:  # the Pod Security Standard "restricted": no root, no capability at all
+        security = {
+            "privileged": False, "runAsNonRoot": True, "runAsUser": SANDBOX_UID,
+            "runAsGroup": SANDBOX_UID, "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+        }
     manifest = {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": plan.name, "namespace": namespace, "labels": plan.labels},

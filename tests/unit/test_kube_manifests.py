@@ -164,3 +164,19 @@ def test_a_workspace_pod_is_placed_with_its_mount_bound_as_the_home():
     assert init["securityContext"] == seeded["containers"][0]["securityContext"]
     assert init["resources"]["limits"] == {"cpu": "1000m", "memory": "544Mi"}
     from_dict(manifests.pod(plan(node="node-1", home=home, seed_home=True), "ns"))
+
+
+def test_non_root_pods_meet_the_restricted_pod_security_standard():
+    """E2A_KUBE_NON_ROOT: what the standard's "restricted" profile checks, in every container
+    (the seeding copy too); by default envd is root in gVisor with Docker's capabilities."""
+    home = "/var/lib/e2a-node/mounts/sbx_abc123/home"
+    spec = manifests.pod(plan(node="node-1", home=home, seed_home=True, non_root=True),
+                         "ns")["spec"]
+    for c in spec["containers"] + spec["initContainers"]:
+        assert c["securityContext"] == {
+            "privileged": False, "runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
+            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"}}
+    default = manifests.pod(plan(), "ns")["spec"]["containers"][0]["securityContext"]
+    assert "runAsNonRoot" not in default and "SETUID" in default["capabilities"]["add"]
+    from_dict(manifests.pod(plan(non_root=True), "ns"))
