@@ -9,7 +9,7 @@ from fastapi import Request
 from e2a import auth
 from e2a.accounts.tokens import InvalidToken, looks_like_jwt
 from e2a.api.errors import ApiError
-from e2a.api.hop_tokens import InvalidHop
+from e2a.api.hop_tokens import HopClaims, InvalidHop, is_hop_token
 from e2a.auth import Caller
 from e2a.sandboxes.host import Catalog, PauseFailed, SandboxHost, SandboxRecord, WrongState
 
@@ -36,22 +36,13 @@ LOGIN_ONLY = ("this route takes the login token (Authorization: Bearer <token fr
               "change what is charged to the card")
 
 
-async def caller_from_header(app, header: str | None, allow_login: bool = False,
-                             hop: tuple[str, str, str] | None = None) -> Caller:
+async def caller_from_header(app, header: str | None, allow_login: bool = False) -> Caller:
     """The caller of an `Authorization: Bearer` header: an API key (via "key"), or, where
     `allow_login`, a login JWT (via "login", docs/accounts.md). A login JWT elsewhere is a 401
-    saying that the route takes an API key. `hop`: the request's method, path and the replica
-    its `x-e2a-forwarded` header names; a JWT is then the token another replica signed for
-    this request (api/hop_tokens.py), standing for the API key that replica checked."""
+    saying that the route takes an API key."""
     key = bearer(header)
     if key is None:
         raise ApiError(401, "unauthorized", "missing API key: send Authorization: Bearer e2a_live_...")
-    if hop is not None and not key.startswith(auth.KEY_PREFIX) and looks_like_jwt(key):
-        try:
-            claims = app.state.hop_tokens.verify(key, *hop)
-        except InvalidHop as exc:
-            raise ApiError(401, "unauthorized", str(exc)) from None
-        return Caller(id=claims.user_id, key_id=claims.key_id)
     if not key.startswith(auth.KEY_PREFIX) and looks_like_jwt(key):
         tokens = getattr(app.state, "login_tokens", None)
         if not allow_login or tokens is None:
@@ -70,6 +61,28 @@ async def caller_from_header(app, header: str | None, allow_login: bool = False,
             raise ApiError(401, "unauthorized", "invalid or revoked API key")
         cache.put(key, caller)
     return caller
+
+
+def hop_caller(app, header: str | None, method: str, path: str, named: str
+               ) -> tuple[Caller, HopClaims] | None:
+    """The caller of a request another replica passed on (`named`: its `x-e2a-forwarded`), by
+    the token that replica signed for it (api/hop_tokens.py), standing for the API key that
+    replica checked; None if the credential is not a hop token (an API key or a login token
+    is checked as such). A 401 unless the token is for this very request to this replica."""
+    token = bearer(header)
+    if token is None or token.startswith(auth.KEY_PREFIX) or not looks_like_jwt(token) \
+            or not is_hop_token(token):
+        return None
+    tokens = getattr(app.state, "hop_tokens", None)
+    host = getattr(app.state, "host", None)
+    mine = host.replica_key() if host is not None else None
+    try:
+        if tokens is None or mine is None or named != str(mine):
+            raise InvalidHop("the replica's token is not valid")
+        claims = tokens.verify(token, method, path, str(mine))
+    except InvalidHop as exc:
+        raise ApiError(401, "unauthorized", str(exc)) from None
+    return Caller(id=claims.user_id, key_id=claims.key_id), claims
 
 
 async def _caller(request: Request) -> Caller:

@@ -22,7 +22,7 @@ import asyncio
 import json
 import re
 
-from e2a.api.deps import caller_from_header
+from e2a.api.deps import caller_from_header, hop_caller
 from e2a.api.errors import ApiError, body
 from e2a.api.hop_tokens import FORWARDED
 
@@ -84,12 +84,20 @@ class RequestGuard:
         path = scope["path"]
         anonymous = bool(OPEN_ROUTES.match(path))
         if not anonymous and not TOKEN_ROUTES.match(path):
-            hop = headers.get(FORWARDED.encode())
+            hops = [v.decode("latin-1") for k, v in scope["headers"]
+                    if k == FORWARDED.encode()]
+            if len(hops) > 1:  # one replica meant: which of two would each check read?
+                return await send_error(send, 400, "invalid_header",
+                                        f"{FORWARDED} is given more than once", FORWARDED)
+            authorization = (headers.get(b"authorization") or b"").decode("latin-1")
             try:
-                caller = await caller_from_header(
-                    scope["app"], (headers.get(b"authorization") or b"").decode("latin-1"),
-                    allow_login=bool(LOGIN_ROUTES.match(path)),
-                    hop=None if hop is None else (scope["method"], path, hop.decode("latin-1")))
+                hop = hop_caller(scope["app"], authorization, scope["method"], path, hops[0]) \
+                    if hops else None
+                if hop is not None:
+                    caller, scope.setdefault("state", {})["hop"] = hop
+                else:
+                    caller = await caller_from_header(scope["app"], authorization,
+                                                      allow_login=bool(LOGIN_ROUTES.match(path)))
             except ApiError as exc:
                 return await send_error(send, exc.status, exc.code, exc.message, exc.field)
             scope.setdefault("state", {})["caller"] = caller

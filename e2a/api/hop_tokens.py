@@ -2,10 +2,11 @@
 that another replica holds, api/tasks.py).
 
 The replica that received the caller's API key checks it, then signs what it passes on: who
-the caller is, the one request (method and path) and the one replica meant (its lock key), for
-HOP_TTL seconds. The caller's key never leaves the replica it was sent to: the address a
-replica's row names may, after a partition, be a reused pod address, and what reached it there
-would be a token good for nothing but that request on a replica that is gone.
+the caller is, the one request (method, path and a digest of its JSON body) and the one replica
+meant (its lock key), for HOP_TTL seconds; the replica meant takes each token once. The
+caller's key never leaves the replica it was sent to: the address a replica's row names may,
+after a partition, be a reused pod address, and what reached it there would be a token good
+for nothing but that request, once, on a replica that is gone.
 
 HS256 with a key derived from the host key for this purpose alone (as the session and login
 JWTs, whose audiences differ): every replica shares the host key, no other party has it.
@@ -13,6 +14,8 @@ JWTs, whose audiences differ): every replica shares the host key, no other party
 
 from __future__ import annotations
 
+import hashlib
+import json
 import secrets
 import time
 from dataclasses import dataclass
@@ -30,7 +33,7 @@ ISSUER = "e2a"
 AUDIENCE = "e2a-hop"
 ALGORITHM = "HS256"
 PURPOSE = "e2a replica hop jwt"
-HOP_TTL = 30     # seconds: the forward's own timeout
+HOP_TTL = 30     # seconds: the forward's own timeout (and LEEWAY more at most)
 LEEWAY = 5       # seconds of clock difference forgiven at expiry
 MAX_LENGTH = 4096
 
@@ -39,38 +42,61 @@ class InvalidHop(Exception):
     pass
 
 
+def is_hop_token(token: str) -> bool:
+    """Whether a bearer JWT says it is a hop token (its audience, unverified: only to choose how
+    to check it; a login token sent with the header is checked as a login token)."""
+    try:
+        return jwt.decode(token, options={"verify_signature": False}).get("aud") == AUDIENCE
+    except jwt.InvalidTokenError:
+        return False
+
+
+def body_digest(body: dict) -> str:
+    """The forwarded JSON body, canonical (the receiver hashes the body it parsed the same way)."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class HopClaims:
     user_id: str
     key_id: str | None
+    body: str  # body_digest of the request's JSON body
 
 
 class HopTokens:
     def __init__(self, keys: AgentKeys, clock: Callable[[], float] = time.time):
-        self._key = keys.token(PURPOSE).encode()
+        # derived apart from the sandboxes' envd tokens (AgentKeys.token of an id)
+        self._key = keys.secret(PURPOSE, "", 64).encode()
         self._clock = clock
+        self._seen: dict[str, float] = {}  # jti -> when it stops being valid: each used once
 
-    def issue(self, user_id: str, key_id: str | None, method: str, path: str,
-              replica: str) -> str:
+    def issue(self, user_id: str, key_id: str | None, method: str, path: str, replica: str,
+              body: dict) -> str:
         now = int(self._clock())
         return jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "sub": user_id, "kid": key_id,
-                           "req": f"{method} {path}", "rep": replica, "iat": now,
-                           "exp": now + HOP_TTL, "jti": secrets.token_urlsafe(12)},
+                           "req": f"{method} {path}", "rep": replica, "bdy": body_digest(body),
+                           "iat": now, "exp": now + HOP_TTL, "jti": secrets.token_urlsafe(12)},
                           self._key, algorithm=ALGORITHM)
 
     def verify(self, token: str, method: str, path: str, replica: str) -> HopClaims:
-        """The caller passed on, if the token was signed for this request to this replica;
-        else InvalidHop saying why."""
+        """The caller passed on, if the token was signed for this request to this replica (the
+        one verifying) and not used before; else InvalidHop. One message for every refusal:
+        which check failed is nobody's business."""
+        invalid = InvalidHop("the replica's token is not valid")
         if len(token) > MAX_LENGTH:
-            raise InvalidHop("the replica's token is too long")
+            raise invalid
         try:
             claims = jwt.decode(token, self._key, algorithms=[ALGORITHM], audience=AUDIENCE,
-                                issuer=ISSUER, leeway=LEEWAY,
-                                options={"require": ["exp", "sub", "aud", "iss", "req", "rep"]})
-        except jwt.ExpiredSignatureError:
-            raise InvalidHop("the replica's token has expired") from None
+                                issuer=ISSUER, leeway=LEEWAY, options={"require": [
+                                    "exp", "sub", "aud", "iss", "req", "rep", "bdy", "jti"]})
         except jwt.InvalidTokenError:
-            raise InvalidHop("the replica's token is not valid") from None
+            raise invalid from None
         if claims["req"] != f"{method} {path}" or claims["rep"] != replica:
-            raise InvalidHop("the replica's token is for another request")
-        return HopClaims(user_id=claims["sub"], key_id=claims.get("kid"))
+            raise invalid
+        now = time.time()
+        self._seen = {j: until for j, until in self._seen.items() if until > now}
+        if claims["jti"] in self._seen:
+            raise invalid
+        self._seen[claims["jti"]] = claims["exp"] + LEEWAY
+        return HopClaims(user_id=claims["sub"], key_id=claims.get("kid"), body=claims["bdy"])

@@ -16,7 +16,7 @@ from e2a.agents.own.tools import BUILT_IN
 from e2a.agents.tasks import AgentConfig, NoAgentHere, TaskConflict, Tasks
 from e2a.api.deps import current_user, owned_sandbox, require_running
 from e2a.api.errors import ApiError
-from e2a.api.hop_tokens import FORWARDED
+from e2a.api.hop_tokens import FORWARDED, body_digest
 from e2a.api.schemas import CreateSandbox, FollowUpRequest, TaskEventOut, TaskEventsOut, TaskOut
 from e2a.auth import Caller
 from e2a.config import Settings
@@ -154,6 +154,9 @@ async def follow_up(request: Request, vm_id: str, body: FollowUpRequest,
     if forwarded is not None and not tasks(request).forwarded_to_me(forwarded):
         raise ApiError(409, "task_conflict", "this follow-up was passed to a replica that is "
                        "not the one meant", "vm_id")
+    hop = request.scope.get("state", {}).get("hop")  # signed by the replica that passed it on
+    if hop is not None and hop.body != body_digest(body.model_dump(exclude_unset=True)):
+        raise ApiError(401, "unauthorized", "the replica's token is not valid")
     rec = await owned_sandbox(request.app, user, vm_id)
     require_running(rec)
     s = tasks(request).session(rec.id)
@@ -166,25 +169,25 @@ async def follow_up(request: Request, vm_id: str, body: FollowUpRequest,
             await tasks(request).agent_elsewhere(rec.id)
         if target is None:
             raise ApiError(409, "task_conflict", str(exc), "vm_id") from exc
-        return await _forward(request, user, *target, body)
+        return await _forward(request, user, rec.id, *target, body)
     except TaskConflict as exc:
         raise ApiError(409, "task_conflict", str(exc), "vm_id") from exc
     return task_out(t)
 
 
-async def _forward(request: Request, user: Caller, url: str, key: int, body: FollowUpRequest
-                   ) -> JSONResponse:
+async def _forward(request: Request, user: Caller, vm_id: str, url: str, key: int,
+                   body: FollowUpRequest) -> JSONResponse:
     """The follow-up, passed to the replica that holds the agent (its key is in that
     replica's memory only); its answer, as it gave it. Passed on once at most, naming the
     replica meant (the header): one that is not it refuses. The caller's credential stays
     here: what goes is a token this replica signs for this request to that replica alone
     (api/hop_tokens.py). No proxy from the environment."""
-    hop = request.app.state.hop_tokens.issue(user.id, user.key_id, request.method,
-                                             request.url.path, str(key))
+    path = router.prefix.format(vm_id=vm_id)  # the id checked here, as the guard there reads it
+    sent = body.model_dump(exclude_unset=True)
+    hop = request.app.state.hop_tokens.issue(user.id, user.key_id, "POST", path, str(key), sent)
     try:
         async with httpx.AsyncClient(timeout=FORWARD_TIMEOUT, trust_env=False) as client:
-            r = await client.post(f"{url}{request.url.path}",
-                                  json=body.model_dump(exclude_unset=True),
+            r = await client.post(f"{url}{path}", json=sent,
                                   headers={"Authorization": f"Bearer {hop}",
                                            FORWARDED: str(key)})
             return JSONResponse(r.json(), status_code=r.status_code)

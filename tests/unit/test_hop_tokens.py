@@ -1,8 +1,8 @@
 """A follow-up task passed between replicas (e2a/api/hop_tokens.py): what goes is a token signed
-for that request to that replica, never the caller's API key; a replica takes it for that
-request only, through the same guard every request passes. Here against the real guard and a
-real HTTP server standing for the holding replica; between two real replicas it is
-tests/kube/test_kube_agents.py."""
+for that request (its body too) to that replica, never the caller's API key; a replica takes it
+once, for that request only, if it names this replica, through the same guard every request
+passes. Here against the real guard and follow-up route, and a real HTTP server standing for
+the holding replica; between two real replicas it is tests/kube/test_kube_agents.py."""
 
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ from starlette.testclient import TestClient
 
 from e2a.accounts.tokens import LoginTokens
 from e2a.api import hop_tokens
-from e2a.api.deps import current_user
+from e2a.api import tasks as tasks_api
+from e2a.api.deps import KEY_ONLY, account_user, current_user
 from e2a.api.errors import install as install_errors
 from e2a.api.guard import RequestGuard
-from e2a.api.hop_tokens import FORWARDED, HopTokens, InvalidHop
+from e2a.api.hop_tokens import FORWARDED, HopTokens, InvalidHop, body_digest
 from e2a.api.schemas import FollowUpRequest
-from e2a.api.tasks import _forward
 from e2a.auth import Caller, KeyCache
 from e2a.sandboxes.agent_keys import AgentKeys
 from e2a.sessions.tokens import SessionTokens
@@ -40,49 +40,72 @@ def keys(tmp_path):
     return AgentKeys(tmp_path / "agent.key")
 
 
-def test_a_token_stands_for_its_caller_on_its_request_and_replica_only(keys):
+BODY = {"task": "and then?"}
+
+
+def test_a_token_stands_for_its_caller_on_its_request_and_replica_once(keys):
     tokens = HopTokens(keys)
-    token = tokens.issue("usr_1", "key_1", "POST", PATH, "42")
-    claims = tokens.verify(token, "POST", PATH, "42")
-    assert (claims.user_id, claims.key_id) == ("usr_1", "key_1")
+    token = tokens.issue("usr_1", "key_1", "POST", PATH, "42", BODY)
     for method, path, replica in (("GET", PATH, "42"), ("POST", "/v1/sandboxes/sbx_b/task", "42"),
                                   ("POST", PATH, "43")):
-        with pytest.raises(InvalidHop, match="another request"):
+        with pytest.raises(InvalidHop, match="not valid"):
             tokens.verify(token, method, path, replica)
+    claims = tokens.verify(token, "POST", PATH, "42")
+    assert (claims.user_id, claims.key_id) == ("usr_1", "key_1")
+    assert claims.body == body_digest(BODY) != body_digest({"task": "something else"})
+    with pytest.raises(InvalidHop):  # used once
+        tokens.verify(token, "POST", PATH, "42")
 
 
 def test_expired_forged_and_other_kinds_of_token_are_refused(keys, tmp_path):
     tokens = HopTokens(keys)
     other_host = HopTokens(AgentKeys(tmp_path / "other.key"))
-    forged = other_host.issue("usr_1", "key_1", "POST", PATH, "42")
+    forged = other_host.issue("usr_1", "key_1", "POST", PATH, "42", BODY)
     session = SessionTokens(keys).issue("ses_1", "usr_1", _in(600))
-    unsigned = jwt.encode({"iss": "e2a", "aud": "e2a-hop", "sub": "usr_1", "req": f"POST {PATH}",
-                           "rep": "42", "exp": int(time.time()) + 30}, None, algorithm="none")
-    for token in (forged, session, unsigned, "x" * 5000):
-        with pytest.raises(InvalidHop):
-            tokens.verify(token, "POST", PATH, "42")
+    claims = {"iss": "e2a", "aud": "e2a-hop", "sub": "usr_1", "req": f"POST {PATH}", "rep": "42",
+              "bdy": body_digest(BODY), "jti": "j", "exp": int(time.time()) + 30}
+    unsigned = jwt.encode(claims, None, algorithm="none")
+    # signed with the sandboxes' derivation of the host key (what envd tokens are made of)
+    envd_keyed = jwt.encode(claims, keys.token(hop_tokens.PURPOSE), algorithm="HS256")
     ago = hop_tokens.HOP_TTL + hop_tokens.LEEWAY + 1
     old = HopTokens(keys, clock=lambda: time.time() - ago).issue("usr_1", "key_1", "POST", PATH,
-                                                                   "42")
-    with pytest.raises(InvalidHop, match="expired"):
-        tokens.verify(old, "POST", PATH, "42")
+                                                                   "42", BODY)
+    for token in (forged, session, unsigned, envd_keyed, old, "x" * 5000):
+        with pytest.raises(InvalidHop, match="not valid"):
+            tokens.verify(token, "POST", PATH, "42")
 
 
 def _in(seconds: int) -> datetime:
     return datetime.now(timezone.utc) + timedelta(seconds=seconds)
 
 
+WHO = "/v1/sandboxes/sbx_a/who"
+
+
 @pytest.fixture
 def guarded(keys):
-    """The guard every /v1/ request passes, in front of a route that names its caller."""
+    """The guard every /v1/ request passes, on a replica whose lock key is 42: the follow-up
+    route itself (its sandbox unknown here: a request that passes the checks is a 404), a
+    route that names its caller, and one that takes the login token."""
     app = FastAPI()
     install_errors(app)
+    app.include_router(tasks_api.router)
 
-    @app.post("/v1/sandboxes/{vm_id}/task")
+    @app.post(WHO)
     async def who(user: Caller = Depends(current_user)):
         return {"id": user.id, "key_id": user.key_id, "via": user.via}
 
+    @app.get("/v1/usage")
+    async def usage(user: Caller = Depends(account_user)):
+        return {"id": user.id, "via": user.via}
+
+    async def no_sandbox(_):
+        return None
+
     app.state.hop_tokens = HopTokens(keys)
+    app.state.host = SimpleNamespace(replica_key=lambda: 42)
+    app.state.tasks = SimpleNamespace(forwarded_to_me=lambda key: key == "42")
+    app.state.catalog = SimpleNamespace(get=no_sandbox)
     app.state.keys = KeyCache()
     app.state.login_tokens = LoginTokens(keys, ttl=600)
     app.add_middleware(RequestGuard, max_body=1 << 20)  # as e2a/api/app.py
@@ -91,26 +114,55 @@ def guarded(keys):
         yield c
 
 
-def test_the_guard_takes_a_hop_token_for_its_request_with_the_header_naming_the_replica(guarded):
-    token = guarded.app_state.hop_tokens.issue("usr_1", "key_1", "POST", PATH, "42")
-    r = guarded.post(PATH, headers={"Authorization": f"Bearer {token}", FORWARDED: "42"})
+def hop(client, path: str, replica: str = "42", body: dict = BODY) -> str:
+    return client.app_state.hop_tokens.issue("usr_1", "key_1", "POST", path, replica, body)
+
+
+def test_the_guard_takes_a_hop_token_for_its_request_to_this_replica_once(guarded):
+    token = hop(guarded, WHO)
+    r = guarded.post(WHO, headers={"Authorization": f"Bearer {token}", FORWARDED: "42"})
     assert r.status_code == 200, r.text
     assert r.json() == {"id": "usr_1", "key_id": "key_1", "via": "key"}
+    r = guarded.post(WHO, headers={"Authorization": f"Bearer {token}", FORWARDED: "42"})
+    assert r.status_code == 401, "a token is taken once"
     refused = {
-        "no header": {},
-        "another replica named": {FORWARDED: "43"},
+        "no header": (hop(guarded, WHO), {}),
+        "another replica named": (hop(guarded, WHO), {FORWARDED: "43"}),
+        # the header and the token agree, on a replica neither names
+        "signed for another replica": (hop(guarded, WHO, replica="43"), {FORWARDED: "43"}),
+        "another path": (hop(guarded, "/v1/sandboxes/sbx_b/who"), {FORWARDED: "42"}),
     }
-    for why, extra in refused.items():
-        r = guarded.post(PATH, headers={"Authorization": f"Bearer {token}", **extra})
+    for why, (token, extra) in refused.items():
+        r = guarded.post(WHO, headers={"Authorization": f"Bearer {token}", **extra})
         assert r.status_code == 401, why
-    # on another path (another sandbox) the same token is nobody
-    r = guarded.post("/v1/sandboxes/sbx_b/task",
+        assert r.json()["error"]["message"] in (
+            "the replica's token is not valid", KEY_ONLY), (why, r.text)
+
+
+def test_two_headers_naming_replicas_are_a_400(guarded):
+    r = guarded.post(WHO, headers=[("Authorization", f"Bearer {hop(guarded, WHO)}"),
+                                   (FORWARDED, "43"), (FORWARDED, "42")])
+    assert r.status_code == 400 and r.json()["error"]["field"] == FORWARDED, r.text
+
+
+def test_the_follow_up_takes_the_body_the_token_was_signed_for_only(guarded):
+    token = hop(guarded, PATH)
+    r = guarded.post(PATH, json={"task": "rm -rf the work"},
                      headers={"Authorization": f"Bearer {token}", FORWARDED: "42"})
-    assert r.status_code == 401 and "another request" in r.json()["error"]["message"]
-    # a login token with the header is not a hop token
+    assert r.status_code == 401, r.text
+    token = hop(guarded, PATH)
+    r = guarded.post(PATH, json=BODY, headers={"Authorization": f"Bearer {token}",
+                                                FORWARDED: "42"})
+    # past every check of the hop: the sandbox is looked up (none here)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "sandbox_not_found", r.text
+
+
+def test_a_login_token_with_the_header_is_still_a_login_token(guarded):
     login, _ = guarded.app_state.login_tokens.issue("usr_1", "a@example.com")
-    r = guarded.post(PATH, headers={"Authorization": f"Bearer {login}", FORWARDED: "42"})
-    assert r.status_code == 401
+    r = guarded.get("/v1/usage", headers={"Authorization": f"Bearer {login}", FORWARDED: "42"})
+    assert r.status_code == 200 and r.json() == {"id": "usr_1", "via": "login"}, r.text
+    r = guarded.post(WHO, headers={"Authorization": f"Bearer {login}", FORWARDED: "42"})
+    assert r.status_code == 401 and r.json()["error"]["message"] == KEY_ONLY
 
 
 class Holder(BaseHTTPRequestHandler):
@@ -150,7 +202,7 @@ async def test_a_forward_carries_a_token_for_that_request_and_never_the_callers_
                        "query_string": b"", "app": app, "scheme": "http",
                        "server": ("127.0.0.1", 1), "headers": [
                            (b"authorization", f"Bearer {API_KEY}".encode())]})
-    r = await _forward(request, Caller(id="usr_1", key_id="key_1"), holder, 42,
+    r = await tasks_api._forward(request, Caller(id="usr_1", key_id="key_1"), "sbx_a", holder, 42,
                        FollowUpRequest(task="and then?"))
     assert r.status_code == 202 and json.loads(r.body)["task_id"] == "tsk_1"
     [seen] = Holder.seen
@@ -159,7 +211,8 @@ async def test_a_forward_carries_a_token_for_that_request_and_never_the_callers_
     headers = {k.lower(): v for k, v in seen["headers"].items()}
     assert headers[FORWARDED] == "42"
     token = headers["authorization"].removeprefix("Bearer ")
-    assert tokens.verify(token, "POST", PATH, "42").user_id == "usr_1"
+    claims = tokens.verify(token, "POST", PATH, "42")
+    assert claims.user_id == "usr_1" and claims.body == body_digest(json.loads(seen["body"]))
 
 
 @pytest.fixture
