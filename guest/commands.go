@@ -11,8 +11,10 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 )
 
 const maxEndedCommands = 64
@@ -235,7 +237,9 @@ func (s *Server) startCommand(req *startRequest) (*Command, error) {
 	s.cmds.add(c)
 
 	var readers sync.WaitGroup
-	for i, f := range []*os.File{outR, errR} {
+	var taking atomic.Int32 // readers between a read that returned bytes and their append
+	pipes := []*os.File{outR, errR}
+	for i, f := range pipes {
 		readers.Add(1)
 		go func(stream int, f *os.File) {
 			defer readers.Done()
@@ -244,7 +248,9 @@ func (s *Server) startCommand(req *startRequest) (*Command, error) {
 			for {
 				n, err := f.Read(buf)
 				if n > 0 {
+					taking.Add(1)
 					c.out.append(stream, buf[:n]) // dropped silently once exited
+					taking.Add(-1)
 				}
 				if err != nil {
 					return
@@ -268,14 +274,15 @@ func (s *Server) startCommand(req *startRequest) (*Command, error) {
 		if timer != nil {
 			timer.Stop()
 		}
-		// Give the pipes a moment to drain. A backgrounded grandchild may hold
-		// them open forever; it must not keep the command from ending.
+		// Let the readers take what the command wrote. A backgrounded grandchild may
+		// hold the pipes open forever; it must not keep the command from ending, so
+		// once the pipes are empty (and no reader holds bytes it read) the command
+		// ends after a short wait for EOF. Bytes still in a pipe are waited for (up
+		// to drainCap): a starved sandbox may not run the readers for a while, and
+		// output written before the exit was dropped then (seen under 200 busy loops).
 		drained := make(chan struct{})
 		go func() { readers.Wait(); close(drained) }()
-		select {
-		case <-drained:
-		case <-time.After(200 * time.Millisecond):
-		}
+		waitDrained(drained, func() bool { return taking.Load() > 0 || unread(pipes) })
 		c.mu.Lock()
 		c.exited = true
 		c.exit = exitFromStatus(ws)
@@ -541,4 +548,51 @@ func (s *Server) handleSignal(w http.ResponseWriter, r *http.Request) error {
 	}
 	w.WriteHeader(http.StatusNoContent)
 	return nil
+}
+
+const (
+	drainQuiet = 200 * time.Millisecond // how long empty pipes are given to reach EOF
+	drainCap   = 3 * time.Second        // the longest output still in a pipe is waited for
+)
+
+// waitDrained returns when drained is closed, or once pending() has said no for
+// drainQuiet, or after drainCap.
+func waitDrained(drained <-chan struct{}, pending func() bool) {
+	limit := time.After(drainCap)
+	quietSince := time.Now()
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-drained:
+			return
+		case <-limit:
+			return
+		case <-tick.C:
+			if pending() {
+				quietSince = time.Now()
+			} else if time.Since(quietSince) >= drainQuiet {
+				return
+			}
+		}
+	}
+}
+
+// unread reports whether any of the pipes holds bytes not yet read (FIONREAD,
+// through the raw connection: Fd() would put the file in blocking mode).
+func unread(pipes []*os.File) bool {
+	for _, f := range pipes {
+		rc, err := f.SyscallConn()
+		if err != nil {
+			continue
+		}
+		var n int32
+		rc.Control(func(fd uintptr) {
+			syscall.Syscall(syscall.SYS_IOCTL, fd, syscall.TIOCINQ, uintptr(unsafe.Pointer(&n)))
+		})
+		if n > 0 {
+			return true
+		}
+	}
+	return false
 }

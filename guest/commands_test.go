@@ -242,3 +242,48 @@ func TestRingKeepsTail(t *testing.T) {
 		}
 	}
 }
+
+// Output still in a pipe when the command exits is waited for (readers starved by
+// a busy sandbox dropped it after a fixed 200 ms); empty pipes held open by a
+// grandchild end the wait after drainQuiet; nothing waits past drainCap.
+func TestWaitDrainedWaitsForPendingOutputOnly(t *testing.T) {
+	start := time.Now()
+	waitDrained(make(chan struct{}), func() bool { return time.Since(start) < 600*time.Millisecond })
+	if d := time.Since(start); d < 600*time.Millisecond+drainQuiet-50*time.Millisecond || d > 2*time.Second {
+		t.Fatalf("pending output for 600 ms: waited %v", d)
+	}
+	start = time.Now()
+	waitDrained(make(chan struct{}), func() bool { return false })
+	if d := time.Since(start); d < drainQuiet-50*time.Millisecond || d > drainQuiet+300*time.Millisecond {
+		t.Fatalf("empty pipes: waited %v, want about %v", d, drainQuiet)
+	}
+	start = time.Now()
+	waitDrained(make(chan struct{}), func() bool { return true })
+	if d := time.Since(start); d < drainCap-100*time.Millisecond || d > drainCap+time.Second {
+		t.Fatalf("output that never ends: waited %v, want %v", d, drainCap)
+	}
+	done := make(chan struct{})
+	close(done)
+	start = time.Now()
+	waitDrained(done, func() bool { return true })
+	if d := time.Since(start); d > 100*time.Millisecond {
+		t.Fatalf("drained: waited %v", d)
+	}
+}
+
+// unread sees bytes in a pipe that nobody has read yet.
+func TestUnreadSeesBytesLeftInAPipe(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	defer w.Close()
+	if unread([]*os.File{r}) {
+		t.Fatal("an empty pipe has unread bytes")
+	}
+	w.Write([]byte("alive\n"))
+	if !unread([]*os.File{r}) {
+		t.Fatal("a pipe holding 6 bytes has none unread")
+	}
+}
