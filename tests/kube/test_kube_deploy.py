@@ -164,8 +164,11 @@ def deployed(cluster):
             pods = wait_for(lambda: len(ready()) == 2 and ready(), 120)
             ips = [p["status"]["podIP"] for p in pods]
             try:  # in a ready pod (`deploy/e2a` may pick one that is not, and is restarted)
+                # (a Python CLI in a pod of 2 cores' node just after the image's import and
+                # both replicas' start: it once took over 60 s there)
                 out = kubectl(cluster, "exec", "-n", NS, pods[0]["metadata"]["name"], "--",
-                              "e2a", "admin", "create-user", f"deploy{instance}@example.com")
+                              "e2a", "admin", "create-user", f"deploy{instance}@example.com",
+                              timeout=180)
             except AssertionError as exc:
                 raise AssertionError(f"{exc}\n{e2a_logs(cluster)}") from None
             key = next(line.split("=", 1)[1] for line in out.splitlines()
