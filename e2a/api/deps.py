@@ -9,7 +9,7 @@ from fastapi import Request
 from e2a import auth
 from e2a.accounts.tokens import InvalidToken, looks_like_jwt
 from e2a.api.errors import ApiError
-from e2a.api.hop_tokens import HopClaims, InvalidHop, is_hop_token
+from e2a.api.hop_tokens import NOT_VALID, HopClaims, InvalidHop, is_hop_token
 from e2a.auth import Caller
 from e2a.sandboxes.host import Catalog, PauseFailed, SandboxHost, SandboxRecord, WrongState
 
@@ -78,7 +78,7 @@ def hop_caller(app, header: str | None, method: str, path: str, named: str
     mine = host.replica_key() if host is not None else None
     try:
         if tokens is None or mine is None or named != str(mine):
-            raise InvalidHop("the replica's token is not valid")
+            raise InvalidHop(NOT_VALID)
         claims = tokens.verify(token, method, path, str(mine))
     except InvalidHop as exc:
         raise ApiError(401, "unauthorized", str(exc)) from None

@@ -36,6 +36,7 @@ PURPOSE = "e2a replica hop jwt"
 HOP_TTL = 30     # seconds: the forward's own timeout (and LEEWAY more at most)
 LEEWAY = 5       # seconds of clock difference forgiven at expiry
 MAX_LENGTH = 4096
+NOT_VALID = "the replica's token is not valid"  # every refusal's one message
 
 
 class InvalidHop(Exception):
@@ -83,7 +84,7 @@ class HopTokens:
         """The caller passed on, if the token was signed for this request to this replica (the
         one verifying) and not used before; else InvalidHop. One message for every refusal:
         which check failed is nobody's business."""
-        invalid = InvalidHop("the replica's token is not valid")
+        invalid = InvalidHop(NOT_VALID)
         if len(token) > MAX_LENGTH:
             raise invalid
         try:

@@ -16,7 +16,7 @@ from e2a.agents.own.tools import BUILT_IN
 from e2a.agents.tasks import AgentConfig, NoAgentHere, TaskConflict, Tasks
 from e2a.api.deps import current_user, owned_sandbox, require_running
 from e2a.api.errors import ApiError
-from e2a.api.hop_tokens import FORWARDED, body_digest
+from e2a.api.hop_tokens import FORWARDED, NOT_VALID, body_digest
 from e2a.api.schemas import CreateSandbox, FollowUpRequest, TaskEventOut, TaskEventsOut, TaskOut
 from e2a.auth import Caller
 from e2a.config import Settings
@@ -156,7 +156,7 @@ async def follow_up(request: Request, vm_id: str, body: FollowUpRequest,
                        "not the one meant", "vm_id")
     hop = request.scope.get("state", {}).get("hop")  # signed by the replica that passed it on
     if hop is not None and hop.body != body_digest(body.model_dump(exclude_unset=True)):
-        raise ApiError(401, "unauthorized", "the replica's token is not valid")
+        raise ApiError(401, "unauthorized", NOT_VALID)
     rec = await owned_sandbox(request.app, user, vm_id)
     require_running(rec)
     s = tasks(request).session(rec.id)
