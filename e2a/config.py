@@ -146,6 +146,10 @@ class Settings(BaseSettings):
     # (the Pod Security Standard "restricted"), for clusters whose policy demands it. Commands,
     # PTYs and files as root then answer 400 (envd cannot switch users): no `apt install`.
     kube_non_root: bool = False
+    # Sandbox pods' image read-only, for the templates whose recipe allows it: only the home,
+    # /tmp and the recipe's `writable` paths (copied from the image at start) can be written.
+    # No `apt install`, as root either; `pip install` goes to the home.
+    kube_read_only_root: bool = False
     # What a sandbox pod requests of the CPU its template may use (its limit): CPU is shared as
     # on one host, where idle sandboxes hold no core. 1 = a core reserved per vCPU.
     kube_cpu_request_ratio: float = Field(0.1, gt=0, le=1, allow_inf_nan=False)

@@ -314,6 +314,10 @@ def ended(pod: Pod) -> PodEnd | None:
     status = pod.status
     if status is None:
         return None
+    if status.phase == "Failed" and status.reason:  # evicted: the pod says why, its
+        # container only that it is gone (ContainerStatusUnknown)
+        return PodEnd(False, f"its pod failed: {status.reason}"
+                             + (f" ({status.message})" if status.message else ""))
     for cs in status.containerStatuses or []:
         term = cs.state.terminated if cs.state else None
         if term is not None:

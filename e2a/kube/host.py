@@ -213,7 +213,13 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
             vcpu=1, cpu_fraction=0.25, memory_mib=128, disk_mib=256, internet=False,
             envd_token=self.keys.token(sid), runtime_class=s.kube_runtime_class,
             nameservers=self._nameservers(), api_cidrs=s.kube_api_cidrs,
-            api_namespace=self.api_namespace, non_root=s.kube_non_root)
+            api_namespace=self.api_namespace, non_root=s.kube_non_root,
+            writable=self._writable(recipes.load("standard")))
+
+    def _writable(self, recipe: recipes.Recipe) -> tuple[str, ...] | None:
+        """What stays writable in this template's pods; None: their root does."""
+        read_only = self.settings.kube_read_only_root and recipe.read_only_root
+        return recipe.writable if read_only else None
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -433,7 +439,8 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
             memory_request_ratio=s.kube_memory_request_ratio, nameservers=self._nameservers(),
             api_cidrs=s.kube_api_cidrs, api_namespace=self.api_namespace,
             egress_port=s.egress_port if s.kube_egress_host else None,
-            egress_host=s.kube_egress_host or None, non_root=s.kube_non_root)
+            egress_host=s.kube_egress_host or None, non_root=s.kube_non_root,
+            writable=self._writable(recipe))
 
     async def _mount_workspace(self, sb: KubeSandbox, plan: manifests.PodPlan) -> None:
         """Place the pod on a node and have that node's agent mount the workspace there: the

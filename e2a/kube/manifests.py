@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from e2a.network.firewall import BLOCKED_V4
 from e2a.runtime.runsc import ENVD_PATH, ENVD_PORT, MEMORY_OVERHEAD_MIB
 from e2a.templates.builder import SANDBOX_UID
+from e2a.templates.recipes import HOME  # the sandbox user's home: a workspace is mounted there
 
 GROUP = "e2a.dev"
 INSTANCE, SANDBOX, TEMPLATE, OWNER = (f"{GROUP}/{k}" for k in
                                       ("instance", "sandbox", "template", "owner"))
-HOME = "/home/user"  # the sandbox user's home: a workspace is mounted there
 POOL_OWNER = "pool"  # the owner label of a warm pod nobody has claimed
 API = f"{GROUP}/api"  # on e2a's own pods (deploy/): value the instance; the policies let them in
 # Docker's default capabilities, as the embedded backend gives envd (root in the sandbox, so
@@ -68,6 +68,9 @@ class PodPlan:
     home: str | None = None  # the workspace's mount on that node, bound as /home/user
     seed_home: bool = False  # a new workspace: the image's /home/user copied in first
     non_root: bool = False  # E2A_KUBE_NON_ROOT: envd (and all in the pod) runs as `user`
+    # E2A_KUBE_READ_ONLY_ROOT, for a template that allows it: the image read-only, these
+    # paths (and the home, when no workspace is) writable, copied from the image at start
+    writable: tuple[str, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -108,6 +111,8 @@ def pod(plan: PodPlan, namespace: str) -> dict:
             "runAsGroup": SANDBOX_UID, "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
         }
+    if plan.writable is not None:
+        security["readOnlyRootFilesystem"] = True
     manifest = {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": plan.name, "namespace": namespace, "labels": plan.labels},
@@ -142,20 +147,40 @@ def pod(plan: PodPlan, namespace: str) -> dict:
             }],
         },
     }
-    if plan.home:
-        spec = manifest["spec"]
-        spec["nodeName"] = plan.node
-        spec["volumes"] = [{"name": "home", "hostPath": {"path": plan.home, "type": "Directory"}}]
-        spec["containers"][0]["volumeMounts"] = [{"name": "home", "mountPath": HOME}]
-        if plan.seed_home:  # in the pod's own gVisor sandbox, from the image's files
-            spec["initContainers"] = [{
-                "name": "seed-home", "image": plan.image, "imagePullPolicy": "IfNotPresent",
-                "command": ["/bin/cp", "-a", "--no-preserve=ownership", f"{HOME}/.", "/seed/"],
-                "volumeMounts": [{"name": "home", "mountPath": "/seed"}],
+    spec = manifest["spec"]
+    container = spec["containers"][0]
+    volumes, mounts, inits = [], [], []
+
+    def init(name: str, command: list[str], volume: str) -> dict:
+        """A copy from the image made before envd starts, in the pod's own gVisor sandbox."""
+        return {"name": name, "image": plan.image, "imagePullPolicy": "IfNotPresent",
+                "command": command, "volumeMounts": [{"name": volume, "mountPath": "/seed"}],
                 "resources": {"requests": {"cpu": "10m", "memory": "16Mi"},
                               "limits": {"cpu": cpu, "memory": memory}},
-                "securityContext": security,
-            }]
+                "securityContext": security}
+
+    if plan.writable is not None:
+        paths = list(plan.writable) + ([] if plan.home else [HOME])
+        # One emptyDir (on the node's disk, within the pod's ephemeral-storage limit) holds
+        # every writable path, each a copy of the image's with its owner and mode (/tmp 1777,
+        # the home the user's), mounted where it was.
+        volumes.append({"name": "writable", "emptyDir": {"sizeLimit": f"{plan.disk_mib}Mi"}})
+        mounts += [{"name": "writable", "mountPath": p, "subPath": p.lstrip("/")}
+                   for p in paths]
+        inits.append(init("seed-writable", ["/bin/cp", "-a", "--parents", *paths, "/seed/"],
+                          "writable"))
+    if plan.home:
+        spec["nodeName"] = plan.node
+        volumes.append({"name": "home", "hostPath": {"path": plan.home, "type": "Directory"}})
+        mounts.append({"name": "home", "mountPath": HOME})
+        if plan.seed_home:  # a new workspace gets the image's dotfiles
+            inits.append(init("seed-home", ["/bin/cp", "-a", "--no-preserve=ownership",
+                                            f"{HOME}/.", "/seed/"], "home"))
+    if volumes:
+        spec["volumes"] = volumes
+        container["volumeMounts"] = mounts
+    if inits:
+        spec["initContainers"] = inits
     return manifest
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import posixpath
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -23,6 +24,10 @@ KNOWN_TEMPLATES = ("standard", "browser", "cua", "canvas")
 BUILDER_VERSION = "5"
 # A sandbox's disk (its rootfs writes and /tmp together) when the recipe does not say.
 DEFAULT_DISK_MIB = 2048
+# Where a sandbox writes outside its home when its root filesystem is read-only (the
+# Kubernetes backend's E2A_KUBE_READ_ONLY_ROOT), when the recipe does not say.
+DEFAULT_WRITABLE = ("/tmp", "/var/tmp")
+HOME = "/home/user"
 # Keys of a recipe that go into its image, hence into its content hash.
 IMAGE_KEYS = ("suite", "base", "packages", "wheels", "npm", "commands", "prepare")
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -82,6 +87,10 @@ class Recipe:
     ready_timeout: float               # seconds boot waits for the services
     contents: tuple[str, ...]          # what GET /v1/templates says it holds
     content_hash: str
+    # With a read-only root (Kubernetes, E2A_KUBE_READ_ONLY_ROOT): whether this template can
+    # run so, and the paths besides its home that stay writable (seeded from the image).
+    read_only_root: bool = True
+    writable: tuple[str, ...] = DEFAULT_WRITABLE
 
     @property
     def cpu_quota_us(self) -> int:
@@ -169,7 +178,24 @@ def _parse(name: str, data: dict) -> Recipe:
         ready_timeout=float(data.get("ready_timeout", 60)),
         contents=tuple(data.get("contents", ())),
         content_hash=digest,
+        read_only_root=bool(data.get("read_only_root", True)),
+        writable=_writable(data.get("writable", DEFAULT_WRITABLE)),
     )
+
+
+def _writable(paths: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Writable paths as a pod mounts them: absolute, normal, distinct, none the root, the
+    home (always writable) or a kernel filesystem."""
+    out: list[str] = []
+    for p in paths:
+        if not isinstance(p, str) or not p.startswith("/") or posixpath.normpath(p) != p \
+                or p == "/" or p in out:
+            raise ValueError(f"writable: {p!r} is not a distinct, normal absolute path")
+        if any(p == top or p.startswith(top + "/") or top.startswith(p + "/")
+               for top in (HOME, "/proc", "/sys", "/dev")):
+            raise ValueError(f"writable: {p!r} is the home, holds it or is a kernel filesystem")
+        out.append(p)
+    return tuple(out)
 
 
 def content_hash(data: dict, parent: Recipe | None) -> str:

@@ -290,8 +290,13 @@ def test_the_sandbox_namespace_admits_only_sandbox_shaped_pods(deployed):
             "command": ["/bin/cp", "-a", "--no-preserve=ownership", "/home/user/.", "/seed/"],
             "volumeMounts": [{"name": "home", "mountPath": "/seed"}],
             "securityContext": {"capabilities": {"drop": ["ALL"]}}}
+    copy = {**seed, "name": "seed-writable", "command": [
+        "/bin/cp", "-a", "--parents", "/tmp", "/home/user", "/seed/"],
+        "volumeMounts": [{"name": "writable", "mountPath": "/seed"}]}
     workspace = {**sandboxish, "volumes": [
         {"name": "home", "hostPath": {"path": home, "type": "Directory"}}]}
+    both = {**sandboxish, "volumes": [*workspace["volumes"],
+                                      {"name": "writable", "emptyDir": {}}]}
     bad |= {
         "another sandbox's workspace": {**sandboxish, "volumes": [{"name": "home", "hostPath": {
             "path": "/var/lib/e2a-node/mounts/sbx_victim/home", "type": "Directory"}}]},
@@ -307,17 +312,25 @@ def test_the_sandbox_namespace_admits_only_sandbox_shaped_pods(deployed):
                                                           "add": ["SYS_ADMIN"]}}}]},
         "the seeding copy keeping its capabilities": {**workspace, "initContainers": [
             {**seed, "securityContext": {}}]},
+        "a writable path's copy doing more": {**both, "initContainers": [
+            {**copy, "command": ["/bin/cp", "-a", "--parents", "/tmp", "-t", "/x", "/seed/"]}]},
+        "a writable path's copy into another volume": {**both, "initContainers": [
+            {**copy, "volumeMounts": [{"name": "home", "mountPath": "/seed"}]}]},
+        "a third init container": {**both, "initContainers": [
+            seed, copy, {**copy, "name": "seed-more"}]},
     }
-    good = {**workspace, "initContainers": [seed]}
-    for what, spec in [*bad.items(), ("a workspace, seeded", good)]:
+    good = {"a workspace, seeded": {**workspace, "initContainers": [seed]},
+            "a read-only root's copies, and a workspace": {**both, "initContainers": [
+                copy, seed]}}
+    for what, spec in [*bad.items(), *good.items()]:
         pod = {"apiVersion": "v1", "kind": "Pod",
                "metadata": {"name": "sbx-attack", "namespace": SANDBOX_NS},
                "spec": {k: v for k, v in spec.items() if v is not None}}
         r = subprocess.run([c.bin / "kubectl", "--kubeconfig", c.kubeconfig, "create", "-f",
                             "-", "--dry-run=server", f"--as=system:serviceaccount:{NS}:e2a"],
                            input=json.dumps(pod), capture_output=True, text=True, timeout=60)
-        if spec is good:
-            assert r.returncode == 0, r.stderr
+        if what in good:
+            assert r.returncode == 0, (what, r.stderr)
             continue
         # (the test cluster's API server refuses privileged containers itself, before
         # admission: --allow-privileged=false)
@@ -326,13 +339,18 @@ def test_the_sandbox_namespace_admits_only_sandbox_shaped_pods(deployed):
             (what, r.stderr)
     assert not c.json("get", "pods", "-n", SANDBOX_NS, "--field-selector",
                       "metadata.name=sbx-attack")["items"]
-    # and the pod e2a itself makes for a new workspace is admitted
-    plan = manifests.PodPlan(
-        sandbox_id="sbx_attack", instance="x", template="standard", user_id="usr_x",
-        image="e2a.local/none:0", vcpu=1, cpu_fraction=0.5, memory_mib=256, disk_mib=512,
-        internet=False, envd_token="t", node="somewhere", home=home, seed_home=True)
-    r = subprocess.run([c.bin / "kubectl", "--kubeconfig", c.kubeconfig, "create", "-f", "-",
-                        "--dry-run=server", f"--as=system:serviceaccount:{NS}:e2a"],
-                       input=json.dumps(manifests.pod(plan, SANDBOX_NS)), capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
+    # and the pods e2a itself makes for a new workspace, with a read-only root or not, and
+    # for no workspace with a read-only root, are admitted
+    for place, writable in (({"node": "somewhere", "home": home, "seed_home": True}, None),
+                            ({"node": "somewhere", "home": home, "seed_home": True},
+                             ("/tmp", "/var/tmp")),
+                            ({}, ("/tmp",))):
+        plan = manifests.PodPlan(
+            sandbox_id="sbx_attack", instance="x", template="standard", user_id="usr_x",
+            image="e2a.local/none:0", vcpu=1, cpu_fraction=0.5, memory_mib=256, disk_mib=512,
+            internet=False, envd_token="t", writable=writable, **place)
+        r = subprocess.run([c.bin / "kubectl", "--kubeconfig", c.kubeconfig, "create", "-f",
+                            "-", "--dry-run=server", f"--as=system:serviceaccount:{NS}:e2a"],
+                           input=json.dumps(manifests.pod(plan, SANDBOX_NS)),
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, (place, writable, r.stderr)

@@ -13,9 +13,10 @@ from playwright.sync_api import sync_playwright
 
 from e2a.config import Settings
 from e2a.kube import images
+from e2a.sdk import E2A
 from e2a.templates import recipes
 from tests.conftest import goto_once_served
-from tests.kube.cluster import CLUSTER_DIR, NAMESPACE
+from tests.kube.cluster import CLUSTER_DIR, NAMESPACE, another_replica
 
 pytestmark = pytest.mark.kube  # one cluster per machine: run apart from xdist (Makefile)
 
@@ -31,34 +32,53 @@ def alice(cluster, kube_clients):
 
 
 def test_a_browser_sandbox_is_driven_over_cdp(cluster, alice):
-    sb = alice.create_sandbox("browser", idle_timeout_seconds=300)
+    _drive_browser(cluster, alice)
+
+
+def test_a_canvas_sandbox_renders(alice):
+    _render_canvas(alice)
+
+
+def test_the_browser_templates_run_with_a_read_only_root(cluster, kserver, alice):
+    """E2A_KUBE_READ_ONLY_ROOT: Chromium writes only its profile (the home) and its cache
+    (/tmp), so both templates run with the image read-only."""
+    with another_replica(kserver, "robrowser", E2A_KUBE_READ_ONLY_ROOT="true") as srv, \
+            E2A(srv.url, srv.create_user("robrowser@example.com")) as client:
+        _drive_browser(cluster, client, read_only=True)
+        _render_canvas(client)
+
+
+def _drive_browser(cluster, client: E2A, read_only: bool = False) -> None:
+    sb = client.create_sandbox("browser", idle_timeout_seconds=300)
     try:
         pod = cluster.json("get", "pod", sb.vm_id.replace("_", "-"), "-n", NAMESPACE)
         assert pod["spec"]["runtimeClassName"] == "gvisor"
-        assert pod["spec"]["containers"][0]["resources"]["limits"]["memory"] == "1056Mi"
-        alice.files.write(sb.vm_id, "/home/user/site/index.html",
-                          b"<title>in a pod</title><p id=w>served inside</p>")
-        alice.run_background(sb.vm_id, "python3 -m http.server 8000 --bind 127.0.0.1",
-                             cwd="/home/user/site")
+        sandbox = pod["spec"]["containers"][0]
+        assert sandbox["resources"]["limits"]["memory"] == "1056Mi"
+        assert sandbox["securityContext"].get("readOnlyRootFilesystem", False) is read_only
+        client.files.write(sb.vm_id, "/home/user/site/index.html",
+                           b"<title>in a pod</title><p id=w>served inside</p>")
+        client.run_background(sb.vm_id, "python3 -m http.server 8000 --bind 127.0.0.1",
+                              cwd="/home/user/site")
         with sync_playwright() as p:
-            browser = p.chromium.connect_over_cdp(alice.cdp_url(sb.vm_id))
+            browser = p.chromium.connect_over_cdp(client.cdp_url(sb.vm_id))
             page = (browser.contexts[0] if browser.contexts else browser.new_context()).new_page()
             goto_once_served(page, "http://127.0.0.1:8000/index.html")
             assert page.locator("#w").inner_text() == "served inside"
             assert page.title() == "in a pod"
             browser.close()
     finally:
-        alice.kill(sb.vm_id)
+        client.kill(sb.vm_id)
 
 
-def test_a_canvas_sandbox_renders(alice):
-    sb = alice.create_sandbox("canvas", idle_timeout_seconds=300)
+def _render_canvas(client: E2A) -> None:
+    sb = client.create_sandbox("canvas", idle_timeout_seconds=300)
     try:
-        png = alice.render_canvas(sb.vm_id, html="<body style='background:#f00'>x</body>",
-                                  width=120, height=90)
+        png = client.render_canvas(sb.vm_id, html="<body style='background:#f00'>x</body>",
+                                   width=120, height=90)
         img = Image.open(io.BytesIO(png))
         assert img.size == (120, 90)
         assert img.convert("RGB").getpixel((60, 80)) == (255, 0, 0)
-        assert "/v1/canvas/" in alice.canvas_view_url(sb.vm_id)
+        assert "/v1/canvas/" in client.canvas_view_url(sb.vm_id)
     finally:
-        alice.kill(sb.vm_id)
+        client.kill(sb.vm_id)

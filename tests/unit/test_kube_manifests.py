@@ -88,7 +88,12 @@ def test_quantities_and_ends_as_the_cluster_writes_them():
     assert ended(oom).oom
     evicted = from_dict({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
                          "status": {"phase": "Failed", "reason": "Evicted",
-                                    "message": "low on memory"}})
+                                    "message": "low on memory", "containerStatuses": [{
+                                        "name": "sandbox", "image": "i", "imageID": "",
+                                        "ready": False, "restartCount": 0,
+                                        "state": {"terminated": {
+                                            "exitCode": 137,
+                                            "reason": "ContainerStatusUnknown"}}}]}})
     end = ended(evicted)
     assert not end.oom and "Evicted" in end.detail and "low on memory" in end.detail
     running = from_dict({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
@@ -180,3 +185,32 @@ def test_non_root_pods_meet_the_restricted_pod_security_standard():
     default = manifests.pod(plan(), "ns")["spec"]["containers"][0]["securityContext"]
     assert "runAsNonRoot" not in default and "SETUID" in default["capabilities"]["add"]
     from_dict(manifests.pod(plan(non_root=True), "ns"))
+
+
+def test_a_read_only_root_keeps_the_home_and_the_templates_paths_writable_as_the_image_had_them():
+    """E2A_KUBE_READ_ONLY_ROOT: the image read-only in every container; one emptyDir, seeded
+    with the image's own copies (owners and modes kept), mounted at each writable path."""
+    spec = manifests.pod(plan(writable=("/tmp", "/var/tmp")), "ns")["spec"]
+    (c,), (init,) = spec["containers"], spec["initContainers"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert init["securityContext"] == c["securityContext"]
+    assert init["command"] == ["/bin/cp", "-a", "--parents", "/tmp", "/var/tmp", "/home/user",
+                               "/seed/"]
+    assert init["volumeMounts"] == [{"name": "writable", "mountPath": "/seed"}]
+    assert spec["volumes"] == [{"name": "writable", "emptyDir": {"sizeLimit": "2048Mi"}}]
+    assert {m["mountPath"]: m["subPath"] for m in c["volumeMounts"]} == {
+        "/tmp": "tmp", "/var/tmp": "var/tmp", "/home/user": "home/user"}
+    from_dict(manifests.pod(plan(writable=("/tmp",)), "ns"))
+    # a workspace is the home: not copied over, its own seeding as before
+    home = "/var/lib/e2a-node/mounts/sbx_abc123/home"
+    spec = manifests.pod(plan(writable=("/tmp",), node="n", home=home, seed_home=True),
+                         "ns")["spec"]
+    assert [i["name"] for i in spec["initContainers"]] == ["seed-writable", "seed-home"]
+    assert spec["initContainers"][0]["command"] == ["/bin/cp", "-a", "--parents", "/tmp",
+                                                    "/seed/"]
+    assert {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]} == {
+        "/tmp": "writable", "/home/user": "home"}
+    # by default, and for a template that does not allow it, the root is writable
+    default = manifests.pod(plan(), "ns")["spec"]
+    assert "readOnlyRootFilesystem" not in default["containers"][0]["securityContext"]
+    assert "volumes" not in default and "initContainers" not in default

@@ -61,6 +61,22 @@ def test_recipe_hash_follows_content():
     assert "standard" in recipes.available()
 
 
+def test_a_recipes_writable_paths_are_checked():
+    """What a read-only root keeps writable (E2A_KUBE_READ_ONLY_ROOT): /tmp and /var/tmp unless
+    the recipe says; a path that would shadow the home, the root or a kernel filesystem, or is
+    not a normal absolute path, makes the recipe unusable."""
+    assert recipes.load("standard").writable == ("/tmp", "/var/tmp")
+    assert all(recipes.load(t).read_only_root for t in ("standard", "browser", "canvas"))
+    base = {"name": "x", "vcpu": 1, "cpu_fraction": 1.0, "memory_mib": 256}
+    assert recipes._parse("x", {**base, "writable": ["/tmp", "/var/lib/xkb"]}).writable \
+        == ("/tmp", "/var/lib/xkb")
+    assert not recipes._parse("x", {**base, "read_only_root": False}).read_only_root
+    for bad in ("tmp", "/", "/tmp/../etc", "/tmp/", "/home/user", "/home", "/home/user/x",
+                "/proc", "/dev/shm", ["/tmp", "/tmp"], 7):
+        with pytest.raises(ValueError, match="writable"):
+            recipes._parse("x", {**base, "writable": bad if isinstance(bad, list) else [bad]})
+
+
 def test_schemas_refuse_bad_input():
     with pytest.raises(ValidationError):
         CreateSandbox(template="standard", idle_timeout_seconds=0)
