@@ -1,12 +1,14 @@
-"""The credential of a request one replica passes to another (a follow-up task for an agent
-that another replica holds, api/tasks.py).
+"""The credential of a request one replica passes to another: a follow-up task for an agent
+that another replica holds (api/tasks.py), a session's WebSocket relayed to the replica that
+holds the session (api/session_relay.py).
 
-The replica that received the caller's API key checks it, then signs what it passes on: who
-the caller is, the one request (method, path and a digest of its JSON body) and the one replica
-meant (its lock key), for HOP_TTL seconds; the replica meant takes each token once. The
-caller's key never leaves the replica it was sent to: the address a replica's row names may,
-after a partition, be a reused pod address, and what reached it there would be a token good
-for nothing but that request, once, on a replica that is gone.
+The replica that received the caller's credential (an API key, a session's token) checks it,
+then signs what it passes on: who the caller is, the one request (method, path and a digest of
+its JSON body, or of a WebSocket's `after`) and the one replica meant (its lock key), for
+HOP_TTL seconds; the replica meant takes each token once. The caller's credential never leaves
+the replica it was sent to: the address a replica's row names may, after a partition, be a
+reused pod address, and what reached it there would be a token good for nothing but that
+request, once, on a replica that is gone.
 
 HS256 with a key derived from the host key for this purpose alone (as the session and login
 JWTs, whose audiences differ): every replica shares the host key, no other party has it.

@@ -3,10 +3,11 @@
 both ways as they are; the holder's refusal (its status and JSON error) or its close (code and
 reason) reach the client as the holder gave them.
 
-The relay is opened with the session's own token (checked here first: an unauthorised
-connection is refused here, not passed on), never the tenant's API key, and names the replica
-meant (`FORWARDED`): a replica that is not it refuses, and none relays a relayed connection. No
-proxy from the environment: the token goes to that replica and nowhere else."""
+The session's token is checked here first (an unauthorised connection is refused here, not
+passed on) and stays here: the relay is opened with a hop token (api/hop_tokens.py) this
+replica signs for this session's WebSocket, from this `after`, to the replica meant, good
+once for 30 s. It names that replica (`FORWARDED`): a replica that is not it refuses, and none
+relays a relayed connection. No proxy from the environment."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from e2a.api.hop_tokens import FORWARDED
 from e2a.sdk.session import _NoCredentials
 
 log = logging.getLogger("e2a.sessions")
-# websockets logs the handshake's headers at DEBUG through the connection's logger: the
-# session's token is cut from them
+# websockets logs the handshake's headers at DEBUG through the connection's logger: the hop
+# token is cut from them
 RELAY_LOG = logging.getLogger("e2a.sessions.relay")
 RELAY_LOG.addFilter(_NoCredentials())
 
@@ -52,13 +53,14 @@ def _ws_base(url: str) -> str:
     return "wss" + url[5:] if url.startswith("https") else "ws" + url[4:]
 
 
-async def relay(ws: WebSocket, session_id: str, url: str, key: int, token: str,
+async def relay(ws: WebSocket, session_id: str, url: str, key: int, hop: str,
                 subprotocol: bool, after: str) -> None:
-    """Serve `ws` (not accepted yet) through the replica at `url`, whose lock key is `key`."""
+    """Serve `ws` (not accepted yet) through the replica at `url`, whose lock key is `key`,
+    with the hop token signed for it."""
     try:
         upstream = await connect(
             f"{_ws_base(url)}/v1/sessions/{session_id}/ws?after={after}",
-            additional_headers={"Authorization": f"Bearer {token}", FORWARDED: str(key)},
+            additional_headers={"Authorization": f"Bearer {hop}", FORWARDED: str(key)},
             subprotocols=[proto.SUBPROTOCOL] if subprotocol else None, proxy=None,
             open_timeout=OPEN_TIMEOUT, max_size=None, compression=None, user_agent_header=None,
             logger=RELAY_LOG)

@@ -17,10 +17,10 @@ from pydantic import ValidationError
 
 from e2a.agents.tasks import TaskConflict
 from e2a.api.session_relay import first_of, relay
-from e2a.api.hop_tokens import FORWARDED
+from e2a.api.hop_tokens import FORWARDED, NOT_VALID, body_digest
 from e2a.api.tasks import MAX_SEQ
 from e2a.api import session_protocol as proto
-from e2a.api.deps import bearer, current_user
+from e2a.api.deps import bearer, current_user, hop_caller
 from e2a.api.endpoints import base_url
 from e2a.api.errors import ApiError, deny_websocket
 from e2a.api.schemas import (CreateSession, SessionAgentOut, SessionAppOut, SessionLlmOut,
@@ -173,6 +173,23 @@ def _offered_token(ws: WebSocket) -> tuple[str | None, bool]:
     return token, proto.SUBPROTOCOL in offered
 
 
+def _ws_path(session_id: str) -> str:
+    return f"{router.prefix}/{session_id}/ws"
+
+
+def _relayed_caller(ws: WebSocket, token: str, session_id: str, relayed: str | None,
+                    after: str) -> str | None:
+    """The user a relaying replica vouches for with a hop token (api/hop_tokens.py), signed
+    for this session's WebSocket, from this `after`, to this replica; None if the token is not
+    a hop token (the session's own is checked as such); a 401 if it is not good here."""
+    hop = hop_caller(ws.app, f"Bearer {token}", "GET", _ws_path(session_id), relayed or "")
+    if hop is None:
+        return None
+    if hop[1].body != body_digest({"after": after}):
+        raise ApiError(401, "unauthorized", NOT_VALID)
+    return hop[0].id
+
+
 @router.websocket("/{session_id}/ws")
 async def session_ws(ws: WebSocket, session_id: str) -> None:
     svc = sessions(ws)
@@ -181,27 +198,37 @@ async def session_ws(ws: WebSocket, session_id: str) -> None:
         return await deny_websocket(ws, ApiError(401, "unauthorized", "missing session token: send "
                                         "Authorization: Bearer <jwt> or the subprotocols "
                                         f"[{proto.SUBPROTOCOL!r}, <jwt>]"))
+    after_text = ws.query_params.get("after", "0")
+    named = ws.headers.getlist(FORWARDED)
+    if len(named) > 1:  # one replica meant: which of two would each check read?
+        return await deny_websocket(ws, ApiError(400, "invalid_header", f"{FORWARDED} is "
+                                        "given more than once", FORWARDED))
+    relayed = named[0] if named else None
     try:
-        claims = svc.tokens.verify(token, session_id)
+        user_id = _relayed_caller(ws, token, session_id, relayed, after_text) \
+            or svc.tokens.verify(token, session_id).user_id
     except InvalidToken as exc:
         return await deny_websocket(ws, ApiError(401, "unauthorized", str(exc)))
-    row = await svc.get(claims.user_id, session_id)
+    except ApiError as exc:
+        return await deny_websocket(ws, exc)
+    row = await svc.get(user_id, session_id)
     if row is None:
         return await deny_websocket(ws, ApiError(404, "session_not_found", f"no session {session_id!r}"))
-    after_text = ws.query_params.get("after", "0")
     # (str.isdigit takes "²", which int() refuses; seq is a 32-bit column)
     if not AFTER.fullmatch(after_text) or int(after_text) > MAX_SEQ:
         return await deny_websocket(ws, ApiError(400, "invalid_field", "after must be the last seq "
                                         "seen (an integer, 0 for all)", "after"))
     live = svc.live.get(session_id)
     if row.state == "active" and live is None:  # another replica's session: relayed to it
-        relayed = ws.headers.get(FORWARDED)
         if relayed is not None and not svc.tasks.forwarded_to_me(relayed):
             return await deny_websocket(ws, ApiError(409, "session_conflict", "this connection "
                                             "was relayed to a replica that is not the one meant"))
         holder = None if relayed is not None else await svc.holder(row)
         if holder is not None:
-            return await relay(ws, session_id, *holder, token, subprotocol, after_text)
+            url, key = holder  # the session's token stays here: a hop token goes
+            hop = ws.app.state.hop_tokens.issue(user_id, None, "GET", _ws_path(session_id),
+                                                str(key), {"after": after_text})
+            return await relay(ws, session_id, url, key, hop, subprotocol, after_text)
         if relayed is None and row.replica is not None and row.replica != svc.host.replica_key():
             # its replica does not answer now: gone (its sessions end within seconds, then
             # this is a 410) or blinking; a client tries again

@@ -1,8 +1,10 @@
-"""A follow-up task passed between replicas (e2a/api/hop_tokens.py): what goes is a token signed
-for that request (its body too) to that replica, never the caller's API key; a replica takes it
-once, for that request only, if it names this replica, through the same guard every request
-passes. Here against the real guard and follow-up route, and a real HTTP server standing for
-the holding replica; between two real replicas it is tests/kube/test_kube_agents.py."""
+"""A follow-up task, and a session's WebSocket, passed between replicas (e2a/api/hop_tokens.py):
+what goes is a token signed for that request (its body, or the WebSocket's `after`, too) to
+that replica, never the caller's API key or session token; a replica takes it once, for that
+request only, if it names this replica, through the same checks every request passes. Here
+against the real guard, follow-up route and session WebSocket route, and real servers
+standing for the holding replica; between two real replicas it is
+tests/kube/test_kube_agents.py and tests/kube/test_kube_sessions.py."""
 
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ import jwt
 import pytest
 from fastapi import Depends, FastAPI
 from starlette.requests import Request
-from starlette.testclient import TestClient
+from starlette.websockets import WebSocket
+from starlette.testclient import TestClient, WebSocketDenialResponse
 
 from e2a.accounts.tokens import LoginTokens
 from e2a.api import hop_tokens
+from e2a.api import sessions as sessions_api
 from e2a.api import tasks as tasks_api
 from e2a.api.deps import KEY_ONLY, account_user, current_user
 from e2a.api.errors import install as install_errors
@@ -30,6 +34,7 @@ from e2a.api.schemas import FollowUpRequest
 from e2a.auth import Caller, KeyCache
 from e2a.sandboxes.agent_keys import AgentKeys
 from e2a.sessions.tokens import SessionTokens
+from tests.unit.test_session_relay import Holder as WsHolder
 
 PATH = "/v1/sandboxes/sbx_a/task"
 API_KEY = "e2a_live_" + "k" * 32
@@ -218,3 +223,111 @@ async def test_a_forward_carries_a_token_for_that_request_and_never_the_callers_
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
+
+
+WS = "/v1/sessions/ses_1/ws"
+
+
+@pytest.fixture
+def ws_holder():
+    h = WsHolder()
+    yield h
+    h.server.shutdown()
+
+
+@pytest.fixture
+def replica(keys, ws_holder):
+    """The real session WebSocket route on a replica whose lock key is 42; session ses_1 of
+    usr_1 is held by replica 43, at `ws_holder`'s address, unless `asked` says it is unknown."""
+    app = FastAPI()
+    install_errors(app)
+    app.include_router(sessions_api.router)
+    asked: list[str] = []
+
+    async def get(user_id, session_id):
+        asked.append(user_id)
+        return SimpleNamespace(id=session_id, state="active", replica=43, end_reason=None) \
+            if session_id == "ses_1" and user_id == "usr_1" and not asked_none else None
+
+    async def holder(row):
+        return ws_holder.url, 43
+
+    asked_none: list[bool] = []
+    app.state.chat_sessions = SimpleNamespace(
+        tokens=SessionTokens(keys), get=get, live={}, holder=holder,
+        tasks=SimpleNamespace(forwarded_to_me=lambda key: key == "42"))
+    app.state.hop_tokens = HopTokens(keys)
+    app.state.host = SimpleNamespace(replica_key=lambda: 42)
+    with TestClient(app) as c:
+        c.app_state, c.asked, c.unknown = app.state, asked, lambda: asked_none.append(True)
+        yield c
+
+
+def test_a_relayed_websocket_carries_a_hop_token_never_the_sessions_token(replica, ws_holder):
+    session = replica.app_state.chat_sessions.tokens.issue("ses_1", "usr_1", _in(600))
+    with replica.websocket_connect(f"{WS}?after=3", subprotocols=["e2a.session.v1"], headers={
+            "Authorization": f"Bearer {session}"}) as c:
+        assert c.receive_json() == {"type": "ready"}  # relayed to the holder
+    [seen] = ws_holder.seen
+    assert session not in json.dumps(seen)
+    headers = {k.lower(): v for k, v in seen["headers"].items()}
+    assert headers[FORWARDED] == "43"
+    claims = replica.app_state.hop_tokens.verify(
+        headers["authorization"].removeprefix("Bearer "), "GET", WS, "43")
+    assert claims.user_id == "usr_1" and claims.body == body_digest({"after": "3"})
+
+
+def _ws_refusal(client, path: str, headers) -> tuple[int, dict]:
+    with pytest.raises(WebSocketDenialResponse) as no:
+        with client.websocket_connect(path, headers=headers):
+            pass
+    return no.value.status_code, no.value.json()["error"]
+
+
+def test_the_holder_takes_a_hop_token_for_that_session_after_and_replica_once(replica):
+    replica.unknown()  # past the hop's checks, the session is looked up: unknown here, a 404
+    tokens = replica.app_state.hop_tokens
+
+    def hop(path=WS, to="42", after="0"):
+        return tokens.issue("usr_1", None, "GET", path, to, {"after": after})
+
+    token = hop()
+    ok = {"Authorization": f"Bearer {token}", FORWARDED: "42"}
+    assert _ws_refusal(replica, f"{WS}?after=0", ok)[0] == 404
+    assert replica.asked == ["usr_1"]  # the user the token vouched for
+    refused = {
+        "used again": (token, {FORWARDED: "42"}, "0"),
+        "no header": (hop(), {}, "0"),
+        "another replica named": (hop(), {FORWARDED: "43"}, "0"),
+        "signed for another replica": (hop(to="43"), {FORWARDED: "43"}, "0"),
+        "another session": (hop(path="/v1/sessions/ses_2/ws"), {FORWARDED: "42"}, "0"),
+        "another after": (hop(after="9"), {FORWARDED: "42"}, "0"),
+    }
+    for why, (t, extra, after) in refused.items():
+        status, error = _ws_refusal(replica, f"{WS}?after={after}",
+                                    {"Authorization": f"Bearer {t}", **extra})
+        assert status == 401 and error["message"] == hop_tokens.NOT_VALID, (why, error)
+    assert replica.asked == ["usr_1"]
+
+
+
+@pytest.mark.anyio
+async def test_two_headers_naming_replicas_on_a_websocket_are_a_400(replica):
+    """(The test client merges repeated headers: the route is called as the server would.)"""
+    token = replica.app_state.hop_tokens.issue("usr_1", None, "GET", WS, "42", {"after": "0"})
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    async def send(message):
+        sent.append(message)
+
+    ws = WebSocket({"type": "websocket", "path": WS, "query_string": b"", "headers": [
+        (b"authorization", f"Bearer {token}".encode()), (FORWARDED.encode(), b"43"),
+        (FORWARDED.encode(), b"42")], "app": replica.app, "extensions": {
+        "websocket.http.response": {}}}, receive, send)
+    await sessions_api.session_ws(ws, "ses_1")
+    assert sent[0]["type"] == "websocket.http.response.start" and sent[0]["status"] == 400
+    assert json.loads(sent[1]["body"])["error"]["field"] == FORWARDED
+    assert replica.asked == []
