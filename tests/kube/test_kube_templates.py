@@ -1,12 +1,14 @@
-"""The browser and canvas templates on the Kubernetes backend: their image (the template
-builder's, one layer with envd) imported into the test cluster, Chromium started by envd in a
-gVisor pod, driven through the same endpoints as on the embedded backend."""
+"""The browser, canvas and desktop templates on the Kubernetes backend: their images (the
+template builder's, one layer with envd) imported into the test cluster, Chromium, or X and its
+VNC servers, started by envd in a gVisor pod, driven through the same endpoints as on the
+embedded backend."""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 from playwright.sync_api import sync_playwright
@@ -15,7 +17,8 @@ from e2a.config import Settings
 from e2a.kube import images
 from e2a.sdk import E2A
 from e2a.templates import recipes
-from tests.conftest import goto_once_served
+from tests.conftest import goto, goto_once_served, wait_for
+from tests.e2e.test_desktop import SENTENCE, _canvas_not_blank, act, center, open_window
 from tests.kube.cluster import CLUSTER_DIR, NAMESPACE, another_replica
 
 pytestmark = pytest.mark.kube  # one cluster per machine: run apart from xdist (Makefile)
@@ -82,3 +85,56 @@ def _render_canvas(client: E2A) -> None:
         assert "/v1/canvas/" in client.canvas_view_url(sb.vm_id)
     finally:
         client.kill(sb.vm_id)
+
+
+@pytest.fixture(scope="module")
+def desktop_image(cluster):
+    """The desktop's image (3.1 GB: about a minute of import), for its tests only."""
+    images.import_to(Settings(envd=str(ROOT / "build/envd")), recipes.load("cua"),
+                     str(cluster.bin / "ctr"), str(CLUSTER_DIR / "containerd/containerd.sock"))
+
+
+def test_a_desktop_sandbox_is_driven_and_viewed_live(cluster, kserver, desktop_image):
+    """The cua template in a pod: an editor typed into through the actions API saves what was
+    typed; the live view (VNC through envd's relay, noVNC in a real Chromium) shows it. With a
+    read-only root too (X's socket in /tmp, the window manager's settings in the home)."""
+    with httpx.Client(base_url=kserver.url, timeout=120, headers={
+            "Authorization": f"Bearer {kserver.keys['alice']}"}) as http, \
+            E2A(kserver.url, kserver.keys["alice"]) as client:
+        _drive_desktop(cluster, client, http, live_view=True)
+    with another_replica(kserver, "rodesktop", E2A_KUBE_READ_ONLY_ROOT="true") as srv:
+        key = srv.create_user("rodesktop@example.com")
+        with httpx.Client(base_url=srv.url, timeout=120,
+                          headers={"Authorization": f"Bearer {key}"}) as http, \
+                E2A(srv.url, key) as client:
+            _drive_desktop(cluster, client, http, read_only=True)
+
+
+def _drive_desktop(cluster, client: E2A, http: httpx.Client, live_view: bool = False,
+                   read_only: bool = False) -> None:
+    sb = client.create_sandbox("cua", idle_timeout_seconds=300)
+    vm = sb.vm_id
+    try:
+        pod = cluster.json("get", "pod", vm.replace("_", "-"), "-n", NAMESPACE)
+        assert pod["spec"]["containers"][0]["securityContext"].get(
+            "readOnlyRootFilesystem", False) is read_only
+        client.files.write(vm, "/home/user/note.txt", b"")
+        w = open_window(client, http, vm, "mousepad /home/user/note.txt", "note.txt")
+        assert act(http, vm, {"action": "left_click", "coordinate": center(w)}).status_code == 200
+        r = act(http, vm, {"action": "type", "text": SENTENCE}, {"action": "key", "text": "ctrl+s"})
+        assert r.status_code == 200, r.text
+        assert wait_for(lambda: client.files.read_text(vm, "/home/user/note.txt").rstrip("\n")
+                        == SENTENCE, timeout=30)
+        if not live_view:
+            return
+        r = http.post(f"/v1/sandboxes/{vm}/desktop/stream", json={"view_only": True})
+        assert r.status_code == 200, r.text
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1300, "height": 900})
+            goto(page, r.json()["url"])
+            page.wait_for_selector("body[data-mode=view]", timeout=30_000)
+            assert wait_for(lambda: _canvas_not_blank(page), timeout=20)
+            browser.close()
+    finally:
+        client.kill(vm)
