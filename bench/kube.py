@@ -1,6 +1,7 @@
 """The Kubernetes backend beside the embedded one, in one run (`make bench-kube`): what
 docs/performance.md quotes in "Kubernetes backend". Two servers of the benchmark's own, one
-per backend without a warm pool and one per backend with one (E2A_POOL_SIZES standard: 2), and
+per backend without a warm pool and one per backend with one (E2A_POOL_SIZES standard: 2), the
+Kubernetes ones again with E2A_KUBE_READ_ONLY_ROOT (creates only: an init container more), and
 the test cluster (scripts/k8s/cluster.sh, under /tmp/e2a-bench/k8s, or one already up with
 --reuse DIR). Every sandbox is the standard template (0.5 vCPU, 512 MiB). What each figure
 times, client side:
@@ -22,6 +23,7 @@ times, client side:
                           is bench/sandboxes.py's.
 
 Usage: python bench/kube.py [--samples 10] [--execs 30] [--parallel 50] [--deaths 5] [--reuse DIR]
+                           [--only embedded kubernetes kubernetes_read_only]
 Results are printed and written to bench/kube.json.
 """
 
@@ -166,6 +168,8 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=50)
     ap.add_argument("--deaths", type=int, default=5)
     ap.add_argument("--reuse", type=Path, help="a test cluster already up in this directory")
+    ap.add_argument("--only", nargs="+", help="these backends only (embedded, kubernetes, "
+                    "kubernetes_read_only), each cold and warm")
     args = ap.parse_args()
     script = ROOT / "scripts/k8s/cluster.sh"
     where = args.reuse or CLUSTER_DIR
@@ -182,12 +186,19 @@ def main() -> None:
         pool = {"E2A_POOL_SIZES": json.dumps({"standard": 2})}
         packed = {"E2A_KUBE_CPU_REQUEST_RATIO": "0.05", "E2A_KUBE_MEMORY_REQUEST_RATIO": "0.25"}
         out: dict = {"machine": {"cores": os.cpu_count(), "others": others()}}
+        read_only = {"E2A_KUBE_READ_ONLY_ROOT": "true"}
+        configs = [
+            ("embedded", {}), ("embedded_warm", pool),
+            ("kubernetes", {**kube_env(cluster, "e2a_bench"), **packed}),
+            ("kubernetes_warm", {**kube_env(cluster, "e2a_bench_warm"), **packed, **pool}),
+            ("kubernetes_read_only", {**kube_env(cluster, "e2a_bench_ro"), **packed,
+                                      **read_only}),
+            ("kubernetes_read_only_warm", {**kube_env(cluster, "e2a_bench_ro_warm"), **packed,
+                                           **read_only, **pool})]
         # one server at a time, so no other's sandboxes (or pool) weigh on a measure
-        for i, (name, env) in enumerate((
-                ("embedded", {}), ("embedded_warm", pool),
-                ("kubernetes", {**kube_env(cluster, "e2a_bench"), **packed}),
-                ("kubernetes_warm", {**kube_env(cluster, "e2a_bench_warm"), **packed,
-                                     **pool}))):
+        for i, (name, env) in enumerate(configs):
+            if args.only and name.removesuffix("_warm") not in args.only:
+                continue
             srv = Server(instance=f"bk{i}", subnet=f"10.248.{16 * i}.0/20",
                          base=Path(f"/tmp/e2a-bench/{name}"))
             srv.extra_env = env
@@ -199,6 +210,8 @@ def main() -> None:
             if name.endswith("_warm"):
                 out[backend]["warm_create_to_first_output_ms"] = create_to_first_output(
                     b, args.samples, warm=True)
+            elif name.endswith("_read_only"):  # only the create differs (its init container)
+                out[name] = {"create_to_first_output_ms": create_to_first_output(b, args.samples)}
             else:
                 out[name] = {"create_to_first_output_ms": create_to_first_output(b, args.samples),
                              "exec_round_trip_ms": execs(b, args.execs),
@@ -210,7 +223,10 @@ def main() -> None:
             srv.cleanup()
             cluster.kubectl("delete", "pods,secrets,networkpolicies", "-n", NAMESPACE, "-l",
                             f"e2a.dev/instance={srv.instance}", "--wait=true", check=False)
-        (ROOT / "bench/kube.json").write_text(json.dumps(out, indent=1) + "\n")
+        results = ROOT / "bench/kube.json"
+        if args.only and results.exists():  # the other backends' figures stay
+            out = {**json.loads(results.read_text()), **out}
+        results.write_text(json.dumps(out, indent=1) + "\n")
     finally:
         for _, srv in servers:
             srv.stop()
