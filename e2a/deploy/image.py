@@ -82,6 +82,11 @@ def content_hash(envd: Path, pins: list[str], root: Path = ROOT) -> str:
     return h.hexdigest()[:16]
 
 
+# e2a image archives kept in the cache: the one built or used last and a few before it (two
+# checkouts of different sources do not rebuild each other's each time)
+KEEP_ARCHIVES = 3
+
+
 def archive_path(cache_dir: Path, digest: str) -> Path:
     return cache_dir / "images" / f"e2a-{digest}.tar"
 
@@ -98,6 +103,7 @@ def build(cache_dir: Path, envd: Path, registry: str = "e2a.local", log=sys.stde
     digest = content_hash(envd, pins)
     out, name = archive_path(cache_dir, digest), ref(registry, digest)
     if out.is_file():
+        out.touch()  # recently used: pruned last
         return out, name
     started = time.monotonic()
     # The tree is big and temporary: /var/tmp, not the (often memory-backed) /tmp.
@@ -126,7 +132,16 @@ def build(cache_dir: Path, envd: Path, registry: str = "e2a.local", log=sys.stde
             builder._unmount_below(Path(tmp))  # a chroot step killed midway leaves /proc
     progress(f"[e2a image] built in {time.monotonic() - started:.0f} s: {out} "
              f"({out.stat().st_size / 2**20:.0f} MiB)")
+    prune(out.parent)
     return out, name
+
+
+def prune(images: Path, keep: int = KEEP_ARCHIVES) -> None:
+    """Each change to e2a's sources is a new archive (about 430 MB): all but the `keep` used
+    last are deleted, so that a working machine's cache does not grow without end."""
+    archives = sorted(images.glob("e2a-*.tar"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in archives[keep:]:
+        old.unlink(missing_ok=True)
 
 
 def _install_e2a(rootfs: Path, tmp: Path, log) -> None:

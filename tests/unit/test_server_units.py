@@ -117,3 +117,19 @@ def test_error_shape_without_runtime():
     assert set(missing.json()["error"]) == {"code", "message", "field"}
     assert wrong_method.status_code == 405
     assert wrong_method.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_the_e2a_image_cache_keeps_the_archives_used_last(tmp_path):
+    """Each change to e2a's sources is a new image archive of ~430 MB: the cache keeps three."""
+    import os
+
+    from e2a.deploy import image
+    for i in range(5):
+        a = tmp_path / f"e2a-{i:016x}.tar"
+        a.write_bytes(b"x")
+        os.utime(a, (1000 + i, 1000 + i))
+    os.utime(tmp_path / f"e2a-{0:016x}.tar", (2000, 2000))  # the oldest, used again just now
+    (tmp_path / "build.log").write_text("kept")
+    image.prune(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "build.log", f"e2a-{0:016x}.tar", f"e2a-{3:016x}.tar", f"e2a-{4:016x}.tar"]
