@@ -57,6 +57,7 @@ func main() {
 	srv.logs.add("envd %s started, pid %d, listening on %s", version, os.Getpid(), ln.Addr())
 	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 30 * time.Second}
 	srv.startServices() // in the background; the host waits on GET /services/wait
+	go watchTermLog(termLogPath, termLogMax, termLogEvery, srv.logs.add, nil)
 	err = hs.Serve(ln)
 	fmt.Fprintf(os.Stderr, "envd: %v\n", err)
 	os.Exit(1)

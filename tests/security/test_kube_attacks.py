@@ -12,6 +12,7 @@ import json
 import pytest
 
 from e2a.sdk import E2A, E2AError
+from tests.conftest import wait_for
 from tests.kube.cluster import CLUSTER_DIR, NAMESPACE
 from tests.security.conftest import NOBODY, as_user
 
@@ -293,5 +294,22 @@ def test_a_pod_holds_at_most_its_share_of_the_egress_proxys_connections(kserver,
         r = alice.run(sb.vm_id, ["python3", "-c", HOLD, gw, str(kserver.egress_port),
                                  str(MAX_CONNECTIONS + 10)])
         assert r.stdout.split() == [str(MAX_CONNECTIONS)], r.stdout + r.stderr
+    finally:
+        alice.kill(sb.vm_id)
+
+
+def test_the_termination_log_does_not_fill_the_nodes_disk(cluster, alice):
+    """The kubelet binds a file of the node's disk at /dev/termination-log, outside every
+    ephemeral-storage limit (kubernetes/kubernetes#122224): envd keeps it under 64 KiB, so
+    1.5 GB written there, as root, leaves next to nothing on the node."""
+    sb = alice.create_sandbox("standard", idle_timeout_seconds=600)
+    try:
+        uid = pod(cluster, sb.vm_id)["metadata"]["uid"]
+        [host] = (CLUSTER_DIR / "kubelet/pods" / uid / "containers/sandbox").iterdir()
+        run = alice.run(sb.vm_id, "dd if=/dev/zero of=/dev/termination-log bs=1M count=1500"
+                                  " 2>&1 | tail -1", user="root", timeout=300)
+        assert "1572864000 bytes" in run.stdout, run  # all of it written
+        wait_for(lambda: host.stat().st_blocks * 512 <= 64 << 10, timeout=10)
+        assert alice.run(sb.vm_id, "echo alive").stdout == "alive\n"
     finally:
         alice.kill(sb.vm_id)
