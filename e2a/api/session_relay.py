@@ -80,11 +80,13 @@ async def relay(ws: WebSocket, session_id: str, url: str, key: int, hop: str,
 
 
 def _refusal(response) -> ApiError:
-    """The holder's refusal of the upgrade, as it gave it (its JSON error); a 409 (it is no
-    longer the replica meant: its key changed meanwhile) is for trying again."""
+    """The holder's refusal of the upgrade, as it gave it (its JSON error); but a 409 or 401
+    (it is no longer the replica meant, its key changed meanwhile; or it did not take this
+    replica's hop token: an older e2a in a rolling upgrade, clocks apart) is for trying again:
+    the client's own token was good here."""
     try:
         error = json.loads(response.body or b"")["error"]
-        if response.status_code != 409:
+        if response.status_code not in (401, 409):
             return ApiError(response.status_code, error["code"], error["message"],
                             error.get("field"))
     except (ValueError, KeyError, TypeError):

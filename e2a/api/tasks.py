@@ -190,6 +190,10 @@ async def _forward(request: Request, user: Caller, vm_id: str, url: str, key: in
             r = await client.post(f"{url}{path}", json=sent,
                                   headers={"Authorization": f"Bearer {hop}",
                                            FORWARDED: str(key)})
+            if r.status_code == 401:  # the hop token, not the caller's key (checked here):
+                # its key changed meanwhile, an older e2a, clocks apart; a retry may do
+                raise ApiError(503, "agent_unavailable", "the replica that runs this "
+                               "sandbox's agent did not take the request; try again")
             return JSONResponse(r.json(), status_code=r.status_code)
     except (httpx.HTTPError, ValueError) as exc:
         raise ApiError(503, "agent_unavailable", "the replica that runs this sandbox's agent "

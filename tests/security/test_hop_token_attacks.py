@@ -27,6 +27,7 @@ from e2a.api import hop_tokens
 from e2a.api import sessions as sessions_api
 from e2a.api import tasks as tasks_api
 from e2a.api.deps import KEY_ONLY, account_user, current_user
+from e2a.api.errors import ApiError
 from e2a.api.errors import install as install_errors
 from e2a.api.guard import RequestGuard
 from e2a.api.hop_tokens import FORWARDED, HopTokens, InvalidHop, body_digest
@@ -179,8 +180,10 @@ class Holder(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         Holder.seen.append({"path": self.path, "headers": dict(self.headers),
                             "body": body.decode()})
-        payload = json.dumps({"task_id": "tsk_1", "state": "running"}).encode()
-        self.send_response(202)
+        refused = "sbx_stale" in self.path  # a holder that does not take the hop token
+        payload = json.dumps({"error": {"code": "unauthorized", "message": "no"}} if refused
+                             else {"task_id": "tsk_1", "state": "running"}).encode()
+        self.send_response(401 if refused else 202)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
@@ -218,6 +221,21 @@ async def test_a_forward_carries_a_token_for_that_request_and_never_the_callers_
     token = headers["authorization"].removeprefix("Bearer ")
     claims = tokens.verify(token, "POST", PATH, "42")
     assert claims.user_id == "usr_1" and claims.body == body_digest(json.loads(seen["body"]))
+
+
+@pytest.mark.anyio
+async def test_a_holder_refusing_the_hop_is_a_503_to_try_again_not_a_bad_key(keys, holder):
+    """The caller's key was checked here: a 401 from the holder is about the hop (its key
+    changed meanwhile, an older e2a, clocks apart), not the caller's credential."""
+    app = SimpleNamespace(state=SimpleNamespace(hop_tokens=HopTokens(keys)))
+    stale = "/v1/sandboxes/sbx_stale/task"
+    request = Request({"type": "http", "method": "POST", "path": stale,
+                       "raw_path": stale.encode(), "query_string": b"", "app": app,
+                       "scheme": "http", "server": ("127.0.0.1", 1), "headers": []})
+    with pytest.raises(ApiError) as e:
+        await tasks_api._forward(request, Caller(id="usr_1", key_id="key_1"), "sbx_stale",
+                                 holder, 42, FollowUpRequest(task="and then?"))
+    assert (e.value.status, e.value.code) == (503, "agent_unavailable")
 
 
 @pytest.fixture

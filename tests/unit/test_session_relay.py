@@ -34,11 +34,12 @@ class Holder:
 
     def _refuse(self, conn, request):
         self.seen.append({"path": request.path, "headers": dict(request.headers.raw_items())})
-        for sid, status in (("gone", 410), ("other", 409)):
+        for sid, status, code in (("gone", 410, "session_ended"),
+                                  ("other", 409, "session_conflict"),
+                                  ("stale", 401, "unauthorized")):
             if f"/{sid}/" in request.path:
                 return conn.respond(status, json.dumps({"error": {
-                    "code": "session_ended" if status == 410 else "session_conflict",
-                    "message": f"refused {status}", "field": None}}))
+                    "code": code, "message": f"refused {status}", "field": None}}))
         return None
 
     def _handle(self, conn):
@@ -98,10 +99,12 @@ def test_the_holders_refusal_is_passed_on_as_it_gave_it(holder):
 
 
 def test_a_holder_that_is_not_the_one_meant_or_gone_is_a_503_to_try_again(holder):
+    """Not the one meant (409), or not taking this replica's hop token (401: an older e2a, a
+    key changed meanwhile, clocks apart), or gone: the client's token was good here."""
     with socket.socket() as s:  # a port nothing listens on: a replica gone
         s.bind(("127.0.0.1", 0))
         nobody = f"http://127.0.0.1:{s.getsockname()[1]}"
-    for url, sid in ((holder.url, "other"), (nobody, "ses_b")):
+    for url, sid in ((holder.url, "other"), (holder.url, "stale"), (nobody, "ses_b")):
         with client(url) as tc, pytest.raises(WebSocketDenialResponse) as no:
             with tc.websocket_connect(f"/v1/sessions/{sid}/ws"):
                 pass
