@@ -31,7 +31,7 @@ def new_server(tag: str) -> Server:
     w = worker_index()
     n = {"main": 0, "restart": 1, "pool": 2, "pg": 3, "core": 4, "disk": 5, "ws": 6, "wsbench": 7,
          "billing": 8, "quota": 9, "pause": 10, "pausesec": 11, "pausebench": 12, "kube": 13,
-         "kubeprobe": 14, "kubepool": 15, "kubews": 16}[tag]
+         "kubeprobe": 14, "kubepool": 15, "kubews": 16, "kubero": 17}[tag]
     return Server(instance=f"t{w}{n}", subnet=f"10.{210 + w + 8 * (n // 16)}.{n % 16 * 16}.0/20",
                   base=Path(f"/tmp/e2a-test/{w}-{tag}"))
 

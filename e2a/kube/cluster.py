@@ -296,7 +296,9 @@ def _running_ip(pod: Pod) -> str | None:
     end = ended(pod)
     if end is not None:
         raise PodFailed(end.detail)
-    for cs in status.containerStatuses or []:
+    # (the init containers' too: a missing image shows there first, the sandbox's container
+    # only waits behind them)
+    for cs in [*(status.initContainerStatuses or []), *(status.containerStatuses or [])]:
         waiting = cs.state.waiting if cs.state else None
         if waiting and waiting.reason in ("ErrImageNeverPull", "ImagePullBackOff",
                                           "ErrImagePull", "InvalidImageName",
@@ -318,6 +320,14 @@ def ended(pod: Pod) -> PodEnd | None:
         # container only that it is gone (ContainerStatusUnknown)
         return PodEnd(False, f"its pod failed: {status.reason}"
                              + (f" ({status.message})" if status.message else ""))
+    for cs in status.initContainerStatuses or []:  # a seeding copy that failed (its output
+        # is its message: FallbackToLogsOnError)
+        term = cs.state.terminated if cs.state else None
+        if term is not None and term.exitCode:
+            oom = term.reason == "OOMKilled"
+            return PodEnd(oom, f"its init container {cs.name} failed ({term.reason or 'exit'} "
+                               f"{term.exitCode})"
+                               + (f": {term.message.strip()[-500:]}" if term.message else ""))
     for cs in status.containerStatuses or []:
         term = cs.state.terminated if cs.state else None
         if term is not None:

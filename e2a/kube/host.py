@@ -830,12 +830,23 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
     # ---- reconciliation --------------------------------------------------------------------
 
     def _stale(self, row: Sandbox, pod) -> bool:
-        """A pooled pod runs another image than its template's now (a rebuilt template or
-        envd after an upgrade of e2a): it is not handed out."""
+        """A pooled pod that is not what its template's pod is now: another image (a rebuilt
+        template, or envd after an upgrade of e2a), or another shape (E2A_KUBE_NON_ROOT,
+        E2A_KUBE_READ_ONLY_ROOT or the recipe's writable paths changed): not handed out."""
         recipe = recipes.load(row.template)
+        if recipe is None:
+            return True
+        container = pod.spec.containers[0]
+        security = container.securityContext
+        writable = self._writable(recipe)
+        shape = (bool(security and security.runAsNonRoot),
+                 bool(security and security.readOnlyRootFilesystem),
+                 {m.mountPath for m in container.volumeMounts or [] if m.name == "writable"})
+        if shape != (self.settings.kube_non_root, writable is not None,
+                     {*writable, manifests.HOME} if writable is not None else set()):
+            return True
         try:
-            return recipe is None or pod.spec.containers[0].image != images.ref(self.settings,
-                                                                                recipe)
+            return container.image != images.ref(self.settings, recipe)
         except OSError:  # no envd to hash here: nothing to compare with
             return False
 
@@ -870,7 +881,8 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
                 if pod is not None and kc.running_ip_or_none(pod):
                     if row.user_id is None and self._stale(row, pod):
                         await self._unpool(row, EndReason.DELETED,
-                                           "warm, of an image no longer the template's")
+                                           "warm, of an image or a shape no longer the "
+                                           "template's")
                     elif await self._half_claimed(row, pod):
                         await self.destroy(row.id, EndReason.SERVER_RESTART,
                                            "its e2a stopped during its claim from the warm pool")

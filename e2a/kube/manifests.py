@@ -155,6 +155,7 @@ def pod(plan: PodPlan, namespace: str) -> dict:
         """A copy from the image made before envd starts, in the pod's own gVisor sandbox."""
         return {"name": name, "image": plan.image, "imagePullPolicy": "IfNotPresent",
                 "command": command, "volumeMounts": [{"name": volume, "mountPath": "/seed"}],
+                "terminationMessagePolicy": "FallbackToLogsOnError",  # cp's error, if any
                 "resources": {"requests": {"cpu": "10m", "memory": "16Mi"},
                               "limits": {"cpu": cpu, "memory": memory}},
                 "securityContext": security}

@@ -188,8 +188,9 @@ def _writable(paths: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     home (always writable) or a kernel filesystem."""
     out: list[str] = []
     for p in paths:
-        if not isinstance(p, str) or not p.startswith("/") or posixpath.normpath(p) != p \
-                or p == "/" or p in out:
+        # (normpath keeps a leading "//": "//home/user" would pass as another path)
+        if not isinstance(p, str) or not p.startswith("/") or p.startswith("//") \
+                or posixpath.normpath(p) != p or p == "/" or p in out:
             raise ValueError(f"writable: {p!r} is not a distinct, normal absolute path")
         if any(p == top or p.startswith(top + "/") or top.startswith(p + "/")
                for top in (HOME, "/proc", "/sys", "/dev")):

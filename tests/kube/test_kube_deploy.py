@@ -279,6 +279,10 @@ def test_the_sandbox_namespace_admits_only_sandbox_shaped_pods(deployed):
         "a token": {**sandboxish, "automountServiceAccountToken": True},
         "privileged": {**sandboxish, "containers": [{
             "name": "x", "image": "e2a.local/none:0", "securityContext": {"privileged": True}}]},
+        "a second container": {**sandboxish, "containers": [
+            *sandboxish["containers"], {"name": "y", "image": "e2a.local/none:0"}]},
+        "an NFS volume": {**sandboxish, "volumes": [{"name": "n", "nfs": {
+            "server": "10.0.0.1", "path": "/"}}]},
         "SYS_ADMIN": {**sandboxish, "containers": [{
             "name": "x", "image": "e2a.local/none:0",
             "securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}}]},

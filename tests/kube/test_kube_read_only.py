@@ -5,12 +5,15 @@ holds for a pod where nothing runs as root."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
 from e2a.sdk import E2A
+from tests.conftest import own_server, wait_for
 from tests.e2e.test_workspaces import scope
-from tests.kube.cluster import NAMESPACE, another_replica
+from tests.kube.cluster import NAMESPACE, another_replica, kube_env
 
 pytestmark = pytest.mark.kube
 
@@ -60,10 +63,46 @@ def test_a_read_only_root_without_root_at_all(cluster, wserver):
             run = sdk.run(vm, "id -u; " + LOOK)
             lines = run.stdout.splitlines()
             assert lines[0] == "1000" and lines[1] == "/home/user user 755", run
+            # copied as `user`: the copies are its own, /tmp without its sticky bit (there is
+            # no other user in the pod)
+            assert lines[2:4] == ["/tmp user 777", "/var/tmp user 777"], run
             assert lines[4] == "1", run  # the image's dotfiles
             assert lines[5:8] == ["wrote /home/user", "wrote /tmp", "wrote /var/tmp"], run
             assert lines[8] == "ro", run
             assert http.delete(f"/v1/sandboxes/{vm}").status_code == 200
+
+
+def test_warm_pods_of_another_shape_are_not_handed_out(cluster, mailbox):
+    """A pool filled with writable roots, then E2A_KUBE_READ_ONLY_ROOT set and e2a restarted:
+    the pods pooled before are ended, not handed out, and read-only ones pooled instead."""
+    env = {**kube_env(cluster, "e2a_kubero"), "E2A_POOL_SIZES": json.dumps({"standard": 1})}
+    with own_server("kubero", **env) as srv:
+        def pooled() -> dict[str, dict]:
+            return {p["metadata"]["name"]: p for p in cluster.pods()
+                    if p["metadata"]["labels"].get("e2a.dev/instance") == srv.instance
+                    and p["metadata"]["labels"].get("e2a.dev/owner") == "pool"
+                    and p["status"].get("phase") == "Running"
+                    and not p["metadata"].get("deletionTimestamp")}
+
+        def read_only(pod: dict) -> bool:
+            return pod["spec"]["containers"][0]["securityContext"].get(
+                "readOnlyRootFilesystem", False)
+
+        srv.start()
+        [before] = wait_for(lambda: list(pooled().values()), timeout=90)
+        assert not read_only(before)
+        srv.stop()  # pooled pods outlive their e2a
+        srv.extra_env = {**env, "E2A_KUBE_READ_ONLY_ROOT": "true"}
+        srv.start()
+        now = wait_for(lambda: [p for p in pooled().values() if read_only(p)], timeout=90)
+        assert before["metadata"]["name"] not in pooled()  # ended, not handed out
+        with E2A(srv.url, srv.create_user("kubero@example.com")) as client:
+            sb = client.create_sandbox("standard")
+            assert "claimed" in [e.reason for e in client.events(sb.vm_id)]
+            assert sb.vm_id.replace("_", "-") == now[0]["metadata"]["name"]
+            assert read_only(cluster.json("get", "pod", sb.vm_id.replace("_", "-"), "-n",
+                                          NAMESPACE))
+            client.kill(sb.vm_id)
 
 
 def _create(cluster, http: httpx.Client, body: dict) -> str:

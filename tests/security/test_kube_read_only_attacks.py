@@ -1,5 +1,7 @@
 """Attacks on a read-only root (E2A_KUBE_READ_ONLY_ROOT), as root inside the sandbox pod: the
-image cannot be made writable again, through a remount or another view of it; and the
+image cannot be written, nor made writable again through a remount (several of these fail for
+want of CAP_SYS_ADMIN too: what is asserted is that nothing lands in the image), or reached
+through another view of it; and the
 writable paths are no way around the sandbox's disk: filling them past it ends the sandbox
 (the kubelet evicts its pod), with nothing left behind."""
 
@@ -25,8 +27,13 @@ def root_client(cluster, kserver):
 def test_root_cannot_make_the_image_writable(cluster, root_client):
     sb = root_client.create_sandbox("standard", idle_timeout_seconds=600)
     try:
+        # root itself, plainly: the image's mount says no (not the file's mode)
+        run = root_client.run(sb.vm_id, "touch /usr/bin/e2a-owned", user="root")
+        assert run.exit_code != 0 and "Read-only file system" in run.stderr, run
         tries = {
             "remount": "mount -o remount,rw / && touch /usr/bin/e2a-owned",
+            "a remount in a user namespace of its own":
+                "unshare -Urm sh -c 'mount -o remount,rw / && touch /usr/bin/e2a-owned'",
             "a new mount over it": "mount -t tmpfs none /usr/bin && touch /usr/bin/e2a-owned",
             "envd's view": "touch /proc/1/root/usr/bin/e2a-owned",
             "a hard link out of /tmp": "ln /usr/bin/env /tmp/env && echo x >> /tmp/env",

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from e2a.kube import manifests
-from e2a.kube.cluster import _mib, _millicores, ended
+from e2a.kube.cluster import PodFailed, _mib, _millicores, _running_ip, ended
 from lightkube.codecs import from_dict
 
 
@@ -96,6 +96,24 @@ def test_quantities_and_ends_as_the_cluster_writes_them():
                                             "reason": "ContainerStatusUnknown"}}}]}})
     end = ended(evicted)
     assert not end.oom and "Evicted" in end.detail and "low on memory" in end.detail
+    # a read-only root's seeding copy, failed or waiting for an image that is not there: its
+    # error, not the sandbox container's "PodInitializing"
+    def initializing(init_state: dict) -> object:
+        return from_dict({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
+                          "status": {"phase": "Pending", "initContainerStatuses": [{
+                              "name": "seed-writable", "image": "i", "imageID": "",
+                              "ready": False, "restartCount": 0, "state": init_state}],
+                              "containerStatuses": [{
+                                  "name": "sandbox", "image": "i", "imageID": "",
+                                  "ready": False, "restartCount": 0, "state": {"waiting": {
+                                      "reason": "PodInitializing"}}}]}})
+    copy = ended(initializing({"terminated": {
+        "exitCode": 1, "reason": "Error", "message": "cp: cannot stat '/var/x': No such file"}}))
+    assert "seed-writable" in copy.detail and "cannot stat '/var/x'" in copy.detail
+    with pytest.raises(PodFailed, match="ErrImageNeverPull"):
+        _running_ip(initializing({"waiting": {"reason": "ErrImageNeverPull",
+                                              "message": "not present"}}))
+    assert ended(initializing({"running": {}})) is None
     running = from_dict({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
                          "status": {"phase": "Running", "podIP": "10.244.0.5"}})
     assert ended(running) is None
@@ -197,6 +215,7 @@ def test_a_read_only_root_keeps_the_home_and_the_templates_paths_writable_as_the
     assert init["command"] == ["/bin/cp", "-a", "--parents", "/tmp", "/var/tmp", "/home/user",
                                "/seed/"]
     assert init["volumeMounts"] == [{"name": "writable", "mountPath": "/seed"}]
+    assert init["terminationMessagePolicy"] == "FallbackToLogsOnError"  # cp's error, if any
     assert spec["volumes"] == [{"name": "writable", "emptyDir": {"sizeLimit": "2048Mi"}}]
     assert {m["mountPath"]: m["subPath"] for m in c["volumeMounts"]} == {
         "/tmp": "tmp", "/var/tmp": "var/tmp", "/home/user": "home/user"}

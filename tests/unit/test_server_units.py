@@ -72,6 +72,7 @@ def test_a_recipes_writable_paths_are_checked():
         == ("/tmp", "/var/lib/xkb")
     assert not recipes._parse("x", {**base, "read_only_root": False}).read_only_root
     for bad in ("tmp", "/", "/tmp/../etc", "/tmp/", "/home/user", "/home", "/home/user/x",
+                "//home/user", "//proc", "//tmp",
                 "/proc", "/dev/shm", ["/tmp", "/tmp"], 7):
         with pytest.raises(ValueError, match="writable"):
             recipes._parse("x", {**base, "writable": bad if isinstance(bad, list) else [bad]})
