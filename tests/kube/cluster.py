@@ -139,6 +139,21 @@ def another_replica(srv, tag: str, **env: str):
         other.cleanup()
 
 
+@contextlib.contextmanager
+def replica_user(srv, tag: str, **env: str):
+    """Another replica of `srv` with `env` over its settings (another_replica), and a new user
+    of it: (an httpx client and an SDK client with that user's key)."""
+    import httpx
+
+    from e2a.sdk import E2A
+    with another_replica(srv, tag, **env) as other:
+        key = other.create_user(f"{tag}@example.com")
+        with httpx.Client(base_url=other.url, timeout=120,
+                          headers={"Authorization": f"Bearer {key}"}) as http, \
+                E2A(other.url, key) as sdk:
+            yield http, sdk
+
+
 @pytest.fixture(scope="session")
 def kserver(cluster, mailbox):
     from tests.conftest import new_server  # the root conftest imports this module

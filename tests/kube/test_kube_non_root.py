@@ -10,18 +10,14 @@ import pytest
 
 from e2a.sdk import E2A
 from tests.e2e.test_workspaces import scope
-from tests.kube.cluster import NAMESPACE, another_replica
+from tests.kube.cluster import NAMESPACE, replica_user
 
 pytestmark = pytest.mark.kube
 
 
 def test_non_root_pods_run_everything_as_user_and_refuse_root_clearly(cluster, wserver):
-    with another_replica(wserver, "nonroot", E2A_KUBE_NON_ROOT="true") as srv:
-        key = srv.create_user("nonroot@example.com")
-        with httpx.Client(base_url=srv.url, timeout=120,
-                          headers={"Authorization": f"Bearer {key}"}) as http, \
-                E2A(srv.url, key) as sdk:
-            _check(cluster, http, sdk)
+    with replica_user(wserver, "nonroot", E2A_KUBE_NON_ROOT="true") as (http, sdk):
+        _check(cluster, http, sdk)
 
 
 def _check(cluster, http: httpx.Client, sdk: E2A) -> None:

@@ -13,7 +13,7 @@ import pytest
 from e2a.sdk import E2A
 from tests.conftest import own_server, wait_for
 from tests.e2e.test_workspaces import scope
-from tests.kube.cluster import NAMESPACE, another_replica, kube_env
+from tests.kube.cluster import NAMESPACE, kube_env, replica_user
 
 pytestmark = pytest.mark.kube
 
@@ -24,52 +24,44 @@ LOOK = ("stat -c '%n %U %a' /home/user /tmp /var/tmp; ls -a ~ | grep -c bashrc;"
 
 
 def test_a_read_only_root_keeps_the_home_and_tmp_writable_and_nothing_else(cluster, wserver):
-    with another_replica(wserver, "readonly", E2A_KUBE_READ_ONLY_ROOT="true") as srv:
-        key = srv.create_user("readonly@example.com")
-        with httpx.Client(base_url=srv.url, timeout=120,
-                          headers={"Authorization": f"Bearer {key}"}) as http, \
-                E2A(srv.url, key) as sdk:
-            for body in ({}, {"workspace": scope("kreadonly")}):
-                vm = _create(cluster, http, body)
-                run = sdk.run(vm, LOOK)
-                lines = run.stdout.splitlines()
-                home = "700" if body else "755"  # the workspace's mount, or the image's
-                assert lines[:4] == [f"/home/user user {home}", "/tmp root 1777",
-                                     "/var/tmp root 1777", "1"], run  # as in the image
-                assert lines[4:7] == ["wrote /home/user", "wrote /tmp", "wrote /var/tmp"], run
-                assert lines[7] == "ro", run  # the image, mounted read-only
-                # as root too, and through the files API: a clear 403 naming it
-                run = sdk.run(vm, "touch /etc/owned; echo $?", user="root")
-                assert "Read-only file system" in run.stdout + run.stderr, run
-                r = http.put(f"/v1/sandboxes/{vm}/files", content=b"x",
-                             params={"path": "/etc/owned", "user": "root"})
-                assert r.status_code == 403 and r.json()["error"]["code"] == "read_only", r.text
-                r = http.put(f"/v1/sandboxes/{vm}/files", content=b"up\n",
-                             params={"path": "/home/user/up.txt"})
-                assert r.status_code in (200, 201), r.text
-                got = http.get(f"/v1/sandboxes/{vm}/files", params={"path": "/home/user/up.txt"})
-                assert got.content == b"up\n"
-                assert http.delete(f"/v1/sandboxes/{vm}").status_code == 200
+    with replica_user(wserver, "readonly", E2A_KUBE_READ_ONLY_ROOT="true") as (http, sdk):
+        for body in ({}, {"workspace": scope("kreadonly")}):
+            vm = _create(cluster, http, body)
+            run = sdk.run(vm, LOOK)
+            lines = run.stdout.splitlines()
+            home = "700" if body else "755"  # the workspace's mount, or the image's
+            assert lines[:4] == [f"/home/user user {home}", "/tmp root 1777",
+                                 "/var/tmp root 1777", "1"], run  # as in the image
+            assert lines[4:7] == ["wrote /home/user", "wrote /tmp", "wrote /var/tmp"], run
+            assert lines[7] == "ro", run  # the image, mounted read-only
+            # as root too, and through the files API: a clear 403 naming it
+            run = sdk.run(vm, "touch /etc/owned; echo $?", user="root")
+            assert "Read-only file system" in run.stdout + run.stderr, run
+            r = http.put(f"/v1/sandboxes/{vm}/files", content=b"x",
+                         params={"path": "/etc/owned", "user": "root"})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "read_only", r.text
+            r = http.put(f"/v1/sandboxes/{vm}/files", content=b"up\n",
+                         params={"path": "/home/user/up.txt"})
+            assert r.status_code in (200, 201), r.text
+            got = http.get(f"/v1/sandboxes/{vm}/files", params={"path": "/home/user/up.txt"})
+            assert got.content == b"up\n"
+            assert http.delete(f"/v1/sandboxes/{vm}").status_code == 200
 
 
 def test_a_read_only_root_without_root_at_all(cluster, wserver):
-    with another_replica(wserver, "rononroot", E2A_KUBE_READ_ONLY_ROOT="true",
-                         E2A_KUBE_NON_ROOT="true") as srv:
-        key = srv.create_user("rononroot@example.com")
-        with httpx.Client(base_url=srv.url, timeout=120,
-                          headers={"Authorization": f"Bearer {key}"}) as http, \
-                E2A(srv.url, key) as sdk:
-            vm = _create(cluster, http, {})
-            run = sdk.run(vm, "id -u; " + LOOK)
-            lines = run.stdout.splitlines()
-            assert lines[0] == "1000" and lines[1] == "/home/user user 755", run
-            # copied as `user`: the copies are its own, /tmp without its sticky bit (there is
-            # no other user in the pod)
-            assert lines[2:4] == ["/tmp user 777", "/var/tmp user 777"], run
-            assert lines[4] == "1", run  # the image's dotfiles
-            assert lines[5:8] == ["wrote /home/user", "wrote /tmp", "wrote /var/tmp"], run
-            assert lines[8] == "ro", run
-            assert http.delete(f"/v1/sandboxes/{vm}").status_code == 200
+    with replica_user(wserver, "rononroot", E2A_KUBE_READ_ONLY_ROOT="true",
+                      E2A_KUBE_NON_ROOT="true") as (http, sdk):
+        vm = _create(cluster, http, {})
+        run = sdk.run(vm, "id -u; " + LOOK)
+        lines = run.stdout.splitlines()
+        assert lines[0] == "1000" and lines[1] == "/home/user user 755", run
+        # copied as `user`: the copies are its own, /tmp without its sticky bit (there is
+        # no other user in the pod)
+        assert lines[2:4] == ["/tmp user 777", "/var/tmp user 777"], run
+        assert lines[4] == "1", run  # the image's dotfiles
+        assert lines[5:8] == ["wrote /home/user", "wrote /tmp", "wrote /var/tmp"], run
+        assert lines[8] == "ro", run
+        assert http.delete(f"/v1/sandboxes/{vm}").status_code == 200
 
 
 def test_warm_pods_of_another_shape_are_not_handed_out(cluster, mailbox):

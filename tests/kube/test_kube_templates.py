@@ -19,7 +19,7 @@ from e2a.sdk import E2A
 from e2a.templates import recipes
 from tests.conftest import goto, goto_once_served, wait_for
 from tests.e2e.test_desktop import SENTENCE, _canvas_not_blank, act, center, open_window
-from tests.kube.cluster import CLUSTER_DIR, NAMESPACE, another_replica
+from tests.kube.cluster import CLUSTER_DIR, NAMESPACE, another_replica, replica_user
 
 pytestmark = pytest.mark.kube  # one cluster per machine: run apart from xdist (Makefile)
 
@@ -102,12 +102,8 @@ def test_a_desktop_sandbox_is_driven_and_viewed_live(cluster, kserver, desktop_i
             "Authorization": f"Bearer {kserver.keys['alice']}"}) as http, \
             E2A(kserver.url, kserver.keys["alice"]) as client:
         _drive_desktop(cluster, client, http, live_view=True)
-    with another_replica(kserver, "rodesktop", E2A_KUBE_READ_ONLY_ROOT="true") as srv:
-        key = srv.create_user("rodesktop@example.com")
-        with httpx.Client(base_url=srv.url, timeout=120,
-                          headers={"Authorization": f"Bearer {key}"}) as http, \
-                E2A(srv.url, key) as client:
-            _drive_desktop(cluster, client, http, read_only=True)
+    with replica_user(kserver, "rodesktop", E2A_KUBE_READ_ONLY_ROOT="true") as (http, client):
+        _drive_desktop(cluster, client, http, read_only=True)
 
 
 def _drive_desktop(cluster, client: E2A, http: httpx.Client, live_view: bool = False,
