@@ -148,7 +148,7 @@ class Settings(BaseSettings):
     kube_non_root: bool = False
     # Sandbox pods' image read-only, for the templates whose recipe allows it: only the home,
     # /tmp and the recipe's `writable` paths (copied from the image at start) can be written.
-    # No `apt install`, as root either; `pip install` goes to the home.
+    # No `apt install`, as root either; `pip install --user` goes to the home.
     kube_read_only_root: bool = False
     # What a sandbox pod requests of the CPU its template may use (its limit): CPU is shared as
     # on one host, where idle sandboxes hold no core. 1 = a core reserved per vCPU.

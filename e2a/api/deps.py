@@ -9,7 +9,7 @@ from fastapi import Request
 from e2a import auth
 from e2a.accounts.tokens import InvalidToken, looks_like_jwt
 from e2a.api.errors import ApiError
-from e2a.api.hop_tokens import NOT_VALID, HopClaims, InvalidHop, is_hop_token
+from e2a.api.hop_tokens import FORWARDED, NOT_VALID, HopClaims, InvalidHop, is_hop_token
 from e2a.auth import Caller
 from e2a.sandboxes.host import Catalog, PauseFailed, SandboxHost, SandboxRecord, WrongState
 
@@ -61,6 +61,14 @@ async def caller_from_header(app, header: str | None, allow_login: bool = False)
             raise ApiError(401, "unauthorized", "invalid or revoked API key")
         cache.put(key, caller)
     return caller
+
+
+def named_replica(values: list[str]) -> str | None:
+    """The replica a passed-on request names (`x-e2a-forwarded`), if any; two are a 400: which
+    of them would each check read?"""
+    if len(values) > 1:
+        raise ApiError(400, "invalid_header", f"{FORWARDED} is given more than once", FORWARDED)
+    return values[0] if values else None
 
 
 def hop_caller(app, header: str | None, method: str, path: str, named: str

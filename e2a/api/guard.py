@@ -22,7 +22,7 @@ import asyncio
 import json
 import re
 
-from e2a.api.deps import caller_from_header, hop_caller
+from e2a.api.deps import caller_from_header, hop_caller, named_replica
 from e2a.api.errors import ApiError, body
 from e2a.api.hop_tokens import FORWARDED
 
@@ -84,15 +84,12 @@ class RequestGuard:
         path = scope["path"]
         anonymous = bool(OPEN_ROUTES.match(path))
         if not anonymous and not TOKEN_ROUTES.match(path):
-            hops = [v.decode("latin-1") for k, v in scope["headers"]
-                    if k == FORWARDED.encode()]
-            if len(hops) > 1:  # one replica meant: which of two would each check read?
-                return await send_error(send, 400, "invalid_header",
-                                        f"{FORWARDED} is given more than once", FORWARDED)
             authorization = (headers.get(b"authorization") or b"").decode("latin-1")
             try:
-                hop = hop_caller(scope["app"], authorization, scope["method"], path, hops[0]) \
-                    if hops else None
+                named = named_replica([v.decode("latin-1") for k, v in scope["headers"]
+                                       if k == FORWARDED.encode()])
+                hop = hop_caller(scope["app"], authorization, scope["method"], path, named) \
+                    if named is not None else None
                 if hop is not None:
                     caller, scope.setdefault("state", {})["hop"] = hop
                 else:

@@ -20,7 +20,7 @@ from e2a.api.session_relay import first_of, relay
 from e2a.api.hop_tokens import FORWARDED, NOT_VALID, body_digest
 from e2a.api.tasks import MAX_SEQ
 from e2a.api import session_protocol as proto
-from e2a.api.deps import bearer, current_user, hop_caller
+from e2a.api.deps import bearer, current_user, hop_caller, named_replica
 from e2a.api.endpoints import base_url
 from e2a.api.errors import ApiError, deny_websocket
 from e2a.api.schemas import (CreateSession, SessionAgentOut, SessionAppOut, SessionLlmOut,
@@ -199,12 +199,8 @@ async def session_ws(ws: WebSocket, session_id: str) -> None:
                                         "Authorization: Bearer <jwt> or the subprotocols "
                                         f"[{proto.SUBPROTOCOL!r}, <jwt>]"))
     after_text = ws.query_params.get("after", "0")
-    named = ws.headers.getlist(FORWARDED)
-    if len(named) > 1:  # one replica meant: which of two would each check read?
-        return await deny_websocket(ws, ApiError(400, "invalid_header", f"{FORWARDED} is "
-                                        "given more than once", FORWARDED))
-    relayed = named[0] if named else None
     try:
+        relayed = named_replica(ws.headers.getlist(FORWARDED))
         user_id = _relayed_caller(ws, token, session_id, relayed, after_text) \
             or svc.tokens.verify(token, session_id).user_id
     except InvalidToken as exc:

@@ -843,7 +843,8 @@ class KubeHost(Lifecycle, Connections, SandboxHost):
                  bool(security and security.readOnlyRootFilesystem),
                  {m.mountPath for m in container.volumeMounts or [] if m.name == "writable"})
         if shape != (self.settings.kube_non_root, writable is not None,
-                     {*writable, manifests.HOME} if writable is not None else set()):
+                     set(manifests.writable_paths(writable, False)) if writable is not None
+                     else set()):  # (a pooled pod has no workspace)
             return True
         try:
             return container.image != images.ref(self.settings, recipe)

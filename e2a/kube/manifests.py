@@ -161,7 +161,7 @@ def pod(plan: PodPlan, namespace: str) -> dict:
                 "securityContext": security}
 
     if plan.writable is not None:
-        paths = list(plan.writable) + ([] if plan.home else [HOME])
+        paths = writable_paths(plan.writable, plan.home is not None)
         # One emptyDir (on the node's disk, within the pod's ephemeral-storage limit) holds
         # every writable path, each a copy of the image's with its owner and mode (/tmp 1777,
         # the home the user's), mounted where it was.
@@ -183,6 +183,12 @@ def pod(plan: PodPlan, namespace: str) -> dict:
     if inits:
         spec["initContainers"] = inits
     return manifest
+
+
+def writable_paths(writable: tuple[str, ...], workspace: bool) -> list[str]:
+    """What a read-only root's emptyDir holds: the template's writable paths, and the home
+    unless a workspace is mounted there."""
+    return [*writable, *([] if workspace else [HOME])]
 
 
 def cpu_limit(vcpu: int, cpu_fraction: float) -> int:
