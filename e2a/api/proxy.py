@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 from typing import AsyncIterator
 from urllib.parse import urlencode
@@ -28,6 +29,8 @@ from e2a.auth import Caller
 from e2a.runtime.runsc import ENVD_PORT
 from e2a.sandboxes.host import (PAUSED, NotRunning, SandboxHost, TooManyConnections, Unreachable,
                                 Upstream)
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/sandboxes/{vm_id}", tags=["inside a sandbox"])
 
@@ -526,9 +529,20 @@ async def _relay(client: WebSocket, up: Upstream) -> None:
                                            return_when=asyncio.FIRST_COMPLETED)
         for t in pending:
             t.cancel()
+        errors = []
         for t in done:
-            with contextlib.suppress(Exception):
+            try:
                 t.result()
+            except Exception as exc:  # a side that broke rather than closed
+                errors.append(type(exc).__name__)
+        # One line per relay's end: which side ended it and how, to tell a sandbox that
+        # closed from a connection that broke (the sandbox and the client are named by id
+        # and close code only).
+        log.info("relay %s ended by %s: upstream close %s %r%s", up.sandbox_id,
+                 "the sandbox" if downward in done else "the client",
+                 getattr(upstream, "close_code", None),
+                 (getattr(upstream, "close_reason", None) or "")[:80],
+                 f", {', '.join(errors)}" if errors else "")
         if downward in done and upward not in done:  # the sandbox's side ended: say why
             await up.settle()
         if up.ended == PAUSED:

@@ -144,7 +144,8 @@ def test_pty_streams_and_port_proxy(kserver, alice, sandbox):
                     code = json.loads(msg)["exit_code"]
             return out.decode(errors="replace"), code
     out, code = asyncio.run(asyncio.wait_for(pty(), 60))
-    assert "pty-42" in out and code == 4
+    relays = [line for line in kserver.log_tail(20000).splitlines() if " relay " in line]
+    assert "pty-42" in out and code == 4, (out, code, relays[-3:])  # how the relay ended
 
     lines = [e.data for e in alice.stream(sandbox.vm_id, "for i in 1 2 3; do echo $i; sleep 0.2; done")
              if e.type == "stdout"]
