@@ -1,7 +1,8 @@
 """The Kubernetes backend beside the embedded one, in one run (`make bench-kube`): what
 docs/performance.md quotes in "Kubernetes backend". Two servers of the benchmark's own, one
 per backend without a warm pool and one per backend with one (E2A_POOL_SIZES standard: 2), the
-Kubernetes ones again with E2A_KUBE_READ_ONLY_ROOT (creates only: an init container more), and
+Kubernetes ones again with root and a writable image (E2A_KUBE_NON_ROOT and
+E2A_KUBE_READ_ONLY_ROOT false; creates only: no init container seeds the writable paths), and
 the test cluster (scripts/k8s/cluster.sh, under /tmp/e2a-bench/k8s, or one already up with
 --reuse DIR). Every sandbox is the standard template (0.5 vCPU, 512 MiB). What each figure
 times, client side:
@@ -23,7 +24,7 @@ times, client side:
                           is bench/sandboxes.py's.
 
 Usage: python bench/kube.py [--samples 10] [--execs 30] [--parallel 50] [--deaths 5] [--reuse DIR]
-                           [--only embedded kubernetes kubernetes_read_only]
+                           [--only embedded kubernetes kubernetes_root]
 Results are printed and written to bench/kube.json.
 """
 
@@ -169,7 +170,7 @@ def main() -> None:
     ap.add_argument("--deaths", type=int, default=5)
     ap.add_argument("--reuse", type=Path, help="a test cluster already up in this directory")
     ap.add_argument("--only", nargs="+", help="these backends only (embedded, kubernetes, "
-                    "kubernetes_read_only), each cold and warm")
+                    "kubernetes_root), each cold and warm")
     args = ap.parse_args()
     script = ROOT / "scripts/k8s/cluster.sh"
     where = args.reuse or CLUSTER_DIR
@@ -186,15 +187,14 @@ def main() -> None:
         pool = {"E2A_POOL_SIZES": json.dumps({"standard": 2})}
         packed = {"E2A_KUBE_CPU_REQUEST_RATIO": "0.05", "E2A_KUBE_MEMORY_REQUEST_RATIO": "0.25"}
         out: dict = {"machine": {"cores": os.cpu_count(), "others": others()}}
-        read_only = {"E2A_KUBE_READ_ONLY_ROOT": "true"}
+        root = {"E2A_KUBE_NON_ROOT": "false", "E2A_KUBE_READ_ONLY_ROOT": "false"}
         configs = [
             ("embedded", {}), ("embedded_warm", pool),
             ("kubernetes", {**kube_env(cluster, "e2a_bench"), **packed}),
             ("kubernetes_warm", {**kube_env(cluster, "e2a_bench_warm"), **packed, **pool}),
-            ("kubernetes_read_only", {**kube_env(cluster, "e2a_bench_ro"), **packed,
-                                      **read_only}),
-            ("kubernetes_read_only_warm", {**kube_env(cluster, "e2a_bench_ro_warm"), **packed,
-                                           **read_only, **pool})]
+            ("kubernetes_root", {**kube_env(cluster, "e2a_bench_root"), **packed, **root}),
+            ("kubernetes_root_warm", {**kube_env(cluster, "e2a_bench_root_warm"), **packed,
+                                      **root, **pool})]
         # one server at a time, so no other's sandboxes (or pool) weigh on a measure
         for i, (name, env) in enumerate(configs):
             if args.only and name.removesuffix("_warm") not in args.only:
@@ -210,7 +210,7 @@ def main() -> None:
             if name.endswith("_warm"):
                 out[backend]["warm_create_to_first_output_ms"] = create_to_first_output(
                     b, args.samples, warm=True)
-            elif name.endswith("_read_only"):  # only the create differs (its init container)
+            elif name.endswith("_root"):  # only the create differs (no init container)
                 out[name] = {"create_to_first_output_ms": create_to_first_output(b, args.samples)}
             else:
                 out[name] = {"create_to_first_output_ms": create_to_first_output(b, args.samples),

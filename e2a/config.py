@@ -143,13 +143,14 @@ class Settings(BaseSettings):
     kube_runtime_handlers: list[str] = Field(default_factory=lambda: ["runsc", "gvisor"],
                                              min_length=1)
     # Sandbox pods run as `user` (uid 1000), with no capability and no privilege escalation
-    # (the Pod Security Standard "restricted"), for clusters whose policy demands it. Commands,
-    # PTYs and files as root then answer 400 (envd cannot switch users): no `apt install`.
-    kube_non_root: bool = False
+    # (the Pod Security Standard "restricted"). Commands, PTYs and files as root answer 400
+    # (envd cannot switch users): no `apt install` at run time. false: envd runs as root in
+    # gVisor, as on the embedded backend, and switches to either user.
+    kube_non_root: bool = True
     # Sandbox pods' image read-only, for the templates whose recipe allows it: only the home,
-    # /tmp and the recipe's `writable` paths (copied from the image at start) can be written.
-    # No `apt install`, as root either; `pip install --user` goes to the home.
-    kube_read_only_root: bool = False
+    # /tmp and the recipe's `writable` paths (copied from the image at start) can be written;
+    # `pip install --user` goes to the home. false: the image is writable (gVisor's overlay).
+    kube_read_only_root: bool = True
     # What a sandbox pod requests of the CPU its template may use (its limit): CPU is shared as
     # on one host, where idle sandboxes hold no core. 1 = a core reserved per vCPU.
     kube_cpu_request_ratio: float = Field(0.1, gt=0, le=1, allow_inf_nan=False)

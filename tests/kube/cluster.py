@@ -115,6 +115,11 @@ def kube_env(c: Cluster, database: str) -> dict[str, str]:
             "E2A_SECRETS_KEY": Fernet.generate_key().decode()}
 
 
+# The opt-out of the restricted pod (docs/kubernetes.md): envd as root in gVisor, the image
+# writable, as on the embedded backend.
+ROOT_SHAPE = {"E2A_KUBE_NON_ROOT": "false", "E2A_KUBE_READ_ONLY_ROOT": "false"}
+
+
 def replica_of(srv, tag: str):
     """Another replica of the e2a `srv` runs (same instance, database and keys), not started."""
     from tests.e2e.server import Server

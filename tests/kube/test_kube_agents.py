@@ -84,7 +84,7 @@ def test_a_task_runs_in_a_pod_and_is_followed_live_through_another_replica(
             r = c.post(f"/v1/sandboxes/{vm}/task", json={"task": "x"},
                        headers={"x-e2a-forwarded": "12345"})
             assert r.status_code == 409 and r.json()["error"]["code"] == "task_conflict", r.text
-    assert search(alice, vm, key)[2] == 0  # nothing the CLI wrote holds it
+    assert search(alice, vm, key, root=False)[2] == 0  # nothing the CLI wrote holds it
     alice.kill(vm)
 
 
@@ -118,8 +118,8 @@ def test_a_task_is_cancelled_through_another_replica(kserver, second, alice, llm
                         "2>/dev/null | grep ^GEMINI_API_KEY= | head -1").stdout
     placeholder = env.strip().partition("=")[2]
     assert "placeholder" in placeholder, env
-    assert search(alice, vm, placeholder)[0] >= 1  # the search finds what is there
-    assert search(alice, vm, key) == (0, 0, 0)
+    assert search(alice, vm, placeholder, root=False)[0] >= 1  # the search finds what is there
+    assert search(alice, vm, key, root=False) == (0, 0, 0)
     with api(second) as b:
         r = b.get(f"/v1/sandboxes/{vm}/task/events")
         assert r.status_code == 200 and not r.json()["done"]  # running, on the other replica
@@ -127,7 +127,7 @@ def test_a_task_is_cancelled_through_another_replica(kserver, second, alice, llm
         assert r.status_code == 200 and r.json()["state"] == "cancelled", r.text
         r = b.post(f"/v1/sandboxes/{vm}/task/cancel")
         assert r.status_code == 409 and r.json()["error"]["code"] == "task_not_running"
-    procs = alice.run(vm, "ps -eo args", user="root").stdout
+    procs = alice.run(vm, "ps -eo args").stdout
     assert "gemini" not in procs, procs
     assert alice.get_sandbox(vm).state == "running"  # kept, as asked
     alice.kill(vm)

@@ -1,7 +1,8 @@
-"""Sandbox pods as the Pod Security Standard "restricted" wants them (E2A_KUBE_NON_ROOT): envd
-and everything in the pod run as `user`, with no capability and no privilege escalation, for
-clusters whose policy refuses root containers. What a sandbox offers as `user` works (commands,
-files, a new workspace seeded from the image); root answers a clear 400."""
+"""Sandbox pods as the Pod Security Standard "restricted" wants them, by default
+(E2A_KUBE_NON_ROOT): envd and everything in the pod run as `user`, with no capability and no
+privilege escalation. What a sandbox offers as `user` works (commands, files, a new workspace
+seeded from the image); root answers a clear 400. E2A_KUBE_NON_ROOT=false gives back root in
+gVisor, as on the embedded backend."""
 
 from __future__ import annotations
 
@@ -10,14 +11,36 @@ import pytest
 
 from e2a.sdk import E2A
 from tests.e2e.test_workspaces import scope
-from tests.kube.cluster import NAMESPACE, replica_user
+from tests.kube.cluster import NAMESPACE, ROOT_SHAPE, replica_user
 
 pytestmark = pytest.mark.kube
 
 
-def test_non_root_pods_run_everything_as_user_and_refuse_root_clearly(cluster, wserver):
-    with replica_user(wserver, "nonroot", E2A_KUBE_NON_ROOT="true") as (http, sdk):
+def test_pods_run_everything_as_user_and_refuse_root_clearly(cluster, wserver):
+    with replica_user(wserver, "nonroot") as (http, sdk):  # the settings' defaults
         _check(cluster, http, sdk)
+
+
+def test_root_where_the_operator_gives_it_back(cluster, wserver):
+    """E2A_KUBE_NON_ROOT=false (and a writable image): envd runs as root in gVisor and
+    switches users, so root can install into the image, as on the embedded backend."""
+    with replica_user(wserver, "rootpods", **ROOT_SHAPE) as (http, sdk):
+        r = http.post("/v1/sandboxes", json={"template": "standard"})
+        assert r.status_code == 201, r.text
+        vm = r.json()["vm_id"]
+        spec = cluster.json("get", "pod", vm.replace("_", "-"), "-n", NAMESPACE)["spec"]
+        sc = spec["containers"][0]["securityContext"]
+        assert "runAsNonRoot" not in sc and not sc.get("readOnlyRootFilesystem"), sc
+        assert "initContainers" not in spec, spec  # nothing to seed
+        assert sdk.run(vm, "id -u").stdout == "1000\n"  # commands as `user` by default
+        run = sdk.run(vm, "id -u && echo installed > /usr/local/bin/mine && cat "
+                          "/usr/local/bin/mine", user="root")
+        assert run.stdout == "0\ninstalled\n", run
+        r = http.put(f"/v1/sandboxes/{vm}/files", params={"path": "/etc/mine", "user": "root"},
+                     content=b"root's\n", timeout=60)
+        assert r.status_code in (200, 201), r.text
+        assert sdk.run(vm, "stat -c %U /etc/mine").stdout == "root\n"
+        assert http.delete(f"/v1/sandboxes/{vm}").status_code == 200
 
 
 def _check(cluster, http: httpx.Client, sdk: E2A) -> None:
@@ -52,7 +75,7 @@ def _check(cluster, http: httpx.Client, sdk: E2A) -> None:
             assert r.json()["error"]["field"] == "user" and "root" in r.text, r.text
         r = http.put(f"/v1/sandboxes/{vm}/files", params={"path": "/etc/owned"},
                      content=b"x", timeout=60)
-        assert r.status_code == 403, r.text  # as `user`: /etc is not its to write
+        assert r.status_code == 403, r.text  # as `user`: /etc is neither its nor writable
         r = http.put(f"/v1/sandboxes/{vm}/files", params={"path": "/home/user/up.txt"},
                      content=b"uploaded\n", timeout=60)
         assert r.status_code in (200, 201), r.text

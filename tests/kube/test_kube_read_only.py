@@ -1,7 +1,7 @@
-"""Sandbox pods with a read-only root (E2A_KUBE_READ_ONLY_ROOT): the image cannot be written,
-as root either; the home, /tmp and /var/tmp can, seeded from the image with its owners and
-modes. With a workspace, the workspace is the home. With E2A_KUBE_NON_ROOT as well, the same
-holds for a pod where nothing runs as root."""
+"""Sandbox pods with a read-only root (E2A_KUBE_READ_ONLY_ROOT, the default): the image cannot
+be written, as root either (E2A_KUBE_NON_ROOT=false); the home, /tmp and /var/tmp can, seeded
+from the image with its owners and modes. With a workspace, the workspace is the home. By
+default (non-root as well) the same holds for a pod where nothing runs as root."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ LOOK = ("stat -c '%n %U %a' /home/user /tmp /var/tmp; ls -a ~ | grep -c bashrc;"
 
 
 def test_a_read_only_root_keeps_the_home_and_tmp_writable_and_nothing_else(cluster, wserver):
-    with replica_user(wserver, "readonly", E2A_KUBE_READ_ONLY_ROOT="true") as (http, sdk):
+    with replica_user(wserver, "readonly", E2A_KUBE_NON_ROOT="false") as (http, sdk):
         for body in ({}, {"workspace": scope("kreadonly")}):
             vm = _create(cluster, http, body)
             run = sdk.run(vm, LOOK)
@@ -49,8 +49,7 @@ def test_a_read_only_root_keeps_the_home_and_tmp_writable_and_nothing_else(clust
 
 
 def test_a_read_only_root_without_root_at_all(cluster, wserver):
-    with replica_user(wserver, "rononroot", E2A_KUBE_READ_ONLY_ROOT="true",
-                      E2A_KUBE_NON_ROOT="true") as (http, sdk):
+    with replica_user(wserver, "rononroot") as (http, sdk):  # the settings' defaults
         vm = _create(cluster, http, {})
         run = sdk.run(vm, "id -u; " + LOOK)
         lines = run.stdout.splitlines()
@@ -65,8 +64,9 @@ def test_a_read_only_root_without_root_at_all(cluster, wserver):
 
 
 def test_warm_pods_of_another_shape_are_not_handed_out(cluster, mailbox):
-    """A pool filled with writable roots, then E2A_KUBE_READ_ONLY_ROOT set and e2a restarted:
-    the pods pooled before are ended, not handed out, and read-only ones pooled instead."""
+    """A pool filled with writable roots, then E2A_KUBE_READ_ONLY_ROOT back to its default
+    and e2a restarted: the pods pooled before are ended, not handed out, and read-only ones
+    pooled instead."""
     env = {**kube_env(cluster, "e2a_kubero"), "E2A_POOL_SIZES": json.dumps({"standard": 1})}
     with own_server("kubero", **env) as srv:
         def pooled() -> dict[str, dict]:
@@ -80,11 +80,12 @@ def test_warm_pods_of_another_shape_are_not_handed_out(cluster, mailbox):
             return pod["spec"]["containers"][0]["securityContext"].get(
                 "readOnlyRootFilesystem", False)
 
+        srv.extra_env = {**env, "E2A_KUBE_READ_ONLY_ROOT": "false"}
         srv.start()
         [before] = wait_for(lambda: list(pooled().values()), timeout=90)
         assert not read_only(before)
         srv.stop()  # pooled pods outlive their e2a
-        srv.extra_env = {**env, "E2A_KUBE_READ_ONLY_ROOT": "true"}
+        srv.extra_env = env
         srv.start()
         now = wait_for(lambda: [p for p in pooled().values() if read_only(p)], timeout=90)
         assert before["metadata"]["name"] not in pooled()  # ended, not handed out

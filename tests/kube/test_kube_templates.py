@@ -19,7 +19,7 @@ from e2a.sdk import E2A
 from e2a.templates import recipes
 from tests.conftest import goto, goto_once_served, wait_for
 from tests.e2e.test_desktop import SENTENCE, _canvas_not_blank, act, center, open_window
-from tests.kube.cluster import CLUSTER_DIR, NAMESPACE, another_replica, replica_user
+from tests.kube.cluster import CLUSTER_DIR, NAMESPACE, ROOT_SHAPE, another_replica, replica_user
 
 pytestmark = pytest.mark.kube  # one cluster per machine: run apart from xdist (Makefile)
 
@@ -42,16 +42,16 @@ def test_a_canvas_sandbox_renders(alice):
     _render_canvas(alice)
 
 
-def test_the_browser_templates_run_with_a_read_only_root(cluster, kserver, alice):
-    """E2A_KUBE_READ_ONLY_ROOT: Chromium writes only its profile (the home) and its cache
-    (/tmp), so both templates run with the image read-only."""
-    with another_replica(kserver, "robrowser", E2A_KUBE_READ_ONLY_ROOT="true") as srv, \
-            E2A(srv.url, srv.create_user("robrowser@example.com")) as client:
-        _drive_browser(cluster, client, read_only=True)
+def test_the_browser_templates_run_with_root_and_a_writable_image(cluster, kserver, alice):
+    """By default Chromium writes only its profile (the home) and its cache (/tmp), with the
+    image read-only, as `user`; with root given back (ROOT_SHAPE) both templates run too."""
+    with another_replica(kserver, "rootbrowser", **ROOT_SHAPE) as srv, \
+            E2A(srv.url, srv.create_user("rootbrowser@example.com")) as client:
+        _drive_browser(cluster, client, read_only=False)
         _render_canvas(client)
 
 
-def _drive_browser(cluster, client: E2A, read_only: bool = False) -> None:
+def _drive_browser(cluster, client: E2A, read_only: bool = True) -> None:
     sb = client.create_sandbox("browser", idle_timeout_seconds=300)
     try:
         pod = cluster.json("get", "pod", sb.vm_id.replace("_", "-"), "-n", NAMESPACE)
@@ -97,17 +97,18 @@ def desktop_image(cluster):
 def test_a_desktop_sandbox_is_driven_and_viewed_live(cluster, kserver, desktop_image):
     """The cua template in a pod: an editor typed into through the actions API saves what was
     typed; the live view (VNC through envd's relay, noVNC in a real Chromium) shows it. With a
-    read-only root too (X's socket in /tmp, the window manager's settings in the home)."""
+    read-only root, as by default (X's socket in /tmp, the window manager's settings in the
+    home), and with root and a writable image (ROOT_SHAPE)."""
     with httpx.Client(base_url=kserver.url, timeout=120, headers={
             "Authorization": f"Bearer {kserver.keys['alice']}"}) as http, \
             E2A(kserver.url, kserver.keys["alice"]) as client:
         _drive_desktop(cluster, client, http, live_view=True)
-    with replica_user(kserver, "rodesktop", E2A_KUBE_READ_ONLY_ROOT="true") as (http, client):
-        _drive_desktop(cluster, client, http, read_only=True)
+    with replica_user(kserver, "rootdesktop", **ROOT_SHAPE) as (http, client):
+        _drive_desktop(cluster, client, http, read_only=False)
 
 
 def _drive_desktop(cluster, client: E2A, http: httpx.Client, live_view: bool = False,
-                   read_only: bool = False) -> None:
+                   read_only: bool = True) -> None:
     sb = client.create_sandbox("cua", idle_timeout_seconds=300)
     vm = sb.vm_id
     try:

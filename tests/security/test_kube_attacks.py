@@ -93,13 +93,12 @@ def test_a_sandbox_cannot_command_another_pods_envd(cluster, alice, pair):
 
 def test_no_cluster_credentials_or_envd_token_inside_a_sandbox(kserver, alice, pair):
     a, _ = pair
-    r = alice.run(a.vm_id, "ls /var/run/secrets/kubernetes.io 2>&1; echo; env",
-                  user="root")
+    r = alice.run(a.vm_id, "ls /var/run/secrets/kubernetes.io 2>&1; echo; env")
     assert "No such file" in r.stdout, r.stdout
     assert "E2A_ENVD_TOKEN" not in r.stdout
     token = envd_token(kserver, a.vm_id)
-    # not even root inside reads it from envd's (pid 1's) environment: envd scrubs it
-    r = alice.run(a.vm_id, "cat /proc/1/environ | tr '\\0' '\\n'", user="root")
+    # not even from envd's (pid 1's) environment, as envd's own user: envd scrubs it
+    r = alice.run(a.vm_id, "cat /proc/1/environ | tr '\\0' '\\n'")
     assert token not in r.stdout and "E2A_ENVD_TOKEN=" not in r.stdout
 
 
@@ -301,13 +300,13 @@ def test_a_pod_holds_at_most_its_share_of_the_egress_proxys_connections(kserver,
 def test_the_termination_log_does_not_fill_the_nodes_disk(cluster, alice):
     """The kubelet binds a file of the node's disk at /dev/termination-log, outside every
     ephemeral-storage limit (kubernetes/kubernetes#122224): envd keeps it under 64 KiB, so
-    1.5 GB written there, as root, leaves next to nothing on the node."""
+    1.5 GB written there leaves next to nothing on the node."""
     sb = alice.create_sandbox("standard", idle_timeout_seconds=600)
     try:
         uid = pod(cluster, sb.vm_id)["metadata"]["uid"]
         [host] = (CLUSTER_DIR / "kubelet/pods" / uid / "containers/sandbox").iterdir()
         run = alice.run(sb.vm_id, "dd if=/dev/zero of=/dev/termination-log bs=1M count=1500"
-                                  " 2>&1 | tail -1", user="root", timeout=300)
+                                  " 2>&1 | tail -1", timeout=300)
         assert "1572864000 bytes" in run.stdout, run  # all of it written
         wait_for(lambda: host.stat().st_blocks * 512 <= 64 << 10, timeout=10)
         assert alice.run(sb.vm_id, "echo alive").stdout == "alive\n"

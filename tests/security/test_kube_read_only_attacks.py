@@ -1,4 +1,5 @@
-"""Attacks on a read-only root (E2A_KUBE_READ_ONLY_ROOT), as root inside the sandbox pod: the
+"""Attacks on a read-only root (E2A_KUBE_READ_ONLY_ROOT, the default), as root inside the
+sandbox pod (E2A_KUBE_NON_ROOT=false, the strongest position a tenant's code can have): the
 image cannot be written, nor made writable again through a remount (several of these fail for
 want of CAP_SYS_ADMIN too: what is asserted is that nothing lands in the image), or reached
 through another view of it; and the
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.kube
 
 @pytest.fixture(scope="module")
 def root_client(cluster, kserver):
-    with another_replica(kserver, "roattack", E2A_KUBE_READ_ONLY_ROOT="true") as srv:
+    with another_replica(kserver, "roattack", E2A_KUBE_NON_ROOT="false") as srv:
         with E2A(srv.url, srv.create_user("roattack@example.com")) as sdk:
             yield sdk
 
