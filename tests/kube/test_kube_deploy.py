@@ -270,8 +270,15 @@ def test_the_sandbox_namespace_admits_only_sandbox_shaped_pods(deployed):
     """With e2a's own service account (as a stolen token would be used), a pod outside the
     shape of a sandbox is refused by the admission policy (deploy/kubernetes/base)."""
     c = deployed[0]
+    user = {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]}}  # what the policy asks of every container
     sandboxish = {"runtimeClassName": "gvisor", "automountServiceAccountToken": False,
-                  "containers": [{"name": "x", "image": "e2a.local/none:0"}]}
+                  "containers": [{"name": "x", "image": "e2a.local/none:0",
+                                  "securityContext": user}]}
+
+    def container(**context) -> dict:
+        return {**sandboxish, "containers": [{
+            "name": "x", "image": "e2a.local/none:0", "securityContext": context}]}
     bad = {
         "no gVisor": {**sandboxish, "runtimeClassName": None},
         "the node's files": {**sandboxish, "volumes": [{"name": "h", "hostPath": {"path": "/"}}]},
@@ -283,9 +290,17 @@ def test_the_sandbox_namespace_admits_only_sandbox_shaped_pods(deployed):
             *sandboxish["containers"], {"name": "y", "image": "e2a.local/none:0"}]},
         "an NFS volume": {**sandboxish, "volumes": [{"name": "n", "nfs": {
             "server": "10.0.0.1", "path": "/"}}]},
-        "SYS_ADMIN": {**sandboxish, "containers": [{
-            "name": "x", "image": "e2a.local/none:0",
-            "securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}}]},
+        "SYS_ADMIN": container(**user, capabilities={"drop": ["ALL"], "add": ["SYS_ADMIN"]}),
+        "root": container(**{**user, "runAsNonRoot": False, "runAsUser": 0}),
+        "root, by the image's user": container(
+            **{k: v for k, v in user.items() if k not in ("runAsNonRoot", "runAsUser")}),
+        "uid 0, said non-root": container(**{**user, "runAsUser": 0}),
+        "a privilege escalation": container(**{**user, "allowPrivilegeEscalation": True}),
+        "Docker's default capabilities": container(**{**user, "capabilities": {}}),
+        "NET_RAW back": container(**{**user, "capabilities": {"drop": ["ALL"],
+                                                              "add": ["NET_RAW"]}}),
+        "no security context": {**sandboxish, "containers": [
+            {"name": "x", "image": "e2a.local/none:0"}]},
     }
     # a workspace's mount is allowed, only the agent's for the pod's own sandbox, and only the
     # seeding copy as an init container (dry runs: admission is checked, nothing starts)
@@ -293,7 +308,7 @@ def test_the_sandbox_namespace_admits_only_sandbox_shaped_pods(deployed):
     seed = {"name": "seed-home", "image": "e2a.local/none:0",
             "command": ["/bin/cp", "-a", "--no-preserve=ownership", "/home/user/.", "/seed/"],
             "volumeMounts": [{"name": "home", "mountPath": "/seed"}],
-            "securityContext": {"capabilities": {"drop": ["ALL"]}}}
+            "securityContext": user}
     copy = {**seed, "name": "seed-writable", "command": [
         "/bin/cp", "-a", "--parents", "/tmp", "/home/user", "/seed/"],
         "volumeMounts": [{"name": "writable", "mountPath": "/seed"}]}
@@ -312,8 +327,10 @@ def test_the_sandbox_namespace_admits_only_sandbox_shaped_pods(deployed):
         "an init container of its own": {**workspace, "initContainers": [
             {**seed, "command": ["/bin/sh", "-c", "cat /seed/x"]}]},
         "the seeding copy with SYS_ADMIN": {**workspace, "initContainers": [
-            {**seed, "securityContext": {"capabilities": {"drop": ["ALL"],
-                                                          "add": ["SYS_ADMIN"]}}}]},
+            {**seed, "securityContext": {**user, "capabilities": {"drop": ["ALL"],
+                                                                  "add": ["SYS_ADMIN"]}}}]},
+        "the seeding copy as root": {**workspace, "initContainers": [
+            {**seed, "securityContext": {**user, "runAsNonRoot": False, "runAsUser": 0}}]},
         "the seeding copy keeping its capabilities": {**workspace, "initContainers": [
             {**seed, "securityContext": {}}]},
         "a writable path's copy doing more": {**both, "initContainers": [
@@ -330,9 +347,7 @@ def test_the_sandbox_namespace_admits_only_sandbox_shaped_pods(deployed):
         pod = {"apiVersion": "v1", "kind": "Pod",
                "metadata": {"name": "sbx-attack", "namespace": SANDBOX_NS},
                "spec": {k: v for k, v in spec.items() if v is not None}}
-        r = subprocess.run([c.bin / "kubectl", "--kubeconfig", c.kubeconfig, "create", "-f",
-                            "-", "--dry-run=server", f"--as=system:serviceaccount:{NS}:e2a"],
-                           input=json.dumps(pod), capture_output=True, text=True, timeout=60)
+        r = dry_run(c, pod)
         if what in good:
             assert r.returncode == 0, (what, r.stderr)
             continue
@@ -343,18 +358,46 @@ def test_the_sandbox_namespace_admits_only_sandbox_shaped_pods(deployed):
             (what, r.stderr)
     assert not c.json("get", "pods", "-n", SANDBOX_NS, "--field-selector",
                       "metadata.name=sbx-attack")["items"]
-    # and the pods e2a itself makes for a new workspace, with a read-only root or not, and
-    # for no workspace with a read-only root, are admitted
-    for place, writable in (({"node": "somewhere", "home": home, "seed_home": True}, None),
-                            ({"node": "somewhere", "home": home, "seed_home": True},
-                             ("/tmp", "/var/tmp")),
-                            ({}, ("/tmp",))):
-        plan = manifests.PodPlan(
-            sandbox_id="sbx_attack", instance="x", template="standard", user_id="usr_x",
-            image="e2a.local/none:0", vcpu=1, cpu_fraction=0.5, memory_mib=256, disk_mib=512,
-            internet=False, envd_token="t", writable=writable, **place)
-        r = subprocess.run([c.bin / "kubectl", "--kubeconfig", c.kubeconfig, "create", "-f",
-                            "-", "--dry-run=server", f"--as=system:serviceaccount:{NS}:e2a"],
-                           input=json.dumps(manifests.pod(plan, SANDBOX_NS)),
-                           capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, (place, writable, r.stderr)
+    # and the pods e2a itself makes (E2A_KUBE_NON_ROOT, the default) for a new workspace,
+    # with a read-only root or not, and for no workspace with a read-only root, are admitted;
+    # its root pods (E2A_KUBE_NON_ROOT=false) only where the namespace says root is wanted
+    # (components/root-sandboxes), which e2a's own account cannot say
+    for non_root in (True, False):
+        for place, writable in (({"node": "somewhere", "home": home, "seed_home": True}, None),
+                                ({"node": "somewhere", "home": home, "seed_home": True},
+                                 ("/tmp", "/var/tmp")),
+                                ({}, ("/tmp",)), ({}, None)):
+            plan = manifests.PodPlan(
+                sandbox_id="sbx_attack", instance="x", template="standard", user_id="usr_x",
+                image="e2a.local/none:0", vcpu=1, cpu_fraction=0.5, memory_mib=256,
+                disk_mib=512, internet=False, envd_token="t", writable=writable,
+                non_root=non_root, **place)
+            r = dry_run(c, manifests.pod(plan, SANDBOX_NS))
+            assert (r.returncode == 0) == non_root, (non_root, place, writable, r.stderr)
+    label = ["label", "namespace", SANDBOX_NS]
+    r = subprocess.run([c.bin / "kubectl", "--kubeconfig", c.kubeconfig, *label,
+                        "e2a.dev/root-sandboxes=true", f"--as=system:serviceaccount:{NS}:e2a"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "forbidden" in r.stderr, r.stderr
+    c.kubectl(*label, "e2a.dev/root-sandboxes=true")  # as the cluster's admin
+    try:
+        for non_root in (True, False):
+            plan = manifests.PodPlan(
+                sandbox_id="sbx_attack", instance="x", template="standard", user_id="usr_x",
+                image="e2a.local/none:0", vcpu=1, cpu_fraction=0.5, memory_mib=256,
+                disk_mib=512, internet=False, envd_token="t", non_root=non_root)
+            r = dry_run(c, manifests.pod(plan, SANDBOX_NS))
+            assert r.returncode == 0, (non_root, r.stderr)
+        assert dry_run(c, {"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": "sbx-attack", "namespace": SANDBOX_NS}, "spec": bad["SYS_ADMIN"]}
+                       ).returncode != 0  # the rest holds there too
+    finally:
+        c.kubectl(*label, "e2a.dev/root-sandboxes-")
+
+
+def dry_run(c: Cluster, pod: dict) -> subprocess.CompletedProcess:
+    """A create of `pod` by e2a's service account, checked by the API server's admission
+    (as a stolen token would try it), nothing started."""
+    return subprocess.run([c.bin / "kubectl", "--kubeconfig", c.kubeconfig, "create", "-f",
+                           "-", "--dry-run=server", f"--as=system:serviceaccount:{NS}:e2a"],
+                          input=json.dumps(pod), capture_output=True, text=True, timeout=60)
