@@ -551,7 +551,7 @@ def sandbox_logs(ctx, vm_id):
 @sandbox.command("exec", context_settings={"ignore_unknown_options": True})
 @click.argument("vm_id")
 @click.option("--cwd", help="Working directory (default: the user's home).")
-@click.option("--user", help="user (default) or root.")
+@click.option("--user", help="user (default) or root (not on Kubernetes by default).")
 @click.option("--env", multiple=True, callback=_key_values, metavar="K=V", help="Extra environment (repeatable).")
 @click.option("--timeout", type=float, help="Kill the command after this many seconds.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
@@ -622,7 +622,7 @@ def _forward_stdin(client: E2A, vm_id: str, pid: int) -> None:
 
 @sandbox.command("shell")
 @click.argument("vm_id")
-@click.option("--user", help="user (default) or root.")
+@click.option("--user", help="user (default) or root (not on Kubernetes by default).")
 @click.option("--cwd", help="Starting directory.")
 @click.pass_context
 def sandbox_shell(ctx, vm_id, user, cwd):

@@ -143,7 +143,7 @@ class Settings(BaseSettings):
     kube_runtime_handlers: list[str] = Field(default_factory=lambda: ["runsc", "gvisor"],
                                              min_length=1)
     # Sandbox pods run as `user` (uid 1000), with no capability and no privilege escalation
-    # (the Pod Security Standard "restricted"). Commands, PTYs and files as root answer 400
+    # (what the Pod Security Standard "restricted" asks of containers). Commands, PTYs and files as root answer 400
     # (envd cannot switch users): no `apt install` at run time. false: envd runs as root in
     # gVisor, as on the embedded backend, and switches to either user.
     kube_non_root: bool = True

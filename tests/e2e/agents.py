@@ -28,7 +28,8 @@ print(sum(map(has, procs)), sum(has(f) for f in files if os.path.isfile(f)))
 def search(alice, vm: str, needle: str, root: bool = True) -> tuple[int, int, int]:
     """Where the needle is: (processes as `user` sees them, as root does, files). Root in the
     sandbox may not read another user's environ (no CAP_SYS_PTRACE), so both look. In a pod
-    with no root (Kubernetes' default) every process is `user`'s, and it looks twice."""
+    with no root (Kubernetes' default) every process is `user`'s: `root=False` looks as `user`
+    for both figures."""
     as_user = alice.run(vm, ["python3", "-c", SEARCH], stdin=needle).stdout.split()
     as_root = alice.run(vm, ["python3", "-c", SEARCH], user="root" if root else None,
                         stdin=needle).stdout.split()

@@ -13,7 +13,7 @@ import pytest
 from e2a.sdk import E2A
 from tests.conftest import own_server, wait_for
 from tests.e2e.test_workspaces import scope
-from tests.kube.cluster import NAMESPACE, kube_env, replica_user
+from tests.kube.cluster import NAMESPACE, ROOT_SHAPE, kube_env, replica_user
 
 pytestmark = pytest.mark.kube
 
@@ -64,9 +64,10 @@ def test_a_read_only_root_without_root_at_all(cluster, wserver):
 
 
 def test_warm_pods_of_another_shape_are_not_handed_out(cluster, mailbox):
-    """A pool filled with writable roots, then E2A_KUBE_READ_ONLY_ROOT back to its default
-    and e2a restarted: the pods pooled before are ended, not handed out, and read-only ones
-    pooled instead."""
+    """A pool filled with root pods of writable roots (ROOT_SHAPE); then e2a restarted with
+    E2A_KUBE_NON_ROOT back to its default, then E2A_KUBE_READ_ONLY_ROOT too (as an upgrade
+    from the defaults before, or a change of the settings, would): each time the pods pooled
+    before are ended, not handed out, and pods of the new shape pooled instead."""
     env = {**kube_env(cluster, "e2a_kubero"), "E2A_POOL_SIZES": json.dumps({"standard": 1})}
     with own_server("kubero", **env) as srv:
         def pooled() -> dict[str, dict]:
@@ -76,25 +77,29 @@ def test_warm_pods_of_another_shape_are_not_handed_out(cluster, mailbox):
                     and p["status"].get("phase") == "Running"
                     and not p["metadata"].get("deletionTimestamp")}
 
-        def read_only(pod: dict) -> bool:
-            return pod["spec"]["containers"][0]["securityContext"].get(
-                "readOnlyRootFilesystem", False)
+        def shape(pod: dict) -> tuple[bool, bool]:
+            sc = pod["spec"]["containers"][0]["securityContext"]
+            return sc.get("runAsNonRoot", False), sc.get("readOnlyRootFilesystem", False)
 
-        srv.extra_env = {**env, "E2A_KUBE_READ_ONLY_ROOT": "false"}
+        srv.extra_env = {**env, **ROOT_SHAPE}
         srv.start()
         [before] = wait_for(lambda: list(pooled().values()), timeout=90)
-        assert not read_only(before)
-        srv.stop()  # pooled pods outlive their e2a
-        srv.extra_env = env
-        srv.start()
-        now = wait_for(lambda: [p for p in pooled().values() if read_only(p)], timeout=90)
-        assert before["metadata"]["name"] not in pooled()  # ended, not handed out
+        assert shape(before) == (False, False)
+        for settings, now in (({"E2A_KUBE_READ_ONLY_ROOT": "false"}, (True, False)),
+                              ({}, (True, True))):
+            srv.stop()  # pooled pods outlive their e2a
+            srv.extra_env = {**env, **settings}
+            srv.start()
+            [after] = wait_for(lambda: [p for p in pooled().values() if shape(p) == now],
+                               timeout=90)
+            assert before["metadata"]["name"] not in pooled()  # ended, not handed out
+            before = after
         with E2A(srv.url, srv.create_user("kubero@example.com")) as client:
             sb = client.create_sandbox("standard")
             assert "claimed" in [e.reason for e in client.events(sb.vm_id)]
-            assert sb.vm_id.replace("_", "-") == now[0]["metadata"]["name"]
-            assert read_only(cluster.json("get", "pod", sb.vm_id.replace("_", "-"), "-n",
-                                          NAMESPACE))
+            assert sb.vm_id.replace("_", "-") == after["metadata"]["name"]
+            assert shape(cluster.json("get", "pod", sb.vm_id.replace("_", "-"), "-n",
+                                      NAMESPACE)) == (True, True)
             client.kill(sb.vm_id)
 
 

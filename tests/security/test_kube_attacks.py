@@ -99,7 +99,29 @@ def test_no_cluster_credentials_or_envd_token_inside_a_sandbox(kserver, alice, p
     token = envd_token(kserver, a.vm_id)
     # not even from envd's (pid 1's) environment, as envd's own user: envd scrubs it
     r = alice.run(a.vm_id, "cat /proc/1/environ | tr '\\0' '\\n'")
+    assert "PATH=" in r.stdout, r  # read: the pod's one user is envd's
     assert token not in r.stdout and "E2A_ENVD_TOKEN=" not in r.stdout
+
+
+def test_code_that_kills_envd_ends_its_own_sandbox_and_leaves_nothing(cluster, alice):
+    """In a default pod envd and the tenant's code are one user, so code may signal envd: a
+    `kill 1` ends it, and with it that sandbox only, as any death does (`crashed`, its pod,
+    secret and policy gone). Another sandbox of the same owner runs on."""
+    other = alice.create_sandbox("standard", idle_timeout_seconds=600)
+    sb = alice.create_sandbox("standard", idle_timeout_seconds=600)
+    try:
+        alice.run_background(sb.vm_id, "sleep 1; kill -TERM 1")
+        wait_for(lambda: alice.get_sandbox(sb.vm_id).state == "destroyed", timeout=30)
+        assert alice.get_sandbox(sb.vm_id).end_reason == "crashed"
+        name = sb.vm_id.replace("_", "-")
+        wait_for(lambda: all(name not in cluster.kubectl("get", kind, "-n", NAMESPACE,
+                                                         "-o", "name")
+                             for kind in ("pods", "secrets", "networkpolicies")), timeout=30)
+        assert alice.run(other.vm_id, "echo on").stdout == "on\n"
+    finally:
+        alice.kill(other.vm_id)
+        if alice.get_sandbox(sb.vm_id).state != "destroyed":
+            alice.kill(sb.vm_id)
 
 
 def test_a_local_host_user_gets_neither_envd_nor_the_clusters_keys(cluster, pair):

@@ -190,8 +190,9 @@ def test_a_workspace_pod_is_placed_with_its_mount_bound_as_the_home():
 
 
 def test_non_root_pods_meet_the_restricted_pod_security_standard():
-    """E2A_KUBE_NON_ROOT: what the standard's "restricted" profile checks, in every container
-    (the seeding copy too); by default envd is root in gVisor with Docker's capabilities."""
+    """E2A_KUBE_NON_ROOT (the default): what the standard's "restricted" profile checks, in
+    every container (the seeding copy too); with it false envd is root in gVisor with Docker's
+    capabilities (the plan's own default: manifests know nothing of settings)."""
     home = "/var/lib/e2a-node/mounts/sbx_abc123/home"
     spec = manifests.pod(plan(node="node-1", home=home, seed_home=True, non_root=True),
                          "ns")["spec"]
@@ -200,8 +201,9 @@ def test_non_root_pods_meet_the_restricted_pod_security_standard():
             "privileged": False, "runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
             "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"}}
-    default = manifests.pod(plan(), "ns")["spec"]["containers"][0]["securityContext"]
-    assert "runAsNonRoot" not in default and "SETUID" in default["capabilities"]["add"]
+    # with root given back (E2A_KUBE_NON_ROOT=false), Docker's default capabilities
+    rooted = manifests.pod(plan(), "ns")["spec"]["containers"][0]["securityContext"]
+    assert "runAsNonRoot" not in rooted and "SETUID" in rooted["capabilities"]["add"]
     from_dict(manifests.pod(plan(non_root=True), "ns"))
 
 
@@ -229,7 +231,8 @@ def test_a_read_only_root_keeps_the_home_and_the_templates_paths_writable_as_the
                                                     "/seed/"]
     assert {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]} == {
         "/tmp": "writable", "/home/user": "home"}
-    # by default, and for a template that does not allow it, the root is writable
-    default = manifests.pod(plan(), "ns")["spec"]
-    assert "readOnlyRootFilesystem" not in default["containers"][0]["securityContext"]
-    assert "volumes" not in default and "initContainers" not in default
+    # with E2A_KUBE_READ_ONLY_ROOT=false, and for a template that does not allow it, the
+    # root is writable
+    writable = manifests.pod(plan(), "ns")["spec"]
+    assert "readOnlyRootFilesystem" not in writable["containers"][0]["securityContext"]
+    assert "volumes" not in writable and "initContainers" not in writable
