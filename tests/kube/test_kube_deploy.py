@@ -290,7 +290,8 @@ def test_the_sandbox_namespace_admits_only_sandbox_shaped_pods(deployed):
             *sandboxish["containers"], {"name": "y", "image": "e2a.local/none:0"}]},
         "an NFS volume": {**sandboxish, "volumes": [{"name": "n", "nfs": {
             "server": "10.0.0.1", "path": "/"}}]},
-        "SYS_ADMIN": container(**user, capabilities={"drop": ["ALL"], "add": ["SYS_ADMIN"]}),
+        "SYS_ADMIN": container(**{**user, "capabilities": {"drop": ["ALL"],
+                                                           "add": ["SYS_ADMIN"]}}),
         "root": container(**{**user, "runAsNonRoot": False, "runAsUser": 0}),
         "root, by the image's user": container(
             **{k: v for k, v in user.items() if k not in ("runAsNonRoot", "runAsUser")}),
