@@ -143,9 +143,9 @@ class Settings(BaseSettings):
     kube_runtime_handlers: list[str] = Field(default_factory=lambda: ["runsc", "gvisor"],
                                              min_length=1)
     # Sandbox pods run as `user` (uid 1000), with no capability and no privilege escalation
-    # (what the Pod Security Standard "restricted" asks of containers). Commands, PTYs and files as root answer 400
-    # (envd cannot switch users): no `apt install` at run time. false: envd runs as root in
-    # gVisor, as on the embedded backend, and switches to either user.
+    # (what the Pod Security Standard "restricted" asks of containers). Commands, PTYs and
+    # files as root answer 400 (envd cannot switch users): no `apt install` at run time.
+    # false: envd runs as root in gVisor, as on the embedded backend, and switches users.
     kube_non_root: bool = True
     # Sandbox pods' image read-only, for the templates whose recipe allows it: only the home,
     # /tmp and the recipe's `writable` paths (copied from the image at start) can be written;

@@ -363,31 +363,27 @@ def test_the_sandbox_namespace_admits_only_sandbox_shaped_pods(deployed):
     # with a read-only root or not, and for no workspace with a read-only root, are admitted;
     # its root pods (E2A_KUBE_NON_ROOT=false) only where the namespace says root is wanted
     # (components/root-sandboxes), which e2a's own account cannot say
+    def e2a_pod(non_root: bool, writable: tuple[str, ...] | None = None, **place) -> dict:
+        return manifests.pod(manifests.PodPlan(
+            sandbox_id="sbx_attack", instance="x", template="standard", user_id="usr_x",
+            image="e2a.local/none:0", vcpu=1, cpu_fraction=0.5, memory_mib=256, disk_mib=512,
+            internet=False, envd_token="t", writable=writable, non_root=non_root, **place),
+            SANDBOX_NS)
+
     for non_root in (True, False):
         for place, writable in (({"node": "somewhere", "home": home, "seed_home": True}, None),
                                 ({"node": "somewhere", "home": home, "seed_home": True},
                                  ("/tmp", "/var/tmp")),
                                 ({}, ("/tmp",)), ({}, None)):
-            plan = manifests.PodPlan(
-                sandbox_id="sbx_attack", instance="x", template="standard", user_id="usr_x",
-                image="e2a.local/none:0", vcpu=1, cpu_fraction=0.5, memory_mib=256,
-                disk_mib=512, internet=False, envd_token="t", writable=writable,
-                non_root=non_root, **place)
-            r = dry_run(c, manifests.pod(plan, SANDBOX_NS))
+            r = dry_run(c, e2a_pod(non_root, writable, **place))
             assert (r.returncode == 0) == non_root, (non_root, place, writable, r.stderr)
     label = ["label", "namespace", SANDBOX_NS]
-    r = subprocess.run([c.bin / "kubectl", "--kubeconfig", c.kubeconfig, *label,
-                        "e2a.dev/root-sandboxes=true", f"--as=system:serviceaccount:{NS}:e2a"],
-                       capture_output=True, text=True, timeout=60)
+    r = as_e2a(c, *label, "e2a.dev/root-sandboxes=true")
     assert r.returncode != 0 and "forbidden" in r.stderr, r.stderr
     c.kubectl(*label, "e2a.dev/root-sandboxes=true")  # as the cluster's admin
     try:
         for non_root in (True, False):
-            plan = manifests.PodPlan(
-                sandbox_id="sbx_attack", instance="x", template="standard", user_id="usr_x",
-                image="e2a.local/none:0", vcpu=1, cpu_fraction=0.5, memory_mib=256,
-                disk_mib=512, internet=False, envd_token="t", non_root=non_root)
-            r = dry_run(c, manifests.pod(plan, SANDBOX_NS))
+            r = dry_run(c, e2a_pod(non_root))
             assert r.returncode == 0, (non_root, r.stderr)
         assert dry_run(c, {"apiVersion": "v1", "kind": "Pod", "metadata": {
             "name": "sbx-attack", "namespace": SANDBOX_NS}, "spec": bad["SYS_ADMIN"]}
@@ -396,9 +392,13 @@ def test_the_sandbox_namespace_admits_only_sandbox_shaped_pods(deployed):
         c.kubectl(*label, "e2a.dev/root-sandboxes-")
 
 
+def as_e2a(c: Cluster, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    """kubectl as e2a's service account (as a stolen token would be used)."""
+    return subprocess.run([c.bin / "kubectl", "--kubeconfig", c.kubeconfig, *args, f"--as={SA}"],
+                          input=input, capture_output=True, text=True, timeout=60)
+
+
 def dry_run(c: Cluster, pod: dict) -> subprocess.CompletedProcess:
-    """A create of `pod` by e2a's service account, checked by the API server's admission
-    (as a stolen token would try it), nothing started."""
-    return subprocess.run([c.bin / "kubectl", "--kubeconfig", c.kubeconfig, "create", "-f",
-                           "-", "--dry-run=server", f"--as=system:serviceaccount:{NS}:e2a"],
-                          input=json.dumps(pod), capture_output=True, text=True, timeout=60)
+    """A create of `pod` by e2a's service account, checked by the API server's admission,
+    nothing started."""
+    return as_e2a(c, "create", "-f", "-", "--dry-run=server", input=json.dumps(pod))
